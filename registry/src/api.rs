@@ -1,0 +1,611 @@
+//! The wire format: every request and response body of the registry API, the training
+//! manifest, evidence, gate policies, rollouts and the routing table. Registry, gateway,
+//! trainer and CLI all use these types, so the format cannot drift between them.
+
+use std::collections::BTreeMap;
+use std::fmt;
+use std::str::FromStr;
+
+use chrono::{DateTime, Utc};
+use serde::{Deserialize, Serialize};
+use serde_json::Value;
+use sha2::{Digest, Sha256};
+use utoipa::ToSchema;
+
+use crate::peft::{AdapterSummary, ModelDims};
+
+// ---------------------------------------------------------------------------------------------
+// Names and references: validated when parsed.
+
+/// A base-model or adapter name: 1–64 characters of `[A-Za-z0-9._-]`, starting with a letter
+/// or digit. No path separators, no `..`, no `@` (it separates the version in `NAME@V`).
+#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize, ToSchema)]
+#[serde(try_from = "String", into = "String")]
+#[schema(value_type = String)]
+pub struct Name(String);
+
+#[derive(Debug, thiserror::Error, PartialEq)]
+pub enum NameError {
+    #[error("name must be 1 to 64 characters, got {0}")]
+    Length(usize),
+    #[error("name {0:?} must start with a letter or digit")]
+    Start(String),
+    #[error("name {0:?} contains {1:?}: only letters, digits, '.', '_' and '-' are allowed")]
+    Char(String, char),
+    #[error("name {0:?} contains \"..\"")]
+    DotDot(String),
+}
+
+impl Name {
+    pub fn parse(s: &str) -> Result<Self, NameError> {
+        if s.is_empty() || s.len() > 64 {
+            return Err(NameError::Length(s.len()));
+        }
+        if !s.starts_with(|c: char| c.is_ascii_alphanumeric()) {
+            return Err(NameError::Start(s.into()));
+        }
+        if let Some(c) = s.chars().find(|c| !(c.is_ascii_alphanumeric() || matches!(c, '.' | '_' | '-'))) {
+            return Err(NameError::Char(s.into(), c));
+        }
+        if s.contains("..") {
+            return Err(NameError::DotDot(s.into()));
+        }
+        Ok(Self(s.to_string()))
+    }
+    pub fn as_str(&self) -> &str {
+        &self.0
+    }
+}
+
+impl TryFrom<String> for Name {
+    type Error = NameError;
+    fn try_from(s: String) -> Result<Self, NameError> {
+        Name::parse(&s)
+    }
+}
+impl From<Name> for String {
+    fn from(n: Name) -> String {
+        n.0
+    }
+}
+impl fmt::Display for Name {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+impl FromStr for Name {
+    type Err = NameError;
+    fn from_str(s: &str) -> Result<Self, NameError> {
+        Name::parse(s)
+    }
+}
+
+/// `NAME` or `NAME@V`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct AdapterRef {
+    pub name: Name,
+    pub version: Option<u32>,
+}
+
+impl FromStr for AdapterRef {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        let (name, version) = match s.split_once('@') {
+            Some((n, v)) => {
+                let v: u32 = v.parse().map_err(|_| format!("version in {s:?} must be a positive integer"))?;
+                if v == 0 {
+                    return Err(format!("version in {s:?} must be at least 1"));
+                }
+                (n, Some(v))
+            }
+            None => (s, None),
+        };
+        Ok(Self { name: Name::parse(name).map_err(|e| e.to_string())?, version })
+    }
+}
+
+impl fmt::Display for AdapterRef {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self.version {
+            Some(v) => write!(f, "{}@{v}", self.name),
+            None => write!(f, "{}", self.name),
+        }
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Errors and pages.
+
+/// `{"error":{"code","message","details"}}`: the body of every registry error.
+#[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
+pub struct ErrorBody {
+    pub error: ErrorDetail,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
+pub struct ErrorDetail {
+    /// Stable machine-readable code, e.g. `not_found`, `invalid_adapter`, `forbidden`.
+    pub code: String,
+    pub message: String,
+    #[serde(default)]
+    pub details: Value,
+}
+
+/// One page of a listing; pass `next` back as `?after=` for the following page.
+#[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
+pub struct Page<T> {
+    pub items: Vec<T>,
+    pub next: Option<String>,
+}
+
+// ---------------------------------------------------------------------------------------------
+// Base models, adapters, versions.
+
+#[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
+pub struct NewBaseModel {
+    pub name: Name,
+    /// e.g. `LlamaForCausalLM`.
+    #[serde(default)]
+    pub architecture: Option<String>,
+    /// Dimensions used to check adapter shapes; unknown fields are not checked.
+    #[serde(default)]
+    pub dims: ModelDims,
+    /// Digest of the weights (`sha256:…`), when known.
+    #[serde(default)]
+    pub digest: Option<String>,
+    #[serde(default)]
+    pub description: Option<String>,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
+pub struct BaseModel {
+    pub name: Name,
+    pub architecture: Option<String>,
+    pub dims: ModelDims,
+    pub digest: Option<String>,
+    pub description: Option<String>,
+    pub created_by: String,
+    pub created_at: DateTime<Utc>,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
+pub struct Adapter {
+    pub name: Name,
+    pub base_model: Name,
+    pub latest_version: Option<u32>,
+    /// The version serving as stable, once one has been promoted.
+    pub stable_version: Option<u32>,
+    pub created_by: String,
+    pub created_at: DateTime<Utc>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+pub struct VersionFile {
+    pub name: String,
+    /// Lower-case hex sha256 of the file's bytes (also its ETag).
+    pub sha256: String,
+    pub size: u64,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
+pub struct AdapterVersion {
+    pub adapter: Name,
+    pub version: u32,
+    /// `sha256:…` over the version's files (see [`version_digest`]).
+    pub digest: String,
+    pub base_model: Name,
+    pub files: Vec<VersionFile>,
+    pub summary: AdapterSummary,
+    /// The parsed `adapter_config.json`.
+    #[schema(value_type = Object)]
+    pub config: Value,
+    /// The training manifest, when the push carried one.
+    #[schema(value_type = Object)]
+    pub lineage: Option<Value>,
+    pub size_bytes: u64,
+    pub created_by: String,
+    pub created_at: DateTime<Utc>,
+}
+
+/// Reply to a push: the version, and whether this push created it (`false`: the same bytes
+/// were already registered as this version).
+#[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
+pub struct PushResponse {
+    pub created: bool,
+    #[serde(flatten)]
+    pub version: AdapterVersion,
+}
+
+/// The digest of a version: sha256 over `"{name} {sha256} {size}\n"` for each file, sorted by
+/// name. Identical files give an identical digest, whatever the upload order.
+pub fn version_digest(files: &[VersionFile]) -> String {
+    let mut sorted: Vec<&VersionFile> = files.iter().collect();
+    sorted.sort_by(|a, b| a.name.cmp(&b.name));
+    let mut h = Sha256::new();
+    for f in sorted {
+        h.update(format!("{} {} {}\n", f.name, f.sha256, f.size));
+    }
+    format!("sha256:{}", hex::encode(h.finalize()))
+}
+
+// ---------------------------------------------------------------------------------------------
+// Training lineage (`manifest.json` in an adapter directory).
+
+pub const MANIFEST_FORMAT: &str = "loraops.training/v1";
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, ToSchema)]
+pub struct DatasetRef {
+    /// `train`, `val`, `holdout`, …
+    pub role: String,
+    pub path: String,
+    /// `sha256:…` of the file's bytes.
+    pub digest: String,
+    pub rows: u64,
+}
+
+/// What produced an adapter: written by the trainer next to the adapter files, stored by the
+/// registry as the version's lineage.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, ToSchema)]
+pub struct TrainingManifest {
+    pub format: String,
+    /// `sft`, `dpo`, `orpo` or `kto`.
+    pub method: String,
+    pub trainer_version: String,
+    pub base_model: String,
+    /// `sha256:…` over the base model's weight files, when computed.
+    #[serde(default)]
+    pub base_model_digest: Option<String>,
+    #[serde(default)]
+    pub datasets: Vec<DatasetRef>,
+    /// The effective training configuration.
+    #[schema(value_type = Object)]
+    pub config: Value,
+    /// Summary metrics: steps, final/best losses, tokens, seconds, …
+    #[serde(default)]
+    pub metrics: BTreeMap<String, f64>,
+    pub created_at: DateTime<Utc>,
+    #[serde(flatten)]
+    #[schema(value_type = Object)]
+    pub extra: BTreeMap<String, Value>,
+}
+
+// ---------------------------------------------------------------------------------------------
+// Evidence.
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, ToSchema)]
+pub struct SuiteRef {
+    pub name: String,
+    #[serde(default)]
+    pub version: Option<String>,
+    /// `sha256:…` of the suite's manifest and cases.
+    pub digest: String,
+}
+
+/// What served the evaluated requests.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, ToSchema)]
+pub struct EngineIdentity {
+    pub engine: String,
+    pub engine_version: String,
+    #[serde(default)]
+    pub model_digest: Option<String>,
+    /// Decoding parameters (temperature, max_tokens, …).
+    #[serde(default)]
+    #[schema(value_type = Object)]
+    pub decoding: Value,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
+pub struct NewEvidence {
+    /// The digest of the adapter version that was evaluated; evidence for other bytes never counts.
+    pub adapter_digest: String,
+    pub suite: SuiteRef,
+    pub engine: EngineIdentity,
+    pub metrics: BTreeMap<String, f64>,
+    pub cases: u64,
+    #[serde(default)]
+    pub cases_digest: Option<String>,
+    /// Free-form description of the producer (tool and version).
+    #[serde(default)]
+    pub produced_by: Option<String>,
+    pub started_at: DateTime<Utc>,
+    pub finished_at: DateTime<Utc>,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
+pub struct Evidence {
+    pub id: i64,
+    pub adapter: Name,
+    pub version: u32,
+    #[serde(flatten)]
+    pub body: NewEvidence,
+    pub created_by: String,
+    pub created_at: DateTime<Utc>,
+}
+
+// ---------------------------------------------------------------------------------------------
+// Gates.
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+pub enum Comparison {
+    #[serde(rename = ">=")]
+    Ge,
+    #[serde(rename = ">")]
+    Gt,
+    #[serde(rename = "<=")]
+    Le,
+    #[serde(rename = "<")]
+    Lt,
+}
+
+/// One rule: a metric of a suite's evidence compared with a threshold, absolute or relative
+/// to the stable version's evidence on the same suite digest.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, ToSchema)]
+pub struct GateRule {
+    pub suite: String,
+    pub metric: String,
+    pub op: Comparison,
+    /// Absolute threshold.
+    #[serde(default)]
+    pub threshold: Option<f64>,
+    /// Non-regression: compare with the stable version's value, allowing this much slack
+    /// in the worse direction.
+    #[serde(default)]
+    pub max_regression: Option<f64>,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, ToSchema)]
+pub struct GatePolicy {
+    /// Suites that must have evidence, even if no rule names them.
+    #[serde(default)]
+    pub required_suites: Vec<String>,
+    #[serde(default)]
+    pub rules: Vec<GateRule>,
+    /// Evidence older than this does not count.
+    #[serde(default)]
+    pub max_evidence_age_hours: Option<f64>,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
+pub struct Gate {
+    pub adapter: Name,
+    pub policy: GatePolicy,
+    pub updated_by: String,
+    pub updated_at: DateTime<Utc>,
+}
+
+// ---------------------------------------------------------------------------------------------
+// Rollouts and routing.
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+#[serde(rename_all = "snake_case")]
+pub enum RolloutState {
+    Running,
+    Paused,
+    Promoted,
+    RolledBack,
+    Aborted,
+}
+
+impl RolloutState {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Running => "running",
+            Self::Paused => "paused",
+            Self::Promoted => "promoted",
+            Self::RolledBack => "rolled_back",
+            Self::Aborted => "aborted",
+        }
+    }
+    pub fn is_active(self) -> bool {
+        matches!(self, Self::Running | Self::Paused)
+    }
+}
+
+impl FromStr for RolloutState {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        Ok(match s {
+            "running" => Self::Running,
+            "paused" => Self::Paused,
+            "promoted" => Self::Promoted,
+            "rolled_back" => Self::RolledBack,
+            "aborted" => Self::Aborted,
+            _ => return Err(format!("unknown rollout state {s:?}")),
+        })
+    }
+}
+
+/// An analysis rule on live per-arm metrics of the canary.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, ToSchema)]
+pub struct AnalysisRule {
+    /// `error_rate`, `latency_p95_ms`, `latency_p99_ms` or `judge_score`.
+    pub metric: String,
+    pub op: Comparison,
+    pub threshold: f64,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, ToSchema)]
+pub struct RolloutSpec {
+    /// Canary weights in percent, e.g. `[5, 25, 50, 100]`.
+    #[serde(default = "default_steps")]
+    pub steps: Vec<f64>,
+    #[serde(default = "default_interval")]
+    pub interval_secs: u64,
+    #[serde(default = "default_min_requests")]
+    pub min_requests: u64,
+    #[serde(default = "default_failure_limit")]
+    pub failure_limit: u32,
+    #[serde(default)]
+    pub rules: Vec<AnalysisRule>,
+}
+
+fn default_steps() -> Vec<f64> {
+    vec![5.0, 25.0, 50.0, 100.0]
+}
+fn default_interval() -> u64 {
+    60
+}
+fn default_min_requests() -> u64 {
+    50
+}
+fn default_failure_limit() -> u32 {
+    2
+}
+
+impl Default for RolloutSpec {
+    fn default() -> Self {
+        Self {
+            steps: default_steps(),
+            interval_secs: default_interval(),
+            min_requests: default_min_requests(),
+            failure_limit: default_failure_limit(),
+            rules: Vec::new(),
+        }
+    }
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
+pub struct Rollout {
+    pub id: i64,
+    pub adapter: Name,
+    pub version: u32,
+    /// The stable version at start (none for an adapter's first rollout).
+    pub from_version: Option<u32>,
+    pub state: RolloutState,
+    pub step_index: u32,
+    /// Current canary weight in percent.
+    pub weight: f64,
+    pub failures: u32,
+    pub spec: RolloutSpec,
+    pub created_by: String,
+    pub created_at: DateTime<Utc>,
+    pub updated_at: DateTime<Utc>,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, ToSchema)]
+pub struct RoutedVersion {
+    pub version: u32,
+    pub digest: String,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, ToSchema)]
+pub struct AdapterRoute {
+    pub adapter: Name,
+    pub base_model: Name,
+    pub stable: Option<RoutedVersion>,
+    pub canary: Option<RoutedVersion>,
+    /// Share of sticky keys sent to the canary, in percent.
+    pub canary_weight: f64,
+}
+
+/// What gateways serve: bumped `revision` on every change.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, ToSchema)]
+pub struct RoutingTable {
+    pub revision: i64,
+    pub routes: Vec<AdapterRoute>,
+}
+
+/// Per-arm counters from one gateway over one reporting window.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, ToSchema)]
+pub struct ArmObservation {
+    pub adapter: Name,
+    pub version: u32,
+    /// `stable`, `canary` or `pinned`.
+    pub arm: String,
+    pub requests: u64,
+    pub errors: u64,
+    /// Latency histogram: upper bounds in milliseconds and cumulative counts.
+    #[serde(default)]
+    pub latency_ms_buckets: Vec<(f64, u64)>,
+    #[serde(default)]
+    pub tokens: u64,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, ToSchema)]
+pub struct Observations {
+    pub gateway: String,
+    pub window_start: DateTime<Utc>,
+    pub window_end: DateTime<Utc>,
+    pub arms: Vec<ArmObservation>,
+}
+
+// ---------------------------------------------------------------------------------------------
+// Auth.
+
+/// The roles of DESIGN.md's RBAC model.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize, ToSchema)]
+#[serde(rename_all = "lowercase")]
+pub enum Role {
+    Viewer,
+    Publisher,
+    Evaluator,
+    Deployer,
+    Admin,
+}
+
+impl FromStr for Role {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        Ok(match s {
+            "viewer" => Self::Viewer,
+            "publisher" => Self::Publisher,
+            "evaluator" => Self::Evaluator,
+            "deployer" => Self::Deployer,
+            "admin" => Self::Admin,
+            _ => return Err(format!("unknown role {s:?} (viewer, publisher, evaluator, deployer, admin)")),
+        })
+    }
+}
+
+impl fmt::Display for Role {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            Self::Viewer => "viewer",
+            Self::Publisher => "publisher",
+            Self::Evaluator => "evaluator",
+            Self::Deployer => "deployer",
+            Self::Admin => "admin",
+        })
+    }
+}
+
+/// Health report of `/readyz`.
+#[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
+pub struct Readiness {
+    pub ready: bool,
+    pub checks: BTreeMap<String, String>,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn names_reject_separators_and_dotdot() {
+        assert!(Name::parse("support-bot_v2.1").is_ok());
+        assert!(matches!(Name::parse("a/b"), Err(NameError::Char(_, '/'))));
+        assert!(matches!(Name::parse("a\\b"), Err(NameError::Char(_, '\\'))));
+        assert!(matches!(Name::parse("a..b"), Err(NameError::DotDot(_))));
+        assert!(matches!(Name::parse(".hidden"), Err(NameError::Start(_))));
+        assert!(matches!(Name::parse(""), Err(NameError::Length(0))));
+        assert!(matches!(Name::parse("x@1"), Err(NameError::Char(_, '@'))));
+    }
+
+    #[test]
+    fn adapter_refs() {
+        let r: AdapterRef = "bot@3".parse().unwrap();
+        assert_eq!((r.name.as_str(), r.version), ("bot", Some(3)));
+        assert_eq!("bot".parse::<AdapterRef>().unwrap().version, None);
+        assert!("bot@0".parse::<AdapterRef>().is_err());
+        assert!("bot@x".parse::<AdapterRef>().is_err());
+    }
+
+    #[test]
+    fn version_digest_ignores_order() {
+        let a = VersionFile { name: "a".into(), sha256: "00".into(), size: 1 };
+        let b = VersionFile { name: "b".into(), sha256: "11".into(), size: 2 };
+        assert_eq!(version_digest(&[a.clone(), b.clone()]), version_digest(&[b.clone(), a.clone()]));
+        let b2 = VersionFile { size: 3, ..b };
+        assert_ne!(version_digest(&[a.clone(), b2]), version_digest(&[a, VersionFile { name: "b".into(), sha256: "11".into(), size: 2 }]));
+    }
+}
