@@ -1,0 +1,261 @@
+//! SFT datasets: JSONL rows in the chat, prompt/completion or Alpaca format, tokenised with
+//! labels only on completion (assistant) tokens, and padded batches with masks.
+
+use std::path::Path;
+
+use candle_core::{Device, Tensor};
+use serde::{Deserialize, Serialize};
+use serde_json::Value;
+use sha2::{Digest, Sha256};
+
+use crate::error::{Error, Result};
+use crate::tokenizer::{Message, Tokenizer};
+
+/// Label of a position that does not count in the loss (PyTorch's ignore_index).
+pub const IGNORE: i64 = -100;
+
+const ALPACA_WITH_INPUT: &str = "Below is an instruction that describes a task, paired with an input that provides further context. Write a response that appropriately completes the request.\n\n### Instruction:\n{instruction}\n\n### Input:\n{input}\n\n### Response:\n";
+const ALPACA_NO_INPUT: &str = "Below is an instruction that describes a task. Write a response that appropriately completes the request.\n\n### Instruction:\n{instruction}\n\n### Response:\n";
+
+/// One tokenised training row.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Example {
+    pub ids: Vec<u32>,
+    /// Same length as `ids`: the token id where it is a completion token, else IGNORE.
+    pub labels: Vec<i64>,
+    pub weight: f32,
+}
+
+impl Example {
+    /// Tokens that are predicted in the loss (the first position predicts nothing).
+    pub fn trainable(&self) -> usize {
+        self.labels.iter().skip(1).filter(|&&l| l != IGNORE).count()
+    }
+}
+
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub struct DatasetStats {
+    pub rows: usize,
+    pub kept: usize,
+    /// Rows cut to the maximum sequence length.
+    pub truncated: usize,
+    /// Rows left without any completion token (after truncation); not trained on.
+    pub no_completion: usize,
+    pub tokens: usize,
+    pub trainable_tokens: usize,
+}
+
+/// `sha256:<hex>` of a file's bytes.
+pub fn file_digest(path: &Path) -> Result<String> {
+    let bytes = crate::error::read(path)?;
+    Ok(format!("sha256:{}", hex::encode(Sha256::digest(&bytes))))
+}
+
+/// Text segments of a row, each flagged trainable or not.
+fn segments(v: &Value, tok: &Tokenizer) -> std::result::Result<Vec<(String, bool)>, String> {
+    let s = |k: &str| v.get(k).and_then(Value::as_str);
+    if let Some(msgs) = v.get("messages") {
+        let messages: Vec<Message> = msgs
+            .as_array()
+            .ok_or("\"messages\" is not an array")?
+            .iter()
+            .map(|m| {
+                let role = m
+                    .get("role")
+                    .and_then(Value::as_str)
+                    .ok_or("a message has no \"role\"")?;
+                let content = m
+                    .get("content")
+                    .and_then(Value::as_str)
+                    .ok_or("a message has no string \"content\"")?;
+                Ok(Message {
+                    role: role.into(),
+                    content: content.into(),
+                })
+            })
+            .collect::<std::result::Result<_, &str>>()?;
+        // Render prefix by prefix: the text an assistant turn adds to the conversation after
+        // its generation prompt is what the model learns to produce.
+        let mut out = Vec::new();
+        let mut done = String::new();
+        for (i, m) in messages.iter().enumerate() {
+            if m.role != "assistant" {
+                continue;
+            }
+            let prompt = tok
+                .apply_chat_template(&messages[..i], true)
+                .map_err(|e| e.to_string())?;
+            let full = tok
+                .apply_chat_template(&messages[..=i], false)
+                .map_err(|e| e.to_string())?;
+            let (Some(p), Some(f)) = (
+                prompt.strip_prefix(done.as_str()),
+                full.strip_prefix(prompt.as_str()),
+            ) else {
+                return Err(
+                    "the chat template does not render conversations prefix by prefix".into(),
+                );
+            };
+            out.push((p.to_string(), false));
+            out.push((f.to_string(), true));
+            done = full;
+        }
+        let all = tok
+            .apply_chat_template(&messages, false)
+            .map_err(|e| e.to_string())?;
+        if let Some(rest) = all.strip_prefix(done.as_str())
+            && !rest.is_empty()
+        {
+            out.push((rest.to_string(), false));
+        }
+        return Ok(out);
+    }
+    let eos = tok.eos_token.clone().unwrap_or_default();
+    if let (Some(p), Some(c)) = (s("prompt"), s("completion")) {
+        return Ok(vec![(p.to_string(), false), (format!("{c}{eos}"), true)]);
+    }
+    if let (Some(ins), Some(o)) = (s("instruction"), s("output")) {
+        let input = s("input").unwrap_or("");
+        let prompt = if input.is_empty() {
+            ALPACA_NO_INPUT.replace("{instruction}", ins)
+        } else {
+            ALPACA_WITH_INPUT
+                .replace("{instruction}", ins)
+                .replace("{input}", input)
+        };
+        return Ok(vec![(prompt, false), (format!("{o}{eos}"), true)]);
+    }
+    Err("not an SFT row: expected \"messages\", \"prompt\"+\"completion\" or \"instruction\"+\"output\"".into())
+}
+
+/// Tokenise one JSON row.
+pub fn tokenize_row(
+    v: &Value,
+    tok: &Tokenizer,
+    max_len: usize,
+) -> std::result::Result<(Example, bool), String> {
+    let weight = match v.get("weight") {
+        None | Some(Value::Null) => 1.0,
+        Some(w) => w
+            .as_f64()
+            .filter(|w| w.is_finite() && *w >= 0.0)
+            .ok_or("\"weight\" must be a non-negative number")? as f32,
+    };
+    let mut ids = Vec::new();
+    let mut labels = Vec::new();
+    if tok.add_bos
+        && let Some(b) = tok.bos_id
+    {
+        ids.push(b);
+        labels.push(IGNORE);
+    }
+    for (text, train) in segments(v, tok)? {
+        let piece = tok.encode(&text).map_err(|e| e.to_string())?;
+        labels.extend(piece.iter().map(|&t| if train { t as i64 } else { IGNORE }));
+        ids.extend(piece);
+    }
+    let truncated = ids.len() > max_len;
+    ids.truncate(max_len);
+    labels.truncate(max_len);
+    Ok((
+        Example {
+            ids,
+            labels,
+            weight,
+        },
+        truncated,
+    ))
+}
+
+/// Read and tokenise a JSONL file; rows without a completion token are counted, not kept.
+pub fn load_sft(
+    path: &Path,
+    tok: &Tokenizer,
+    max_len: usize,
+) -> Result<(Vec<Example>, DatasetStats)> {
+    let text = String::from_utf8(crate::error::read(path)?).map_err(|e| Error::parse(path, e))?;
+    let mut stats = DatasetStats::default();
+    let mut out = Vec::new();
+    for (i, line) in text.lines().enumerate() {
+        if line.trim().is_empty() {
+            continue;
+        }
+        let data_err = |message: String| Error::Data {
+            path: path.to_path_buf(),
+            line: i + 1,
+            message,
+        };
+        let v: Value = serde_json::from_str(line).map_err(|e| data_err(e.to_string()))?;
+        stats.rows += 1;
+        let (ex, truncated) = tokenize_row(&v, tok, max_len).map_err(data_err)?;
+        stats.truncated += usize::from(truncated);
+        if ex.trainable() == 0 {
+            stats.no_completion += 1;
+            tracing::warn!(path = %path.display(), line = i + 1, "row has no completion token (after truncation); not trained on");
+            continue;
+        }
+        stats.kept += 1;
+        stats.tokens += ex.ids.len();
+        stats.trainable_tokens += ex.trainable();
+        out.push(ex);
+    }
+    if out.is_empty() {
+        return Err(Error::NoTrainableRows {
+            path: path.to_path_buf(),
+            rows: stats.rows,
+            max_len,
+        });
+    }
+    Ok((out, stats))
+}
+
+/// A padded batch, with the loss positions already gathered.
+#[derive(Debug)]
+pub struct Batch {
+    /// (B, T) u32.
+    pub input_ids: Tensor,
+    /// 1 for tokens, 0 for padding (right padding).
+    pub attention_mask: Vec<Vec<u8>>,
+    /// Flat indices b·T + t of the positions whose next token is a target (N).
+    pub positions: Tensor,
+    /// The target token of each position (N).
+    pub targets: Tensor,
+    /// The row weight of each position (N).
+    pub weights: Tensor,
+    pub n_targets: usize,
+    pub n_tokens: usize,
+}
+
+pub fn make_batch(rows: &[&Example], pad_id: u32, device: &Device) -> Result<Batch> {
+    let b = rows.len();
+    let t = rows.iter().map(|r| r.ids.len()).max().unwrap_or(0).max(1);
+    let mut ids = vec![pad_id; b * t];
+    let mut mask = vec![vec![0u8; t]; b];
+    let (mut pos, mut tgt, mut w) = (Vec::new(), Vec::new(), Vec::new());
+    let mut n_tokens = 0;
+    for (bi, r) in rows.iter().enumerate() {
+        for (ti, &id) in r.ids.iter().enumerate() {
+            ids[bi * t + ti] = id;
+            mask[bi][ti] = 1;
+        }
+        n_tokens += r.ids.len();
+        for ti in 0..r.ids.len().saturating_sub(1) {
+            let l = r.labels[ti + 1];
+            if l != IGNORE {
+                pos.push((bi * t + ti) as u32);
+                tgt.push(l as u32);
+                w.push(r.weight);
+            }
+        }
+    }
+    let n = pos.len();
+    Ok(Batch {
+        input_ids: Tensor::from_vec(ids, (b, t), device)?,
+        attention_mask: mask,
+        positions: Tensor::from_vec(pos, n, device)?,
+        targets: Tensor::from_vec(tgt, n, device)?,
+        weights: Tensor::from_vec(w, n, device)?,
+        n_targets: n,
+        n_tokens,
+    })
+}

@@ -1,0 +1,521 @@
+//! A differentiable Llama-family decoder (Llama, Mistral, Qwen2): GQA attention with RoPE,
+//! RMSNorm, SwiGLU, tied or untied embeddings, optional q/k/v biases.
+//!
+//! Every op here has a backward in candle: candle-nn's fused softmax, rms_norm and rope
+//! kernels have none and would cut the graph silently, so they are composed from basic ops.
+
+use std::collections::BTreeSet;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use candle_core::safetensors::MmapedSafetensors;
+use candle_core::{D, DType, Device, Tensor, Var};
+use rand::rngs::StdRng;
+use serde::{Deserialize, Serialize};
+
+use crate::checkpoint::{GradSink, layer_forward_checkpointed};
+use crate::config::{ModelConfig, RopeScaling};
+use crate::error::{Error, Result};
+use crate::frozen::{FrozenMatmul, FrozenWeight};
+use crate::lora::{DropoutRng, Linear, LoraConfig, LoraPair};
+use crate::nf4::Nf4Tensor;
+
+/// How the frozen base weights are held in memory.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
+#[serde(rename_all = "lowercase")]
+pub enum BaseFormat {
+    #[default]
+    F32,
+    Bf16,
+    Nf4,
+}
+
+impl std::str::FromStr for BaseFormat {
+    type Err = Error;
+    fn from_str(s: &str) -> Result<Self> {
+        match s {
+            "f32" | "none" => Ok(Self::F32),
+            "bf16" => Ok(Self::Bf16),
+            "nf4" => Ok(Self::Nf4),
+            other => Err(Error::Config(format!(
+                "unknown base format {other:?} (f32, bf16, nf4)"
+            ))),
+        }
+    }
+}
+
+#[derive(Debug, Clone)]
+pub struct LoadOptions {
+    pub format: BaseFormat,
+    /// NF4 only: quantise the absmax values too (8-bit, block 256).
+    pub double_quant: bool,
+    /// NF4 only: hold what stays unquantised (embeddings, lm_head) in bf16 rather than f32.
+    pub unquantized_bf16: bool,
+    pub device: Device,
+}
+
+impl Default for LoadOptions {
+    fn default() -> Self {
+        Self {
+            format: BaseFormat::F32,
+            double_quant: true,
+            unquantized_bf16: false,
+            device: Device::Cpu,
+        }
+    }
+}
+
+#[derive(Debug, Clone)]
+pub struct Attention {
+    pub q_proj: Linear,
+    pub k_proj: Linear,
+    pub v_proj: Linear,
+    pub o_proj: Linear,
+}
+
+#[derive(Debug, Clone)]
+pub struct Mlp {
+    pub gate_proj: Linear,
+    pub up_proj: Linear,
+    pub down_proj: Linear,
+}
+
+#[derive(Debug, Clone)]
+pub struct DecoderLayer {
+    pub input_layernorm: Tensor,
+    pub self_attn: Attention,
+    pub post_attention_layernorm: Tensor,
+    pub mlp: Mlp,
+}
+
+impl DecoderLayer {
+    pub fn linear(&self, module: &str) -> Option<&Linear> {
+        Some(match module {
+            "q_proj" => &self.self_attn.q_proj,
+            "k_proj" => &self.self_attn.k_proj,
+            "v_proj" => &self.self_attn.v_proj,
+            "o_proj" => &self.self_attn.o_proj,
+            "gate_proj" => &self.mlp.gate_proj,
+            "up_proj" => &self.mlp.up_proj,
+            "down_proj" => &self.mlp.down_proj,
+            _ => return None,
+        })
+    }
+
+    pub fn linear_mut(&mut self, module: &str) -> Option<&mut Linear> {
+        Some(match module {
+            "q_proj" => &mut self.self_attn.q_proj,
+            "k_proj" => &mut self.self_attn.k_proj,
+            "v_proj" => &mut self.self_attn.v_proj,
+            "o_proj" => &mut self.self_attn.o_proj,
+            "gate_proj" => &mut self.mlp.gate_proj,
+            "up_proj" => &mut self.mlp.up_proj,
+            "down_proj" => &mut self.mlp.down_proj,
+            _ => return None,
+        })
+    }
+}
+
+/// Inputs shared by all layers of one forward pass.
+#[derive(Debug, Clone)]
+pub struct Context {
+    /// (T, head_dim) each.
+    pub cos: Tensor,
+    pub sin: Tensor,
+    /// Additive attention mask (B, 1, T, T): 0 where allowed, f32::MIN elsewhere.
+    pub mask: Tensor,
+}
+
+#[derive(Debug, Clone)]
+pub struct Llama {
+    pub config: ModelConfig,
+    pub embed_tokens: Tensor,
+    pub layers: Vec<DecoderLayer>,
+    pub norm: Tensor,
+    pub lm_head: FrozenMatmul,
+    pub device: Device,
+    /// Recompute each decoder layer in backward instead of keeping its activations.
+    pub checkpoint_layers: bool,
+    /// LoRA gradients computed inside checkpointed layers.
+    pub grad_sink: Arc<GradSink>,
+}
+
+/// The base model's weight files, in a stable order.
+pub fn weight_files(dir: &Path) -> Result<Vec<PathBuf>> {
+    let index = dir.join("model.safetensors.index.json");
+    let mut files: Vec<PathBuf> = if index.exists() {
+        let bytes = crate::error::read(&index)?;
+        let v: serde_json::Value =
+            serde_json::from_slice(&bytes).map_err(|e| Error::parse(&index, e))?;
+        let map = v
+            .get("weight_map")
+            .and_then(|m| m.as_object())
+            .ok_or_else(|| Error::parse(&index, "no \"weight_map\" object"))?;
+        let set: BTreeSet<&str> = map.values().filter_map(|f| f.as_str()).collect();
+        set.into_iter().map(|f| dir.join(f)).collect()
+    } else {
+        let rd = std::fs::read_dir(dir).map_err(|e| Error::io(dir, e))?;
+        rd.filter_map(|e| e.ok().map(|e| e.path()))
+            .filter(|p| p.extension().is_some_and(|x| x == "safetensors"))
+            .collect()
+    };
+    files.sort();
+    if files.is_empty() {
+        return Err(Error::parse(dir, "no *.safetensors weight files"));
+    }
+    Ok(files)
+}
+
+struct Weights {
+    st: MmapedSafetensors,
+    opts: LoadOptions,
+}
+
+impl Weights {
+    fn get(&self, name: &str) -> Result<Tensor> {
+        self.st
+            .load(name, &self.opts.device)
+            .map_err(|_| Error::MissingWeight { name: name.into() })
+    }
+
+    fn get_opt(&self, name: &str) -> Option<Tensor> {
+        self.st
+            .get(name)
+            .ok()
+            .and_then(|_| self.st.load(name, &self.opts.device).ok())
+    }
+
+    /// Small tensors (norms, biases) always compute in f32.
+    fn small(&self, name: &str) -> Result<Tensor> {
+        Ok(self.get(name)?.to_dtype(DType::F32)?)
+    }
+
+    /// Whether weights that are not quantised are held in bf16.
+    fn dense_bf16(&self) -> bool {
+        match self.opts.format {
+            BaseFormat::F32 => false,
+            BaseFormat::Bf16 => true,
+            BaseFormat::Nf4 => self.opts.unquantized_bf16,
+        }
+    }
+
+    fn frozen(&self, w: Tensor, quantizable: bool) -> Result<FrozenWeight> {
+        Ok(match self.opts.format {
+            BaseFormat::Nf4 if quantizable => {
+                FrozenWeight::Nf4(Arc::new(Nf4Tensor::quantize(&w, self.opts.double_quant)?))
+            }
+            _ if self.dense_bf16() => FrozenWeight::Bf16(w.to_dtype(DType::BF16)?),
+            _ => FrozenWeight::Dense(w.to_dtype(DType::F32)?),
+        })
+    }
+
+    fn linear(&self, prefix: &str, bias: bool) -> Result<Linear> {
+        let w = self.get(&format!("{prefix}.weight"))?;
+        let bias = if bias {
+            Some(self.small(&format!("{prefix}.bias"))?)
+        } else {
+            None
+        };
+        Ok(Linear {
+            base: FrozenMatmul::new(self.frozen(w, true)?),
+            bias,
+            lora: None,
+        })
+    }
+}
+
+impl Llama {
+    /// Load a Hugging Face model directory (config.json + safetensors, sharded or not).
+    pub fn load(dir: &Path, opts: &LoadOptions) -> Result<Self> {
+        let config = ModelConfig::from_file(&dir.join("config.json"))?;
+        let files = weight_files(dir)?;
+        // SAFETY: the files are memory-mapped read-only; loraops never writes a model in place.
+        let st = unsafe { MmapedSafetensors::multi(&files)? };
+        let w = Weights {
+            st,
+            opts: opts.clone(),
+        };
+        let c = &config;
+        let mut layers = Vec::with_capacity(c.num_hidden_layers);
+        for i in 0..c.num_hidden_layers {
+            let p = format!("model.layers.{i}");
+            layers.push(DecoderLayer {
+                input_layernorm: w.small(&format!("{p}.input_layernorm.weight"))?,
+                self_attn: Attention {
+                    q_proj: w.linear(&format!("{p}.self_attn.q_proj"), c.qkv_bias)?,
+                    k_proj: w.linear(&format!("{p}.self_attn.k_proj"), c.qkv_bias)?,
+                    v_proj: w.linear(&format!("{p}.self_attn.v_proj"), c.qkv_bias)?,
+                    o_proj: w.linear(&format!("{p}.self_attn.o_proj"), c.o_bias)?,
+                },
+                post_attention_layernorm: w
+                    .small(&format!("{p}.post_attention_layernorm.weight"))?,
+                mlp: Mlp {
+                    gate_proj: w.linear(&format!("{p}.mlp.gate_proj"), c.mlp_bias)?,
+                    up_proj: w.linear(&format!("{p}.mlp.up_proj"), c.mlp_bias)?,
+                    down_proj: w.linear(&format!("{p}.mlp.down_proj"), c.mlp_bias)?,
+                },
+            });
+        }
+        let embed = w.get("model.embed_tokens.weight")?;
+        // bitsandbytes leaves embeddings and lm_head unquantised; so does loraops.
+        let embed_tokens = embed.to_dtype(if w.dense_bf16() {
+            DType::BF16
+        } else {
+            DType::F32
+        })?;
+        let head = match (c.tie_word_embeddings, w.get_opt("lm_head.weight")) {
+            (false, Some(h)) => h,
+            (false, None) => {
+                return Err(Error::MissingWeight {
+                    name: "lm_head.weight".into(),
+                });
+            }
+            (true, _) => embed,
+        };
+        let lm_head = FrozenMatmul::new(w.frozen(head, false)?);
+        Ok(Self {
+            norm: w.small("model.norm.weight")?,
+            config,
+            embed_tokens,
+            layers,
+            lm_head,
+            device: opts.device.clone(),
+            checkpoint_layers: false,
+            grad_sink: Arc::default(),
+        })
+    }
+
+    /// Attach fresh LoRA pairs to the configured modules of every layer.
+    pub fn add_lora(&mut self, cfg: &LoraConfig, rng: &mut StdRng) -> Result<()> {
+        let available = self.config.linear_modules();
+        for t in &cfg.targets {
+            if !available.contains(&t.as_str()) {
+                return Err(Error::TargetModuleNotFound {
+                    module: t.clone(),
+                    available: available.join(", "),
+                });
+            }
+        }
+        // Layer by layer, module by module in the model's order: the order PEFT initialises in.
+        for layer in self.layers.iter_mut() {
+            for m in available {
+                if !cfg.targets.contains(*m) {
+                    continue;
+                }
+                let lin = layer.linear_mut(m).expect("known module");
+                let (out_f, in_f) = lin.base.weight.dims2()?;
+                lin.lora = Some(LoraPair::init(in_f, out_f, cfg, rng, &self.device)?);
+            }
+        }
+        Ok(())
+    }
+
+    /// Every LoRA pair with its PEFT tensor names, in key order.
+    pub fn lora_params(&self) -> Vec<(String, Var)> {
+        let mut out = Vec::new();
+        for (i, layer) in self.layers.iter().enumerate() {
+            for m in self.config.linear_modules() {
+                if let Some(l) = layer.linear(m).and_then(|l| l.lora.as_ref()) {
+                    out.push((loraops_registry::peft::lora_key(i, m, true), l.a.clone()));
+                    out.push((loraops_registry::peft::lora_key(i, m, false), l.b.clone()));
+                }
+            }
+        }
+        out.sort_by(|a, b| a.0.cmp(&b.0));
+        out
+    }
+
+    /// The gradient a checkpointed layer computed for `v`, if any.
+    pub fn take_checkpoint_grad(&self, v: &Var) -> Option<Tensor> {
+        self.grad_sink.take(v)
+    }
+
+    /// RoPE tables and the attention mask for a (B, T) batch; `attention_mask` is 1 for real
+    /// tokens and 0 for padding.
+    pub fn context(
+        &self,
+        b: usize,
+        t: usize,
+        attention_mask: Option<&[Vec<u8>]>,
+    ) -> Result<Context> {
+        if let RopeScaling::Dynamic { original_max, .. } = self.config.rope_scaling
+            && t > original_max
+        {
+            return Err(Error::Unsupported(format!(
+                "dynamic RoPE scaling beyond {original_max} positions"
+            )));
+        }
+        let inv = self.config.inv_freq();
+        let half = inv.len();
+        let mut cos = Vec::with_capacity(t * 2 * half);
+        let mut sin = Vec::with_capacity(t * 2 * half);
+        for pos in 0..t {
+            // cat(freqs, freqs), as transformers builds `emb`.
+            for _ in 0..2 {
+                for &f in &inv {
+                    let a = pos as f32 * f;
+                    cos.push(a.cos());
+                    sin.push(a.sin());
+                }
+            }
+        }
+        let cos = Tensor::from_vec(cos, (t, 2 * half), &self.device)?;
+        let sin = Tensor::from_vec(sin, (t, 2 * half), &self.device)?;
+        let mut mask = vec![0f32; b * t * t];
+        for bi in 0..b {
+            for i in 0..t {
+                for j in 0..t {
+                    let pad = attention_mask.is_some_and(|m| m[bi][j] == 0);
+                    if j > i || pad {
+                        mask[(bi * t + i) * t + j] = f32::MIN;
+                    }
+                }
+            }
+        }
+        let mask = Tensor::from_vec(mask, (b, 1, t, t), &self.device)?;
+        Ok(Context { cos, sin, mask })
+    }
+
+    pub fn embed(&self, input_ids: &Tensor) -> Result<Tensor> {
+        let (b, t) = input_ids.dims2()?;
+        let flat = input_ids.flatten_all()?;
+        Ok(self
+            .embed_tokens
+            .index_select(&flat, 0)?
+            .to_dtype(DType::F32)?
+            .reshape((b, t, ()))?)
+    }
+
+    /// Final hidden states (B, T, hidden), after the last norm.
+    pub fn hidden(
+        &self,
+        input_ids: &Tensor,
+        ctx: &Context,
+        rng: &mut DropoutRng,
+    ) -> Result<Tensor> {
+        let mut x = self.embed(input_ids)?;
+        for layer in &self.layers {
+            x = if self.checkpoint_layers {
+                layer_forward_checkpointed(layer, &self.config, &x, ctx, rng, &self.grad_sink)?
+            } else {
+                layer_forward(layer, &self.config, &x, ctx, rng)?
+            };
+        }
+        Ok(rms_norm(&x, &self.norm, self.config.rms_norm_eps)?)
+    }
+
+    /// Logits (B, T, vocab).
+    pub fn logits(&self, input_ids: &Tensor, attention_mask: Option<&[Vec<u8>]>) -> Result<Tensor> {
+        let (b, t) = input_ids.dims2()?;
+        let ctx = self.context(b, t, attention_mask)?;
+        let h = self.hidden(input_ids, &ctx, &mut None)?;
+        Ok(self.lm_head.forward(&h)?)
+    }
+}
+
+/// One decoder layer: x + attn(norm(x)), then + mlp(norm(·)).
+pub fn layer_forward(
+    layer: &DecoderLayer,
+    c: &ModelConfig,
+    x: &Tensor,
+    ctx: &Context,
+    rng: &mut DropoutRng,
+) -> candle_core::Result<Tensor> {
+    let h = rms_norm(x, &layer.input_layernorm, c.rms_norm_eps)?;
+    let h = attention(&layer.self_attn, c, &h, ctx, rng)?;
+    let x = (x + h)?;
+    let h = rms_norm(&x, &layer.post_attention_layernorm, c.rms_norm_eps)?;
+    let m = &layer.mlp;
+    let g = m.gate_proj.forward(&h, rng)?.silu()?;
+    let u = m.up_proj.forward(&h, rng)?;
+    let h = m.down_proj.forward(&(g * u)?, rng)?;
+    x + h
+}
+
+/// RMSNorm in f32: x / √(mean(x²) + ε) · w.
+pub fn rms_norm(x: &Tensor, w: &Tensor, eps: f64) -> candle_core::Result<Tensor> {
+    let var = x.sqr()?.mean_keepdim(D::Minus1)?;
+    let inv = (var + eps)?.sqrt()?.recip()?;
+    x.broadcast_mul(&inv)?.broadcast_mul(w)
+}
+
+/// Softmax over the last dimension; the max shift is a constant (its gradient is zero).
+pub fn softmax(x: &Tensor) -> candle_core::Result<Tensor> {
+    let max = x.max_keepdim(D::Minus1)?.detach();
+    let e = x.broadcast_sub(&max)?.exp()?;
+    e.broadcast_div(&e.sum_keepdim(D::Minus1)?)
+}
+
+/// log-softmax over the last dimension.
+pub fn log_softmax(x: &Tensor) -> candle_core::Result<Tensor> {
+    let max = x.max_keepdim(D::Minus1)?.detach();
+    let s = x.broadcast_sub(&max)?;
+    let lse = s.exp()?.sum_keepdim(D::Minus1)?.log()?;
+    s.broadcast_sub(&lse)
+}
+
+/// Rotary embedding in transformers' half-split layout: x·cos + rotate_half(x)·sin.
+fn rope(x: &Tensor, cos: &Tensor, sin: &Tensor) -> candle_core::Result<Tensor> {
+    let d = x.dim(D::Minus1)?;
+    let x1 = x.narrow(D::Minus1, 0, d / 2)?;
+    let x2 = x.narrow(D::Minus1, d / 2, d / 2)?;
+    let rotated = Tensor::cat(&[&x2.neg()?, &x1], D::Minus1)?;
+    x.broadcast_mul(cos)? + rotated.broadcast_mul(sin)?
+}
+
+fn repeat_kv(x: Tensor, n_rep: usize) -> candle_core::Result<Tensor> {
+    if n_rep == 1 {
+        return Ok(x);
+    }
+    let (b, kv, t, d) = x.dims4()?;
+    x.unsqueeze(2)?
+        .broadcast_as((b, kv, n_rep, t, d))?
+        .contiguous()?
+        .reshape((b, kv * n_rep, t, d))
+}
+
+fn attention(
+    a: &Attention,
+    c: &ModelConfig,
+    x: &Tensor,
+    ctx: &Context,
+    rng: &mut DropoutRng,
+) -> candle_core::Result<Tensor> {
+    let (b, t, _) = x.dims3()?;
+    let (nh, nkv, hd) = (c.num_attention_heads, c.num_key_value_heads, c.head_dim);
+    let q = a
+        .q_proj
+        .forward(x, rng)?
+        .reshape((b, t, nh, hd))?
+        .transpose(1, 2)?;
+    let k = a
+        .k_proj
+        .forward(x, rng)?
+        .reshape((b, t, nkv, hd))?
+        .transpose(1, 2)?;
+    let v = a
+        .v_proj
+        .forward(x, rng)?
+        .reshape((b, t, nkv, hd))?
+        .transpose(1, 2)?;
+    let q = rope(&q, &ctx.cos, &ctx.sin)?;
+    let k = rope(&k, &ctx.cos, &ctx.sin)?;
+    let k = repeat_kv(k, nh / nkv)?;
+    let v = repeat_kv(v.contiguous()?, nh / nkv)?;
+    let scores = (q.contiguous()?.matmul(&k.t()?.contiguous()?)? * (1.0 / (hd as f64).sqrt()))?;
+    let p = softmax(&scores.broadcast_add(&ctx.mask)?)?;
+    let y = p.matmul(&v.contiguous()?)?;
+    let y = y.transpose(1, 2)?.reshape((b, t, nh * hd))?;
+    a.o_proj.forward(&y, rng)
+}
+
+/// Logits of the selected rows of hidden states (N, vocab).
+pub fn head_rows(model: &Llama, hidden: &Tensor, rows: &Tensor) -> Result<Tensor> {
+    let hsz = hidden.dim(D::Minus1)?;
+    let h = hidden.reshape(((), hsz))?.index_select(rows, 0)?;
+    Ok(model.lm_head.forward(&h)?)
+}
+
+pub fn linear_mut<'a>(layer: &'a mut DecoderLayer, module: &str) -> Option<&'a mut Linear> {
+    layer.linear_mut(module)
+}

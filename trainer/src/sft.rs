@@ -1,0 +1,649 @@
+//! Supervised fine-tuning: the loss, the training loop (gradient accumulation, clipping,
+//! warm-up + cosine, validation, early stopping, checkpoints) and the adapter output.
+
+use std::collections::BTreeMap;
+use std::io::Write;
+use std::path::{Path, PathBuf};
+use std::time::Instant;
+
+use candle_core::{D, Device, Tensor};
+use loraops_registry::api::{DatasetRef, MANIFEST_FORMAT, TrainingManifest};
+use rand::seq::SliceRandom;
+use serde::{Deserialize, Serialize};
+
+use crate::adapter::{merge_into, save_adapter, save_manifest};
+use crate::data::{Batch, DatasetStats, Example, file_digest, load_sft, make_batch};
+use crate::error::{Error, Result};
+use crate::llama::{BaseFormat, Llama, LoadOptions, head_rows, log_softmax};
+use crate::lora::{DropoutRng, LoraConfig, derived_rng};
+use crate::optim::{AdamW, AdamWConfig, clip_grad_norm, cosine_with_warmup};
+use crate::resume;
+use crate::tokenizer::Tokenizer;
+
+/// RNG purposes, so each random stream is independent of the others.
+const RNG_LORA_INIT: u64 = 1;
+const RNG_SHUFFLE: u64 = 2;
+const RNG_DROPOUT: u64 = 3;
+
+/// Everything `loraops train sft` takes; the TOML file and the flags both map onto it.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct SftConfig {
+    pub model: PathBuf,
+    pub data: PathBuf,
+    pub val_data: Option<PathBuf>,
+    pub out: PathBuf,
+    /// Recorded as `base_model_name_or_path`; defaults to the model directory.
+    pub base_model_name: Option<String>,
+    pub steps: usize,
+    /// `nf4` or `none`.
+    pub quantize: String,
+    /// Storage of non-quantised frozen weights: `f32` or `bf16`.
+    pub base_dtype: String,
+    pub double_quant: bool,
+    pub r: usize,
+    pub alpha: f64,
+    pub dropout: f64,
+    pub use_rslora: bool,
+    pub targets: Vec<String>,
+    pub lr: f64,
+    pub warmup_steps: usize,
+    pub beta1: f64,
+    pub beta2: f64,
+    pub eps: f64,
+    pub weight_decay: f64,
+    pub batch_size: usize,
+    pub grad_accum: usize,
+    pub max_len: usize,
+    pub max_grad_norm: f64,
+    pub label_smoothing: f64,
+    pub seed: u64,
+    /// Validate every N steps (0: only at the end, when there is validation data).
+    pub eval_every: usize,
+    /// Stop after this many validations without improvement (0: never).
+    pub patience: usize,
+    /// Write a resumable checkpoint every N steps (0: never).
+    pub checkpoint_every: usize,
+    /// Continue from `OUT/checkpoint` if it exists.
+    pub resume: bool,
+    /// End this run (with a checkpoint) once this many updates are done, to resume later;
+    /// the schedule still runs to `steps`.
+    pub stop_after: Option<usize>,
+    /// Also write the merged full model here.
+    pub merge: Option<PathBuf>,
+    /// Recompute each decoder layer in backward rather than keep its activations.
+    pub activation_checkpointing: bool,
+}
+
+impl Default for SftConfig {
+    fn default() -> Self {
+        let opt = AdamWConfig::default();
+        Self {
+            model: PathBuf::new(),
+            data: PathBuf::new(),
+            val_data: None,
+            out: PathBuf::new(),
+            base_model_name: None,
+            steps: 100,
+            quantize: "none".into(),
+            base_dtype: "f32".into(),
+            double_quant: true,
+            r: 16,
+            alpha: 32.0,
+            dropout: 0.05,
+            use_rslora: false,
+            targets: vec!["all-linear".into()],
+            lr: opt.lr,
+            warmup_steps: 0,
+            beta1: opt.beta1,
+            beta2: opt.beta2,
+            eps: opt.eps,
+            weight_decay: opt.weight_decay,
+            batch_size: 4,
+            grad_accum: 1,
+            max_len: 512,
+            max_grad_norm: 1.0,
+            label_smoothing: 0.0,
+            seed: 42,
+            eval_every: 0,
+            patience: 0,
+            checkpoint_every: 0,
+            resume: false,
+            stop_after: None,
+            merge: None,
+            activation_checkpointing: false,
+        }
+    }
+}
+
+impl SftConfig {
+    pub fn validate(&self) -> Result<()> {
+        let bad = |m: &str| Err(Error::Config(m.into()));
+        if self.model.as_os_str().is_empty() {
+            return bad("model is not set (--model DIR)");
+        }
+        if self.data.as_os_str().is_empty() {
+            return bad("data is not set (--data FILE)");
+        }
+        if self.out.as_os_str().is_empty() {
+            return bad("out is not set (--out DIR)");
+        }
+        if self.steps == 0
+            || self.batch_size == 0
+            || self.grad_accum == 0
+            || self.r == 0
+            || self.max_len < 2
+        {
+            return bad(
+                "steps, batch_size, grad_accum and r must be at least 1, max_len at least 2",
+            );
+        }
+        if !(0.0..1.0).contains(&self.dropout) || !(0.0..1.0).contains(&self.label_smoothing) {
+            return bad("dropout and label_smoothing must be in [0, 1)");
+        }
+        self.base_format()?;
+        Ok(())
+    }
+
+    pub fn base_format(&self) -> Result<BaseFormat> {
+        match (self.quantize.as_str(), self.base_dtype.as_str()) {
+            ("nf4", _) => Ok(BaseFormat::Nf4),
+            ("none", d) => d.parse(),
+            (q, _) => Err(Error::Config(format!(
+                "quantize {q:?}: expected nf4 or none"
+            ))),
+        }
+    }
+
+    pub fn lora(&self) -> Result<LoraConfig> {
+        let resolved = loraops_registry::peft::TargetModules::List(self.targets.clone())
+            .resolve()
+            .map_err(|_| {
+                let unknown = self
+                    .targets
+                    .iter()
+                    .find(|t| {
+                        *t != "all-linear"
+                            && !loraops_registry::peft::LINEAR_MODULES
+                                .iter()
+                                .any(|(m, _)| m == t)
+                    })
+                    .cloned()
+                    .unwrap_or_default();
+                Error::TargetModuleNotFound {
+                    module: unknown,
+                    available: "q_proj, k_proj, v_proj, o_proj, gate_proj, up_proj, down_proj"
+                        .into(),
+                }
+            })?;
+        Ok(LoraConfig {
+            r: self.r,
+            alpha: self.alpha,
+            dropout: self.dropout,
+            use_rslora: self.use_rslora,
+            targets: resolved,
+        })
+    }
+
+    pub fn adamw(&self) -> AdamWConfig {
+        AdamWConfig {
+            lr: self.lr,
+            beta1: self.beta1,
+            beta2: self.beta2,
+            eps: self.eps,
+            weight_decay: self.weight_decay,
+        }
+    }
+}
+
+/// The table for `method` of a TOML config file, as JSON: `[train.<method>]`, else
+/// `[<method>]`, else the whole file.
+pub fn read_config_table(
+    path: &Path,
+    method: &str,
+) -> Result<serde_json::Map<String, serde_json::Value>> {
+    let text = String::from_utf8(crate::error::read(path)?).map_err(|e| Error::parse(path, e))?;
+    let v: toml::Value = toml::from_str(&text).map_err(|e| Error::parse(path, e))?;
+    let v = serde_json::to_value(v).map_err(|e| Error::parse(path, e))?;
+    let table = v
+        .pointer(&format!("/train/{method}"))
+        .or_else(|| v.get(method))
+        .unwrap_or(&v)
+        .as_object()
+        .cloned()
+        .unwrap_or_default();
+    Ok(table)
+}
+
+/// Σ over target positions of weight · cross-entropy (with optional label smoothing), and the
+/// number of targets. The caller divides by the targets of the whole accumulated batch.
+pub fn loss_sum(
+    model: &Llama,
+    batch: &Batch,
+    label_smoothing: f64,
+    rng: &mut DropoutRng,
+) -> Result<Tensor> {
+    let (b, t) = batch.input_ids.dims2()?;
+    let ctx = model.context(b, t, Some(&batch.attention_mask))?;
+    let h = model.hidden(&batch.input_ids, &ctx, rng)?;
+    let logits = head_rows(model, &h, &batch.positions)?;
+    let logp = log_softmax(&logits)?;
+    let nll = logp
+        .gather(&batch.targets.unsqueeze(1)?, 1)?
+        .squeeze(1)?
+        .neg()?;
+    let per = if label_smoothing > 0.0 {
+        // torch's label_smoothing: (1-ε)·nll + ε·mean over the vocabulary of -log p.
+        let smooth = logp.mean(D::Minus1)?.neg()?;
+        ((nll * (1.0 - label_smoothing))? + (smooth * label_smoothing)?)?
+    } else {
+        nll
+    };
+    Ok((per * &batch.weights)?.sum_all()?)
+}
+
+/// One step's record, as written to metrics.jsonl.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct StepMetrics {
+    pub step: usize,
+    pub loss: f64,
+    pub lr: f64,
+    pub grad_norm: f64,
+    pub tokens: usize,
+    pub tokens_per_s: f64,
+    pub elapsed_s: f64,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub val_loss: Option<f64>,
+}
+
+/// What the loop reports as it goes (for progress bars and logs).
+pub enum Event<'a> {
+    Start {
+        total_steps: usize,
+        start_step: usize,
+        stats: &'a DatasetStats,
+    },
+    Step(&'a StepMetrics),
+    Eval {
+        step: usize,
+        val_loss: f64,
+    },
+    EarlyStop {
+        step: usize,
+        best_val_loss: f64,
+    },
+    Checkpoint {
+        step: usize,
+    },
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct SftOutcome {
+    pub steps_done: usize,
+    pub final_loss: f64,
+    pub best_val_loss: Option<f64>,
+    pub stats: DatasetStats,
+    pub adapter_dir: PathBuf,
+    pub merged_dir: Option<PathBuf>,
+    pub tokens: usize,
+    pub seconds: f64,
+}
+
+/// Training state that a checkpoint restores.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub struct LoopState {
+    pub step: usize,
+    pub best_val_loss: Option<f64>,
+    pub bad_evals: usize,
+    pub tokens: usize,
+    pub last_loss: f64,
+    pub seconds: f64,
+}
+
+/// Mean validation loss over a dataset (no dropout).
+pub fn eval_loss(
+    model: &Llama,
+    rows: &[Example],
+    batch_size: usize,
+    pad_id: u32,
+    label_smoothing: f64,
+) -> Result<f64> {
+    let (mut sum, mut n) = (0f64, 0usize);
+    for chunk in rows.chunks(batch_size) {
+        let refs: Vec<&Example> = chunk.iter().collect();
+        let batch = make_batch(&refs, pad_id, &model.device)?;
+        let l = loss_sum(model, &batch, label_smoothing, &mut None)?;
+        sum += l.to_scalar::<f32>()? as f64;
+        n += batch.n_targets;
+    }
+    Ok(sum / n.max(1) as f64)
+}
+
+/// The rows of micro-batch `micro` of update `step`: a fresh seeded permutation every epoch.
+struct Sampler {
+    n: usize,
+    seed: u64,
+    epoch: Option<(usize, Vec<usize>)>,
+}
+
+impl Sampler {
+    fn indices(&mut self, first: usize, count: usize) -> Vec<usize> {
+        (first..first + count)
+            .map(|k| {
+                let (epoch, pos) = (k / self.n, k % self.n);
+                if self.epoch.as_ref().is_none_or(|(e, _)| *e != epoch) {
+                    let mut perm: Vec<usize> = (0..self.n).collect();
+                    perm.shuffle(&mut derived_rng(self.seed, RNG_SHUFFLE, epoch as u64));
+                    self.epoch = Some((epoch, perm));
+                }
+                self.epoch.as_ref().expect("set").1[pos]
+            })
+            .collect()
+    }
+}
+
+/// Gradients of `loss` for the parameters, in order (zero where a parameter got none).
+pub fn collect_grads(
+    model: &Llama,
+    loss: &Tensor,
+    params: &[candle_core::Var],
+) -> Result<Vec<Tensor>> {
+    let mut store = loss.backward()?;
+    let mut out = Vec::with_capacity(params.len());
+    for p in params {
+        let mut g = match store.remove(p.as_tensor()) {
+            Some(g) => g,
+            None => p.zeros_like()?,
+        };
+        if let Some(extra) = model.take_checkpoint_grad(p) {
+            g = (g + extra)?;
+        }
+        out.push(g);
+    }
+    Ok(out)
+}
+
+pub fn train_sft(
+    cfg: &SftConfig,
+    device: &Device,
+    on_event: &mut dyn FnMut(Event),
+) -> Result<SftOutcome> {
+    cfg.validate()?;
+    let lora_cfg = cfg.lora()?;
+    let tok = Tokenizer::load(&cfg.model)?;
+    let (train, stats) = load_sft(&cfg.data, &tok, cfg.max_len)?;
+    let val = match &cfg.val_data {
+        Some(p) => Some(load_sft(p, &tok, cfg.max_len)?),
+        None => None,
+    };
+    let opts = LoadOptions {
+        format: cfg.base_format()?,
+        double_quant: cfg.double_quant,
+        unquantized_bf16: cfg.base_dtype == "bf16",
+        device: device.clone(),
+    };
+    let mut model = Llama::load(&cfg.model, &opts)?;
+    model.checkpoint_layers = cfg.activation_checkpointing;
+    model.add_lora(&lora_cfg, &mut derived_rng(cfg.seed, RNG_LORA_INIT, 0))?;
+    let named = model.lora_params();
+    let params: Vec<candle_core::Var> = named.iter().map(|(_, v)| v.clone()).collect();
+    let mut opt = AdamW::new(params.clone(), cfg.adamw())?;
+
+    std::fs::create_dir_all(&cfg.out).map_err(|e| Error::io(&cfg.out, e))?;
+    let ckpt_dir = cfg.out.join("checkpoint");
+    let mut state = LoopState::default();
+    if cfg.resume && ckpt_dir.exists() {
+        state = resume::load(&ckpt_dir, &named, &mut opt)?;
+    }
+    let metrics_path = cfg.out.join("metrics.jsonl");
+    let mut metrics = std::fs::OpenOptions::new()
+        .create(true)
+        .append(state.step > 0)
+        .write(true)
+        .truncate(state.step == 0)
+        .open(&metrics_path)
+        .map_err(|e| Error::io(&metrics_path, e))?;
+    let mut best_params: Option<Vec<Tensor>> = None;
+
+    on_event(Event::Start {
+        total_steps: cfg.steps,
+        start_step: state.step,
+        stats: &stats,
+    });
+    let mut sampler = Sampler {
+        n: train.len(),
+        seed: cfg.seed,
+        epoch: None,
+    };
+    let started = Instant::now();
+    let seconds_before = state.seconds;
+    let mut stopped_early = false;
+    while state.step < cfg.steps {
+        let step = state.step;
+        let t0 = Instant::now();
+        let lr = cfg.lr * cosine_with_warmup(step, cfg.warmup_steps, cfg.steps);
+        let per_step = cfg.batch_size * cfg.grad_accum;
+        let idx = sampler.indices(step * per_step, per_step);
+        let micro: Vec<Batch> = idx
+            .chunks(cfg.batch_size)
+            .map(|c| {
+                make_batch(
+                    &c.iter().map(|&i| &train[i]).collect::<Vec<_>>(),
+                    tok.pad_id,
+                    device,
+                )
+            })
+            .collect::<Result<_>>()?;
+        // Normalise by the targets of the whole accumulated batch, so accumulation equals
+        // one big batch.
+        let total: usize = micro.iter().map(|b| b.n_targets).sum();
+        let mut grads: Option<Vec<Tensor>> = None;
+        let mut loss_value = 0f64;
+        let mut tokens = 0;
+        for (mi, batch) in micro.iter().enumerate() {
+            let mut rng = derived_rng(cfg.seed, RNG_DROPOUT, (step * cfg.grad_accum + mi) as u64);
+            let mut drop: DropoutRng = if cfg.dropout > 0.0 {
+                Some(&mut rng)
+            } else {
+                None
+            };
+            let loss =
+                (loss_sum(&model, batch, cfg.label_smoothing, &mut drop)? / total.max(1) as f64)?;
+            loss_value += loss.to_scalar::<f32>()? as f64;
+            tokens += batch.n_tokens;
+            let g = collect_grads(&model, &loss, &params)?;
+            grads = Some(match grads {
+                None => g,
+                Some(acc) => acc
+                    .iter()
+                    .zip(g)
+                    .map(|(a, b)| a + b)
+                    .collect::<candle_core::Result<_>>()?,
+            });
+        }
+        let mut grads = grads.expect("at least one micro-batch");
+        let grad_norm = clip_grad_norm(&mut grads, cfg.max_grad_norm)?;
+        opt.step(&grads, lr)?;
+        state.step += 1;
+        state.tokens += tokens;
+        state.last_loss = loss_value;
+        let dt = t0.elapsed().as_secs_f64();
+        state.seconds = seconds_before + started.elapsed().as_secs_f64();
+        let mut m = StepMetrics {
+            step: state.step,
+            loss: loss_value,
+            lr,
+            grad_norm,
+            tokens,
+            tokens_per_s: tokens as f64 / dt.max(1e-9),
+            elapsed_s: state.seconds,
+            val_loss: None,
+        };
+        let eval_now = val.is_some()
+            && ((cfg.eval_every > 0 && state.step % cfg.eval_every == 0)
+                || state.step == cfg.steps);
+        if eval_now {
+            let (vrows, _) = val.as_ref().expect("checked");
+            let vl = eval_loss(
+                &model,
+                vrows,
+                cfg.batch_size,
+                tok.pad_id,
+                cfg.label_smoothing,
+            )?;
+            m.val_loss = Some(vl);
+            on_event(Event::Eval {
+                step: state.step,
+                val_loss: vl,
+            });
+            if state.best_val_loss.is_none_or(|b| vl < b) {
+                state.best_val_loss = Some(vl);
+                state.bad_evals = 0;
+                best_params = Some(
+                    params
+                        .iter()
+                        .map(|p| p.as_tensor().copy())
+                        .collect::<candle_core::Result<_>>()?,
+                );
+            } else {
+                state.bad_evals += 1;
+            }
+        }
+        writeln!(
+            metrics,
+            "{}",
+            serde_json::to_string(&m).expect("serialisable")
+        )
+        .map_err(|e| Error::io(&metrics_path, e))?;
+        on_event(Event::Step(&m));
+        if cfg.checkpoint_every > 0 && state.step % cfg.checkpoint_every == 0 {
+            resume::save(&ckpt_dir, &named, &opt, &state)?;
+            on_event(Event::Checkpoint { step: state.step });
+        }
+        if cfg.stop_after.is_some_and(|n| state.step >= n) && state.step < cfg.steps {
+            resume::save(&ckpt_dir, &named, &opt, &state)?;
+            on_event(Event::Checkpoint { step: state.step });
+            break;
+        }
+        if cfg.patience > 0 && state.bad_evals >= cfg.patience {
+            on_event(Event::EarlyStop {
+                step: state.step,
+                best_val_loss: state.best_val_loss.unwrap_or(f64::NAN),
+            });
+            stopped_early = true;
+            break;
+        }
+    }
+    // With validation, the adapter written is the one with the best validation loss.
+    if let Some(best) = &best_params {
+        for (p, b) in params.iter().zip(best) {
+            p.set(b)?;
+        }
+    }
+    let base_name = cfg
+        .base_model_name
+        .clone()
+        .unwrap_or_else(|| cfg.model.display().to_string());
+    save_adapter(&cfg.out, &model, &lora_cfg, &base_name)?;
+    let merged_dir = match &cfg.merge {
+        Some(dir) => {
+            merge_into(&cfg.model, &model, dir)?;
+            Some(dir.clone())
+        }
+        None => None,
+    };
+    let outcome = SftOutcome {
+        steps_done: state.step,
+        final_loss: state.last_loss,
+        best_val_loss: state.best_val_loss,
+        stats: stats.clone(),
+        adapter_dir: cfg.out.clone(),
+        merged_dir,
+        tokens: state.tokens,
+        seconds: state.seconds,
+    };
+    let manifest = manifest(
+        cfg,
+        &outcome,
+        val.as_ref().map(|v| &v.1),
+        stopped_early,
+        best_params.is_some(),
+    )?;
+    save_manifest(&cfg.out, &manifest)?;
+    Ok(outcome)
+}
+
+fn manifest(
+    cfg: &SftConfig,
+    o: &SftOutcome,
+    val_stats: Option<&DatasetStats>,
+    stopped_early: bool,
+    best: bool,
+) -> Result<TrainingManifest> {
+    let mut datasets = vec![DatasetRef {
+        role: "train".into(),
+        path: cfg.data.display().to_string(),
+        digest: file_digest(&cfg.data)?,
+        rows: o.stats.rows as u64,
+    }];
+    if let (Some(p), Some(s)) = (&cfg.val_data, val_stats) {
+        datasets.push(DatasetRef {
+            role: "val".into(),
+            path: p.display().to_string(),
+            digest: file_digest(p)?,
+            rows: s.rows as u64,
+        });
+    }
+    let mut metrics = BTreeMap::new();
+    metrics.insert("steps".to_string(), o.steps_done as f64);
+    metrics.insert("final_loss".to_string(), o.final_loss);
+    if let Some(v) = o.best_val_loss {
+        metrics.insert("best_val_loss".to_string(), v);
+    }
+    metrics.insert("tokens".to_string(), o.tokens as f64);
+    metrics.insert("seconds".to_string(), o.seconds);
+    metrics.insert(
+        "rows_no_completion".to_string(),
+        o.stats.no_completion as f64,
+    );
+    metrics.insert("rows_truncated".to_string(), o.stats.truncated as f64);
+    let mut extra = BTreeMap::new();
+    extra.insert(
+        "dataset_stats".to_string(),
+        serde_json::to_value(&o.stats).expect("serialisable"),
+    );
+    extra.insert(
+        "stopped_early".to_string(),
+        serde_json::Value::Bool(stopped_early),
+    );
+    extra.insert(
+        "adapter_selected".to_string(),
+        serde_json::Value::String(if best { "best_val_loss" } else { "final" }.into()),
+    );
+    Ok(TrainingManifest {
+        format: MANIFEST_FORMAT.into(),
+        method: "sft".into(),
+        trainer_version: format!("loraops-trainer {}", env!("CARGO_PKG_VERSION")),
+        base_model: cfg
+            .base_model_name
+            .clone()
+            .unwrap_or_else(|| cfg.model.display().to_string()),
+        base_model_digest: Some(model_digest(&cfg.model)?),
+        datasets,
+        config: serde_json::to_value(cfg).expect("serialisable"),
+        metrics,
+        created_at: chrono::Utc::now(),
+        extra,
+    })
+}
+
+/// `sha256:` over the base model's weight files, in name order.
+pub fn model_digest(dir: &Path) -> Result<String> {
+    use sha2::{Digest, Sha256};
+    let mut h = Sha256::new();
+    for f in crate::llama::weight_files(dir)? {
+        let mut file = std::fs::File::open(&f).map_err(|e| Error::io(&f, e))?;
+        std::io::copy(&mut file, &mut h).map_err(|e| Error::io(&f, e))?;
+    }
+    Ok(format!("sha256:{}", hex::encode(h.finalize())))
+}

@@ -1,0 +1,7 @@
+//! Integration tests of the trainer: numbers against recorded PyTorch/PEFT/bitsandbytes
+//! reference values (scripts/reference/trainer_reference.py), and the SFT pipeline end to end
+//! on a generated tiny model.
+
+mod common;
+mod pipeline;
+mod reference;
