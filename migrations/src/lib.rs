@@ -1,1 +1,14 @@
-//! x
+//! The registry's schema. It is defined here and nowhere else: `loraops registry migrate`
+//! and the registry's start-up apply these migrations in order.
+
+pub use sea_orm_migration::prelude::*;
+
+mod m20261128_000001_initial;
+
+pub struct Migrator;
+
+impl MigratorTrait for Migrator {
+    fn migrations() -> Vec<Box<dyn MigrationTrait>> {
+        vec![Box::new(m20261128_000001_initial::Migration)]
+    }
+}

@@ -1,0 +1,249 @@
+//! The registry's HTTP client (reqwest): used by the CLI, the gateway and the evaluator.
+//! Uploads and downloads stream; downloads are verified against their sha256 before they
+//! become visible on disk.
+
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use futures_util::{StreamExt, TryStreamExt};
+use reqwest::{Method, StatusCode, multipart};
+use serde::Serialize;
+use serde::de::DeserializeOwned;
+use sha2::{Digest, Sha256};
+use tokio::io::AsyncWriteExt;
+
+use crate::api::{
+    Adapter, AdapterVersion, BaseModel, ErrorBody, Evidence, Gate, GatePolicy, NewBaseModel, NewEvidence, Page,
+    PushResponse, RoutingTable,
+};
+use crate::peft;
+
+/// Called with the number of bytes moved since the last call.
+pub type Progress = Arc<dyn Fn(u64) + Send + Sync>;
+
+pub fn no_progress() -> Progress {
+    Arc::new(|_| {})
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum ClientError {
+    #[error("cannot reach the registry at {url}: {source}")]
+    Connect { url: String, source: reqwest::Error },
+    #[error("registry answered {status}: {} ({})", .body.error.message, .body.error.code)]
+    Api { status: StatusCode, body: ErrorBody },
+    #[error("registry answered {status}: {text}")]
+    Unexpected { status: StatusCode, text: String },
+    #[error("{path}: {source}")]
+    Io { path: PathBuf, source: std::io::Error },
+    #[error("{file}: sha256 is {got}, the registry says {expected}")]
+    Integrity { file: String, expected: String, got: String },
+    #[error("{0}")]
+    Invalid(String),
+}
+
+impl ClientError {
+    /// HTTP status of an API error, if the registry answered with one.
+    pub fn status(&self) -> Option<StatusCode> {
+        match self {
+            Self::Api { status, .. } | Self::Unexpected { status, .. } => Some(*status),
+            _ => None,
+        }
+    }
+}
+
+fn io(path: &Path) -> impl FnOnce(std::io::Error) -> ClientError + '_ {
+    move |source| ClientError::Io { path: path.to_path_buf(), source }
+}
+
+#[derive(Clone)]
+pub struct RegistryClient {
+    base: String,
+    token: Option<String>,
+    http: reqwest::Client,
+}
+
+impl RegistryClient {
+    pub fn new(base_url: &str, token: Option<String>) -> Self {
+        Self { base: base_url.trim_end_matches('/').to_string(), token, http: reqwest::Client::new() }
+    }
+
+    pub fn base_url(&self) -> &str {
+        &self.base
+    }
+
+    fn request(&self, method: Method, path: &str) -> reqwest::RequestBuilder {
+        let rb = self.http.request(method, format!("{}{path}", self.base));
+        match &self.token {
+            Some(t) => rb.bearer_auth(t),
+            None => rb,
+        }
+    }
+
+    async fn send(&self, rb: reqwest::RequestBuilder) -> Result<reqwest::Response, ClientError> {
+        let res = rb.send().await.map_err(|source| ClientError::Connect { url: self.base.clone(), source })?;
+        if res.status().is_success() {
+            return Ok(res);
+        }
+        let status = res.status();
+        let text = res.text().await.unwrap_or_default();
+        Err(match serde_json::from_str::<ErrorBody>(&text) {
+            Ok(body) => ClientError::Api { status, body },
+            Err(_) => ClientError::Unexpected { status, text },
+        })
+    }
+
+    async fn json<T: DeserializeOwned>(&self, rb: reqwest::RequestBuilder) -> Result<T, ClientError> {
+        let res = self.send(rb).await?;
+        let status = res.status();
+        let bytes = res.bytes().await.map_err(|source| ClientError::Connect { url: self.base.clone(), source })?;
+        serde_json::from_slice(&bytes).map_err(|e| ClientError::Unexpected { status, text: format!("unreadable body: {e}") })
+    }
+
+    async fn get<T: DeserializeOwned>(&self, path: &str) -> Result<T, ClientError> {
+        self.json(self.request(Method::GET, path)).await
+    }
+
+    async fn send_json<B: Serialize, T: DeserializeOwned>(&self, method: Method, path: &str, body: &B) -> Result<T, ClientError> {
+        self.json(self.request(method, path).json(body)).await
+    }
+
+    pub async fn create_base_model(&self, b: &NewBaseModel) -> Result<BaseModel, ClientError> {
+        self.send_json(Method::POST, "/api/v1/base-models", b).await
+    }
+
+    pub async fn base_models(&self) -> Result<Vec<BaseModel>, ClientError> {
+        self.all_pages("/api/v1/base-models").await
+    }
+
+    pub async fn adapters_page(&self, after: Option<&str>, limit: u64) -> Result<Page<Adapter>, ClientError> {
+        let mut path = format!("/api/v1/adapters?limit={limit}");
+        if let Some(a) = after {
+            path.push_str(&format!("&after={a}"));
+        }
+        self.get(&path).await
+    }
+
+    pub async fn adapters(&self) -> Result<Vec<Adapter>, ClientError> {
+        self.all_pages("/api/v1/adapters").await
+    }
+
+    pub async fn adapter(&self, name: &str) -> Result<Adapter, ClientError> {
+        self.get(&format!("/api/v1/adapters/{name}")).await
+    }
+
+    pub async fn versions(&self, name: &str) -> Result<Vec<AdapterVersion>, ClientError> {
+        self.all_pages(&format!("/api/v1/adapters/{name}/versions")).await
+    }
+
+    pub async fn version(&self, name: &str, version: u32) -> Result<AdapterVersion, ClientError> {
+        self.get(&format!("/api/v1/adapters/{name}/versions/{version}")).await
+    }
+
+    async fn all_pages<T: DeserializeOwned>(&self, path: &str) -> Result<Vec<T>, ClientError> {
+        let mut out = Vec::new();
+        let mut after: Option<String> = None;
+        loop {
+            let sep = if path.contains('?') { '&' } else { '?' };
+            let url = match &after {
+                Some(a) => format!("{path}{sep}limit=500&after={a}"),
+                None => format!("{path}{sep}limit=500"),
+            };
+            let page: Page<T> = self.get(&url).await?;
+            out.extend(page.items);
+            match page.next {
+                Some(n) => after = Some(n),
+                None => return Ok(out),
+            }
+        }
+    }
+
+    /// Push an adapter directory (adapter_config.json, adapter_model.safetensors, and
+    /// manifest.json / README.md when present), streaming each file.
+    pub async fn push_dir(&self, dir: &Path, name: &str, base_model: Option<&str>, progress: Progress) -> Result<PushResponse, ClientError> {
+        let mut form = multipart::Form::new();
+        let mut found = false;
+        for file in [peft::CONFIG_FILE, peft::WEIGHTS_FILE, peft::MANIFEST_FILE, peft::README_FILE] {
+            let path = dir.join(file);
+            let meta = match tokio::fs::metadata(&path).await {
+                Ok(m) => m,
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+                    if file == peft::CONFIG_FILE || file == peft::WEIGHTS_FILE {
+                        return Err(ClientError::Invalid(format!("{} is missing (an adapter directory needs {} and {})", path.display(), peft::CONFIG_FILE, peft::WEIGHTS_FILE)));
+                    }
+                    continue;
+                }
+                Err(e) => return Err(io(&path)(e)),
+            };
+            found = true;
+            let f = tokio::fs::File::open(&path).await.map_err(io(&path))?;
+            let p = progress.clone();
+            let stream = tokio_util::io::ReaderStream::with_capacity(f, 256 << 10).inspect_ok(move |b| p(b.len() as u64));
+            let part = multipart::Part::stream_with_length(reqwest::Body::wrap_stream(stream), meta.len()).file_name(file);
+            form = form.part(file, part);
+        }
+        debug_assert!(found);
+        let mut path = format!("/api/v1/adapters/{name}/versions");
+        if let Some(b) = base_model {
+            path.push_str(&format!("?base_model={b}"));
+        }
+        self.json(self.request(Method::POST, &path).multipart(form)).await
+    }
+
+    /// Download one file of a version to `dest`, verifying its sha256 first: the bytes land in
+    /// a temporary file that is renamed into place only when they match.
+    pub async fn download_file(&self, name: &str, version: u32, file: &crate::api::VersionFile, dest: &Path, progress: Progress) -> Result<(), ClientError> {
+        let res = self.send(self.request(Method::GET, &format!("/api/v1/adapters/{name}/versions/{version}/files/{}", file.name))).await?;
+        let tmp = dest.with_extension("partial");
+        let mut out = tokio::fs::File::create(&tmp).await.map_err(io(&tmp))?;
+        let mut hasher = Sha256::new();
+        let mut stream = res.bytes_stream();
+        while let Some(chunk) = stream.next().await {
+            let chunk = chunk.map_err(|source| ClientError::Connect { url: self.base.clone(), source })?;
+            hasher.update(&chunk);
+            out.write_all(&chunk).await.map_err(io(&tmp))?;
+            progress(chunk.len() as u64);
+        }
+        out.flush().await.map_err(io(&tmp))?;
+        drop(out);
+        let got = hex::encode(hasher.finalize());
+        if got != file.sha256 {
+            let _ = tokio::fs::remove_file(&tmp).await;
+            return Err(ClientError::Integrity { file: file.name.clone(), expected: file.sha256.clone(), got });
+        }
+        tokio::fs::rename(&tmp, dest).await.map_err(io(dest))
+    }
+
+    /// Download every file of `name@version` into `dir`.
+    pub async fn pull(&self, name: &str, version: u32, dir: &Path, progress: Progress) -> Result<AdapterVersion, ClientError> {
+        let v = self.version(name, version).await?;
+        tokio::fs::create_dir_all(dir).await.map_err(io(dir))?;
+        for f in &v.files {
+            self.download_file(name, version, f, &dir.join(&f.name), progress.clone()).await?;
+        }
+        Ok(v)
+    }
+
+    pub async fn post_evidence(&self, name: &str, version: u32, e: &NewEvidence) -> Result<Evidence, ClientError> {
+        self.send_json(Method::POST, &format!("/api/v1/adapters/{name}/versions/{version}/evidence"), e).await
+    }
+
+    pub async fn evidence(&self, name: &str, version: u32) -> Result<Vec<Evidence>, ClientError> {
+        self.get(&format!("/api/v1/adapters/{name}/versions/{version}/evidence")).await
+    }
+
+    pub async fn put_gate(&self, name: &str, policy: &GatePolicy) -> Result<Gate, ClientError> {
+        self.send_json(Method::PUT, &format!("/api/v1/adapters/{name}/gate"), policy).await
+    }
+
+    pub async fn gate(&self, name: &str) -> Result<Gate, ClientError> {
+        self.get(&format!("/api/v1/adapters/{name}/gate")).await
+    }
+
+    /// The routing table; with `since`, waits (up to `wait_secs`) for a newer revision.
+    pub async fn routing(&self, since: Option<i64>, wait_secs: u64) -> Result<RoutingTable, ClientError> {
+        match since {
+            Some(s) => self.get(&format!("/api/v1/routing?since={s}&wait={wait_secs}")).await,
+            None => self.get("/api/v1/routing").await,
+        }
+    }
+}

@@ -1,0 +1,66 @@
+//! Who is calling: the bearer token verified into a [`Principal`], and the role checks
+//! handlers make before they act.
+
+use std::future::{Ready, ready};
+
+use actix_web::{FromRequest, HttpRequest, dev::Payload, web};
+
+use super::{AppState, error::ApiError};
+use crate::api::Role;
+use crate::auth::{AuthError, Principal};
+
+/// The verified caller, or `None` for a request without a token. A token that is present but
+/// invalid (expired, forged, wrong audience, alg `none`) is rejected here with 401.
+pub struct Caller(pub Option<Principal>);
+
+impl FromRequest for Caller {
+    type Error = ApiError;
+    type Future = Ready<Result<Self, ApiError>>;
+
+    fn from_request(req: &HttpRequest, _: &mut Payload) -> Self::Future {
+        ready(extract(req))
+    }
+}
+
+fn extract(req: &HttpRequest) -> Result<Caller, ApiError> {
+    let Some(value) = req.headers().get(actix_web::http::header::AUTHORIZATION) else {
+        return Ok(Caller(None));
+    };
+    let state = req.app_data::<web::Data<AppState>>().ok_or_else(|| ApiError::internal("no app state"))?;
+    let text = value.to_str().map_err(|_| ApiError::unauthorized("Authorization header is not text"))?;
+    let token = text
+        .strip_prefix("Bearer ")
+        .or_else(|| text.strip_prefix("bearer "))
+        .ok_or_else(|| ApiError::unauthorized("Authorization must be `Bearer <token>`"))?;
+    Ok(Caller(Some(state.verifier.verify(token.trim())?)))
+}
+
+impl Caller {
+    /// The subject, for audit columns (`anonymous` for open reads).
+    pub fn sub(&self) -> &str {
+        self.0.as_ref().map(|p| p.sub.as_str()).unwrap_or("anonymous")
+    }
+
+    /// Reads: open when configured, else any valid token (every role can view).
+    pub fn require_read(&self, state: &AppState) -> Result<(), ApiError> {
+        if state.settings.registry.anonymous_reads || self.0.is_some() {
+            Ok(())
+        } else {
+            Err(AuthError::Missing.into())
+        }
+    }
+
+    /// Writes: the role, and (when the token lists adapter patterns) the adapter.
+    pub fn require(&self, role: Role, adapter: Option<&str>) -> Result<&Principal, ApiError> {
+        let p = self.0.as_ref().ok_or(ApiError::from(AuthError::Missing))?;
+        if !p.has(role) {
+            return Err(ApiError::forbidden(format!("this action needs the {role} role")));
+        }
+        if let Some(a) = adapter
+            && !p.may_touch(a)
+        {
+            return Err(ApiError::forbidden(format!("this token may not act on adapter {a:?}")));
+        }
+        Ok(p)
+    }
+}

@@ -1,0 +1,35 @@
+//! `/openapi.json`, generated from the handlers' annotations and the wire types.
+
+use actix_web::HttpResponse;
+use utoipa::OpenApi;
+
+use super::routes;
+use crate::api;
+use crate::peft;
+
+#[derive(OpenApi)]
+#[openapi(
+    info(title = "loraops registry", description = "Versioned LoRA adapters, evidence, gates and rollouts"),
+    paths(
+        routes::health::readyz,
+        routes::base_models::create, routes::base_models::list,
+        routes::adapters::list, routes::adapters::show, routes::adapters::versions, routes::adapters::version,
+        routes::push::push, routes::files::download,
+        routes::evidence::create, routes::evidence::list,
+        routes::gates::put, routes::gates::show,
+        routes::routing::table,
+    ),
+    components(schemas(
+        api::ErrorBody, api::ErrorDetail, api::BaseModel, api::NewBaseModel, api::Adapter, api::AdapterVersion,
+        api::VersionFile, api::PushResponse, api::Evidence, api::NewEvidence, api::SuiteRef, api::EngineIdentity,
+        api::Gate, api::GatePolicy, api::GateRule, api::Comparison, api::RoutingTable, api::AdapterRoute,
+        api::RoutedVersion, api::Readiness, api::Rollout, api::RolloutSpec, api::RolloutState, api::AnalysisRule,
+        api::Observations, api::ArmObservation, api::TrainingManifest, api::DatasetRef, api::Role,
+        peft::ModelDims, peft::AdapterSummary,
+    ))
+)]
+pub struct ApiDoc;
+
+pub async fn serve() -> HttpResponse {
+    HttpResponse::Ok().json(ApiDoc::openapi())
+}

@@ -1,0 +1,34 @@
+//! HTTP routes under `/api/v1`, one module per resource, plus health and metrics.
+
+pub mod adapters;
+pub mod base_models;
+pub mod evidence;
+pub mod files;
+pub mod gates;
+pub mod health;
+pub mod push;
+pub mod routing;
+
+use actix_web::web;
+
+pub fn configure(cfg: &mut web::ServiceConfig) {
+    cfg.route("/healthz", web::get().to(health::healthz))
+        .route("/readyz", web::get().to(health::readyz))
+        .route("/metrics", web::get().to(health::metrics))
+        .service(
+            web::scope("/api/v1")
+                .route("/base-models", web::get().to(base_models::list))
+                .route("/base-models", web::post().to(base_models::create))
+                .route("/adapters", web::get().to(adapters::list))
+                .route("/adapters/{name}", web::get().to(adapters::show))
+                .route("/adapters/{name}/versions", web::get().to(adapters::versions))
+                .route("/adapters/{name}/versions", web::post().to(push::push))
+                .route("/adapters/{name}/versions/{version}", web::get().to(adapters::version))
+                .route("/adapters/{name}/versions/{version}/files/{file}", web::get().to(files::download))
+                .route("/adapters/{name}/versions/{version}/evidence", web::get().to(evidence::list))
+                .route("/adapters/{name}/versions/{version}/evidence", web::post().to(evidence::create))
+                .route("/adapters/{name}/gate", web::get().to(gates::show))
+                .route("/adapters/{name}/gate", web::put().to(gates::put))
+                .route("/routing", web::get().to(routing::table)),
+        );
+}

@@ -1,0 +1,331 @@
+//! `POST /api/v1/adapters/{name}/versions`: publish a PEFT adapter as a new immutable version.
+//!
+//! 1. Stream each multipart part to object storage under a fresh upload id, hashing as it
+//!    goes (memory stays flat; the safetensors header is kept to validate the tensors).
+//! 2. Validate: the LoRA config, the safetensors header against the file size, tensor names and
+//!    shapes against the config and the registered base model.
+//! 3. One transaction makes the version visible (number = the adapter's next), or finds the
+//!    same bytes already registered and returns that version instead.
+//!
+//! Whatever fails, the upload's blobs are deleted; a crash in between leaves an `uploads` row
+//! that the sweep cleans up after the grace period. Nothing half-written is ever listed.
+
+use std::collections::BTreeMap;
+
+use actix_multipart::Multipart;
+use actix_web::{HttpResponse, web};
+use futures_util::TryStreamExt;
+use sea_orm::sea_query::{Expr, ExprTrait};
+use sea_orm::{
+    ActiveModelTrait, ColumnTrait, ConnectionTrait, EntityTrait, QueryFilter, Set, TransactionTrait,
+};
+use serde_json::{Value, json};
+
+use crate::api::{AdapterVersion, Name, PushResponse, Role, VersionFile, version_digest};
+use crate::auth::Principal;
+use crate::peft::{self, AdapterConfig, SafetensorsHeader};
+use crate::server::AppState;
+use crate::server::blobs::{self, HashingWriter};
+use crate::server::caller::Caller;
+use crate::server::entities::{adapter, adapter_version, base_model, upload, version_file};
+use crate::server::error::ApiError;
+use crate::server::records;
+
+/// Parts a push may carry, and the most bytes each small part may have.
+const SMALL_LIMIT: u64 = 1 << 20;
+const PARTS: [&str; 4] = [peft::CONFIG_FILE, peft::WEIGHTS_FILE, peft::MANIFEST_FILE, peft::README_FILE];
+
+#[derive(Debug, serde::Deserialize, utoipa::IntoParams)]
+pub struct PushQuery {
+    /// Registered base model the adapter is for; default: matched from the config's
+    /// `base_model_name_or_path` (exactly, or by its last path component).
+    pub base_model: Option<String>,
+}
+
+struct Stored {
+    file: VersionFile,
+    key: String,
+}
+
+/// What the multipart body delivered, all of it already in object storage.
+struct Received {
+    files: BTreeMap<String, Stored>,
+    config: Vec<u8>,
+    manifest: Option<Vec<u8>>,
+    weights_head: Vec<u8>,
+}
+
+#[utoipa::path(post, path = "/api/v1/adapters/{name}/versions", params(PushQuery),
+    request_body(content_type = "multipart/form-data", description = "adapter_config.json, adapter_model.safetensors, optional manifest.json and README.md"),
+    responses(
+        (status = 201, description = "New version", body = PushResponse),
+        (status = 200, description = "Identical bytes already registered: that version", body = PushResponse),
+        (status = 400, body = crate::api::ErrorBody), (status = 401, body = crate::api::ErrorBody),
+        (status = 403, body = crate::api::ErrorBody), (status = 413, body = crate::api::ErrorBody),
+        (status = 422, body = crate::api::ErrorBody)))]
+pub async fn push(
+    state: web::Data<AppState>,
+    caller: Caller,
+    path: web::Path<String>,
+    query: web::Query<PushQuery>,
+    payload: Multipart,
+) -> Result<HttpResponse, ApiError> {
+    let name = Name::parse(&path)?;
+    let who = caller.require(Role::Publisher, Some(name.as_str()))?.clone();
+    let upload_id = uuid::Uuid::new_v4().to_string();
+    upload::ActiveModel { id: Set(upload_id.clone()), adapter: Set(name.to_string()), started_at: Set(chrono::Utc::now()) }
+        .insert(&state.db)
+        .await?;
+
+    let outcome = async {
+        let received = receive(&state, &name, &upload_id, payload).await?;
+        publish(&state, &who, &name, &upload_id, received, query.base_model.as_deref()).await
+    }
+    .await;
+
+    if !matches!(outcome, Ok((_, true))) {
+        discard_upload(&state, &name, &upload_id).await;
+    }
+    let (version, created) = outcome?;
+    let location = format!("/api/v1/adapters/{}/versions/{}", version.adapter, version.version);
+    let mut res = if created { HttpResponse::Created() } else { HttpResponse::Ok() };
+    Ok(res.insert_header(("Location", location)).json(PushResponse { created, version }))
+}
+
+/// Delete an upload's blobs and its pending row (best effort: the sweep retries).
+async fn discard_upload(state: &AppState, name: &Name, upload_id: &str) {
+    if let Err(e) = blobs::delete_prefix(&state.store, &blobs::version_prefix(name.as_str(), upload_id)).await {
+        tracing::warn!(upload_id, error = %e, "could not delete blobs of a failed upload; the sweep will retry");
+        return;
+    }
+    let _ = upload::Entity::delete_by_id(upload_id.to_string()).exec(&state.db).await;
+}
+
+fn part_name(field: &actix_multipart::Field) -> Option<String> {
+    field
+        .name()
+        .filter(|n| PARTS.contains(n))
+        .or_else(|| field.content_disposition().and_then(|cd| cd.get_filename()))
+        .or(field.name())
+        .map(str::to_string)
+}
+
+async fn receive(state: &AppState, name: &Name, upload_id: &str, mut payload: Multipart) -> Result<Received, ApiError> {
+    let max = state.settings.registry.max_upload_bytes;
+    let prefix = blobs::version_prefix(name.as_str(), upload_id);
+    let mut total = 0u64;
+    let mut out = Received { files: BTreeMap::new(), config: Vec::new(), manifest: None, weights_head: Vec::new() };
+    let multipart_err = |e: actix_multipart::MultipartError| ApiError::bad_request(format!("malformed multipart body: {e}"));
+
+    while let Some(mut field) = payload.try_next().await.map_err(multipart_err)? {
+        let part = part_name(&field).ok_or_else(|| ApiError::bad_request("a multipart part has no name"))?;
+        if !PARTS.contains(&part.as_str()) {
+            return Err(ApiError::bad_request(format!("unexpected part {part:?}; expected {}", PARTS.join(", "))));
+        }
+        if out.files.contains_key(&part) {
+            return Err(ApiError::bad_request(format!("part {part:?} appears twice")));
+        }
+        let is_weights = part == peft::WEIGHTS_FILE;
+        let mut writer = HashingWriter::new(&state.store, prefix.clone().join(part.as_str()));
+        let mut small = Vec::new();
+        let mut head_needed = 8u64;
+        let result: Result<(), ApiError> = async {
+            while let Some(chunk) = field.try_next().await.map_err(multipart_err)? {
+                total += chunk.len() as u64;
+                if total > max {
+                    return Err(ApiError::too_large(format!("upload exceeds the limit of {max} bytes")));
+                }
+                state.metrics.upload_bytes.inc_by(chunk.len() as u64);
+                if is_weights {
+                    capture_head(&mut out.weights_head, &mut head_needed, &chunk)?;
+                } else {
+                    if small.len() as u64 + chunk.len() as u64 > SMALL_LIMIT {
+                        return Err(ApiError::too_large(format!("{part} exceeds {SMALL_LIMIT} bytes")));
+                    }
+                    small.extend_from_slice(&chunk);
+                }
+                writer.write(&chunk).await.map_err(|e| ApiError::unavailable(format!("writing {part} to object storage: {e}")))?;
+            }
+            Ok(())
+        }
+        .await;
+        if let Err(e) = result {
+            writer.abort().await;
+            return Err(e);
+        }
+        let key = writer.key.to_string();
+        let (sha256, size) = writer.finish().await.map_err(|e| ApiError::unavailable(format!("writing {part} to object storage: {e}")))?;
+        match part.as_str() {
+            peft::CONFIG_FILE => out.config = small,
+            peft::MANIFEST_FILE => out.manifest = Some(small),
+            _ => {}
+        }
+        out.files.insert(part.clone(), Stored { file: VersionFile { name: part, sha256, size }, key });
+    }
+    for required in [peft::CONFIG_FILE, peft::WEIGHTS_FILE] {
+        if !out.files.contains_key(required) {
+            return Err(ApiError::bad_request(format!("missing part {required:?}")).with_details(json!({"file": required})));
+        }
+    }
+    Ok(out)
+}
+
+/// Keep the file's first bytes until the whole safetensors header is in hand; reject a file
+/// whose first 8 bytes announce an implausible header as soon as they arrive.
+fn capture_head(head: &mut Vec<u8>, needed: &mut u64, chunk: &[u8]) -> Result<(), ApiError> {
+    let mut rest = chunk;
+    while (head.len() as u64) < *needed && !rest.is_empty() {
+        let take = ((*needed - head.len() as u64) as usize).min(rest.len());
+        head.extend_from_slice(&rest[..take]);
+        rest = &rest[take..];
+        if head.len() == 8 && *needed == 8 {
+            *needed = SafetensorsHeader::header_len(head[..8].try_into().expect("8 bytes"))?;
+        }
+    }
+    Ok(())
+}
+
+async fn resolve_base(db: &impl ConnectionTrait, cfg: &AdapterConfig, explicit: Option<&str>) -> Result<base_model::Model, ApiError> {
+    let named = cfg.base_model_name_or_path.trim_end_matches('/');
+    let candidates: Vec<&str> = match explicit {
+        Some(b) => vec![b],
+        None => {
+            let last = named.rsplit(['/', '\\']).next().unwrap_or(named);
+            if last == named { vec![named] } else { vec![named, last] }
+        }
+    };
+    let found = base_model::Entity::find().filter(base_model::Column::Name.is_in(candidates.clone())).all(db).await?;
+    // Prefer the exact name over the last path component.
+    for c in &candidates {
+        if let Some(m) = found.iter().find(|m| m.name == *c) {
+            return Ok(m.clone());
+        }
+    }
+    let message = match explicit {
+        Some(b) => format!("base model {b:?} is not registered"),
+        None => format!(
+            "adapter_config.json: base_model_name_or_path {named:?} names no registered base model; register it (POST /api/v1/base-models) or pass ?base_model=NAME"
+        ),
+    };
+    Err(ApiError::unprocessable("unknown_base_model", message).with_details(json!({"file": peft::CONFIG_FILE, "field": "base_model_name_or_path"})))
+}
+
+async fn publish(
+    state: &AppState,
+    who: &Principal,
+    name: &Name,
+    upload_id: &str,
+    received: Received,
+    explicit_base: Option<&str>,
+) -> Result<(AdapterVersion, bool), ApiError> {
+    let cfg = AdapterConfig::parse(&received.config)?;
+    let header = SafetensorsHeader::parse(&received.weights_head)?;
+    let weights = &received.files[peft::WEIGHTS_FILE].file;
+    if weights.size != header.file_len() {
+        return Err(peft::AdapterError::weights(format!(
+            "file is {} bytes but its header describes {} bytes (truncated or padded)",
+            weights.size,
+            header.file_len()
+        ))
+        .into());
+    }
+    let lineage: Option<Value> = match &received.manifest {
+        None => None,
+        Some(bytes) => match serde_json::from_slice::<Value>(bytes) {
+            Ok(v @ Value::Object(_)) => Some(v),
+            Ok(_) => return Err(ApiError::unprocessable("invalid_manifest", "manifest.json: must be a JSON object").with_details(json!({"file": peft::MANIFEST_FILE}))),
+            Err(e) => return Err(ApiError::unprocessable("invalid_manifest", format!("manifest.json: {e}")).with_details(json!({"file": peft::MANIFEST_FILE}))),
+        },
+    };
+    let base = resolve_base(&state.db, &cfg, explicit_base).await?;
+    let dims = serde_json::from_value(base.dims.clone()).unwrap_or_default();
+    let summary = peft::check_tensors(&cfg, &header, Some(&dims))?;
+    let files: Vec<VersionFile> = received.files.values().map(|s| s.file.clone()).collect();
+    let digest = version_digest(&files);
+    let size_bytes: u64 = files.iter().map(|f| f.size).sum();
+
+    let txn = state.db.begin().await?;
+    // Write first, so SQLite takes its write lock now rather than upgrading a read later.
+    adapter::Entity::insert(adapter::ActiveModel {
+        name: Set(name.to_string()),
+        base_model: Set(base.name.clone()),
+        latest_version: Set(0),
+        created_by: Set(who.sub.clone()),
+        created_at: Set(chrono::Utc::now()),
+        ..Default::default()
+    })
+    .on_conflict_do_nothing_on([adapter::Column::Name])
+    .exec_without_returning(&txn)
+    .await?;
+    let a = records::adapter_by_name(&txn, name.as_str()).await?;
+    if a.base_model != base.name {
+        return Err(ApiError::unprocessable(
+            "base_model_mismatch",
+            format!("adapter {name:?} is for base model {:?}, this push is for {:?}", a.base_model, base.name),
+        ));
+    }
+    if let Some(existing) = version_by_digest(&txn, &a, &digest).await? {
+        drop(txn);
+        return Ok((records::load_version(&state.db, &a, existing.version as u32).await?, false));
+    }
+    adapter::Entity::update_many()
+        .col_expr(adapter::Column::LatestVersion, Expr::col(adapter::Column::LatestVersion).add(1))
+        .filter(adapter::Column::Id.eq(a.id))
+        .exec(&txn)
+        .await?;
+    let number = records::adapter_by_name(&txn, name.as_str()).await?.latest_version;
+    let inserted = adapter_version::ActiveModel {
+        adapter_id: Set(a.id),
+        version: Set(number),
+        digest: Set(digest.clone()),
+        base_model: Set(base.name.clone()),
+        config: Set(serde_json::to_value(&cfg).expect("config serialises")),
+        summary: Set(serde_json::to_value(&summary).expect("summary serialises")),
+        lineage: Set(lineage),
+        size_bytes: Set(size_bytes as i64),
+        upload_id: Set(upload_id.to_string()),
+        created_by: Set(who.sub.clone()),
+        created_at: Set(chrono::Utc::now()),
+        ..Default::default()
+    }
+    .insert(&txn)
+    .await;
+    let v = match inserted {
+        Ok(v) => v,
+        Err(e) if matches!(e.sql_err(), Some(sea_orm::SqlErr::UniqueConstraintViolation(_))) => {
+            // The same bytes won a race with us: answer with that version.
+            txn.rollback().await?;
+            let existing = version_by_digest(&state.db, &a, &digest)
+                .await?
+                .ok_or_else(|| ApiError::conflict("a concurrent push of this adapter conflicted; retry"))?;
+            return Ok((records::load_version(&state.db, &a, existing.version as u32).await?, false));
+        }
+        Err(e) => return Err(e.into()),
+    };
+    let rows: Vec<version_file::ActiveModel> = received
+        .files
+        .values()
+        .map(|s| version_file::ActiveModel {
+            version_id: Set(v.id),
+            name: Set(s.file.name.clone()),
+            sha256: Set(s.file.sha256.clone()),
+            size: Set(s.file.size as i64),
+            blob_key: Set(s.key.clone()),
+            ..Default::default()
+        })
+        .collect();
+    version_file::Entity::insert_many(rows).exec_without_returning(&txn).await?;
+    upload::Entity::delete_by_id(upload_id.to_string()).exec(&txn).await?;
+    txn.commit().await?;
+    state.metrics.versions_created.inc();
+    tracing::info!(adapter = %name, version = number, %digest, "published adapter version");
+    Ok((records::load_version(&state.db, &a, number as u32).await?, true))
+}
+
+async fn version_by_digest(db: &impl ConnectionTrait, a: &adapter::Model, digest: &str) -> Result<Option<adapter_version::Model>, ApiError> {
+    Ok(adapter_version::Entity::find()
+        .filter(adapter_version::Column::AdapterId.eq(a.id))
+        .filter(adapter_version::Column::Digest.eq(digest))
+        .one(db)
+        .await?)
+}

@@ -1,0 +1,80 @@
+//! `[registry]` and `[s3]` configuration sections. Loaded by the binary as
+//! file < `LORAOPS_SECTION__KEY` environment < flags.
+
+use std::path::{Path, PathBuf};
+
+use serde::{Deserialize, Serialize};
+
+use crate::auth::AuthSettings;
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct RegistrySettings {
+    /// `HOST:PORT` to listen on (port 0 picks a free one).
+    pub listen: String,
+    /// `sqlite://PATH?mode=rwc` or `postgres://…`. Default: SQLite under the data dir.
+    pub database_url: Option<String>,
+    /// A local directory (`file:///abs/dir` or a plain path) or `s3://bucket/prefix`.
+    /// Default: `<data_dir>/blobs`.
+    pub object_store_url: Option<String>,
+    /// Largest accepted upload, all files together, in bytes.
+    pub max_upload_bytes: u64,
+    /// Whether reads (GET) work without a token; otherwise they need the `viewer` role.
+    pub anonymous_reads: bool,
+    /// Blobs of uploads that never became a version are deleted after this many seconds.
+    pub orphan_grace_secs: u64,
+    /// How often the orphan sweep runs.
+    pub sweep_interval_secs: u64,
+    /// Database connection pool size.
+    pub max_db_connections: u32,
+}
+
+impl Default for RegistrySettings {
+    fn default() -> Self {
+        Self {
+            listen: "127.0.0.1:8400".into(),
+            database_url: None,
+            object_store_url: None,
+            max_upload_bytes: 8 << 30,
+            anonymous_reads: false,
+            orphan_grace_secs: 6 * 3600,
+            sweep_interval_secs: 600,
+            max_db_connections: 10,
+        }
+    }
+}
+
+impl RegistrySettings {
+    pub fn database_url(&self, data_dir: &Path) -> String {
+        self.database_url
+            .clone()
+            .unwrap_or_else(|| format!("sqlite://{}?mode=rwc", data_dir.join("registry.db").display()))
+    }
+    pub fn object_store_url(&self, data_dir: &Path) -> String {
+        self.object_store_url.clone().unwrap_or_else(|| data_dir.join("blobs").display().to_string())
+    }
+}
+
+/// S3-compatible object storage. Unset fields fall back to the standard `AWS_*` environment.
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct S3Settings {
+    /// Custom endpoint, e.g. `http://minio:9000`.
+    pub endpoint: Option<String>,
+    pub region: Option<String>,
+    pub access_key_id: Option<String>,
+    pub secret_access_key: Option<String>,
+    /// Allow plain-HTTP endpoints.
+    pub allow_http: Option<bool>,
+    /// Virtual-hosted-style requests (`bucket.host`); default is path-style (`host/bucket`).
+    pub virtual_hosted_style: Option<bool>,
+}
+
+/// Everything the registry service needs to start.
+#[derive(Debug, Clone)]
+pub struct ServeSettings {
+    pub data_dir: PathBuf,
+    pub registry: RegistrySettings,
+    pub auth: AuthSettings,
+    pub s3: S3Settings,
+}

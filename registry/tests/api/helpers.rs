@@ -1,0 +1,263 @@
+//! `spawn_app`: a real registry on port 0 over a real database (SQLite file or a fresh
+//! PostgreSQL database) and a real object store (temp dir or the S3-compatible test server),
+//! plus fixtures: PEFT adapters built with the safetensors crate.
+
+use std::collections::HashMap;
+
+use actix_web::web;
+use loraops_registry::api::Role;
+use loraops_registry::auth::{AuthSettings, Signer};
+use loraops_registry::server::{AppState, Application, RegistrySettings, S3Settings, ServeSettings};
+use reqwest::multipart;
+use safetensors::tensor::{Dtype, TensorView};
+use serde_json::{Value, json};
+
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub enum Db {
+    Sqlite,
+    Postgres,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub enum Blobs {
+    Local,
+    S3,
+}
+
+pub const SECRET: &str = "test-secret-0123456789abcdef";
+pub const BASE: &str = "tiny-llama";
+
+pub struct TestApp {
+    pub address: String,
+    pub http: reqwest::Client,
+    pub state: web::Data<AppState>,
+    pub dir: tempfile::TempDir,
+    pub signer: Signer,
+    pub admin: String,
+    pub publisher: String,
+    pub viewer: String,
+    pub evaluator: String,
+    pub deployer: String,
+    pg_database: Option<String>,
+}
+
+fn env_or_fail(key: &str) -> String {
+    std::env::var(key).unwrap_or_else(|_| panic!("{key} is not set: run the tests with scripts/test, which starts PostgreSQL and the S3 server"))
+}
+
+async fn fresh_postgres_database() -> (String, String) {
+    let admin_url = env_or_fail("LORAOPS_TEST_POSTGRES_URL");
+    let name = format!("loraops_test_{}", uuid::Uuid::new_v4().simple());
+    let conn = sea_orm::Database::connect(admin_url.as_str()).await.expect("connect to PostgreSQL");
+    use sea_orm::ConnectionTrait;
+    conn.execute_unprepared(&format!("CREATE DATABASE {name}")).await.expect("create test database");
+    conn.close().await.ok();
+    let (base, _) = admin_url.rsplit_once('/').expect("postgres URL names a database");
+    (format!("{base}/{name}"), name)
+}
+
+async fn fresh_bucket() -> (String, S3Settings) {
+    let endpoint = env_or_fail("LORAOPS_TEST_S3_ENDPOINT");
+    let bucket = format!("loraops-test-{}", uuid::Uuid::new_v4().simple());
+    let res = reqwest::Client::new().put(format!("{endpoint}/{bucket}")).send().await.expect("reach the S3 test server");
+    assert!(res.status().is_success(), "create bucket: {}", res.status());
+    let s3 = S3Settings {
+        endpoint: Some(endpoint),
+        region: Some("us-east-1".into()),
+        access_key_id: Some("test".into()),
+        secret_access_key: Some("test".into()),
+        allow_http: Some(true),
+        virtual_hosted_style: Some(false),
+    };
+    (format!("s3://{bucket}/registry"), s3)
+}
+
+pub async fn spawn_app(db: Db, blobs: Blobs) -> TestApp {
+    spawn_with(db, blobs, |_| {}).await
+}
+
+pub async fn spawn_with(db: Db, blobs: Blobs, tweak: impl FnOnce(&mut RegistrySettings)) -> TestApp {
+    let dir = tempfile::tempdir().unwrap();
+    let (database_url, pg_database) = match db {
+        Db::Sqlite => (None, None),
+        Db::Postgres => {
+            let (url, name) = fresh_postgres_database().await;
+            (Some(url), Some(name))
+        }
+    };
+    let (object_store_url, s3) = match blobs {
+        Blobs::Local => (None, S3Settings::default()),
+        Blobs::S3 => {
+            let (u, s) = fresh_bucket().await;
+            (Some(u), s)
+        }
+    };
+    let mut registry = RegistrySettings {
+        listen: "127.0.0.1:0".into(),
+        database_url,
+        object_store_url,
+        // Tests call the sweep themselves.
+        sweep_interval_secs: 3600,
+        orphan_grace_secs: 3600,
+        ..RegistrySettings::default()
+    };
+    tweak(&mut registry);
+    let auth = AuthSettings { hs256_secret: Some(SECRET.into()), ..AuthSettings::default() };
+    let settings = ServeSettings { data_dir: dir.path().to_path_buf(), registry, auth: auth.clone(), s3 };
+    let app = Application::build(settings).await.expect("registry starts");
+    let address = format!("http://127.0.0.1:{}", app.port());
+    let state = app.state();
+    tokio::spawn(app.run_until_stopped());
+    let signer = Signer::from_settings(&auth, dir.path()).unwrap();
+    let tok = |roles: &[Role]| signer.issue("tester", roles, 3600, None).unwrap();
+    TestApp {
+        address,
+        http: reqwest::Client::new(),
+        state,
+        admin: tok(&[Role::Admin]),
+        publisher: tok(&[Role::Publisher]),
+        viewer: tok(&[Role::Viewer]),
+        evaluator: tok(&[Role::Evaluator]),
+        deployer: tok(&[Role::Deployer]),
+        signer,
+        dir,
+        pg_database,
+    }
+}
+
+impl TestApp {
+    pub fn url(&self, path: &str) -> String {
+        format!("{}{path}", self.address)
+    }
+
+    pub async fn get(&self, path: &str, token: &str) -> reqwest::Response {
+        self.http.get(self.url(path)).bearer_auth(token).send().await.unwrap()
+    }
+
+    pub async fn get_json(&self, path: &str) -> Value {
+        let res = self.get(path, &self.viewer).await;
+        assert!(res.status().is_success(), "GET {path}: {}", res.status());
+        res.json().await.unwrap()
+    }
+
+    pub async fn register_base(&self) {
+        let res = self
+            .http
+            .post(self.url("/api/v1/base-models"))
+            .bearer_auth(&self.admin)
+            .json(&json!({
+                "name": BASE,
+                "architecture": "LlamaForCausalLM",
+                "dims": {"hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 2,
+                         "num_attention_heads": 4, "num_key_value_heads": 2, "head_dim": 16, "vocab_size": 300}
+            }))
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(res.status(), 201, "{}", res.text().await.unwrap());
+    }
+
+    pub async fn push_files(&self, name: &str, files: &[(String, Vec<u8>)], token: &str) -> reqwest::Response {
+        let mut form = multipart::Form::new();
+        for (n, bytes) in files {
+            form = form.part(n.clone(), multipart::Part::bytes(bytes.clone()).file_name(n.clone()));
+        }
+        self.http
+            .post(self.url(&format!("/api/v1/adapters/{name}/versions")))
+            .bearer_auth(token)
+            .multipart(form)
+            .send()
+            .await
+            .unwrap()
+    }
+
+    pub async fn push(&self, name: &str, adapter: &Adapter) -> reqwest::Response {
+        self.push_files(name, &adapter.files(), &self.publisher).await
+    }
+
+    /// Drop the PostgreSQL database of this test (after the test passed).
+    pub async fn cleanup(self) {
+        if let Some(name) = &self.pg_database {
+            self.state.db.clone().close().await.ok();
+            let conn = sea_orm::Database::connect(env_or_fail("LORAOPS_TEST_POSTGRES_URL").as_str()).await.unwrap();
+            use sea_orm::ConnectionTrait;
+            conn.execute_unprepared(&format!("DROP DATABASE IF EXISTS {name} WITH (FORCE)")).await.ok();
+        }
+    }
+}
+
+/// A PEFT LoRA adapter for the `tiny-llama` base (hidden 64, 4 heads, 2 KV heads of 16).
+#[derive(Clone)]
+pub struct Adapter {
+    pub config: Value,
+    pub tensors: Vec<(String, Vec<usize>, Vec<f32>)>,
+    pub manifest: Option<Value>,
+}
+
+pub fn out_features(module: &str) -> usize {
+    match module {
+        "q_proj" | "o_proj" | "down_proj" => 64,
+        "k_proj" | "v_proj" => 32,
+        _ => 128,
+    }
+}
+
+impl Adapter {
+    pub fn new(seed: u32, r: usize, targets: &[&str]) -> Self {
+        let mut tensors = Vec::new();
+        let mut x = seed.wrapping_mul(2654435761).max(1);
+        let mut next = move || {
+            x ^= x << 13;
+            x ^= x >> 17;
+            x ^= x << 5;
+            (x as f32 / u32::MAX as f32) - 0.5
+        };
+        for layer in 0..2 {
+            for m in targets {
+                let block = if m.ends_with("proj") && ["gate_proj", "up_proj", "down_proj"].contains(m) { "mlp" } else { "self_attn" };
+                let in_f = if *m == "down_proj" { 128 } else { 64 };
+                let key = |ab: &str| format!("base_model.model.model.layers.{layer}.{block}.{m}.lora_{ab}.weight");
+                tensors.push((key("A"), vec![r, in_f], (0..r * in_f).map(|_| next()).collect()));
+                let out = out_features(m);
+                tensors.push((key("B"), vec![out, r], (0..out * r).map(|_| next()).collect()));
+            }
+        }
+        let config = json!({
+            "peft_type": "LORA", "task_type": "CAUSAL_LM", "r": r, "lora_alpha": 2 * r, "lora_dropout": 0.05,
+            "target_modules": targets, "base_model_name_or_path": format!("/models/{BASE}"), "bias": "none",
+            "use_rslora": false, "use_dora": false, "fan_in_fan_out": false, "inference_mode": true
+        });
+        Self { config, tensors, manifest: None }
+    }
+
+    pub fn safetensors(&self) -> Vec<u8> {
+        let bytes: Vec<(String, Vec<usize>, Vec<u8>)> = self
+            .tensors
+            .iter()
+            .map(|(n, s, v)| (n.clone(), s.clone(), v.iter().flat_map(|f| f.to_le_bytes()).collect()))
+            .collect();
+        let views: HashMap<String, TensorView> =
+            bytes.iter().map(|(n, s, b)| (n.clone(), TensorView::new(Dtype::F32, s.clone(), b).unwrap())).collect();
+        safetensors::serialize(views, None).unwrap()
+    }
+
+    pub fn files(&self) -> Vec<(String, Vec<u8>)> {
+        let mut f = vec![
+            ("adapter_config.json".to_string(), serde_json::to_vec_pretty(&self.config).unwrap()),
+            ("adapter_model.safetensors".to_string(), self.safetensors()),
+        ];
+        if let Some(m) = &self.manifest {
+            f.push(("manifest.json".to_string(), serde_json::to_vec(m).unwrap()));
+        }
+        f
+    }
+}
+
+/// The `{"error":{…}}` body of a failed response, with its status.
+pub async fn error_of(res: reqwest::Response) -> (u16, Value) {
+    let status = res.status().as_u16();
+    let body: Value = res.json().await.expect("error body is JSON");
+    assert!(body["error"]["code"].is_string() && body["error"]["message"].is_string(), "error shape: {body}");
+    (status, body["error"].clone())
+}
+

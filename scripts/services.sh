@@ -1,0 +1,37 @@
+# Services the tests need, started when missing. Sourced by scripts/test and the benchmarks.
+#   ensure_postgres: PostgreSQL on 127.0.0.1:5432 (exports LORAOPS_TEST_POSTGRES_URL)
+#   ensure_s3:       an S3-compatible server (moto) on loopback (exports LORAOPS_TEST_S3_ENDPOINT)
+
+LORAOPS_CACHE="${LORAOPS_CACHE:-$HOME/.cache/loraops}"
+
+ensure_postgres() {
+  if ! pg_isready -q -h 127.0.0.1 -p 5432 2>/dev/null; then
+    echo "starting PostgreSQL" >&2
+    pg_ctlcluster --skip-systemctl-redirect "$(ls /etc/postgresql | head -n1)" main start
+    for _ in $(seq 1 30); do pg_isready -q -h 127.0.0.1 -p 5432 && break; sleep 1; done
+  fi
+  pg_isready -h 127.0.0.1 -p 5432 >&2
+  export LORAOPS_TEST_POSTGRES_URL="${LORAOPS_TEST_POSTGRES_URL:-postgres://postgres@127.0.0.1:5432/test}"
+}
+
+ensure_s3() {
+  if [ -n "${LORAOPS_TEST_S3_ENDPOINT:-}" ]; then return; fi
+  local venv="$LORAOPS_CACHE/moto-venv"
+  if [ ! -x "$venv/bin/moto_server" ]; then
+    echo "installing moto (S3-compatible test server) into $venv" >&2
+    python3 -m venv "$venv"
+    "$venv/bin/pip" install -q 'moto[server]==5.*'
+  fi
+  local port
+  port=$(python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])')
+  "$venv/bin/moto_server" -H 127.0.0.1 -p "$port" >"${TMPDIR:-/tmp}/loraops-moto-$port.log" 2>&1 &
+  LORAOPS_MOTO_PID=$!
+  trap 'kill $LORAOPS_MOTO_PID 2>/dev/null || true' EXIT
+  for _ in $(seq 1 60); do
+    curl -sf "http://127.0.0.1:$port/" >/dev/null 2>&1 && break
+    sleep 0.5
+  done
+  curl -sf "http://127.0.0.1:$port/" >/dev/null || { echo "moto did not start" >&2; return 1; }
+  export LORAOPS_TEST_S3_ENDPOINT="http://127.0.0.1:$port"
+  export AWS_ACCESS_KEY_ID=test AWS_SECRET_ACCESS_KEY=test AWS_DEFAULT_REGION=us-east-1
+}
