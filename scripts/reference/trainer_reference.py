@@ -176,6 +176,35 @@ def main():
     except ImportError as e:
         meta["nf4_error"] = repr(e)
 
+    # A Qwen2-layout model as transformers saves it: q/k/v biases, tied embeddings, sharded
+    # safetensors with an index, rope_theta under rope_parameters. Checked in whole (tiny).
+    qdir = os.path.join(FIXTURES, "qwen2-tiny")
+    qcfg = transformers.Qwen2Config(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+                                    num_key_value_heads=2, vocab_size=96, tie_word_embeddings=True, rope_theta=1e6,
+                                    rms_norm_eps=1e-6, max_position_embeddings=128)
+    torch.manual_seed(21)
+    qm = transformers.Qwen2ForCausalLM(qcfg).to(torch.float32)
+    with torch.no_grad():
+        for n, p in qm.named_parameters():
+            if n.endswith("norm.weight"):
+                p.copy_(1 + 0.1 * torch.randn(p.shape))
+            elif n.endswith("bias"):
+                p.copy_(0.5 * torch.randn(p.shape))
+            elif "embed_tokens" in n:
+                p.copy_(torch.randn(p.shape))
+            else:
+                p.copy_(torch.randn(p.shape) / math.sqrt(p.shape[1]))
+    if os.path.exists(qdir):
+        for f in os.listdir(qdir):
+            os.remove(os.path.join(qdir, f))
+    qm.save_pretrained(qdir, max_shard_size="40KB")
+    qm = AutoModelForCausalLM.from_pretrained(qdir, dtype=torch.float32, attn_implementation="eager")
+    qids = torch.randint(0, 96, (1, 10), generator=torch.Generator().manual_seed(8))
+    with torch.no_grad():
+        tensors["qwen2.input_ids"] = qids.to(torch.int64)
+        tensors["qwen2.logits"] = qm(input_ids=qids).logits.contiguous()
+    meta["qwen2_files"] = sorted(os.listdir(qdir))
+
     # PEFT loads an adapter trained by loraops, with identical logits.
     data = os.path.join(FIXTURES, "sft_small.jsonl")
     out = os.path.join(work, "adapter")

@@ -41,6 +41,8 @@ pub struct DatasetStats {
     pub truncated: usize,
     /// Rows left without any completion token (after truncation); not trained on.
     pub no_completion: usize,
+    /// The first few of those rows' line numbers.
+    pub no_completion_lines: Vec<usize>,
     pub tokens: usize,
     pub trainable_tokens: usize,
 }
@@ -191,13 +193,23 @@ pub fn load_sft(
         stats.truncated += usize::from(truncated);
         if ex.trainable() == 0 {
             stats.no_completion += 1;
-            tracing::warn!(path = %path.display(), line = i + 1, "row has no completion token (after truncation); not trained on");
+            if stats.no_completion_lines.len() < 10 {
+                stats.no_completion_lines.push(i + 1);
+            }
             continue;
         }
         stats.kept += 1;
         stats.tokens += ex.ids.len();
         stats.trainable_tokens += ex.trainable();
         out.push(ex);
+    }
+    if stats.no_completion > 0 {
+        tracing::warn!(
+            path = %path.display(),
+            rows = stats.no_completion,
+            first_lines = ?stats.no_completion_lines,
+            "rows without a completion token (after truncation) are not trained on"
+        );
     }
     if out.is_empty() {
         return Err(Error::NoTrainableRows {

@@ -502,7 +502,7 @@ fn attention(
     let k = rope(&k, &ctx.cos, &ctx.sin)?;
     let k = repeat_kv(k, nh / nkv)?;
     let v = repeat_kv(v.contiguous()?, nh / nkv)?;
-    let scores = (q.contiguous()?.matmul(&k.t()?.contiguous()?)? * (1.0 / (hd as f64).sqrt()))?;
+    let scores = (q.contiguous()?.matmul(&k.t()?)? * (1.0 / (hd as f64).sqrt()))?;
     let p = softmax(&scores.broadcast_add(&ctx.mask)?)?;
     let y = p.matmul(&v.contiguous()?)?;
     let y = y.transpose(1, 2)?.reshape((b, t, nh * hd))?;

@@ -90,10 +90,14 @@ impl Linear {
                 Some(rng) if l.dropout > 0.0 => dropout(x, l.dropout, rng)?,
                 _ => x.clone(),
             };
+            // As 2-D products: (rows, in)·Aᵀ·Bᵀ, so backward needs no broadcast reductions.
+            let in_f = l.a.dim(1)?;
             let h = xd
-                .broadcast_matmul(&l.a.t()?)?
-                .broadcast_matmul(&l.b.t()?)?;
-            y = (y + (h * l.scale)?)?;
+                .reshape(((), in_f))?
+                .matmul(&l.a.t()?)?
+                .matmul(&l.b.t()?)?;
+            let h = (h.reshape(y.shape())? * l.scale)?;
+            y = (y + h)?;
         }
         Ok(y)
     }

@@ -197,7 +197,8 @@ impl SftConfig {
 }
 
 /// The table for `method` of a TOML config file, as JSON: `[train.<method>]`, else
-/// `[<method>]`, else the whole file.
+/// `[<method>]`, else the file's top-level keys that are not tables (a shared loraops
+/// config file has tables for other commands).
 pub fn read_config_table(
     path: &Path,
     method: &str,
@@ -205,13 +206,19 @@ pub fn read_config_table(
     let text = String::from_utf8(crate::error::read(path)?).map_err(|e| Error::parse(path, e))?;
     let v: toml::Value = toml::from_str(&text).map_err(|e| Error::parse(path, e))?;
     let v = serde_json::to_value(v).map_err(|e| Error::parse(path, e))?;
-    let table = v
+    let table = match v
         .pointer(&format!("/train/{method}"))
         .or_else(|| v.get(method))
-        .unwrap_or(&v)
-        .as_object()
-        .cloned()
-        .unwrap_or_default();
+    {
+        Some(t) => t.as_object().cloned().unwrap_or_default(),
+        None => v
+            .as_object()
+            .into_iter()
+            .flatten()
+            .filter(|(_, x)| !x.is_object())
+            .map(|(k, x)| (k.clone(), x.clone()))
+            .collect(),
+    };
     Ok(table)
 }
 
@@ -646,4 +653,43 @@ pub fn model_digest(dir: &Path) -> Result<String> {
         std::io::copy(&mut file, &mut h).map_err(|e| Error::io(&f, e))?;
     }
     Ok(format!("sha256:{}", hex::encode(h.finalize())))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn table(text: &str) -> serde_json::Map<String, serde_json::Value> {
+        let dir =
+            std::env::temp_dir().join(format!("loraops-cfg-{}-{}", std::process::id(), text.len()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let p = dir.join("c.toml");
+        std::fs::write(&p, text).unwrap();
+        read_config_table(&p, "sft").unwrap()
+    }
+
+    #[test]
+    fn config_table_is_found_where_a_shared_file_keeps_it() {
+        let t = table("[registry]\nlisten = \"x\"\n[train.sft]\nsteps = 7\nr = 8\n");
+        assert_eq!(t.get("steps"), Some(&serde_json::json!(7)));
+        assert!(!t.contains_key("listen"));
+        let t = table("[sft]\nlr = 0.001\n");
+        assert_eq!(t.get("lr"), Some(&serde_json::json!(0.001)));
+        let t = table("steps = 3\nquantize = \"nf4\"\n[gateway]\nlisten = \"y\"\n");
+        let cfg: SftConfig = serde_json::from_value(serde_json::Value::Object(t)).unwrap();
+        assert_eq!((cfg.steps, cfg.quantize.as_str(), cfg.r), (3, "nf4", 16));
+    }
+
+    #[test]
+    fn unknown_keys_and_bad_values_are_rejected() {
+        assert!(serde_json::from_value::<SftConfig>(serde_json::json!({"stepz": 3})).is_err());
+        let cfg = SftConfig {
+            model: "m".into(),
+            data: "d".into(),
+            out: "o".into(),
+            quantize: "int8".into(),
+            ..Default::default()
+        };
+        assert!(cfg.validate().unwrap_err().to_string().contains("int8"));
+    }
 }

@@ -156,6 +156,7 @@ fn rows_without_completion_tokens_are_counted_not_trained() {
         (stats.rows, stats.kept, stats.truncated, stats.no_completion),
         (2, 1, 1, 1)
     );
+    assert_eq!(stats.no_completion_lines, vec![1]);
     assert_eq!(rows.len(), 1);
     std::fs::write(
         &data,

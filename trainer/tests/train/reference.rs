@@ -427,3 +427,29 @@ fn peft_loads_our_adapter_with_identical_logits() {
     assert!(moved > 1e-2, "the trained adapter must change the model");
     assert!(d <= 1e-4, "PEFT's logits differ from ours by {d}");
 }
+
+#[test]
+fn qwen2_layout_sharded_tied_with_biases_matches_transformers() {
+    let r = reference();
+    let dir = fixtures().join("qwen2-tiny");
+    assert!(
+        dir.join("model.safetensors.index.json").exists(),
+        "the fixture is sharded"
+    );
+    let model = load(&dir, BaseFormat::F32);
+    assert!(model.config.qkv_bias && model.config.tie_word_embeddings);
+    assert_eq!(model.config.rope_theta, 1e6);
+    let ids = r.get("qwen2.input_ids").to_dtype(DType::U32).unwrap();
+    let want = r.get("qwen2.logits");
+    let d = max_abs_diff(&model.logits(&ids, None).unwrap(), want);
+    let scale = want
+        .abs()
+        .unwrap()
+        .max_all()
+        .unwrap()
+        .to_scalar::<f32>()
+        .unwrap();
+    eprintln!("qwen2: logits max diff {d:e} (largest logit {scale})");
+    // f32 rounding, relative to logits that are larger here (tied unit-variance embeddings).
+    assert!(d <= 5e-7 * scale, "logits differ by {d}");
+}
