@@ -158,8 +158,15 @@ enum Leases {
     ExpiresAt,
 }
 
-fn fk(from: (impl IntoIden, impl IntoIden), to: (impl IntoIden, impl IntoIden)) -> ForeignKeyCreateStatement {
-    ForeignKey::create().from(from.0, from.1).to(to.0, to.1).on_delete(ForeignKeyAction::Cascade).take()
+fn fk(
+    from: (impl IntoIden, impl IntoIden),
+    to: (impl IntoIden, impl IntoIden),
+) -> ForeignKeyCreateStatement {
+    ForeignKey::create()
+        .from(from.0, from.1)
+        .to(to.0, to.1)
+        .on_delete(ForeignKeyAction::Cascade)
+        .take()
 }
 
 #[async_trait::async_trait]
@@ -212,7 +219,10 @@ impl MigrationTrait for Migration {
                 .col(string(AdapterVersions::UploadId))
                 .col(string(AdapterVersions::CreatedBy))
                 .col(timestamp_with_time_zone(AdapterVersions::CreatedAt))
-                .foreign_key(&mut fk((AdapterVersions::Table, AdapterVersions::AdapterId), (Adapters::Table, Adapters::Id)))
+                .foreign_key(&mut fk(
+                    (AdapterVersions::Table, AdapterVersions::AdapterId),
+                    (Adapters::Table, Adapters::Id),
+                ))
                 .take(),
         )
         .await?;
@@ -247,7 +257,10 @@ impl MigrationTrait for Migration {
                 .col(string(VersionFiles::Sha256))
                 .col(big_integer(VersionFiles::Size))
                 .col(string(VersionFiles::BlobKey))
-                .foreign_key(&mut fk((VersionFiles::Table, VersionFiles::VersionId), (AdapterVersions::Table, AdapterVersions::Id)))
+                .foreign_key(&mut fk(
+                    (VersionFiles::Table, VersionFiles::VersionId),
+                    (AdapterVersions::Table, AdapterVersions::Id),
+                ))
                 .take(),
         )
         .await?;
@@ -283,7 +296,10 @@ impl MigrationTrait for Migration {
                 .col(json_binary(Evidence::Body))
                 .col(string(Evidence::CreatedBy))
                 .col(timestamp_with_time_zone(Evidence::CreatedAt))
-                .foreign_key(&mut fk((Evidence::Table, Evidence::VersionId), (AdapterVersions::Table, AdapterVersions::Id)))
+                .foreign_key(&mut fk(
+                    (Evidence::Table, Evidence::VersionId),
+                    (AdapterVersions::Table, AdapterVersions::Id),
+                ))
                 .take(),
         )
         .await?;
@@ -327,7 +343,10 @@ impl MigrationTrait for Migration {
                 .col(string(Rollouts::CreatedBy))
                 .col(timestamp_with_time_zone(Rollouts::CreatedAt))
                 .col(timestamp_with_time_zone(Rollouts::UpdatedAt))
-                .foreign_key(&mut fk((Rollouts::Table, Rollouts::AdapterId), (Adapters::Table, Adapters::Id)))
+                .foreign_key(&mut fk(
+                    (Rollouts::Table, Rollouts::AdapterId),
+                    (Adapters::Table, Adapters::Id),
+                ))
                 .take(),
         )
         .await?;
@@ -354,7 +373,10 @@ impl MigrationTrait for Migration {
                 .col(double(RolloutEvents::Weight))
                 .col(text(RolloutEvents::Reason))
                 .col(json_binary_null(RolloutEvents::Observations))
-                .foreign_key(&mut fk((RolloutEvents::Table, RolloutEvents::RolloutId), (Rollouts::Table, Rollouts::Id)))
+                .foreign_key(&mut fk(
+                    (RolloutEvents::Table, RolloutEvents::RolloutId),
+                    (Rollouts::Table, Rollouts::Id),
+                ))
                 .take(),
         )
         .await?;
@@ -371,7 +393,11 @@ impl MigrationTrait for Migration {
         m.exec_stmt(
             Query::insert()
                 .into_table(RoutingState::Table)
-                .columns([RoutingState::Id, RoutingState::Revision, RoutingState::UpdatedAt])
+                .columns([
+                    RoutingState::Id,
+                    RoutingState::Revision,
+                    RoutingState::UpdatedAt,
+                ])
                 .values_panic([1.into(), 1i64.into(), Expr::current_timestamp()])
                 .take(),
         )
@@ -392,7 +418,10 @@ impl MigrationTrait for Migration {
                 .col(big_integer(Observations::Tokens))
                 .col(json_binary(Observations::Latency))
                 .col(timestamp_with_time_zone(Observations::ReceivedAt))
-                .foreign_key(&mut fk((Observations::Table, Observations::AdapterId), (Adapters::Table, Adapters::Id)))
+                .foreign_key(&mut fk(
+                    (Observations::Table, Observations::AdapterId),
+                    (Adapters::Table, Adapters::Id),
+                ))
                 .take(),
         )
         .await?;

@@ -44,7 +44,10 @@ impl Name {
         if !s.starts_with(|c: char| c.is_ascii_alphanumeric()) {
             return Err(NameError::Start(s.into()));
         }
-        if let Some(c) = s.chars().find(|c| !(c.is_ascii_alphanumeric() || matches!(c, '.' | '_' | '-'))) {
+        if let Some(c) = s
+            .chars()
+            .find(|c| !(c.is_ascii_alphanumeric() || matches!(c, '.' | '_' | '-')))
+        {
             return Err(NameError::Char(s.into(), c));
         }
         if s.contains("..") {
@@ -92,7 +95,9 @@ impl FromStr for AdapterRef {
     fn from_str(s: &str) -> Result<Self, String> {
         let (name, version) = match s.split_once('@') {
             Some((n, v)) => {
-                let v: u32 = v.parse().map_err(|_| format!("version in {s:?} must be a positive integer"))?;
+                let v: u32 = v
+                    .parse()
+                    .map_err(|_| format!("version in {s:?} must be a positive integer"))?;
                 if v == 0 {
                     return Err(format!("version in {s:?} must be at least 1"));
                 }
@@ -100,7 +105,10 @@ impl FromStr for AdapterRef {
             }
             None => (s, None),
         };
-        Ok(Self { name: Name::parse(name).map_err(|e| e.to_string())?, version })
+        Ok(Self {
+            name: Name::parse(name).map_err(|e| e.to_string())?,
+            version,
+        })
     }
 }
 
@@ -533,7 +541,9 @@ pub struct Observations {
 // Auth.
 
 /// The roles of DESIGN.md's RBAC model.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize, ToSchema)]
+#[derive(
+    Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize, ToSchema,
+)]
 #[serde(rename_all = "lowercase")]
 pub enum Role {
     Viewer,
@@ -552,7 +562,11 @@ impl FromStr for Role {
             "evaluator" => Self::Evaluator,
             "deployer" => Self::Deployer,
             "admin" => Self::Admin,
-            _ => return Err(format!("unknown role {s:?} (viewer, publisher, evaluator, deployer, admin)")),
+            _ => {
+                return Err(format!(
+                    "unknown role {s:?} (viewer, publisher, evaluator, deployer, admin)"
+                ));
+            }
         })
     }
 }
@@ -602,10 +616,31 @@ mod tests {
 
     #[test]
     fn version_digest_ignores_order() {
-        let a = VersionFile { name: "a".into(), sha256: "00".into(), size: 1 };
-        let b = VersionFile { name: "b".into(), sha256: "11".into(), size: 2 };
-        assert_eq!(version_digest(&[a.clone(), b.clone()]), version_digest(&[b.clone(), a.clone()]));
+        let a = VersionFile {
+            name: "a".into(),
+            sha256: "00".into(),
+            size: 1,
+        };
+        let b = VersionFile {
+            name: "b".into(),
+            sha256: "11".into(),
+            size: 2,
+        };
+        assert_eq!(
+            version_digest(&[a.clone(), b.clone()]),
+            version_digest(&[b.clone(), a.clone()])
+        );
         let b2 = VersionFile { size: 3, ..b };
-        assert_ne!(version_digest(&[a.clone(), b2]), version_digest(&[a, VersionFile { name: "b".into(), sha256: "11".into(), size: 2 }]));
+        assert_ne!(
+            version_digest(&[a.clone(), b2]),
+            version_digest(&[
+                a,
+                VersionFile {
+                    name: "b".into(),
+                    sha256: "11".into(),
+                    size: 2
+                }
+            ])
+        );
     }
 }

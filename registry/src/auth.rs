@@ -128,16 +128,24 @@ pub enum AuthError {
 fn hs256_secret(s: &AuthSettings, data_dir: &Path, create: bool) -> Result<Vec<u8>, AuthError> {
     if let Some(secret) = &s.hs256_secret {
         if secret.len() < 16 {
-            return Err(AuthError::Config("hs256_secret must be at least 16 bytes".into()));
+            return Err(AuthError::Config(
+                "hs256_secret must be at least 16 bytes".into(),
+            ));
         }
         return Ok(secret.as_bytes().to_vec());
     }
-    let path = s.hs256_secret_file.clone().unwrap_or_else(|| data_dir.join("jwt-secret"));
+    let path = s
+        .hs256_secret_file
+        .clone()
+        .unwrap_or_else(|| data_dir.join("jwt-secret"));
     match std::fs::read_to_string(&path) {
         Ok(text) => {
             let t = text.trim();
             if t.len() < 16 {
-                return Err(AuthError::Config(format!("{}: secret must be at least 16 bytes", path.display())));
+                return Err(AuthError::Config(format!(
+                    "{}: secret must be at least 16 bytes",
+                    path.display()
+                )));
             }
             Ok(t.as_bytes().to_vec())
         }
@@ -145,9 +153,11 @@ fn hs256_secret(s: &AuthSettings, data_dir: &Path, create: bool) -> Result<Vec<u
             let secret: [u8; 32] = rand::random();
             let text = hex::encode(secret);
             if let Some(dir) = path.parent() {
-                std::fs::create_dir_all(dir).map_err(|e| AuthError::Config(format!("{}: {e}", dir.display())))?;
+                std::fs::create_dir_all(dir)
+                    .map_err(|e| AuthError::Config(format!("{}: {e}", dir.display())))?;
             }
-            write_private(&path, text.as_bytes()).map_err(|e| AuthError::Config(format!("{}: {e}", path.display())))?;
+            write_private(&path, text.as_bytes())
+                .map_err(|e| AuthError::Config(format!("{}: {e}", path.display())))?;
             Ok(text.into_bytes())
         }
         Err(e) => Err(AuthError::Config(format!("{}: {e}", path.display()))),
@@ -167,7 +177,9 @@ fn public_alg(s: &AuthSettings) -> Result<Algorithm, AuthError> {
     match s.public_key_alg.as_deref().unwrap_or("RS256") {
         "RS256" => Ok(Algorithm::RS256),
         "ES256" => Ok(Algorithm::ES256),
-        other => Err(AuthError::Config(format!("public_key_alg {other:?}: expected RS256 or ES256"))),
+        other => Err(AuthError::Config(format!(
+            "public_key_alg {other:?}: expected RS256 or ES256"
+        ))),
     }
 }
 
@@ -186,16 +198,24 @@ pub struct Verifier {
 impl Verifier {
     /// Build from settings. With no public key or JWKS configured, uses HS256 and creates the
     /// secret under `data_dir` when `create_secret` is set.
-    pub fn from_settings(s: &AuthSettings, data_dir: &Path, create_secret: bool) -> Result<Self, AuthError> {
+    pub fn from_settings(
+        s: &AuthSettings,
+        data_dir: &Path,
+        create_secret: bool,
+    ) -> Result<Self, AuthError> {
         let mut keys = Vec::new();
         if let Some(p) = &s.jwks_file {
-            let set: JwkSet = serde_json::from_slice(&read(p)?).map_err(|e| AuthError::Config(format!("{}: {e}", p.display())))?;
+            let set: JwkSet = serde_json::from_slice(&read(p)?)
+                .map_err(|e| AuthError::Config(format!("{}: {e}", p.display())))?;
             for jwk in &set.keys {
-                let key = DecodingKey::from_jwk(jwk).map_err(|e| AuthError::Config(format!("{}: {e}", p.display())))?;
+                let key = DecodingKey::from_jwk(jwk)
+                    .map_err(|e| AuthError::Config(format!("{}: {e}", p.display())))?;
                 let alg = match jwk.common.key_algorithm.map(|a| a.to_string()).as_deref() {
                     Some("ES256") => Algorithm::ES256,
                     _ => match &jwk.algorithm {
-                        jsonwebtoken::jwk::AlgorithmParameters::EllipticCurve(_) => Algorithm::ES256,
+                        jsonwebtoken::jwk::AlgorithmParameters::EllipticCurve(_) => {
+                            Algorithm::ES256
+                        }
                         _ => Algorithm::RS256,
                     },
                 };
@@ -216,11 +236,17 @@ impl Verifier {
             let secret = hs256_secret(s, data_dir, create_secret)?;
             keys.push((None, Algorithm::HS256, DecodingKey::from_secret(&secret)));
         }
-        Ok(Self { keys, audience: s.audience.clone(), issuer: s.issuer.clone(), leeway: s.leeway_secs })
+        Ok(Self {
+            keys,
+            audience: s.audience.clone(),
+            issuer: s.issuer.clone(),
+            leeway: s.leeway_secs,
+        })
     }
 
     pub fn verify(&self, token: &str) -> Result<Principal, AuthError> {
-        let header = jsonwebtoken::decode_header(token).map_err(|e| AuthError::Invalid(e.to_string()))?;
+        let header =
+            jsonwebtoken::decode_header(token).map_err(|e| AuthError::Invalid(e.to_string()))?;
         let mut last = AuthError::Invalid(format!("no key accepts algorithm {:?}", header.alg));
         for (kid, alg, key) in &self.keys {
             if *alg != header.alg || (kid.is_some() && header.kid.is_some() && kid != &header.kid) {
@@ -249,7 +275,11 @@ fn principal(c: Claims) -> Result<Principal, AuthError> {
         .iter()
         .filter_map(|r| r.parse::<Role>().ok())
         .collect::<BTreeSet<_>>();
-    Ok(Principal { sub: c.sub, roles, adapters: c.adapters })
+    Ok(Principal {
+        sub: c.sub,
+        roles,
+        adapters: c.adapters,
+    })
 }
 
 /// Mints tokens with the configured key.
@@ -272,12 +302,26 @@ impl Signer {
             .map_err(|e| AuthError::Config(format!("{}: {e}", p.display())))?;
             (alg, key)
         } else {
-            (Algorithm::HS256, EncodingKey::from_secret(&hs256_secret(s, data_dir, true)?))
+            (
+                Algorithm::HS256,
+                EncodingKey::from_secret(&hs256_secret(s, data_dir, true)?),
+            )
         };
-        Ok(Self { alg, key, audience: s.audience.clone(), issuer: s.issuer.clone() })
+        Ok(Self {
+            alg,
+            key,
+            audience: s.audience.clone(),
+            issuer: s.issuer.clone(),
+        })
     }
 
-    pub fn issue(&self, sub: &str, roles: &[Role], ttl_secs: i64, adapters: Option<Vec<String>>) -> Result<String, AuthError> {
+    pub fn issue(
+        &self,
+        sub: &str,
+        roles: &[Role],
+        ttl_secs: i64,
+        adapters: Option<Vec<String>>,
+    ) -> Result<String, AuthError> {
         let now = chrono::Utc::now().timestamp();
         let claims = Claims {
             sub: sub.to_string(),
@@ -289,7 +333,8 @@ impl Signer {
             nbf: Some(now),
             adapters,
         };
-        jsonwebtoken::encode(&Header::new(self.alg), &claims, &self.key).map_err(|e| AuthError::Config(e.to_string()))
+        jsonwebtoken::encode(&Header::new(self.alg), &claims, &self.key)
+            .map_err(|e| AuthError::Config(e.to_string()))
     }
 }
 
@@ -322,8 +367,14 @@ mod tests {
         let expired = signer.issue("ci", &[Role::Publisher], -3600, None).unwrap();
         assert!(verifier.verify(&expired).is_err());
 
-        let other = AuthSettings { audience: "someone-else".into(), ..AuthSettings::default() };
-        let wrong_aud = Signer::from_settings(&other, dir.path()).unwrap().issue("ci", &[Role::Admin], 60, None).unwrap();
+        let other = AuthSettings {
+            audience: "someone-else".into(),
+            ..AuthSettings::default()
+        };
+        let wrong_aud = Signer::from_settings(&other, dir.path())
+            .unwrap()
+            .issue("ci", &[Role::Admin], 60, None)
+            .unwrap();
         assert!(verifier.verify(&wrong_aud).is_err());
 
         // alg "none": header {"alg":"none"} with the same claims and an empty signature.

@@ -13,8 +13,8 @@ use sha2::{Digest, Sha256};
 use tokio::io::AsyncWriteExt;
 
 use crate::api::{
-    Adapter, AdapterVersion, BaseModel, ErrorBody, Evidence, Gate, GatePolicy, NewBaseModel, NewEvidence, Page,
-    PushResponse, RoutingTable,
+    Adapter, AdapterVersion, BaseModel, ErrorBody, Evidence, Gate, GatePolicy, NewBaseModel,
+    NewEvidence, Page, PushResponse, RoutingTable,
 };
 use crate::peft;
 
@@ -34,9 +34,16 @@ pub enum ClientError {
     #[error("registry answered {status}: {text}")]
     Unexpected { status: StatusCode, text: String },
     #[error("{path}: {source}")]
-    Io { path: PathBuf, source: std::io::Error },
+    Io {
+        path: PathBuf,
+        source: std::io::Error,
+    },
     #[error("{file}: sha256 is {got}, the registry says {expected}")]
-    Integrity { file: String, expected: String, got: String },
+    Integrity {
+        file: String,
+        expected: String,
+        got: String,
+    },
     #[error("{0}")]
     Invalid(String),
 }
@@ -52,7 +59,10 @@ impl ClientError {
 }
 
 fn io(path: &Path) -> impl FnOnce(std::io::Error) -> ClientError + '_ {
-    move |source| ClientError::Io { path: path.to_path_buf(), source }
+    move |source| ClientError::Io {
+        path: path.to_path_buf(),
+        source,
+    }
 }
 
 #[derive(Clone)]
@@ -64,7 +74,11 @@ pub struct RegistryClient {
 
 impl RegistryClient {
     pub fn new(base_url: &str, token: Option<String>) -> Self {
-        Self { base: base_url.trim_end_matches('/').to_string(), token, http: reqwest::Client::new() }
+        Self {
+            base: base_url.trim_end_matches('/').to_string(),
+            token,
+            http: reqwest::Client::new(),
+        }
     }
 
     pub fn base_url(&self) -> &str {
@@ -80,7 +94,10 @@ impl RegistryClient {
     }
 
     async fn send(&self, rb: reqwest::RequestBuilder) -> Result<reqwest::Response, ClientError> {
-        let res = rb.send().await.map_err(|source| ClientError::Connect { url: self.base.clone(), source })?;
+        let res = rb.send().await.map_err(|source| ClientError::Connect {
+            url: self.base.clone(),
+            source,
+        })?;
         if res.status().is_success() {
             return Ok(res);
         }
@@ -92,18 +109,32 @@ impl RegistryClient {
         })
     }
 
-    async fn json<T: DeserializeOwned>(&self, rb: reqwest::RequestBuilder) -> Result<T, ClientError> {
+    async fn json<T: DeserializeOwned>(
+        &self,
+        rb: reqwest::RequestBuilder,
+    ) -> Result<T, ClientError> {
         let res = self.send(rb).await?;
         let status = res.status();
-        let bytes = res.bytes().await.map_err(|source| ClientError::Connect { url: self.base.clone(), source })?;
-        serde_json::from_slice(&bytes).map_err(|e| ClientError::Unexpected { status, text: format!("unreadable body: {e}") })
+        let bytes = res.bytes().await.map_err(|source| ClientError::Connect {
+            url: self.base.clone(),
+            source,
+        })?;
+        serde_json::from_slice(&bytes).map_err(|e| ClientError::Unexpected {
+            status,
+            text: format!("unreadable body: {e}"),
+        })
     }
 
     async fn get<T: DeserializeOwned>(&self, path: &str) -> Result<T, ClientError> {
         self.json(self.request(Method::GET, path)).await
     }
 
-    async fn send_json<B: Serialize, T: DeserializeOwned>(&self, method: Method, path: &str, body: &B) -> Result<T, ClientError> {
+    async fn send_json<B: Serialize, T: DeserializeOwned>(
+        &self,
+        method: Method,
+        path: &str,
+        body: &B,
+    ) -> Result<T, ClientError> {
         self.json(self.request(method, path).json(body)).await
     }
 
@@ -115,7 +146,11 @@ impl RegistryClient {
         self.all_pages("/api/v1/base-models").await
     }
 
-    pub async fn adapters_page(&self, after: Option<&str>, limit: u64) -> Result<Page<Adapter>, ClientError> {
+    pub async fn adapters_page(
+        &self,
+        after: Option<&str>,
+        limit: u64,
+    ) -> Result<Page<Adapter>, ClientError> {
         let mut path = format!("/api/v1/adapters?limit={limit}");
         if let Some(a) = after {
             path.push_str(&format!("&after={a}"));
@@ -132,11 +167,13 @@ impl RegistryClient {
     }
 
     pub async fn versions(&self, name: &str) -> Result<Vec<AdapterVersion>, ClientError> {
-        self.all_pages(&format!("/api/v1/adapters/{name}/versions")).await
+        self.all_pages(&format!("/api/v1/adapters/{name}/versions"))
+            .await
     }
 
     pub async fn version(&self, name: &str, version: u32) -> Result<AdapterVersion, ClientError> {
-        self.get(&format!("/api/v1/adapters/{name}/versions/{version}")).await
+        self.get(&format!("/api/v1/adapters/{name}/versions/{version}"))
+            .await
     }
 
     async fn all_pages<T: DeserializeOwned>(&self, path: &str) -> Result<Vec<T>, ClientError> {
@@ -159,16 +196,32 @@ impl RegistryClient {
 
     /// Push an adapter directory (adapter_config.json, adapter_model.safetensors, and
     /// manifest.json / README.md when present), streaming each file.
-    pub async fn push_dir(&self, dir: &Path, name: &str, base_model: Option<&str>, progress: Progress) -> Result<PushResponse, ClientError> {
+    pub async fn push_dir(
+        &self,
+        dir: &Path,
+        name: &str,
+        base_model: Option<&str>,
+        progress: Progress,
+    ) -> Result<PushResponse, ClientError> {
         let mut form = multipart::Form::new();
         let mut found = false;
-        for file in [peft::CONFIG_FILE, peft::WEIGHTS_FILE, peft::MANIFEST_FILE, peft::README_FILE] {
+        for file in [
+            peft::CONFIG_FILE,
+            peft::WEIGHTS_FILE,
+            peft::MANIFEST_FILE,
+            peft::README_FILE,
+        ] {
             let path = dir.join(file);
             let meta = match tokio::fs::metadata(&path).await {
                 Ok(m) => m,
                 Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
                     if file == peft::CONFIG_FILE || file == peft::WEIGHTS_FILE {
-                        return Err(ClientError::Invalid(format!("{} is missing (an adapter directory needs {} and {})", path.display(), peft::CONFIG_FILE, peft::WEIGHTS_FILE)));
+                        return Err(ClientError::Invalid(format!(
+                            "{} is missing (an adapter directory needs {} and {})",
+                            path.display(),
+                            peft::CONFIG_FILE,
+                            peft::WEIGHTS_FILE
+                        )));
                     }
                     continue;
                 }
@@ -177,8 +230,11 @@ impl RegistryClient {
             found = true;
             let f = tokio::fs::File::open(&path).await.map_err(io(&path))?;
             let p = progress.clone();
-            let stream = tokio_util::io::ReaderStream::with_capacity(f, 256 << 10).inspect_ok(move |b| p(b.len() as u64));
-            let part = multipart::Part::stream_with_length(reqwest::Body::wrap_stream(stream), meta.len()).file_name(file);
+            let stream = tokio_util::io::ReaderStream::with_capacity(f, 256 << 10)
+                .inspect_ok(move |b| p(b.len() as u64));
+            let part =
+                multipart::Part::stream_with_length(reqwest::Body::wrap_stream(stream), meta.len())
+                    .file_name(file);
             form = form.part(file, part);
         }
         debug_assert!(found);
@@ -186,19 +242,38 @@ impl RegistryClient {
         if let Some(b) = base_model {
             path.push_str(&format!("?base_model={b}"));
         }
-        self.json(self.request(Method::POST, &path).multipart(form)).await
+        self.json(self.request(Method::POST, &path).multipart(form))
+            .await
     }
 
     /// Download one file of a version to `dest`, verifying its sha256 first: the bytes land in
     /// a temporary file that is renamed into place only when they match.
-    pub async fn download_file(&self, name: &str, version: u32, file: &crate::api::VersionFile, dest: &Path, progress: Progress) -> Result<(), ClientError> {
-        let res = self.send(self.request(Method::GET, &format!("/api/v1/adapters/{name}/versions/{version}/files/{}", file.name))).await?;
+    pub async fn download_file(
+        &self,
+        name: &str,
+        version: u32,
+        file: &crate::api::VersionFile,
+        dest: &Path,
+        progress: Progress,
+    ) -> Result<(), ClientError> {
+        let res = self
+            .send(self.request(
+                Method::GET,
+                &format!(
+                    "/api/v1/adapters/{name}/versions/{version}/files/{}",
+                    file.name
+                ),
+            ))
+            .await?;
         let tmp = dest.with_extension("partial");
         let mut out = tokio::fs::File::create(&tmp).await.map_err(io(&tmp))?;
         let mut hasher = Sha256::new();
         let mut stream = res.bytes_stream();
         while let Some(chunk) = stream.next().await {
-            let chunk = chunk.map_err(|source| ClientError::Connect { url: self.base.clone(), source })?;
+            let chunk = chunk.map_err(|source| ClientError::Connect {
+                url: self.base.clone(),
+                source,
+            })?;
             hasher.update(&chunk);
             out.write_all(&chunk).await.map_err(io(&tmp))?;
             progress(chunk.len() as u64);
@@ -208,31 +283,60 @@ impl RegistryClient {
         let got = hex::encode(hasher.finalize());
         if got != file.sha256 {
             let _ = tokio::fs::remove_file(&tmp).await;
-            return Err(ClientError::Integrity { file: file.name.clone(), expected: file.sha256.clone(), got });
+            return Err(ClientError::Integrity {
+                file: file.name.clone(),
+                expected: file.sha256.clone(),
+                got,
+            });
         }
         tokio::fs::rename(&tmp, dest).await.map_err(io(dest))
     }
 
     /// Download every file of `name@version` into `dir`.
-    pub async fn pull(&self, name: &str, version: u32, dir: &Path, progress: Progress) -> Result<AdapterVersion, ClientError> {
+    pub async fn pull(
+        &self,
+        name: &str,
+        version: u32,
+        dir: &Path,
+        progress: Progress,
+    ) -> Result<AdapterVersion, ClientError> {
         let v = self.version(name, version).await?;
         tokio::fs::create_dir_all(dir).await.map_err(io(dir))?;
         for f in &v.files {
-            self.download_file(name, version, f, &dir.join(&f.name), progress.clone()).await?;
+            self.download_file(name, version, f, &dir.join(&f.name), progress.clone())
+                .await?;
         }
         Ok(v)
     }
 
-    pub async fn post_evidence(&self, name: &str, version: u32, e: &NewEvidence) -> Result<Evidence, ClientError> {
-        self.send_json(Method::POST, &format!("/api/v1/adapters/{name}/versions/{version}/evidence"), e).await
+    pub async fn post_evidence(
+        &self,
+        name: &str,
+        version: u32,
+        e: &NewEvidence,
+    ) -> Result<Evidence, ClientError> {
+        self.send_json(
+            Method::POST,
+            &format!("/api/v1/adapters/{name}/versions/{version}/evidence"),
+            e,
+        )
+        .await
     }
 
     pub async fn evidence(&self, name: &str, version: u32) -> Result<Vec<Evidence>, ClientError> {
-        self.get(&format!("/api/v1/adapters/{name}/versions/{version}/evidence")).await
+        self.get(&format!(
+            "/api/v1/adapters/{name}/versions/{version}/evidence"
+        ))
+        .await
     }
 
     pub async fn put_gate(&self, name: &str, policy: &GatePolicy) -> Result<Gate, ClientError> {
-        self.send_json(Method::PUT, &format!("/api/v1/adapters/{name}/gate"), policy).await
+        self.send_json(
+            Method::PUT,
+            &format!("/api/v1/adapters/{name}/gate"),
+            policy,
+        )
+        .await
     }
 
     pub async fn gate(&self, name: &str) -> Result<Gate, ClientError> {
@@ -240,9 +344,16 @@ impl RegistryClient {
     }
 
     /// The routing table; with `since`, waits (up to `wait_secs`) for a newer revision.
-    pub async fn routing(&self, since: Option<i64>, wait_secs: u64) -> Result<RoutingTable, ClientError> {
+    pub async fn routing(
+        &self,
+        since: Option<i64>,
+        wait_secs: u64,
+    ) -> Result<RoutingTable, ClientError> {
         match since {
-            Some(s) => self.get(&format!("/api/v1/routing?since={s}&wait={wait_secs}")).await,
+            Some(s) => {
+                self.get(&format!("/api/v1/routing?since={s}&wait={wait_secs}"))
+                    .await
+            }
             None => self.get("/api/v1/routing").await,
         }
     }

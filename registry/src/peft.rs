@@ -45,7 +45,9 @@ impl TargetModules {
                     } else {
                         return Err(AdapterError::config(
                             "target_modules",
-                            format!("unsupported target module {n:?}; supported: q_proj, k_proj, v_proj, o_proj, gate_proj, up_proj, down_proj"),
+                            format!(
+                                "unsupported target module {n:?}; supported: q_proj, k_proj, v_proj, o_proj, gate_proj, up_proj, down_proj"
+                            ),
                         ));
                     }
                 }
@@ -104,7 +106,12 @@ fn default_bias() -> String {
 
 impl AdapterConfig {
     /// A config as PEFT writes it for a causal LM.
-    pub fn new_lora(base_model: impl Into<String>, r: usize, lora_alpha: f64, targets: Vec<String>) -> Self {
+    pub fn new_lora(
+        base_model: impl Into<String>,
+        r: usize,
+        lora_alpha: f64,
+        targets: Vec<String>,
+    ) -> Self {
         let mut extra = BTreeMap::new();
         extra.insert("inference_mode".into(), Value::Bool(true));
         extra.insert("init_lora_weights".into(), Value::Bool(true));
@@ -131,29 +138,39 @@ impl AdapterConfig {
 
     /// Parse and check the fields every LoRA adapter must have.
     pub fn parse(bytes: &[u8]) -> Result<Self, AdapterError> {
-        let cfg: AdapterConfig = serde_json::from_slice(bytes).map_err(|e| AdapterError::Config {
-            field: json_field_hint(&e),
-            message: e.to_string(),
-        })?;
+        let cfg: AdapterConfig =
+            serde_json::from_slice(bytes).map_err(|e| AdapterError::Config {
+                field: json_field_hint(&e),
+                message: e.to_string(),
+            })?;
         cfg.check()?;
         Ok(cfg)
     }
 
     pub fn check(&self) -> Result<(), AdapterError> {
         if self.peft_type != "LORA" {
-            return Err(AdapterError::config("peft_type", format!("is {:?}, only \"LORA\" is supported", self.peft_type)));
+            return Err(AdapterError::config(
+                "peft_type",
+                format!("is {:?}, only \"LORA\" is supported", self.peft_type),
+            ));
         }
         if self.r == 0 {
             return Err(AdapterError::config("r", "must be at least 1"));
         }
         if !(self.lora_alpha.is_finite() && self.lora_alpha > 0.0) {
-            return Err(AdapterError::config("lora_alpha", "must be a positive number"));
+            return Err(AdapterError::config(
+                "lora_alpha",
+                "must be a positive number",
+            ));
         }
         if self.base_model_name_or_path.trim().is_empty() {
             return Err(AdapterError::config("base_model_name_or_path", "is empty"));
         }
         if self.fan_in_fan_out {
-            return Err(AdapterError::config("fan_in_fan_out", "true is not supported for Llama-family models"));
+            return Err(AdapterError::config(
+                "fan_in_fan_out",
+                "true is not supported for Llama-family models",
+            ));
         }
         self.target_modules.resolve()?;
         Ok(())
@@ -172,7 +189,11 @@ impl AdapterConfig {
             Some("alpha_pattern")
         } else if self.modules_to_save.as_ref().is_some_and(|m| !m.is_empty()) {
             Some("modules_to_save")
-        } else if self.layers_to_transform.as_ref().is_some_and(|v| !v.is_null()) {
+        } else if self
+            .layers_to_transform
+            .as_ref()
+            .is_some_and(|v| !v.is_null())
+        {
             Some("layers_to_transform")
         } else if self.bias != "none" {
             Some("bias")
@@ -194,7 +215,10 @@ impl AdapterConfig {
 fn json_field_hint(e: &serde_json::Error) -> String {
     // serde's "missing field `r`" names the field; keep it for the error's `field`.
     let msg = e.to_string();
-    msg.split('`').nth(1).unwrap_or("adapter_config.json").to_string()
+    msg.split('`')
+        .nth(1)
+        .unwrap_or("adapter_config.json")
+        .to_string()
 }
 
 /// Known dimensions of a base model, for shape checks. Fields may be unknown.
@@ -225,15 +249,22 @@ impl ModelDims {
     }
 
     fn head_dim(&self) -> Option<usize> {
-        self.head_dim.or_else(|| Some(self.hidden_size? / self.num_attention_heads?))
+        self.head_dim
+            .or_else(|| Some(self.hidden_size? / self.num_attention_heads?))
     }
 
     /// (in_features, out_features) of a Llama linear layer, when known.
     pub fn linear_shape(&self, module: &str) -> (Option<usize>, Option<usize>) {
         let h = self.hidden_size;
         let i = self.intermediate_size;
-        let q = self.num_attention_heads.zip(self.head_dim()).map(|(n, d)| n * d);
-        let kv = self.num_key_value_heads.zip(self.head_dim()).map(|(n, d)| n * d);
+        let q = self
+            .num_attention_heads
+            .zip(self.head_dim())
+            .map(|(n, d)| n * d);
+        let kv = self
+            .num_key_value_heads
+            .zip(self.head_dim())
+            .map(|(n, d)| n * d);
         match module {
             "q_proj" => (h, q),
             "k_proj" | "v_proj" => (h, kv),
@@ -271,7 +302,9 @@ impl SafetensorsHeader {
     pub fn header_len(prefix: &[u8; 8]) -> Result<u64, AdapterError> {
         let n = u64::from_le_bytes(*prefix);
         if n == 0 || n > MAX_HEADER_LEN {
-            return Err(AdapterError::weights(format!("header length {n} is not plausible: not a safetensors file")));
+            return Err(AdapterError::weights(format!(
+                "header length {n} is not plausible: not a safetensors file"
+            )));
         }
         Ok(8 + n)
     }
@@ -280,34 +313,58 @@ impl SafetensorsHeader {
     /// data offsets are contiguous and match their dtype and shape.
     pub fn parse(head: &[u8]) -> Result<Self, AdapterError> {
         if head.len() < 8 {
-            return Err(AdapterError::weights("file is shorter than a safetensors header"));
+            return Err(AdapterError::weights(
+                "file is shorter than a safetensors header",
+            ));
         }
         let data_start = Self::header_len(head[..8].try_into().expect("8 bytes"))?;
         if (head.len() as u64) < data_start {
-            return Err(AdapterError::weights("file ends inside the safetensors header"));
+            return Err(AdapterError::weights(
+                "file ends inside the safetensors header",
+            ));
         }
         let json = &head[8..data_start as usize];
         let meta: safetensors::tensor::Metadata = serde_json::from_slice(json)
             .map_err(|e| AdapterError::weights(format!("safetensors header is not valid: {e}")))?;
-        let mut infos: Vec<(String, &safetensors::tensor::TensorInfo)> = meta.tensors().into_iter().collect();
+        let mut infos: Vec<(String, &safetensors::tensor::TensorInfo)> =
+            meta.tensors().into_iter().collect();
         infos.sort_by_key(|(_, i)| i.data_offsets);
         let mut cursor = 0usize;
         let mut tensors = Vec::with_capacity(infos.len());
         for (name, info) in infos {
             let (s, e) = info.data_offsets;
             if s != cursor || e < s {
-                return Err(AdapterError::tensor(&name, "data offsets are not contiguous"));
+                return Err(AdapterError::tensor(
+                    &name,
+                    "data offsets are not contiguous",
+                ));
             }
             let n: Option<usize> = info.shape.iter().try_fold(1usize, |a, &d| a.checked_mul(d));
             let bytes = n.and_then(|n| n.checked_mul(info.dtype.bitsize() / 8));
             if bytes != Some(e - s) {
-                return Err(AdapterError::tensor(&name, format!("{:?} {:?} does not fill {} bytes", info.dtype, info.shape, e - s)));
+                return Err(AdapterError::tensor(
+                    &name,
+                    format!(
+                        "{:?} {:?} does not fill {} bytes",
+                        info.dtype,
+                        info.shape,
+                        e - s
+                    ),
+                ));
             }
             cursor = e;
-            tensors.push(TensorMeta { name, dtype: format!("{:?}", info.dtype), shape: info.shape.clone() });
+            tensors.push(TensorMeta {
+                name,
+                dtype: format!("{:?}", info.dtype),
+                shape: info.shape.clone(),
+            });
         }
         tensors.sort_by(|a, b| a.name.cmp(&b.name));
-        Ok(Self { data_start, data_len: cursor as u64, tensors })
+        Ok(Self {
+            data_start,
+            data_len: cursor as u64,
+            tensors,
+        })
     }
 
     /// The size the whole file must have.
@@ -325,7 +382,11 @@ pub struct LoraKey {
 }
 
 pub fn lora_key(layer: usize, module: &str, is_a: bool) -> String {
-    let block = LINEAR_MODULES.iter().find(|(m, _)| *m == module).map(|(_, b)| *b).unwrap_or("self_attn");
+    let block = LINEAR_MODULES
+        .iter()
+        .find(|(m, _)| *m == module)
+        .map(|(_, b)| *b)
+        .unwrap_or("self_attn");
     format!(
         "base_model.model.model.layers.{layer}.{block}.{module}.lora_{}.weight",
         if is_a { "A" } else { "B" }
@@ -345,7 +406,11 @@ impl LoraKey {
             _ => return None,
         };
         let expected_block = LINEAR_MODULES.iter().find(|(m, _)| *m == module)?.1;
-        (block == expected_block).then(|| Self { layer, module: module.to_string(), is_a })
+        (block == expected_block).then(|| Self {
+            layer,
+            module: module.to_string(),
+            is_a,
+        })
     }
 }
 
@@ -361,7 +426,11 @@ pub struct AdapterSummary {
 
 /// Check that the tensors agree with the config (rank, target modules) and, where the base
 /// model's dimensions are known, with the base model.
-pub fn check_tensors(cfg: &AdapterConfig, header: &SafetensorsHeader, dims: Option<&ModelDims>) -> Result<AdapterSummary, AdapterError> {
+pub fn check_tensors(
+    cfg: &AdapterConfig,
+    header: &SafetensorsHeader,
+    dims: Option<&ModelDims>,
+) -> Result<AdapterSummary, AdapterError> {
     let targets = cfg.target_modules.resolve()?;
     let mut seen: HashMap<(usize, String), [Option<&TensorMeta>; 2]> = HashMap::new();
     let mut params = 0u64;
@@ -370,29 +439,52 @@ pub fn check_tensors(cfg: &AdapterConfig, header: &SafetensorsHeader, dims: Opti
             AdapterError::tensor(&t.name, "is not a LoRA tensor name (expected base_model.model.model.layers.N.<self_attn|mlp>.<module>.lora_<A|B>.weight)")
         })?;
         if !targets.contains(&key.module) {
-            return Err(AdapterError::tensor(&t.name, format!("module {} is not in target_modules", key.module)));
+            return Err(AdapterError::tensor(
+                &t.name,
+                format!("module {} is not in target_modules", key.module),
+            ));
         }
         if let Some(n) = dims.and_then(|d| d.num_hidden_layers)
             && key.layer >= n
         {
-            return Err(AdapterError::tensor(&t.name, format!("layer {} does not exist: the base model has {n} layers", key.layer)));
+            return Err(AdapterError::tensor(
+                &t.name,
+                format!(
+                    "layer {} does not exist: the base model has {n} layers",
+                    key.layer
+                ),
+            ));
         }
         if t.shape.len() != 2 {
-            return Err(AdapterError::tensor(&t.name, format!("has shape {:?}, expected 2 dimensions", t.shape)));
+            return Err(AdapterError::tensor(
+                &t.name,
+                format!("has shape {:?}, expected 2 dimensions", t.shape),
+            ));
         }
-        let (want_in, want_out) = dims.map(|d| d.linear_shape(&key.module)).unwrap_or((None, None));
+        let (want_in, want_out) = dims
+            .map(|d| d.linear_shape(&key.module))
+            .unwrap_or((None, None));
         let (rank_dim, other, want, what) = if key.is_a {
             (t.shape[0], t.shape[1], want_in, "in_features")
         } else {
             (t.shape[1], t.shape[0], want_out, "out_features")
         };
         if rank_dim != cfg.r {
-            return Err(AdapterError::tensor(&t.name, format!("has shape {:?} but r = {}", t.shape, cfg.r)));
+            return Err(AdapterError::tensor(
+                &t.name,
+                format!("has shape {:?} but r = {}", t.shape, cfg.r),
+            ));
         }
         if let Some(w) = want
             && w != other
         {
-            return Err(AdapterError::tensor(&t.name, format!("has shape {:?} but the base model's {} {what} is {w}", t.shape, key.module)));
+            return Err(AdapterError::tensor(
+                &t.name,
+                format!(
+                    "has shape {:?} but the base model's {} {what} is {w}",
+                    t.shape, key.module
+                ),
+            ));
         }
         params += (t.shape[0] * t.shape[1]) as u64;
         let slot = seen.entry((key.layer, key.module.clone())).or_default();
@@ -404,8 +496,18 @@ pub fn check_tensors(cfg: &AdapterConfig, header: &SafetensorsHeader, dims: Opti
     for ((layer, module), pair) in &seen {
         match pair {
             [Some(_), Some(_)] => {}
-            [None, _] => return Err(AdapterError::tensor(&lora_key(*layer, module, true), "is missing (its lora_B is present)")),
-            [_, None] => return Err(AdapterError::tensor(&lora_key(*layer, module, false), "is missing (its lora_A is present)")),
+            [None, _] => {
+                return Err(AdapterError::tensor(
+                    &lora_key(*layer, module, true),
+                    "is missing (its lora_B is present)",
+                ));
+            }
+            [_, None] => {
+                return Err(AdapterError::tensor(
+                    &lora_key(*layer, module, false),
+                    "is missing (its lora_A is present)",
+                ));
+            }
         }
     }
     let layers = seen.keys().map(|(l, _)| *l).collect::<BTreeSet<_>>().len();
@@ -432,12 +534,18 @@ pub enum AdapterError {
 
 impl AdapterError {
     pub fn config(field: &str, message: impl Into<String>) -> Self {
-        Self::Config { field: field.into(), message: message.into() }
+        Self::Config {
+            field: field.into(),
+            message: message.into(),
+        }
     }
     pub fn weights(message: impl Into<String>) -> Self {
         Self::Weights(message.into())
     }
     pub fn tensor(tensor: &str, message: impl Into<String>) -> Self {
-        Self::Tensor { tensor: tensor.into(), message: message.into() }
+        Self::Tensor {
+            tensor: tensor.into(),
+            message: message.into(),
+        }
     }
 }

@@ -1,1 +1,371 @@
+//! End-to-end tests through the `loraops` binary: a registry started as a process, and the
+//! CLI driving it like a user would.
 
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Output, Stdio};
+use std::time::{Duration, Instant};
+
+use safetensors::tensor::{Dtype, TensorView};
+use serde_json::{Value, json};
+
+const SECRET: &str = "e2e-secret-0123456789abcdef";
+
+fn exe() -> &'static str {
+    env!("CARGO_BIN_EXE_loraops")
+}
+
+struct Registry {
+    child: Child,
+    url: String,
+    data: tempfile::TempDir,
+}
+
+impl Drop for Registry {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+impl Registry {
+    fn start() -> Self {
+        let data = tempfile::tempdir().unwrap();
+        let port = free_port();
+        let child = Command::new(exe())
+            .args([
+                "--data-dir",
+                data.path().to_str().unwrap(),
+                "registry",
+                "serve",
+                "--listen",
+                &format!("127.0.0.1:{port}"),
+            ])
+            .env("LORAOPS_AUTH__HS256_SECRET", SECRET)
+            .env("RUST_LOG", "warn")
+            .stdout(Stdio::null())
+            .spawn()
+            .unwrap();
+        let url = format!("http://127.0.0.1:{port}");
+        let deadline = Instant::now() + Duration::from_secs(30);
+        while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
+            assert!(Instant::now() < deadline, "registry did not start");
+            std::thread::sleep(Duration::from_millis(100));
+        }
+        Self { child, url, data }
+    }
+
+    fn cli(&self, token: Option<&str>, args: &[&str]) -> Output {
+        let mut c = Command::new(exe());
+        c.args(["--data-dir", self.data.path().to_str().unwrap()])
+            .args(args)
+            .env("LORAOPS_AUTH__HS256_SECRET", SECRET)
+            .env("LORAOPS_REGISTRY_URL", &self.url)
+            .env_remove("LORAOPS_TOKEN");
+        if let Some(t) = token {
+            c.env("LORAOPS_TOKEN", t);
+        }
+        c.output().unwrap()
+    }
+
+    fn token(&self, roles: &str) -> String {
+        let out = self.cli(
+            None,
+            &[
+                "token", "issue", "--sub", "e2e", "--role", roles, "--ttl", "10m",
+            ],
+        );
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        String::from_utf8(out.stdout).unwrap().trim().to_string()
+    }
+}
+
+fn ok_json(out: Output) -> Value {
+    assert!(
+        out.status.success(),
+        "exit {:?}: {}",
+        out.status.code(),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    serde_json::from_slice(&out.stdout)
+        .unwrap_or_else(|e| panic!("{e}: {}", String::from_utf8_lossy(&out.stdout)))
+}
+
+/// A base model directory (config.json + one weight file) and a LoRA adapter for it.
+fn fixtures(dir: &Path) -> (PathBuf, PathBuf) {
+    let base = dir.join("e2e-base");
+    std::fs::create_dir_all(&base).unwrap();
+    std::fs::write(
+        base.join("config.json"),
+        serde_json::to_vec(&json!({"architectures": ["LlamaForCausalLM"], "hidden_size": 32, "intermediate_size": 64,
+            "num_hidden_layers": 1, "num_attention_heads": 4, "num_key_value_heads": 4, "vocab_size": 100})).unwrap(),
+    )
+    .unwrap();
+    std::fs::write(
+        base.join("model.safetensors"),
+        b"weights stand-in for the digest",
+    )
+    .unwrap();
+    let adapter = dir.join("adapter");
+    std::fs::create_dir_all(&adapter).unwrap();
+    let r = 2;
+    let data: Vec<(String, Vec<usize>, Vec<u8>)> = ["q_proj", "v_proj"]
+        .iter()
+        .flat_map(|m| {
+            let key = |ab: &str| {
+                format!("base_model.model.model.layers.0.self_attn.{m}.lora_{ab}.weight")
+            };
+            [
+                (key("A"), vec![r, 32], vec![1u8; r * 32 * 4]),
+                (key("B"), vec![32, r], vec![0u8; 32 * r * 4]),
+            ]
+        })
+        .collect();
+    let views: HashMap<String, TensorView> = data
+        .iter()
+        .map(|(n, s, b)| {
+            (
+                n.clone(),
+                TensorView::new(Dtype::F32, s.clone(), b).unwrap(),
+            )
+        })
+        .collect();
+    std::fs::write(
+        adapter.join("adapter_model.safetensors"),
+        safetensors::serialize(views, None).unwrap(),
+    )
+    .unwrap();
+    std::fs::write(
+        adapter.join("adapter_config.json"),
+        serde_json::to_vec(&json!({"peft_type": "LORA", "r": r, "lora_alpha": 4, "target_modules": ["q_proj", "v_proj"],
+            "base_model_name_or_path": base.to_str().unwrap()})).unwrap(),
+    )
+    .unwrap();
+    std::fs::write(adapter.join("README.md"), "# e2e adapter\n").unwrap();
+    (base, adapter)
+}
+
+#[test]
+fn push_list_show_pull_through_the_cli() {
+    let reg = Registry::start();
+    let dir = tempfile::tempdir().unwrap();
+    let (base, adapter) = fixtures(dir.path());
+    let admin = reg.token("admin");
+    let publisher = reg.token("publisher");
+    let viewer = reg.token("viewer");
+
+    let b = ok_json(reg.cli(
+        Some(&admin),
+        &["--json", "base-model", "add", base.to_str().unwrap()],
+    ));
+    assert_eq!(b["name"], "e2e-base");
+    assert!(b["digest"].as_str().unwrap().starts_with("sha256:"));
+
+    let pushed = ok_json(reg.cli(
+        Some(&publisher),
+        &[
+            "--json",
+            "adapter",
+            "push",
+            adapter.to_str().unwrap(),
+            "--name",
+            "helpdesk",
+        ],
+    ));
+    assert_eq!(
+        (pushed["version"].as_u64(), pushed["created"].as_bool()),
+        (Some(1), Some(true))
+    );
+    let again = ok_json(reg.cli(
+        Some(&publisher),
+        &[
+            "--json",
+            "adapter",
+            "push",
+            adapter.to_str().unwrap(),
+            "--name",
+            "helpdesk",
+        ],
+    ));
+    assert_eq!(
+        (again["version"].as_u64(), again["created"].as_bool()),
+        (Some(1), Some(false))
+    );
+
+    let human = reg.cli(Some(&viewer), &["adapter", "list"]);
+    assert!(
+        String::from_utf8_lossy(&human.stdout).contains("helpdesk\te2e-base\t1\t-"),
+        "{}",
+        String::from_utf8_lossy(&human.stdout)
+    );
+    let shown = ok_json(reg.cli(Some(&viewer), &["--json", "adapter", "show", "helpdesk@1"]));
+    assert_eq!(shown["digest"], pushed["digest"]);
+
+    let out = dir.path().join("pulled");
+    ok_json(reg.cli(
+        Some(&viewer),
+        &[
+            "--json",
+            "adapter",
+            "pull",
+            "helpdesk@1",
+            out.to_str().unwrap(),
+        ],
+    ));
+    for f in [
+        "adapter_config.json",
+        "adapter_model.safetensors",
+        "README.md",
+    ] {
+        assert_eq!(
+            std::fs::read(out.join(f)).unwrap(),
+            std::fs::read(adapter.join(f)).unwrap(),
+            "{f}"
+        );
+    }
+}
+
+#[test]
+fn bad_input_exits_with_a_clear_error() {
+    let reg = Registry::start();
+    let dir = tempfile::tempdir().unwrap();
+    let (_, adapter) = fixtures(dir.path());
+    let publisher = reg.token("publisher");
+    let viewer = reg.token("viewer");
+    let cases: Vec<(Option<&str>, Vec<&str>, &str)> = vec![
+        (
+            Some(&publisher),
+            vec![
+                "adapter",
+                "push",
+                adapter.to_str().unwrap(),
+                "--name",
+                "../etc",
+            ],
+            "--name",
+        ),
+        (
+            Some(&publisher),
+            vec![
+                "adapter",
+                "push",
+                dir.path().to_str().unwrap(),
+                "--name",
+                "x",
+            ],
+            "adapter_config.json is missing",
+        ),
+        // The base model was never registered.
+        (
+            Some(&publisher),
+            vec!["adapter", "push", adapter.to_str().unwrap(), "--name", "x"],
+            "unknown_base_model",
+        ),
+        (
+            Some(&viewer),
+            vec!["adapter", "push", adapter.to_str().unwrap(), "--name", "x"],
+            "publisher role",
+        ),
+        (None, vec!["adapter", "list"], "missing bearer token"),
+        (Some(&viewer), vec!["adapter", "show", "nope"], "not found"),
+        (
+            Some(&viewer),
+            vec!["adapter", "pull", "nope", "/tmp/x"],
+            "needs a version",
+        ),
+        (
+            None,
+            vec!["token", "issue", "--sub", "x", "--role", "wizard"],
+            "unknown role",
+        ),
+    ];
+    for (token, args, needle) in cases {
+        let out = reg.cli(token, &args);
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(2), "{args:?}: {err}");
+        assert!(err.contains(needle), "{args:?}: {err}");
+    }
+    // The registry is unreachable: exit 1, and the message says where it looked.
+    let out = Command::new(exe())
+        .args(["adapter", "list", "--registry", "http://127.0.0.1:9"])
+        .env("LORAOPS_TOKEN", &viewer)
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(1));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("cannot reach the registry"));
+}
+
+#[test]
+fn check_config_reads_file_and_environment_and_rejects_unknown_keys() {
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = dir.path().join("loraops.toml");
+    std::fs::write(&cfg, "[registry]\nlisten = \"0.0.0.0:9000\"\ndatabase_url = \"postgres://u:pw@db/loraops\"\nobject_store_url = \"s3://bucket/prefix\"\n[s3]\nendpoint = \"http://minio:9000\"\n").unwrap();
+    let out = Command::new(exe())
+        .args([
+            "--config",
+            cfg.to_str().unwrap(),
+            "registry",
+            "serve",
+            "--check-config",
+        ])
+        .env("LORAOPS_REGISTRY__MAX_UPLOAD_BYTES", "1234")
+        .env("LORAOPS_AUTH__AUDIENCE", "prod")
+        .output()
+        .unwrap();
+    let v = ok_json(out);
+    assert_eq!(v["registry"]["listen"], "0.0.0.0:9000");
+    assert_eq!(v["registry"]["max_upload_bytes"], 1234);
+    assert_eq!(v["registry"]["database_url"], "postgres://u:***@db/loraops");
+    assert_eq!(v["auth"]["audience"], "prod");
+    assert_eq!(v["s3"]["endpoint"], "http://minio:9000");
+
+    let out = Command::new(exe())
+        .args([
+            "--config",
+            cfg.to_str().unwrap(),
+            "registry",
+            "serve",
+            "--check-config",
+        ])
+        .env("LORAOPS_REGISTRY__LISTEN_ADRESS", "typo")
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(2));
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("listen_adress"),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+#[test]
+fn migrate_creates_the_schema() {
+    let dir = tempfile::tempdir().unwrap();
+    let out = Command::new(exe())
+        .args([
+            "--data-dir",
+            dir.path().to_str().unwrap(),
+            "registry",
+            "migrate",
+        ])
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(dir.path().join("registry.db").exists());
+}

@@ -9,12 +9,12 @@ use std::sync::Arc;
 
 use chrono::{DateTime, Utc};
 use futures_util::{StreamExt, TryStreamExt};
+use object_store::ObjectStore;
 use object_store::aws::AmazonS3Builder;
 use object_store::buffered::BufWriter;
 use object_store::local::LocalFileSystem;
 use object_store::path::Path as ObjectPath;
 use object_store::prefix::PrefixStore;
-use object_store::ObjectStore;
 use sha2::{Digest, Sha256};
 use tokio::io::AsyncWriteExt;
 
@@ -50,18 +50,29 @@ pub fn open(url: &str, s3: &S3Settings) -> Result<Store, StoreConfigError> {
         if let Some(k) = &s3.secret_access_key {
             b = b.with_secret_access_key(k);
         }
-        let allow_http = s3.allow_http.unwrap_or_else(|| s3.endpoint.as_deref().is_some_and(|e| e.starts_with("http://")));
+        let allow_http = s3.allow_http.unwrap_or_else(|| {
+            s3.endpoint
+                .as_deref()
+                .is_some_and(|e| e.starts_with("http://"))
+        });
         b = b
             .with_allow_http(allow_http)
             .with_virtual_hosted_style_request(s3.virtual_hosted_style.unwrap_or(false));
         let store = b.build()?;
         let prefix = prefix.trim_matches('/');
-        return Ok(if prefix.is_empty() { Arc::new(store) } else { Arc::new(PrefixStore::new(store, prefix)) });
+        return Ok(if prefix.is_empty() {
+            Arc::new(store)
+        } else {
+            Arc::new(PrefixStore::new(store, prefix))
+        });
     }
     let dir = match url.strip_prefix("file://") {
         Some(p) => p.to_string(),
         None if url.contains("://") => {
-            return Err(StoreConfigError::Url(url.into(), "unsupported scheme (use a directory, file:// or s3://)".into()));
+            return Err(StoreConfigError::Url(
+                url.into(),
+                "unsupported scheme (use a directory, file:// or s3://)".into(),
+            ));
         }
         None => url.to_string(),
     };
@@ -88,8 +99,14 @@ const PART: usize = 8 << 20;
 
 impl HashingWriter {
     pub fn new(store: &Store, key: ObjectPath) -> Self {
-        let writer = BufWriter::with_capacity(store.clone(), key.clone(), PART).with_max_concurrency(2);
-        Self { writer, hasher: Sha256::new(), len: 0, key }
+        let writer =
+            BufWriter::with_capacity(store.clone(), key.clone(), PART).with_max_concurrency(2);
+        Self {
+            writer,
+            hasher: Sha256::new(),
+            len: 0,
+            key,
+        }
     }
 
     pub async fn write(&mut self, chunk: &[u8]) -> std::io::Result<()> {
@@ -111,8 +128,15 @@ impl HashingWriter {
 }
 
 /// Delete every object under `prefix`; returns how many went.
-pub async fn delete_prefix(store: &Store, prefix: &ObjectPath) -> Result<usize, object_store::Error> {
-    let keys: Vec<ObjectPath> = store.list(Some(prefix)).map_ok(|m| m.location).try_collect().await?;
+pub async fn delete_prefix(
+    store: &Store,
+    prefix: &ObjectPath,
+) -> Result<usize, object_store::Error> {
+    let keys: Vec<ObjectPath> = store
+        .list(Some(prefix))
+        .map_ok(|m| m.location)
+        .try_collect()
+        .await?;
     let n = keys.len();
     let stream = futures_util::stream::iter(keys.into_iter().map(Ok)).boxed();
     store.delete_stream(stream).try_collect::<Vec<_>>().await?;
@@ -121,13 +145,21 @@ pub async fn delete_prefix(store: &Store, prefix: &ObjectPath) -> Result<usize, 
 
 /// `versions/{adapter}/{upload-id}/…` → (adapter, upload id, last modified) of each upload
 /// directory found in the store.
-pub async fn list_uploads(store: &Store) -> Result<Vec<(String, String, DateTime<Utc>)>, object_store::Error> {
+pub async fn list_uploads(
+    store: &Store,
+) -> Result<Vec<(String, String, DateTime<Utc>)>, object_store::Error> {
     let mut out: std::collections::BTreeMap<(String, String), DateTime<Utc>> = Default::default();
     let mut s = store.list(Some(&ObjectPath::from("versions")));
     while let Some(meta) = s.next().await.transpose()? {
-        let parts: Vec<_> = meta.location.parts().map(|p| p.as_ref().to_string()).collect();
+        let parts: Vec<_> = meta
+            .location
+            .parts()
+            .map(|p| p.as_ref().to_string())
+            .collect();
         if parts.len() >= 4 {
-            let e = out.entry((parts[1].clone(), parts[2].clone())).or_insert(meta.last_modified);
+            let e = out
+                .entry((parts[1].clone(), parts[2].clone()))
+                .or_insert(meta.last_modified);
             *e = (*e).max(meta.last_modified);
         }
     }

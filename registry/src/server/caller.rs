@@ -26,8 +26,12 @@ fn extract(req: &HttpRequest) -> Result<Caller, ApiError> {
     let Some(value) = req.headers().get(actix_web::http::header::AUTHORIZATION) else {
         return Ok(Caller(None));
     };
-    let state = req.app_data::<web::Data<AppState>>().ok_or_else(|| ApiError::internal("no app state"))?;
-    let text = value.to_str().map_err(|_| ApiError::unauthorized("Authorization header is not text"))?;
+    let state = req
+        .app_data::<web::Data<AppState>>()
+        .ok_or_else(|| ApiError::internal("no app state"))?;
+    let text = value
+        .to_str()
+        .map_err(|_| ApiError::unauthorized("Authorization header is not text"))?;
     let token = text
         .strip_prefix("Bearer ")
         .or_else(|| text.strip_prefix("bearer "))
@@ -38,7 +42,10 @@ fn extract(req: &HttpRequest) -> Result<Caller, ApiError> {
 impl Caller {
     /// The subject, for audit columns (`anonymous` for open reads).
     pub fn sub(&self) -> &str {
-        self.0.as_ref().map(|p| p.sub.as_str()).unwrap_or("anonymous")
+        self.0
+            .as_ref()
+            .map(|p| p.sub.as_str())
+            .unwrap_or("anonymous")
     }
 
     /// Reads: open when configured, else any valid token (every role can view).
@@ -54,12 +61,16 @@ impl Caller {
     pub fn require(&self, role: Role, adapter: Option<&str>) -> Result<&Principal, ApiError> {
         let p = self.0.as_ref().ok_or(ApiError::from(AuthError::Missing))?;
         if !p.has(role) {
-            return Err(ApiError::forbidden(format!("this action needs the {role} role")));
+            return Err(ApiError::forbidden(format!(
+                "this action needs the {role} role"
+            )));
         }
         if let Some(a) = adapter
             && !p.may_touch(a)
         {
-            return Err(ApiError::forbidden(format!("this token may not act on adapter {a:?}")));
+            return Err(ApiError::forbidden(format!(
+                "this token may not act on adapter {a:?}"
+            )));
         }
         Ok(p)
     }

@@ -20,7 +20,12 @@ pub struct ApiError {
 
 impl ApiError {
     pub fn new(status: StatusCode, code: &'static str, message: impl Into<String>) -> Self {
-        Self { status, code, message: message.into(), details: Value::Null }
+        Self {
+            status,
+            code,
+            message: message.into(),
+            details: Value::Null,
+        }
     }
     pub fn with_details(mut self, details: Value) -> Self {
         self.details = details;
@@ -65,7 +70,11 @@ impl ResponseError for ApiError {
             res.insert_header(("WWW-Authenticate", "Bearer"));
         }
         res.json(ErrorBody {
-            error: ErrorDetail { code: self.code.into(), message: self.message.clone(), details: self.details.clone() },
+            error: ErrorDetail {
+                code: self.code.into(),
+                message: self.message.clone(),
+                details: self.details.clone(),
+            },
         })
     }
 }
@@ -81,7 +90,9 @@ impl From<object_store::Error> for ApiError {
     fn from(e: object_store::Error) -> Self {
         tracing::error!(error = %e, "object store error");
         match e {
-            object_store::Error::NotFound { .. } => Self::internal(format!("blob missing from object store: {e}")),
+            object_store::Error::NotFound { .. } => {
+                Self::internal(format!("blob missing from object store: {e}"))
+            }
             _ => Self::unavailable(format!("object store error: {e}")),
         }
     }
@@ -96,9 +107,13 @@ impl From<NameError> for ApiError {
 impl From<AdapterError> for ApiError {
     fn from(e: AdapterError) -> Self {
         let details = match &e {
-            AdapterError::Config { field, .. } => json!({"file": "adapter_config.json", "field": field}),
+            AdapterError::Config { field, .. } => {
+                json!({"file": "adapter_config.json", "field": field})
+            }
             AdapterError::Weights(_) => json!({"file": "adapter_model.safetensors"}),
-            AdapterError::Tensor { tensor, .. } => json!({"file": "adapter_model.safetensors", "tensor": tensor}),
+            AdapterError::Tensor { tensor, .. } => {
+                json!({"file": "adapter_model.safetensors", "tensor": tensor})
+            }
         };
         Self::unprocessable("invalid_adapter", e.to_string()).with_details(details)
     }

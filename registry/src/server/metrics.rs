@@ -21,20 +21,35 @@ impl Metrics {
     pub fn new() -> Self {
         let registry = Registry::new();
         let requests = IntCounterVec::new(
-            Opts::new("loraops_registry_http_requests_total", "HTTP requests by route, method and status"),
+            Opts::new(
+                "loraops_registry_http_requests_total",
+                "HTTP requests by route, method and status",
+            ),
             &["route", "method", "status"],
         )
         .expect("valid metric");
         let latency = HistogramVec::new(
-            HistogramOpts::new("loraops_registry_http_request_duration_seconds", "HTTP request latency by route and method")
-                .buckets(vec![0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 120.0]),
+            HistogramOpts::new(
+                "loraops_registry_http_request_duration_seconds",
+                "HTTP request latency by route and method",
+            )
+            .buckets(vec![
+                0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0,
+                120.0,
+            ]),
             &["route", "method"],
         )
         .expect("valid metric");
-        let upload_bytes =
-            IntCounter::new("loraops_registry_upload_bytes_total", "Bytes received in version uploads").expect("valid metric");
-        let versions_created =
-            IntCounter::new("loraops_registry_versions_created_total", "Adapter versions created").expect("valid metric");
+        let upload_bytes = IntCounter::new(
+            "loraops_registry_upload_bytes_total",
+            "Bytes received in version uploads",
+        )
+        .expect("valid metric");
+        let versions_created = IntCounter::new(
+            "loraops_registry_versions_created_total",
+            "Adapter versions created",
+        )
+        .expect("valid metric");
         for c in [
             Box::new(requests.clone()) as Box<dyn prometheus::core::Collector>,
             Box::new(latency.clone()),
@@ -43,12 +58,19 @@ impl Metrics {
         ] {
             registry.register(c).expect("metric registered once");
         }
-        Self { registry, requests, latency, upload_bytes, versions_created }
+        Self {
+            registry,
+            requests,
+            latency,
+            upload_bytes,
+            versions_created,
+        }
     }
 
     pub fn render(&self) -> String {
         let enc = prometheus::TextEncoder::new();
-        enc.encode_to_string(&self.registry.gather()).unwrap_or_default()
+        enc.encode_to_string(&self.registry.gather())
+            .unwrap_or_default()
     }
 }
 
@@ -60,7 +82,10 @@ impl Default for Metrics {
 
 /// Middleware: count and time every request under its route pattern (not its raw path, so
 /// label cardinality stays bounded).
-pub async fn observe(req: ServiceRequest, next: Next<impl MessageBody>) -> Result<ServiceResponse<impl MessageBody>, actix_web::Error> {
+pub async fn observe(
+    req: ServiceRequest,
+    next: Next<impl MessageBody>,
+) -> Result<ServiceResponse<impl MessageBody>, actix_web::Error> {
     let start = std::time::Instant::now();
     let route = req.match_pattern().unwrap_or_else(|| "unmatched".into());
     let method = req.method().to_string();
@@ -68,8 +93,16 @@ pub async fn observe(req: ServiceRequest, next: Next<impl MessageBody>) -> Resul
     let res = next.call(req).await?;
     if let Some(state) = state {
         let status = res.status().as_u16().to_string();
-        state.metrics.requests.with_label_values(&[&route, &method, &status]).inc();
-        state.metrics.latency.with_label_values(&[&route, &method]).observe(start.elapsed().as_secs_f64());
+        state
+            .metrics
+            .requests
+            .with_label_values(&[&route, &method, &status])
+            .inc();
+        state
+            .metrics
+            .latency
+            .with_label_values(&[&route, &method])
+            .observe(start.elapsed().as_secs_f64());
     }
     Ok(res)
 }

@@ -19,8 +19,8 @@ use std::net::TcpListener;
 use std::time::Duration;
 
 use actix_web::{App, HttpServer, dev::Server, middleware, web};
-use sea_orm::{ConnectOptions, Database, DatabaseConnection};
 use loraops_migrations::MigratorTrait;
+use sea_orm::{ConnectOptions, Database, DatabaseConnection};
 
 use crate::auth::{AuthError, Verifier};
 use blobs::Store;
@@ -45,20 +45,33 @@ pub enum StartError {
     #[error(transparent)]
     Auth(#[from] AuthError),
     #[error("listen on {addr}: {source}")]
-    Listen { addr: String, source: std::io::Error },
+    Listen {
+        addr: String,
+        source: std::io::Error,
+    },
 }
 
 /// Connect to the configured database and apply pending migrations.
-pub async fn connect_and_migrate(url: &str, max_connections: u32) -> Result<DatabaseConnection, StartError> {
-    let err = |source| StartError::Database { url: redact(url), source };
-    if let Some(path) = url.strip_prefix("sqlite://").map(|p| p.split('?').next().unwrap_or(p))
+pub async fn connect_and_migrate(
+    url: &str,
+    max_connections: u32,
+) -> Result<DatabaseConnection, StartError> {
+    let err = |source| StartError::Database {
+        url: redact(url),
+        source,
+    };
+    if let Some(path) = url
+        .strip_prefix("sqlite://")
+        .map(|p| p.split('?').next().unwrap_or(p))
         && let Some(dir) = std::path::Path::new(path).parent()
         && !dir.as_os_str().is_empty()
     {
         std::fs::create_dir_all(dir).map_err(|e| err(sea_orm::DbErr::Custom(e.to_string())))?;
     }
     let mut opts = ConnectOptions::new(url.to_string());
-    opts.max_connections(max_connections).acquire_timeout(Duration::from_secs(10)).sqlx_logging(false);
+    opts.max_connections(max_connections)
+        .acquire_timeout(Duration::from_secs(10))
+        .sqlx_logging(false);
     // SQLite: WAL so readers never block the writer; wait on a busy database instead of failing.
     opts.map_sqlx_sqlite_opts(|o| {
         o.journal_mode(sea_orm::sqlx::sqlite::SqliteJournalMode::Wal)
@@ -66,7 +79,9 @@ pub async fn connect_and_migrate(url: &str, max_connections: u32) -> Result<Data
             .foreign_keys(true)
     });
     let db = Database::connect(opts).await.map_err(err)?;
-    loraops_migrations::Migrator::up(&db, None).await.map_err(err)?;
+    loraops_migrations::Migrator::up(&db, None)
+        .await
+        .map_err(err)?;
     Ok(db)
 }
 
@@ -88,19 +103,32 @@ impl AppState {
     pub async fn new(settings: ServeSettings) -> Result<Self, StartError> {
         let url = settings.registry.database_url(&settings.data_dir);
         let db = connect_and_migrate(&url, settings.registry.max_db_connections).await?;
-        let store = blobs::open(&settings.registry.object_store_url(&settings.data_dir), &settings.s3)?;
+        let store = blobs::open(
+            &settings.registry.object_store_url(&settings.data_dir),
+            &settings.s3,
+        )?;
         let verifier = Verifier::from_settings(&settings.auth, &settings.data_dir, true)?;
-        Ok(Self { db, store, verifier, metrics: Metrics::new(), settings })
+        Ok(Self {
+            db,
+            store,
+            verifier,
+            metrics: Metrics::new(),
+            settings,
+        })
     }
 }
 
 /// Mount the registry's routes and their JSON/path/query error handlers.
 pub fn configure(cfg: &mut web::ServiceConfig) {
-    cfg.app_data(web::JsonConfig::default().limit(4 << 20).error_handler(|e, _| error::extractor_error(e)))
-        .app_data(web::PathConfig::default().error_handler(|e, _| error::extractor_error(e)))
-        .app_data(web::QueryConfig::default().error_handler(|e, _| error::extractor_error(e)))
-        .configure(routes::configure)
-        .route("/openapi.json", web::get().to(openapi::serve));
+    cfg.app_data(
+        web::JsonConfig::default()
+            .limit(4 << 20)
+            .error_handler(|e, _| error::extractor_error(e)),
+    )
+    .app_data(web::PathConfig::default().error_handler(|e, _| error::extractor_error(e)))
+    .app_data(web::QueryConfig::default().error_handler(|e, _| error::extractor_error(e)))
+    .configure(routes::configure)
+    .route("/openapi.json", web::get().to(openapi::serve));
 }
 
 /// A registry server bound to its port, ready to run.
@@ -114,8 +142,17 @@ impl Application {
     pub async fn build(settings: ServeSettings) -> Result<Self, StartError> {
         let listen = settings.registry.listen.clone();
         let state = web::Data::new(AppState::new(settings).await?);
-        let listener = TcpListener::bind(&listen).map_err(|source| StartError::Listen { addr: listen.clone(), source })?;
-        let port = listener.local_addr().map_err(|source| StartError::Listen { addr: listen.clone(), source })?.port();
+        let listener = TcpListener::bind(&listen).map_err(|source| StartError::Listen {
+            addr: listen.clone(),
+            source,
+        })?;
+        let port = listener
+            .local_addr()
+            .map_err(|source| StartError::Listen {
+                addr: listen.clone(),
+                source,
+            })?
+            .port();
         let data = state.clone();
         let server = HttpServer::new(move || {
             App::new()
@@ -126,14 +163,26 @@ impl Application {
                 .default_service(web::to(no_route))
         })
         .listen(listener)
-        .map_err(|source| StartError::Listen { addr: listen, source })?
+        .map_err(|source| StartError::Listen {
+            addr: listen,
+            source,
+        })?
         .run();
         sweep::spawn_periodic(state.clone());
-        Ok(Self { port, server, state })
+        Ok(Self {
+            port,
+            server,
+            state,
+        })
     }
 
     pub fn port(&self) -> u16 {
         self.port
+    }
+
+    /// Stops the server gracefully (`handle.stop(true)`).
+    pub fn handle(&self) -> actix_web::dev::ServerHandle {
+        self.server.handle()
     }
 
     pub fn state(&self) -> web::Data<AppState> {
@@ -148,7 +197,8 @@ impl Application {
 /// Unknown paths answer in the API's error shape too.
 pub async fn no_route(req: actix_web::HttpRequest) -> actix_web::HttpResponse {
     use actix_web::ResponseError;
-    error::ApiError::not_found(format!("no route for {} {}", req.method(), req.path())).error_response()
+    error::ApiError::not_found(format!("no route for {} {}", req.method(), req.path()))
+        .error_response()
 }
 
 fn tracing_actix() -> middleware::Logger {

@@ -6,7 +6,10 @@ use super::entities::{adapter, adapter_version, version_file};
 use super::error::ApiError;
 use crate::api::{AdapterVersion, Name, VersionFile};
 
-pub async fn adapter_by_name(db: &impl ConnectionTrait, name: &str) -> Result<adapter::Model, ApiError> {
+pub async fn adapter_by_name(
+    db: &impl ConnectionTrait,
+    name: &str,
+) -> Result<adapter::Model, ApiError> {
     adapter::Entity::find()
         .filter(adapter::Column::Name.eq(name))
         .one(db)
@@ -14,16 +17,25 @@ pub async fn adapter_by_name(db: &impl ConnectionTrait, name: &str) -> Result<ad
         .ok_or_else(|| ApiError::not_found(format!("adapter {name:?} not found")))
 }
 
-pub async fn version_row(db: &impl ConnectionTrait, a: &adapter::Model, version: u32) -> Result<adapter_version::Model, ApiError> {
+pub async fn version_row(
+    db: &impl ConnectionTrait,
+    a: &adapter::Model,
+    version: u32,
+) -> Result<adapter_version::Model, ApiError> {
     adapter_version::Entity::find()
         .filter(adapter_version::Column::AdapterId.eq(a.id))
         .filter(adapter_version::Column::Version.eq(version as i32))
         .one(db)
         .await?
-        .ok_or_else(|| ApiError::not_found(format!("adapter {:?} has no version {version}", a.name)))
+        .ok_or_else(|| {
+            ApiError::not_found(format!("adapter {:?} has no version {version}", a.name))
+        })
 }
 
-pub async fn files_of(db: &impl ConnectionTrait, version_id: i32) -> Result<Vec<version_file::Model>, ApiError> {
+pub async fn files_of(
+    db: &impl ConnectionTrait,
+    version_id: i32,
+) -> Result<Vec<version_file::Model>, ApiError> {
     Ok(version_file::Entity::find()
         .filter(version_file::Column::VersionId.eq(version_id))
         .order_by_asc(version_file::Column::Name)
@@ -31,8 +43,17 @@ pub async fn files_of(db: &impl ConnectionTrait, version_id: i32) -> Result<Vec<
         .await?)
 }
 
-pub fn to_api_version(a: &adapter::Model, v: adapter_version::Model, files: Vec<version_file::Model>) -> Result<AdapterVersion, ApiError> {
-    let bad = |what: &str, e: serde_json::Error| ApiError::internal(format!("stored {what} of {}@{} is unreadable: {e}", a.name, v.version));
+pub fn to_api_version(
+    a: &adapter::Model,
+    v: adapter_version::Model,
+    files: Vec<version_file::Model>,
+) -> Result<AdapterVersion, ApiError> {
+    let bad = |what: &str, e: serde_json::Error| {
+        ApiError::internal(format!(
+            "stored {what} of {}@{} is unreadable: {e}",
+            a.name, v.version
+        ))
+    };
     Ok(AdapterVersion {
         adapter: Name::parse(&a.name).map_err(|e| ApiError::internal(e.to_string()))?,
         version: v.version as u32,
@@ -40,7 +61,11 @@ pub fn to_api_version(a: &adapter::Model, v: adapter_version::Model, files: Vec<
         base_model: Name::parse(&v.base_model).map_err(|e| ApiError::internal(e.to_string()))?,
         files: files
             .into_iter()
-            .map(|f| VersionFile { name: f.name, sha256: f.sha256, size: f.size as u64 })
+            .map(|f| VersionFile {
+                name: f.name,
+                sha256: f.sha256,
+                size: f.size as u64,
+            })
             .collect(),
         summary: serde_json::from_value(v.summary).map_err(|e| bad("summary", e))?,
         config: v.config,
@@ -51,7 +76,11 @@ pub fn to_api_version(a: &adapter::Model, v: adapter_version::Model, files: Vec<
     })
 }
 
-pub async fn load_version(db: &impl ConnectionTrait, a: &adapter::Model, version: u32) -> Result<AdapterVersion, ApiError> {
+pub async fn load_version(
+    db: &impl ConnectionTrait,
+    a: &adapter::Model,
+    version: u32,
+) -> Result<AdapterVersion, ApiError> {
     let v = version_row(db, a, version).await?;
     let files = files_of(db, v.id).await?;
     to_api_version(a, v, files)

@@ -46,12 +46,17 @@ impl Default for RegistrySettings {
 
 impl RegistrySettings {
     pub fn database_url(&self, data_dir: &Path) -> String {
-        self.database_url
-            .clone()
-            .unwrap_or_else(|| format!("sqlite://{}?mode=rwc", data_dir.join("registry.db").display()))
+        self.database_url.clone().unwrap_or_else(|| {
+            format!(
+                "sqlite://{}?mode=rwc",
+                data_dir.join("registry.db").display()
+            )
+        })
     }
     pub fn object_store_url(&self, data_dir: &Path) -> String {
-        self.object_store_url.clone().unwrap_or_else(|| data_dir.join("blobs").display().to_string())
+        self.object_store_url
+            .clone()
+            .unwrap_or_else(|| data_dir.join("blobs").display().to_string())
     }
 }
 

@@ -24,9 +24,13 @@ pub async fn sweep_orphans(state: &AppState, grace: Duration) -> Result<SweepRep
     let cutoff = chrono::Utc::now() - chrono::Duration::from_std(grace).unwrap_or_default();
     let mut report = SweepReport::default();
 
-    let stale = upload::Entity::find().filter(upload::Column::StartedAt.lt(cutoff)).all(&state.db).await?;
+    let stale = upload::Entity::find()
+        .filter(upload::Column::StartedAt.lt(cutoff))
+        .all(&state.db)
+        .await?;
     for u in stale {
-        report.blobs_deleted += blobs::delete_prefix(&state.store, &blobs::version_prefix(&u.adapter, &u.id)).await?;
+        report.blobs_deleted +=
+            blobs::delete_prefix(&state.store, &blobs::version_prefix(&u.adapter, &u.id)).await?;
         upload::Entity::delete_by_id(u.id).exec(&state.db).await?;
         report.uploads_removed += 1;
     }
@@ -39,10 +43,16 @@ pub async fn sweep_orphans(state: &AppState, grace: Duration) -> Result<SweepRep
         .await?
         .into_iter()
         .collect();
-    let pending: HashSet<String> = upload::Entity::find().all(&state.db).await?.into_iter().map(|u| u.id).collect();
+    let pending: HashSet<String> = upload::Entity::find()
+        .all(&state.db)
+        .await?
+        .into_iter()
+        .map(|u| u.id)
+        .collect();
     for (adapter, id, modified) in blobs::list_uploads(&state.store).await? {
         if modified < cutoff && !owned.contains(&id) && !pending.contains(&id) {
-            report.blobs_deleted += blobs::delete_prefix(&state.store, &blobs::version_prefix(&adapter, &id)).await?;
+            report.blobs_deleted +=
+                blobs::delete_prefix(&state.store, &blobs::version_prefix(&adapter, &id)).await?;
         }
     }
     if report != SweepReport::default() {

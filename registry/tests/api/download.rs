@@ -21,7 +21,14 @@ async fn downloads_stream_with_etag_and_ranges(db: Db, blobs: Blobs) {
     assert_eq!(res.bytes().await.unwrap().as_ref(), bytes.as_slice());
 
     // Conditional GET.
-    let res = app.http.get(app.url(path)).bearer_auth(&app.viewer).header("If-None-Match", format!("\"{sha}\"")).send().await.unwrap();
+    let res = app
+        .http
+        .get(app.url(path))
+        .bearer_auth(&app.viewer)
+        .header("If-None-Match", format!("\"{sha}\""))
+        .send()
+        .await
+        .unwrap();
     assert_eq!(res.status(), 304);
 
     // Ranges: a middle slice, a suffix, an open end.
@@ -31,12 +38,31 @@ async fn downloads_stream_with_etag_and_ranges(db: Db, blobs: Blobs) {
         ("bytes=-16".to_string(), &bytes[n - 16..]),
         (format!("bytes={}-", n - 5), &bytes[n - 5..]),
     ] {
-        let res = app.http.get(app.url(path)).bearer_auth(&app.viewer).header("Range", &range).send().await.unwrap();
+        let res = app
+            .http
+            .get(app.url(path))
+            .bearer_auth(&app.viewer)
+            .header("Range", &range)
+            .send()
+            .await
+            .unwrap();
         assert_eq!(res.status(), 206, "{range}");
-        assert!(res.headers()["content-range"].to_str().unwrap().ends_with(&format!("/{n}")));
+        assert!(
+            res.headers()["content-range"]
+                .to_str()
+                .unwrap()
+                .ends_with(&format!("/{n}"))
+        );
         assert_eq!(res.bytes().await.unwrap().as_ref(), want, "{range}");
     }
-    let res = app.http.get(app.url(path)).bearer_auth(&app.viewer).header("Range", format!("bytes={n}-")).send().await.unwrap();
+    let res = app
+        .http
+        .get(app.url(path))
+        .bearer_auth(&app.viewer)
+        .header("Range", format!("bytes={n}-"))
+        .send()
+        .await
+        .unwrap();
     assert_eq!(error_of(res).await.0, 416);
 
     // Unknown version / file / adapter.
@@ -48,7 +74,15 @@ async fn downloads_stream_with_etag_and_ranges(db: Db, blobs: Blobs) {
     ] {
         assert_eq!(error_of(app.get(p, &app.viewer).await).await.0, 404, "{p}");
     }
-    assert_eq!(error_of(app.get("/api/v1/adapters/dl/versions/zero", &app.viewer).await).await.0, 400);
+    assert_eq!(
+        error_of(
+            app.get("/api/v1/adapters/dl/versions/zero", &app.viewer)
+                .await
+        )
+        .await
+        .0,
+        400
+    );
     app.cleanup().await;
 }
 backends!(downloads_stream_with_etag_and_ranges, s3);
@@ -61,12 +95,32 @@ async fn the_client_pulls_and_verifies(db: Db, blobs: Blobs) {
     for (n, b) in a.files() {
         std::fs::write(dir.path().join(n), b).unwrap();
     }
-    let client = loraops_registry::client::RegistryClient::new(&app.address, Some(app.publisher.clone()));
-    let pushed = client.push_dir(dir.path(), "mlp-only", None, loraops_registry::client::no_progress()).await.unwrap();
+    let client =
+        loraops_registry::client::RegistryClient::new(&app.address, Some(app.publisher.clone()));
+    let pushed = client
+        .push_dir(
+            dir.path(),
+            "mlp-only",
+            None,
+            loraops_registry::client::no_progress(),
+        )
+        .await
+        .unwrap();
     assert!(pushed.created);
-    assert_eq!(pushed.version.summary.target_modules, vec!["down_proj", "gate_proj", "up_proj"]);
+    assert_eq!(
+        pushed.version.summary.target_modules,
+        vec!["down_proj", "gate_proj", "up_proj"]
+    );
     let out = tempfile::tempdir().unwrap();
-    let v = client.pull("mlp-only", 1, out.path(), loraops_registry::client::no_progress()).await.unwrap();
+    let v = client
+        .pull(
+            "mlp-only",
+            1,
+            out.path(),
+            loraops_registry::client::no_progress(),
+        )
+        .await
+        .unwrap();
     assert_eq!(v.digest, pushed.version.digest);
     for (n, b) in a.files() {
         assert_eq!(std::fs::read(out.path().join(&n)).unwrap(), b, "{n}");
@@ -75,8 +129,20 @@ async fn the_client_pulls_and_verifies(db: Db, blobs: Blobs) {
     let mut f = v.files[0].clone();
     f.sha256 = "0".repeat(64);
     let dest = out.path().join("tampered");
-    let err = client.download_file("mlp-only", 1, &f, &dest, loraops_registry::client::no_progress()).await.unwrap_err();
-    assert!(matches!(err, loraops_registry::client::ClientError::Integrity { .. }), "{err}");
+    let err = client
+        .download_file(
+            "mlp-only",
+            1,
+            &f,
+            &dest,
+            loraops_registry::client::no_progress(),
+        )
+        .await
+        .unwrap_err();
+    assert!(
+        matches!(err, loraops_registry::client::ClientError::Integrity { .. }),
+        "{err}"
+    );
     assert!(!dest.exists());
     app.cleanup().await;
 }

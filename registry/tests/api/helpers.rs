@@ -7,7 +7,9 @@ use std::collections::HashMap;
 use actix_web::web;
 use loraops_registry::api::Role;
 use loraops_registry::auth::{AuthSettings, Signer};
-use loraops_registry::server::{AppState, Application, RegistrySettings, S3Settings, ServeSettings};
+use loraops_registry::server::{
+    AppState, Application, RegistrySettings, S3Settings, ServeSettings,
+};
 use reqwest::multipart;
 use safetensors::tensor::{Dtype, TensorView};
 use serde_json::{Value, json};
@@ -48,18 +50,28 @@ fn env_or_fail(key: &str) -> String {
 async fn fresh_postgres_database() -> (String, String) {
     let admin_url = env_or_fail("LORAOPS_TEST_POSTGRES_URL");
     let name = format!("loraops_test_{}", uuid::Uuid::new_v4().simple());
-    let conn = sea_orm::Database::connect(admin_url.as_str()).await.expect("connect to PostgreSQL");
+    let conn = sea_orm::Database::connect(admin_url.as_str())
+        .await
+        .expect("connect to PostgreSQL");
     use sea_orm::ConnectionTrait;
-    conn.execute_unprepared(&format!("CREATE DATABASE {name}")).await.expect("create test database");
+    conn.execute_unprepared(&format!("CREATE DATABASE {name}"))
+        .await
+        .expect("create test database");
     conn.close().await.ok();
-    let (base, _) = admin_url.rsplit_once('/').expect("postgres URL names a database");
+    let (base, _) = admin_url
+        .rsplit_once('/')
+        .expect("postgres URL names a database");
     (format!("{base}/{name}"), name)
 }
 
 async fn fresh_bucket() -> (String, S3Settings) {
     let endpoint = env_or_fail("LORAOPS_TEST_S3_ENDPOINT");
     let bucket = format!("loraops-test-{}", uuid::Uuid::new_v4().simple());
-    let res = reqwest::Client::new().put(format!("{endpoint}/{bucket}")).send().await.expect("reach the S3 test server");
+    let res = reqwest::Client::new()
+        .put(format!("{endpoint}/{bucket}"))
+        .send()
+        .await
+        .expect("reach the S3 test server");
     assert!(res.status().is_success(), "create bucket: {}", res.status());
     let s3 = S3Settings {
         endpoint: Some(endpoint),
@@ -76,7 +88,11 @@ pub async fn spawn_app(db: Db, blobs: Blobs) -> TestApp {
     spawn_with(db, blobs, |_| {}).await
 }
 
-pub async fn spawn_with(db: Db, blobs: Blobs, tweak: impl FnOnce(&mut RegistrySettings)) -> TestApp {
+pub async fn spawn_with(
+    db: Db,
+    blobs: Blobs,
+    tweak: impl FnOnce(&mut RegistrySettings),
+) -> TestApp {
     let dir = tempfile::tempdir().unwrap();
     let (database_url, pg_database) = match db {
         Db::Sqlite => (None, None),
@@ -102,8 +118,16 @@ pub async fn spawn_with(db: Db, blobs: Blobs, tweak: impl FnOnce(&mut RegistrySe
         ..RegistrySettings::default()
     };
     tweak(&mut registry);
-    let auth = AuthSettings { hs256_secret: Some(SECRET.into()), ..AuthSettings::default() };
-    let settings = ServeSettings { data_dir: dir.path().to_path_buf(), registry, auth: auth.clone(), s3 };
+    let auth = AuthSettings {
+        hs256_secret: Some(SECRET.into()),
+        ..AuthSettings::default()
+    };
+    let settings = ServeSettings {
+        data_dir: dir.path().to_path_buf(),
+        registry,
+        auth: auth.clone(),
+        s3,
+    };
     let app = Application::build(settings).await.expect("registry starts");
     let address = format!("http://127.0.0.1:{}", app.port());
     let state = app.state();
@@ -131,7 +155,12 @@ impl TestApp {
     }
 
     pub async fn get(&self, path: &str, token: &str) -> reqwest::Response {
-        self.http.get(self.url(path)).bearer_auth(token).send().await.unwrap()
+        self.http
+            .get(self.url(path))
+            .bearer_auth(token)
+            .send()
+            .await
+            .unwrap()
     }
 
     pub async fn get_json(&self, path: &str) -> Value {
@@ -157,10 +186,18 @@ impl TestApp {
         assert_eq!(res.status(), 201, "{}", res.text().await.unwrap());
     }
 
-    pub async fn push_files(&self, name: &str, files: &[(String, Vec<u8>)], token: &str) -> reqwest::Response {
+    pub async fn push_files(
+        &self,
+        name: &str,
+        files: &[(String, Vec<u8>)],
+        token: &str,
+    ) -> reqwest::Response {
         let mut form = multipart::Form::new();
         for (n, bytes) in files {
-            form = form.part(n.clone(), multipart::Part::bytes(bytes.clone()).file_name(n.clone()));
+            form = form.part(
+                n.clone(),
+                multipart::Part::bytes(bytes.clone()).file_name(n.clone()),
+            );
         }
         self.http
             .post(self.url(&format!("/api/v1/adapters/{name}/versions")))
@@ -172,16 +209,22 @@ impl TestApp {
     }
 
     pub async fn push(&self, name: &str, adapter: &Adapter) -> reqwest::Response {
-        self.push_files(name, &adapter.files(), &self.publisher).await
+        self.push_files(name, &adapter.files(), &self.publisher)
+            .await
     }
 
     /// Drop the PostgreSQL database of this test (after the test passed).
     pub async fn cleanup(self) {
         if let Some(name) = &self.pg_database {
             self.state.db.clone().close().await.ok();
-            let conn = sea_orm::Database::connect(env_or_fail("LORAOPS_TEST_POSTGRES_URL").as_str()).await.unwrap();
+            let conn =
+                sea_orm::Database::connect(env_or_fail("LORAOPS_TEST_POSTGRES_URL").as_str())
+                    .await
+                    .unwrap();
             use sea_orm::ConnectionTrait;
-            conn.execute_unprepared(&format!("DROP DATABASE IF EXISTS {name} WITH (FORCE)")).await.ok();
+            conn.execute_unprepared(&format!("DROP DATABASE IF EXISTS {name} WITH (FORCE)"))
+                .await
+                .ok();
         }
     }
 }
@@ -214,12 +257,27 @@ impl Adapter {
         };
         for layer in 0..2 {
             for m in targets {
-                let block = if m.ends_with("proj") && ["gate_proj", "up_proj", "down_proj"].contains(m) { "mlp" } else { "self_attn" };
+                let block =
+                    if m.ends_with("proj") && ["gate_proj", "up_proj", "down_proj"].contains(m) {
+                        "mlp"
+                    } else {
+                        "self_attn"
+                    };
                 let in_f = if *m == "down_proj" { 128 } else { 64 };
-                let key = |ab: &str| format!("base_model.model.model.layers.{layer}.{block}.{m}.lora_{ab}.weight");
-                tensors.push((key("A"), vec![r, in_f], (0..r * in_f).map(|_| next()).collect()));
+                let key = |ab: &str| {
+                    format!("base_model.model.model.layers.{layer}.{block}.{m}.lora_{ab}.weight")
+                };
+                tensors.push((
+                    key("A"),
+                    vec![r, in_f],
+                    (0..r * in_f).map(|_| next()).collect(),
+                ));
                 let out = out_features(m);
-                tensors.push((key("B"), vec![out, r], (0..out * r).map(|_| next()).collect()));
+                tensors.push((
+                    key("B"),
+                    vec![out, r],
+                    (0..out * r).map(|_| next()).collect(),
+                ));
             }
         }
         let config = json!({
@@ -227,23 +285,43 @@ impl Adapter {
             "target_modules": targets, "base_model_name_or_path": format!("/models/{BASE}"), "bias": "none",
             "use_rslora": false, "use_dora": false, "fan_in_fan_out": false, "inference_mode": true
         });
-        Self { config, tensors, manifest: None }
+        Self {
+            config,
+            tensors,
+            manifest: None,
+        }
     }
 
     pub fn safetensors(&self) -> Vec<u8> {
         let bytes: Vec<(String, Vec<usize>, Vec<u8>)> = self
             .tensors
             .iter()
-            .map(|(n, s, v)| (n.clone(), s.clone(), v.iter().flat_map(|f| f.to_le_bytes()).collect()))
+            .map(|(n, s, v)| {
+                (
+                    n.clone(),
+                    s.clone(),
+                    v.iter().flat_map(|f| f.to_le_bytes()).collect(),
+                )
+            })
             .collect();
-        let views: HashMap<String, TensorView> =
-            bytes.iter().map(|(n, s, b)| (n.clone(), TensorView::new(Dtype::F32, s.clone(), b).unwrap())).collect();
+        let views: HashMap<String, TensorView> = bytes
+            .iter()
+            .map(|(n, s, b)| {
+                (
+                    n.clone(),
+                    TensorView::new(Dtype::F32, s.clone(), b).unwrap(),
+                )
+            })
+            .collect();
         safetensors::serialize(views, None).unwrap()
     }
 
     pub fn files(&self) -> Vec<(String, Vec<u8>)> {
         let mut f = vec![
-            ("adapter_config.json".to_string(), serde_json::to_vec_pretty(&self.config).unwrap()),
+            (
+                "adapter_config.json".to_string(),
+                serde_json::to_vec_pretty(&self.config).unwrap(),
+            ),
             ("adapter_model.safetensors".to_string(), self.safetensors()),
         ];
         if let Some(m) = &self.manifest {
@@ -257,7 +335,9 @@ impl Adapter {
 pub async fn error_of(res: reqwest::Response) -> (u16, Value) {
     let status = res.status().as_u16();
     let body: Value = res.json().await.expect("error body is JSON");
-    assert!(body["error"]["code"].is_string() && body["error"]["message"].is_string(), "error shape: {body}");
+    assert!(
+        body["error"]["code"].is_string() && body["error"]["message"].is_string(),
+        "error shape: {body}"
+    );
     (status, body["error"].clone())
 }
-

@@ -12,13 +12,21 @@ async fn versions_are_numbered_and_identical_bytes_return_the_same_version(db: D
     let res = app.push("support-bot", &a1).await;
     assert_eq!(res.status(), 201);
     let v1: Value = res.json().await.unwrap();
-    assert_eq!((v1["version"].as_u64(), v1["created"].as_bool()), (Some(1), Some(true)));
+    assert_eq!(
+        (v1["version"].as_u64(), v1["created"].as_bool()),
+        (Some(1), Some(true))
+    );
     assert!(v1["digest"].as_str().unwrap().starts_with("sha256:"));
     assert_eq!(v1["summary"]["r"], 4);
     assert_eq!(v1["summary"]["layers"], 2);
-    assert_eq!(v1["summary"]["target_modules"], serde_json::json!(["q_proj", "v_proj"]));
+    assert_eq!(
+        v1["summary"]["target_modules"],
+        serde_json::json!(["q_proj", "v_proj"])
+    );
 
-    let res = app.push("support-bot", &Adapter::new(2, 4, &["q_proj", "v_proj"])).await;
+    let res = app
+        .push("support-bot", &Adapter::new(2, 4, &["q_proj", "v_proj"]))
+        .await;
     assert_eq!(res.status(), 201);
     let v2: Value = res.json().await.unwrap();
     assert_eq!(v2["version"], 2);
@@ -28,7 +36,10 @@ async fn versions_are_numbered_and_identical_bytes_return_the_same_version(db: D
     let res = app.push("support-bot", &a1).await;
     assert_eq!(res.status(), 200);
     let again: Value = res.json().await.unwrap();
-    assert_eq!((again["version"].as_u64(), again["created"].as_bool()), (Some(1), Some(false)));
+    assert_eq!(
+        (again["version"].as_u64(), again["created"].as_bool()),
+        (Some(1), Some(false))
+    );
     assert_eq!(again["digest"], v1["digest"]);
 
     let list = app.get_json("/api/v1/adapters/support-bot/versions").await;
@@ -37,18 +48,26 @@ async fn versions_are_numbered_and_identical_bytes_return_the_same_version(db: D
     assert_eq!(adapter["latest_version"], 2);
     assert_eq!(adapter["base_model"], "tiny-llama");
     // The re-push's blobs were deleted: only two uploads remain in the store.
-    let uploads = loraops_registry::server::blobs::list_uploads(&app.state.store).await.unwrap();
+    let uploads = loraops_registry::server::blobs::list_uploads(&app.state.store)
+        .await
+        .unwrap();
     assert_eq!(uploads.len(), 2, "{uploads:?}");
     app.cleanup().await;
 }
-backends!(versions_are_numbered_and_identical_bytes_return_the_same_version, s3);
+backends!(
+    versions_are_numbered_and_identical_bytes_return_the_same_version,
+    s3
+);
 
 async fn concurrent_pushes_get_distinct_versions(db: Db, blobs: Blobs) {
     let app = spawn_app(db, blobs).await;
     app.register_base().await;
     let pushes = (0..6).map(|i| {
         let app = &app;
-        async move { app.push("racer", &Adapter::new(100 + i, 4, &["q_proj"])).await }
+        async move {
+            app.push("racer", &Adapter::new(100 + i, 4, &["q_proj"]))
+                .await
+        }
     });
     let results = futures_util::future::join_all(pushes).await;
     let mut versions = Vec::new();
@@ -101,9 +120,22 @@ async fn a_failed_push_leaves_nothing_behind(db: Db, blobs: Blobs) {
     // Not listed, not found, no blobs, no pending upload.
     let list = app.get_json("/api/v1/adapters").await;
     assert!(list["items"].as_array().unwrap().is_empty());
-    assert_eq!(app.get("/api/v1/adapters/ghost", &app.viewer).await.status(), 404);
-    assert!(loraops_registry::server::blobs::list_uploads(&app.state.store).await.unwrap().is_empty());
-    let report = loraops_registry::server::sweep::sweep_orphans(&app.state, std::time::Duration::ZERO).await.unwrap();
+    assert_eq!(
+        app.get("/api/v1/adapters/ghost", &app.viewer)
+            .await
+            .status(),
+        404
+    );
+    assert!(
+        loraops_registry::server::blobs::list_uploads(&app.state.store)
+            .await
+            .unwrap()
+            .is_empty()
+    );
+    let report =
+        loraops_registry::server::sweep::sweep_orphans(&app.state, std::time::Duration::ZERO)
+            .await
+            .unwrap();
     assert_eq!(report.uploads_removed, 0);
     app.cleanup().await;
 }
@@ -119,23 +151,51 @@ async fn an_interrupted_upload_is_swept(db: Db, blobs: Blobs) {
     use object_store::ObjectStoreExt;
     use sea_orm::{ActiveModelTrait, Set};
     let old = chrono::Utc::now() - chrono::Duration::hours(2);
-    loraops_registry::server::entities::upload::ActiveModel { id: Set("dead-upload".into()), adapter: Set("keep".into()), started_at: Set(old) }
-        .insert(&app.state.db)
+    loraops_registry::server::entities::upload::ActiveModel {
+        id: Set("dead-upload".into()),
+        adapter: Set("keep".into()),
+        started_at: Set(old),
+    }
+    .insert(&app.state.db)
+    .await
+    .unwrap();
+    let key = loraops_registry::server::blobs::version_prefix("keep", "dead-upload")
+        .join("adapter_model.safetensors");
+    app.state
+        .store
+        .put(&key, vec![1u8; 1000].into())
         .await
         .unwrap();
-    let key = loraops_registry::server::blobs::version_prefix("keep", "dead-upload").join("adapter_model.safetensors");
-    app.state.store.put(&key, vec![1u8; 1000].into()).await.unwrap();
     // And a stray directory no row knows about.
-    let stray = loraops_registry::server::blobs::version_prefix("keep", "stray").join("adapter_config.json");
-    app.state.store.put(&stray, b"{}".to_vec().into()).await.unwrap();
+    let stray = loraops_registry::server::blobs::version_prefix("keep", "stray")
+        .join("adapter_config.json");
+    app.state
+        .store
+        .put(&stray, b"{}".to_vec().into())
+        .await
+        .unwrap();
 
-    let report = loraops_registry::server::sweep::sweep_orphans(&app.state, std::time::Duration::ZERO).await.unwrap();
+    let report =
+        loraops_registry::server::sweep::sweep_orphans(&app.state, std::time::Duration::ZERO)
+            .await
+            .unwrap();
     assert_eq!(report.uploads_removed, 1);
     assert_eq!(report.blobs_deleted, 2);
-    let left = loraops_registry::server::blobs::list_uploads(&app.state.store).await.unwrap();
-    assert_eq!(left.len(), 1, "only the published version's blobs remain: {left:?}");
+    let left = loraops_registry::server::blobs::list_uploads(&app.state.store)
+        .await
+        .unwrap();
+    assert_eq!(
+        left.len(),
+        1,
+        "only the published version's blobs remain: {left:?}"
+    );
     // The published version still downloads.
-    let res = app.get("/api/v1/adapters/keep/versions/1/files/adapter_model.safetensors", &app.viewer).await;
+    let res = app
+        .get(
+            "/api/v1/adapters/keep/versions/1/files/adapter_model.safetensors",
+            &app.viewer,
+        )
+        .await;
     assert_eq!(res.status(), 200);
     app.cleanup().await;
 }
@@ -144,10 +204,19 @@ backends!(an_interrupted_upload_is_swept, s3);
 async fn oversize_uploads_are_rejected(db: Db, blobs: Blobs) {
     let app = spawn_with(db, blobs, |r| r.max_upload_bytes = 2000).await;
     app.register_base().await;
-    let (status, err) = error_of(app.push("big", &Adapter::new(1, 8, &["q_proj", "v_proj", "o_proj"])).await).await;
+    let (status, err) = error_of(
+        app.push("big", &Adapter::new(1, 8, &["q_proj", "v_proj", "o_proj"]))
+            .await,
+    )
+    .await;
     assert_eq!(status, 413);
     assert!(err["message"].as_str().unwrap().contains("2000"), "{err}");
-    assert!(loraops_registry::server::blobs::list_uploads(&app.state.store).await.unwrap().is_empty());
+    assert!(
+        loraops_registry::server::blobs::list_uploads(&app.state.store)
+            .await
+            .unwrap()
+            .is_empty()
+    );
     app.cleanup().await;
 }
 backends!(oversize_uploads_are_rejected);
@@ -156,7 +225,9 @@ async fn lineage_from_the_manifest_is_kept(db: Db, blobs: Blobs) {
     let app = spawn_app(db, blobs).await;
     app.register_base().await;
     let mut a = Adapter::new(5, 4, &["q_proj"]);
-    a.manifest = Some(serde_json::json!({"format": "loraops.training/v1", "method": "sft", "datasets": [{"role": "train", "digest": "sha256:ab"}]}));
+    a.manifest = Some(
+        serde_json::json!({"format": "loraops.training/v1", "method": "sft", "datasets": [{"role": "train", "digest": "sha256:ab"}]}),
+    );
     let res = app.push("lineage", &a).await;
     assert_eq!(res.status(), 201);
     let v = app.get_json("/api/v1/adapters/lineage/versions/1").await;

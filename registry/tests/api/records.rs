@@ -9,10 +9,20 @@ async fn listings_paginate(db: Db, blobs: Blobs) {
     let app = spawn_app(db, blobs).await;
     app.register_base().await;
     for i in 0..5 {
-        assert_eq!(app.push(&format!("a{i}"), &Adapter::new(i, 4, &["q_proj"])).await.status(), 201);
+        assert_eq!(
+            app.push(&format!("a{i}"), &Adapter::new(i, 4, &["q_proj"]))
+                .await
+                .status(),
+            201
+        );
     }
     for i in 0..3 {
-        assert_eq!(app.push("a0", &Adapter::new(50 + i, 4, &["q_proj"])).await.status(), 201);
+        assert_eq!(
+            app.push("a0", &Adapter::new(50 + i, 4, &["q_proj"]))
+                .await
+                .status(),
+            201
+        );
     }
     let mut names = Vec::new();
     let mut after: Option<String> = None;
@@ -24,7 +34,11 @@ async fn listings_paginate(db: Db, blobs: Blobs) {
         let page = app.get_json(&q).await;
         let items = page["items"].as_array().unwrap();
         assert!(items.len() <= 2);
-        names.extend(items.iter().map(|i| i["name"].as_str().unwrap().to_string()));
+        names.extend(
+            items
+                .iter()
+                .map(|i| i["name"].as_str().unwrap().to_string()),
+        );
         match page["next"].as_str() {
             Some(n) => after = Some(n.to_string()),
             None => break,
@@ -32,9 +46,16 @@ async fn listings_paginate(db: Db, blobs: Blobs) {
     }
     assert_eq!(names, ["a0", "a1", "a2", "a3", "a4"]);
     let p1 = app.get_json("/api/v1/adapters/a0/versions?limit=3").await;
-    let vs: Vec<u64> = p1["items"].as_array().unwrap().iter().map(|v| v["version"].as_u64().unwrap()).collect();
+    let vs: Vec<u64> = p1["items"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|v| v["version"].as_u64().unwrap())
+        .collect();
     assert_eq!((vs, p1["next"].as_str()), (vec![1, 2, 3], Some("3")));
-    let p2 = app.get_json("/api/v1/adapters/a0/versions?limit=3&after=3").await;
+    let p2 = app
+        .get_json("/api/v1/adapters/a0/versions?limit=3&after=3")
+        .await;
     assert_eq!(p2["items"].as_array().unwrap().len(), 1);
     assert!(p2["next"].is_null());
     let bases = app.get_json("/api/v1/base-models").await;
@@ -46,7 +67,12 @@ backends!(listings_paginate);
 async fn evidence_binds_to_the_version_digest(db: Db, blobs: Blobs) {
     let app = spawn_app(db, blobs).await;
     app.register_base().await;
-    let v: Value = app.push("ev", &Adapter::new(1, 4, &["q_proj"])).await.json().await.unwrap();
+    let v: Value = app
+        .push("ev", &Adapter::new(1, 4, &["q_proj"]))
+        .await
+        .json()
+        .await
+        .unwrap();
     let digest = v["digest"].as_str().unwrap();
     let mut body = json!({
         "adapter_digest": digest, "suite": {"name": "redteam-smoke", "version": "1", "digest": "sha256:aa"},
@@ -54,17 +80,40 @@ async fn evidence_binds_to_the_version_digest(db: Db, blobs: Blobs) {
         "metrics": {"refusal_rate": 0.97}, "cases": 120, "cases_digest": "sha256:bb",
         "started_at": "2026-11-28T00:00:00Z", "finished_at": "2026-11-28T00:05:00Z"
     });
-    let res = app.http.post(app.url("/api/v1/adapters/ev/versions/1/evidence")).bearer_auth(&app.evaluator).json(&body).send().await.unwrap();
+    let res = app
+        .http
+        .post(app.url("/api/v1/adapters/ev/versions/1/evidence"))
+        .bearer_auth(&app.evaluator)
+        .json(&body)
+        .send()
+        .await
+        .unwrap();
     assert_eq!(res.status(), 201);
     let created: Value = res.json().await.unwrap();
     assert_eq!(created["created_by"], "tester");
     body["adapter_digest"] = json!("sha256:0000");
-    let res = app.http.post(app.url("/api/v1/adapters/ev/versions/1/evidence")).bearer_auth(&app.evaluator).json(&body).send().await.unwrap();
+    let res = app
+        .http
+        .post(app.url("/api/v1/adapters/ev/versions/1/evidence"))
+        .bearer_auth(&app.evaluator)
+        .json(&body)
+        .send()
+        .await
+        .unwrap();
     let (s, e) = error_of(res).await;
     assert_eq!((s, e["code"].as_str()), (422, Some("digest_mismatch")));
-    let res = app.http.post(app.url("/api/v1/adapters/ev/versions/1/evidence")).bearer_auth(&app.evaluator).json(&json!({"metrics": {}})).send().await.unwrap();
+    let res = app
+        .http
+        .post(app.url("/api/v1/adapters/ev/versions/1/evidence"))
+        .bearer_auth(&app.evaluator)
+        .json(&json!({"metrics": {}}))
+        .send()
+        .await
+        .unwrap();
     assert_eq!(error_of(res).await.0, 400);
-    let list = app.get_json("/api/v1/adapters/ev/versions/1/evidence").await;
+    let list = app
+        .get_json("/api/v1/adapters/ev/versions/1/evidence")
+        .await;
     assert_eq!(list.as_array().unwrap().len(), 1);
     assert_eq!(list[0]["metrics"]["refusal_rate"], 0.97);
     assert_eq!(list[0]["suite"]["name"], "redteam-smoke");
@@ -76,7 +125,15 @@ async fn gate_policies_are_stored_and_checked(db: Db, blobs: Blobs) {
     let app = spawn_app(db, blobs).await;
     let put = |name: &'static str, body: Value| {
         let app = &app;
-        async move { app.http.put(app.url(&format!("/api/v1/adapters/{name}/gate"))).bearer_auth(&app.deployer).json(&body).send().await.unwrap() }
+        async move {
+            app.http
+                .put(app.url(&format!("/api/v1/adapters/{name}/gate")))
+                .bearer_auth(&app.deployer)
+                .json(&body)
+                .send()
+                .await
+                .unwrap()
+        }
     };
     let policy = json!({"required_suites": ["redteam-smoke"], "rules": [
         {"suite": "bench", "metric": "accuracy", "op": ">=", "threshold": 0.7},
@@ -87,15 +144,46 @@ async fn gate_policies_are_stored_and_checked(db: Db, blobs: Blobs) {
     assert_eq!(got["updated_by"], "tester");
     // Replace.
     assert_eq!(put("gated", json!({"rules": []})).await.status(), 200);
-    assert!(app.get_json("/api/v1/adapters/gated/gate").await["policy"]["rules"].as_array().unwrap().is_empty());
+    assert!(
+        app.get_json("/api/v1/adapters/gated/gate").await["policy"]["rules"]
+            .as_array()
+            .unwrap()
+            .is_empty()
+    );
     // The default policy lives under `*`.
     assert_eq!(put("*", policy).await.status(), 200);
-    assert_eq!(app.get_json("/api/v1/adapters/*/gate").await["policy"]["required_suites"][0], "redteam-smoke");
+    assert_eq!(
+        app.get_json("/api/v1/adapters/*/gate").await["policy"]["required_suites"][0],
+        "redteam-smoke"
+    );
     // A rule with no bound, an unknown operator.
-    let (s, e) = error_of(put("gated", json!({"rules": [{"suite": "s", "metric": "m", "op": ">="}]})).await).await;
+    let (s, e) = error_of(
+        put(
+            "gated",
+            json!({"rules": [{"suite": "s", "metric": "m", "op": ">="}]}),
+        )
+        .await,
+    )
+    .await;
     assert_eq!((s, e["code"].as_str()), (422, Some("invalid_gate")));
-    assert_eq!(error_of(put("gated", json!({"rules": [{"suite": "s", "metric": "m", "op": "~", "threshold": 1}]})).await).await.0, 400);
-    assert_eq!(error_of(app.get("/api/v1/adapters/nogate/gate", &app.viewer).await).await.0, 404);
+    assert_eq!(
+        error_of(
+            put(
+                "gated",
+                json!({"rules": [{"suite": "s", "metric": "m", "op": "~", "threshold": 1}]})
+            )
+            .await
+        )
+        .await
+        .0,
+        400
+    );
+    assert_eq!(
+        error_of(app.get("/api/v1/adapters/nogate/gate", &app.viewer).await)
+            .await
+            .0,
+        404
+    );
     app.cleanup().await;
 }
 backends!(gate_policies_are_stored_and_checked);
@@ -106,8 +194,13 @@ async fn the_routing_table_long_polls(db: Db, blobs: Blobs) {
     assert!(t["routes"].as_array().unwrap().is_empty());
     let rev = t["revision"].as_i64().unwrap();
     let start = std::time::Instant::now();
-    let t2 = app.get_json(&format!("/api/v1/routing?since={rev}&wait=1")).await;
-    assert!(start.elapsed() >= std::time::Duration::from_millis(900), "waited for a change");
+    let t2 = app
+        .get_json(&format!("/api/v1/routing?since={rev}&wait=1"))
+        .await;
+    assert!(
+        start.elapsed() >= std::time::Duration::from_millis(900),
+        "waited for a change"
+    );
     assert_eq!(t2["revision"].as_i64(), Some(rev));
     app.cleanup().await;
 }

@@ -10,7 +10,16 @@ async fn rejected(app: &TestApp, name: &str, files: Vec<(String, Vec<u8>)>) -> (
 }
 
 fn with(files: &[(String, Vec<u8>)], name: &str, bytes: Vec<u8>) -> Vec<(String, Vec<u8>)> {
-    files.iter().map(|(n, b)| if n == name { (n.clone(), bytes.clone()) } else { (n.clone(), b.clone()) }).collect()
+    files
+        .iter()
+        .map(|(n, b)| {
+            if n == name {
+                (n.clone(), bytes.clone())
+            } else {
+                (n.clone(), b.clone())
+            }
+        })
+        .collect()
 }
 
 async fn bad_adapters_are_rejected_with_the_reason(db: Db, blobs: Blobs) {
@@ -22,7 +31,13 @@ async fn bad_adapters_are_rejected_with_the_reason(db: Db, blobs: Blobs) {
     // Missing part.
     let (s, e) = rejected(&app, "x", vec![files[0].clone()]).await;
     assert_eq!(s, 400);
-    assert!(e["message"].as_str().unwrap().contains("adapter_model.safetensors"), "{e}");
+    assert!(
+        e["message"]
+            .as_str()
+            .unwrap()
+            .contains("adapter_model.safetensors"),
+        "{e}"
+    );
 
     // Unknown part.
     let mut extra = files.clone();
@@ -32,7 +47,16 @@ async fn bad_adapters_are_rejected_with_the_reason(db: Db, blobs: Blobs) {
     assert!(e["message"].as_str().unwrap().contains("evil.sh"), "{e}");
 
     // Not a safetensors file.
-    let (s, e) = rejected(&app, "x", with(&files, "adapter_model.safetensors", b"PK\x03\x04 definitely a zip".to_vec())).await;
+    let (s, e) = rejected(
+        &app,
+        "x",
+        with(
+            &files,
+            "adapter_model.safetensors",
+            b"PK\x03\x04 definitely a zip".to_vec(),
+        ),
+    )
+    .await;
     assert_eq!(s, 422);
     assert_eq!(e["details"]["file"], "adapter_model.safetensors");
 
@@ -46,27 +70,62 @@ async fn bad_adapters_are_rejected_with_the_reason(db: Db, blobs: Blobs) {
     // Config is not LoRA.
     let mut cfg = good.config.clone();
     cfg["peft_type"] = json!("IA3");
-    let (s, e) = rejected(&app, "x", with(&files, "adapter_config.json", serde_json::to_vec(&cfg).unwrap())).await;
+    let (s, e) = rejected(
+        &app,
+        "x",
+        with(
+            &files,
+            "adapter_config.json",
+            serde_json::to_vec(&cfg).unwrap(),
+        ),
+    )
+    .await;
     assert_eq!(s, 422);
     assert_eq!(e["details"]["field"], "peft_type");
 
     // Config misses a field.
     let mut cfg = good.config.clone();
     cfg.as_object_mut().unwrap().remove("lora_alpha");
-    let (s, e) = rejected(&app, "x", with(&files, "adapter_config.json", serde_json::to_vec(&cfg).unwrap())).await;
+    let (s, e) = rejected(
+        &app,
+        "x",
+        with(
+            &files,
+            "adapter_config.json",
+            serde_json::to_vec(&cfg).unwrap(),
+        ),
+    )
+    .await;
     assert_eq!(s, 422);
     assert_eq!(e["details"]["field"], "lora_alpha");
 
     // Config is not JSON.
-    let (s, _) = rejected(&app, "x", with(&files, "adapter_config.json", b"r = 4".to_vec())).await;
+    let (s, _) = rejected(
+        &app,
+        "x",
+        with(&files, "adapter_config.json", b"r = 4".to_vec()),
+    )
+    .await;
     assert_eq!(s, 422);
 
     // Tensors for a module not in target_modules.
     let mut cfg = good.config.clone();
     cfg["target_modules"] = json!(["q_proj"]);
-    let (s, e) = rejected(&app, "x", with(&files, "adapter_config.json", serde_json::to_vec(&cfg).unwrap())).await;
+    let (s, e) = rejected(
+        &app,
+        "x",
+        with(
+            &files,
+            "adapter_config.json",
+            serde_json::to_vec(&cfg).unwrap(),
+        ),
+    )
+    .await;
     assert_eq!(s, 422);
-    assert!(e["details"]["tensor"].as_str().unwrap().contains("v_proj"), "{e}");
+    assert!(
+        e["details"]["tensor"].as_str().unwrap().contains("v_proj"),
+        "{e}"
+    );
 
     // Shape disagrees with the base model (hidden 64): an adapter built for hidden 96.
     let mut wrong = good.clone();
@@ -80,7 +139,16 @@ async fn bad_adapters_are_rejected_with_the_reason(db: Db, blobs: Blobs) {
     // Unknown base model.
     let mut cfg = good.config.clone();
     cfg["base_model_name_or_path"] = json!("meta-llama/Llama-3-8B");
-    let (s, e) = rejected(&app, "x", with(&files, "adapter_config.json", serde_json::to_vec(&cfg).unwrap())).await;
+    let (s, e) = rejected(
+        &app,
+        "x",
+        with(
+            &files,
+            "adapter_config.json",
+            serde_json::to_vec(&cfg).unwrap(),
+        ),
+    )
+    .await;
     assert_eq!(s, 422);
     assert_eq!(e["code"], "unknown_base_model");
 
@@ -92,13 +160,30 @@ async fn bad_adapters_are_rejected_with_the_reason(db: Db, blobs: Blobs) {
     assert_eq!(e["details"]["file"], "manifest.json");
 
     // Not multipart at all.
-    let res = app.http.post(app.url("/api/v1/adapters/x/versions")).bearer_auth(&app.publisher).body("hello").send().await.unwrap();
+    let res = app
+        .http
+        .post(app.url("/api/v1/adapters/x/versions"))
+        .bearer_auth(&app.publisher)
+        .body("hello")
+        .send()
+        .await
+        .unwrap();
     let (s, _) = error_of(res).await;
     assert_eq!(s, 400);
 
     // Nothing of all that is visible, and no blobs are left.
-    assert!(app.get_json("/api/v1/adapters").await["items"].as_array().unwrap().is_empty());
-    assert!(loraops_registry::server::blobs::list_uploads(&app.state.store).await.unwrap().is_empty());
+    assert!(
+        app.get_json("/api/v1/adapters").await["items"]
+            .as_array()
+            .unwrap()
+            .is_empty()
+    );
+    assert!(
+        loraops_registry::server::blobs::list_uploads(&app.state.store)
+            .await
+            .unwrap()
+            .is_empty()
+    );
     app.cleanup().await;
 }
 backends!(bad_adapters_are_rejected_with_the_reason);
@@ -133,16 +218,36 @@ async fn a_version_must_keep_its_base_model(db: Db, blobs: Blobs) {
         .await
         .unwrap();
     assert_eq!(res.status(), 201);
-    assert_eq!(app.push("pinned", &Adapter::new(1, 4, &["q_proj"])).await.status(), 201);
+    assert_eq!(
+        app.push("pinned", &Adapter::new(1, 4, &["q_proj"]))
+            .await
+            .status(),
+        201
+    );
     let mut other = Adapter::new(2, 4, &["q_proj"]);
     other.config["base_model_name_or_path"] = json!("other-base");
     let (s, e) = error_of(app.push("pinned", &other).await).await;
     assert_eq!((s, e["code"].as_str()), (422, Some("base_model_mismatch")));
     // Duplicate base model registration.
-    let res = app.http.post(app.url("/api/v1/base-models")).bearer_auth(&app.admin).json(&json!({"name": "other-base"})).send().await.unwrap();
+    let res = app
+        .http
+        .post(app.url("/api/v1/base-models"))
+        .bearer_auth(&app.admin)
+        .json(&json!({"name": "other-base"}))
+        .send()
+        .await
+        .unwrap();
     assert_eq!(error_of(res).await.0, 409);
     // Malformed JSON body.
-    let res = app.http.post(app.url("/api/v1/base-models")).bearer_auth(&app.admin).header("content-type", "application/json").body("{").send().await.unwrap();
+    let res = app
+        .http
+        .post(app.url("/api/v1/base-models"))
+        .bearer_auth(&app.admin)
+        .header("content-type", "application/json")
+        .body("{")
+        .send()
+        .await
+        .unwrap();
     assert_eq!(error_of(res).await.0, 400);
     app.cleanup().await;
 }

@@ -4,11 +4,11 @@ use actix_web::{HttpResponse, web};
 use sea_orm::{ColumnTrait, EntityTrait, QueryFilter, QueryOrder, QuerySelect};
 
 use crate::api::{Adapter, AdapterVersion, Name, Page};
+use crate::server::AppState;
 use crate::server::caller::Caller;
 use crate::server::entities::{adapter, adapter_version, version_file};
 use crate::server::error::ApiError;
 use crate::server::records::{self, PageQuery};
-use crate::server::AppState;
 
 fn to_api(a: adapter::Model) -> Result<Adapter, ApiError> {
     let name = |s: &str| Name::parse(s).map_err(|e| ApiError::internal(e.to_string()));
@@ -25,7 +25,9 @@ fn to_api(a: adapter::Model) -> Result<Adapter, ApiError> {
 fn parse_version(s: &str) -> Result<u32, ApiError> {
     match s.parse::<u32>() {
         Ok(v) if v > 0 => Ok(v),
-        _ => Err(ApiError::bad_request(format!("version {s:?} must be a positive integer"))),
+        _ => Err(ApiError::bad_request(format!(
+            "version {s:?} must be a positive integer"
+        ))),
     }
 }
 
@@ -34,7 +36,11 @@ pub(crate) fn path_version(path: &(String, String)) -> Result<(Name, u32), ApiEr
 }
 
 #[utoipa::path(get, path = "/api/v1/adapters", params(PageQuery), responses((status = 200, body = Page<Adapter>)))]
-pub async fn list(state: web::Data<AppState>, caller: Caller, q: web::Query<PageQuery>) -> Result<HttpResponse, ApiError> {
+pub async fn list(
+    state: web::Data<AppState>,
+    caller: Caller,
+    q: web::Query<PageQuery>,
+) -> Result<HttpResponse, ApiError> {
     caller.require_read(&state)?;
     let limit = q.limit();
     let mut query = adapter::Entity::find()
@@ -51,12 +57,19 @@ pub async fn list(state: web::Data<AppState>, caller: Caller, q: web::Query<Page
         rows.truncate(limit as usize);
         next = rows.last().map(|r| r.name.clone());
     }
-    let items = rows.into_iter().map(to_api).collect::<Result<Vec<_>, _>>()?;
+    let items = rows
+        .into_iter()
+        .map(to_api)
+        .collect::<Result<Vec<_>, _>>()?;
     Ok(HttpResponse::Ok().json(Page { items, next }))
 }
 
 #[utoipa::path(get, path = "/api/v1/adapters/{name}", responses((status = 200, body = Adapter), (status = 404, body = crate::api::ErrorBody)))]
-pub async fn show(state: web::Data<AppState>, caller: Caller, path: web::Path<String>) -> Result<HttpResponse, ApiError> {
+pub async fn show(
+    state: web::Data<AppState>,
+    caller: Caller,
+    path: web::Path<String>,
+) -> Result<HttpResponse, ApiError> {
     caller.require_read(&state)?;
     let name = Name::parse(&path)?;
     let a = records::adapter_by_name(&state.db, name.as_str()).await?;
@@ -67,7 +80,12 @@ pub async fn show(state: web::Data<AppState>, caller: Caller, path: web::Path<St
 }
 
 #[utoipa::path(get, path = "/api/v1/adapters/{name}/versions", params(PageQuery), responses((status = 200, body = Page<AdapterVersion>)))]
-pub async fn versions(state: web::Data<AppState>, caller: Caller, path: web::Path<String>, q: web::Query<PageQuery>) -> Result<HttpResponse, ApiError> {
+pub async fn versions(
+    state: web::Data<AppState>,
+    caller: Caller,
+    path: web::Path<String>,
+    q: web::Query<PageQuery>,
+) -> Result<HttpResponse, ApiError> {
     caller.require_read(&state)?;
     let name = Name::parse(&path)?;
     let a = records::adapter_by_name(&state.db, name.as_str()).await?;
@@ -101,7 +119,11 @@ pub async fn versions(state: web::Data<AppState>, caller: Caller, path: web::Pat
 }
 
 #[utoipa::path(get, path = "/api/v1/adapters/{name}/versions/{version}", responses((status = 200, body = AdapterVersion), (status = 404, body = crate::api::ErrorBody)))]
-pub async fn version(state: web::Data<AppState>, caller: Caller, path: web::Path<(String, String)>) -> Result<HttpResponse, ApiError> {
+pub async fn version(
+    state: web::Data<AppState>,
+    caller: Caller,
+    path: web::Path<(String, String)>,
+) -> Result<HttpResponse, ApiError> {
     caller.require_read(&state)?;
     let (name, v) = path_version(&path)?;
     let a = records::adapter_by_name(&state.db, name.as_str()).await?;

@@ -18,7 +18,9 @@ fn to_api(name: &crate::api::Name, version: u32, e: evidence::Model) -> Result<E
         id: e.id as i64,
         adapter: name.clone(),
         version,
-        body: serde_json::from_value(e.body).map_err(|err| ApiError::internal(format!("stored evidence {} is unreadable: {err}", e.id)))?,
+        body: serde_json::from_value(e.body).map_err(|err| {
+            ApiError::internal(format!("stored evidence {} is unreadable: {err}", e.id))
+        })?,
         created_by: e.created_by,
         created_at: e.created_at,
     })
@@ -26,7 +28,12 @@ fn to_api(name: &crate::api::Name, version: u32, e: evidence::Model) -> Result<E
 
 #[utoipa::path(post, path = "/api/v1/adapters/{name}/versions/{version}/evidence", request_body = NewEvidence,
     responses((status = 201, body = Evidence), (status = 422, body = crate::api::ErrorBody)))]
-pub async fn create(state: web::Data<AppState>, caller: Caller, path: web::Path<(String, String)>, body: web::Json<NewEvidence>) -> Result<HttpResponse, ApiError> {
+pub async fn create(
+    state: web::Data<AppState>,
+    caller: Caller,
+    path: web::Path<(String, String)>,
+    body: web::Json<NewEvidence>,
+) -> Result<HttpResponse, ApiError> {
     let (name, version) = path_version(&path)?;
     let who = caller.require(Role::Evaluator, Some(name.as_str()))?;
     let a = records::adapter_by_name(&state.db, name.as_str()).await?;
@@ -35,14 +42,23 @@ pub async fn create(state: web::Data<AppState>, caller: Caller, path: web::Path<
     if body.adapter_digest != v.digest {
         return Err(ApiError::unprocessable(
             "digest_mismatch",
-            format!("evidence is for adapter digest {} but {name}@{version} is {}", body.adapter_digest, v.digest),
+            format!(
+                "evidence is for adapter digest {} but {name}@{version} is {}",
+                body.adapter_digest, v.digest
+            ),
         ));
     }
     if body.finished_at < body.started_at {
-        return Err(ApiError::unprocessable("invalid_evidence", "finished_at is before started_at"));
+        return Err(ApiError::unprocessable(
+            "invalid_evidence",
+            "finished_at is before started_at",
+        ));
     }
     if let Some((k, _)) = body.metrics.iter().find(|(_, m)| !m.is_finite()) {
-        return Err(ApiError::unprocessable("invalid_evidence", format!("metric {k:?} is not a finite number")));
+        return Err(ApiError::unprocessable(
+            "invalid_evidence",
+            format!("metric {k:?} is not a finite number"),
+        ));
     }
     let row = evidence::ActiveModel {
         version_id: Set(v.id),
@@ -60,7 +76,11 @@ pub async fn create(state: web::Data<AppState>, caller: Caller, path: web::Path<
 }
 
 #[utoipa::path(get, path = "/api/v1/adapters/{name}/versions/{version}/evidence", responses((status = 200, body = Vec<Evidence>)))]
-pub async fn list(state: web::Data<AppState>, caller: Caller, path: web::Path<(String, String)>) -> Result<HttpResponse, ApiError> {
+pub async fn list(
+    state: web::Data<AppState>,
+    caller: Caller,
+    path: web::Path<(String, String)>,
+) -> Result<HttpResponse, ApiError> {
     caller.require_read(&state)?;
     let (name, version) = path_version(&path)?;
     let a = records::adapter_by_name(&state.db, name.as_str()).await?;
@@ -70,6 +90,9 @@ pub async fn list(state: web::Data<AppState>, caller: Caller, path: web::Path<(S
         .order_by_asc(evidence::Column::Id)
         .all(&state.db)
         .await?;
-    let items = rows.into_iter().map(|e| to_api(&name, version, e)).collect::<Result<Vec<_>, _>>()?;
+    let items = rows
+        .into_iter()
+        .map(|e| to_api(&name, version, e))
+        .collect::<Result<Vec<_>, _>>()?;
     Ok(HttpResponse::Ok().json(items))
 }

@@ -15,7 +15,9 @@ use crate::server::routes::adapters::path_version;
 /// Parse `bytes=a-b`, `bytes=a-` or `bytes=-n` against a file of `len` bytes into an
 /// inclusive range. `Ok(None)`: no usable single range (serve the whole file); `Err`: 416.
 pub fn parse_range(value: &str, len: u64) -> Result<Option<(u64, u64)>, ()> {
-    let Some(spec) = value.trim().strip_prefix("bytes=") else { return Ok(None) };
+    let Some(spec) = value.trim().strip_prefix("bytes=") else {
+        return Ok(None);
+    };
     if spec.contains(',') {
         return Ok(None);
     }
@@ -47,7 +49,12 @@ pub fn parse_range(value: &str, len: u64) -> Result<Option<(u64, u64)>, ()> {
     responses((status = 200, description = "The file"), (status = 206, description = "A byte range"),
         (status = 304, description = "Not modified"), (status = 404, body = crate::api::ErrorBody),
         (status = 416, body = crate::api::ErrorBody)))]
-pub async fn download(state: web::Data<AppState>, caller: Caller, req: HttpRequest, path: web::Path<(String, String, String)>) -> Result<HttpResponse, ApiError> {
+pub async fn download(
+    state: web::Data<AppState>,
+    caller: Caller,
+    req: HttpRequest,
+    path: web::Path<(String, String, String)>,
+) -> Result<HttpResponse, ApiError> {
     caller.require_read(&state)?;
     let (name, version, file) = path.into_inner();
     let (name, version) = path_version(&(name, version))?;
@@ -59,21 +66,42 @@ pub async fn download(state: web::Data<AppState>, caller: Caller, req: HttpReque
         .find(|f| f.name == file)
         .ok_or_else(|| ApiError::not_found(format!("{name}@{version} has no file {file:?}")))?;
     let etag = format!("\"{}\"", f.sha256);
-    if let Some(inm) = req.headers().get(header::IF_NONE_MATCH).and_then(|v| v.to_str().ok())
+    if let Some(inm) = req
+        .headers()
+        .get(header::IF_NONE_MATCH)
+        .and_then(|v| v.to_str().ok())
         && inm.split(',').any(|t| t.trim() == etag || t.trim() == "*")
     {
-        return Ok(HttpResponse::NotModified().insert_header((header::ETAG, etag)).finish());
+        return Ok(HttpResponse::NotModified()
+            .insert_header((header::ETAG, etag))
+            .finish());
     }
     let len = f.size as u64;
-    let range = match req.headers().get(header::RANGE).and_then(|v| v.to_str().ok()) {
+    let range = match req
+        .headers()
+        .get(header::RANGE)
+        .and_then(|v| v.to_str().ok())
+    {
         None => None,
         Some(r) => parse_range(r, len).map_err(|_| {
-            ApiError::new(actix_web::http::StatusCode::RANGE_NOT_SATISFIABLE, "range_not_satisfiable", format!("range {r:?} does not fit a file of {len} bytes"))
+            ApiError::new(
+                actix_web::http::StatusCode::RANGE_NOT_SATISFIABLE,
+                "range_not_satisfiable",
+                format!("range {r:?} does not fit a file of {len} bytes"),
+            )
         })?,
     };
-    let opts = GetOptions { range: range.map(|(s, e)| GetRange::Bounded(s..e + 1)), ..Default::default() };
-    let got = state.store.get_opts(&object_store::path::Path::from(f.blob_key.as_str()), opts).await?;
-    let body = got.into_stream().map_err(|e| actix_web::error::ErrorInternalServerError(e.to_string()));
+    let opts = GetOptions {
+        range: range.map(|(s, e)| GetRange::Bounded(s..e + 1)),
+        ..Default::default()
+    };
+    let got = state
+        .store
+        .get_opts(&object_store::path::Path::from(f.blob_key.as_str()), opts)
+        .await?;
+    let body = got
+        .into_stream()
+        .map_err(|e| actix_web::error::ErrorInternalServerError(e.to_string()));
     let mut res = match range {
         Some((s, e)) => {
             let mut r = HttpResponse::PartialContent();

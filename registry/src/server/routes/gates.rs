@@ -12,26 +12,52 @@ use crate::server::error::ApiError;
 
 /// `*` (the default policy) or a valid adapter name.
 fn scope(raw: &str) -> Result<String, ApiError> {
-    if raw == "*" { Ok(raw.into()) } else { Ok(Name::parse(raw)?.to_string()) }
+    if raw == "*" {
+        Ok(raw.into())
+    } else {
+        Ok(Name::parse(raw)?.to_string())
+    }
 }
 
 fn check(policy: &GatePolicy) -> Result<(), ApiError> {
     for (i, r) in policy.rules.iter().enumerate() {
         if r.threshold.is_none() && r.max_regression.is_none() {
-            return Err(ApiError::unprocessable("invalid_gate", format!("rules[{i}] ({}/{}) needs a threshold or max_regression", r.suite, r.metric)));
+            return Err(ApiError::unprocessable(
+                "invalid_gate",
+                format!(
+                    "rules[{i}] ({}/{}) needs a threshold or max_regression",
+                    r.suite, r.metric
+                ),
+            ));
         }
-        if r.threshold.is_some_and(|t| !t.is_finite()) || r.max_regression.is_some_and(|t| !t.is_finite() || t < 0.0) {
-            return Err(ApiError::unprocessable("invalid_gate", format!("rules[{i}] has a non-finite or negative bound")));
+        if r.threshold.is_some_and(|t| !t.is_finite())
+            || r.max_regression.is_some_and(|t| !t.is_finite() || t < 0.0)
+        {
+            return Err(ApiError::unprocessable(
+                "invalid_gate",
+                format!("rules[{i}] has a non-finite or negative bound"),
+            ));
         }
     }
-    if policy.max_evidence_age_hours.is_some_and(|h| !(h.is_finite() && h > 0.0)) {
-        return Err(ApiError::unprocessable("invalid_gate", "max_evidence_age_hours must be positive"));
+    if policy
+        .max_evidence_age_hours
+        .is_some_and(|h| !(h.is_finite() && h > 0.0))
+    {
+        return Err(ApiError::unprocessable(
+            "invalid_gate",
+            "max_evidence_age_hours must be positive",
+        ));
     }
     Ok(())
 }
 
 #[utoipa::path(put, path = "/api/v1/adapters/{name}/gate", request_body = GatePolicy, responses((status = 200, body = Gate)))]
-pub async fn put(state: web::Data<AppState>, caller: Caller, path: web::Path<String>, body: web::Json<GatePolicy>) -> Result<HttpResponse, ApiError> {
+pub async fn put(
+    state: web::Data<AppState>,
+    caller: Caller,
+    path: web::Path<String>,
+    body: web::Json<GatePolicy>,
+) -> Result<HttpResponse, ApiError> {
     let scope = scope(&path)?;
     let who = caller.require(Role::Deployer, (scope != "*").then_some(scope.as_str()))?;
     let policy = body.into_inner();
@@ -43,10 +69,23 @@ pub async fn put(state: web::Data<AppState>, caller: Caller, path: web::Path<Str
         updated_by: Set(who.sub.clone()),
         updated_at: Set(now),
     })
-    .on_conflict(OnConflict::column(gate::Column::Scope).update_columns([gate::Column::Policy, gate::Column::UpdatedBy, gate::Column::UpdatedAt]).to_owned())
+    .on_conflict(
+        OnConflict::column(gate::Column::Scope)
+            .update_columns([
+                gate::Column::Policy,
+                gate::Column::UpdatedBy,
+                gate::Column::UpdatedAt,
+            ])
+            .to_owned(),
+    )
     .exec_without_returning(&state.db)
     .await?;
-    Ok(HttpResponse::Ok().json(Gate { adapter: adapter_name(&scope), policy, updated_by: who.sub.clone(), updated_at: now }))
+    Ok(HttpResponse::Ok().json(Gate {
+        adapter: adapter_name(&scope),
+        policy,
+        updated_by: who.sub.clone(),
+        updated_at: now,
+    }))
 }
 
 fn adapter_name(scope: &str) -> Name {
@@ -55,13 +94,23 @@ fn adapter_name(scope: &str) -> Name {
 }
 
 #[utoipa::path(get, path = "/api/v1/adapters/{name}/gate", responses((status = 200, body = Gate), (status = 404, body = crate::api::ErrorBody)))]
-pub async fn show(state: web::Data<AppState>, caller: Caller, path: web::Path<String>) -> Result<HttpResponse, ApiError> {
+pub async fn show(
+    state: web::Data<AppState>,
+    caller: Caller,
+    path: web::Path<String>,
+) -> Result<HttpResponse, ApiError> {
     caller.require_read(&state)?;
     let scope = scope(&path)?;
     let row = gate::Entity::find_by_id(scope.clone())
         .one(&state.db)
         .await?
         .ok_or_else(|| ApiError::not_found(format!("no gate policy for {scope:?}")))?;
-    let policy = serde_json::from_value(row.policy).map_err(|e| ApiError::internal(format!("stored gate is unreadable: {e}")))?;
-    Ok(HttpResponse::Ok().json(Gate { adapter: adapter_name(&scope), policy, updated_by: row.updated_by, updated_at: row.updated_at }))
+    let policy = serde_json::from_value(row.policy)
+        .map_err(|e| ApiError::internal(format!("stored gate is unreadable: {e}")))?;
+    Ok(HttpResponse::Ok().json(Gate {
+        adapter: adapter_name(&scope),
+        policy,
+        updated_by: row.updated_by,
+        updated_at: row.updated_at,
+    }))
 }

@@ -18,9 +18,17 @@ pub async fn healthz() -> HttpResponse {
 pub async fn readyz(state: web::Data<AppState>) -> HttpResponse {
     let mut checks = BTreeMap::new();
     let db = state.db.execute_unprepared("SELECT 1").await;
-    checks.insert("database".to_string(), db.as_ref().map(|_| "ok".to_string()).unwrap_or_else(|e| e.to_string()));
+    checks.insert(
+        "database".to_string(),
+        db.as_ref()
+            .map(|_| "ok".to_string())
+            .unwrap_or_else(|e| e.to_string()),
+    );
     // A missing probe object is fine: it proves the store answered.
-    let probe = state.store.head(&object_store::path::Path::from("readyz-probe")).await;
+    let probe = state
+        .store
+        .head(&object_store::path::Path::from("readyz-probe"))
+        .await;
     let store = match probe {
         Ok(_) | Err(object_store::Error::NotFound { .. }) => "ok".to_string(),
         Err(e) => e.to_string(),
@@ -28,9 +36,15 @@ pub async fn readyz(state: web::Data<AppState>) -> HttpResponse {
     checks.insert("object_store".to_string(), store);
     let ready = checks.values().all(|v| v == "ok");
     let body = Readiness { ready, checks };
-    if ready { HttpResponse::Ok().json(body) } else { HttpResponse::ServiceUnavailable().json(body) }
+    if ready {
+        HttpResponse::Ok().json(body)
+    } else {
+        HttpResponse::ServiceUnavailable().json(body)
+    }
 }
 
 pub async fn metrics(state: web::Data<AppState>) -> HttpResponse {
-    HttpResponse::Ok().content_type("text/plain; version=0.0.4").body(state.metrics.render())
+    HttpResponse::Ok()
+        .content_type("text/plain; version=0.0.4")
+        .body(state.metrics.render())
 }

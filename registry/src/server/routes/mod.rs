@@ -21,12 +21,27 @@ pub fn configure(cfg: &mut web::ServiceConfig) {
                 .route("/base-models", web::post().to(base_models::create))
                 .route("/adapters", web::get().to(adapters::list))
                 .route("/adapters/{name}", web::get().to(adapters::show))
-                .route("/adapters/{name}/versions", web::get().to(adapters::versions))
+                .route(
+                    "/adapters/{name}/versions",
+                    web::get().to(adapters::versions),
+                )
                 .route("/adapters/{name}/versions", web::post().to(push::push))
-                .route("/adapters/{name}/versions/{version}", web::get().to(adapters::version))
-                .route("/adapters/{name}/versions/{version}/files/{file}", web::get().to(files::download))
-                .route("/adapters/{name}/versions/{version}/evidence", web::get().to(evidence::list))
-                .route("/adapters/{name}/versions/{version}/evidence", web::post().to(evidence::create))
+                .route(
+                    "/adapters/{name}/versions/{version}",
+                    web::get().to(adapters::version),
+                )
+                .route(
+                    "/adapters/{name}/versions/{version}/files/{file}",
+                    web::get().to(files::download),
+                )
+                .route(
+                    "/adapters/{name}/versions/{version}/evidence",
+                    web::get().to(evidence::list),
+                )
+                .route(
+                    "/adapters/{name}/versions/{version}/evidence",
+                    web::post().to(evidence::create),
+                )
                 .route("/adapters/{name}/gate", web::get().to(gates::show))
                 .route("/adapters/{name}/gate", web::put().to(gates::put))
                 .route("/routing", web::get().to(routing::table)),

@@ -33,7 +33,12 @@ use crate::server::records;
 
 /// Parts a push may carry, and the most bytes each small part may have.
 const SMALL_LIMIT: u64 = 1 << 20;
-const PARTS: [&str; 4] = [peft::CONFIG_FILE, peft::WEIGHTS_FILE, peft::MANIFEST_FILE, peft::README_FILE];
+const PARTS: [&str; 4] = [
+    peft::CONFIG_FILE,
+    peft::WEIGHTS_FILE,
+    peft::MANIFEST_FILE,
+    peft::README_FILE,
+];
 
 #[derive(Debug, serde::Deserialize, utoipa::IntoParams)]
 pub struct PushQuery {
@@ -71,15 +76,29 @@ pub async fn push(
     payload: Multipart,
 ) -> Result<HttpResponse, ApiError> {
     let name = Name::parse(&path)?;
-    let who = caller.require(Role::Publisher, Some(name.as_str()))?.clone();
+    let who = caller
+        .require(Role::Publisher, Some(name.as_str()))?
+        .clone();
     let upload_id = uuid::Uuid::new_v4().to_string();
-    upload::ActiveModel { id: Set(upload_id.clone()), adapter: Set(name.to_string()), started_at: Set(chrono::Utc::now()) }
-        .insert(&state.db)
-        .await?;
+    upload::ActiveModel {
+        id: Set(upload_id.clone()),
+        adapter: Set(name.to_string()),
+        started_at: Set(chrono::Utc::now()),
+    }
+    .insert(&state.db)
+    .await?;
 
     let outcome = async {
         let received = receive(&state, &name, &upload_id, payload).await?;
-        publish(&state, &who, &name, &upload_id, received, query.base_model.as_deref()).await
+        publish(
+            &state,
+            &who,
+            &name,
+            &upload_id,
+            received,
+            query.base_model.as_deref(),
+        )
+        .await
     }
     .await;
 
@@ -87,18 +106,34 @@ pub async fn push(
         discard_upload(&state, &name, &upload_id).await;
     }
     let (version, created) = outcome?;
-    let location = format!("/api/v1/adapters/{}/versions/{}", version.adapter, version.version);
-    let mut res = if created { HttpResponse::Created() } else { HttpResponse::Ok() };
-    Ok(res.insert_header(("Location", location)).json(PushResponse { created, version }))
+    let location = format!(
+        "/api/v1/adapters/{}/versions/{}",
+        version.adapter, version.version
+    );
+    let mut res = if created {
+        HttpResponse::Created()
+    } else {
+        HttpResponse::Ok()
+    };
+    Ok(res
+        .insert_header(("Location", location))
+        .json(PushResponse { created, version }))
 }
 
 /// Delete an upload's blobs and its pending row (best effort: the sweep retries).
 async fn discard_upload(state: &AppState, name: &Name, upload_id: &str) {
-    if let Err(e) = blobs::delete_prefix(&state.store, &blobs::version_prefix(name.as_str(), upload_id)).await {
+    if let Err(e) = blobs::delete_prefix(
+        &state.store,
+        &blobs::version_prefix(name.as_str(), upload_id),
+    )
+    .await
+    {
         tracing::warn!(upload_id, error = %e, "could not delete blobs of a failed upload; the sweep will retry");
         return;
     }
-    let _ = upload::Entity::delete_by_id(upload_id.to_string()).exec(&state.db).await;
+    let _ = upload::Entity::delete_by_id(upload_id.to_string())
+        .exec(&state.db)
+        .await;
 }
 
 fn part_name(field: &actix_multipart::Field) -> Option<String> {
@@ -110,20 +145,38 @@ fn part_name(field: &actix_multipart::Field) -> Option<String> {
         .map(str::to_string)
 }
 
-async fn receive(state: &AppState, name: &Name, upload_id: &str, mut payload: Multipart) -> Result<Received, ApiError> {
+async fn receive(
+    state: &AppState,
+    name: &Name,
+    upload_id: &str,
+    mut payload: Multipart,
+) -> Result<Received, ApiError> {
     let max = state.settings.registry.max_upload_bytes;
     let prefix = blobs::version_prefix(name.as_str(), upload_id);
     let mut total = 0u64;
-    let mut out = Received { files: BTreeMap::new(), config: Vec::new(), manifest: None, weights_head: Vec::new() };
-    let multipart_err = |e: actix_multipart::MultipartError| ApiError::bad_request(format!("malformed multipart body: {e}"));
+    let mut out = Received {
+        files: BTreeMap::new(),
+        config: Vec::new(),
+        manifest: None,
+        weights_head: Vec::new(),
+    };
+    let multipart_err = |e: actix_multipart::MultipartError| {
+        ApiError::bad_request(format!("malformed multipart body: {e}"))
+    };
 
     while let Some(mut field) = payload.try_next().await.map_err(multipart_err)? {
-        let part = part_name(&field).ok_or_else(|| ApiError::bad_request("a multipart part has no name"))?;
+        let part = part_name(&field)
+            .ok_or_else(|| ApiError::bad_request("a multipart part has no name"))?;
         if !PARTS.contains(&part.as_str()) {
-            return Err(ApiError::bad_request(format!("unexpected part {part:?}; expected {}", PARTS.join(", "))));
+            return Err(ApiError::bad_request(format!(
+                "unexpected part {part:?}; expected {}",
+                PARTS.join(", ")
+            )));
         }
         if out.files.contains_key(&part) {
-            return Err(ApiError::bad_request(format!("part {part:?} appears twice")));
+            return Err(ApiError::bad_request(format!(
+                "part {part:?} appears twice"
+            )));
         }
         let is_weights = part == peft::WEIGHTS_FILE;
         let mut writer = HashingWriter::new(&state.store, prefix.clone().join(part.as_str()));
@@ -133,18 +186,24 @@ async fn receive(state: &AppState, name: &Name, upload_id: &str, mut payload: Mu
             while let Some(chunk) = field.try_next().await.map_err(multipart_err)? {
                 total += chunk.len() as u64;
                 if total > max {
-                    return Err(ApiError::too_large(format!("upload exceeds the limit of {max} bytes")));
+                    return Err(ApiError::too_large(format!(
+                        "upload exceeds the limit of {max} bytes"
+                    )));
                 }
                 state.metrics.upload_bytes.inc_by(chunk.len() as u64);
                 if is_weights {
                     capture_head(&mut out.weights_head, &mut head_needed, &chunk)?;
                 } else {
                     if small.len() as u64 + chunk.len() as u64 > SMALL_LIMIT {
-                        return Err(ApiError::too_large(format!("{part} exceeds {SMALL_LIMIT} bytes")));
+                        return Err(ApiError::too_large(format!(
+                            "{part} exceeds {SMALL_LIMIT} bytes"
+                        )));
                     }
                     small.extend_from_slice(&chunk);
                 }
-                writer.write(&chunk).await.map_err(|e| ApiError::unavailable(format!("writing {part} to object storage: {e}")))?;
+                writer.write(&chunk).await.map_err(|e| {
+                    ApiError::unavailable(format!("writing {part} to object storage: {e}"))
+                })?;
             }
             Ok(())
         }
@@ -154,17 +213,31 @@ async fn receive(state: &AppState, name: &Name, upload_id: &str, mut payload: Mu
             return Err(e);
         }
         let key = writer.key.to_string();
-        let (sha256, size) = writer.finish().await.map_err(|e| ApiError::unavailable(format!("writing {part} to object storage: {e}")))?;
+        let (sha256, size) = writer
+            .finish()
+            .await
+            .map_err(|e| ApiError::unavailable(format!("writing {part} to object storage: {e}")))?;
         match part.as_str() {
             peft::CONFIG_FILE => out.config = small,
             peft::MANIFEST_FILE => out.manifest = Some(small),
             _ => {}
         }
-        out.files.insert(part.clone(), Stored { file: VersionFile { name: part, sha256, size }, key });
+        out.files.insert(
+            part.clone(),
+            Stored {
+                file: VersionFile {
+                    name: part,
+                    sha256,
+                    size,
+                },
+                key,
+            },
+        );
     }
     for required in [peft::CONFIG_FILE, peft::WEIGHTS_FILE] {
         if !out.files.contains_key(required) {
-            return Err(ApiError::bad_request(format!("missing part {required:?}")).with_details(json!({"file": required})));
+            return Err(ApiError::bad_request(format!("missing part {required:?}"))
+                .with_details(json!({"file": required})));
         }
     }
     Ok(out)
@@ -185,16 +258,27 @@ fn capture_head(head: &mut Vec<u8>, needed: &mut u64, chunk: &[u8]) -> Result<()
     Ok(())
 }
 
-async fn resolve_base(db: &impl ConnectionTrait, cfg: &AdapterConfig, explicit: Option<&str>) -> Result<base_model::Model, ApiError> {
+async fn resolve_base(
+    db: &impl ConnectionTrait,
+    cfg: &AdapterConfig,
+    explicit: Option<&str>,
+) -> Result<base_model::Model, ApiError> {
     let named = cfg.base_model_name_or_path.trim_end_matches('/');
     let candidates: Vec<&str> = match explicit {
         Some(b) => vec![b],
         None => {
             let last = named.rsplit(['/', '\\']).next().unwrap_or(named);
-            if last == named { vec![named] } else { vec![named, last] }
+            if last == named {
+                vec![named]
+            } else {
+                vec![named, last]
+            }
         }
     };
-    let found = base_model::Entity::find().filter(base_model::Column::Name.is_in(candidates.clone())).all(db).await?;
+    let found = base_model::Entity::find()
+        .filter(base_model::Column::Name.is_in(candidates.clone()))
+        .all(db)
+        .await?;
     // Prefer the exact name over the last path component.
     for c in &candidates {
         if let Some(m) = found.iter().find(|m| m.name == *c) {
@@ -207,7 +291,8 @@ async fn resolve_base(db: &impl ConnectionTrait, cfg: &AdapterConfig, explicit: 
             "adapter_config.json: base_model_name_or_path {named:?} names no registered base model; register it (POST /api/v1/base-models) or pass ?base_model=NAME"
         ),
     };
-    Err(ApiError::unprocessable("unknown_base_model", message).with_details(json!({"file": peft::CONFIG_FILE, "field": "base_model_name_or_path"})))
+    Err(ApiError::unprocessable("unknown_base_model", message)
+        .with_details(json!({"file": peft::CONFIG_FILE, "field": "base_model_name_or_path"})))
 }
 
 async fn publish(
@@ -233,8 +318,20 @@ async fn publish(
         None => None,
         Some(bytes) => match serde_json::from_slice::<Value>(bytes) {
             Ok(v @ Value::Object(_)) => Some(v),
-            Ok(_) => return Err(ApiError::unprocessable("invalid_manifest", "manifest.json: must be a JSON object").with_details(json!({"file": peft::MANIFEST_FILE}))),
-            Err(e) => return Err(ApiError::unprocessable("invalid_manifest", format!("manifest.json: {e}")).with_details(json!({"file": peft::MANIFEST_FILE}))),
+            Ok(_) => {
+                return Err(ApiError::unprocessable(
+                    "invalid_manifest",
+                    "manifest.json: must be a JSON object",
+                )
+                .with_details(json!({"file": peft::MANIFEST_FILE})));
+            }
+            Err(e) => {
+                return Err(ApiError::unprocessable(
+                    "invalid_manifest",
+                    format!("manifest.json: {e}"),
+                )
+                .with_details(json!({"file": peft::MANIFEST_FILE})));
+            }
         },
     };
     let base = resolve_base(&state.db, &cfg, explicit_base).await?;
@@ -261,19 +358,30 @@ async fn publish(
     if a.base_model != base.name {
         return Err(ApiError::unprocessable(
             "base_model_mismatch",
-            format!("adapter {name:?} is for base model {:?}, this push is for {:?}", a.base_model, base.name),
+            format!(
+                "adapter {name:?} is for base model {:?}, this push is for {:?}",
+                a.base_model, base.name
+            ),
         ));
     }
     if let Some(existing) = version_by_digest(&txn, &a, &digest).await? {
         drop(txn);
-        return Ok((records::load_version(&state.db, &a, existing.version as u32).await?, false));
+        return Ok((
+            records::load_version(&state.db, &a, existing.version as u32).await?,
+            false,
+        ));
     }
     adapter::Entity::update_many()
-        .col_expr(adapter::Column::LatestVersion, Expr::col(adapter::Column::LatestVersion).add(1))
+        .col_expr(
+            adapter::Column::LatestVersion,
+            Expr::col(adapter::Column::LatestVersion).add(1),
+        )
         .filter(adapter::Column::Id.eq(a.id))
         .exec(&txn)
         .await?;
-    let number = records::adapter_by_name(&txn, name.as_str()).await?.latest_version;
+    let number = records::adapter_by_name(&txn, name.as_str())
+        .await?
+        .latest_version;
     let inserted = adapter_version::ActiveModel {
         adapter_id: Set(a.id),
         version: Set(number),
@@ -292,13 +400,23 @@ async fn publish(
     .await;
     let v = match inserted {
         Ok(v) => v,
-        Err(e) if matches!(e.sql_err(), Some(sea_orm::SqlErr::UniqueConstraintViolation(_))) => {
+        Err(e)
+            if matches!(
+                e.sql_err(),
+                Some(sea_orm::SqlErr::UniqueConstraintViolation(_))
+            ) =>
+        {
             // The same bytes won a race with us: answer with that version.
             txn.rollback().await?;
             let existing = version_by_digest(&state.db, &a, &digest)
                 .await?
-                .ok_or_else(|| ApiError::conflict("a concurrent push of this adapter conflicted; retry"))?;
-            return Ok((records::load_version(&state.db, &a, existing.version as u32).await?, false));
+                .ok_or_else(|| {
+                    ApiError::conflict("a concurrent push of this adapter conflicted; retry")
+                })?;
+            return Ok((
+                records::load_version(&state.db, &a, existing.version as u32).await?,
+                false,
+            ));
         }
         Err(e) => return Err(e.into()),
     };
@@ -314,15 +432,26 @@ async fn publish(
             ..Default::default()
         })
         .collect();
-    version_file::Entity::insert_many(rows).exec_without_returning(&txn).await?;
-    upload::Entity::delete_by_id(upload_id.to_string()).exec(&txn).await?;
+    version_file::Entity::insert_many(rows)
+        .exec_without_returning(&txn)
+        .await?;
+    upload::Entity::delete_by_id(upload_id.to_string())
+        .exec(&txn)
+        .await?;
     txn.commit().await?;
     state.metrics.versions_created.inc();
     tracing::info!(adapter = %name, version = number, %digest, "published adapter version");
-    Ok((records::load_version(&state.db, &a, number as u32).await?, true))
+    Ok((
+        records::load_version(&state.db, &a, number as u32).await?,
+        true,
+    ))
 }
 
-async fn version_by_digest(db: &impl ConnectionTrait, a: &adapter::Model, digest: &str) -> Result<Option<adapter_version::Model>, ApiError> {
+async fn version_by_digest(
+    db: &impl ConnectionTrait,
+    a: &adapter::Model,
+    digest: &str,
+) -> Result<Option<adapter_version::Model>, ApiError> {
     Ok(adapter_version::Entity::find()
         .filter(adapter_version::Column::AdapterId.eq(a.id))
         .filter(adapter_version::Column::Digest.eq(digest))

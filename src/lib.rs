@@ -1,0 +1,6 @@
+//! The `loraops` binary's library: the command line ([`cli`]) and layered configuration
+//! ([`config`]). Each command group lives in one module under `cli/`.
+
+pub mod cli;
+pub mod config;
+pub mod output;
