@@ -88,6 +88,8 @@ impl ClientArgs {
     }
 }
 
+// Parsed once per process; boxing the big training-flag variant would buy nothing.
+#[allow(clippy::large_enum_variant)]
 #[derive(Debug, Subcommand)]
 pub enum Command {
     /// Registry on embedded defaults (SQLite, local blobs) with a base model and an admin token.

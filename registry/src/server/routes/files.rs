@@ -12,35 +12,42 @@ use crate::server::error::ApiError;
 use crate::server::records;
 use crate::server::routes::adapters::path_version;
 
+/// A `Range` header that no byte of the file satisfies (416).
+#[derive(Debug, PartialEq)]
+pub struct Unsatisfiable;
+
 /// Parse `bytes=a-b`, `bytes=a-` or `bytes=-n` against a file of `len` bytes into an
 /// inclusive range. `Ok(None)`: no usable single range (serve the whole file); `Err`: 416.
-pub fn parse_range(value: &str, len: u64) -> Result<Option<(u64, u64)>, ()> {
+pub fn parse_range(value: &str, len: u64) -> Result<Option<(u64, u64)>, Unsatisfiable> {
     let Some(spec) = value.trim().strip_prefix("bytes=") else {
         return Ok(None);
     };
     if spec.contains(',') {
         return Ok(None);
     }
-    let (a, b) = spec.split_once('-').ok_or(())?;
+    let (a, b) = spec.split_once('-').ok_or(Unsatisfiable)?;
     let (start, end) = match (a.trim(), b.trim()) {
         ("", n) => {
-            let n: u64 = n.parse().map_err(|_| ())?;
+            let n: u64 = n.parse().map_err(|_| Unsatisfiable)?;
             if n == 0 || len == 0 {
-                return Err(());
+                return Err(Unsatisfiable);
             }
             (len.saturating_sub(n), len - 1)
         }
-        (s, "") => (s.parse().map_err(|_| ())?, len.saturating_sub(1)),
+        (s, "") => (s.parse().map_err(|_| Unsatisfiable)?, len.saturating_sub(1)),
         (s, e) => {
-            let (s, e): (u64, u64) = (s.parse().map_err(|_| ())?, e.parse().map_err(|_| ())?);
+            let (s, e): (u64, u64) = (
+                s.parse().map_err(|_| Unsatisfiable)?,
+                e.parse().map_err(|_| Unsatisfiable)?,
+            );
             if e < s {
-                return Err(());
+                return Err(Unsatisfiable);
             }
             (s, e.min(len.saturating_sub(1)))
         }
     };
     if start >= len {
-        return Err(());
+        return Err(Unsatisfiable);
     }
     Ok(Some((start, end)))
 }
