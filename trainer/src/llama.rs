@@ -178,13 +178,6 @@ impl Weights {
             .map_err(|_| Error::MissingWeight { name: name.into() })
     }
 
-    fn get_opt(&self, name: &str) -> Option<Tensor> {
-        self.st
-            .get(name)
-            .ok()
-            .and_then(|_| self.st.load(name, &self.opts.device).ok())
-    }
-
     /// Small tensors (norms, biases) always compute in f32.
     fn small(&self, name: &str) -> Result<Tensor> {
         Ok(self.get(name)?.to_dtype(DType::F32)?)
@@ -263,14 +256,10 @@ impl Llama {
         } else {
             DType::F32
         })?;
-        let head = match (c.tie_word_embeddings, w.get_opt("lm_head.weight")) {
-            (false, Some(h)) => h,
-            (false, None) => {
-                return Err(Error::MissingWeight {
-                    name: "lm_head.weight".into(),
-                });
-            }
-            (true, _) => embed,
+        let head = if c.tie_word_embeddings {
+            embed
+        } else {
+            w.get("lm_head.weight")?
         };
         let lm_head = FrozenMatmul::new(w.frozen(head, false)?);
         Ok(Self {

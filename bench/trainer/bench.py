@@ -1,0 +1,126 @@
+#!/usr/bin/env python3
+"""Training throughput and peak memory: loraops-trainer (candle) vs PyTorch + PEFT, on CPU,
+same model, same LoRA, same threads, f32 and NF4 bases, side by side.
+
+    /var/tmp/loraops-py/bin/python bench/trainer/bench.py [--threads 2] [--steps 8]
+
+Model: init-tiny with hidden 512, 4 layers, 8 heads (4 KV heads), vocab 2048; batch 2 x 256
+tokens; LoRA r=16 alpha=32 on all linear layers; AdamW. Each side runs in its own process;
+peak RSS is the process's ru_maxrss. tokens/s excludes the first two (warm-up) steps.
+"""
+
+import argparse
+import json
+import os
+import resource
+import subprocess
+import sys
+import tempfile
+import time
+
+ROOT = os.path.abspath(os.path.join(os.path.dirname(__file__), "..", ".."))
+TARGET = os.environ.get("CARGO_TARGET_DIR", "/var/tmp/loraops-target-trainer")
+SPEC = dict(layers=4, hidden=512, heads=8, kv_heads=4, vocab=2048, seed=1)
+BATCH, SEQ, R, ALPHA = 2, 256, 16, 32.0
+
+
+def child_peak_rss_mb():
+    return resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024
+
+
+def run_measured(cmd, env):
+    """Run cmd in a fresh process and return (stdout, peak RSS of that process in MiB)."""
+    wrapper = [sys.executable, "-c",
+               "import resource,subprocess,sys;"
+               "p=subprocess.run(sys.argv[1:],stdout=subprocess.PIPE,text=True);"
+               "sys.stdout.write(p.stdout);"
+               "print('PEAK_RSS_KB',resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss);"
+               "sys.exit(p.returncode)", *cmd]
+    p = subprocess.run(wrapper, stdout=subprocess.PIPE, text=True, env=env, check=True)
+    lines = p.stdout.splitlines()
+    rss = float([l for l in lines if l.startswith("PEAK_RSS_KB")][-1].split()[1]) / 1024
+    return [l for l in lines if not l.startswith("PEAK_RSS_KB")], rss
+
+
+def torch_worker(model_dir, quantize, steps, threads):
+    import torch
+    import peft
+    import transformers
+    from transformers import AutoModelForCausalLM
+
+    torch.set_num_threads(threads)
+    kw = dict(dtype=torch.float32, attn_implementation="eager")
+    if quantize == "nf4":
+        kw["quantization_config"] = transformers.BitsAndBytesConfig(
+            load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True, bnb_4bit_compute_dtype=torch.float32)
+        kw["device_map"] = "cpu"
+    model = AutoModelForCausalLM.from_pretrained(model_dir, **kw)
+    cfg = peft.LoraConfig(r=R, lora_alpha=ALPHA, lora_dropout=0.0, target_modules="all-linear", task_type="CAUSAL_LM")
+    model = peft.get_peft_model(model, cfg)
+    params = [p for p in model.parameters() if p.requires_grad]
+    opt = torch.optim.AdamW(params, lr=1e-4, betas=(0.9, 0.95), weight_decay=0.1)
+    ids = torch.randint(0, 1800, (BATCH, SEQ), generator=torch.Generator().manual_seed(0))
+    times = []
+    for _ in range(steps):
+        t0 = time.perf_counter()
+        loss = model(input_ids=ids, labels=ids).loss
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
+        opt.step()
+        opt.zero_grad()
+        times.append(time.perf_counter() - t0)
+    tps = BATCH * SEQ * (steps - 2) / sum(times[2:])
+    print(json.dumps({"tokens_per_s": tps, "loss": loss.item()}))
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--steps", type=int, default=8)
+    ap.add_argument("--worker", nargs=3)
+    a = ap.parse_args()
+    if a.worker:
+        return torch_worker(a.worker[0], a.worker[1], a.steps, a.threads)
+
+    env = dict(os.environ, CARGO_TARGET_DIR=TARGET, RAYON_NUM_THREADS=str(a.threads), OMP_NUM_THREADS=str(a.threads))
+    subprocess.run(["cargo", "build", "-q", "-p", "loraops-trainer", "--example", "trainer"], cwd=ROOT, env=env, check=True)
+    exe = os.path.join(TARGET, "debug", "examples", "trainer")
+    work = tempfile.mkdtemp(prefix="loraops-bench-")
+    model = os.path.join(work, "model")
+    subprocess.run([exe, "init-tiny", model, *sum([[f"--{k.replace('_', '-')}", str(v)] for k, v in SPEC.items()], [])], check=True)
+    # Rows long enough to fill SEQ tokens, with (almost) every token a completion token, so
+    # both sides compute the loss over the whole sequence.
+    words = open(os.path.join(ROOT, "trainer", "src", "tiny.rs")).read().split()
+    data = os.path.join(work, "data.jsonl")
+    with open(data, "w") as f:
+        for i in range(16):
+            text = " ".join(words[(i * 37) % 500:][:400])
+            f.write(json.dumps({"prompt": "x", "completion": " " + text}) + "\n")
+
+    rows = []
+    for quantize in ["none", "nf4"]:
+        out = os.path.join(work, f"out-{quantize}")
+        conf = os.path.join(work, f"{quantize}.toml")
+        with open(conf, "w") as f:
+            f.write(f'model = "{model}"\ndata = "{data}"\nout = "{out}"\nsteps = {a.steps}\nquantize = "{quantize}"\n'
+                    f"r = {R}\nalpha = {ALPHA}\ndropout = 0.0\nbatch_size = {BATCH}\nmax_len = {SEQ}\nlr = 1e-4\n")
+        lines, rss_c = run_measured([exe, "sft", conf], env)
+        steps = [json.loads(l) for l in lines if l.startswith("{")]
+        tok = sum(s["tokens"] for s in steps[2:])
+        secs = sum(s["tokens"] / s["tokens_per_s"] for s in steps[2:])
+        tps_c = tok / secs
+        lines, rss_t = run_measured([sys.executable, __file__, "--worker", model, quantize, "x",
+                                     "--steps", str(a.steps), "--threads", str(a.threads)], env)
+        tps_t = json.loads([l for l in lines if l.startswith("{")][-1])["tokens_per_s"]
+        rows.append((quantize, tps_c, tps_t, rss_c, rss_t))
+
+    print(f"\nCPU, {a.threads} threads, hidden 512 x 4 layers, vocab 2048, batch {BATCH}x{SEQ}, LoRA r={R} all-linear\n")
+    print("| base | loraops tok/s | PyTorch+PEFT tok/s | speed ratio | loraops peak RSS MiB | PyTorch peak RSS MiB | memory ratio |")
+    print("|---|---|---|---|---|---|---|")
+    for q, tc, tt, rc, rt in rows:
+        name = "f32" if q == "none" else "NF4"
+        print(f"| {name} | {tc:.0f} | {tt:.0f} | {tc / tt:.2f}x | {rc:.0f} | {rt:.0f} | {rc / rt:.2f}x |")
+
+
+if __name__ == "__main__":
+    main()
