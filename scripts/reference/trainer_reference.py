@@ -107,6 +107,16 @@ def main():
     for k, p in params.items():
         tensors["grad." + k] = p.grad.detach().clone().contiguous()
 
+    # rsLoRA scaling (alpha / sqrt(r)) with the same A and B.
+    rs_cfg = peft.LoraConfig(r=LORA["r"], lora_alpha=LORA["alpha"], lora_dropout=0.0, target_modules=TARGETS,
+                             task_type="CAUSAL_LM", use_rslora=True)
+    rs = peft.get_peft_model(AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32, attn_implementation="eager"), rs_cfg)
+    with torch.no_grad():
+        for n, p in rs.named_parameters():
+            if p.requires_grad:
+                p.copy_(tensors["lora." + peft_key(n)])
+        tensors["rslora_logits"] = loss_of(rs, ids, mask, labels)[0].contiguous()
+
     # The AdamW trajectory from PEFT's init (B = 0), one fixed batch.
     with torch.no_grad():
         for k, p in params.items():
@@ -179,8 +189,11 @@ def main():
     # A Qwen2-layout model as transformers saves it: q/k/v biases, tied embeddings, sharded
     # safetensors with an index, rope_theta under rope_parameters. Checked in whole (tiny).
     qdir = os.path.join(FIXTURES, "qwen2-tiny")
+    # Llama 3 RoPE scaling with a short original context, so all three frequency bands occur.
+    rope = {"rope_type": "llama3", "rope_theta": 1e6, "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+            "original_max_position_embeddings": 16}
     qcfg = transformers.Qwen2Config(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
-                                    num_key_value_heads=2, vocab_size=96, tie_word_embeddings=True, rope_theta=1e6,
+                                    num_key_value_heads=2, vocab_size=96, tie_word_embeddings=True, rope_parameters=rope,
                                     rms_norm_eps=1e-6, max_position_embeddings=128)
     torch.manual_seed(21)
     qm = transformers.Qwen2ForCausalLM(qcfg).to(torch.float32)
@@ -199,7 +212,7 @@ def main():
             os.remove(os.path.join(qdir, f))
     qm.save_pretrained(qdir, max_shard_size="40KB")
     qm = AutoModelForCausalLM.from_pretrained(qdir, dtype=torch.float32, attn_implementation="eager")
-    qids = torch.randint(0, 96, (1, 10), generator=torch.Generator().manual_seed(8))
+    qids = torch.randint(0, 96, (1, 24), generator=torch.Generator().manual_seed(8))
     with torch.no_grad():
         tensors["qwen2.input_ids"] = qids.to(torch.int64)
         tensors["qwen2.logits"] = qm(input_ids=qids).logits.contiguous()

@@ -439,6 +439,13 @@ fn qwen2_layout_sharded_tied_with_biases_matches_transformers() {
     let model = load(&dir, BaseFormat::F32);
     assert!(model.config.qkv_bias && model.config.tie_word_embeddings);
     assert_eq!(model.config.rope_theta, 1e6);
+    assert!(matches!(
+        model.config.rope_scaling,
+        loraops_trainer::config::RopeScaling::Llama3 {
+            original_max: 16,
+            ..
+        }
+    ));
     let ids = r.get("qwen2.input_ids").to_dtype(DType::U32).unwrap();
     let want = r.get("qwen2.logits");
     let d = max_abs_diff(&model.logits(&ids, None).unwrap(), want);
@@ -452,4 +459,33 @@ fn qwen2_layout_sharded_tied_with_biases_matches_transformers() {
     eprintln!("qwen2: logits max diff {d:e} (largest logit {scale})");
     // f32 rounding, relative to logits that are larger here (tied unit-variance embeddings).
     assert!(d <= 5e-7 * scale, "logits differ by {d}");
+}
+
+#[test]
+fn rslora_scaling_matches_peft() {
+    let r = reference();
+    let (_tmp, dir) = tiny_model(&r.spec());
+    let mut model = load(&dir, BaseFormat::F32);
+    let cfg = LoraConfig {
+        r: 4,
+        alpha: 8.0,
+        dropout: 0.0,
+        use_rslora: true,
+        targets: all_targets(),
+    };
+    model
+        .add_lora(&cfg, &mut loraops_trainer::lora::derived_rng(0, 0, 0))
+        .unwrap();
+    for (k, v) in model.lora_params() {
+        v.set(r.get(&format!("lora.{k}"))).unwrap();
+    }
+    let logits = model.logits(&r.ids(), Some(&r.mask())).unwrap();
+    let d = r.logits_diff(&logits, "rslora_logits");
+    let vs_plain = r.logits_diff(&logits, "lora_logits");
+    eprintln!("rslora: logits max diff {d:e} (differs from plain LoRA by {vs_plain:e})");
+    assert!(
+        vs_plain > 1e-3,
+        "rsLoRA must scale differently from LoRA at r = 4"
+    );
+    assert!(d <= 2e-6, "logits differ by {d}");
 }
