@@ -94,6 +94,9 @@ pub struct SftArgs {
     /// Recompute decoder layers in backward to save activation memory.
     #[arg(long)]
     activation_checkpointing: bool,
+    /// Pack several examples into each max_len row (each attends only to itself).
+    #[arg(long)]
+    packing: bool,
 }
 
 pub fn run(cmd: TrainCmd, global: &Global) -> anyhow::Result<()> {
@@ -141,6 +144,7 @@ fn sft(a: SftArgs, global: &Global) -> anyhow::Result<()> {
     set("patience", a.patience.map(|x| json!(x)));
     set("checkpoint_every", a.checkpoint_every.map(|x| json!(x)));
     set("resume", a.resume.then_some(json!(true)));
+    set("packing", a.packing.then_some(json!(true)));
     set(
         "activation_checkpointing",
         a.activation_checkpointing.then_some(json!(true)),

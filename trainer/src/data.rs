@@ -221,13 +221,64 @@ pub fn load_sft(
     Ok((out, stats))
 }
 
+/// One row of a batch: a single example, or several packed one after another.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Packed {
+    pub ids: Vec<u32>,
+    pub labels: Vec<i64>,
+    /// The weight of each token's row.
+    pub weights: Vec<f32>,
+    /// Which packed example each token belongs to (1, 2, …).
+    pub segments: Vec<u32>,
+}
+
+impl From<&Example> for Packed {
+    fn from(e: &Example) -> Self {
+        Self {
+            ids: e.ids.clone(),
+            labels: e.labels.clone(),
+            weights: vec![e.weight; e.ids.len()],
+            segments: vec![1; e.ids.len()],
+        }
+    }
+}
+
+/// Concatenate examples, in order, into rows of at most `max_len` tokens. Each example keeps
+/// its own positions and attends only to itself; its first token predicts nothing.
+pub fn pack(examples: &[Example], max_len: usize) -> Vec<Packed> {
+    let mut out: Vec<Packed> = Vec::new();
+    for e in examples {
+        let fits = out
+            .last()
+            .is_some_and(|p| p.ids.len() + e.ids.len() <= max_len);
+        if !fits {
+            out.push(Packed {
+                ids: vec![],
+                labels: vec![],
+                weights: vec![],
+                segments: vec![],
+            });
+        }
+        let row = out.last_mut().expect("pushed");
+        let seg = row.segments.last().copied().unwrap_or(0) + 1;
+        row.ids.extend(&e.ids);
+        row.labels.push(IGNORE);
+        row.labels.extend(e.labels.iter().skip(1));
+        row.weights
+            .extend(std::iter::repeat_n(e.weight, e.ids.len()));
+        row.segments.extend(std::iter::repeat_n(seg, e.ids.len()));
+    }
+    out
+}
+
 /// A padded batch, with the loss positions already gathered.
 #[derive(Debug)]
 pub struct Batch {
     /// (B, T) u32.
     pub input_ids: Tensor,
-    /// 1 for tokens, 0 for padding (right padding).
-    pub attention_mask: Vec<Vec<u8>>,
+    /// Per token: 0 for padding (on the right), else the packed example it belongs to
+    /// (always 1 without packing).
+    pub attention_mask: Vec<Vec<u32>>,
     /// Flat indices b·T + t of the positions whose next token is a target (N).
     pub positions: Tensor,
     /// The target token of each position (N).
@@ -239,24 +290,29 @@ pub struct Batch {
 }
 
 pub fn make_batch(rows: &[&Example], pad_id: u32, device: &Device) -> Result<Batch> {
+    let packed: Vec<Packed> = rows.iter().map(|e| Packed::from(*e)).collect();
+    make_packed_batch(&packed.iter().collect::<Vec<_>>(), pad_id, device)
+}
+
+pub fn make_packed_batch(rows: &[&Packed], pad_id: u32, device: &Device) -> Result<Batch> {
     let b = rows.len();
     let t = rows.iter().map(|r| r.ids.len()).max().unwrap_or(0).max(1);
     let mut ids = vec![pad_id; b * t];
-    let mut mask = vec![vec![0u8; t]; b];
+    let mut mask = vec![vec![0u32; t]; b];
     let (mut pos, mut tgt, mut w) = (Vec::new(), Vec::new(), Vec::new());
     let mut n_tokens = 0;
     for (bi, r) in rows.iter().enumerate() {
         for (ti, &id) in r.ids.iter().enumerate() {
             ids[bi * t + ti] = id;
-            mask[bi][ti] = 1;
+            mask[bi][ti] = r.segments[ti];
         }
         n_tokens += r.ids.len();
         for ti in 0..r.ids.len().saturating_sub(1) {
             let l = r.labels[ti + 1];
-            if l != IGNORE {
+            if l != IGNORE && r.segments[ti] == r.segments[ti + 1] {
                 pos.push((bi * t + ti) as u32);
                 tgt.push(l as u32);
-                w.push(r.weight);
+                w.push(r.weights[ti + 1]);
             }
         }
     }

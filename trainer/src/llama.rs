@@ -119,7 +119,7 @@ impl DecoderLayer {
 /// Inputs shared by all layers of one forward pass.
 #[derive(Debug, Clone)]
 pub struct Context {
-    /// (T, head_dim) each.
+    /// (B, 1, T, head_dim) each.
     pub cos: Tensor,
     pub sin: Tensor,
     /// Additive attention mask (B, 1, T, T): 0 where allowed, f32::MIN elsewhere.
@@ -319,13 +319,14 @@ impl Llama {
         self.grad_sink.take(v)
     }
 
-    /// RoPE tables and the attention mask for a (B, T) batch; `attention_mask` is 1 for real
-    /// tokens and 0 for padding.
+    /// RoPE tables and the attention mask for a (B, T) batch. `attention_mask` gives each
+    /// token's packed example (0: padding); positions restart at 0 with each example, and a
+    /// token attends to earlier tokens of its own example only.
     pub fn context(
         &self,
         b: usize,
         t: usize,
-        attention_mask: Option<&[Vec<u8>]>,
+        attention_mask: Option<&[Vec<u32>]>,
     ) -> Result<Context> {
         if let RopeScaling::Dynamic { original_max, .. } = self.config.rope_scaling
             && t > original_max
@@ -334,33 +335,37 @@ impl Llama {
                 "dynamic RoPE scaling beyond {original_max} positions"
             )));
         }
+        let seg = |bi: usize, j: usize| attention_mask.map_or(1, |m| m[bi][j]);
         let inv = self.config.inv_freq();
-        let half = inv.len();
-        let mut cos = Vec::with_capacity(t * 2 * half);
-        let mut sin = Vec::with_capacity(t * 2 * half);
-        for pos in 0..t {
-            // cat(freqs, freqs), as transformers builds `emb`.
-            for _ in 0..2 {
-                for &f in &inv {
-                    let a = pos as f32 * f;
-                    cos.push(a.cos());
-                    sin.push(a.sin());
-                }
-            }
-        }
-        let cos = Tensor::from_vec(cos, (t, 2 * half), &self.device)?;
-        let sin = Tensor::from_vec(sin, (t, 2 * half), &self.device)?;
+        let d = 2 * inv.len();
+        let mut cos = Vec::with_capacity(b * t * d);
+        let mut sin = Vec::with_capacity(b * t * d);
         let mut mask = vec![0f32; b * t * t];
         for bi in 0..b {
+            let mut start = 0;
             for i in 0..t {
+                if i > 0 && seg(bi, i) != seg(bi, i - 1) && seg(bi, i) != 0 {
+                    start = i;
+                }
+                let pos = (i - start) as f32;
+                // cat(freqs, freqs), as transformers builds `emb`.
+                for _ in 0..2 {
+                    for &f in &inv {
+                        let a = pos * f;
+                        cos.push(a.cos());
+                        sin.push(a.sin());
+                    }
+                }
                 for j in 0..t {
-                    let pad = attention_mask.is_some_and(|m| m[bi][j] == 0);
-                    if j > i || pad {
+                    let (si, sj) = (seg(bi, i), seg(bi, j));
+                    if j > i || sj == 0 || (si != 0 && si != sj) {
                         mask[(bi * t + i) * t + j] = f32::MIN;
                     }
                 }
             }
         }
+        let cos = Tensor::from_vec(cos, (b, 1, t, d), &self.device)?;
+        let sin = Tensor::from_vec(sin, (b, 1, t, d), &self.device)?;
         let mask = Tensor::from_vec(mask, (b, 1, t, t), &self.device)?;
         Ok(Context { cos, sin, mask })
     }
@@ -394,7 +399,11 @@ impl Llama {
     }
 
     /// Logits (B, T, vocab).
-    pub fn logits(&self, input_ids: &Tensor, attention_mask: Option<&[Vec<u8>]>) -> Result<Tensor> {
+    pub fn logits(
+        &self,
+        input_ids: &Tensor,
+        attention_mask: Option<&[Vec<u32>]>,
+    ) -> Result<Tensor> {
         let (b, t) = input_ids.dims2()?;
         let ctx = self.context(b, t, attention_mask)?;
         let h = self.hidden(input_ids, &ctx, &mut None)?;

@@ -12,7 +12,10 @@ use rand::seq::SliceRandom;
 use serde::{Deserialize, Serialize};
 
 use crate::adapter::{merge_into, save_adapter, save_manifest};
-use crate::data::{Batch, DatasetStats, Example, file_digest, load_sft, make_batch};
+use crate::data::{
+    Batch, DatasetStats, Example, Packed, file_digest, load_sft, make_batch, make_packed_batch,
+    pack,
+};
 use crate::error::{Error, Result};
 use crate::llama::{BaseFormat, Llama, LoadOptions, head_rows, log_softmax};
 use crate::lora::{DropoutRng, LoraConfig, derived_rng};
@@ -73,6 +76,8 @@ pub struct SftConfig {
     pub merge: Option<PathBuf>,
     /// Recompute each decoder layer in backward rather than keep its activations.
     pub activation_checkpointing: bool,
+    /// Pack several examples into each row of `max_len` tokens (each attends only to itself).
+    pub packing: bool,
 }
 
 impl Default for SftConfig {
@@ -112,6 +117,7 @@ impl Default for SftConfig {
             stop_after: None,
             merge: None,
             activation_checkpointing: false,
+            packing: false,
         }
     }
 }
@@ -379,6 +385,11 @@ pub fn train_sft(
     let lora_cfg = cfg.lora()?;
     let tok = Tokenizer::load(&cfg.model)?;
     let (train, stats) = load_sft(&cfg.data, &tok, cfg.max_len)?;
+    let train: Vec<Packed> = if cfg.packing {
+        pack(&train, cfg.max_len)
+    } else {
+        train.iter().map(Packed::from).collect()
+    };
     let val = match &cfg.val_data {
         Some(p) => Some(load_sft(p, &tok, cfg.max_len)?),
         None => None,
@@ -434,7 +445,7 @@ pub fn train_sft(
         let micro: Vec<Batch> = idx
             .chunks(cfg.batch_size)
             .map(|c| {
-                make_batch(
+                make_packed_batch(
                     &c.iter().map(|&i| &train[i]).collect::<Vec<_>>(),
                     tok.pad_id,
                     device,

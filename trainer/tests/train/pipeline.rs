@@ -4,7 +4,7 @@ use candle_core::Device;
 use loraops_registry::api::{MANIFEST_FORMAT, TrainingManifest};
 use loraops_registry::peft::{AdapterConfig, ModelDims, SafetensorsHeader, check_tensors};
 use loraops_trainer::Error;
-use loraops_trainer::data::{IGNORE, load_sft, make_batch, tokenize_row};
+use loraops_trainer::data::{IGNORE, load_sft, make_batch, make_packed_batch, pack, tokenize_row};
 use loraops_trainer::llama::{BaseFormat, Llama, LoadOptions};
 use loraops_trainer::sft::{Event, SftConfig, loss_sum, train_sft};
 use loraops_trainer::tiny::TinySpec;
@@ -444,4 +444,62 @@ fn clear_errors() {
         matches!(&e, Error::UnknownArchitecture(a) if a == "BertModel"),
         "{e}"
     );
+}
+
+#[test]
+fn packed_rows_give_the_same_loss_and_gradients_as_padded_rows() {
+    let (_t, dir) = tiny_model(&TinySpec::default());
+    let tok = Tokenizer::load(&dir).unwrap();
+    let mut model = Llama::load(&dir, &LoadOptions::default()).unwrap();
+    let lora = loraops_trainer::lora::LoraConfig {
+        r: 2,
+        alpha: 4.0,
+        dropout: 0.0,
+        use_rslora: false,
+        targets: ["q_proj", "v_proj"].iter().map(|s| s.to_string()).collect(),
+    };
+    model
+        .add_lora(&lora, &mut loraops_trainer::lora::derived_rng(1, 1, 1))
+        .unwrap();
+    for (_, v) in model.lora_params() {
+        v.set(&(v.as_tensor().ones_like().unwrap() * 0.05).unwrap())
+            .unwrap();
+    }
+    let rows = [
+        json!({"prompt": "What is the capital of France?", "completion": " Paris", "weight": 2.0}),
+        json!({"messages": [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello there"}]}),
+        json!({"prompt": "2 + 2 =", "completion": " 4"}),
+    ];
+    let ex: Vec<_> = rows
+        .iter()
+        .map(|r| tokenize_row(r, &tok, 256).unwrap().0)
+        .collect();
+    let packed = pack(&ex, 256);
+    assert_eq!(packed.len(), 1);
+    assert_eq!(packed[0].segments.iter().max(), Some(&3));
+    let padded = make_batch(&ex.iter().collect::<Vec<_>>(), tok.pad_id, &Device::Cpu).unwrap();
+    let one_row = make_packed_batch(&[&packed[0]], tok.pad_id, &Device::Cpu).unwrap();
+    assert_eq!(padded.n_targets, one_row.n_targets);
+    let params: Vec<_> = model.lora_params().into_iter().map(|(_, v)| v).collect();
+    let l1 = loss_sum(&model, &padded, 0.0, &mut None).unwrap();
+    let l2 = loss_sum(&model, &one_row, 0.0, &mut None).unwrap();
+    let (a, b) = (
+        l1.to_scalar::<f32>().unwrap(),
+        l2.to_scalar::<f32>().unwrap(),
+    );
+    assert!((a - b).abs() < 1e-4 * a.abs(), "{a} vs {b}");
+    let g1 = loraops_trainer::sft::collect_grads(&model, &l1, &params).unwrap();
+    let g2 = loraops_trainer::sft::collect_grads(&model, &l2, &params).unwrap();
+    for (x, y) in g1.iter().zip(&g2) {
+        assert!(max_abs_diff(x, y) < 1e-5);
+    }
+    // Packing two rows of 200 tokens into rows of 256 keeps them apart.
+    let long: Vec<_> = (0..2)
+        .map(|_| loraops_trainer::data::Example {
+            ids: vec![5; 200],
+            labels: vec![5; 200],
+            weight: 1.0,
+        })
+        .collect();
+    assert_eq!(pack(&long, 256).len(), 2);
 }

@@ -52,12 +52,12 @@ impl Reference {
         self.get("input_ids").to_dtype(DType::U32).unwrap()
     }
 
-    fn mask(&self) -> Vec<Vec<u8>> {
+    fn mask(&self) -> Vec<Vec<u32>> {
         self.get("attention_mask")
             .to_vec2::<i64>()
             .unwrap()
             .into_iter()
-            .map(|r| r.into_iter().map(|x| x as u8).collect())
+            .map(|r| r.into_iter().map(|x| x as u32).collect())
             .collect()
     }
 
