@@ -86,7 +86,7 @@ pub fn load_adapter(dir: &Path, model: &mut Llama) -> Result<AdapterConfig> {
     let n_layers = model.layers.len();
     for layer in &mut model.layers {
         for (m, _) in LINEAR_MODULES {
-            if let Some(l) = crate::llama::linear_mut(layer, m) {
+            if let Some(l) = layer.linear_mut(m) {
                 l.lora = None;
             }
         }
@@ -104,8 +104,9 @@ pub fn load_adapter(dir: &Path, model: &mut Llama) -> Result<AdapterConfig> {
                 format!("layer {layer} does not exist"),
             ));
         }
-        let lin =
-            crate::llama::linear_mut(&mut model.layers[layer], &module).expect("known module");
+        let lin = model.layers[layer]
+            .linear_mut(&module)
+            .expect("known module");
         lin.lora = Some(LoraPair {
             a: candle_core::Var::from_tensor(&a)?,
             b: candle_core::Var::from_tensor(&b)?,

@@ -513,7 +513,3 @@ pub fn head_rows(model: &Llama, hidden: &Tensor, rows: &Tensor) -> Result<Tensor
     let h = hidden.reshape(((), hsz))?.index_select(rows, 0)?;
     Ok(model.lm_head.forward(&h)?)
 }
-
-pub fn linear_mut<'a>(layer: &'a mut DecoderLayer, module: &str) -> Option<&'a mut Linear> {
-    layer.linear_mut(module)
-}
