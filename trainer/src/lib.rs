@@ -1,5 +1,14 @@
 //! loraops trainer: a differentiable Llama-family model in candle, LoRA and NF4 QLoRA
 //! adapters, supervised fine-tuning, and PEFT-format adapter output.
+//!
+//! - `config`: Hugging Face config.json (Llama, Mistral, Qwen2; rope_parameters; RoPE scalings)
+//! - `llama`: the decoder, built only from ops that have a backward; weight loading
+//! - `frozen`: frozen base linears (f32, bf16, NF4) as a custom op that returns only grad(x)
+//! - `nf4`: NF4 quantisation and double quantisation, bitsandbytes-compatible
+//! - `lora`: LoRA pairs (PEFT init, rsLoRA, seeded dropout); `checkpoint`: per-layer recompute
+//! - `tokenizer`, `data`: tokenizer + chat template; SFT rows, completion-only labels, batches, packing
+//! - `optim`: AdamW, warm-up + cosine, clipping; `sft`: loss and training loop; `resume`: checkpoints
+//! - `adapter`: PEFT adapter and manifest output, adapter loading, merging; `tiny`: init-tiny
 
 pub mod adapter;
 pub mod checkpoint;
