@@ -14,8 +14,9 @@
 //! json = true
 //! ```
 //! The same keys as environment variables: `LORAOPS_DATA_DIR`, `LORAOPS_REGISTRY__LISTEN`,
-//! `LORAOPS_S3__ENDPOINT`, `LORAOPS_AUTH__HS256_SECRET`, `LORAOPS_LOG__JSON`, … Unknown keys
-//! are errors, so a typo never silently falls back to a default.
+//! `LORAOPS_S3__ENDPOINT`, `LORAOPS_AUTH__HS256_SECRET`, `LORAOPS_LOG__JSON`, … (the double
+//! underscore marks a configuration key). Unknown keys are errors, so a typo never silently
+//! falls back to a default.
 
 use std::collections::HashMap;
 use std::path::PathBuf;
@@ -43,15 +44,6 @@ pub struct Config {
     pub log: LogSettings,
 }
 
-/// Variables read by clap directly, not configuration keys.
-const CLIENT_VARS: [&str; 5] = [
-    "LORAOPS_CONFIG",
-    "LORAOPS_DATA_DIR",
-    "LORAOPS_TOKEN",
-    "LORAOPS_REGISTRY_URL",
-    "LORAOPS_GATEWAY_URL",
-];
-
 /// Load the layered configuration. `overrides` are `section.key = value` pairs from flags.
 pub fn load(
     file: Option<&std::path::Path>,
@@ -65,8 +57,10 @@ pub fn load(
                 .required(true),
         );
     }
+    // Only `LORAOPS_SECTION__KEY` names are configuration; single-underscore ones
+    // (LORAOPS_TOKEN, LORAOPS_REGISTRY_URL, LORAOPS_DATA_DIR, …) are flags' variables.
     let env: HashMap<String, String> = std::env::vars()
-        .filter(|(k, _)| k.starts_with("LORAOPS_") && !CLIENT_VARS.contains(&k.as_str()))
+        .filter(|(k, _)| k.strip_prefix("LORAOPS_").is_some_and(|rest| rest.contains("__")))
         .collect();
     b = b.add_source(
         config::Environment::with_prefix("LORAOPS")

@@ -266,7 +266,11 @@ impl RegistryClient {
             ))
             .await?;
         let tmp = dest.with_extension("partial");
-        let mut out = tokio::fs::File::create(&tmp).await.map_err(io(&tmp))?;
+        // Large writes: each tokio file write is a blocking-pool round trip.
+        let mut out = tokio::io::BufWriter::with_capacity(
+            1 << 20,
+            tokio::fs::File::create(&tmp).await.map_err(io(&tmp))?,
+        );
         let mut hasher = Sha256::new();
         let mut stream = res.bytes_stream();
         while let Some(chunk) = stream.next().await {

@@ -236,3 +236,80 @@ async fn lineage_from_the_manifest_is_kept(db: Db, blobs: Blobs) {
     app.cleanup().await;
 }
 backends!(lineage_from_the_manifest_is_kept);
+
+async fn a_client_that_disconnects_mid_upload_leaves_nothing(db: Db, blobs: Blobs) {
+    use tokio::io::AsyncWriteExt;
+    let app = spawn_app(db, blobs).await;
+    app.register_base().await;
+    let a = Adapter::new(4, 8, &["q_proj", "k_proj", "v_proj", "o_proj"]);
+    let weights = a.safetensors();
+    let boundary = "loraopsboundary";
+    let mut body = Vec::new();
+    for (name, bytes) in [
+        (
+            "adapter_config.json",
+            serde_json::to_vec(&a.config).unwrap(),
+        ),
+        ("adapter_model.safetensors", weights.clone()),
+    ] {
+        body.extend_from_slice(format!("--{boundary}\r\nContent-Disposition: form-data; name=\"{name}\"; filename=\"{name}\"\r\nContent-Type: application/octet-stream\r\n\r\n").as_bytes());
+        body.extend_from_slice(&bytes);
+        body.extend_from_slice(b"\r\n");
+    }
+    body.extend_from_slice(format!("--{boundary}--\r\n").as_bytes());
+    let port = app.address.rsplit(':').next().unwrap();
+    let mut stream = tokio::net::TcpStream::connect(format!("127.0.0.1:{port}"))
+        .await
+        .unwrap();
+    let head = format!(
+        "POST /api/v1/adapters/cut/versions HTTP/1.1\r\nHost: localhost\r\nAuthorization: Bearer {}\r\nContent-Type: multipart/form-data; boundary={boundary}\r\nContent-Length: {}\r\n\r\n",
+        app.publisher,
+        body.len()
+    );
+    stream.write_all(head.as_bytes()).await.unwrap();
+    // Send the config and half of the weights, then vanish.
+    let cut = body.len() - weights.len() / 2;
+    stream.write_all(&body[..cut]).await.unwrap();
+    stream.flush().await.unwrap();
+    use sea_orm::{EntityTrait, PaginatorTrait};
+    let pending = || async {
+        loraops_registry::server::entities::upload::Entity::find()
+            .count(&app.state.db)
+            .await
+            .unwrap()
+    };
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+    while pending().await == 0 {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the upload never started"
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+    }
+    drop(stream);
+
+    // The handler notices the broken body, deletes the upload's blobs and its pending row.
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+    loop {
+        let pending = pending().await;
+        let blobs = loraops_registry::server::blobs::list_uploads(&app.state.store)
+            .await
+            .unwrap();
+        if pending == 0 && blobs.is_empty() {
+            break;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "upload not cleaned up: {pending} pending rows, blobs {blobs:?}"
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+    }
+    assert!(
+        app.get_json("/api/v1/adapters").await["items"]
+            .as_array()
+            .unwrap()
+            .is_empty()
+    );
+    app.cleanup().await;
+}
+backends!(a_client_that_disconnects_mid_upload_leaves_nothing, s3);
