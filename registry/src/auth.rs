@@ -383,4 +383,35 @@ mod tests {
         let none = format!("eyJhbGciOiJub25lIiwidHlwIjoiSldUIn0.{claims}.");
         assert!(verifier.verify(&none).is_err());
     }
+
+    #[test]
+    fn rs256_and_es256_public_keys() {
+        let dir = tempfile::tempdir().unwrap();
+        let data = concat!(env!("CARGO_MANIFEST_DIR"), "/src/testdata");
+        for alg in ["RS256", "ES256"] {
+            let lower = alg.to_lowercase();
+            let signing = AuthSettings {
+                signing_key_file: Some(format!("{data}/{lower}-private.pem").into()),
+                public_key_alg: Some(alg.into()),
+                ..AuthSettings::default()
+            };
+            let verifying = AuthSettings {
+                public_key_file: Some(format!("{data}/{lower}-public.pem").into()),
+                public_key_alg: Some(alg.into()),
+                ..AuthSettings::default()
+            };
+            let token = Signer::from_settings(&signing, dir.path())
+                .unwrap()
+                .issue("prod-ci", &[Role::Deployer], 60, None)
+                .unwrap();
+            let v = Verifier::from_settings(&verifying, dir.path(), false).unwrap();
+            assert_eq!(v.verify(&token).unwrap().sub, "prod-ci", "{alg}");
+            // No shared secret is configured, so an HS256 token (algorithm confusion) fails.
+            let hs = Signer::from_settings(&AuthSettings::default(), dir.path())
+                .unwrap()
+                .issue("x", &[Role::Admin], 60, None)
+                .unwrap();
+            assert!(v.verify(&hs).is_err(), "{alg}");
+        }
+    }
 }
