@@ -60,7 +60,10 @@ pub fn load(
     // Only `LORAOPS_SECTION__KEY` names are configuration; single-underscore ones
     // (LORAOPS_TOKEN, LORAOPS_REGISTRY_URL, LORAOPS_DATA_DIR, …) are flags' variables.
     let env: HashMap<String, String> = std::env::vars()
-        .filter(|(k, _)| k.strip_prefix("LORAOPS_").is_some_and(|rest| rest.contains("__")))
+        .filter(|(k, _)| {
+            k.strip_prefix("LORAOPS_")
+                .is_some_and(|rest| rest.contains("__"))
+        })
         .collect();
     b = b.add_source(
         config::Environment::with_prefix("LORAOPS")
