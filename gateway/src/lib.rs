@@ -1,1 +1,25 @@
-//! loraops gateway.
+//! loraops gateway: the data plane. OpenAI-compatible serving of a base model and its LoRA
+//! adapters with mistral.rs in-process, following the registry's routing table with sticky
+//! stable/canary splitting.
+//!
+//! A request flows `http` (auth, body) → [`validate`] (OpenAI request → engine request) →
+//! [`routing`] (model name + sticky key → engine key and arm) → [`limiter`] → [`pool`] (one
+//! engine per version, loaded on demand, LRU) → [`engine`] (mistral.rs) → back out as JSON or
+//! SSE. [`feed`] keeps the routing table current from the registry, [`adapters`] holds the
+//! adapter files it pulls, [`metrics`] exports Prometheus series per version and arm.
+
+pub mod adapters;
+pub mod engine;
+pub mod error;
+pub mod feed;
+pub mod http;
+pub mod limiter;
+pub mod metrics;
+pub mod openai;
+pub mod pool;
+pub mod routing;
+pub mod settings;
+pub mod validate;
+
+pub use http::{Application, StartError};
+pub use settings::GatewaySettings;

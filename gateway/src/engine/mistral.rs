@@ -1,0 +1,273 @@
+//! The embedded engine: mistral.rs 0.8.1 in-process.
+//!
+//! 0.8.1 merges a LoRA adapter into the weights at load time and has no per-request adapter
+//! selection, so every served version is its own [`MistralEngine`] holding a merged copy of the
+//! base. It only loads adapters through the Hugging Face hub API, which resolves a local
+//! hub-cache layout (see [`crate::adapters`]) under `HF_HUB_CACHE` without network access.
+
+use std::path::PathBuf;
+use std::sync::Arc;
+
+use either::Either;
+use mistralrs::core::RequestMessage;
+use mistralrs::{
+    Constraint, LoraModelBuilder, Model, ModelDType, NormalRequest, Request, RequestLike, Response,
+    SamplingParams, StopTokens, TextMessageRole, TextMessages, TextModelBuilder, TokenSource,
+};
+use tokio::sync::mpsc;
+
+use super::{Engine, EngineError, Event, EventStream, GenerateRequest, Prompt, TokenUsage};
+
+/// What to load: a base directory, optionally with one adapter merged in.
+#[derive(Debug, Clone)]
+pub struct LoadSpec {
+    /// Absolute path of a Hugging Face model directory.
+    pub base_dir: PathBuf,
+    /// Hub id (`ORG/NAME`) of an adapter present in the hub cache.
+    pub adapter_id: Option<String>,
+    pub dtype: ModelDType,
+    /// Sequences batched together by the engine's scheduler.
+    pub max_num_seqs: usize,
+}
+
+/// Parse `auto|bf16|f16|f32`.
+pub fn parse_dtype(s: &str) -> Option<ModelDType> {
+    Some(match s {
+        "auto" => ModelDType::Auto,
+        "bf16" => ModelDType::BF16,
+        "f16" => ModelDType::F16,
+        "f32" => ModelDType::F32,
+        _ => return None,
+    })
+}
+
+pub struct MistralEngine {
+    model: Arc<Model>,
+}
+
+impl MistralEngine {
+    /// Build on a dedicated thread: `build()` blocks for the whole load, and 0.8.1 keeps the
+    /// adapters it applied in a per-thread list it never clears, so a later load on the same
+    /// thread would silently merge earlier adapters too. A fresh thread with the list cleared
+    /// makes every engine exactly its own base + adapter.
+    pub async fn load(spec: LoadSpec) -> Result<Self, EngineError> {
+        let what = match &spec.adapter_id {
+            Some(id) => format!("{} + {id}", spec.base_dir.display()),
+            None => spec.base_dir.display().to_string(),
+        };
+        let (tx, rx) = tokio::sync::oneshot::channel();
+        std::thread::Builder::new()
+            .name("engine-load".into())
+            .spawn(move || {
+                mistralrs_quant::clear_applied_loras();
+                let res = tokio::runtime::Builder::new_current_thread()
+                    .enable_all()
+                    .build()
+                    .map_err(|e| e.to_string())
+                    .and_then(|rt| rt.block_on(build(spec)));
+                mistralrs_quant::clear_applied_loras();
+                let _ = tx.send(res);
+            })
+            .map_err(|e| EngineError::Load {
+                what: what.clone(),
+                message: e.to_string(),
+            })?;
+        let model = rx
+            .await
+            .map_err(|_| EngineError::Load {
+                what: what.clone(),
+                message: "the load thread panicked".into(),
+            })?
+            .map_err(|message| EngineError::Load { what, message })?;
+        Ok(Self {
+            model: Arc::new(model),
+        })
+    }
+}
+
+/// mistral.rs' builders return `anyhow::Result`; `{:#}` keeps its cause chain on one line.
+async fn build(spec: LoadSpec) -> Result<Model, String> {
+    let text = TextModelBuilder::new(spec.base_dir.to_string_lossy())
+        .with_token_source(TokenSource::None)
+        .with_dtype(spec.dtype)
+        .with_max_num_seqs(spec.max_num_seqs.max(1));
+    let built = match spec.adapter_id {
+        Some(id) => {
+            LoraModelBuilder::from_text_model_builder(text, [id])
+                .build()
+                .await
+        }
+        None => text.build().await,
+    };
+    built.map_err(|e| format!("{e:#}"))
+}
+
+impl Engine for MistralEngine {
+    fn generate(&self, req: GenerateRequest) -> EventStream {
+        let (tx, rx) = mpsc::channel(32);
+        let model = self.model.clone();
+        tokio::spawn(async move {
+            if let Err(e) = run(&model, req, &tx).await {
+                let _ = tx.send(Err(e)).await;
+            }
+        });
+        Box::pin(futures_util::stream::unfold(rx, |mut rx| async move {
+            rx.recv().await.map(|item| (item, rx))
+        }))
+    }
+}
+
+fn sampling(req: &GenerateRequest) -> SamplingParams {
+    let s = &req.sampling;
+    let greedy = s.temperature.is_none_or(|t| t == 0.0);
+    let mut p = if greedy {
+        SamplingParams::deterministic()
+    } else {
+        SamplingParams {
+            temperature: s.temperature,
+            top_p: s.top_p,
+            ..SamplingParams::neutral()
+        }
+    };
+    p.max_len = Some(s.max_tokens);
+    if !s.stop.is_empty() {
+        p.stop_toks = Some(StopTokens::Seqs(s.stop.clone()));
+    }
+    p
+}
+
+fn role(r: &str) -> TextMessageRole {
+    match r {
+        "user" => TextMessageRole::User,
+        "assistant" => TextMessageRole::Assistant,
+        "system" => TextMessageRole::System,
+        other => TextMessageRole::Custom(other.to_string()),
+    }
+}
+
+/// Send one request and forward its chunks as [`Event`]s. The engine always streams; a
+/// non-streaming API response is the collected stream.
+async fn run(
+    model: &Model,
+    req: GenerateRequest,
+    tx: &mpsc::Sender<Result<Event, EngineError>>,
+) -> Result<(), EngineError> {
+    let sampling_params = sampling(&req);
+    // Completion chunks carry no usage: the prompt length comes from the tokenizer and the
+    // completion length from the chunk count (the engine sends one per decoding step).
+    let mut text_prompt_tokens = 0u64;
+    if let Prompt::Text(t) = &req.prompt {
+        text_prompt_tokens = model
+            .tokenize(Either::Right(t.clone()), None, true, false, None)
+            .await
+            .map_err(|e| EngineError::Internal(e.to_string()))?
+            .len() as u64;
+    }
+    let messages = match req.prompt {
+        Prompt::Chat(ms) => {
+            let mut m = TextMessages::new();
+            for msg in ms {
+                m = m.add_message(role(&msg.role), msg.content);
+            }
+            m.take_messages()
+        }
+        Prompt::Text(text) => RequestMessage::Completion {
+            text,
+            echo_prompt: false,
+            best_of: None,
+        },
+    };
+    let (rtx, mut rrx) = mpsc::channel(64);
+    let request = Request::Normal(Box::new(NormalRequest {
+        messages,
+        sampling_params,
+        response: rtx,
+        return_logprobs: false,
+        is_streaming: true,
+        id: 0,
+        constraint: Constraint::None,
+        suffix: None,
+        tools: None,
+        tool_choice: None,
+        logits_processors: None,
+        return_raw_logits: false,
+        web_search_options: None,
+        model_id: None,
+        truncate_sequence: false,
+    }));
+    let sender = model
+        .inner()
+        .get_sender(None)
+        .map_err(|e| EngineError::Internal(e.to_string()))?;
+    sender
+        .send(request)
+        .await
+        .map_err(|e| EngineError::Internal(e.to_string()))?;
+
+    let mut chunks = 0u64;
+    while let Some(resp) = rrx.recv().await {
+        let (delta, finish, usage) = match resp {
+            Response::Chunk(c) => {
+                let choice = c.choices.into_iter().next();
+                let usage = c.usage.map(|u| TokenUsage {
+                    prompt_tokens: u.prompt_tokens as u64,
+                    completion_tokens: u.completion_tokens as u64,
+                });
+                match choice {
+                    Some(ch) => (ch.delta.content, ch.finish_reason, usage),
+                    None => (None, None, usage),
+                }
+            }
+            Response::CompletionChunk(c) => match c.choices.into_iter().next() {
+                Some(ch) => (Some(ch.text), ch.finish_reason, None),
+                None => (None, None, None),
+            },
+            Response::ValidationError(e) => return Err(EngineError::Rejected(e.to_string())),
+            Response::InternalError(e) => return Err(EngineError::Internal(e.to_string())),
+            Response::ModelError(e, _) | Response::CompletionModelError(e, _) => {
+                return Err(EngineError::Internal(e));
+            }
+            other => {
+                return Err(EngineError::Internal(format!(
+                    "unexpected engine response {}",
+                    response_kind(&other)
+                )));
+            }
+        };
+        chunks += 1;
+        if let Some(d) = delta.filter(|d| !d.is_empty())
+            && tx.send(Ok(Event::Delta(d))).await.is_err()
+        {
+            // The client went away; dropping `rrx` tells the engine to stop.
+            return Ok(());
+        }
+        if let Some(reason) = finish {
+            let usage = usage.unwrap_or(TokenUsage {
+                prompt_tokens: text_prompt_tokens,
+                completion_tokens: chunks,
+            });
+            let _ = tx
+                .send(Ok(Event::Done {
+                    finish_reason: reason,
+                    usage,
+                }))
+                .await;
+            return Ok(());
+        }
+    }
+    Err(EngineError::Internal(
+        "the engine closed the stream before finishing".into(),
+    ))
+}
+
+fn response_kind(r: &Response) -> &'static str {
+    match r {
+        Response::Done(_) => "Done",
+        Response::CompletionDone(_) => "CompletionDone",
+        Response::ImageGeneration(_) => "ImageGeneration",
+        Response::Speech { .. } => "Speech",
+        Response::Raw { .. } => "Raw",
+        Response::Embeddings { .. } => "Embeddings",
+        _ => "other",
+    }
+}

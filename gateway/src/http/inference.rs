@@ -1,0 +1,468 @@
+//! `POST /v1/chat/completions` and `POST /v1/completions`: authenticate, validate, route, wait
+//! for a concurrency slot, then run the engine and answer as OpenAI does (JSON, or SSE chunks
+//! ending in `data: [DONE]`).
+
+use std::convert::Infallible;
+use std::time::Instant;
+
+use actix_web::http::header::{HeaderName, HeaderValue};
+use actix_web::{HttpRequest, HttpResponse, web};
+use bytes::{Bytes, BytesMut};
+use futures_util::StreamExt;
+use loraops_registry::auth::Principal;
+use serde::Serialize;
+use serde::de::DeserializeOwned;
+use tokio::sync::mpsc;
+
+use super::{AppState, auth};
+use crate::engine::{EngineError, Event, EventStream, TokenUsage};
+use crate::error::ApiError;
+use crate::limiter::Permit;
+use crate::openai::{
+    ChatChoice, ChatChunk, ChatCompletion, ChunkChoice, Delta, OutMessage, TextChoice,
+    TextCompletion, Usage,
+};
+use crate::routing::{RouteError, Target};
+use crate::validate::{self, Validated};
+
+#[derive(Debug, Clone, Copy, PartialEq)]
+enum Kind {
+    Chat,
+    Text,
+}
+
+pub async fn chat_completions(
+    state: web::Data<AppState>,
+    req: HttpRequest,
+    payload: web::Payload,
+) -> Result<HttpResponse, ApiError> {
+    let start = Instant::now();
+    let principal = auth::caller(&state, &req)?;
+    let body = parse(payload, state.limits.max_body_bytes).await?;
+    let v = validate::chat(body, &state.limits)?;
+    serve(state, req, principal, v, Kind::Chat, start).await
+}
+
+pub async fn completions(
+    state: web::Data<AppState>,
+    req: HttpRequest,
+    payload: web::Payload,
+) -> Result<HttpResponse, ApiError> {
+    let start = Instant::now();
+    let principal = auth::caller(&state, &req)?;
+    let body = parse(payload, state.limits.max_body_bytes).await?;
+    let v = validate::completion(body, &state.limits)?;
+    serve(state, req, principal, v, Kind::Text, start).await
+}
+
+/// Read the body up to the limit (413 beyond) and parse it (400), after auth so that an
+/// unauthenticated caller learns nothing about the API.
+async fn parse<T: DeserializeOwned>(
+    mut payload: web::Payload,
+    limit: usize,
+) -> Result<T, ApiError> {
+    let mut buf = BytesMut::new();
+    while let Some(chunk) = payload.next().await {
+        let chunk = chunk.map_err(|e| ApiError::bad_request(format!("reading the body: {e}")))?;
+        if buf.len() + chunk.len() > limit {
+            return Err(ApiError::too_large(
+                None,
+                format!("the request body is larger than this gateway's limit of {limit} bytes"),
+            ));
+        }
+        buf.extend_from_slice(&chunk);
+    }
+    serde_json::from_slice(&buf).map_err(|e| {
+        ApiError::bad_request(format!(
+            "We could not parse the JSON body of your request: {e}"
+        ))
+    })
+}
+
+/// Header `x-loraops-user`, else the request's `user`, else the token's subject, else random.
+fn sticky_key(req: &HttpRequest, user: Option<&str>, p: Option<&Principal>) -> String {
+    req.headers()
+        .get("x-loraops-user")
+        .and_then(|h| h.to_str().ok())
+        .filter(|s| !s.is_empty())
+        .map(str::to_string)
+        .or_else(|| user.map(str::to_string))
+        .or_else(|| p.map(|p| p.sub.clone()))
+        .unwrap_or_else(|| uuid::Uuid::new_v4().to_string())
+}
+
+fn route_error(e: RouteError, model: &str) -> ApiError {
+    match e {
+        RouteError::UnknownModel(_) => ApiError::model_not_found(model),
+        RouteError::NoStable(_) => ApiError::unavailable(e.to_string()),
+        RouteError::Registry { .. } => ApiError::unavailable(e.to_string()),
+    }
+}
+
+fn engine_error(e: EngineError) -> ApiError {
+    match e {
+        EngineError::Rejected(m) => ApiError::bad_request(m),
+        EngineError::Load { .. } => ApiError::unavailable(e.to_string()),
+        EngineError::Internal(m) => ApiError::internal(m),
+    }
+}
+
+/// Metric labels of a request: adapter, version, arm.
+struct Labels([String; 3]);
+
+impl Labels {
+    fn of(t: &Target) -> Self {
+        let (a, v) = match t.adapter() {
+            Some((a, v)) => (a.to_string(), v.to_string()),
+            None => (String::new(), String::new()),
+        };
+        Self([a, v, t.arm.as_str().to_string()])
+    }
+
+    fn refs(&self) -> [&str; 3] {
+        [&self.0[0], &self.0[1], &self.0[2]]
+    }
+}
+
+/// Records one request's metrics when it ends, however it ends.
+struct Observer {
+    state: web::Data<AppState>,
+    labels: Labels,
+    start: Instant,
+    engine_start: Instant,
+    first_token: Option<Instant>,
+}
+
+impl Observer {
+    fn token(&mut self) {
+        if self.first_token.is_none() {
+            self.first_token = Some(Instant::now());
+            let l = self.labels.refs();
+            self.state
+                .metrics
+                .ttft
+                .with_label_values(&l)
+                .observe(self.start.elapsed().as_secs_f64());
+        }
+    }
+
+    fn finish(&self, status: u16, usage: Option<TokenUsage>) {
+        let m = &self.state.metrics;
+        let l = self.labels.refs();
+        let total = self.start.elapsed();
+        let status = status.to_string();
+        m.requests
+            .with_label_values(&[l[0], l[1], l[2], status.as_str()])
+            .inc();
+        m.latency.with_label_values(&l).observe(total.as_secs_f64());
+        let engine = self.engine_start.elapsed();
+        m.overhead
+            .observe(total.saturating_sub(engine).as_secs_f64());
+        if let Some(u) = usage {
+            m.tokens
+                .with_label_values(&[l[0], l[1], l[2], "prompt"])
+                .inc_by(u.prompt_tokens);
+            m.tokens
+                .with_label_values(&[l[0], l[1], l[2], "completion"])
+                .inc_by(u.completion_tokens);
+        }
+    }
+}
+
+async fn serve(
+    state: web::Data<AppState>,
+    req: HttpRequest,
+    principal: Option<Principal>,
+    v: Validated,
+    kind: Kind,
+    start: Instant,
+) -> Result<HttpResponse, ApiError> {
+    let sticky = sticky_key(&req, v.user.as_deref(), principal.as_ref());
+    let target = state
+        .router
+        .resolve(&v.model, &sticky)
+        .await
+        .map_err(|e| route_error(e, &v.model))?;
+    if let Some((name, _)) = target.adapter() {
+        auth::may_use(principal.as_ref(), name.as_str())?;
+    }
+    let Some(permit) = state.limiter.acquire().await else {
+        state
+            .metrics
+            .rejected
+            .with_label_values(&["overloaded"])
+            .inc();
+        return Err(ApiError::overloaded(
+            "The gateway is at its concurrency limit; retry shortly.",
+        ));
+    };
+    let mut obs = Observer {
+        state: state.clone(),
+        labels: Labels::of(&target),
+        start,
+        engine_start: Instant::now(),
+        first_token: None,
+    };
+    let engine = match state.pool.get(&target.key).await {
+        Ok(e) => e,
+        Err(e) => {
+            obs.finish(503, None);
+            return Err(ApiError::unavailable(format!(
+                "{} is not available: {e}",
+                target.key
+            )));
+        }
+    };
+    obs.engine_start = Instant::now();
+    let events = engine.generate(v.request);
+    let mut res = HttpResponse::Ok();
+    let [a, ver, arm] = obs.labels.refs();
+    for (name, value) in [
+        ("x-loraops-adapter", a),
+        ("x-loraops-version", ver),
+        ("x-loraops-arm", arm),
+    ] {
+        if !value.is_empty()
+            && let Ok(hv) = HeaderValue::from_str(value)
+        {
+            res.insert_header((HeaderName::from_static(name), hv));
+        }
+    }
+    let id = match kind {
+        Kind::Chat => format!("chatcmpl-{}", uuid::Uuid::new_v4().simple()),
+        Kind::Text => format!("cmpl-{}", uuid::Uuid::new_v4().simple()),
+    };
+    let meta = Meta {
+        id,
+        created: chrono::Utc::now().timestamp(),
+        model: v.model,
+        kind,
+        include_usage: v.include_usage,
+    };
+    if v.stream {
+        let (tx, rx) = mpsc::channel::<Result<Bytes, Infallible>>(32);
+        tokio::spawn(stream_events(events, meta, obs, permit, tx));
+        let body = futures_util::stream::unfold(rx, |mut rx| async move {
+            rx.recv().await.map(|item| (item, rx))
+        });
+        Ok(res
+            .content_type("text/event-stream")
+            .insert_header(("cache-control", "no-cache"))
+            .streaming(body))
+    } else {
+        let out = collect(events, &meta, &mut obs).await;
+        drop(permit);
+        match out {
+            Ok((body, usage)) => {
+                obs.finish(200, Some(usage));
+                Ok(res.content_type("application/json").body(body))
+            }
+            Err(e) => {
+                obs.finish(e.status.as_u16(), None);
+                Err(e)
+            }
+        }
+    }
+}
+
+struct Meta {
+    id: String,
+    created: i64,
+    model: String,
+    kind: Kind,
+    include_usage: bool,
+}
+
+/// OpenAI's finish reasons; the engine may say e.g. `eos` or `canceled`.
+fn finish_reason(r: &str) -> String {
+    match r {
+        "length" | "tool_calls" | "content_filter" => r.to_string(),
+        _ => "stop".to_string(),
+    }
+}
+
+async fn collect(
+    mut events: EventStream,
+    meta: &Meta,
+    obs: &mut Observer,
+) -> Result<(Vec<u8>, TokenUsage), ApiError> {
+    let mut text = String::new();
+    while let Some(ev) = events.next().await {
+        match ev.map_err(engine_error)? {
+            Event::Delta(d) => {
+                obs.token();
+                text.push_str(&d);
+            }
+            Event::Done {
+                finish_reason: reason,
+                usage,
+            } => {
+                let reason = finish_reason(&reason);
+                let body = match meta.kind {
+                    Kind::Chat => serde_json::to_vec(&ChatCompletion {
+                        id: meta.id.clone(),
+                        object: "chat.completion",
+                        created: meta.created,
+                        model: meta.model.clone(),
+                        choices: vec![ChatChoice {
+                            index: 0,
+                            message: OutMessage {
+                                role: "assistant",
+                                content: text,
+                            },
+                            logprobs: None,
+                            finish_reason: reason,
+                        }],
+                        usage: usage.into(),
+                    }),
+                    Kind::Text => serde_json::to_vec(&TextCompletion {
+                        id: meta.id.clone(),
+                        object: "text_completion",
+                        created: meta.created,
+                        model: meta.model.clone(),
+                        choices: vec![TextChoice {
+                            index: 0,
+                            text,
+                            logprobs: None,
+                            finish_reason: Some(reason),
+                        }],
+                        usage: Some(Some(usage.into())),
+                    }),
+                }
+                .map_err(|e| ApiError::internal(e.to_string()))?;
+                return Ok((body, usage));
+            }
+        }
+    }
+    Err(ApiError::internal("the engine ended without finishing"))
+}
+
+fn sse<T: Serialize>(v: &T) -> Bytes {
+    let mut out = b"data: ".to_vec();
+    // Serialising our own plain structs cannot fail.
+    serde_json::to_writer(&mut out, v).expect("serialisable chunk");
+    out.extend_from_slice(b"\n\n");
+    Bytes::from(out)
+}
+
+impl Meta {
+    /// One chunk with an optional delta text, optional finish reason.
+    fn chunk(&self, text: Option<String>, role: bool, finish: Option<String>) -> Bytes {
+        let usage = self.include_usage.then_some(None);
+        match self.kind {
+            Kind::Chat => sse(&ChatChunk {
+                id: self.id.clone(),
+                object: "chat.completion.chunk",
+                created: self.created,
+                model: self.model.clone(),
+                choices: vec![ChunkChoice {
+                    index: 0,
+                    delta: Delta {
+                        role: role.then_some("assistant"),
+                        content: text,
+                    },
+                    logprobs: None,
+                    finish_reason: finish,
+                }],
+                usage,
+            }),
+            Kind::Text => sse(&TextCompletion {
+                id: self.id.clone(),
+                object: "text_completion",
+                created: self.created,
+                model: self.model.clone(),
+                choices: vec![TextChoice {
+                    index: 0,
+                    text: text.unwrap_or_default(),
+                    logprobs: None,
+                    finish_reason: finish,
+                }],
+                usage,
+            }),
+        }
+    }
+
+    /// The extra last chunk of `stream_options.include_usage`: no choices, the usage.
+    fn usage_chunk(&self, usage: Usage) -> Bytes {
+        match self.kind {
+            Kind::Chat => sse(&ChatChunk {
+                id: self.id.clone(),
+                object: "chat.completion.chunk",
+                created: self.created,
+                model: self.model.clone(),
+                choices: vec![],
+                usage: Some(Some(usage)),
+            }),
+            Kind::Text => sse(&TextCompletion {
+                id: self.id.clone(),
+                object: "text_completion",
+                created: self.created,
+                model: self.model.clone(),
+                choices: vec![],
+                usage: Some(Some(usage)),
+            }),
+        }
+    }
+}
+
+/// Forward engine events as SSE frames. Holding `permit` until the end keeps the concurrency
+/// limit honest for streams; a closed channel means the client left, which stops generation.
+async fn stream_events(
+    mut events: EventStream,
+    meta: Meta,
+    mut obs: Observer,
+    permit: Permit,
+    tx: mpsc::Sender<Result<Bytes, Infallible>>,
+) {
+    let _permit = permit;
+    if meta.kind == Kind::Chat
+        && tx
+            .send(Ok(meta.chunk(Some(String::new()), true, None)))
+            .await
+            .is_err()
+    {
+        obs.finish(499, None);
+        return;
+    }
+    while let Some(ev) = events.next().await {
+        let frame = match ev {
+            Ok(Event::Delta(d)) => {
+                obs.token();
+                meta.chunk(Some(d), false, None)
+            }
+            Ok(Event::Done {
+                finish_reason: reason,
+                usage,
+            }) => {
+                let mut frames = vec![meta.chunk(
+                    (meta.kind == Kind::Text).then(String::new),
+                    false,
+                    Some(finish_reason(&reason)),
+                )];
+                if meta.include_usage {
+                    frames.push(meta.usage_chunk(usage.into()));
+                }
+                frames.push(Bytes::from_static(b"data: [DONE]\n\n"));
+                for f in frames {
+                    if tx.send(Ok(f)).await.is_err() {
+                        break;
+                    }
+                }
+                obs.finish(200, Some(usage));
+                return;
+            }
+            Err(e) => {
+                // Headers are gone: report the failure in-band as OpenAI's stream does.
+                let err = engine_error(e);
+                let _ = tx.send(Ok(sse(&err.body()))).await;
+                obs.finish(err.status.as_u16(), None);
+                return;
+            }
+        };
+        if tx.send(Ok(frame)).await.is_err() {
+            obs.finish(499, None);
+            return;
+        }
+    }
+    obs.finish(500, None);
+}

@@ -1,0 +1,220 @@
+//! The HTTP server (actix-web): OpenAI-compatible inference under `/v1`, operations endpoints
+//! at the root. Handlers stay thin: validation, routing and inference live in their modules.
+
+mod auth;
+mod inference;
+mod ops;
+
+use std::net::TcpListener;
+use std::path::PathBuf;
+use std::sync::{Arc, Mutex};
+
+use actix_web::dev::Server;
+use actix_web::{App, HttpServer, web};
+use loraops_registry::auth::{AuthError, Verifier};
+use loraops_registry::client::RegistryClient;
+
+use crate::adapters::AdapterStore;
+use crate::engine::mistral::parse_dtype;
+use crate::feed::{Feed, FeedStatus};
+use crate::limiter::Limiter;
+use crate::metrics::Metrics;
+use crate::pool::{EngineKey, EngineLoader, EnginePool, LoadError, MistralLoader, RemoteLoader};
+use crate::routing::Router;
+use crate::settings::GatewaySettings;
+use crate::validate::Limits;
+
+#[derive(Debug, thiserror::Error)]
+pub enum StartError {
+    #[error("cannot listen on {addr}: {source}")]
+    Listen {
+        addr: String,
+        source: std::io::Error,
+    },
+    #[error("base model {path}: {message}")]
+    BaseModel { path: PathBuf, message: String },
+    #[error("dtype {0:?}: expected auto, bf16, f16 or f32")]
+    Dtype(String),
+    #[error(
+        "HF_HUB_CACHE is {found:?} but the adapter cache is {expected}: set it before start (adapters::set_hub_cache_env)"
+    )]
+    HubCache {
+        expected: PathBuf,
+        found: Option<String>,
+    },
+    #[error("auth: {0}")]
+    Auth(#[from] AuthError),
+    #[error("loading the base model: {0}")]
+    Load(#[from] Arc<LoadError>),
+}
+
+pub struct AppState {
+    pub router: Arc<Router>,
+    pub pool: Arc<EnginePool>,
+    pub metrics: Arc<Metrics>,
+    pub limiter: Limiter,
+    pub verifier: Option<Verifier>,
+    pub feed: Option<Arc<Mutex<FeedStatus>>>,
+    pub limits: Limits,
+    pub started: i64,
+}
+
+/// Mount the gateway's routes. Bodies are read and parsed by the handlers themselves, after
+/// authentication, so every failure answers in OpenAI's error shape.
+pub fn configure(cfg: &mut web::ServiceConfig) {
+    cfg.route(
+        "/v1/chat/completions",
+        web::post().to(inference::chat_completions),
+    )
+    .route("/v1/completions", web::post().to(inference::completions))
+    .route("/v1/models", web::get().to(ops::models))
+    .route("/healthz", web::get().to(ops::healthz))
+    .route("/readyz", web::get().to(ops::readyz))
+    .route("/metrics", web::get().to(ops::metrics));
+}
+
+/// A gateway bound to its port, ready to run.
+pub struct Application {
+    port: u16,
+    server: Server,
+    state: web::Data<AppState>,
+}
+
+impl Application {
+    pub async fn build(settings: GatewaySettings) -> Result<Self, StartError> {
+        let base_dir =
+            std::fs::canonicalize(&settings.base_model_dir).map_err(|e| StartError::BaseModel {
+                path: settings.base_model_dir.clone(),
+                message: e.to_string(),
+            })?;
+        if !base_dir.join("config.json").exists() {
+            return Err(StartError::BaseModel {
+                path: base_dir,
+                message: "no config.json (expected a Hugging Face model directory)".into(),
+            });
+        }
+        let base_name = settings.base_model_name.clone().unwrap_or_else(|| {
+            base_dir
+                .file_name()
+                .map(|n| n.to_string_lossy().into_owned())
+                .unwrap_or_else(|| "base".into())
+        });
+        let dtype =
+            parse_dtype(&settings.dtype).ok_or(StartError::Dtype(settings.dtype.clone()))?;
+        std::fs::create_dir_all(&settings.cache_dir).map_err(|e| StartError::BaseModel {
+            path: settings.cache_dir.clone(),
+            message: e.to_string(),
+        })?;
+        let cache_dir =
+            std::fs::canonicalize(&settings.cache_dir).unwrap_or(settings.cache_dir.clone());
+        // mistral.rs finds adapters only through HF_HUB_CACHE: a mismatch would fail every
+        // adapter load later, so refuse to start instead.
+        let found = std::env::var("HF_HUB_CACHE").ok();
+        if settings.upstream_url.is_none()
+            && found
+                .as_deref()
+                .and_then(|f| std::fs::canonicalize(f).ok())
+                .as_deref()
+                != Some(cache_dir.as_path())
+        {
+            return Err(StartError::HubCache {
+                expected: cache_dir,
+                found,
+            });
+        }
+
+        let registry = settings
+            .registry_url
+            .as_deref()
+            .map(|u| RegistryClient::new(u, settings.registry_token.clone()));
+        let metrics = Arc::new(Metrics::new());
+        let loader: Box<dyn EngineLoader> = match &settings.upstream_url {
+            Some(u) => Box::new(RemoteLoader {
+                http: reqwest::Client::new(),
+                base_url: u.clone(),
+                base_name: base_name.clone(),
+            }),
+            None => Box::new(MistralLoader {
+                base_dir,
+                store: AdapterStore::new(cache_dir, registry.clone()),
+                dtype,
+                max_num_seqs: settings.max_num_seqs,
+            }),
+        };
+        let pool = Arc::new(EnginePool::new(
+            loader,
+            settings.max_engines,
+            metrics.clone(),
+        ));
+        if settings.preload_base {
+            pool.get(&EngineKey::Base).await?;
+        }
+        let router = Arc::new(Router::new(base_name, registry.clone()));
+        let verifier = match &settings.auth {
+            Some(a) => Some(Verifier::from_settings(a, &settings.data_dir, false)?),
+            None => None,
+        };
+        let feed = registry.map(|client| {
+            let status = Arc::new(Mutex::new(FeedStatus::default()));
+            let feed = Feed {
+                client,
+                router: router.clone(),
+                pool: pool.clone(),
+                metrics: metrics.clone(),
+                status: status.clone(),
+                wait_secs: settings.poll_wait_secs,
+            };
+            tokio::spawn(feed.run());
+            status
+        });
+        let state = web::Data::new(AppState {
+            router,
+            pool,
+            metrics,
+            limiter: Limiter::new(settings.max_concurrent, settings.max_queued),
+            verifier,
+            feed,
+            limits: settings.limits.clone(),
+            started: chrono::Utc::now().timestamp(),
+        });
+
+        let listen = settings.listen.clone();
+        let listen_err = |source| StartError::Listen {
+            addr: listen.clone(),
+            source,
+        };
+        let listener = TcpListener::bind(&listen).map_err(listen_err)?;
+        let port = listener.local_addr().map_err(listen_err)?.port();
+        let data = state.clone();
+        let server = HttpServer::new(move || {
+            App::new()
+                .app_data(data.clone())
+                .configure(configure)
+                .default_service(web::to(ops::no_route))
+        })
+        .listen(listener)
+        .map_err(listen_err)?
+        .run();
+        Ok(Self {
+            port,
+            server,
+            state,
+        })
+    }
+
+    pub fn port(&self) -> u16 {
+        self.port
+    }
+
+    pub fn handle(&self) -> actix_web::dev::ServerHandle {
+        self.server.handle()
+    }
+
+    pub fn state(&self) -> web::Data<AppState> {
+        self.state.clone()
+    }
+
+    pub async fn run_until_stopped(self) -> std::io::Result<()> {
+        self.server.await
+    }
+}

@@ -1,0 +1,347 @@
+//! Fixtures: a generated tiny Llama model, PEFT adapters written with the safetensors crate,
+//! a real registry on port 0 holding them, and a real gateway (mistral.rs) in front.
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+use std::sync::OnceLock;
+
+use loraops_gateway::validate::Limits;
+use loraops_gateway::{Application, GatewaySettings};
+use loraops_registry::api::{NewBaseModel, Role, RolloutState};
+use loraops_registry::auth::{AuthSettings, Signer};
+use loraops_registry::client::{RegistryClient, no_progress};
+use loraops_registry::peft::{AdapterConfig, ModelDims};
+use loraops_registry::server::{
+    AppState as RegistryState, Application as Registry, RegistrySettings, ServeSettings,
+};
+use safetensors::tensor::{Dtype, TensorView};
+use serde_json::Value;
+
+pub const SECRET: &str = "gateway-test-secret-0123456789";
+pub const BASE: &str = "tiny-llama";
+pub const ADAPTER: &str = "bot";
+
+pub struct Fixture {
+    pub base: PathBuf,
+    pub hub_cache: PathBuf,
+    /// Adapter directories: v1, v2 (different weights), and one using DoRA.
+    pub v1: PathBuf,
+    pub v2: PathBuf,
+    pub dora: PathBuf,
+}
+
+/// Generated once per test process. Sets HF_HUB_CACHE before any server thread exists: every
+/// test calls this first, and the OnceLock makes the others wait until it is done.
+pub fn fixture() -> &'static Fixture {
+    static F: OnceLock<Fixture> = OnceLock::new();
+    F.get_or_init(|| {
+        let root = tempfile::tempdir().unwrap().keep();
+        let base = root.join(BASE);
+        loraops_trainer::tiny::init_tiny(&base, &loraops_trainer::tiny::TinySpec::default())
+            .unwrap();
+        let hub_cache = root.join("hub");
+        std::fs::create_dir_all(&hub_cache).unwrap();
+        // SAFETY: runs once, inside the OnceLock, before any test starts a server or engine.
+        unsafe { loraops_gateway::adapters::set_hub_cache_env(&hub_cache) };
+        let cfg: Value =
+            serde_json::from_slice(&std::fs::read(base.join("config.json")).unwrap()).unwrap();
+        let v1 = root.join("v1");
+        let v2 = root.join("v2");
+        let dora = root.join("dora");
+        write_adapter(&v1, &cfg, 1, false);
+        write_adapter(&v2, &cfg, 2, false);
+        write_adapter(&dora, &cfg, 3, true);
+        Fixture {
+            base,
+            hub_cache,
+            v1,
+            v2,
+            dora,
+        }
+    })
+}
+
+/// A LoRA adapter on q_proj and v_proj with large random A and B, so that merging it changes
+/// the tiny model's greedy tokens.
+fn write_adapter(dir: &Path, cfg: &Value, seed: u64, dora: bool) {
+    std::fs::create_dir_all(dir).unwrap();
+    let hidden = cfg["hidden_size"].as_u64().unwrap() as usize;
+    let layers = cfg["num_hidden_layers"].as_u64().unwrap() as usize;
+    let heads = cfg["num_attention_heads"].as_u64().unwrap() as usize;
+    let kv = cfg["num_key_value_heads"].as_u64().unwrap() as usize;
+    let head_dim = hidden / heads;
+    let r = 4;
+    let mut state = seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1;
+    let mut next = move || {
+        state ^= state << 13;
+        state ^= state >> 7;
+        state ^= state << 17;
+        ((state >> 40) as f32 / (1u64 << 24) as f32 - 0.5) * 1.6
+    };
+    let mut tensors: BTreeMap<String, Vec<u8>> = BTreeMap::new();
+    let mut shapes: BTreeMap<String, Vec<usize>> = BTreeMap::new();
+    for l in 0..layers {
+        for (m, out) in [("q_proj", heads * head_dim), ("v_proj", kv * head_dim)] {
+            for (ab, shape) in [("A", vec![r, hidden]), ("B", vec![out, r])] {
+                let key =
+                    format!("base_model.model.model.layers.{l}.self_attn.{m}.lora_{ab}.weight");
+                let n: usize = shape.iter().product();
+                let bytes: Vec<u8> = (0..n).flat_map(|_| next().to_le_bytes()).collect();
+                tensors.insert(key.clone(), bytes);
+                shapes.insert(key, shape);
+            }
+        }
+    }
+    let views: Vec<(String, TensorView<'_>)> = tensors
+        .iter()
+        .map(|(k, b)| {
+            (
+                k.clone(),
+                TensorView::new(Dtype::F32, shapes[k].clone(), b).unwrap(),
+            )
+        })
+        .collect();
+    safetensors::serialize_to_file(views, None, &dir.join("adapter_model.safetensors")).unwrap();
+    let mut c = AdapterConfig::new_lora(BASE, r, 16.0, vec!["q_proj".into(), "v_proj".into()]);
+    c.use_dora = dora;
+    std::fs::write(
+        dir.join("adapter_config.json"),
+        serde_json::to_vec_pretty(&c).unwrap(),
+    )
+    .unwrap();
+}
+
+pub struct TestRegistry {
+    pub url: String,
+    pub state: actix_web::web::Data<RegistryState>,
+    pub admin: String,
+    pub handle: actix_web::dev::ServerHandle,
+    _dir: tempfile::TempDir,
+}
+
+pub async fn spawn_registry() -> TestRegistry {
+    let f = fixture();
+    let dir = tempfile::tempdir().unwrap();
+    let auth = AuthSettings {
+        hs256_secret: Some(SECRET.into()),
+        ..AuthSettings::default()
+    };
+    let settings = ServeSettings {
+        data_dir: dir.path().to_path_buf(),
+        registry: RegistrySettings {
+            listen: "127.0.0.1:0".into(),
+            sweep_interval_secs: 3600,
+            ..RegistrySettings::default()
+        },
+        auth: auth.clone(),
+        s3: Default::default(),
+    };
+    let app = Registry::build(settings).await.expect("registry starts");
+    let url = format!("http://127.0.0.1:{}", app.port());
+    let state = app.state();
+    let handle = app.handle();
+    tokio::spawn(app.run_until_stopped());
+    let admin = Signer::from_settings(&auth, dir.path())
+        .unwrap()
+        .issue("tester", &[Role::Admin], 3600, None)
+        .unwrap();
+    let client = RegistryClient::new(&url, Some(admin.clone()));
+    let cfg: Value =
+        serde_json::from_slice(&std::fs::read(f.base.join("config.json")).unwrap()).unwrap();
+    client
+        .create_base_model(&NewBaseModel {
+            name: BASE.parse().unwrap(),
+            architecture: Some("LlamaForCausalLM".into()),
+            dims: ModelDims::from_hf_config(&cfg),
+            digest: None,
+            description: None,
+        })
+        .await
+        .unwrap();
+    for dir in [&f.v1, &f.v2] {
+        client
+            .push_dir(dir, ADAPTER, Some(BASE), no_progress())
+            .await
+            .unwrap();
+    }
+    TestRegistry {
+        url,
+        state,
+        admin,
+        handle,
+        _dir: dir,
+    }
+}
+
+impl TestRegistry {
+    pub fn client(&self) -> RegistryClient {
+        RegistryClient::new(&self.url, Some(self.admin.clone()))
+    }
+
+    /// Set the adapter's stable version and canary the way a rollout does, and bump the
+    /// routing revision: the registry's rollout API is not there yet, so this writes its rows.
+    pub async fn route(&self, adapter: &str, stable: Option<u32>, canary: Option<(u32, f64)>) {
+        use loraops_registry::server::entities::{adapter as a, rollout, routing_state};
+        use sea_orm::{ActiveModelTrait, ColumnTrait, EntityTrait, QueryFilter, Set};
+        let db = &self.state.db;
+        let row = a::Entity::find()
+            .filter(a::Column::Name.eq(adapter))
+            .one(db)
+            .await
+            .unwrap()
+            .unwrap();
+        let active = match canary {
+            Some((version, weight)) => {
+                let now = chrono::Utc::now();
+                let r = rollout::ActiveModel {
+                    adapter_id: Set(row.id),
+                    version: Set(version as i32),
+                    from_version: Set(stable.map(|v| v as i32)),
+                    state: Set(RolloutState::Running.as_str().into()),
+                    step_index: Set(0),
+                    weight: Set(weight),
+                    failures: Set(0),
+                    spec: Set(serde_json::json!({})),
+                    row_version: Set(0),
+                    last_analysis_at: Set(None),
+                    created_by: Set("tester".into()),
+                    created_at: Set(now),
+                    updated_at: Set(now),
+                    ..Default::default()
+                }
+                .insert(db)
+                .await
+                .unwrap();
+                Some(r.id)
+            }
+            None => None,
+        };
+        let mut am: a::ActiveModel = row.into();
+        am.stable_version = Set(stable.map(|v| v as i32));
+        am.active_rollout_id = Set(active);
+        am.update(db).await.unwrap();
+        let rs = routing_state::Entity::find_by_id(1)
+            .one(db)
+            .await
+            .unwrap()
+            .unwrap();
+        let rev = rs.revision;
+        let mut rs: routing_state::ActiveModel = rs.into();
+        rs.revision = Set(rev + 1);
+        rs.updated_at = Set(chrono::Utc::now());
+        rs.update(db).await.unwrap();
+    }
+}
+
+pub struct TestGateway {
+    pub url: String,
+    pub http: reqwest::Client,
+}
+
+pub fn settings() -> GatewaySettings {
+    let f = fixture();
+    let mut s = GatewaySettings::new(f.base.clone(), f.hub_cache.clone());
+    s.listen = "127.0.0.1:0".into();
+    s.poll_wait_secs = 2;
+    s.limits = Limits {
+        default_max_tokens: 8,
+        ..Limits::default()
+    };
+    s
+}
+
+pub async fn spawn_gateway(registry: Option<&TestRegistry>) -> TestGateway {
+    spawn_gateway_with(registry, |_| {}).await
+}
+
+pub async fn spawn_gateway_with(
+    registry: Option<&TestRegistry>,
+    tweak: impl FnOnce(&mut GatewaySettings),
+) -> TestGateway {
+    let mut s = settings();
+    if let Some(r) = registry {
+        s.registry_url = Some(r.url.clone());
+        s.registry_token = Some(r.admin.clone());
+    }
+    tweak(&mut s);
+    let app = Application::build(s).await.expect("gateway starts");
+    let url = format!("http://127.0.0.1:{}", app.port());
+    tokio::spawn(app.run_until_stopped());
+    TestGateway {
+        url,
+        http: reqwest::Client::new(),
+    }
+}
+
+impl TestGateway {
+    pub async fn post(&self, path: &str, body: &Value) -> reqwest::Response {
+        self.http
+            .post(format!("{}{path}", self.url))
+            .json(body)
+            .send()
+            .await
+            .unwrap()
+    }
+
+    pub async fn get(&self, path: &str) -> reqwest::Response {
+        self.http
+            .get(format!("{}{path}", self.url))
+            .send()
+            .await
+            .unwrap()
+    }
+
+    /// Greedy chat completion text for `model`.
+    pub async fn chat(&self, model: &str, user: &str) -> (String, reqwest::header::HeaderMap) {
+        let res = self
+            .post(
+                "/v1/chat/completions",
+                &serde_json::json!({
+                    "model": model, "temperature": 0, "max_tokens": 8, "user": user,
+                    "messages": [{"role": "user", "content": "What is the capital of France?"}]
+                }),
+            )
+            .await;
+        assert_eq!(res.status(), 200, "{model}");
+        let headers = res.headers().clone();
+        let v: Value = res.json().await.unwrap();
+        (
+            v["choices"][0]["message"]["content"]
+                .as_str()
+                .unwrap()
+                .to_string(),
+            headers,
+        )
+    }
+
+    /// Wait until `/readyz` reports the routing revision `rev` or later.
+    pub async fn wait_revision(&self, rev: i64) {
+        for _ in 0..200 {
+            let v: Value = self.get("/readyz").await.json().await.unwrap();
+            let line = v["checks"]["registry"].as_str().unwrap_or("").to_string();
+            if let Some(n) = line
+                .split("revision ")
+                .nth(1)
+                .and_then(|s| s.trim_end_matches(')').parse::<i64>().ok())
+                && n >= rev
+            {
+                return;
+            }
+            tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+        }
+        panic!("routing revision {rev} never applied");
+    }
+}
+
+/// Parse an SSE body into its `data:` payloads.
+pub fn sse_events(body: &str) -> Vec<String> {
+    assert!(body.ends_with("\n\n"), "SSE events end with a blank line");
+    body.split("\n\n")
+        .filter(|e| !e.is_empty())
+        .map(|e| {
+            e.strip_prefix("data: ")
+                .unwrap_or_else(|| panic!("not a data event: {e:?}"))
+                .to_string()
+        })
+        .collect()
+}

@@ -1,0 +1,8 @@
+//! Gateway tests: one binary, real servers on port 0 — a registry holding the adapters and a
+//! gateway serving a generated tiny model with mistral.rs.
+
+mod helpers;
+
+mod api;
+mod engine;
+mod routing;
