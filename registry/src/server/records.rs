@@ -99,4 +99,15 @@ impl PageQuery {
     pub fn limit(&self) -> u64 {
         self.limit.unwrap_or(100).clamp(1, 500)
     }
+
+    /// Listings fetch `limit + 1` rows: cut the extra one off and return the key of the page's
+    /// last row as `next` when it existed.
+    pub fn cut<R>(&self, rows: &mut Vec<R>, key: impl Fn(&R) -> String) -> Option<String> {
+        let limit = self.limit() as usize;
+        if rows.len() <= limit {
+            return None;
+        }
+        rows.truncate(limit);
+        rows.last().map(key)
+    }
 }

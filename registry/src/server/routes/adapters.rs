@@ -52,11 +52,7 @@ pub async fn list(
         query = query.filter(adapter::Column::Name.gt(after.as_str()));
     }
     let mut rows = query.all(&state.db).await?;
-    let mut next = None;
-    if rows.len() as u64 > limit {
-        rows.truncate(limit as usize);
-        next = rows.last().map(|r| r.name.clone());
-    }
+    let next = q.cut(&mut rows, |r| r.name.clone());
     let items = rows
         .into_iter()
         .map(to_api)
@@ -98,11 +94,7 @@ pub async fn versions(
         query = query.filter(adapter_version::Column::Version.gt(parse_version(after)? as i32));
     }
     let mut rows = query.all(&state.db).await?;
-    let mut next = None;
-    if rows.len() as u64 > limit {
-        rows.truncate(limit as usize);
-        next = rows.last().map(|r| r.version.to_string());
-    }
+    let next = q.cut(&mut rows, |r| r.version.to_string());
     let ids: Vec<i32> = rows.iter().map(|r| r.id).collect();
     let mut files = version_file::Entity::find()
         .filter(version_file::Column::VersionId.is_in(ids))

@@ -80,16 +80,10 @@ pub async fn list(
         query = query.filter(base_model::Column::Name.gt(after.as_str()));
     }
     let mut rows = query.all(&state.db).await?;
-    let next = (rows.len() as u64 > limit).then(|| {
-        rows.truncate(limit as usize);
-        rows.last().map(|r| r.name.clone())
-    });
+    let next = q.cut(&mut rows, |r| r.name.clone());
     let items = rows
         .into_iter()
         .map(to_api)
         .collect::<Result<Vec<_>, _>>()?;
-    Ok(HttpResponse::Ok().json(Page {
-        items,
-        next: next.flatten(),
-    }))
+    Ok(HttpResponse::Ok().json(Page { items, next }))
 }
