@@ -471,6 +471,142 @@ def check_config(res: Results, case: str, binary: Path, docs: list[dict]) -> Non
 
 
 # ---------------------------------------------------------------------------------------------
+# Smoke: the default install's pod commands, run here as the pods would run them
+
+
+def free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def http(url: str, token: str | None = None, body: dict | None = None, timeout: float = 5):
+    import urllib.error
+    import urllib.request
+
+    req = urllib.request.Request(url, data=json.dumps(body).encode() if body else None)
+    if token:
+        req.add_header("Authorization", f"Bearer {token}")
+    if body:
+        req.add_header("content-type", "application/json")
+    try:
+        with urllib.request.urlopen(req, timeout=timeout) as r:
+            return r.status, r.read().decode(errors="replace"), dict(r.headers)
+    except urllib.error.HTTPError as e:
+        return e.code, e.read().decode(errors="replace"), dict(e.headers)
+    except OSError as e:
+        return None, str(e), {}
+
+
+def wait_ready(url: str, proc: subprocess.Popen, seconds: float) -> tuple[bool, str]:
+    import time
+
+    deadline = time.monotonic() + seconds
+    last = ""
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            return False, f"exited {proc.returncode}"
+        status, text, _ = http(url)
+        if status == 200:
+            return True, ""
+        last = f"{status} {text[:120]}"
+        time.sleep(0.5)
+    return False, f"not ready after {seconds:.0f}s ({last})"
+
+
+def start(box: "Sandbox", c: dict, extra_env: dict) -> subprocess.Popen:
+    env = dict(box.env, **extra_env)
+    box.key_files()
+    if c.get("command", [])[:2] == ["/bin/sh", "-c"]:
+        argv = ["/bin/sh", "-c", box.move(" ".join(c["command"][2:] + c.get("args", [])))]
+    else:
+        argv = [str(box.binary), *[box.move(a) for a in c.get("args", [])]]
+    log = open(box.root / "log.txt", "w")
+    return subprocess.Popen(argv, env=env, cwd=box.root, stdout=log, stderr=subprocess.STDOUT,
+                            start_new_session=True)
+
+
+def stop(proc: subprocess.Popen) -> None:
+    import signal
+
+    if proc.poll() is None:
+        try:
+            os.killpg(proc.pid, signal.SIGTERM)
+            proc.wait(timeout=10)
+        except (ProcessLookupError, subprocess.TimeoutExpired):
+            try:
+                os.killpg(proc.pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+            proc.wait()
+
+
+def tail(box: "Sandbox") -> str:
+    p = box.root / "log.txt"
+    return " ".join(p.read_text(errors="replace").split())[-300:] if p.exists() else ""
+
+
+def check_smoke(res: Results, binary: Path, docs: list[dict]) -> None:
+    """The default install, run here: the registry and gateway containers' own command lines
+    with the rendered config and environment (listen addresses moved to free local ports), the
+    model init container first. Probes and an OpenAI request must answer as in the cluster."""
+    reg, gw = find_workload(docs, "Deployment", "-registry"), find_workload(docs, "Deployment", "-gateway")
+    rspec, gspec = pod_spec(reg), pod_spec(gw)
+    rc, gc = rspec["containers"][0], gspec["containers"][0]
+    rbox, gbox = Sandbox(binary, docs, rspec, rc), Sandbox(binary, docs, gspec, gc)
+    procs: list[subprocess.Popen] = []
+    try:
+        rport, gport = free_port(), free_port()
+        rp = start(rbox, rc, {"LORAOPS_REGISTRY__LISTEN": f"127.0.0.1:{rport}"})
+        procs.append(rp)
+        ok, why = wait_ready(f"http://127.0.0.1:{rport}/readyz", rp, 60)
+        detail = why or "readyz 200"
+        if ok:
+            status, text, _ = http(f"http://127.0.0.1:{rport}/metrics")
+            ok = status == 200 and "loraops_registry_http_requests_total" in text
+            detail += f", metrics {status}"
+        res.add("smoke: registry pod command", "default", ok, detail + ("" if ok else " | " + tail(rbox)))
+        if not ok:
+            return
+        # The gateway's init container fills the model volume, then the container starts.
+        init = (gspec.get("initContainers") or [{}])[0]
+        if init.get("args", [])[:2] == ["model", "init-tiny"]:
+            subprocess.run([str(binary), *[gbox.move(a) for a in init["args"]]], env=gbox.env,
+                           capture_output=True, timeout=120, check=True)
+        gp = start(gbox, gc, {"LORAOPS_GATEWAY__LISTEN": f"127.0.0.1:{gport}",
+                              "LORAOPS_GATEWAY__REGISTRY_URL": f"http://127.0.0.1:{rport}"})
+        procs.append(gp)
+        ok, why = wait_ready(f"http://127.0.0.1:{gport}/readyz", gp, 240)
+        detail = why or "readyz 200 (engines loaded)"
+        if ok:
+            token = subprocess.run(
+                [str(binary), "--config", str(gbox.root / "etc/loraops/gateway.toml"), "--data-dir",
+                 str(gbox.root / "tmp/loraops"), "token", "issue", "--sub", "check", "--role", "viewer"],
+                env=gbox.env, capture_output=True, text=True, timeout=60).stdout.strip()
+            status, text, _ = http(f"http://127.0.0.1:{gport}/v1/models", token)
+            models = [m["id"] for m in json.loads(text).get("data", [])] if status == 200 else []
+            unauth, _, _ = http(f"http://127.0.0.1:{gport}/v1/models")
+            status2, text2, _ = http(f"http://127.0.0.1:{gport}/v1/chat/completions", token,
+                                     {"model": models[0] if models else "base", "max_tokens": 4,
+                                      "messages": [{"role": "user", "content": "hi"}]}, timeout=120)
+            m_status, m_text, _ = http(f"http://127.0.0.1:{gport}/metrics")
+            ok = (status == 200 and unauth == 401 and status2 == 200
+                  and "loraops_gateway_requests_total" in m_text)
+            detail += (f", /v1/models {status} {models}, without token {unauth}, "
+                       f"chat {status2}, metrics {m_status}")
+            if status2 != 200:
+                detail += " | " + text2[:200]
+        res.add("smoke: gateway pod command", "default", ok, detail + ("" if ok else " | " + tail(gbox)))
+    finally:
+        for p in reversed(procs):
+            stop(p)
+        rbox.close()
+        gbox.close()
+
+
+# ---------------------------------------------------------------------------------------------
 # Metrics named in alerts and the dashboard
 
 
@@ -664,6 +800,8 @@ def main() -> int:
                        for c in pod_spec(d)["containers"])
             check_cli(res, case, binary, docs, img, help_cache)
             check_config(res, case, binary, docs)
+            if case == "default":
+                check_smoke(res, binary, docs)
 
     # The production case has exactly what was asked for: 3 gateway replicas on GPUs, S3, PG.
     prod = rendered.get("production", [])
