@@ -326,10 +326,6 @@ def make_key(target: Path, alg: str) -> None:
                        check=True, capture_output=True)
 
 
-def loraops_image(c: dict, docs_images: set[str]) -> bool:
-    return c["image"] in docs_images
-
-
 def invocations(c: dict) -> list[tuple[list[str], str]]:
     """Each `loraops` command line in a container: (argv without 'loraops', raw form)."""
     cmd, args = c.get("command") or [], c.get("args") or []
