@@ -1,0 +1,817 @@
+//! Data curation: raw JSONL in, train/val/holdout/regression splits and `report.json` out.
+//!
+//! One streaming pass over the inputs, in batches: each batch is parsed, validated,
+//! normalised, PII-masked, license- and quality-filtered and MinHashed in parallel (rayon);
+//! then, in input order, rows are deduplicated (exact key, then MinHash LSH), capped by the
+//! balance rules, assigned a split from their content and the seed, and written. Memory holds
+//! one batch of rows plus, per kept row, its exact key and its LSH entries, never the texts.
+//!
+//! - `format`: schema validation and normalisation per format
+//! - `pii`: typed PII masking; `dedup`: exact and MinHash/LSH near dedup
+//! - `filters`: license allow-list, length, repetition, language, banned terms
+//! - `splits`: seeded split assignment and hashing writers; `report`: report.json + summary
+//!
+//! Duplicates are dropped and only one representative of a cluster is written, so no cluster
+//! spans two splits; pinned regression rows are indexed first, so input rows that duplicate
+//! them are dropped rather than leaking into train.
+
+pub mod dedup;
+pub mod filters;
+pub mod format;
+pub mod pii;
+pub mod report;
+pub mod splits;
+
+use std::collections::{BTreeMap, HashMap};
+use std::fs::File;
+use std::io::{BufRead, BufReader};
+use std::path::{Path, PathBuf};
+use std::time::Instant;
+
+use rayon::prelude::*;
+use serde::{Deserialize, Serialize};
+use serde_json::Value;
+use sha2::{Digest, Sha256};
+
+use crate::{Error, Result};
+use dedup::{DedupConfig, IdMap, MinHasher, NearIndex, NearResult};
+use filters::{FilterConfig, Filters, LicenseConfig, LicenseVerdict, MissingLicense};
+use format::{Family, FormatChoice, Split, UnicodeForm};
+use pii::{Masker, PiiConfig, PiiCounts, PiiKind};
+use report::{Cluster, DupMember, InputReport, Loc, Report, RowIssue, SplitReport};
+use splits::{SplitConfig, SplitWriter};
+
+/// `[curate.balance]`: caps per value of a field (streaming: the first rows up to the cap are
+/// kept, in input order).
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct BalanceConfig {
+    /// The field to balance on (`source` by default; rows without it count as `(none)`).
+    pub field: String,
+    /// Cap for every value.
+    pub max_per_value: Option<u64>,
+    /// Caps for particular values (override `max_per_value`).
+    pub caps: BTreeMap<String, u64>,
+}
+
+impl Default for BalanceConfig {
+    fn default() -> Self {
+        Self {
+            field: "source".into(),
+            max_per_value: None,
+            caps: BTreeMap::new(),
+        }
+    }
+}
+
+/// The whole curation configuration (`[curate]` of a TOML file, or the file itself).
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct CurateConfig {
+    pub seed: u64,
+    /// `auto` (the first valid row fixes the family), `sft`, `preference` or `kto`.
+    pub format: FormatChoice,
+    /// `nfc` (default), `nfkc` or `none`.
+    pub unicode: UnicodeForm,
+    pub splits: SplitConfig,
+    pub pii: PiiConfig,
+    pub dedup: DedupConfig,
+    pub license: LicenseConfig,
+    pub filters: FilterConfig,
+    pub balance: BalanceConfig,
+    /// How many invalid / rejected rows report.json lists (all go to rejected.jsonl).
+    pub listed_limit: usize,
+    /// Rows processed in parallel per batch.
+    pub batch_rows: usize,
+}
+
+impl Default for CurateConfig {
+    fn default() -> Self {
+        Self {
+            seed: 0,
+            format: FormatChoice::Auto,
+            unicode: UnicodeForm::Nfc,
+            splits: SplitConfig::default(),
+            pii: PiiConfig::default(),
+            dedup: DedupConfig::default(),
+            license: LicenseConfig::default(),
+            filters: FilterConfig::default(),
+            balance: BalanceConfig::default(),
+            listed_limit: 1000,
+            batch_rows: 8192,
+        }
+    }
+}
+
+impl CurateConfig {
+    /// Read a TOML file: its `[data.curate]` or `[curate]` table (unknown keys there are
+    /// errors); without one, the file's top-level curation keys (a shared loraops
+    /// configuration file's other sections are left alone).
+    pub fn from_toml_file(path: &Path) -> Result<Self> {
+        const KEYS: [&str; 11] = [
+            "seed",
+            "format",
+            "unicode",
+            "splits",
+            "pii",
+            "dedup",
+            "license",
+            "filters",
+            "balance",
+            "listed_limit",
+            "batch_rows",
+        ];
+        let text =
+            String::from_utf8(crate::error::read(path)?).map_err(|e| Error::parse(path, e))?;
+        let v: toml::Table = toml::from_str(&text).map_err(|e| Error::parse(path, e))?;
+        let table = match v
+            .get("data")
+            .and_then(|d| d.get("curate"))
+            .or_else(|| v.get("curate"))
+        {
+            Some(t) => t.clone(),
+            None => toml::Value::Table(
+                v.into_iter()
+                    .filter(|(k, _)| KEYS.contains(&k.as_str()))
+                    .collect(),
+            ),
+        };
+        table.try_into().map_err(|e| Error::parse(path, e))
+    }
+
+    fn check(&self) -> Result<()> {
+        self.splits.validate().map_err(Error::Config)?;
+        let d = &self.dedup;
+        if d.bands == 0 || d.rows == 0 || d.shingle_size == 0 {
+            return Err(Error::Config(
+                "dedup: bands, rows and shingle_size must be positive".into(),
+            ));
+        }
+        if !(0.0..=1.0).contains(&d.threshold) {
+            return Err(Error::Config("dedup: threshold must be in [0, 1]".into()));
+        }
+        Ok(())
+    }
+}
+
+/// Progress of a run.
+#[derive(Debug, Clone, Copy)]
+pub enum Event {
+    /// Bytes of the inputs read so far, of `total`, and rows read.
+    Progress { bytes: u64, total: u64, rows: u64 },
+}
+
+/// The per-row result of the parallel stage.
+enum Outcome {
+    Blank,
+    Invalid(String),
+    Rejected {
+        family: Family,
+        reason: &'static str,
+        detail: String,
+        license: Option<String>,
+    },
+    Keep(Box<Kept>),
+}
+
+struct Kept {
+    family: Family,
+    line: String,
+    key: u64,
+    sig: Option<Vec<u32>>,
+    pii: PiiCounts,
+    split: Option<Split>,
+    license: Option<String>,
+    balance: String,
+    label: Option<bool>,
+}
+
+struct Stage {
+    cfg: CurateConfig,
+    masker: Masker,
+    filters: Filters,
+    hasher: MinHasher,
+}
+
+impl Stage {
+    /// Parse, validate, normalise, mask, filter and hash one line. `pinned` rows skip the
+    /// license and quality filters.
+    fn process(&self, raw: &[u8], pinned: bool) -> Outcome {
+        let Ok(text) = std::str::from_utf8(raw) else {
+            return Outcome::Invalid("not valid UTF-8".into());
+        };
+        let text = text.trim();
+        if text.is_empty() {
+            return Outcome::Blank;
+        }
+        let v: Value = match serde_json::from_str(text) {
+            Ok(v) => v,
+            Err(e) => return Outcome::Invalid(format!("not JSON: {e}")),
+        };
+        let mut row = match format::validate(v) {
+            Ok(r) => r,
+            Err(e) => return Outcome::Invalid(e),
+        };
+        if let Some(f) = self.cfg.format.family()
+            && f != row.family
+        {
+            return Outcome::Invalid(format!(
+                "a {} row, but the format is {}",
+                row.family.describe(),
+                f.describe()
+            ));
+        }
+        let form = self.cfg.unicode;
+        let mut pii = PiiCounts::default();
+        format::map_text(&mut row.obj, &mut |s: &mut String| {
+            let n = format::normalize_str(s, form);
+            *s = match self.masker.mask(&n, &mut pii) {
+                Some(m) => m,
+                None => n,
+            };
+        });
+        if format::chosen_equals_rejected(&row) {
+            return Outcome::Invalid("chosen and rejected are identical".into());
+        }
+        let content = format::content_text(&row);
+        if !pinned {
+            match self.cfg.license.check(row.license.as_deref()) {
+                LicenseVerdict::NotAllowed(l) => {
+                    return Outcome::Rejected {
+                        family: row.family,
+                        reason: "license",
+                        detail: format!("license {l:?} is not in the allow-list"),
+                        license: Some(l),
+                    };
+                }
+                LicenseVerdict::Missing if self.cfg.license.missing == MissingLicense::Drop => {
+                    return Outcome::Rejected {
+                        family: row.family,
+                        reason: "license",
+                        detail: "no license (policy: drop)".into(),
+                        license: None,
+                    };
+                }
+                _ => {}
+            }
+            if let Err((reason, detail)) = self.filters.check(&content) {
+                return Outcome::Rejected {
+                    family: row.family,
+                    reason,
+                    detail,
+                    license: row.license,
+                };
+            }
+        }
+        let dtext = dedup::dedup_text(&content);
+        let key = dedup::exact_key(&dtext);
+        let sig = self.cfg.dedup.near.then(|| self.hasher.signature(&dtext));
+        let balance = row
+            .obj
+            .get(&self.cfg.balance.field)
+            .map(|v| match v {
+                Value::String(s) => s.clone(),
+                v => v.to_string(),
+            })
+            .unwrap_or_else(|| "(none)".into());
+        let line = serde_json::to_string(&Value::Object(row.obj)).expect("JSON serialises");
+        Outcome::Keep(Box::new(Kept {
+            family: row.family,
+            line,
+            key,
+            sig,
+            pii,
+            split: row.split,
+            license: row.license,
+            balance,
+            label: row.label,
+        }))
+    }
+}
+
+/// Where a representative came from, and its example cluster (if listed).
+struct RepInfo {
+    file: u32,
+    line: u32,
+}
+
+struct Run<'a> {
+    cfg: &'a CurateConfig,
+    report: Report,
+    family: Option<(Family, String)>,
+    exact: IdMap<u64, u32>,
+    /// Representative → index of its example cluster in the report.
+    clusters: IdMap<u32, u32>,
+    /// Input bytes in all, for sizing the index after the first batch.
+    total_bytes: u64,
+    reserved: bool,
+    near: NearIndex,
+    reps: Vec<RepInfo>,
+    files: Vec<String>,
+    writers: BTreeMap<Split, SplitWriter>,
+    labels: BTreeMap<Split, (u64, u64)>,
+    balance: HashMap<String, u64>,
+    rejected: SplitWriter,
+    pii: PiiCounts,
+    n_pinned_reps: u32,
+}
+
+impl Run<'_> {
+    fn issue(
+        &mut self,
+        file: u32,
+        line: u64,
+        reason: &str,
+        detail: String,
+        list: bool,
+    ) -> Result<()> {
+        let issue = RowIssue {
+            file: self.files[file as usize].clone(),
+            line,
+            reason: reason.to_string(),
+            detail,
+        };
+        self.rejected
+            .write_line(&serde_json::to_string(&issue).expect("JSON"))?;
+        if list {
+            let lim = self.cfg.listed_limit;
+            let v = if reason == "invalid" {
+                &mut self.report.invalid
+            } else {
+                &mut self.report.rejected
+            };
+            if v.len() < lim {
+                v.push(issue);
+            }
+        }
+        Ok(())
+    }
+
+    fn family_ok(&mut self, f: Family, file: u32, line: u64) -> std::result::Result<(), String> {
+        match &self.family {
+            None => {
+                self.family = Some((f, format!("{}:{line}", self.files[file as usize])));
+                Ok(())
+            }
+            Some((g, _)) if *g == f => Ok(()),
+            Some((g, at)) => Err(format!(
+                "a {} row, but the dataset is {} (fixed by {at})",
+                f.describe(),
+                g.describe()
+            )),
+        }
+    }
+
+    fn add_dup(&mut self, rep: u32, file: u32, line: u64, kind: &str, jaccard: f64) -> Result<()> {
+        let pinned = rep < self.n_pinned_reps;
+        if pinned {
+            self.report.dedup.of_regression += 1;
+        }
+        let r = &self.reps[rep as usize];
+        let rep_loc = format!("{}:{}", self.files[r.file as usize], r.line);
+        let max_clusters = self.cfg.dedup.example_clusters;
+        let cluster = match self.clusters.get(&rep).copied() {
+            Some(c) => Some(c),
+            None if self.report.dedup.clusters.len() < max_clusters => {
+                let c = self.report.dedup.clusters.len() as u32;
+                self.report.dedup.clusters.push(Cluster {
+                    representative: Loc {
+                        file: self.files[r.file as usize].clone(),
+                        line: r.line as u64,
+                    },
+                    size: 1,
+                    duplicates: Vec::new(),
+                });
+                self.clusters.insert(rep, c);
+                Some(c)
+            }
+            None => None,
+        };
+        if let Some(c) = cluster {
+            let cl = &mut self.report.dedup.clusters[c as usize];
+            cl.size += 1;
+            if cl.duplicates.len() < 10 {
+                cl.duplicates.push(DupMember {
+                    file: self.files[file as usize].clone(),
+                    line,
+                    kind: kind.to_string(),
+                    jaccard,
+                });
+            }
+        }
+        let detail = if kind == "exact" {
+            format!("exact duplicate of {rep_loc}")
+        } else {
+            format!("near duplicate of {rep_loc} (estimated Jaccard {jaccard:.2})")
+        };
+        let reason = if kind == "exact" {
+            "exact_duplicate"
+        } else {
+            "near_duplicate"
+        };
+        self.issue(file, line, reason, detail, false)
+    }
+
+    /// The sequential stage for one row.
+    fn take(&mut self, o: Outcome, file: u32, line: u64, pinned: bool) -> Result<()> {
+        match o {
+            Outcome::Blank => self.report.counts.blank += 1,
+            Outcome::Invalid(msg) => {
+                self.report.counts.invalid += 1;
+                self.issue(file, line, "invalid", msg, true)?;
+            }
+            Outcome::Rejected {
+                family,
+                reason,
+                detail,
+                license,
+            } => {
+                if let Err(msg) = self.family_ok(family, file, line) {
+                    self.report.counts.invalid += 1;
+                    return self.issue(file, line, "invalid", msg, true);
+                }
+                if reason == "license" {
+                    self.report.counts.license_rejected += 1;
+                    *self
+                        .report
+                        .license
+                        .rejected
+                        .entry(license.unwrap_or_else(|| "(none)".into()))
+                        .or_default() += 1;
+                } else {
+                    self.report.counts.filtered += 1;
+                }
+                *self
+                    .report
+                    .rejected_by_reason
+                    .entry(reason.to_string())
+                    .or_default() += 1;
+                self.issue(file, line, reason, detail, true)?;
+            }
+            Outcome::Keep(k) => {
+                if let Err(msg) = self.family_ok(k.family, file, line) {
+                    self.report.counts.invalid += 1;
+                    return self.issue(file, line, "invalid", msg, true);
+                }
+                // Exact, then near dedup; a new row becomes a representative.
+                let rep = self.reps.len() as u32;
+                if self.cfg.dedup.exact
+                    && let Some(&r) = self.exact.get(&k.key)
+                {
+                    self.report.counts.exact_duplicates += 1;
+                    return self.add_dup(r, file, line, "exact", 1.0);
+                }
+                if let Some(sig) = &k.sig {
+                    match self.near.query_insert(sig) {
+                        NearResult::Dup { rep: r, jaccard } => {
+                            self.report.counts.near_duplicates += 1;
+                            return self.add_dup(r, file, line, "near", jaccard);
+                        }
+                        NearResult::New(id) => debug_assert_eq!(id, rep),
+                    }
+                }
+                if self.cfg.dedup.exact || k.sig.is_some() {
+                    self.exact.insert(k.key, rep);
+                    self.reps.push(RepInfo {
+                        file,
+                        line: line as u32,
+                    });
+                    if pinned {
+                        self.n_pinned_reps = self.reps.len() as u32;
+                    }
+                }
+                if !pinned {
+                    let b = &self.cfg.balance;
+                    let cap = b.caps.get(&k.balance).copied().or(b.max_per_value);
+                    let n = self.balance.entry(k.balance.clone()).or_default();
+                    if cap.is_some_and(|c| *n >= c) {
+                        self.report.counts.balance_dropped += 1;
+                        *self
+                            .report
+                            .rejected_by_reason
+                            .entry("balance".into())
+                            .or_default() += 1;
+                        let detail = format!("{} {:?} is over its cap", b.field, k.balance);
+                        return self.issue(file, line, "balance", detail, true);
+                    }
+                    *n += 1;
+                }
+                let split = if pinned {
+                    Split::Regression
+                } else {
+                    match k.split {
+                        Some(s) if self.cfg.splits.respect_split_field => s,
+                        _ => self.cfg.splits.assign(self.cfg.seed, k.key),
+                    }
+                };
+                self.writers
+                    .get_mut(&split)
+                    .expect("all splits open")
+                    .write_line(&k.line)?;
+                if let Some(l) = k.label {
+                    let e = self.labels.entry(split).or_default();
+                    if l { e.0 += 1 } else { e.1 += 1 }
+                }
+                self.report.counts.kept += 1;
+                if pinned {
+                    self.report.counts.pinned_regression += 1;
+                } else {
+                    *self.report.sources.entry(k.balance).or_default() += 1;
+                }
+                if k.pii.total() > 0 {
+                    self.report.pii_rows += 1;
+                    self.pii.add(&k.pii);
+                }
+                let lic = &mut self.report.license;
+                match &k.license {
+                    Some(l) => *lic.kept.entry(l.clone()).or_default() += 1,
+                    None => {
+                        lic.missing += 1;
+                        *lic.kept.entry("(none)".into()).or_default() += 1;
+                        if self.cfg.license.missing == MissingLicense::Flag
+                            && !pinned
+                            && lic.flagged.len() < self.cfg.listed_limit
+                        {
+                            lic.flagged.push(Loc {
+                                file: self.files[file as usize].clone(),
+                                line,
+                            });
+                        }
+                    }
+                }
+            }
+        }
+        Ok(())
+    }
+}
+
+/// Read one file in batches, run the parallel stage on each batch and feed the results to
+/// `run` in order.
+fn stream_file(
+    path: &Path,
+    file: u32,
+    pinned: bool,
+    stage: &Stage,
+    run: &mut Run<'_>,
+    progress: &mut dyn FnMut(u64, u64),
+) -> Result<InputReport> {
+    let f = File::open(path).map_err(|e| Error::io(path, e))?;
+    if f.metadata().map(|m| m.is_dir()).unwrap_or(false) {
+        return Err(Error::parse(path, "is a directory, not a JSONL file"));
+    }
+    let mut r = BufReader::with_capacity(1 << 20, f);
+    let mut hash = Sha256::new();
+    let (mut lines, mut bytes) = (0u64, 0u64);
+    let batch = stage.cfg.batch_rows.max(1);
+    loop {
+        let mut buf: Vec<Vec<u8>> = Vec::with_capacity(batch);
+        while buf.len() < batch {
+            let mut l = Vec::new();
+            let n = r
+                .read_until(b'\n', &mut l)
+                .map_err(|e| Error::io(path, e))?;
+            if n == 0 {
+                break;
+            }
+            hash.update(&l);
+            bytes += n as u64;
+            buf.push(l);
+        }
+        if buf.is_empty() {
+            break;
+        }
+        if !run.reserved && !pinned {
+            // Size the index for the whole input once, instead of growing it by doubling.
+            let batch_bytes: usize = buf.iter().map(Vec::len).sum();
+            let est = run.total_bytes as f64 * buf.len() as f64 / batch_bytes.max(1) as f64;
+            let est = (est * 1.05) as usize;
+            run.exact.reserve(est);
+            if stage.cfg.dedup.near {
+                run.near.reserve(est);
+            }
+            run.reps.reserve(est);
+            run.reserved = true;
+        }
+        let outs: Vec<Outcome> = buf.par_iter().map(|l| stage.process(l, pinned)).collect();
+        let first = lines + 1;
+        lines += buf.len() as u64;
+        for (i, o) in outs.into_iter().enumerate() {
+            if !pinned && !matches!(o, Outcome::Blank) {
+                run.report.counts.read += 1;
+            }
+            run.take(o, file, first + i as u64, pinned)?;
+        }
+        progress(bytes, lines);
+    }
+    Ok(InputReport {
+        path: path.to_path_buf(),
+        lines,
+        bytes,
+        sha256: hex::encode(hash.finalize()),
+    })
+}
+
+/// Curate `inputs` into `out`: `train.jsonl`, `val.jsonl`, `holdout.jsonl`,
+/// `regression.jsonl`, `rejected.jsonl` (every row not kept, with its reason) and
+/// `report.json`. Returns the report; when no row is left, writes the report and fails.
+pub fn curate(
+    inputs: &[PathBuf],
+    out: &Path,
+    cfg: &CurateConfig,
+    on: &mut dyn FnMut(Event),
+) -> Result<Report> {
+    let started = Instant::now();
+    cfg.check()?;
+    if inputs.is_empty() {
+        return Err(Error::Config("no input files".into()));
+    }
+    let mut total = 0u64;
+    for p in inputs.iter().chain(cfg.splits.regression_file.as_ref()) {
+        let m = std::fs::metadata(p).map_err(|e| Error::io(p, e))?;
+        if m.is_dir() {
+            return Err(Error::parse(p, "is a directory, not a JSONL file"));
+        }
+        total += m.len();
+    }
+    std::fs::create_dir_all(out).map_err(|e| Error::io(out, e))?;
+    let stage = Stage {
+        masker: Masker::new(cfg.pii.clone()),
+        filters: Filters::new(cfg.filters.clone()).map_err(Error::Config)?,
+        hasher: MinHasher::new(&cfg.dedup),
+        cfg: cfg.clone(),
+    };
+    let mut writers = BTreeMap::new();
+    for s in Split::ALL {
+        writers.insert(
+            s,
+            SplitWriter::create(&out.join(format!("{}.jsonl", s.name())))?,
+        );
+    }
+    let mut files: Vec<String> = inputs.iter().map(|p| p.display().to_string()).collect();
+    let reg_idx = files.len() as u32;
+    if let Some(r) = &cfg.splits.regression_file {
+        files.push(r.display().to_string());
+    }
+    let mut run = Run {
+        cfg,
+        report: Report {
+            seed: cfg.seed,
+            listed_limit: cfg.listed_limit,
+            ..Default::default()
+        },
+        family: cfg
+            .format
+            .family()
+            .map(|f| (f, "the configuration".to_string())),
+        exact: IdMap::default(),
+        clusters: IdMap::default(),
+        total_bytes: total,
+        reserved: false,
+        near: NearIndex::new(&cfg.dedup),
+        reps: Vec::new(),
+        files,
+        writers,
+        labels: BTreeMap::new(),
+        balance: HashMap::new(),
+        rejected: SplitWriter::create(&out.join("rejected.jsonl"))?,
+        pii: PiiCounts::default(),
+        n_pinned_reps: 0,
+    };
+    run.report.dedup.threshold = cfg.dedup.threshold;
+    run.report.dedup.margin = cfg.dedup.margin;
+    run.report.license.allow = cfg.license.allow.clone();
+    run.report.license.missing_policy = cfg.license.missing;
+
+    let mut done = 0u64;
+    let mut rows = 0u64;
+    if let Some(r) = &cfg.splits.regression_file {
+        let rep = stream_file(r, reg_idx, true, &stage, &mut run, &mut |b, l| {
+            on(Event::Progress {
+                bytes: b,
+                total,
+                rows: l,
+            })
+        })?;
+        done += rep.bytes;
+        run.report.regression_file = Some(rep);
+    }
+    for (i, p) in inputs.iter().enumerate() {
+        let base = done;
+        let base_rows = rows;
+        let rep = stream_file(p, i as u32, false, &stage, &mut run, &mut |b, l| {
+            on(Event::Progress {
+                bytes: base + b,
+                total,
+                rows: base_rows + l,
+            })
+        })?;
+        done += rep.bytes;
+        rows += rep.lines;
+        run.report.inputs.push(rep);
+    }
+    drop(stage);
+
+    let mut report = finish(run, out)?;
+    report.elapsed_s = started.elapsed().as_secs_f64();
+    let json = serde_json::to_vec_pretty(&report).expect("report serialises");
+    crate::error::write(&out.join("report.json"), json)?;
+    if report.counts.kept == 0 {
+        let c = &report.counts;
+        let why = if c.read == 0 {
+            "the inputs have no rows".to_string()
+        } else if c.invalid == c.read {
+            let first = report
+                .invalid
+                .first()
+                .map(|i| format!("; first: {}:{}: {}", i.file, i.line, i.detail))
+                .unwrap_or_default();
+            format!("all {} rows are invalid (wrong format?){first}", c.read)
+        } else {
+            format!(
+                "{} rows read: {} invalid, {} license-rejected, {} filtered, {} duplicates, {} over balance caps",
+                c.read,
+                c.invalid,
+                c.license_rejected,
+                c.filtered,
+                c.exact_duplicates + c.near_duplicates,
+                c.balance_dropped
+            )
+        };
+        return Err(Error::parse(
+            out.join("report.json"),
+            format!("no rows left after curation: {why}"),
+        ));
+    }
+    Ok(report)
+}
+
+fn finish(run: Run<'_>, out: &Path) -> Result<Report> {
+    let Run {
+        cfg,
+        mut report,
+        family,
+        writers,
+        labels,
+        rejected,
+        pii,
+        ..
+    } = run;
+    rejected.finish()?;
+    report.format = family.map(|(f, _)| f);
+    for k in PiiKind::ALL {
+        if pii.get(k) > 0 {
+            report.pii.insert(k.name().to_string(), pii.get(k));
+        }
+    }
+    let kto = report.format == Some(Family::Kto);
+    for (split, w) in writers {
+        let rows = w.rows;
+        let path = w.path.clone();
+        let sha256 = w.finish()?;
+        let (d, u) = labels.get(&split).copied().unwrap_or_default();
+        let expected = cfg.splits.fraction(split) > 0.0
+            || (split == Split::Regression && cfg.splits.regression_file.is_some());
+        if rows == 0 && expected && report.counts.kept > 0 {
+            report.warnings.push(format!(
+                "split {} is empty ({} rows kept in all; fraction {})",
+                split.name(),
+                report.counts.kept,
+                cfg.splits.fraction(split)
+            ));
+        }
+        if kto && rows > 0 && (d == 0 || u == 0) {
+            report.warnings.push(format!(
+                "KTO split {} has only {} examples ({} rows)",
+                split.name(),
+                if d == 0 {
+                    "undesirable (label false)"
+                } else {
+                    "desirable (label true)"
+                },
+                rows
+            ));
+        }
+        report.splits.insert(
+            split.name().to_string(),
+            SplitReport {
+                path: path
+                    .strip_prefix(out)
+                    .map(Path::to_path_buf)
+                    .unwrap_or(path),
+                rows,
+                sha256,
+                desirable: kto.then_some(d),
+                undesirable: kto.then_some(u),
+            },
+        );
+    }
+    if report.counts.invalid > 0 {
+        report.warnings.push(format!(
+            "{} invalid rows (see report.json \"invalid\" and rejected.jsonl)",
+            report.counts.invalid
+        ));
+    }
+    report.dedup.exact = report.counts.exact_duplicates;
+    report.dedup.near = report.counts.near_duplicates;
+    Ok(report)
+}

@@ -1,0 +1,200 @@
+//! `report.json` and the readable summary.
+
+use std::collections::BTreeMap;
+use std::fmt::Write as _;
+use std::path::PathBuf;
+
+use serde::{Deserialize, Serialize};
+
+use super::filters::MissingLicense;
+use super::format::Family;
+
+/// A row's place in the input.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Loc {
+    pub file: String,
+    pub line: u64,
+}
+
+/// A row that was not kept, and why.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct RowIssue {
+    pub file: String,
+    pub line: u64,
+    /// `invalid`, `license`, a filter code (`too_short`, `repetition`, …), `balance`,
+    /// `exact_duplicate` or `near_duplicate`.
+    pub reason: String,
+    pub detail: String,
+}
+
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+pub struct InputReport {
+    pub path: PathBuf,
+    pub lines: u64,
+    pub bytes: u64,
+    pub sha256: String,
+}
+
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+pub struct Counts {
+    /// Non-blank lines read from the inputs (not counting the pinned regression file).
+    pub read: u64,
+    pub blank: u64,
+    pub invalid: u64,
+    pub license_rejected: u64,
+    pub filtered: u64,
+    pub balance_dropped: u64,
+    pub exact_duplicates: u64,
+    pub near_duplicates: u64,
+    /// Rows written to a split (pinned regression rows included).
+    pub kept: u64,
+    pub pinned_regression: u64,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct DupMember {
+    pub file: String,
+    pub line: u64,
+    /// `exact` or `near`.
+    pub kind: String,
+    /// Estimated Jaccard similarity to the representative (1 for exact).
+    pub jaccard: f64,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct Cluster {
+    pub representative: Loc,
+    pub size: u64,
+    pub duplicates: Vec<DupMember>,
+}
+
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+pub struct DedupReport {
+    pub exact: u64,
+    pub near: u64,
+    pub threshold: f64,
+    /// Estimates this far below `threshold` still count.
+    pub margin: f64,
+    /// Duplicates of pinned regression rows dropped from the input.
+    pub of_regression: u64,
+    pub clusters: Vec<Cluster>,
+}
+
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+pub struct LicenseReport {
+    pub allow: Vec<String>,
+    pub missing_policy: MissingLicense,
+    /// Kept rows per license value (`(none)` for rows without one).
+    pub kept: BTreeMap<String, u64>,
+    pub rejected: BTreeMap<String, u64>,
+    pub missing: u64,
+    /// Rows kept without a license under the `flag` policy.
+    pub flagged: Vec<Loc>,
+}
+
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+pub struct SplitReport {
+    pub path: PathBuf,
+    pub rows: u64,
+    pub sha256: String,
+    /// KTO: rows with label true / false.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub desirable: Option<u64>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub undesirable: Option<u64>,
+}
+
+/// Everything a curation run did.
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+pub struct Report {
+    pub format: Option<Family>,
+    pub seed: u64,
+    pub inputs: Vec<InputReport>,
+    pub regression_file: Option<InputReport>,
+    pub counts: Counts,
+    /// Invalid rows with line numbers (the first `listed_limit`; all are in rejected.jsonl).
+    pub invalid: Vec<RowIssue>,
+    /// Rows dropped by the license or quality filters, per reason code.
+    pub rejected_by_reason: BTreeMap<String, u64>,
+    /// The first `listed_limit` of them.
+    pub rejected: Vec<RowIssue>,
+    pub dedup: DedupReport,
+    /// Masked values per PII type in the kept rows.
+    pub pii: BTreeMap<String, u64>,
+    pub pii_rows: u64,
+    pub license: LicenseReport,
+    /// Kept rows per balance value (the `balance.field`, `source` by default).
+    pub sources: BTreeMap<String, u64>,
+    pub splits: BTreeMap<String, SplitReport>,
+    pub warnings: Vec<String>,
+    pub listed_limit: usize,
+    pub elapsed_s: f64,
+}
+
+impl Report {
+    /// A human-readable summary.
+    pub fn summary(&self) -> String {
+        let c = &self.counts;
+        let mut s = String::new();
+        let fam = self.format.map(|f| f.describe()).unwrap_or("(none)");
+        let _ = writeln!(s, "format: {fam}   seed: {}", self.seed);
+        let _ = writeln!(
+            s,
+            "read {} rows from {} file(s) in {:.1}s: {} kept, {} invalid, {} license-rejected, {} filtered, {} exact dups, {} near dups, {} over balance caps",
+            c.read,
+            self.inputs.len(),
+            self.elapsed_s,
+            c.kept,
+            c.invalid,
+            c.license_rejected,
+            c.filtered,
+            c.exact_duplicates,
+            c.near_duplicates,
+            c.balance_dropped
+        );
+        if c.pinned_regression > 0 {
+            let _ = writeln!(
+                s,
+                "pinned regression rows: {} ({} input rows dropped as their duplicates)",
+                c.pinned_regression, self.dedup.of_regression
+            );
+        }
+        for i in self.invalid.iter().take(5) {
+            let _ = writeln!(s, "  invalid {}:{}: {}", i.file, i.line, i.detail);
+        }
+        if c.invalid > 5 {
+            let _ = writeln!(
+                s,
+                "  … {} more invalid rows (report.json, rejected.jsonl)",
+                c.invalid - 5
+            );
+        }
+        if !self.rejected_by_reason.is_empty() {
+            let r: Vec<String> = self
+                .rejected_by_reason
+                .iter()
+                .map(|(k, v)| format!("{k} {v}"))
+                .collect();
+            let _ = writeln!(s, "rejected: {}", r.join(", "));
+        }
+        if !self.pii.is_empty() {
+            let p: Vec<String> = self.pii.iter().map(|(k, v)| format!("{k} {v}")).collect();
+            let _ = writeln!(s, "PII masked in {} rows: {}", self.pii_rows, p.join(", "));
+        }
+        let _ = writeln!(s, "{:<11} {:>9}  sha256", "split", "rows");
+        let order = super::format::Split::ALL.map(|s| s.name());
+        let mut splits: Vec<(&String, &SplitReport)> = self.splits.iter().collect();
+        splits.sort_by_key(|(n, _)| order.iter().position(|o| o == n));
+        for (name, r) in splits {
+            let labels = match (r.desirable, r.undesirable) {
+                (Some(d), Some(u)) => format!("  (label true {d}, false {u})"),
+                _ => String::new(),
+            };
+            let _ = writeln!(s, "{name:<11} {:>9}  {}{labels}", r.rows, r.sha256);
+        }
+        for w in &self.warnings {
+            let _ = writeln!(s, "warning: {w}");
+        }
+        s
+    }
+}

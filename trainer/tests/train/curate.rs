@@ -1,0 +1,556 @@
+//! Data curation end to end: validation with line numbers, PII masking, exact and near dedup
+//! on planted rows, license and quality filters, reproducible splits, pinned regression rows,
+//! and the bad-input cases.
+
+use std::path::{Path, PathBuf};
+
+use loraops_trainer::curate::{CurateConfig, curate, report::Report};
+use serde_json::{Value, json};
+
+fn write_jsonl(dir: &Path, name: &str, rows: &[String]) -> PathBuf {
+    let p = dir.join(name);
+    std::fs::write(&p, rows.join("\n") + "\n").unwrap();
+    p
+}
+
+fn run(inputs: &[PathBuf], out: &Path, cfg: &CurateConfig) -> loraops_trainer::Result<Report> {
+    curate(inputs, out, cfg, &mut |_| {})
+}
+
+fn split_rows(out: &Path, split: &str) -> Vec<Value> {
+    std::fs::read_to_string(out.join(format!("{split}.jsonl")))
+        .unwrap()
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect()
+}
+
+fn all_output(out: &Path) -> String {
+    ["train", "val", "holdout", "regression"]
+        .iter()
+        .map(|s| std::fs::read_to_string(out.join(format!("{s}.jsonl"))).unwrap())
+        .collect()
+}
+
+/// A distinct, ordinary sentence for row `i`.
+fn sentence(i: usize) -> String {
+    const W: [&str; 16] = [
+        "river", "garden", "lantern", "copper", "meadow", "signal", "harbor", "orchid", "canyon",
+        "pepper", "violin", "glacier", "saddle", "thunder", "velvet", "compass",
+    ];
+    let mut s = String::from("Tell me about");
+    let mut x = i as u64 * 2654435761 + 17;
+    for _ in 0..14 {
+        x = x
+            .wrapping_mul(6364136223846793005)
+            .wrapping_add(1442695040888963407);
+        s.push(' ');
+        s.push_str(W[(x >> 33) as usize % W.len()]);
+    }
+    s.push_str(&format!(" number {i}."));
+    s
+}
+
+fn pc(prompt: &str, completion: &str) -> String {
+    json!({"prompt": prompt, "completion": completion}).to_string()
+}
+
+#[test]
+fn sft_rows_are_validated_masked_deduplicated_and_split() {
+    let tmp = tempfile::tempdir().unwrap();
+    let base_near = "The committee reviewed the quarterly budget in detail and agreed to fund the new library wing, the community garden and two extra buses for the school district next spring.";
+    let near = "The committee reviewed the quarterly budget in detail and agreed to fund the new library wing, the community garden and two extra buses for the school district next autumn.";
+    let mut rows = vec![
+        // line 1: chat row with PII of every kind
+        json!({"messages": [
+            {"role": "user", "content": "My email is jane.doe@example.com and my phone 010-9876-5432, RRN 850315-2345678."},
+            {"role": "assistant", "content": "Noted. Card 4111-1111-1111-1111, IBAN GB82 WEST 1234 5698 7654 32, server 10.20.30.40, SSN 123-45-6789, call +1 415 555 2671."}
+        ], "source": "support"}).to_string(),
+        // line 2: not JSON
+        "{\"prompt\": \"broken".to_string(),
+        // line 3: exact duplicate of line 4 after normalisation (case and whitespace differ)
+        pc("What is   the capital of France?", "Paris."),
+        pc("what is the capital of france?", "PARIS."),
+        // line 5: missing completion
+        json!({"prompt": "only a prompt"}).to_string(),
+        // lines 6, 7: near duplicates
+        pc("Summarise the meeting.", base_near),
+        pc("Summarise the meeting.", near),
+        // line 8: Alpaca
+        json!({"instruction": "Translate to Korean", "input": "good morning", "output": "좋은 아침입니다"}).to_string(),
+        // line 9: blank
+        String::new(),
+        // line 10: a preference row in an SFT dataset
+        json!({"prompt": "a", "chosen": "b", "rejected": "c"}).to_string(),
+    ];
+    for i in 0..40 {
+        rows.push(pc(
+            &sentence(i),
+            &format!("Answer {i}: {}", sentence(i + 1000)),
+        ));
+    }
+    let input = write_jsonl(tmp.path(), "in.jsonl", &rows);
+    let out = tmp.path().join("out");
+    let report = run(std::slice::from_ref(&input), &out, &CurateConfig::default()).unwrap();
+
+    let c = &report.counts;
+    assert_eq!(c.read, 49);
+    assert_eq!(c.blank, 1);
+    assert_eq!(c.invalid, 3);
+    assert_eq!(c.exact_duplicates, 1);
+    assert_eq!(c.near_duplicates, 1);
+    assert_eq!(c.kept, 49 - 3 - 2);
+    assert_eq!(
+        report.format,
+        Some(loraops_trainer::curate::format::Family::Sft)
+    );
+
+    // Invalid rows carry their line numbers and reasons.
+    let inv: Vec<(u64, &str)> = report
+        .invalid
+        .iter()
+        .map(|i| (i.line, i.detail.as_str()))
+        .collect();
+    assert_eq!(inv.len(), 3);
+    assert_eq!(inv[0].0, 2);
+    assert!(inv[0].1.starts_with("not JSON"), "{inv:?}");
+    assert_eq!(inv[1].0, 5);
+    assert!(inv[1].1.contains("\"completion\" is missing"), "{inv:?}");
+    assert_eq!(inv[2].0, 10);
+    assert!(inv[2].1.contains("preference"), "{inv:?}");
+
+    // The duplicates point at their representatives.
+    let clusters = &report.dedup.clusters;
+    assert_eq!(clusters.len(), 2);
+    assert_eq!(clusters[0].representative.line, 3);
+    assert_eq!(clusters[0].duplicates[0].line, 4);
+    assert_eq!(clusters[0].duplicates[0].kind, "exact");
+    assert_eq!(clusters[1].representative.line, 6);
+    assert_eq!(clusters[1].duplicates[0].line, 7);
+    assert_eq!(clusters[1].duplicates[0].kind, "near");
+
+    // PII: every value masked, none left anywhere in the output, counted per type.
+    let text = all_output(&out);
+    for original in [
+        "jane.doe@example.com",
+        "010-9876-5432",
+        "9876",
+        "850315-2345678",
+        "4111-1111-1111-1111",
+        "GB82 WEST",
+        "10.20.30.40",
+        "123-45-6789",
+        "415 555 2671",
+    ] {
+        assert!(!text.contains(original), "{original} left in the output");
+    }
+    for ph in [
+        "<EMAIL>", "<PHONE>", "<KR_RRN>", "<CARD>", "<IBAN>", "<IP>", "<US_SSN>",
+    ] {
+        assert!(text.contains(ph), "{ph} missing");
+    }
+    for (k, n) in [
+        ("EMAIL", 1),
+        ("PHONE", 2),
+        ("KR_RRN", 1),
+        ("CARD", 1),
+        ("IBAN", 1),
+        ("IP", 1),
+        ("US_SSN", 1),
+    ] {
+        assert_eq!(report.pii.get(k), Some(&n), "{k}: {:?}", report.pii);
+    }
+    assert_eq!(report.pii_rows, 1);
+    assert!(text.contains("좋은 아침입니다"));
+
+    // Splits: every kept row once, digests of the files as written.
+    let total: u64 = report.splits.values().map(|s| s.rows).sum();
+    assert_eq!(total, c.kept);
+    for (name, s) in &report.splits {
+        let bytes = std::fs::read(out.join(&s.path)).unwrap();
+        assert_eq!(s.sha256, sha256_hex(&bytes), "{name}");
+        assert_eq!(split_rows(&out, name).len() as u64, s.rows);
+    }
+    assert!(report.splits["train"].rows > report.splits["val"].rows);
+
+    // report.json on disk is the returned report; rejected.jsonl lists every dropped row.
+    let on_disk: Value =
+        serde_json::from_slice(&std::fs::read(out.join("report.json")).unwrap()).unwrap();
+    assert_eq!(on_disk["counts"]["kept"], json!(c.kept));
+    assert_eq!(
+        on_disk["splits"]["train"]["sha256"],
+        json!(report.splits["train"].sha256)
+    );
+    let rejected: Vec<Value> = std::fs::read_to_string(out.join("rejected.jsonl"))
+        .unwrap()
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    let lines: Vec<u64> = rejected
+        .iter()
+        .map(|r| r["line"].as_u64().unwrap())
+        .collect();
+    assert_eq!(lines, vec![2, 4, 5, 7, 10]);
+    assert!(report.summary().contains("train"));
+}
+
+fn sha256_hex(b: &[u8]) -> String {
+    use sha2::Digest;
+    hex::encode(sha2::Sha256::digest(b))
+}
+
+#[test]
+fn splits_are_reproducible_and_depend_on_the_seed() {
+    let tmp = tempfile::tempdir().unwrap();
+    let rows: Vec<String> = (0..400)
+        .map(|i| pc(&sentence(i), &sentence(i + 5000)))
+        .collect();
+    let input = write_jsonl(tmp.path(), "in.jsonl", &rows);
+    let digests = |out: &str, cfg: &CurateConfig| -> Vec<(String, u64, String)> {
+        let r = run(std::slice::from_ref(&input), &tmp.path().join(out), cfg).unwrap();
+        r.splits
+            .iter()
+            .map(|(k, s)| (k.clone(), s.rows, s.sha256.clone()))
+            .collect()
+    };
+    let cfg = CurateConfig {
+        seed: 7,
+        ..Default::default()
+    };
+    let a = digests("a", &cfg);
+    let b = digests("b", &cfg);
+    assert_eq!(a, b);
+    // Batching (and so the parallel schedule) does not change anything.
+    let c = digests(
+        "c",
+        &CurateConfig {
+            batch_rows: 3,
+            ..cfg.clone()
+        },
+    );
+    assert_eq!(a, c);
+    let d = digests(
+        "d",
+        &CurateConfig {
+            seed: 8,
+            ..cfg.clone()
+        },
+    );
+    assert_ne!(a, d);
+    let rows_of = |v: &[(String, u64, String)], s: &str| v.iter().find(|x| x.0 == s).unwrap().1;
+    assert_eq!(
+        rows_of(&a, "train") + rows_of(&a, "val") + rows_of(&a, "holdout"),
+        400
+    );
+    assert!(
+        rows_of(&a, "val") > 5 && rows_of(&a, "holdout") > 5,
+        "{a:?}"
+    );
+}
+
+#[test]
+fn pinned_regression_rows_keep_their_duplicates_out_of_other_splits() {
+    let tmp = tempfile::tempdir().unwrap();
+    let pinned_text = "Explain how the regional power grid balances supply and demand during a heat wave, including storage, imports and demand response programs.";
+    let reg = write_jsonl(
+        tmp.path(),
+        "regression.jsonl",
+        &[pc("Grid question", pinned_text)],
+    );
+    let mut rows: Vec<String> = (0..50)
+        .map(|i| pc(&sentence(i), &sentence(i + 77)))
+        .collect();
+    // an exact and a near duplicate of the pinned row, and a row pinned by its split field
+    rows.push(pc("grid   QUESTION", pinned_text));
+    rows.push(pc(
+        "Grid question",
+        &pinned_text.replace("heat wave", "cold snap"),
+    ));
+    rows.push(json!({"prompt": "p", "completion": sentence(999), "split": "holdout"}).to_string());
+    let input = write_jsonl(tmp.path(), "in.jsonl", &rows);
+    let out = tmp.path().join("out");
+    let mut cfg = CurateConfig::default();
+    cfg.splits.regression_file = Some(reg);
+    let r = run(&[input], &out, &cfg).unwrap();
+    assert_eq!(r.counts.pinned_regression, 1);
+    assert_eq!(r.dedup.of_regression, 2);
+    assert_eq!(r.counts.exact_duplicates, 1);
+    assert_eq!(r.counts.near_duplicates, 1);
+    let reg_rows = split_rows(&out, "regression");
+    assert_eq!(reg_rows.len(), 1);
+    assert_eq!(reg_rows[0]["completion"], json!(pinned_text));
+    for s in ["train", "val", "holdout"] {
+        for row in split_rows(&out, s) {
+            assert!(
+                !row["completion"].as_str().unwrap().contains("power grid"),
+                "{s}"
+            );
+        }
+    }
+    assert!(
+        split_rows(&out, "holdout")
+            .iter()
+            .any(|r| r["completion"] == json!(sentence(999)))
+    );
+}
+
+#[test]
+fn near_duplicates_never_span_splits() {
+    // 60 clusters of 4 paraphrases each: after dedup each cluster has exactly one row.
+    let tmp = tempfile::tempdir().unwrap();
+    let mut rows = Vec::new();
+    for c in 0..60 {
+        let s = format!("{} {}", sentence(c), sentence(c + 300));
+        for v in 0..4 {
+            let variant = match v {
+                0 => s.clone(),
+                1 => s.replacen("Tell me", "tell me", 1),
+                2 => format!("{s} Thanks"),
+                _ => s.replacen(&format!("number {c}."), &format!("number {c}!"), 1),
+            };
+            rows.push(pc("Q", &variant));
+        }
+    }
+    let input = write_jsonl(tmp.path(), "in.jsonl", &rows);
+    let out = tmp.path().join("out");
+    let r = run(&[input], &out, &CurateConfig::default()).unwrap();
+    assert_eq!(r.counts.kept, 60);
+    assert_eq!(r.counts.exact_duplicates + r.counts.near_duplicates, 180);
+    let mut seen = std::collections::HashSet::new();
+    for s in ["train", "val", "holdout", "regression"] {
+        for row in split_rows(&out, s) {
+            let n = row["completion"].as_str().unwrap()[..60].to_lowercase();
+            assert!(seen.insert(n), "a cluster appears twice");
+        }
+    }
+}
+
+#[test]
+fn license_and_quality_filters_report_their_reasons() {
+    let tmp = tempfile::tempdir().unwrap();
+    let mut rows = vec![
+        json!({"prompt": sentence(1), "completion": "ok", "license": "MIT"}).to_string(),
+        json!({"prompt": sentence(2), "completion": "ok", "license": "cc-by-nc-4.0"}).to_string(),
+        json!({"prompt": sentence(3), "completion": "ok"}).to_string(),
+        json!({"prompt": sentence(4), "completion": "this mentions a secretword here"}).to_string(),
+        json!({"prompt": "hi", "completion": "yo", "license": "mit"}).to_string(),
+        json!({"prompt": sentence(5), "completion": "spam ".repeat(40), "license": "MIT"})
+            .to_string(),
+    ];
+    rows.push(
+        json!({"prompt": sentence(6), "completion": "fine", "license": "Apache-2.0"}).to_string(),
+    );
+    let input = write_jsonl(tmp.path(), "in.jsonl", &rows);
+    let cfg_text = r#"
+[curate]
+seed = 3
+[curate.license]
+allow = ["MIT", "Apache-2.0"]
+missing = "flag"
+[curate.filters]
+min_chars = 20
+banned_terms = ["secretword"]
+[curate.splits]
+train = 1.0
+val = 0.0
+holdout = 0.0
+"#;
+    let cfg_path = tmp.path().join("curate.toml");
+    std::fs::write(&cfg_path, cfg_text).unwrap();
+    let cfg = CurateConfig::from_toml_file(&cfg_path).unwrap();
+    assert_eq!(cfg.seed, 3);
+    let out = tmp.path().join("out");
+    let r = run(std::slice::from_ref(&input), &out, &cfg).unwrap();
+    assert_eq!(r.counts.license_rejected, 1);
+    assert_eq!(r.license.rejected.get("cc-by-nc-4.0"), Some(&1));
+    assert_eq!(r.counts.filtered, 3);
+    assert_eq!(r.rejected_by_reason.get("banned_term"), Some(&1));
+    assert_eq!(r.rejected_by_reason.get("too_short"), Some(&1));
+    assert_eq!(r.rejected_by_reason.get("repetition"), Some(&1));
+    let lines: Vec<(u64, &str)> = r
+        .rejected
+        .iter()
+        .map(|i| (i.line, i.reason.as_str()))
+        .collect();
+    assert_eq!(
+        lines,
+        vec![
+            (2, "license"),
+            (4, "banned_term"),
+            (5, "too_short"),
+            (6, "repetition")
+        ]
+    );
+    assert_eq!(r.counts.kept, 3);
+    assert_eq!(r.license.missing, 1);
+    assert_eq!(r.license.flagged.len(), 1);
+    assert_eq!(r.license.flagged[0].line, 3);
+    assert_eq!(r.splits["train"].rows, 3);
+    // `val` and `holdout` have fraction 0: empty, and no warning about them.
+    assert!(
+        r.warnings.iter().all(|w| !w.contains("split val")),
+        "{:?}",
+        r.warnings
+    );
+
+    // Policy drop: the unlicensed row goes too.
+    let mut cfg2 = cfg.clone();
+    cfg2.license.missing = loraops_trainer::curate::filters::MissingLicense::Drop;
+    let r2 = run(&[input], &tmp.path().join("out2"), &cfg2).unwrap();
+    assert_eq!(r2.counts.license_rejected, 3); // lines 2, 3 and 4 (4 has no license either)
+    assert_eq!(r2.counts.kept, 2);
+
+    // Unknown keys in the configuration are errors, not ignored.
+    std::fs::write(&cfg_path, "[curate]\nsed = 1\n").unwrap();
+    let e = CurateConfig::from_toml_file(&cfg_path)
+        .unwrap_err()
+        .to_string();
+    assert!(e.contains("sed"), "{e}");
+}
+
+#[test]
+fn bad_input_fails_loudly_or_is_counted() {
+    let tmp = tempfile::tempdir().unwrap();
+    let cfg = CurateConfig::default();
+
+    // Unreadable file.
+    let e = run(
+        &[tmp.path().join("nope.jsonl")],
+        &tmp.path().join("o1"),
+        &cfg,
+    )
+    .unwrap_err()
+    .to_string();
+    assert!(e.contains("nope.jsonl"), "{e}");
+
+    // Wrong format: CSV.
+    let csv = tmp.path().join("data.csv");
+    std::fs::write(&csv, "prompt,completion\nhello,world\nfoo,bar\n").unwrap();
+    let e = run(&[csv], &tmp.path().join("o2"), &cfg)
+        .unwrap_err()
+        .to_string();
+    assert!(e.contains("all 3 rows are invalid"), "{e}");
+    assert!(e.contains("data.csv:1: not JSON"), "{e}");
+    assert!(tmp.path().join("o2/report.json").exists());
+
+    // Wrong family for the configured format.
+    let sft = write_jsonl(tmp.path(), "sft.jsonl", &[pc("a", "b"), pc("c", "d")]);
+    let mut pref = cfg.clone();
+    pref.format = loraops_trainer::curate::format::FormatChoice::Preference;
+    let e = run(&[sft], &tmp.path().join("o3"), &pref)
+        .unwrap_err()
+        .to_string();
+    assert!(
+        e.contains("all 2 rows are invalid") && e.contains("preference"),
+        "{e}"
+    );
+
+    // Nothing left after filtering.
+    let short = write_jsonl(tmp.path(), "short.jsonl", &[pc("a", "b"), pc("c", "d")]);
+    let mut strict = cfg.clone();
+    strict.filters.min_chars = 1000;
+    let e = run(&[short], &tmp.path().join("o4"), &strict)
+        .unwrap_err()
+        .to_string();
+    assert!(
+        e.contains("no rows left") && e.contains("2 filtered"),
+        "{e}"
+    );
+
+    // chosen == rejected is an invalid row with its line number.
+    let prefs = write_jsonl(
+        tmp.path(),
+        "pref.jsonl",
+        &[
+            json!({"prompt": sentence(1), "chosen": "Yes, because of A.", "rejected": "No."}).to_string(),
+            json!({"prompt": sentence(2), "chosen": "Same answer.", "rejected": "Same answer. "}).to_string(),
+            json!({"prompt": sentence(3), "chosen": [{"role": "assistant", "content": "x"}], "rejected": [{"role": "assistant", "content": "y"}]}).to_string(),
+        ],
+    );
+    let r = run(&[prefs], &tmp.path().join("o5"), &cfg).unwrap();
+    assert_eq!(r.counts.invalid, 1);
+    assert_eq!(r.invalid[0].line, 2);
+    assert!(
+        r.invalid[0]
+            .detail
+            .contains("chosen and rejected are identical")
+    );
+    assert_eq!(r.counts.kept, 2);
+
+    // A KTO set with only one label: a counted warning.
+    let kto = write_jsonl(
+        tmp.path(),
+        "kto.jsonl",
+        &(0..30)
+            .map(|i| {
+                json!({"prompt": sentence(i), "completion": sentence(i + 50), "label": true})
+                    .to_string()
+            })
+            .collect::<Vec<_>>(),
+    );
+    let r = run(&[kto], &tmp.path().join("o6"), &cfg).unwrap();
+    assert_eq!(r.format, Some(loraops_trainer::curate::format::Family::Kto));
+    assert!(
+        r.warnings
+            .iter()
+            .any(|w| w.contains("KTO split train has only desirable")),
+        "{:?}",
+        r.warnings
+    );
+    assert_eq!(r.splits["train"].undesirable, Some(0));
+
+    // An empty split that was asked for is a warning, not silence.
+    let tiny = write_jsonl(tmp.path(), "tiny.jsonl", &[pc(&sentence(1), "an answer")]);
+    let r = run(&[tiny], &tmp.path().join("o7"), &cfg).unwrap();
+    assert_eq!(r.counts.kept, 1);
+    assert!(
+        r.warnings.iter().any(|w| w.starts_with("split ")),
+        "{:?}",
+        r.warnings
+    );
+}
+
+#[test]
+fn balance_caps_limit_rows_per_source() {
+    let tmp = tempfile::tempdir().unwrap();
+    let rows: Vec<String> = (0..30)
+        .map(|i| {
+            json!({"prompt": sentence(i), "completion": sentence(i + 100),
+                   "source": if i % 3 == 0 { "web" } else { "forum" }})
+            .to_string()
+        })
+        .collect();
+    let input = write_jsonl(tmp.path(), "in.jsonl", &rows);
+    let mut cfg = CurateConfig::default();
+    cfg.balance.max_per_value = Some(5);
+    cfg.balance.caps.insert("web".into(), 7);
+    let r = run(&[input], &tmp.path().join("out"), &cfg).unwrap();
+    assert_eq!(r.sources.get("forum"), Some(&5));
+    assert_eq!(r.sources.get("web"), Some(&7));
+    assert_eq!(r.counts.balance_dropped, 18);
+}
+
+#[test]
+fn a_shared_configuration_file_is_read_for_its_curation_keys() {
+    let tmp = tempfile::tempdir().unwrap();
+    let p = tmp.path().join("loraops.toml");
+    std::fs::write(
+        &p,
+        "seed = 11\n[registry]\nlisten = \"0.0.0.0:1\"\n[dedup]\nthreshold = 0.9\n",
+    )
+    .unwrap();
+    let cfg = CurateConfig::from_toml_file(&p).unwrap();
+    assert_eq!(cfg.seed, 11);
+    assert_eq!(cfg.dedup.threshold, 0.9);
+    std::fs::write(
+        &p,
+        "[data.curate]\nformat = \"kto\"\n[data.curate.pii]\nemail = false\n",
+    )
+    .unwrap();
+    let cfg = CurateConfig::from_toml_file(&p).unwrap();
+    assert_eq!(
+        cfg.format,
+        loraops_trainer::curate::format::FormatChoice::Kto
+    );
+    assert!(!cfg.pii.email && cfg.pii.phone);
+}
