@@ -1,12 +1,13 @@
 //! `loraops train …`: fine-tune an adapter. Flags override the TOML file given with
-//! `--config` (its `[train.sft]` table, else `[sft]`, else the whole file).
+//! `--config` (its `[train.<method>]` table, else `[<method>]`, else the whole file).
 
 use std::path::PathBuf;
 
 use anyhow::Context as _;
 use clap::{Args, Subcommand};
 use indicatif::{ProgressBar, ProgressStyle};
-use loraops_trainer::sft::{Event, SftConfig, read_config_table, train_sft};
+use loraops_trainer::preference::{Method, PreferenceConfig, train_preference};
+use loraops_trainer::sft::{Event, SftConfig, SftOutcome, read_config_table, train_sft};
 use serde_json::{Map, Value, json};
 
 use super::Global;
@@ -15,6 +16,35 @@ use super::Global;
 pub enum TrainCmd {
     /// Supervised fine-tuning on chat, prompt/completion or Alpaca JSONL.
     Sft(SftArgs),
+    /// Direct preference optimisation on {"prompt","chosen","rejected"} JSONL (sigmoid,
+    /// conservative, robust or IPO loss; the reference is the base with the adapter switched off).
+    Dpo(PreferenceArgs),
+    /// Odds-ratio preference optimisation: NLL on chosen + beta (lambda) x odds-ratio term; no
+    /// reference model.
+    Orpo(PreferenceArgs),
+    /// Kahneman-Tversky optimisation on unpaired {"prompt","completion","label"} JSONL.
+    Kto(PreferenceArgs),
+}
+
+#[derive(Debug, Args)]
+pub struct PreferenceArgs {
+    #[command(flatten)]
+    common: SftArgs,
+    /// DPO and KTO: beta; ORPO: lambda, the weight of the odds-ratio term.
+    #[arg(long)]
+    beta: Option<f64>,
+    /// DPO loss: sigmoid (with --label-smoothing: conservative DPO), robust or ipo.
+    #[arg(long, value_parser = ["sigmoid", "robust", "ipo"])]
+    loss_type: Option<String>,
+    /// DPO, KTO: compute the reference log-probabilities once, before training.
+    #[arg(long)]
+    precompute_ref_log_probs: bool,
+    /// KTO: weight of desirable (label true) examples.
+    #[arg(long)]
+    desirable_weight: Option<f64>,
+    /// KTO: weight of undesirable (label false) examples.
+    #[arg(long)]
+    undesirable_weight: Option<f64>,
 }
 
 #[derive(Debug, Args)]
@@ -72,6 +102,8 @@ pub struct SftArgs {
     max_len: Option<usize>,
     #[arg(long)]
     max_grad_norm: Option<f64>,
+    /// SFT: cross-entropy label smoothing; DPO: the probability that a pair's labels are
+    /// flipped (conservative DPO).
     #[arg(long)]
     label_smoothing: Option<f64>,
     #[arg(long)]
@@ -102,12 +134,52 @@ pub struct SftArgs {
 pub fn run(cmd: TrainCmd, global: &Global) -> anyhow::Result<()> {
     match cmd {
         TrainCmd::Sft(args) => sft(args, global),
+        TrainCmd::Dpo(args) => preference(Method::Dpo, args, global),
+        TrainCmd::Orpo(args) => preference(Method::Orpo, args, global),
+        TrainCmd::Kto(args) => preference(Method::Kto, args, global),
     }
 }
 
 fn sft(a: SftArgs, global: &Global) -> anyhow::Result<()> {
+    let m = table(a, global, "sft")?;
+    let cfg: SftConfig =
+        serde_json::from_value(Value::Object(m)).context("training configuration")?;
+    let progress = Progress::new(global.json);
+    let outcome = train_sft(&cfg, &loraops_trainer::default_device(), &mut |e| {
+        progress.on(e)
+    })?;
+    progress.done(&outcome);
+    Ok(())
+}
+
+fn preference(method: Method, a: PreferenceArgs, global: &Global) -> anyhow::Result<()> {
+    let mut m = table(a.common, global, method.name())?;
+    let mut set = |k: &str, v: Option<Value>| {
+        if let Some(v) = v {
+            m.insert(k.to_string(), v);
+        }
+    };
+    set("beta", a.beta.map(|x| json!(x)));
+    set("loss_type", a.loss_type.map(|x| json!(x)));
+    set(
+        "precompute_ref_log_probs",
+        a.precompute_ref_log_probs.then_some(json!(true)),
+    );
+    set("desirable_weight", a.desirable_weight.map(|x| json!(x)));
+    set("undesirable_weight", a.undesirable_weight.map(|x| json!(x)));
+    let cfg = PreferenceConfig::from_table(method, m).context("training configuration")?;
+    let progress = Progress::new(global.json);
+    let outcome = train_preference(&cfg, &loraops_trainer::default_device(), &mut |e| {
+        progress.on(e)
+    })?;
+    progress.done(&outcome);
+    Ok(())
+}
+
+/// The configuration table of `method`: the file's, then the flags over it.
+fn table(a: SftArgs, global: &Global, method: &str) -> anyhow::Result<Map<String, Value>> {
     let mut m = match &global.config {
-        Some(p) => read_config_table(p, "sft")?,
+        Some(p) => read_config_table(p, method)?,
         None => Map::new(),
     };
     let mut set = |k: &str, v: Option<Value>| {
@@ -149,83 +221,108 @@ fn sft(a: SftArgs, global: &Global) -> anyhow::Result<()> {
         "activation_checkpointing",
         a.activation_checkpointing.then_some(json!(true)),
     );
-    let cfg: SftConfig =
-        serde_json::from_value(Value::Object(m)).context("training configuration")?;
+    Ok(m)
+}
 
-    let json_out = global.json;
-    let bar = ProgressBar::hidden();
-    let outcome = train_sft(&cfg, &loraops_trainer::default_device(), &mut |e| match e {
-        Event::Start {
-            total_steps,
-            start_step,
-            stats,
-        } => {
-            if !json_out {
-                bar.set_draw_target(indicatif::ProgressDrawTarget::stderr());
-                bar.set_length(total_steps as u64);
-                bar.set_position(start_step as u64);
-                bar.set_style(
-                    ProgressStyle::with_template("{bar:30} {pos}/{len} steps  {msg}  ETA {eta}")
+/// Progress bar (or `--json` lines) for a training run.
+struct Progress {
+    bar: ProgressBar,
+    json: bool,
+}
+
+impl Progress {
+    fn new(json: bool) -> Self {
+        Self {
+            bar: ProgressBar::hidden(),
+            json,
+        }
+    }
+
+    fn on(&self, e: Event) {
+        let (bar, json_out) = (&self.bar, self.json);
+        match e {
+            Event::Start {
+                total_steps,
+                start_step,
+                stats,
+            } => {
+                if !json_out {
+                    bar.set_draw_target(indicatif::ProgressDrawTarget::stderr());
+                    bar.set_length(total_steps as u64);
+                    bar.set_position(start_step as u64);
+                    bar.set_style(
+                        ProgressStyle::with_template(
+                            "{bar:30} {pos}/{len} steps  {msg}  ETA {eta}",
+                        )
                         .expect("valid template"),
-                );
-                if stats.no_completion > 0 || stats.truncated > 0 {
+                    );
+                    if stats.no_completion > 0 || stats.truncated > 0 {
+                        bar.println(format!(
+                            "data: {} rows, {} truncated to max_len, {} without completion tokens (not trained on; lines {:?})",
+                            stats.rows, stats.truncated, stats.no_completion, stats.no_completion_lines
+                        ));
+                    }
+                }
+            }
+            Event::Step(m) => {
+                if json_out {
+                    println!("{}", json!({"event": "step", "metrics": m}));
+                } else {
+                    bar.set_position(m.step as u64);
+                    let mut msg = format!(
+                        "loss {:.4}  lr {:.2e}  {:.0} tok/s",
+                        m.loss, m.lr, m.tokens_per_s
+                    );
+                    for k in ["rewards/margins", "rewards/accuracies", "kl"] {
+                        if let Some(v) = m.metrics.get(k) {
+                            msg.push_str(&format!("  {k} {v:.3}"));
+                        }
+                    }
+                    bar.set_message(msg);
+                }
+            }
+            Event::Eval { step, val_loss } => {
+                if json_out {
+                    println!(
+                        "{}",
+                        json!({"event": "eval", "step": step, "val_loss": val_loss})
+                    );
+                } else {
+                    bar.println(format!("step {step}: validation loss {val_loss:.4}"));
+                }
+            }
+            Event::EarlyStop {
+                step,
+                best_val_loss,
+            } => {
+                if !json_out {
                     bar.println(format!(
-                        "data: {} rows, {} truncated to max_len, {} without completion tokens (not trained on; lines {:?})",
-                        stats.rows, stats.truncated, stats.no_completion, stats.no_completion_lines
+                        "early stop at step {step}: best validation loss {best_val_loss:.4}"
                     ));
                 }
             }
-        }
-        Event::Step(m) => {
-            if json_out {
-                println!("{}", json!({"event": "step", "metrics": m}));
-            } else {
-                bar.set_position(m.step as u64);
-                bar.set_message(format!(
-                    "loss {:.4}  lr {:.2e}  {:.0} tok/s",
-                    m.loss, m.lr, m.tokens_per_s
-                ));
-            }
-        }
-        Event::Eval { step, val_loss } => {
-            if json_out {
-                println!(
-                    "{}",
-                    json!({"event": "eval", "step": step, "val_loss": val_loss})
-                );
-            } else {
-                bar.println(format!("step {step}: validation loss {val_loss:.4}"));
-            }
-        }
-        Event::EarlyStop {
-            step,
-            best_val_loss,
-        } => {
-            if !json_out {
-                bar.println(format!(
-                    "early stop at step {step}: best validation loss {best_val_loss:.4}"
-                ));
-            }
-        }
-        Event::Checkpoint { .. } => {}
-    })?;
-    bar.finish_and_clear();
-    if json_out {
-        println!("{}", json!({"event": "done", "outcome": outcome}));
-    } else {
-        println!(
-            "adapter written to {} ({} steps, final loss {:.4}{})",
-            outcome.adapter_dir.display(),
-            outcome.steps_done,
-            outcome.final_loss,
-            outcome
-                .best_val_loss
-                .map(|v| format!(", best validation loss {v:.4}"))
-                .unwrap_or_default()
-        );
-        if let Some(m) = &outcome.merged_dir {
-            println!("merged model written to {}", m.display());
+            Event::Checkpoint { .. } => {}
         }
     }
-    Ok(())
+
+    fn done(&self, outcome: &SftOutcome) {
+        self.bar.finish_and_clear();
+        if self.json {
+            println!("{}", json!({"event": "done", "outcome": outcome}));
+        } else {
+            println!(
+                "adapter written to {} ({} steps, final loss {:.4}{})",
+                outcome.adapter_dir.display(),
+                outcome.steps_done,
+                outcome.final_loss,
+                outcome
+                    .best_val_loss
+                    .map(|v| format!(", best validation loss {v:.4}"))
+                    .unwrap_or_default()
+            );
+            if let Some(m) = &outcome.merged_dir {
+                println!("merged model written to {}", m.display());
+            }
+        }
+    }
 }

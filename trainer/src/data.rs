@@ -53,64 +53,77 @@ pub fn file_digest(path: &Path) -> Result<String> {
     Ok(format!("sha256:{}", hex::encode(Sha256::digest(&bytes))))
 }
 
+/// The messages of a `[{"role","content"}…]` list.
+pub fn parse_messages(v: &Value) -> std::result::Result<Vec<Message>, String> {
+    v.as_array()
+        .ok_or("messages are not an array")?
+        .iter()
+        .map(|m| {
+            let role = m
+                .get("role")
+                .and_then(Value::as_str)
+                .ok_or("a message has no \"role\"")?;
+            let content = m
+                .get("content")
+                .and_then(Value::as_str)
+                .ok_or("a message has no string \"content\"")?;
+            Ok(Message {
+                role: role.into(),
+                content: content.into(),
+            })
+        })
+        .collect()
+}
+
+/// Text segments of a conversation rendered with the chat template; the assistant turns from
+/// message `train_from` on are trainable.
+pub fn chat_segments(
+    messages: &[Message],
+    tok: &Tokenizer,
+    train_from: usize,
+) -> std::result::Result<Vec<(String, bool)>, String> {
+    // Render prefix by prefix: the text an assistant turn adds to the conversation after
+    // its generation prompt is what the model learns to produce.
+    let mut out = Vec::new();
+    let mut done = String::new();
+    for (i, m) in messages.iter().enumerate() {
+        if m.role != "assistant" || i < train_from {
+            continue;
+        }
+        let prompt = tok
+            .apply_chat_template(&messages[..i], true)
+            .map_err(|e| e.to_string())?;
+        let full = tok
+            .apply_chat_template(&messages[..=i], false)
+            .map_err(|e| e.to_string())?;
+        let (Some(p), Some(f)) = (
+            prompt.strip_prefix(done.as_str()),
+            full.strip_prefix(prompt.as_str()),
+        ) else {
+            return Err("the chat template does not render conversations prefix by prefix".into());
+        };
+        out.push((p.to_string(), false));
+        out.push((f.to_string(), true));
+        done = full;
+    }
+    let all = tok
+        .apply_chat_template(messages, false)
+        .map_err(|e| e.to_string())?;
+    if let Some(rest) = all.strip_prefix(done.as_str())
+        && !rest.is_empty()
+    {
+        out.push((rest.to_string(), false));
+    }
+    Ok(out)
+}
+
 /// Text segments of a row, each flagged trainable or not.
-fn segments(v: &Value, tok: &Tokenizer) -> std::result::Result<Vec<(String, bool)>, String> {
+pub fn segments(v: &Value, tok: &Tokenizer) -> std::result::Result<Vec<(String, bool)>, String> {
     let s = |k: &str| v.get(k).and_then(Value::as_str);
     if let Some(msgs) = v.get("messages") {
-        let messages: Vec<Message> = msgs
-            .as_array()
-            .ok_or("\"messages\" is not an array")?
-            .iter()
-            .map(|m| {
-                let role = m
-                    .get("role")
-                    .and_then(Value::as_str)
-                    .ok_or("a message has no \"role\"")?;
-                let content = m
-                    .get("content")
-                    .and_then(Value::as_str)
-                    .ok_or("a message has no string \"content\"")?;
-                Ok(Message {
-                    role: role.into(),
-                    content: content.into(),
-                })
-            })
-            .collect::<std::result::Result<_, &str>>()?;
-        // Render prefix by prefix: the text an assistant turn adds to the conversation after
-        // its generation prompt is what the model learns to produce.
-        let mut out = Vec::new();
-        let mut done = String::new();
-        for (i, m) in messages.iter().enumerate() {
-            if m.role != "assistant" {
-                continue;
-            }
-            let prompt = tok
-                .apply_chat_template(&messages[..i], true)
-                .map_err(|e| e.to_string())?;
-            let full = tok
-                .apply_chat_template(&messages[..=i], false)
-                .map_err(|e| e.to_string())?;
-            let (Some(p), Some(f)) = (
-                prompt.strip_prefix(done.as_str()),
-                full.strip_prefix(prompt.as_str()),
-            ) else {
-                return Err(
-                    "the chat template does not render conversations prefix by prefix".into(),
-                );
-            };
-            out.push((p.to_string(), false));
-            out.push((f.to_string(), true));
-            done = full;
-        }
-        let all = tok
-            .apply_chat_template(&messages, false)
-            .map_err(|e| e.to_string())?;
-        if let Some(rest) = all.strip_prefix(done.as_str())
-            && !rest.is_empty()
-        {
-            out.push((rest.to_string(), false));
-        }
-        return Ok(out);
+        let messages =
+            parse_messages(msgs).map_err(|e| e.replace("messages are", "\"messages\" is"))?;
+        return chat_segments(&messages, tok, 0);
     }
     let eos = tok.eos_token.clone().unwrap_or_default();
     if let (Some(p), Some(c)) = (s("prompt"), s("completion")) {
@@ -130,6 +143,31 @@ fn segments(v: &Value, tok: &Tokenizer) -> std::result::Result<Vec<(String, bool
     Err("not an SFT row: expected \"messages\", \"prompt\"+\"completion\" or \"instruction\"+\"output\"".into())
 }
 
+/// Token ids and labels of text segments (BOS first where the tokenizer adds one).
+pub fn encode_segments(
+    segs: &[(String, bool)],
+    tok: &Tokenizer,
+) -> std::result::Result<(Vec<u32>, Vec<i64>), String> {
+    let mut ids = Vec::new();
+    let mut labels = Vec::new();
+    if tok.add_bos
+        && let Some(b) = tok.bos_id
+    {
+        ids.push(b);
+        labels.push(IGNORE);
+    }
+    for (text, train) in segs {
+        let piece = tok.encode(text).map_err(|e| e.to_string())?;
+        labels.extend(
+            piece
+                .iter()
+                .map(|&t| if *train { t as i64 } else { IGNORE }),
+        );
+        ids.extend(piece);
+    }
+    Ok((ids, labels))
+}
+
 /// Tokenise one JSON row.
 pub fn tokenize_row(
     v: &Value,
@@ -143,19 +181,7 @@ pub fn tokenize_row(
             .filter(|w| w.is_finite() && *w >= 0.0)
             .ok_or("\"weight\" must be a non-negative number")? as f32,
     };
-    let mut ids = Vec::new();
-    let mut labels = Vec::new();
-    if tok.add_bos
-        && let Some(b) = tok.bos_id
-    {
-        ids.push(b);
-        labels.push(IGNORE);
-    }
-    for (text, train) in segments(v, tok)? {
-        let piece = tok.encode(&text).map_err(|e| e.to_string())?;
-        labels.extend(piece.iter().map(|&t| if train { t as i64 } else { IGNORE }));
-        ids.extend(piece);
-    }
+    let (mut ids, mut labels) = encode_segments(&segments(v, tok)?, tok)?;
     let truncated = ids.len() > max_len;
     ids.truncate(max_len);
     labels.truncate(max_len);

@@ -228,6 +228,15 @@ pub fn read_config_table(
     Ok(table)
 }
 
+/// log-softmax over the vocabulary at each of the batch's target positions (N, vocab).
+pub fn position_log_probs(model: &Llama, batch: &Batch, rng: &mut DropoutRng) -> Result<Tensor> {
+    let (b, t) = batch.input_ids.dims2()?;
+    let ctx = model.context(b, t, Some(&batch.attention_mask))?;
+    let h = model.hidden(&batch.input_ids, &ctx, rng)?;
+    let logits = head_rows(model, &h, &batch.positions)?;
+    Ok(log_softmax(&logits)?)
+}
+
 /// Σ over target positions of weight · cross-entropy (with optional label smoothing), and the
 /// number of targets. The caller divides by the targets of the whole accumulated batch.
 pub fn loss_sum(
@@ -236,11 +245,7 @@ pub fn loss_sum(
     label_smoothing: f64,
     rng: &mut DropoutRng,
 ) -> Result<Tensor> {
-    let (b, t) = batch.input_ids.dims2()?;
-    let ctx = model.context(b, t, Some(&batch.attention_mask))?;
-    let h = model.hidden(&batch.input_ids, &ctx, rng)?;
-    let logits = head_rows(model, &h, &batch.positions)?;
-    let logp = log_softmax(&logits)?;
+    let logp = position_log_probs(model, batch, rng)?;
     let nll = logp
         .gather(&batch.targets.unsqueeze(1)?, 1)?
         .squeeze(1)?
@@ -267,6 +272,9 @@ pub struct StepMetrics {
     pub elapsed_s: f64,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub val_loss: Option<f64>,
+    /// Method-specific metrics under TRL's names (`rewards/chosen`, `rewards/margins`, …).
+    #[serde(flatten, default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub metrics: BTreeMap<String, f64>,
 }
 
 /// What the loop reports as it goes (for progress bars and logs).
@@ -376,13 +384,127 @@ pub fn collect_grads(
     Ok(out)
 }
 
+/// Metric tallies of an update: per name, a sum and a count; the logged value is their mean.
+pub type Tally = BTreeMap<String, (f64, f64)>;
+
+/// Add `sum` over `count` items to the tally `name`.
+pub fn tally(t: &mut Tally, name: &str, sum: f64, count: f64) {
+    let e = t.entry(name.to_string()).or_insert((0.0, 0.0));
+    e.0 += sum;
+    e.1 += count;
+}
+
+/// One micro-batch's share of an update's loss (already divided by the normaliser of the whole
+/// accumulated batch, so the micro-batches' losses add up to the update's loss).
+pub struct MicroLoss {
+    pub loss: Tensor,
+    /// Tokens the forward pass with gradients processed (for tokens/s).
+    pub tokens: usize,
+    pub tally: Tally,
+}
+
+/// What a training method brings to the shared loop: its rows, its loss on micro-batches,
+/// its validation loss. SFT is one; the preference methods (`preference`) are the others.
+pub trait Objective {
+    /// Recorded in the manifest: `sft`, `dpo`, `orpo`, `kto`.
+    fn method(&self) -> &str;
+    /// Training rows the sampler draws from.
+    fn rows(&self) -> usize;
+    fn stats(&self) -> &DatasetStats;
+    /// Statistics of the validation set; `None` without one.
+    fn val_stats(&self) -> Option<&DatasetStats>;
+    /// Called once, after the model and its fresh adapter are loaded and before the first update.
+    fn prepare(&mut self, _model: &Llama) -> Result<()> {
+        Ok(())
+    }
+    /// The loss of micro-batch `micro` of an update whose rows are `step_rows` (one slice per
+    /// micro-batch).
+    fn micro_loss(
+        &mut self,
+        model: &Llama,
+        step_rows: &[&[usize]],
+        micro: usize,
+        rng: &mut DropoutRng,
+    ) -> Result<MicroLoss>;
+    /// The loss on the validation set (no dropout); called only when there is one.
+    fn val_loss(&mut self, model: &Llama, batch_size: usize) -> Result<f64>;
+    /// The metrics logged for an update, from its tallies (default: each tally's mean).
+    fn report(&self, tally: &Tally) -> BTreeMap<String, f64> {
+        tally
+            .iter()
+            .map(|(k, (s, n))| (k.clone(), s / n.max(f64::MIN_POSITIVE)))
+            .collect()
+    }
+}
+
+/// Supervised fine-tuning as an [`Objective`]: token-level cross-entropy on completion tokens,
+/// normalised by the targets of the whole accumulated batch.
+struct SftObjective {
+    train: Vec<Packed>,
+    /// Loss targets per training row.
+    targets: Vec<usize>,
+    stats: DatasetStats,
+    val: Option<(Vec<Example>, DatasetStats)>,
+    pad_id: u32,
+    label_smoothing: f64,
+    device: Device,
+}
+
+/// Positions of a row whose next token is a target (as `make_packed_batch` gathers them).
+fn packed_targets(r: &Packed) -> usize {
+    (0..r.ids.len().saturating_sub(1))
+        .filter(|&t| r.labels[t + 1] != crate::data::IGNORE && r.segments[t] == r.segments[t + 1])
+        .count()
+}
+
+impl Objective for SftObjective {
+    fn method(&self) -> &str {
+        "sft"
+    }
+    fn rows(&self) -> usize {
+        self.train.len()
+    }
+    fn stats(&self) -> &DatasetStats {
+        &self.stats
+    }
+    fn val_stats(&self) -> Option<&DatasetStats> {
+        self.val.as_ref().map(|v| &v.1)
+    }
+    fn micro_loss(
+        &mut self,
+        model: &Llama,
+        step_rows: &[&[usize]],
+        micro: usize,
+        rng: &mut DropoutRng,
+    ) -> Result<MicroLoss> {
+        // Normalise by the targets of the whole accumulated batch, so accumulation equals
+        // one big batch.
+        let total: usize = step_rows
+            .iter()
+            .flat_map(|r| r.iter())
+            .map(|&i| self.targets[i])
+            .sum();
+        let rows: Vec<&Packed> = step_rows[micro].iter().map(|&i| &self.train[i]).collect();
+        let batch = make_packed_batch(&rows, self.pad_id, &self.device)?;
+        let loss = (loss_sum(model, &batch, self.label_smoothing, rng)? / total.max(1) as f64)?;
+        Ok(MicroLoss {
+            loss,
+            tokens: batch.n_tokens,
+            tally: Tally::new(),
+        })
+    }
+    fn val_loss(&mut self, model: &Llama, batch_size: usize) -> Result<f64> {
+        let (rows, _) = self.val.as_ref().expect("called only with validation data");
+        eval_loss(model, rows, batch_size, self.pad_id, self.label_smoothing)
+    }
+}
+
 pub fn train_sft(
     cfg: &SftConfig,
     device: &Device,
     on_event: &mut dyn FnMut(Event),
 ) -> Result<SftOutcome> {
     cfg.validate()?;
-    let lora_cfg = cfg.lora()?;
     let tok = Tokenizer::load(&cfg.model)?;
     let (train, stats) = load_sft(&cfg.data, &tok, cfg.max_len)?;
     let train: Vec<Packed> = if cfg.packing {
@@ -394,6 +516,33 @@ pub fn train_sft(
         Some(p) => Some(load_sft(p, &tok, cfg.max_len)?),
         None => None,
     };
+    let mut objective = SftObjective {
+        targets: train.iter().map(packed_targets).collect(),
+        train,
+        stats,
+        val,
+        pad_id: tok.pad_id,
+        label_smoothing: cfg.label_smoothing,
+        device: device.clone(),
+    };
+    let config = serde_json::to_value(cfg).expect("serialisable");
+    run_training(cfg, config, device, &mut objective, on_event)
+}
+
+/// The training loop every method shares: load the base (f32, bf16 or NF4) and attach a fresh
+/// adapter, then per update sample rows, accumulate micro-batch gradients, clip, step AdamW on
+/// the warm-up + cosine schedule; validate, stop early, checkpoint and resume; finally write
+/// the PEFT adapter (the best one by validation loss, when validating), the merged model on
+/// request, `metrics.jsonl` and the manifest. `config` is recorded in the manifest.
+pub fn run_training(
+    cfg: &SftConfig,
+    config: serde_json::Value,
+    device: &Device,
+    obj: &mut dyn Objective,
+    on_event: &mut dyn FnMut(Event),
+) -> Result<SftOutcome> {
+    let lora_cfg = cfg.lora()?;
+    let stats = obj.stats().clone();
     let opts = LoadOptions {
         format: cfg.base_format()?,
         double_quant: cfg.double_quant,
@@ -413,6 +562,7 @@ pub fn train_sft(
     if cfg.resume && ckpt_dir.exists() {
         state = resume::load(&ckpt_dir, &named, &mut opt)?;
     }
+    obj.prepare(&model)?;
     let metrics_path = cfg.out.join("metrics.jsonl");
     let mut metrics = std::fs::OpenOptions::new()
         .create(true)
@@ -429,10 +579,11 @@ pub fn train_sft(
         stats: &stats,
     });
     let mut sampler = Sampler {
-        n: train.len(),
+        n: obj.rows(),
         seed: cfg.seed,
         epoch: None,
     };
+    let has_val = obj.val_stats().is_some();
     let started = Instant::now();
     let seconds_before = state.seconds;
     let mut stopped_early = false;
@@ -442,34 +593,25 @@ pub fn train_sft(
         let lr = cfg.lr * cosine_with_warmup(step, cfg.warmup_steps, cfg.steps);
         let per_step = cfg.batch_size * cfg.grad_accum;
         let idx = sampler.indices(step * per_step, per_step);
-        let micro: Vec<Batch> = idx
-            .chunks(cfg.batch_size)
-            .map(|c| {
-                make_packed_batch(
-                    &c.iter().map(|&i| &train[i]).collect::<Vec<_>>(),
-                    tok.pad_id,
-                    device,
-                )
-            })
-            .collect::<Result<_>>()?;
-        // Normalise by the targets of the whole accumulated batch, so accumulation equals
-        // one big batch.
-        let total: usize = micro.iter().map(|b| b.n_targets).sum();
+        let step_rows: Vec<&[usize]> = idx.chunks(cfg.batch_size).collect();
         let mut grads: Option<Vec<Tensor>> = None;
         let mut loss_value = 0f64;
         let mut tokens = 0;
-        for (mi, batch) in micro.iter().enumerate() {
+        let mut tallies = Tally::new();
+        for mi in 0..step_rows.len() {
             let mut rng = derived_rng(cfg.seed, RNG_DROPOUT, (step * cfg.grad_accum + mi) as u64);
             let mut drop: DropoutRng = if cfg.dropout > 0.0 {
                 Some(&mut rng)
             } else {
                 None
             };
-            let loss =
-                (loss_sum(&model, batch, cfg.label_smoothing, &mut drop)? / total.max(1) as f64)?;
-            loss_value += loss.to_scalar::<f32>()? as f64;
-            tokens += batch.n_tokens;
-            let g = collect_grads(&model, &loss, &params)?;
+            let out = obj.micro_loss(&model, &step_rows, mi, &mut drop)?;
+            loss_value += out.loss.to_scalar::<f32>()? as f64;
+            tokens += out.tokens;
+            for (k, (s, n)) in out.tally {
+                tally(&mut tallies, &k, s, n);
+            }
+            let g = collect_grads(&model, &out.loss, &params)?;
             grads = Some(match grads {
                 None => g,
                 Some(acc) => acc
@@ -496,19 +638,13 @@ pub fn train_sft(
             tokens_per_s: tokens as f64 / dt.max(1e-9),
             elapsed_s: state.seconds,
             val_loss: None,
+            metrics: obj.report(&tallies),
         };
-        let eval_now = val.is_some()
+        let eval_now = has_val
             && ((cfg.eval_every > 0 && state.step % cfg.eval_every == 0)
                 || state.step == cfg.steps);
         if eval_now {
-            let (vrows, _) = val.as_ref().expect("checked");
-            let vl = eval_loss(
-                &model,
-                vrows,
-                cfg.batch_size,
-                tok.pad_id,
-                cfg.label_smoothing,
-            )?;
+            let vl = obj.val_loss(&model, cfg.batch_size)?;
             m.val_loss = Some(vl);
             on_event(Event::Eval {
                 step: state.step,
@@ -574,7 +710,7 @@ pub fn train_sft(
         steps_done: state.step,
         final_loss: state.last_loss,
         best_val_loss: state.best_val_loss,
-        stats: stats.clone(),
+        stats,
         adapter_dir: cfg.out.clone(),
         merged_dir,
         tokens: state.tokens,
@@ -582,8 +718,10 @@ pub fn train_sft(
     };
     let manifest = manifest(
         cfg,
+        obj.method(),
+        config,
         &outcome,
-        val.as_ref().map(|v| &v.1),
+        obj.val_stats(),
         stopped_early,
         best_params.is_some(),
     )?;
@@ -593,6 +731,8 @@ pub fn train_sft(
 
 fn manifest(
     cfg: &SftConfig,
+    method: &str,
+    config: serde_json::Value,
     o: &SftOutcome,
     val_stats: Option<&DatasetStats>,
     stopped_early: bool,
@@ -640,7 +780,7 @@ fn manifest(
     );
     Ok(TrainingManifest {
         format: MANIFEST_FORMAT.into(),
-        method: "sft".into(),
+        method: method.into(),
         trainer_version: format!("loraops-trainer {}", env!("CARGO_PKG_VERSION")),
         base_model: cfg
             .base_model_name
@@ -648,7 +788,7 @@ fn manifest(
             .unwrap_or_else(|| cfg.model.display().to_string()),
         base_model_digest: Some(model_digest(&cfg.model)?),
         datasets,
-        config: serde_json::to_value(cfg).expect("serialisable"),
+        config,
         metrics,
         created_at: chrono::Utc::now(),
         extra,
