@@ -752,7 +752,7 @@ def main() -> int:
         "embedded-full": {
             "training": {"enabled": True, "gpu": {"enabled": False}, "configToml": "[sft]\nlr = 0.0002\n",
                          "data": {"existingClaim": "data"}},
-            "gateway": {"requireAuth": False, "baseName": "tiny"},
+            "gateway": {"requireAuth": False, "baseName": "tiny", "upstreamUrl": "http://vllm.ml.svc:8000/v1"},
             "auth": {"issuer": "https://issuer.example"},
             "metrics": {"serviceMonitor": {"enabled": True}, "prometheusRule": {"enabled": True},
                         "grafanaDashboard": {"enabled": True}},
