@@ -8,6 +8,8 @@
   the newest one kubernetes-validate ships.
 - Invalid values (wrong types, production mode without a database URL, …) must be rejected at
   render time with a clear message.
+- The rendered configuration against the source: every TOML key and LORAOPS_SECTION__KEY
+  variable is a field, of a fitting type, of the serde structs the binary reads.
 - The rendered configuration against the binary: the ConfigMap's TOML files and the
   containers' LORAOPS_* environment go through `loraops … --check-config` (unknown keys fail),
   every `loraops` command line in the manifests uses flags the binary has, and the minted-token
@@ -467,6 +469,100 @@ def check_config(res: Results, case: str, binary: Path, docs: list[dict]) -> Non
 
 
 # ---------------------------------------------------------------------------------------------
+# Configuration against the source: the serde structs the binary deserialises
+
+
+RUST_SOURCES = ("src", "registry/src", "gateway/src")
+
+
+def rust_structs(repo: Path) -> dict[str, dict[str, str]]:
+    """`pub struct NAME { pub field: Type, … }` of the crates' sources: name → field → type."""
+    out: dict[str, dict[str, str]] = {}
+    for root in RUST_SOURCES:
+        for f in (repo / root).rglob("*.rs"):
+            text = f.read_text()
+            for m in re.finditer(r"pub struct (\w+)\s*\{(.*?)\n\}", text, re.S):
+                fields = dict(re.findall(r"^\s*pub (\w+):\s*([^,\n]+),", m.group(2), re.M))
+                if fields:
+                    out.setdefault(m.group(1), fields)
+    return out
+
+
+def type_ok(rust: str, value) -> bool:
+    inner = re.sub(r"^Option<(.*)>$", r"\1", rust.strip())
+    if inner == "bool":
+        return isinstance(value, bool)
+    if inner in ("u8", "u16", "u32", "u64", "usize", "i32", "i64"):
+        return isinstance(value, int) and not isinstance(value, bool) and (value >= 0 or inner[0] == "i")
+    if inner in ("f32", "f64"):
+        return isinstance(value, (int, float)) and not isinstance(value, bool)
+    if inner in ("String", "PathBuf"):
+        return isinstance(value, str)
+    return True  # other types: not judged here
+
+
+def check_config_source(res: Results, case: str, repo: Path, docs: list[dict]) -> None:
+    """Every key of the rendered TOML files and every LORAOPS_SECTION__KEY variable is a field
+    of the struct the binary deserialises (all are deny_unknown_fields), with a fitting type."""
+    import tomllib
+
+    structs = rust_structs(repo)
+    root = structs.get("Config", {})
+    problems, keys = [], 0
+    if not root:
+        res.add("config keys vs source", case, False, "no `pub struct Config` in src/")
+        return
+
+    def section(name: str) -> dict[str, str] | None:
+        t = root.get(name)
+        return structs.get(t.strip()) if t else None
+
+    for d in docs:
+        if d["kind"] != "ConfigMap" or not d["metadata"]["name"].endswith("-config"):
+            continue
+        for fname, text in (d.get("data") or {}).items():
+            if fname == "train.toml":
+                continue
+            try:
+                doc = tomllib.loads(text)
+            except tomllib.TOMLDecodeError as e:
+                problems.append(f"{fname}: not TOML ({e})")
+                continue
+            for k, v in doc.items():
+                keys += 1
+                if isinstance(v, dict):
+                    fields = section(k)
+                    if fields is None:
+                        problems.append(f"{fname}: unknown section [{k}]")
+                        continue
+                    for kk, vv in v.items():
+                        keys += 1
+                        if kk not in fields:
+                            problems.append(f"{fname}: unknown key {k}.{kk}")
+                        elif not type_ok(fields[kk], vv):
+                            problems.append(f"{fname}: {k}.{kk} = {vv!r} is not {fields[kk]}")
+                elif k not in root:
+                    problems.append(f"{fname}: unknown key {k}")
+                elif not type_ok(root[k], v):
+                    problems.append(f"{fname}: {k} = {v!r} is not {root[k]}")
+    for d in docs:
+        spec = pod_spec(d)
+        if spec is None:
+            continue
+        for c in spec.get("initContainers", []) + spec.get("containers", []):
+            for e in c.get("env", []):
+                m = re.fullmatch(r"LORAOPS_([A-Z0-9_]+?)__([A-Z0-9_]+)", e["name"])
+                if not m:
+                    continue
+                keys += 1
+                fields = section(m.group(1).lower())
+                if fields is None or m.group(2).lower() not in fields:
+                    problems.append(f"{d['metadata']['name']}/{c['name']}: {e['name']} is no config key")
+    res.add("config keys vs source", case, not problems,
+            "; ".join(problems[:4]) if problems else f"{keys} keys and variables are Config fields")
+
+
+# ---------------------------------------------------------------------------------------------
 # Smoke: the default install's pod commands, run here as the pods would run them
 
 
@@ -791,6 +887,7 @@ def main() -> int:
         res.add("render", case, True, ", ".join(f"{v} {k}" for k, v in sorted(kinds.items())))
         check_schemas(res, case, docs, versions)
         check_hygiene(res, case, docs)
+        check_config_source(res, case, repo, docs)
         if have_binary:
             img = next(c["image"] for d in docs if d["kind"] == "Deployment"
                        for c in pod_spec(d)["containers"])
