@@ -10,6 +10,8 @@
 //! - `pii`: typed PII masking; `dedup`: exact and MinHash/LSH near dedup
 //! - `filters`: license allow-list, length, repetition, language, banned terms
 //! - `splits`: seeded split assignment and hashing writers; `report`: report.json + summary
+//! - `judge`: optional LLM judge on an OpenAI-compatible endpoint (rubric + threshold)
+//! - `select`: diversity selection by maximal marginal relevance over MinHash similarity
 //!
 //! Duplicates are dropped and only one representative of a cluster is written, so no cluster
 //! spans two splits; pinned regression rows are indexed first, so input rows that duplicate
@@ -18,8 +20,10 @@
 pub mod dedup;
 pub mod filters;
 pub mod format;
+pub mod judge;
 pub mod pii;
 pub mod report;
+pub mod select;
 pub mod splits;
 
 use std::collections::{BTreeMap, HashMap};
@@ -37,6 +41,7 @@ use crate::{Error, Result};
 use dedup::{DedupConfig, IdMap, MinHasher, NearIndex, NearResult};
 use filters::{FilterConfig, Filters, LicenseConfig, LicenseVerdict, MissingLicense};
 use format::{Family, FormatChoice, Split, UnicodeForm};
+use judge::{Judge, JudgeConfig};
 use pii::{Masker, PiiConfig, PiiCounts, PiiKind};
 use report::{Cluster, DupMember, InputReport, Loc, Report, RowIssue, SplitReport};
 use splits::{SplitConfig, SplitWriter};
@@ -64,6 +69,28 @@ impl Default for BalanceConfig {
     }
 }
 
+/// `[curate.select]`: keep only `train_rows` rows of the train split, chosen by maximal
+/// marginal relevance (a second pass over train.jsonl that holds signatures, not texts).
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct SelectConfig {
+    pub train_rows: Option<usize>,
+    /// 1: relevance only; 0: diversity only.
+    pub lambda: f64,
+    /// A numeric row field used as relevance (e.g. a quality score); 1 for every row if unset.
+    pub relevance_field: Option<String>,
+}
+
+impl Default for SelectConfig {
+    fn default() -> Self {
+        Self {
+            train_rows: None,
+            lambda: 0.5,
+            relevance_field: None,
+        }
+    }
+}
+
 /// The whole curation configuration (`[curate]` of a TOML file, or the file itself).
 #[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(default, deny_unknown_fields)]
@@ -79,6 +106,10 @@ pub struct CurateConfig {
     pub license: LicenseConfig,
     pub filters: FilterConfig,
     pub balance: BalanceConfig,
+    /// Optional LLM judge (off by default).
+    pub judge: JudgeConfig,
+    /// Optional diversity selection on the train split.
+    pub select: SelectConfig,
     /// How many invalid / rejected rows report.json lists (all go to rejected.jsonl).
     pub listed_limit: usize,
     /// Rows processed in parallel per batch.
@@ -97,6 +128,8 @@ impl Default for CurateConfig {
             license: LicenseConfig::default(),
             filters: FilterConfig::default(),
             balance: BalanceConfig::default(),
+            judge: JudgeConfig::default(),
+            select: SelectConfig::default(),
             listed_limit: 1000,
             batch_rows: 8192,
         }
@@ -108,7 +141,9 @@ impl CurateConfig {
     /// errors); without one, the file's top-level curation keys (a shared loraops
     /// configuration file's other sections are left alone).
     pub fn from_toml_file(path: &Path) -> Result<Self> {
-        const KEYS: [&str; 11] = [
+        const KEYS: [&str; 13] = [
+            "judge",
+            "select",
             "seed",
             "format",
             "unicode",
@@ -184,6 +219,8 @@ struct Kept {
     license: Option<String>,
     balance: String,
     label: Option<bool>,
+    /// The row's text for the judge (empty when there is none).
+    content: String,
 }
 
 struct Stage {
@@ -191,6 +228,7 @@ struct Stage {
     masker: Masker,
     filters: Filters,
     hasher: MinHasher,
+    judge: Option<Judge>,
 }
 
 impl Stage {
@@ -285,6 +323,11 @@ impl Stage {
             license: row.license,
             balance,
             label: row.label,
+            content: if self.judge.is_some() {
+                content
+            } else {
+                String::new()
+            },
         }))
     }
 }
@@ -314,6 +357,7 @@ struct Run<'a> {
     rejected: SplitWriter,
     pii: PiiCounts,
     n_pinned_reps: u32,
+    judge_scores: f64,
 }
 
 impl Run<'_> {
@@ -412,8 +456,15 @@ impl Run<'_> {
         self.issue(file, line, reason, detail, false)
     }
 
-    /// The sequential stage for one row.
-    fn take(&mut self, o: Outcome, file: u32, line: u64, pinned: bool) -> Result<()> {
+    /// The sequential stage for one row: bookkeeping for rows not kept; dedup for the others,
+    /// handing back the new representatives for [`Run::emit`].
+    fn take(
+        &mut self,
+        o: Outcome,
+        file: u32,
+        line: u64,
+        pinned: bool,
+    ) -> Result<Option<Box<Kept>>> {
         match o {
             Outcome::Blank => self.report.counts.blank += 1,
             Outcome::Invalid(msg) => {
@@ -428,7 +479,7 @@ impl Run<'_> {
             } => {
                 if let Err(msg) = self.family_ok(family, file, line) {
                     self.report.counts.invalid += 1;
-                    return self.issue(file, line, "invalid", msg, true);
+                    return self.issue(file, line, "invalid", msg, true).map(|_| None);
                 }
                 if reason == "license" {
                     self.report.counts.license_rejected += 1;
@@ -451,7 +502,7 @@ impl Run<'_> {
             Outcome::Keep(k) => {
                 if let Err(msg) = self.family_ok(k.family, file, line) {
                     self.report.counts.invalid += 1;
-                    return self.issue(file, line, "invalid", msg, true);
+                    return self.issue(file, line, "invalid", msg, true).map(|_| None);
                 }
                 // Exact, then near dedup; a new row becomes a representative.
                 let rep = self.reps.len() as u32;
@@ -459,13 +510,13 @@ impl Run<'_> {
                     && let Some(&r) = self.exact.get(&k.key)
                 {
                     self.report.counts.exact_duplicates += 1;
-                    return self.add_dup(r, file, line, "exact", 1.0);
+                    return self.add_dup(r, file, line, "exact", 1.0).map(|_| None);
                 }
                 if let Some(sig) = &k.sig {
                     match self.near.query_insert(sig) {
                         NearResult::Dup { rep: r, jaccard } => {
                             self.report.counts.near_duplicates += 1;
-                            return self.add_dup(r, file, line, "near", jaccard);
+                            return self.add_dup(r, file, line, "near", jaccard).map(|_| None);
                         }
                         NearResult::New(id) => debug_assert_eq!(id, rep),
                     }
@@ -480,64 +531,70 @@ impl Run<'_> {
                         self.n_pinned_reps = self.reps.len() as u32;
                     }
                 }
-                if !pinned {
-                    let b = &self.cfg.balance;
-                    let cap = b.caps.get(&k.balance).copied().or(b.max_per_value);
-                    let n = self.balance.entry(k.balance.clone()).or_default();
-                    if cap.is_some_and(|c| *n >= c) {
-                        self.report.counts.balance_dropped += 1;
-                        *self
-                            .report
-                            .rejected_by_reason
-                            .entry("balance".into())
-                            .or_default() += 1;
-                        let detail = format!("{} {:?} is over its cap", b.field, k.balance);
-                        return self.issue(file, line, "balance", detail, true);
-                    }
-                    *n += 1;
-                }
-                let split = if pinned {
-                    Split::Regression
-                } else {
-                    match k.split {
-                        Some(s) if self.cfg.splits.respect_split_field => s,
-                        _ => self.cfg.splits.assign(self.cfg.seed, k.key),
-                    }
-                };
-                self.writers
-                    .get_mut(&split)
-                    .expect("all splits open")
-                    .write_line(&k.line)?;
-                if let Some(l) = k.label {
-                    let e = self.labels.entry(split).or_default();
-                    if l { e.0 += 1 } else { e.1 += 1 }
-                }
-                self.report.counts.kept += 1;
-                if pinned {
-                    self.report.counts.pinned_regression += 1;
-                } else {
-                    *self.report.sources.entry(k.balance).or_default() += 1;
-                }
-                if k.pii.total() > 0 {
-                    self.report.pii_rows += 1;
-                    self.pii.add(&k.pii);
-                }
-                let lic = &mut self.report.license;
-                match &k.license {
-                    Some(l) => *lic.kept.entry(l.clone()).or_default() += 1,
-                    None => {
-                        lic.missing += 1;
-                        *lic.kept.entry("(none)".into()).or_default() += 1;
-                        if self.cfg.license.missing == MissingLicense::Flag
-                            && !pinned
-                            && lic.flagged.len() < self.cfg.listed_limit
-                        {
-                            lic.flagged.push(Loc {
-                                file: self.files[file as usize].clone(),
-                                line,
-                            });
-                        }
-                    }
+                return Ok(Some(k));
+            }
+        }
+        Ok(None)
+    }
+
+    /// Cap, assign a split and write one kept row.
+    fn emit(&mut self, k: Kept, file: u32, line: u64, pinned: bool) -> Result<()> {
+        if !pinned {
+            let b = &self.cfg.balance;
+            let cap = b.caps.get(&k.balance).copied().or(b.max_per_value);
+            let n = self.balance.entry(k.balance.clone()).or_default();
+            if cap.is_some_and(|c| *n >= c) {
+                self.report.counts.balance_dropped += 1;
+                *self
+                    .report
+                    .rejected_by_reason
+                    .entry("balance".into())
+                    .or_default() += 1;
+                let detail = format!("{} {:?} is over its cap", b.field, k.balance);
+                return self.issue(file, line, "balance", detail, true);
+            }
+            *n += 1;
+        }
+        let split = if pinned {
+            Split::Regression
+        } else {
+            match k.split {
+                Some(s) if self.cfg.splits.respect_split_field => s,
+                _ => self.cfg.splits.assign(self.cfg.seed, k.key),
+            }
+        };
+        self.writers
+            .get_mut(&split)
+            .expect("all splits open")
+            .write_line(&k.line)?;
+        if let Some(l) = k.label {
+            let e = self.labels.entry(split).or_default();
+            if l { e.0 += 1 } else { e.1 += 1 }
+        }
+        self.report.counts.kept += 1;
+        if pinned {
+            self.report.counts.pinned_regression += 1;
+        } else {
+            *self.report.sources.entry(k.balance).or_default() += 1;
+        }
+        if k.pii.total() > 0 {
+            self.report.pii_rows += 1;
+            self.pii.add(&k.pii);
+        }
+        let lic = &mut self.report.license;
+        match &k.license {
+            Some(l) => *lic.kept.entry(l.clone()).or_default() += 1,
+            None => {
+                lic.missing += 1;
+                *lic.kept.entry("(none)".into()).or_default() += 1;
+                if self.cfg.license.missing == MissingLicense::Flag
+                    && !pinned
+                    && lic.flagged.len() < self.cfg.listed_limit
+                {
+                    lic.flagged.push(Loc {
+                        file: self.files[file as usize].clone(),
+                        line,
+                    });
                 }
             }
         }
@@ -595,11 +652,46 @@ fn stream_file(
         let outs: Vec<Outcome> = buf.par_iter().map(|l| stage.process(l, pinned)).collect();
         let first = lines + 1;
         lines += buf.len() as u64;
+        let mut kept: Vec<(Box<Kept>, u64)> = Vec::new();
         for (i, o) in outs.into_iter().enumerate() {
             if !pinned && !matches!(o, Outcome::Blank) {
                 run.report.counts.read += 1;
             }
-            run.take(o, file, first + i as u64, pinned)?;
+            let line = first + i as u64;
+            if let Some(k) = run.take(o, file, line, pinned)? {
+                kept.push((k, line));
+            }
+        }
+        // The judge sees only rows that survived everything else, a batch at a time.
+        let verdicts = match (&stage.judge, pinned) {
+            (Some(j), false) if !kept.is_empty() => {
+                let texts: Vec<&str> = kept.iter().map(|(k, _)| k.content.as_str()).collect();
+                let v = j
+                    .score_all(&texts)
+                    .map_err(|e| Error::io(j.url(), std::io::Error::other(e)))?;
+                Some(v)
+            }
+            _ => None,
+        };
+        for (n, (k, line)) in kept.into_iter().enumerate() {
+            if let (Some(v), Some(j)) = (&verdicts, &stage.judge) {
+                let v = &v[n];
+                run.judge_scores += v.score;
+                run.report.judge.scored += 1;
+                if v.score < j.threshold() {
+                    run.report.judge.rejected += 1;
+                    run.report.counts.judge_rejected += 1;
+                    *run.report
+                        .rejected_by_reason
+                        .entry("judge".into())
+                        .or_default() += 1;
+                    let detail =
+                        format!("judge score {} < {}: {}", v.score, j.threshold(), v.reason);
+                    run.issue(file, line, "judge", detail, true)?;
+                    continue;
+                }
+            }
+            run.emit(*k, file, line, pinned)?;
         }
         progress(bytes, lines);
     }
@@ -638,6 +730,11 @@ pub fn curate(
         masker: Masker::new(cfg.pii.clone()),
         filters: Filters::new(cfg.filters.clone()).map_err(Error::Config)?,
         hasher: MinHasher::new(&cfg.dedup),
+        judge: if cfg.judge.enabled {
+            Some(Judge::new(&cfg.judge).map_err(Error::Config)?)
+        } else {
+            None
+        },
         cfg: cfg.clone(),
     };
     let mut writers = BTreeMap::new();
@@ -676,11 +773,16 @@ pub fn curate(
         rejected: SplitWriter::create(&out.join("rejected.jsonl"))?,
         pii: PiiCounts::default(),
         n_pinned_reps: 0,
+        judge_scores: 0.0,
     };
     run.report.dedup.threshold = cfg.dedup.threshold;
     run.report.dedup.margin = cfg.dedup.margin;
     run.report.license.allow = cfg.license.allow.clone();
     run.report.license.missing_policy = cfg.license.missing;
+    if cfg.judge.enabled {
+        run.report.judge.model = Some(cfg.judge.model.clone());
+        run.report.judge.threshold = Some(cfg.judge.threshold);
+    }
 
     let mut done = 0u64;
     let mut rows = 0u64;
@@ -709,6 +811,9 @@ pub fn curate(
         rows += rep.lines;
         run.report.inputs.push(rep);
     }
+    if let Some(n) = cfg.select.train_rows {
+        select_train(&mut run, &stage, n)?;
+    }
     drop(stage);
 
     let mut report = finish(run, out)?;
@@ -728,11 +833,12 @@ pub fn curate(
             format!("all {} rows are invalid (wrong format?){first}", c.read)
         } else {
             format!(
-                "{} rows read: {} invalid, {} license-rejected, {} filtered, {} duplicates, {} over balance caps",
+                "{} rows read: {} invalid, {} license-rejected, {} filtered, {} judged below threshold, {} duplicates, {} over balance caps",
                 c.read,
                 c.invalid,
                 c.license_rejected,
                 c.filtered,
+                c.judge_rejected,
                 c.exact_duplicates + c.near_duplicates,
                 c.balance_dropped
             )
@@ -745,7 +851,74 @@ pub fn curate(
     Ok(report)
 }
 
-fn finish(run: Run<'_>, out: &Path) -> Result<Report> {
+/// Replace train.jsonl by the `n` rows MMR selects from it (kept in their order).
+fn select_train(run: &mut Run<'_>, stage: &Stage, n: usize) -> Result<()> {
+    let w = run.writers.remove(&Split::Train).expect("train split open");
+    let path = w.path.clone();
+    let from = w.rows;
+    w.finish()?;
+    let read = |p: &Path| -> Result<Vec<String>> {
+        let text = std::fs::read_to_string(p).map_err(|e| Error::io(p, e))?;
+        Ok(text.lines().map(str::to_string).collect())
+    };
+    let mut sigs = Vec::with_capacity(from as usize);
+    let mut rel = Vec::with_capacity(from as usize);
+    let field = stage.cfg.select.relevance_field.as_deref();
+    {
+        let f = File::open(&path).map_err(|e| Error::io(&path, e))?;
+        for l in BufReader::new(f).lines() {
+            let l = l.map_err(|e| Error::io(&path, e))?;
+            let v: Value = serde_json::from_str(&l).map_err(|e| Error::parse(&path, e))?;
+            rel.push(
+                field
+                    .and_then(|k| v.get(k))
+                    .and_then(Value::as_f64)
+                    .unwrap_or(1.0),
+            );
+            let row = format::validate(v).map_err(|e| Error::parse(&path, e))?;
+            let text = dedup::dedup_text(&format::content_text(&row));
+            sigs.push(stage.hasher.signature(&text));
+        }
+    }
+    let picks = select::mmr_select_signatures(&sigs, n, stage.cfg.select.lambda, Some(&rel));
+    drop(sigs);
+    let mut keep = vec![false; from as usize];
+    for p in &picks {
+        keep[*p] = true;
+    }
+    let all = path.with_extension("jsonl.all");
+    std::fs::rename(&path, &all).map_err(|e| Error::io(&path, e))?;
+    let mut w = SplitWriter::create(&path)?;
+    let mut labels = (0u64, 0u64);
+    for (i, l) in read(&all)?.into_iter().enumerate() {
+        if keep[i] {
+            if let Ok(v) = serde_json::from_str::<Value>(&l)
+                && let Some(b) = v.get("label").and_then(Value::as_bool)
+            {
+                if b { labels.0 += 1 } else { labels.1 += 1 }
+            }
+            w.write_line(&l)?;
+        }
+    }
+    std::fs::remove_file(&all).map_err(|e| Error::io(&all, e))?;
+    let selected = w.rows;
+    run.writers.insert(Split::Train, w);
+    run.labels.insert(Split::Train, labels);
+    run.report.counts.kept -= from - selected;
+    run.report.counts.not_selected = from - selected;
+    run.report.selection = Some(report::SelectionReport {
+        split: "train".into(),
+        from,
+        selected,
+        lambda: stage.cfg.select.lambda,
+    });
+    Ok(())
+}
+
+fn finish(mut run: Run<'_>, out: &Path) -> Result<Report> {
+    if run.report.judge.scored > 0 {
+        run.report.judge.mean_score = Some(run.judge_scores / run.report.judge.scored as f64);
+    }
     let Run {
         cfg,
         mut report,

@@ -44,6 +44,9 @@ pub struct Counts {
     pub license_rejected: u64,
     pub filtered: u64,
     pub balance_dropped: u64,
+    pub judge_rejected: u64,
+    /// Train rows left out by diversity selection.
+    pub not_selected: u64,
     pub exact_duplicates: u64,
     pub near_duplicates: u64,
     /// Rows written to a split (pinned regression rows included).
@@ -93,6 +96,23 @@ pub struct LicenseReport {
 }
 
 #[derive(Debug, Clone, Default, Serialize, Deserialize)]
+pub struct SelectionReport {
+    pub split: String,
+    pub from: u64,
+    pub selected: u64,
+    pub lambda: f64,
+}
+
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+pub struct JudgeReport {
+    pub model: Option<String>,
+    pub threshold: Option<f64>,
+    pub scored: u64,
+    pub rejected: u64,
+    pub mean_score: Option<f64>,
+}
+
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
 pub struct SplitReport {
     pub path: PathBuf,
     pub rows: u64,
@@ -123,6 +143,10 @@ pub struct Report {
     pub pii: BTreeMap<String, u64>,
     pub pii_rows: u64,
     pub license: LicenseReport,
+    /// The LLM judge, when enabled.
+    pub judge: JudgeReport,
+    /// Diversity selection, when configured.
+    pub selection: Option<SelectionReport>,
     /// Kept rows per balance value (the `balance.field`, `source` by default).
     pub sources: BTreeMap<String, u64>,
     pub splits: BTreeMap<String, SplitReport>,
@@ -176,6 +200,22 @@ impl Report {
                 .map(|(k, v)| format!("{k} {v}"))
                 .collect();
             let _ = writeln!(s, "rejected: {}", r.join(", "));
+        }
+        if let (Some(m), Some(t)) = (&self.judge.model, self.judge.threshold) {
+            let _ = writeln!(
+                s,
+                "judge {m}: {} scored, {} below {t}, mean score {:.2}",
+                self.judge.scored,
+                self.judge.rejected,
+                self.judge.mean_score.unwrap_or(0.0)
+            );
+        }
+        if let Some(sel) = &self.selection {
+            let _ = writeln!(
+                s,
+                "MMR selection (lambda {}): {} of {} {} rows",
+                sel.lambda, sel.selected, sel.from, sel.split
+            );
         }
         if !self.pii.is_empty() {
             let p: Vec<String> = self.pii.iter().map(|(k, v)| format!("{k} {v}")).collect();

@@ -554,3 +554,144 @@ fn a_shared_configuration_file_is_read_for_its_curation_keys() {
     );
     assert!(!cfg.pii.email && cfg.pii.phone);
 }
+
+/// A stand-in OpenAI-compatible server: scores 2 when the example contains "bad answer",
+/// else 9; counts requests.
+fn judge_server() -> (String, std::sync::Arc<std::sync::atomic::AtomicUsize>) {
+    use std::io::{BufRead, BufReader, Read, Write};
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let url = format!("http://{}/v1", listener.local_addr().unwrap());
+    let count = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let c = count.clone();
+    std::thread::spawn(move || {
+        for stream in listener.incoming() {
+            let Ok(mut stream) = stream else { break };
+            let c = c.clone();
+            std::thread::spawn(move || {
+                let mut r = BufReader::new(stream.try_clone().unwrap());
+                let (mut len, mut path) = (0usize, String::new());
+                let mut first = String::new();
+                r.read_line(&mut first).unwrap();
+                path.push_str(first.split(' ').nth(1).unwrap_or(""));
+                loop {
+                    let mut h = String::new();
+                    r.read_line(&mut h).unwrap();
+                    if h == "\r\n" || h.is_empty() {
+                        break;
+                    }
+                    if let Some(v) = h.to_ascii_lowercase().strip_prefix("content-length:") {
+                        len = v.trim().parse().unwrap();
+                    }
+                }
+                let mut body = vec![0; len];
+                r.read_exact(&mut body).unwrap();
+                let req: Value = serde_json::from_slice(&body).unwrap();
+                assert_eq!(path, "/v1/chat/completions");
+                assert_eq!(req["model"], json!("judge-model"));
+                c.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+                let text = req["messages"][1]["content"].as_str().unwrap();
+                let score = if text.contains("bad answer") { 2 } else { 9 };
+                let content = format!("{{\"score\": {score}, \"reason\": \"graded\"}}");
+                let resp =
+                    json!({"choices": [{"message": {"role": "assistant", "content": content}}]})
+                        .to_string();
+                let _ = write!(
+                    stream,
+                    "HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{}",
+                    resp.len(),
+                    resp
+                );
+            });
+        }
+    });
+    (url, count)
+}
+
+#[test]
+fn the_llm_judge_rejects_rows_below_its_threshold() {
+    let tmp = tempfile::tempdir().unwrap();
+    let (url, count) = judge_server();
+    let mut rows: Vec<String> = (0..12)
+        .map(|i| pc(&sentence(i), &format!("A fine reply {}", sentence(i + 40))))
+        .collect();
+    rows[3] = pc(&sentence(3), &format!("bad answer {}", sentence(200)));
+    rows[8] = pc(&sentence(8), &format!("bad answer {}", sentence(201)));
+    rows.push(rows[0].clone()); // a duplicate is never sent to the judge
+    let input = write_jsonl(tmp.path(), "in.jsonl", &rows);
+    let mut cfg = CurateConfig::default();
+    cfg.judge.enabled = true;
+    cfg.judge.url = url;
+    cfg.judge.model = "judge-model".into();
+    cfg.judge.threshold = 5.0;
+    cfg.judge.concurrency = 3;
+    let out = tmp.path().join("out");
+    let r = run(std::slice::from_ref(&input), &out, &cfg).unwrap();
+    assert_eq!(count.load(std::sync::atomic::Ordering::SeqCst), 12);
+    assert_eq!(r.judge.scored, 12);
+    assert_eq!(r.judge.rejected, 2);
+    assert_eq!(r.counts.judge_rejected, 2);
+    assert_eq!(r.counts.kept, 10);
+    let judged: Vec<u64> = r
+        .rejected
+        .iter()
+        .filter(|i| i.reason == "judge")
+        .map(|i| i.line)
+        .collect();
+    assert_eq!(judged, vec![4, 9]);
+    assert!(r.rejected[0].detail.contains("judge score 2 < 5"));
+    assert!((r.judge.mean_score.unwrap() - (10.0 * 9.0 + 2.0 * 2.0) / 12.0).abs() < 1e-9);
+    assert!(!all_output(&out).contains("bad answer"));
+
+    // An unreachable judge fails the run and names the endpoint.
+    cfg.judge.url = "http://127.0.0.1:9/v1".into();
+    cfg.judge.retries = 0;
+    let e = run(&[input], &tmp.path().join("out2"), &cfg)
+        .unwrap_err()
+        .to_string();
+    assert!(e.contains("127.0.0.1:9/v1/chat/completions"), "{e}");
+}
+
+#[test]
+fn mmr_selection_keeps_a_diverse_train_subset() {
+    let tmp = tempfile::tempdir().unwrap();
+    let topics = [
+        "The train to Busan leaves from Seoul station every twenty minutes during the morning rush hour",
+        "Sourdough bread needs a mature starter, a long cold fermentation and a very hot oven to rise well",
+        "The borrow checker rejects programs where a mutable reference aliases a shared reference at once",
+    ];
+    let mut rows = Vec::new();
+    for v in 0..8 {
+        for t in topics {
+            rows.push(pc("Tell me something.", &format!("{t}, note {v}.")));
+        }
+    }
+    let input = write_jsonl(tmp.path(), "in.jsonl", &rows);
+    let mut cfg = CurateConfig::default();
+    cfg.dedup.near = false;
+    cfg.splits.train = 1.0;
+    cfg.splits.val = 0.0;
+    cfg.splits.holdout = 0.0;
+    cfg.select.train_rows = Some(3);
+    let out = tmp.path().join("out");
+    let r = run(std::slice::from_ref(&input), &out, &cfg).unwrap();
+    let sel = r.selection.as_ref().unwrap();
+    assert_eq!((sel.from, sel.selected), (24, 3));
+    assert_eq!(r.counts.kept, 3);
+    assert_eq!(r.counts.not_selected, 21);
+    let train = split_rows(&out, "train");
+    assert_eq!(train.len(), 3);
+    for t in topics {
+        let head = &t[..30];
+        assert_eq!(
+            train
+                .iter()
+                .filter(|row| row["completion"].as_str().unwrap().starts_with(head))
+                .count(),
+            1,
+            "{head}"
+        );
+    }
+    let bytes = std::fs::read(out.join("train.jsonl")).unwrap();
+    assert_eq!(r.splits["train"].sha256, sha256_hex(&bytes));
+    assert!(!out.join("train.jsonl.all").exists());
+}

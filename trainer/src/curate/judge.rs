@@ -1,0 +1,211 @@
+//! The optional LLM judge: each kept row is scored against a rubric by a model served behind
+//! an OpenAI-compatible chat endpoint (the loraops gateway, or any other), and rows scoring
+//! under the threshold are rejected with the judge's score and reason.
+
+use std::time::Duration;
+
+use serde::{Deserialize, Serialize};
+use serde_json::{Value, json};
+
+/// `[curate.judge]`.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct JudgeConfig {
+    /// Off unless set.
+    pub enabled: bool,
+    /// Base URL of the OpenAI-compatible API (`…/v1`); `/chat/completions` is appended.
+    pub url: String,
+    /// `model` of the requests (a base model, `ADAPTER` or `ADAPTER@V` on the gateway).
+    pub model: String,
+    /// What a good row looks like; the judge scores each row from 1 to 10 against it.
+    pub rubric: String,
+    /// Rows scoring below this are rejected.
+    pub threshold: f64,
+    /// Environment variable holding a bearer token (e.g. LORAOPS_TOKEN), if any.
+    pub api_key_env: Option<String>,
+    /// Requests in flight at once.
+    pub concurrency: usize,
+    pub timeout_s: u64,
+    /// Retries per row on transport errors and 5xx answers.
+    pub retries: usize,
+    /// Longer rows are cut to this many characters in the prompt.
+    pub max_chars: usize,
+}
+
+impl Default for JudgeConfig {
+    fn default() -> Self {
+        Self {
+            enabled: false,
+            url: "http://127.0.0.1:8080/v1".into(),
+            model: String::new(),
+            rubric: "The response is correct, helpful, safe and follows the instruction.".into(),
+            threshold: 6.0,
+            api_key_env: None,
+            concurrency: 8,
+            timeout_s: 60,
+            retries: 2,
+            max_chars: 6000,
+        }
+    }
+}
+
+/// The judge's verdict on one row.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Verdict {
+    pub score: f64,
+    pub reason: String,
+}
+
+/// A judge client.
+pub struct Judge {
+    cfg: JudgeConfig,
+    url: String,
+    http: reqwest::blocking::Client,
+    token: Option<String>,
+    pool: rayon::ThreadPool,
+}
+
+const SYSTEM: &str = "You grade training examples for fine-tuning a language model. Score the example from 1 (unusable) to 10 (excellent) against the rubric. Answer with JSON only: {\"score\": <1-10>, \"reason\": \"<one sentence>\"}.";
+
+impl Judge {
+    pub fn new(cfg: &JudgeConfig) -> Result<Self, String> {
+        if cfg.model.is_empty() {
+            return Err("judge: `model` is required".into());
+        }
+        let http = reqwest::blocking::Client::builder()
+            .timeout(Duration::from_secs(cfg.timeout_s.max(1)))
+            .build()
+            .map_err(|e| format!("judge: {e}"))?;
+        let token = match &cfg.api_key_env {
+            Some(v) => Some(
+                std::env::var(v)
+                    .map_err(|_| format!("judge: environment variable {v} is not set"))?,
+            ),
+            None => None,
+        };
+        let pool = rayon::ThreadPoolBuilder::new()
+            .num_threads(cfg.concurrency.max(1))
+            .thread_name(|i| format!("curate-judge-{i}"))
+            .build()
+            .map_err(|e| format!("judge: {e}"))?;
+        Ok(Self {
+            cfg: cfg.clone(),
+            url: format!("{}/chat/completions", cfg.url.trim_end_matches('/')),
+            http,
+            token,
+            pool,
+        })
+    }
+
+    /// Score many rows' texts concurrently; the result is in input order.
+    pub fn score_all(&self, texts: &[&str]) -> Result<Vec<Verdict>, String> {
+        use rayon::prelude::*;
+        self.pool
+            .install(|| texts.par_iter().map(|t| self.score(t)).collect())
+    }
+
+    /// Score one row's text.
+    pub fn score(&self, text: &str) -> Result<Verdict, String> {
+        let text: String = text.chars().take(self.cfg.max_chars).collect();
+        let body = json!({
+            "model": self.cfg.model,
+            "temperature": 0,
+            "max_tokens": 200,
+            "messages": [
+                {"role": "system", "content": SYSTEM},
+                {"role": "user", "content": format!("Rubric: {}\n\nExample:\n{}", self.cfg.rubric, text)},
+            ],
+        });
+        let url = &self.url;
+        let mut last = String::new();
+        for attempt in 0..=self.cfg.retries {
+            if attempt > 0 {
+                std::thread::sleep(Duration::from_millis(200 << attempt.min(5)));
+            }
+            let mut req = self.http.post(url).json(&body);
+            if let Some(t) = &self.token {
+                req = req.bearer_auth(t);
+            }
+            match req.send() {
+                Ok(r) if r.status().is_success() => {
+                    let v: Value = r.json().map_err(|e| format!("judge {url}: {e}"))?;
+                    let content = v
+                        .pointer("/choices/0/message/content")
+                        .and_then(Value::as_str)
+                        .ok_or_else(|| {
+                            format!("judge {url}: no choices[0].message.content in {v}")
+                        })?;
+                    return parse_verdict(content)
+                        .ok_or_else(|| format!("judge {url}: no score in answer {content:?}"));
+                }
+                Ok(r) if r.status().is_server_error() => {
+                    last = format!("judge {url}: HTTP {}", r.status());
+                }
+                Ok(r) => {
+                    let status = r.status();
+                    let text = r.text().unwrap_or_default();
+                    return Err(format!("judge {url}: HTTP {status}: {text}"));
+                }
+                Err(e) => last = format!("judge {url}: {e}"),
+            }
+        }
+        Err(last)
+    }
+
+    /// The endpoint, for error messages.
+    pub fn url(&self) -> &str {
+        &self.url
+    }
+
+    pub fn threshold(&self) -> f64 {
+        self.cfg.threshold
+    }
+}
+
+/// The score and reason from a judge answer: JSON `{"score", "reason"}` (possibly inside
+/// other text or a code fence), else the first number in the answer.
+pub fn parse_verdict(content: &str) -> Option<Verdict> {
+    if let (Some(a), Some(b)) = (content.find('{'), content.rfind('}'))
+        && a < b
+        && let Ok(v) = serde_json::from_str::<Value>(&content[a..=b])
+        && let Some(score) = v.get("score").and_then(|s| {
+            s.as_f64()
+                .or_else(|| s.as_str().and_then(|x| x.trim().parse().ok()))
+        })
+    {
+        let reason = v
+            .get("reason")
+            .and_then(Value::as_str)
+            .unwrap_or("")
+            .to_string();
+        return Some(Verdict { score, reason });
+    }
+    let num: String = content
+        .chars()
+        .skip_while(|c| !c.is_ascii_digit())
+        .take_while(|c| c.is_ascii_digit() || *c == '.')
+        .collect();
+    num.parse().ok().map(|score| Verdict {
+        score,
+        reason: content.trim().chars().take(200).collect(),
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn verdicts_are_parsed_from_json_or_text() {
+        assert_eq!(
+            parse_verdict("```json\n{\"score\": 8, \"reason\": \"clear\"}\n```"),
+            Some(Verdict {
+                score: 8.0,
+                reason: "clear".into()
+            })
+        );
+        assert_eq!(parse_verdict("{\"score\": \"3\"}").unwrap().score, 3.0);
+        assert_eq!(parse_verdict("Score: 7/10").unwrap().score, 7.0);
+        assert_eq!(parse_verdict("no idea"), None);
+    }
+}
