@@ -16,6 +16,48 @@
 //! Duplicates are dropped and only one representative of a cluster is written, so no cluster
 //! spans two splits; pinned regression rows are indexed first, so input rows that duplicate
 //! them are dropped rather than leaking into train.
+//!
+//! Configuration (`loraops data curate --config FILE`; every key optional, defaults shown):
+//!
+//! ```toml
+//! [curate]
+//! seed = 0
+//! format = "auto"              # or sft | preference | kto
+//! unicode = "nfc"              # or nfkc | none
+//! [curate.splits]
+//! train = 0.9
+//! val = 0.05
+//! holdout = 0.05
+//! regression = 0.0
+//! regression_file = "pinned.jsonl"   # optional
+//! [curate.pii]                 # each type on by default
+//! email = true                 # also phone, card, ip, iban, kr_rrn, us_ssn, enabled
+//! [curate.dedup]
+//! threshold = 0.8              # Jaccard on character 5-gram shingles
+//! bands = 16
+//! rows = 7
+//! margin = 0.05
+//! [curate.license]
+//! allow = ["MIT", "Apache-2.0", "CC-BY-4.0"]   # empty: all allowed
+//! missing = "keep"             # or drop | flag
+//! [curate.filters]
+//! min_chars = 1
+//! max_chars = 200000
+//! languages = ["eng", "kor"]   # empty: all
+//! banned_terms = ["..."]
+//! [curate.balance]
+//! field = "source"
+//! max_per_value = 10000
+//! [curate.judge]               # off unless enabled
+//! enabled = true
+//! url = "http://127.0.0.1:8080/v1"
+//! model = "base-model-or-adapter"
+//! rubric = "The response is correct, helpful, safe and follows the instruction."
+//! threshold = 6.0
+//! [curate.select]
+//! train_rows = 5000            # MMR-select a diverse train subset
+//! lambda = 0.5
+//! ```
 
 pub mod dedup;
 pub mod filters;
