@@ -850,6 +850,7 @@ def main() -> int:
                          "data": {"existingClaim": "data"}},
             "gateway": {"requireAuth": False, "baseName": "tiny", "upstreamUrl": "http://vllm.ml.svc:8000/v1"},
             "auth": {"issuer": "https://issuer.example"},
+            "registry": {"controller": {"tickMs": 500, "leaseSecs": 20}, "anonymousReads": True},
             "metrics": {"serviceMonitor": {"enabled": True}, "prometheusRule": {"enabled": True},
                         "grafanaDashboard": {"enabled": True}},
             "networkPolicy": {"enabled": True},
