@@ -14,6 +14,8 @@
   containers' LORAOPS_* environment go through `loraops … --check-config` (unknown keys fail),
   every `loraops` command line in the manifests uses flags the binary has, and the minted-token
   command works.
+- Smoke: the default install's registry and gateway started here from their rendered command
+  lines; probes, /metrics, auth and one chat completion must answer.
 - Pod hygiene: non-root, read-only root filesystem, probes, and no secret given as a literal.
 - Metric names in the alerts and the dashboard exist in the services' source.
 
