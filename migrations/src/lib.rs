@@ -4,11 +4,15 @@
 pub use sea_orm_migration::prelude::*;
 
 mod m20261128_000001_initial;
+mod m20261128_000002_suites;
 
 pub struct Migrator;
 
 impl MigratorTrait for Migrator {
     fn migrations() -> Vec<Box<dyn MigrationTrait>> {
-        vec![Box::new(m20261128_000001_initial::Migration)]
+        vec![
+            Box::new(m20261128_000001_initial::Migration),
+            Box::new(m20261128_000002_suites::Migration),
+        ]
     }
 }

@@ -1,0 +1,18 @@
+//! Evaluation: suites (a manifest and JSONL cases, content-hashed), the scorers, the shipped
+//! red-team smoke templates, regression suites built from curation splits, and the runner
+//! that drives the gateway with a pinned adapter version and turns per-case results into
+//! evidence for the registry.
+//!
+//! Perplexity on a holdout split is not implemented: the gateway's API does not return
+//! token log-probabilities.
+
+pub mod redteam;
+pub mod runner;
+pub mod schema;
+pub mod scorers;
+pub mod suite;
+
+/// `produced_by` of the evidence this crate posts.
+pub fn producer() -> String {
+    format!("loraops eval {}", env!("CARGO_PKG_VERSION"))
+}

@@ -1,0 +1,350 @@
+//! `loraops eval` end to end: `loraops up` (registry + gateway with mistral.rs) on a generated
+//! tiny model, an adapter trained by `loraops train sft` and pushed, a suite run through the
+//! gateway with the version pinned, and the evidence checked in the registry.
+
+use std::path::Path;
+use std::process::{Child, Command, Output, Stdio};
+use std::time::{Duration, Instant};
+
+use serde_json::{Value, json};
+use sha2::{Digest, Sha256};
+
+use super::{SECRET, exe, free_port, ok_json};
+
+struct Stack {
+    child: Child,
+    data: std::path::PathBuf,
+    registry: String,
+    gateway: String,
+}
+
+impl Drop for Stack {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+impl Stack {
+    fn up(data: &Path, base: &Path) -> Self {
+        let (rp, gp) = (free_port(), free_port());
+        let log = std::fs::File::create(data.with_extension("log")).unwrap();
+        let child = Command::new(exe())
+            .args([
+                "--data-dir",
+                data.to_str().unwrap(),
+                "up",
+                "--listen",
+                &format!("127.0.0.1:{rp}"),
+                "--gateway-listen",
+                &format!("127.0.0.1:{gp}"),
+                "--base-model",
+                base.to_str().unwrap(),
+            ])
+            .env("LORAOPS_AUTH__HS256_SECRET", SECRET)
+            .env("RUST_LOG", "warn")
+            .stdout(Stdio::null())
+            .stderr(log)
+            .spawn()
+            .unwrap();
+        let stack = Self {
+            child,
+            data: data.to_path_buf(),
+            registry: format!("http://127.0.0.1:{rp}"),
+            gateway: format!("http://127.0.0.1:{gp}"),
+        };
+        // Ready when the gateway's base engine is loaded.
+        let rt = tokio::runtime::Runtime::new().unwrap();
+        let deadline = Instant::now() + Duration::from_secs(600);
+        loop {
+            let ready = rt.block_on(async {
+                reqwest::get(format!("{}/readyz", stack.gateway))
+                    .await
+                    .is_ok_and(|r| r.status().is_success())
+            });
+            if ready {
+                break;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "loraops up did not become ready: {}",
+                std::fs::read_to_string(data.with_extension("log")).unwrap_or_default()
+            );
+            std::thread::sleep(Duration::from_millis(250));
+        }
+        stack
+    }
+
+    fn cli(&self, token: Option<&str>, args: &[&str]) -> Output {
+        let mut c = Command::new(exe());
+        c.args(["--data-dir", self.data.to_str().unwrap()])
+            .args(args)
+            .env("LORAOPS_AUTH__HS256_SECRET", SECRET)
+            .env("LORAOPS_REGISTRY_URL", &self.registry)
+            .env("LORAOPS_GATEWAY_URL", &self.gateway)
+            .env("RUST_LOG", "warn")
+            .env_remove("LORAOPS_TOKEN");
+        if let Some(t) = token {
+            c.env("LORAOPS_TOKEN", t);
+        }
+        c.output().unwrap()
+    }
+
+    fn token(&self, roles: &str) -> String {
+        let out = self.cli(
+            None,
+            &[
+                "token", "issue", "--sub", "e2e-eval", "--role", roles, "--ttl", "30m",
+            ],
+        );
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        String::from_utf8(out.stdout).unwrap().trim().to_string()
+    }
+}
+
+fn run_ok(cmd: &mut Command) {
+    let out = cmd.output().unwrap();
+    assert!(
+        out.status.success(),
+        "{:?}: {}",
+        cmd,
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+fn get_json(url: &str, token: &str) -> Value {
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    rt.block_on(async {
+        let res = reqwest::Client::new()
+            .get(url)
+            .bearer_auth(token)
+            .send()
+            .await
+            .unwrap();
+        assert!(res.status().is_success(), "GET {url}: {}", res.status());
+        res.json().await.unwrap()
+    })
+}
+
+#[test]
+fn eval_run_posts_evidence_bound_to_the_served_version() {
+    let dir = tempfile::tempdir().unwrap();
+    let base = dir.path().join("e2e-tiny");
+    run_ok(Command::new(exe()).args(["model", "init-tiny", base.to_str().unwrap()]));
+    let train = dir.path().join("train.jsonl");
+    let rows: String = (0..8)
+        .map(|i| {
+            json!({"messages": [{"role": "user", "content": format!("ticket {i}: password reset?")},
+                {"role": "assistant", "content": "Settings, then Security, then Reset password."}]})
+            .to_string()
+                + "\n"
+        })
+        .collect();
+    std::fs::write(&train, rows).unwrap();
+    let adapter = dir.path().join("adapter");
+    run_ok(Command::new(exe()).args([
+        "train",
+        "sft",
+        "--model",
+        base.to_str().unwrap(),
+        "--data",
+        train.to_str().unwrap(),
+        "--out",
+        adapter.to_str().unwrap(),
+        "--steps",
+        "2",
+    ]));
+
+    let stack = Stack::up(&dir.path().join("data"), &base);
+    let publisher = stack.token("publisher");
+    let evaluator = stack.token("evaluator");
+    let viewer = stack.token("viewer");
+    let pushed = ok_json(stack.cli(
+        Some(&publisher),
+        &[
+            "--json",
+            "adapter",
+            "push",
+            adapter.to_str().unwrap(),
+            "--name",
+            "e2e-bot",
+            "--base-model",
+            "e2e-tiny",
+        ],
+    ));
+    let digest = pushed["digest"].as_str().unwrap().to_string();
+
+    // A small suite whose verdicts do not depend on what the tiny model says: one pattern
+    // every answer matches, one no answer can match; chat and raw-text prompts.
+    let suite = dir.path().join("suite");
+    std::fs::create_dir_all(&suite).unwrap();
+    std::fs::write(
+        suite.join("suite.json"),
+        json!({"name": "e2e-smoke", "version": "1", "scorer": {"type": "regex"},
+            "thresholds": [{"metric": "regex_match", "op": ">=", "value": 0.5}],
+            "decoding": {"max_tokens": 6}})
+        .to_string(),
+    )
+    .unwrap();
+    let cases = [
+        json!({"id": "any-1", "category": "any", "prompt": "How do I reset my password?", "pattern": "(?s)^.*$"}),
+        json!({"id": "any-2", "category": "any", "system": "Be brief.", "prompt": "Where are invoices?", "pattern": "(?s)^.*$"}),
+        json!({"id": "never", "category": "never", "prompt": "Say hi.", "pattern": "^IMPOSSIBLE-[0-9]{40}$"}),
+        json!({"id": "text", "category": "any", "text": "Q: password reset?\nA:", "pattern": "(?s)^.*$"}),
+    ];
+    std::fs::write(
+        suite.join("cases.jsonl"),
+        cases
+            .iter()
+            .map(|c| c.to_string() + "\n")
+            .collect::<String>(),
+    )
+    .unwrap();
+
+    let out = dir.path().join("out");
+    let summary = ok_json(stack.cli(
+        Some(&evaluator),
+        &[
+            "--json",
+            "eval",
+            "run",
+            "--suite",
+            suite.to_str().unwrap(),
+            "--adapter",
+            "e2e-bot@1",
+            "--concurrency",
+            "2",
+            "--out",
+            out.to_str().unwrap(),
+        ],
+    ));
+    let m = &summary["metrics"];
+    assert_eq!(m["cases"], 4.0, "{summary}");
+    assert_eq!(m["errors"], 0.0, "{summary}");
+    assert_eq!(m["regex_match"], 0.75);
+    assert_eq!(m["regex_match/any"], 1.0);
+    assert_eq!(m["regex_match/never"], 0.0);
+    assert!(
+        m["completion_tokens_mean"].as_f64().unwrap() > 0.0,
+        "{summary}"
+    );
+    assert!(m["latency_ms_p95"].as_f64().unwrap() > 0.0);
+    assert_eq!(summary["thresholds"][0]["passed"], true);
+
+    // Per-case results: every answer came from the pinned version.
+    let results = std::fs::read(out.join("results.jsonl")).unwrap();
+    let lines: Vec<Value> = String::from_utf8_lossy(&results)
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    assert_eq!(
+        lines
+            .iter()
+            .map(|l| l["id"].as_str().unwrap())
+            .collect::<Vec<_>>(),
+        ["any-1", "any-2", "never", "text"]
+    );
+    for l in &lines {
+        assert_eq!(
+            l["served"],
+            json!({"adapter": "e2e-bot", "version": "1", "arm": "pinned"}),
+            "{l}"
+        );
+        assert!(l["output"].is_string());
+        assert!(l["usage"]["completion_tokens"].as_u64().unwrap() <= 6);
+    }
+    let results_digest = format!("sha256:{}", hex::encode(Sha256::digest(&results)));
+
+    // The evidence in the registry: this version's digest, the suite's digest, the results'.
+    let ev = get_json(
+        &format!(
+            "{}/api/v1/adapters/e2e-bot/versions/1/evidence",
+            stack.registry
+        ),
+        &viewer,
+    );
+    let ev = ev.as_array().unwrap();
+    assert_eq!(ev.len(), 1);
+    let e = &ev[0];
+    assert_eq!(e["adapter_digest"], digest.as_str());
+    assert_eq!(e["suite"]["name"], "e2e-smoke");
+    assert_eq!(e["suite"]["digest"], summary["suite"]["digest"]);
+    assert_eq!(e["cases"], 4);
+    assert_eq!(e["cases_digest"], results_digest.as_str());
+    assert_eq!(e["metrics"]["regex_match"], 0.75);
+    assert_eq!(e["engine"]["decoding"]["model"], "e2e-bot@1");
+    assert_eq!(e["engine"]["decoding"]["temperature"], 0.0);
+    assert!(
+        e["engine"]["model_digest"]
+            .as_str()
+            .unwrap()
+            .starts_with("sha256:")
+    );
+    assert!(
+        e["produced_by"]
+            .as_str()
+            .unwrap()
+            .starts_with("loraops eval ")
+    );
+    assert_eq!(e["created_by"], "e2e-eval");
+
+    // The suite was uploaded; by name it runs again from the registry, with the same digest.
+    let listed = ok_json(stack.cli(Some(&viewer), &["--json", "eval", "suite", "list"]));
+    assert_eq!(listed[0]["digest"], summary["suite"]["digest"]);
+    let again = ok_json(stack.cli(
+        Some(&evaluator),
+        &[
+            "--json",
+            "eval",
+            "run",
+            "--suite",
+            "e2e-smoke@1",
+            "--adapter",
+            "e2e-bot@1",
+            "--no-post",
+            "--out",
+            dir.path().join("out2").to_str().unwrap(),
+        ],
+    ));
+    assert_eq!(again["suite"]["digest"], summary["suite"]["digest"]);
+    assert_eq!(again["metrics"]["regex_match"], 0.75);
+    assert!(again["evidence"].is_null());
+    let ev = get_json(
+        &format!(
+            "{}/api/v1/adapters/e2e-bot/versions/1/evidence",
+            stack.registry
+        ),
+        &viewer,
+    );
+    assert_eq!(ev.as_array().unwrap().len(), 1);
+
+    // Bad input exits 2: no version, a version that does not exist, a viewer posting.
+    for (token, args, needle) in [
+        (
+            &evaluator,
+            vec!["--suite", "e2e-smoke", "--adapter", "e2e-bot"],
+            "needs a version",
+        ),
+        (
+            &evaluator,
+            vec!["--suite", "e2e-smoke", "--adapter", "e2e-bot@9"],
+            "no version 9",
+        ),
+        (
+            &viewer,
+            vec!["--suite", suite.to_str().unwrap(), "--adapter", "e2e-bot@1"],
+            "evaluator role",
+        ),
+    ] {
+        let mut full = vec!["eval", "run"];
+        full.extend(args);
+        let out = stack.cli(Some(token.as_str()), &full);
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(2), "{full:?}: {err}");
+        assert!(err.contains(needle), "{full:?}: {err}");
+    }
+}
