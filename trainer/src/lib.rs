@@ -8,11 +8,14 @@
 //! - `lora`: LoRA pairs (PEFT init, rsLoRA, seeded dropout); `checkpoint`: per-layer recompute
 //! - `tokenizer`, `data`: tokenizer + chat template; SFT rows, completion-only labels, batches, packing
 //! - `optim`: AdamW, warm-up + cosine, clipping; `sft`: loss and training loop; `resume`: checkpoints
+//! - `preference`: DPO (sigmoid, IPO, label-smoothed), ORPO and KTO on the SFT loop; TRL's formulas
 //! - `adapter`: PEFT adapter and manifest output, adapter loading, merging; `tiny`: init-tiny
+//! - `curate`: data curation (validation, PII masking, exact + MinHash dedup, filters, splits)
 
 pub mod adapter;
 pub mod checkpoint;
 pub mod config;
+pub mod curate;
 pub mod data;
 pub mod error;
 pub mod frozen;
@@ -20,6 +23,7 @@ pub mod llama;
 pub mod lora;
 pub mod nf4;
 pub mod optim;
+pub mod preference;
 pub mod resume;
 pub mod sft;
 pub mod tiny;

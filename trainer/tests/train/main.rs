@@ -3,5 +3,7 @@
 //! on a generated tiny model.
 
 mod common;
+mod curate;
 mod pipeline;
+mod preference;
 mod reference;
