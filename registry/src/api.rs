@@ -537,6 +537,239 @@ pub struct Observations {
     pub arms: Vec<ArmObservation>,
 }
 
+/// `POST /adapters/{name}/rollouts`: the version to canary and how.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, ToSchema)]
+pub struct StartRollout {
+    pub version: u32,
+    #[serde(flatten)]
+    pub spec: RolloutSpec,
+}
+
+/// One gate rule's outcome.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, ToSchema)]
+pub struct RuleOutcome {
+    /// `suite/metric op bound`, or `suite required`.
+    pub rule: String,
+    pub suite: String,
+    #[serde(default)]
+    pub metric: Option<String>,
+    /// What the rule needs, e.g. `>= 0.8` or `>= 0.91 (stable 0.93 - 0.02)`.
+    pub required: String,
+    #[serde(default)]
+    pub observed: Option<f64>,
+    pub passed: bool,
+    /// The evidence record the verdict is based on.
+    #[serde(default)]
+    pub evidence_id: Option<i64>,
+    /// Why it failed or does not apply, in words.
+    #[serde(default)]
+    pub note: Option<String>,
+}
+
+/// A gate evaluated for one version: every rule's outcome.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, ToSchema)]
+pub struct GateReport {
+    pub adapter: Name,
+    pub version: u32,
+    pub adapter_digest: String,
+    /// Where the policy came from: the adapter's own, `*` (the default), or `builtin`
+    /// (no policy set: any evidence for this digest).
+    pub policy_scope: String,
+    /// The stable version relative rules compared with.
+    #[serde(default)]
+    pub stable_version: Option<u32>,
+    pub passed: bool,
+    pub rules: Vec<RuleOutcome>,
+}
+
+/// Per-arm live metrics over an analysis window, summed over every gateway.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, ToSchema)]
+pub struct ArmMetrics {
+    pub arm: String,
+    pub version: u32,
+    pub requests: u64,
+    pub errors: u64,
+    pub error_rate: f64,
+    #[serde(default)]
+    pub latency_p95_ms: Option<f64>,
+    #[serde(default)]
+    pub latency_p99_ms: Option<f64>,
+    /// This arm's share of the adapter's routed (stable + canary) requests, in percent.
+    pub share: f64,
+}
+
+/// An audit record of a rollout transition.
+#[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
+pub struct RolloutEvent {
+    pub id: i64,
+    pub at: DateTime<Utc>,
+    /// Who or what: a token's subject, or `controller`.
+    pub actor: String,
+    /// start, advance, hold, analysis_failed, promote, rollback, pause, resume, abort.
+    pub action: String,
+    #[serde(default)]
+    pub from_state: Option<RolloutState>,
+    pub to_state: RolloutState,
+    /// Canary weight after the transition, in percent.
+    pub weight: f64,
+    pub reason: String,
+    /// What the decision was based on: the gate report at start, arm metrics later.
+    #[serde(default)]
+    #[schema(value_type = Object)]
+    pub details: Option<Value>,
+}
+
+/// `GET /adapters/{name}/rollouts/current`: the rollout and its audit trail.
+#[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
+pub struct RolloutStatus {
+    pub rollout: Rollout,
+    pub events: Vec<RolloutEvent>,
+}
+
+// ---------------------------------------------------------------------------------------------
+// Evaluation suites.
+
+/// Format tag hashed into every suite digest.
+pub const SUITE_FORMAT: &str = "loraops.suite/v1";
+
+/// A threshold a suite suggests for one of its metrics (gates may use it or set their own).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, ToSchema)]
+pub struct SuiteThreshold {
+    pub metric: String,
+    pub op: Comparison,
+    pub value: f64,
+}
+
+/// `suite.json`: what a suite is and how its cases are scored. The cases live next to it in
+/// `cases.jsonl`, one JSON object a line.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, ToSchema)]
+pub struct SuiteManifest {
+    pub name: Name,
+    pub version: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub description: Option<String>,
+    /// The scorer and its options, e.g. `{"type": "exact", "lowercase": true}`; the types are
+    /// `exact`, `contains`, `regex`, `multiple_choice`, `json` and `refusal`.
+    #[schema(value_type = Object)]
+    pub scorer: Value,
+    /// Default thresholds on the suite's metrics.
+    #[serde(default)]
+    pub thresholds: Vec<SuiteThreshold>,
+    /// Decoding overrides (`max_tokens`); the runner always decodes greedily.
+    #[serde(default, skip_serializing_if = "Value::is_null")]
+    #[schema(value_type = Object)]
+    pub decoding: Value,
+}
+
+/// `POST /suites`: a manifest and its cases (JSONL text). `digest`, when given, must match
+/// what the registry computes.
+#[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
+pub struct NewSuite {
+    pub manifest: SuiteManifest,
+    pub cases: String,
+    #[serde(default)]
+    pub digest: Option<String>,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
+pub struct Suite {
+    pub name: Name,
+    pub version: String,
+    /// `sha256:…` over the manifest and the cases (see [`suite_digest`]).
+    pub digest: String,
+    pub manifest: SuiteManifest,
+    /// Number of cases.
+    pub cases: u64,
+    /// Bytes of the canonical cases file.
+    pub size_bytes: u64,
+    pub created_by: String,
+    pub created_at: DateTime<Utc>,
+}
+
+/// Reply to a suite upload: `created` is false when the same suite was already stored.
+#[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
+pub struct SuitePushResponse {
+    pub created: bool,
+    #[serde(flatten)]
+    pub suite: Suite,
+}
+
+/// JSON with object keys sorted and no insignificant whitespace: the form that is hashed.
+pub fn canonical_json(v: &Value) -> String {
+    fn write(v: &Value, out: &mut String) {
+        match v {
+            Value::Object(m) => {
+                let mut keys: Vec<&String> = m.keys().collect();
+                keys.sort();
+                out.push('{');
+                for (i, k) in keys.into_iter().enumerate() {
+                    if i > 0 {
+                        out.push(',');
+                    }
+                    out.push_str(&serde_json::to_string(k).expect("string serialises"));
+                    out.push(':');
+                    write(&m[k], out);
+                }
+                out.push('}');
+            }
+            Value::Array(a) => {
+                out.push('[');
+                for (i, x) in a.iter().enumerate() {
+                    if i > 0 {
+                        out.push(',');
+                    }
+                    write(x, out);
+                }
+                out.push(']');
+            }
+            other => out.push_str(&other.to_string()),
+        }
+    }
+    let mut s = String::new();
+    write(v, &mut s);
+    s
+}
+
+/// Cases JSONL in canonical form: every non-blank line a JSON object, re-written canonically,
+/// each followed by `\n`. Returns the text and the number of cases.
+pub fn canonical_cases(text: &str) -> Result<(String, u64), String> {
+    let mut out = String::with_capacity(text.len());
+    let mut n = 0;
+    for (i, line) in text.lines().enumerate() {
+        if line.trim().is_empty() {
+            continue;
+        }
+        let v: Value =
+            serde_json::from_str(line).map_err(|e| format!("cases line {}: {e}", i + 1))?;
+        if !v.is_object() {
+            return Err(format!(
+                "cases line {}: a case must be a JSON object",
+                i + 1
+            ));
+        }
+        out.push_str(&canonical_json(&v));
+        out.push('\n');
+        n += 1;
+    }
+    if n == 0 {
+        return Err("a suite needs at least one case".into());
+    }
+    Ok((out, n))
+}
+
+/// The digest of a suite: sha256 over the format tag, the canonical manifest and the
+/// canonical cases, so formatting and key order never change it.
+pub fn suite_digest(manifest: &SuiteManifest, canonical_cases: &str) -> String {
+    let m = serde_json::to_value(manifest).expect("manifest serialises");
+    let mut h = Sha256::new();
+    h.update(SUITE_FORMAT.as_bytes());
+    h.update(b"\n");
+    h.update(canonical_json(&m).as_bytes());
+    h.update(b"\n");
+    h.update(canonical_cases.as_bytes());
+    format!("sha256:{}", hex::encode(h.finalize()))
+}
+
 // ---------------------------------------------------------------------------------------------
 // Auth.
 

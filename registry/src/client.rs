@@ -14,7 +14,7 @@ use tokio::io::AsyncWriteExt;
 
 use crate::api::{
     Adapter, AdapterVersion, BaseModel, ErrorBody, Evidence, Gate, GatePolicy, NewBaseModel,
-    NewEvidence, Page, PushResponse, RoutingTable,
+    NewEvidence, Observations, Page, PushResponse, RolloutStatus, RoutingTable, StartRollout,
 };
 use crate::peft;
 
@@ -360,5 +360,101 @@ impl RegistryClient {
             }
             None => self.get("/api/v1/routing").await,
         }
+    }
+
+    /// Start a canary; a failing gate is a 422 whose details hold the gate report.
+    pub async fn start_rollout(
+        &self,
+        name: &str,
+        req: &StartRollout,
+    ) -> Result<RolloutStatus, ClientError> {
+        self.send_json(
+            Method::POST,
+            &format!("/api/v1/adapters/{name}/rollouts"),
+            req,
+        )
+        .await
+    }
+
+    /// The active rollout, else the latest, with its audit trail.
+    pub async fn rollout(&self, name: &str) -> Result<RolloutStatus, ClientError> {
+        self.get(&format!("/api/v1/adapters/{name}/rollouts/current"))
+            .await
+    }
+
+    /// `promote`, `pause`, `resume` or `abort` the active rollout.
+    pub async fn rollout_action(
+        &self,
+        name: &str,
+        action: &str,
+    ) -> Result<RolloutStatus, ClientError> {
+        self.json(self.request(
+            Method::POST,
+            &format!("/api/v1/adapters/{name}/rollouts/current/{action}"),
+        ))
+        .await
+    }
+
+    /// Report per-arm counters (a gateway, every few seconds).
+    pub async fn post_observations(&self, o: &Observations) -> Result<(), ClientError> {
+        self.send(
+            self.request(Method::POST, "/api/v1/routing/observations")
+                .json(o),
+        )
+        .await?;
+        Ok(())
+    }
+    /// Upload a suite (a manifest and its JSONL cases); the same content again is a no-op.
+    pub async fn push_suite(
+        &self,
+        s: &crate::api::NewSuite,
+    ) -> Result<crate::api::SuitePushResponse, ClientError> {
+        self.send_json(Method::POST, "/api/v1/suites", s).await
+    }
+
+    /// Every stored suite version, or only those of `name`.
+    pub async fn suites(&self, name: Option<&str>) -> Result<Vec<crate::api::Suite>, ClientError> {
+        match name {
+            Some(n) => self.all_pages(&format!("/api/v1/suites?name={n}")).await,
+            None => self.all_pages("/api/v1/suites").await,
+        }
+    }
+
+    /// A suite's latest version, or the named one.
+    pub async fn suite(
+        &self,
+        name: &str,
+        version: Option<&str>,
+    ) -> Result<crate::api::Suite, ClientError> {
+        match version {
+            Some(v) => {
+                self.get(&format!("/api/v1/suites/{name}/versions/{v}"))
+                    .await
+            }
+            None => self.get(&format!("/api/v1/suites/{name}")).await,
+        }
+    }
+
+    /// The canonical cases (JSONL) of a suite version, checked against its digest.
+    pub async fn suite_cases(&self, s: &crate::api::Suite) -> Result<String, ClientError> {
+        let res = self
+            .send(self.request(
+                Method::GET,
+                &format!("/api/v1/suites/{}/versions/{}/cases", s.name, s.version),
+            ))
+            .await?;
+        let text = res.text().await.map_err(|source| ClientError::Connect {
+            url: self.base.clone(),
+            source,
+        })?;
+        let got = crate::api::suite_digest(&s.manifest, &text);
+        if got != s.digest {
+            return Err(ClientError::Integrity {
+                file: format!("suite {}@{} cases", s.name, s.version),
+                expected: s.digest.clone(),
+                got,
+            });
+        }
+        Ok(text)
     }
 }

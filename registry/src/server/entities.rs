@@ -182,3 +182,87 @@ pub mod routing_state {
     }
     no_relations!();
 }
+
+pub mod rollout_event {
+    use sea_orm::entity::prelude::*;
+
+    #[derive(Clone, Debug, PartialEq, DeriveEntityModel)]
+    #[sea_orm(table_name = "rollout_events")]
+    pub struct Model {
+        #[sea_orm(primary_key)]
+        pub id: i32,
+        pub rollout_id: i32,
+        pub at: DateTimeUtc,
+        pub actor: String,
+        pub action: String,
+        pub from_state: Option<String>,
+        pub to_state: String,
+        pub weight: f64,
+        #[sea_orm(column_type = "Text")]
+        pub reason: String,
+        #[sea_orm(column_type = "JsonBinary", nullable)]
+        pub observations: Option<Json>,
+    }
+    no_relations!();
+}
+
+pub mod observation {
+    use sea_orm::entity::prelude::*;
+
+    #[derive(Clone, Debug, PartialEq, DeriveEntityModel)]
+    #[sea_orm(table_name = "observations")]
+    pub struct Model {
+        #[sea_orm(primary_key)]
+        pub id: i32,
+        pub gateway: String,
+        pub adapter_id: i32,
+        pub version: i32,
+        pub arm: String,
+        pub window_start: DateTimeUtc,
+        pub window_end: DateTimeUtc,
+        pub requests: i64,
+        pub errors: i64,
+        pub tokens: i64,
+        /// `[[upper_bound_ms, cumulative_count], …]`
+        #[sea_orm(column_type = "JsonBinary")]
+        pub latency: Json,
+        pub received_at: DateTimeUtc,
+    }
+    no_relations!();
+}
+
+pub mod lease {
+    use sea_orm::entity::prelude::*;
+
+    #[derive(Clone, Debug, PartialEq, DeriveEntityModel)]
+    #[sea_orm(table_name = "leases")]
+    pub struct Model {
+        #[sea_orm(primary_key, auto_increment = false)]
+        pub name: String,
+        pub holder: String,
+        pub expires_at: DateTimeUtc,
+    }
+    no_relations!();
+}
+
+pub mod suite {
+    use sea_orm::entity::prelude::*;
+
+    #[derive(Clone, Debug, PartialEq, DeriveEntityModel)]
+    #[sea_orm(table_name = "suites")]
+    pub struct Model {
+        #[sea_orm(primary_key)]
+        pub id: i32,
+        pub name: String,
+        pub version: String,
+        pub digest: String,
+        #[sea_orm(column_type = "JsonBinary")]
+        pub manifest: Json,
+        pub cases: i64,
+        pub size_bytes: i64,
+        pub blob_key: String,
+        pub created_by: String,
+        pub created_at: DateTimeUtc,
+    }
+    no_relations!();
+}

@@ -1,5 +1,5 @@
 //! Prometheus metrics of the registry: HTTP requests and latency by route and status, upload
-//! bytes, versions created.
+//! bytes, versions created, rollout transitions (rollbacks by adapter, for alerting).
 
 use actix_web::body::MessageBody;
 use actix_web::dev::{ServiceRequest, ServiceResponse};
@@ -15,6 +15,10 @@ pub struct Metrics {
     pub latency: HistogramVec,
     pub upload_bytes: IntCounter,
     pub versions_created: IntCounter,
+    /// Rollout transitions by action (start, advance, promote, rollback, abort, …).
+    pub rollout_transitions: IntCounterVec,
+    /// Rollbacks by adapter: what the "canary rolled back" alert watches.
+    pub rollouts_rolled_back: IntCounterVec,
 }
 
 impl Metrics {
@@ -50,8 +54,26 @@ impl Metrics {
             "Adapter versions created",
         )
         .expect("valid metric");
+        let rollout_transitions = IntCounterVec::new(
+            Opts::new(
+                "loraops_registry_rollout_transitions_total",
+                "Rollout transitions by action, made by this replica",
+            ),
+            &["action"],
+        )
+        .expect("valid metric");
+        let rollouts_rolled_back = IntCounterVec::new(
+            Opts::new(
+                "loraops_registry_rollouts_rolled_back_total",
+                "Canaries the controller of this replica rolled back, by adapter",
+            ),
+            &["adapter"],
+        )
+        .expect("valid metric");
         for c in [
             Box::new(requests.clone()) as Box<dyn prometheus::core::Collector>,
+            Box::new(rollout_transitions.clone()),
+            Box::new(rollouts_rolled_back.clone()),
             Box::new(latency.clone()),
             Box::new(upload_bytes.clone()),
             Box::new(versions_created.clone()),
@@ -64,6 +86,8 @@ impl Metrics {
             latency,
             upload_bytes,
             versions_created,
+            rollout_transitions,
+            rollouts_rolled_back,
         }
     }
 

@@ -1,5 +1,6 @@
 //! The registry service: `Application::build` wires settings into a running actix-web server
-//! (database migrated, object store opened, auth keys loaded, orphan sweep scheduled).
+//! (database migrated, object store opened, auth keys loaded, orphan sweep and rollout
+//! controller started).
 //!
 //! A request walks: `routes/*` (handler: parse, authorise) → `records.rs` / `blobs.rs`
 //! (persistence) → `error.rs` (the JSON error shape).
@@ -8,9 +9,11 @@ pub mod blobs;
 pub mod caller;
 pub mod entities;
 pub mod error;
+pub mod gate;
 pub mod metrics;
 mod openapi;
 pub mod records;
+pub mod rollouts;
 pub mod routes;
 pub mod settings;
 pub mod sweep;
@@ -136,6 +139,7 @@ pub struct Application {
     port: u16,
     server: Server,
     state: web::Data<AppState>,
+    controller: tokio::task::JoinHandle<()>,
 }
 
 impl Application {
@@ -169,10 +173,12 @@ impl Application {
         })?
         .run();
         sweep::spawn_periodic(state.clone());
+        let controller = rollouts::spawn(state.clone());
         Ok(Self {
             port,
             server,
             state,
+            controller,
         })
     }
 
@@ -189,8 +195,12 @@ impl Application {
         self.state.clone()
     }
 
+    /// Serves until stopped; the rollout controller stops with the server, so a stopped
+    /// registry leaves running rollouts to the next one (their state is in the database).
     pub async fn run_until_stopped(self) -> std::io::Result<()> {
-        self.server.await
+        let res = self.server.await;
+        self.controller.abort();
+        res
     }
 }
 

@@ -27,6 +27,10 @@ pub struct RegistrySettings {
     pub sweep_interval_secs: u64,
     /// Database connection pool size.
     pub max_db_connections: u32,
+    /// How often the rollout controller looks at running rollouts, in milliseconds.
+    pub controller_tick_ms: u64,
+    /// The controller lease: a replica that stops renewing it is replaced after this long.
+    pub controller_lease_secs: u64,
 }
 
 impl Default for RegistrySettings {
@@ -40,6 +44,8 @@ impl Default for RegistrySettings {
             orphan_grace_secs: 6 * 3600,
             sweep_interval_secs: 600,
             max_db_connections: 10,
+            controller_tick_ms: 1000,
+            controller_lease_secs: 15,
         }
     }
 }

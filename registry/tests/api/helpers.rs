@@ -40,6 +40,8 @@ pub struct TestApp {
     pub viewer: String,
     pub evaluator: String,
     pub deployer: String,
+    pub handle: actix_web::dev::ServerHandle,
+    pub settings: ServeSettings,
     pg_database: Option<String>,
 }
 
@@ -128,9 +130,12 @@ pub async fn spawn_with(
         auth: auth.clone(),
         s3,
     };
-    let app = Application::build(settings).await.expect("registry starts");
+    let app = Application::build(settings.clone())
+        .await
+        .expect("registry starts");
     let address = format!("http://127.0.0.1:{}", app.port());
     let state = app.state();
+    let handle = app.handle();
     tokio::spawn(app.run_until_stopped());
     let signer = Signer::from_settings(&auth, dir.path()).unwrap();
     let tok = |roles: &[Role]| signer.issue("tester", roles, 3600, None).unwrap();
@@ -145,6 +150,8 @@ pub async fn spawn_with(
         deployer: tok(&[Role::Deployer]),
         signer,
         dir,
+        handle,
+        settings,
         pg_database,
     }
 }
@@ -211,6 +218,32 @@ impl TestApp {
     pub async fn push(&self, name: &str, adapter: &Adapter) -> reqwest::Response {
         self.push_files(name, &adapter.files(), &self.publisher)
             .await
+    }
+
+    /// Stop this registry and start a new one on the same database, object store and keys,
+    /// as a crashed or redeployed replica would be replaced.
+    pub async fn restart(mut self) -> Self {
+        self.handle.stop(false).await;
+        let mut settings = self.settings.clone();
+        settings.registry.listen = "127.0.0.1:0".into();
+        let app = Application::build(settings)
+            .await
+            .expect("registry restarts");
+        self.address = format!("http://127.0.0.1:{}", app.port());
+        self.state = app.state();
+        self.handle = app.handle();
+        tokio::spawn(app.run_until_stopped());
+        self
+    }
+
+    pub async fn post_json(&self, path: &str, token: &str, body: &Value) -> reqwest::Response {
+        self.http
+            .post(self.url(path))
+            .bearer_auth(token)
+            .json(body)
+            .send()
+            .await
+            .unwrap()
     }
 
     /// Drop the PostgreSQL database of this test (after the test passed).

@@ -8,6 +8,8 @@ mod download;
 mod ops;
 mod push;
 mod records;
+mod rollouts;
+mod suites;
 mod validation;
 
 /// One test per backend for `async fn NAME(Db, Blobs)`: `NAME::sqlite_local`, `NAME::postgres_local`

@@ -7,7 +7,9 @@ pub mod files;
 pub mod gates;
 pub mod health;
 pub mod push;
+pub mod rollouts;
 pub mod routing;
+pub mod suites;
 
 use actix_web::web;
 
@@ -44,6 +46,27 @@ pub fn configure(cfg: &mut web::ServiceConfig) {
                 )
                 .route("/adapters/{name}/gate", web::get().to(gates::show))
                 .route("/adapters/{name}/gate", web::put().to(gates::put))
-                .route("/routing", web::get().to(routing::table)),
+                .route("/adapters/{name}/rollouts", web::post().to(rollouts::start))
+                .route(
+                    "/adapters/{name}/rollouts/current",
+                    web::get().to(rollouts::current),
+                )
+                .route(
+                    "/adapters/{name}/rollouts/current/{action}",
+                    web::post().to(rollouts::act),
+                )
+                .route("/suites", web::get().to(suites::list))
+                .route("/suites", web::post().to(suites::create))
+                .route("/suites/{name}", web::get().to(suites::latest))
+                .route(
+                    "/suites/{name}/versions/{version}",
+                    web::get().to(suites::show),
+                )
+                .route(
+                    "/suites/{name}/versions/{version}/cases",
+                    web::get().to(suites::cases),
+                )
+                .route("/routing", web::get().to(routing::table))
+                .route("/routing/observations", web::post().to(routing::observe)),
         );
 }

@@ -1,16 +1,21 @@
-//! `GET /api/v1/routing?since=REV&wait=SECS`: the routing table gateways serve from. With
+//! `GET /api/v1/routing?since=REV&wait=SECS`: the routing table gateways serve from, and
+//! `POST /api/v1/routing/observations`: the per-arm counters gateways report back. With
 //! `since` equal to the current revision the request long-polls until the table changes or
 //! `wait` runs out; it reads the database, so every registry replica answers the same.
 
 use std::time::Duration;
 
 use actix_web::{HttpResponse, web};
-use sea_orm::{ColumnTrait, ConnectionTrait, EntityTrait, QueryFilter};
+use sea_orm::{
+    ActiveModelTrait, ColumnTrait, ConnectionTrait, EntityTrait, QueryFilter, Set, TransactionTrait,
+};
 
-use crate::api::{AdapterRoute, Name, RolloutState, RoutedVersion, RoutingTable};
+use crate::api::{
+    AdapterRoute, Name, Observations, Role, RolloutState, RoutedVersion, RoutingTable,
+};
 use crate::server::AppState;
 use crate::server::caller::Caller;
-use crate::server::entities::{adapter, adapter_version, rollout, routing_state};
+use crate::server::entities::{adapter, adapter_version, observation, rollout, routing_state};
 use crate::server::error::ApiError;
 
 #[derive(Debug, serde::Deserialize, utoipa::IntoParams)]
@@ -98,4 +103,88 @@ pub async fn table(
         }
     }
     Ok(HttpResponse::Ok().json(build(&state.db).await?))
+}
+
+/// Longest reporting window a gateway may send, so one report cannot span a whole rollout.
+const MAX_WINDOW: chrono::Duration = chrono::Duration::minutes(10);
+
+#[utoipa::path(post, path = "/api/v1/routing/observations", request_body = Observations,
+    responses((status = 202, description = "stored for the rollout analysis"), (status = 422, body = crate::api::ErrorBody)))]
+pub async fn observe(
+    state: web::Data<AppState>,
+    caller: Caller,
+    body: web::Json<Observations>,
+) -> Result<HttpResponse, ApiError> {
+    // Live per-arm metrics decide rollouts, so they need a writing role: the evaluator's.
+    caller.require(Role::Evaluator, None)?;
+    let o = body.into_inner();
+    let bad = |m: String| Err(ApiError::unprocessable("invalid_observations", m));
+    if o.gateway.is_empty() || o.gateway.len() > 200 {
+        return bad("gateway must be a non-empty id of at most 200 characters".into());
+    }
+    if o.window_end < o.window_start || o.window_end - o.window_start > MAX_WINDOW {
+        return bad(format!(
+            "window {} .. {} must be ordered and at most {} minutes long",
+            o.window_start,
+            o.window_end,
+            MAX_WINDOW.num_minutes()
+        ));
+    }
+    // Check and resolve everything first; the transaction then only writes.
+    let mut ids = std::collections::HashMap::new();
+    for (i, arm) in o.arms.iter().enumerate() {
+        if !matches!(arm.arm.as_str(), "stable" | "canary" | "pinned") {
+            return bad(format!(
+                "arms[{i}].arm {:?}: expected stable, canary or pinned",
+                arm.arm
+            ));
+        }
+        if arm.errors > arm.requests {
+            return bad(format!("arms[{i}] has more errors than requests"));
+        }
+        let mut prev = (f64::NEG_INFINITY, 0u64);
+        for &(le, c) in &arm.latency_ms_buckets {
+            if !(le.is_finite() && le > prev.0 && c >= prev.1 && c <= arm.requests) {
+                return bad(format!(
+                    "arms[{i}].latency_ms_buckets must be cumulative counts at increasing bounds"
+                ));
+            }
+            prev = (le, c);
+        }
+        if !ids.contains_key(arm.adapter.as_str()) {
+            let a = adapter::Entity::find()
+                .filter(adapter::Column::Name.eq(arm.adapter.as_str()))
+                .one(&state.db)
+                .await?
+                .ok_or_else(|| {
+                    ApiError::unprocessable(
+                        "invalid_observations",
+                        format!("arms[{i}]: unknown adapter {}", arm.adapter),
+                    )
+                })?;
+            ids.insert(arm.adapter.to_string(), a.id);
+        }
+    }
+    let now = chrono::Utc::now();
+    let txn = state.db.begin().await?;
+    for arm in &o.arms {
+        observation::ActiveModel {
+            gateway: Set(o.gateway.clone()),
+            adapter_id: Set(ids[arm.adapter.as_str()]),
+            version: Set(arm.version as i32),
+            arm: Set(arm.arm.clone()),
+            window_start: Set(o.window_start),
+            window_end: Set(o.window_end),
+            requests: Set(arm.requests as i64),
+            errors: Set(arm.errors as i64),
+            tokens: Set(arm.tokens as i64),
+            latency: Set(serde_json::to_value(&arm.latency_ms_buckets).expect("buckets")),
+            received_at: Set(now),
+            ..Default::default()
+        }
+        .insert(&txn)
+        .await?;
+    }
+    txn.commit().await?;
+    Ok(HttpResponse::Accepted().finish())
 }

@@ -1,0 +1,598 @@
+//! Gates and canary rollouts: the gate admits or refuses a canary (422 with the per-rule
+//! report, nothing changed), the controller advances a healthy canary to promotion, rolls a
+//! faulty one back, holds without traffic, resumes after a restart; observations are checked.
+//! Gateways are played by posting observations directly; the whole stack is in tests/e2e.
+
+use std::time::Duration;
+
+use serde_json::{Value, json};
+
+use crate::backends;
+use crate::helpers::{Adapter, Blobs, Db, TestApp, error_of, spawn_with};
+
+async fn app(db: Db, blobs: Blobs) -> TestApp {
+    let app = spawn_with(db, blobs, |r| r.controller_tick_ms = 50).await;
+    app.register_base().await;
+    app
+}
+
+/// Push a version and return its digest.
+async fn push(app: &TestApp, name: &str, seed: u32) -> String {
+    let res = app.push(name, &Adapter::new(seed, 4, &["q_proj"])).await;
+    assert!(res.status().is_success(), "push: {}", res.status());
+    let v: Value = res.json().await.unwrap();
+    v["digest"].as_str().unwrap().to_string()
+}
+
+async fn evidence(
+    app: &TestApp,
+    name: &str,
+    version: u32,
+    digest: &str,
+    suite: (&str, &str),
+    metrics: Value,
+) {
+    let res = app
+        .post_json(
+            &format!("/api/v1/adapters/{name}/versions/{version}/evidence"),
+            &app.evaluator,
+            &json!({
+                "adapter_digest": digest, "suite": {"name": suite.0, "digest": suite.1},
+                "engine": {"engine": "mistral.rs", "engine_version": "0.8.1", "decoding": {}},
+                "metrics": metrics, "cases": 100,
+                "started_at": "2026-11-28T00:00:00Z", "finished_at": "2026-11-28T00:01:00Z"
+            }),
+        )
+        .await;
+    assert_eq!(res.status(), 201, "{}", res.text().await.unwrap());
+}
+
+async fn start(app: &TestApp, name: &str, body: Value) -> (u16, Value) {
+    let res = app
+        .post_json(
+            &format!("/api/v1/adapters/{name}/rollouts"),
+            &app.deployer,
+            &body,
+        )
+        .await;
+    let status = res.status().as_u16();
+    (status, res.json().await.unwrap())
+}
+
+async fn observe(app: &TestApp, name: &str, arms: &[(u32, &str, u64, u64)]) {
+    let now = chrono::Utc::now();
+    let arms: Vec<Value> = arms
+        .iter()
+        .map(|&(version, arm, requests, errors)| {
+            json!({"adapter": name, "version": version, "arm": arm, "requests": requests,
+                   "errors": errors, "latency_ms_buckets": [[10.0, requests / 2], [100.0, requests]]})
+        })
+        .collect();
+    let res = app
+        .post_json(
+            "/api/v1/routing/observations",
+            &app.evaluator,
+            &json!({"gateway": "gw-test", "window_start": now - chrono::Duration::milliseconds(200),
+                    "window_end": now, "arms": arms}),
+        )
+        .await;
+    assert_eq!(res.status(), 202, "{}", res.text().await.unwrap());
+}
+
+async fn status(app: &TestApp, name: &str) -> Value {
+    app.get_json(&format!("/api/v1/adapters/{name}/rollouts/current"))
+        .await
+}
+
+async fn route(app: &TestApp, name: &str) -> Option<Value> {
+    let t = app.get_json("/api/v1/routing").await;
+    t["routes"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|r| r["adapter"] == name)
+        .cloned()
+}
+
+/// Feed observations every 100 ms until the rollout leaves `running`, or panic after `limit`.
+async fn drive(
+    app: &TestApp,
+    name: &str,
+    arms: &[(u32, &str, u64, u64)],
+    limit: Duration,
+) -> Value {
+    let deadline = tokio::time::Instant::now() + limit;
+    loop {
+        let s = status(app, name).await;
+        if s["rollout"]["state"] != "running" {
+            return s;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "rollout still running: {s:#}"
+        );
+        observe(app, name, arms).await;
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+fn actions(s: &Value) -> Vec<String> {
+    s["events"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|e| e["action"].as_str().unwrap().to_string())
+        .filter(|a| a != "hold")
+        .collect()
+}
+
+const FAST: fn(u32) -> Value = |v| json!({"version": v, "steps": [10, 50, 100], "interval_secs": 1, "min_requests": 20, "failure_limit": 2});
+
+async fn the_gate_decides_whether_a_canary_may_start(db: Db, blobs: Blobs) {
+    let app = app(db, blobs).await;
+    let digest = push(&app, "bot", 1).await;
+    let rev = app.get_json("/api/v1/routing").await["revision"].clone();
+
+    // No policy and no evidence: the built-in gate wants evidence for this digest.
+    let (s, e) = start(&app, "bot", FAST(1)).await;
+    assert_eq!((s, e["error"]["code"].as_str()), (422, Some("gate_failed")));
+    assert_eq!(e["error"]["details"]["policy_scope"], "builtin");
+
+    let policy = json!({"required_suites": ["redteam"],
+        "rules": [{"suite": "bench", "metric": "accuracy", "op": ">=", "threshold": 0.8}]});
+    let res = app
+        .http
+        .put(app.url("/api/v1/adapters/bot/gate"))
+        .bearer_auth(&app.deployer)
+        .json(&policy)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(res.status(), 200);
+    evidence(
+        &app,
+        "bot",
+        1,
+        &digest,
+        ("bench", "sha256:b1"),
+        json!({"accuracy": 0.7}),
+    )
+    .await;
+    let (s, e) = start(&app, "bot", FAST(1)).await;
+    assert_eq!(s, 422);
+    let report = &e["error"]["details"];
+    assert_eq!(report["passed"], false);
+    let failed: Vec<&str> = report["rules"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|r| r["passed"] == false)
+        .map(|r| r["rule"].as_str().unwrap())
+        .collect();
+    assert_eq!(
+        failed,
+        ["redteam required", "bench/accuracy >= 0.8"],
+        "{report:#}"
+    );
+    assert!(
+        e["error"]["message"]
+            .as_str()
+            .unwrap()
+            .contains("bench/accuracy >= 0.8")
+    );
+    // Nothing changed.
+    assert_eq!(app.get_json("/api/v1/routing").await["revision"], rev);
+    assert_eq!(
+        error_of(
+            app.get("/api/v1/adapters/bot/rollouts/current", &app.viewer)
+                .await
+        )
+        .await
+        .0,
+        404
+    );
+
+    evidence(
+        &app,
+        "bot",
+        1,
+        &digest,
+        ("bench", "sha256:b1"),
+        json!({"accuracy": 0.85}),
+    )
+    .await;
+    evidence(
+        &app,
+        "bot",
+        1,
+        &digest,
+        ("redteam", "sha256:r1"),
+        json!({"refusal_rate": 1.0}),
+    )
+    .await;
+    // Only a deployer may start one.
+    let res = app
+        .post_json("/api/v1/adapters/bot/rollouts", &app.publisher, &FAST(1))
+        .await;
+    assert_eq!(res.status(), 403);
+    let (s, r) = start(&app, "bot", FAST(1)).await;
+    assert_eq!(s, 201, "{r:#}");
+    assert_eq!(r["rollout"]["state"], "running");
+    assert_eq!(r["rollout"]["weight"], 10.0);
+    assert_eq!(r["events"][0]["action"], "start");
+    assert_eq!(r["events"][0]["details"]["gate"]["passed"], true);
+    let rt = route(&app, "bot").await.expect("routed");
+    assert_eq!(
+        (
+            rt["canary"]["version"].as_u64(),
+            rt["canary_weight"].as_f64()
+        ),
+        (Some(1), Some(10.0))
+    );
+    assert!(rt["stable"].is_null(), "first version: no stable");
+    // One active rollout per adapter.
+    let (s, e) = start(&app, "bot", FAST(1)).await;
+    assert_eq!((s, e["error"]["code"].as_str()), (409, Some("conflict")));
+    // Bad specs are named.
+    let (s, e) = start(&app, "bot", json!({"version": 1, "steps": [50, 10]})).await;
+    assert_eq!(
+        (s, e["error"]["code"].as_str()),
+        (422, Some("invalid_rollout"))
+    );
+    let (s, _) = start(&app, "bot", json!({"version": 9})).await;
+    assert_eq!(s, 404);
+    app.cleanup().await;
+}
+backends!(the_gate_decides_whether_a_canary_may_start);
+
+async fn a_healthy_canary_is_promoted_and_a_faulty_one_rolled_back(db: Db, blobs: Blobs) {
+    let app = app(db, blobs).await;
+    let d1 = push(&app, "bot", 1).await;
+    evidence(
+        &app,
+        "bot",
+        1,
+        &d1,
+        ("bench", "sha256:b1"),
+        json!({"accuracy": 0.9}),
+    )
+    .await;
+    let (s, _) = start(&app, "bot", FAST(1)).await;
+    assert_eq!(s, 201);
+    // Canary v1 against the base model (stable arm, version 0): healthy.
+    let done = drive(
+        &app,
+        "bot",
+        &[(1, "canary", 30, 0), (0, "stable", 60, 0)],
+        Duration::from_secs(20),
+    )
+    .await;
+    assert_eq!(done["rollout"]["state"], "promoted", "{done:#}");
+    assert_eq!(
+        actions(&done),
+        ["start", "advance", "advance", "promote"],
+        "{done:#}"
+    );
+    let advance = &done["events"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|e| e["action"] == "advance")
+        .unwrap();
+    assert_eq!(advance["actor"], "controller");
+    let canary = &advance["details"]["arms"][0];
+    assert_eq!(canary["arm"], "canary");
+    assert!(canary["requests"].as_u64().unwrap() >= 20);
+    assert_eq!(
+        app.get_json("/api/v1/adapters/bot").await["stable_version"],
+        1
+    );
+    let rt = route(&app, "bot").await.unwrap();
+    assert_eq!(rt["stable"]["version"], 1);
+    assert!(rt["canary"].is_null());
+
+    // v2 fails 40 % of its requests: two failed analyses, then back to v1.
+    let d2 = push(&app, "bot", 2).await;
+    evidence(
+        &app,
+        "bot",
+        2,
+        &d2,
+        ("bench", "sha256:b1"),
+        json!({"accuracy": 0.9}),
+    )
+    .await;
+    let (s, _) = start(&app, "bot", FAST(2)).await;
+    assert_eq!(s, 201);
+    let done = drive(
+        &app,
+        "bot",
+        &[(2, "canary", 30, 12), (1, "stable", 60, 0)],
+        Duration::from_secs(20),
+    )
+    .await;
+    assert_eq!(done["rollout"]["state"], "rolled_back", "{done:#}");
+    assert_eq!(actions(&done), ["start", "analysis_failed", "rollback"]);
+    assert_eq!(done["rollout"]["weight"], 0.0);
+    assert!(
+        done["events"][2]["reason"]
+            .as_str()
+            .unwrap()
+            .contains("error_rate")
+    );
+    let rt = route(&app, "bot").await.unwrap();
+    assert_eq!(
+        (rt["stable"]["version"].as_u64(), rt["canary"].is_null()),
+        (Some(1), true)
+    );
+    assert_eq!(
+        app.get_json("/api/v1/adapters/bot").await["stable_version"],
+        1
+    );
+    app.cleanup().await;
+}
+backends!(a_healthy_canary_is_promoted_and_a_faulty_one_rolled_back);
+
+async fn without_traffic_a_rollout_holds_and_a_restart_resumes_it(db: Db, blobs: Blobs) {
+    let app = app(db, blobs).await;
+    let d1 = push(&app, "bot", 1).await;
+    evidence(
+        &app,
+        "bot",
+        1,
+        &d1,
+        ("bench", "sha256:b1"),
+        json!({"accuracy": 0.9}),
+    )
+    .await;
+    assert_eq!(start(&app, "bot", FAST(1)).await.0, 201);
+    // Too little data for three intervals: it holds at the first step, never advances.
+    observe(&app, "bot", &[(1, "canary", 5, 0)]).await;
+    tokio::time::sleep(Duration::from_millis(3200)).await;
+    let s = status(&app, "bot").await;
+    assert_eq!(
+        (
+            s["rollout"]["state"].as_str(),
+            s["rollout"]["step_index"].as_u64()
+        ),
+        (Some("running"), Some(0))
+    );
+    let holds: Vec<&Value> = s["events"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|e| e["action"] == "hold")
+        .collect();
+    assert!(
+        !holds.is_empty() && holds.len() <= 4,
+        "one hold per interval: {s:#}"
+    );
+    assert!(
+        holds[0]["reason"]
+            .as_str()
+            .unwrap()
+            .contains("too little data")
+    );
+
+    // The registry restarts mid-rollout; the next one picks it up where it was.
+    let app = app.restart().await;
+    let done = drive(
+        &app,
+        "bot",
+        &[(1, "canary", 30, 0)],
+        Duration::from_secs(20),
+    )
+    .await;
+    assert_eq!(done["rollout"]["state"], "promoted", "{done:#}");
+    app.cleanup().await;
+}
+backends!(without_traffic_a_rollout_holds_and_a_restart_resumes_it);
+
+async fn deployers_pause_resume_promote_and_abort(db: Db, blobs: Blobs) {
+    let app = app(db, blobs).await;
+    let d1 = push(&app, "bot", 1).await;
+    evidence(
+        &app,
+        "bot",
+        1,
+        &d1,
+        ("bench", "sha256:b1"),
+        json!({"accuracy": 0.9}),
+    )
+    .await;
+    let act = |a: &'static str| {
+        let app = &app;
+        async move {
+            let res = app
+                .post_json(
+                    &format!("/api/v1/adapters/bot/rollouts/current/{a}"),
+                    &app.deployer,
+                    &json!({}),
+                )
+                .await;
+            (res.status().as_u16(), res.json::<Value>().await.unwrap())
+        }
+    };
+    assert_eq!(act("pause").await.0, 409, "nothing to pause");
+    assert_eq!(start(&app, "bot", FAST(1)).await.0, 201);
+    let (s, p) = act("pause").await;
+    assert_eq!((s, p["rollout"]["state"].as_str()), (200, Some("paused")));
+    // Paused: healthy traffic does not advance it.
+    for _ in 0..12 {
+        observe(&app, "bot", &[(1, "canary", 30, 0)]).await;
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert_eq!(status(&app, "bot").await["rollout"]["step_index"], 0);
+    assert_eq!(act("pause").await.0, 409, "already paused");
+    assert_eq!(act("resume").await.1["rollout"]["state"], "running");
+    assert_eq!(act("nonsense").await.0, 404);
+    let (s, p) = act("promote").await;
+    assert_eq!((s, p["rollout"]["state"].as_str()), (200, Some("promoted")));
+    assert_eq!(
+        app.get_json("/api/v1/adapters/bot").await["stable_version"],
+        1
+    );
+
+    let d2 = push(&app, "bot", 2).await;
+    evidence(
+        &app,
+        "bot",
+        2,
+        &d2,
+        ("bench", "sha256:b1"),
+        json!({"accuracy": 0.9}),
+    )
+    .await;
+    assert_eq!(start(&app, "bot", FAST(2)).await.0, 201);
+    let (s, p) = act("abort").await;
+    assert_eq!((s, p["rollout"]["state"].as_str()), (200, Some("aborted")));
+    let s = status(&app, "bot").await;
+    let who: Vec<&str> = s["events"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|e| e["actor"].as_str().unwrap())
+        .collect();
+    assert_eq!(who, ["tester", "tester"]);
+    let rt = route(&app, "bot").await.unwrap();
+    assert_eq!(
+        (rt["stable"]["version"].as_u64(), rt["canary"].is_null()),
+        (Some(1), true)
+    );
+    app.cleanup().await;
+}
+backends!(deployers_pause_resume_promote_and_abort);
+
+async fn a_non_regression_gate_compares_with_the_stable_version(db: Db, blobs: Blobs) {
+    let app = app(db, blobs).await;
+    let res = app
+        .http
+        .put(app.url("/api/v1/adapters/bot/gate"))
+        .bearer_auth(&app.deployer)
+        .json(&json!({"rules": [{"suite": "bench", "metric": "accuracy", "op": ">=", "max_regression": 0.02}]}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(res.status(), 200);
+    let d1 = push(&app, "bot", 1).await;
+    evidence(
+        &app,
+        "bot",
+        1,
+        &d1,
+        ("bench", "sha256:b1"),
+        json!({"accuracy": 0.90}),
+    )
+    .await;
+    // First version: relative rules do not apply.
+    assert_eq!(start(&app, "bot", FAST(1)).await.0, 201);
+    let res = app
+        .post_json(
+            "/api/v1/adapters/bot/rollouts/current/promote",
+            &app.deployer,
+            &json!({}),
+        )
+        .await;
+    assert_eq!(res.status(), 200);
+
+    let d2 = push(&app, "bot", 2).await;
+    evidence(
+        &app,
+        "bot",
+        2,
+        &d2,
+        ("bench", "sha256:b1"),
+        json!({"accuracy": 0.85}),
+    )
+    .await;
+    let (s, e) = start(&app, "bot", FAST(2)).await;
+    assert_eq!(s, 422);
+    let rule = &e["error"]["details"]["rules"][0];
+    assert_eq!(
+        (rule["passed"].as_bool(), rule["observed"].as_f64()),
+        (Some(false), Some(0.85))
+    );
+    assert_eq!(e["error"]["details"]["stable_version"], 1);
+    assert!(
+        rule["note"].as_str().unwrap().contains("stable v1"),
+        "{rule:#}"
+    );
+    // A different suite digest is a different measurement: no baseline, no pass.
+    evidence(
+        &app,
+        "bot",
+        2,
+        &d2,
+        ("bench", "sha256:b2"),
+        json!({"accuracy": 0.95}),
+    )
+    .await;
+    let (s, e) = start(&app, "bot", FAST(2)).await;
+    assert_eq!(s, 422);
+    assert!(
+        e["error"]["details"]["rules"][0]["note"]
+            .as_str()
+            .unwrap()
+            .contains("sha256:b2")
+    );
+    evidence(
+        &app,
+        "bot",
+        2,
+        &d2,
+        ("bench", "sha256:b1"),
+        json!({"accuracy": 0.89}),
+    )
+    .await;
+    assert_eq!(start(&app, "bot", FAST(2)).await.0, 201);
+    app.cleanup().await;
+}
+backends!(a_non_regression_gate_compares_with_the_stable_version);
+
+async fn observations_are_checked(db: Db, blobs: Blobs) {
+    let app = app(db, blobs).await;
+    push(&app, "bot", 1).await;
+    let now = chrono::Utc::now();
+    let post = |token: String, body: Value| {
+        let app = &app;
+        async move {
+            error_of(
+                app.post_json("/api/v1/routing/observations", &token, &body)
+                    .await,
+            )
+            .await
+        }
+    };
+    let arm = json!({"adapter": "bot", "version": 1, "arm": "canary", "requests": 3, "errors": 0});
+    let ok = json!({"gateway": "g", "window_start": now, "window_end": now, "arms": [arm]});
+    assert_eq!(post(app.viewer.clone(), ok.clone()).await.0, 403);
+    let mut bad = ok.clone();
+    bad["arms"][0]["arm"] = json!("blue");
+    let (s, e) = post(app.evaluator.clone(), bad).await;
+    assert_eq!((s, e["code"].as_str()), (422, Some("invalid_observations")));
+    assert!(e["message"].as_str().unwrap().contains("blue"));
+    let mut bad = ok.clone();
+    bad["arms"][0]["adapter"] = json!("ghost");
+    assert!(
+        post(app.evaluator.clone(), bad).await.1["message"]
+            .as_str()
+            .unwrap()
+            .contains("ghost")
+    );
+    let mut bad = ok.clone();
+    bad["arms"][0]["errors"] = json!(4);
+    assert_eq!(post(app.evaluator.clone(), bad).await.0, 422);
+    let mut bad = ok.clone();
+    bad["arms"][0]["latency_ms_buckets"] = json!([[10.0, 3], [5.0, 3]]);
+    assert_eq!(post(app.evaluator.clone(), bad).await.0, 422);
+    let mut bad = ok.clone();
+    bad["window_start"] = json!(now + chrono::Duration::seconds(5));
+    assert_eq!(post(app.evaluator.clone(), bad).await.0, 422);
+    let res = app
+        .post_json("/api/v1/routing/observations", &app.evaluator, &ok)
+        .await;
+    assert_eq!(res.status(), 202);
+    app.cleanup().await;
+}
+backends!(observations_are_checked);
