@@ -17,9 +17,10 @@ pub mod limiter;
 pub mod metrics;
 pub mod openai;
 pub mod pool;
+pub mod report;
 pub mod routing;
 pub mod settings;
 pub mod validate;
 
 pub use http::{Application, StartError};
-pub use settings::GatewaySettings;
+pub use settings::{GatewayConfig, GatewaySettings};

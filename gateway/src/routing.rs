@@ -37,6 +37,10 @@ impl Arm {
 pub struct Target {
     pub key: EngineKey,
     pub arm: Arm,
+    /// The adapter whose routing chose this target. An adapter without a stable version (its
+    /// first canary) serves its stable arm from the base model, so the canary is compared
+    /// with the base.
+    pub route: Option<Name>,
 }
 
 impl Target {
@@ -54,10 +58,6 @@ impl Target {
 pub enum RouteError {
     #[error("unknown model {0}")]
     UnknownModel(String),
-    #[error(
-        "{0} has no stable version yet and this key is outside its canary share; pin a version with {0}@V"
-    )]
-    NoStable(String),
     #[error("cannot resolve {model}: {source}")]
     Registry { model: String, source: ClientError },
 }
@@ -145,6 +145,7 @@ impl Router {
             return Ok(Target {
                 key: EngineKey::Base,
                 arm: Arm::Base,
+                route: None,
             });
         }
         let r: AdapterRef = model
@@ -155,11 +156,17 @@ impl Router {
         match r.version {
             None => {
                 let route = route.ok_or_else(|| RouteError::UnknownModel(model.to_string()))?;
-                let (arm, v) =
-                    choose(route, sticky_key).ok_or_else(|| RouteError::NoStable(model.into()))?;
-                Ok(Target {
-                    key: key(&route.adapter, v),
-                    arm,
+                Ok(match choose(route, sticky_key) {
+                    Some((arm, v)) => Target {
+                        key: key(&route.adapter, v),
+                        arm,
+                        route: Some(route.adapter.clone()),
+                    },
+                    None => Target {
+                        key: EngineKey::Base,
+                        arm: Arm::Stable,
+                        route: Some(route.adapter.clone()),
+                    },
                 })
             }
             Some(version) => {
@@ -175,11 +182,12 @@ impl Router {
                 };
                 Ok(Target {
                     key: EngineKey::Version {
-                        adapter: r.name,
+                        adapter: r.name.clone(),
                         version,
                         digest,
                     },
                     arm: Arm::Pinned,
+                    route: Some(r.name),
                 })
             }
         }

@@ -40,6 +40,8 @@ pub struct GatewaySettings {
     pub poll_wait_secs: u64,
     /// Load the base engine before accepting traffic.
     pub preload_base: bool,
+    /// How often per-arm counters are reported to the registry.
+    pub report_interval: std::time::Duration,
 }
 
 impl GatewaySettings {
@@ -62,6 +64,65 @@ impl GatewaySettings {
             data_dir: PathBuf::from("./loraops-data"),
             poll_wait_secs: 30,
             preload_base: true,
+            report_interval: std::time::Duration::from_secs(5),
         }
+    }
+}
+
+/// The `[gateway]` section of the configuration file (`LORAOPS_GATEWAY__KEY` in the
+/// environment); flags of `loraops gateway serve` override it. Secrets (the registry token)
+/// are not here: they come from `LORAOPS_TOKEN`.
+#[derive(Debug, Clone, Default, serde::Serialize, serde::Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct GatewayConfig {
+    /// HOST:PORT (default 127.0.0.1:8500).
+    pub listen: Option<String>,
+    /// Hugging Face directory of the base model.
+    pub base_model: Option<PathBuf>,
+    /// The `model` name that selects the base without adapter.
+    pub base_name: Option<String>,
+    /// Registry to follow for routing and adapters.
+    pub registry_url: Option<String>,
+    /// Adapter cache (default DATA_DIR/gateway/hub).
+    pub cache_dir: Option<PathBuf>,
+    /// Most engines (adapter versions) kept loaded.
+    pub max_engines: Option<usize>,
+    /// `auto`, `bf16`, `f16` or `f32`.
+    pub dtype: Option<String>,
+    pub max_concurrent: Option<usize>,
+    pub max_queued: Option<usize>,
+    /// Require a JWT on inference (default true).
+    pub require_auth: Option<bool>,
+    /// Forward inference to this OpenAI-compatible server (`…/v1`, where `model` names
+    /// `BASE` or `NAME@V`) instead of running mistral.rs in-process.
+    pub upstream_url: Option<String>,
+}
+
+impl GatewayConfig {
+    /// Checks what can be checked without loading anything.
+    pub fn validate(&self) -> Result<(), String> {
+        if let Some(d) = &self.dtype
+            && crate::engine::mistral::parse_dtype(d).is_none()
+        {
+            return Err(format!(
+                "gateway.dtype {d:?}: expected auto, bf16, f16 or f32"
+            ));
+        }
+        for (key, v) in [
+            ("max_engines", self.max_engines),
+            ("max_concurrent", self.max_concurrent),
+        ] {
+            if v == Some(0) {
+                return Err(format!("gateway.{key} must be at least 1"));
+            }
+        }
+        if let Some(l) = &self.listen
+            && l.rsplit_once(':')
+                .and_then(|(_, p)| p.parse::<u16>().ok())
+                .is_none()
+        {
+            return Err(format!("gateway.listen {l:?}: expected HOST:PORT"));
+        }
+        Ok(())
     }
 }

@@ -153,25 +153,27 @@ async fn run(
     tx: &mpsc::Sender<Result<Event, EngineError>>,
 ) -> Result<(), EngineError> {
     let sampling_params = sampling(&req);
-    // Completion chunks carry no usage: the prompt length comes from the tokenizer and the
-    // completion length from the chunk count (the engine sends one per decoding step).
-    let mut text_prompt_tokens = 0u64;
-    if let Prompt::Text(t) = &req.prompt {
-        text_prompt_tokens = model
-            .tokenize(Either::Right(t.clone()), None, true, false, None)
-            .await
-            .map_err(|e| EngineError::Internal(e.to_string()))?
-            .len() as u64;
-    }
+    let max_tokens = req.sampling.max_tokens as u64;
     let messages = match req.prompt {
         Prompt::Chat(ms) => {
             let mut m = TextMessages::new();
             for msg in ms {
                 m = m.add_message(role(&msg.role), msg.content);
             }
-            m.take_messages()
+            Either::Left(m)
         }
-        Prompt::Text(text) => RequestMessage::Completion {
+        Prompt::Text(text) => Either::Right(text),
+    };
+    // Completion chunks carry no usage, and a stream can end without a final chunk (below):
+    // the prompt length comes from the tokenizer up front.
+    let prompt_tokens = model
+        .tokenize(messages.clone(), None, true, true, None)
+        .await
+        .map_err(|e| EngineError::Internal(e.to_string()))?
+        .len() as u64;
+    let messages = match messages {
+        Either::Left(mut m) => m.take_messages(),
+        Either::Right(text) => RequestMessage::Completion {
             text,
             echo_prompt: false,
             best_of: None,
@@ -205,6 +207,7 @@ async fn run(
         .map_err(|e| EngineError::Internal(e.to_string()))?;
 
     let mut chunks = 0u64;
+    let mut text = String::new();
     while let Some(resp) = rrx.recv().await {
         let (delta, finish, usage) = match resp {
             Response::Chunk(c) => {
@@ -235,15 +238,16 @@ async fn run(
             }
         };
         chunks += 1;
-        if let Some(d) = delta.filter(|d| !d.is_empty())
-            && tx.send(Ok(Event::Delta(d))).await.is_err()
-        {
-            // The client went away; dropping `rrx` tells the engine to stop.
-            return Ok(());
+        if let Some(d) = delta.filter(|d| !d.is_empty()) {
+            text.push_str(&d);
+            if tx.send(Ok(Event::Delta(d))).await.is_err() {
+                // The client went away; dropping `rrx` tells the engine to stop.
+                return Ok(());
+            }
         }
         if let Some(reason) = finish {
             let usage = usage.unwrap_or(TokenUsage {
-                prompt_tokens: text_prompt_tokens,
+                prompt_tokens,
                 completion_tokens: chunks,
             });
             let _ = tx
@@ -255,9 +259,36 @@ async fn run(
             return Ok(());
         }
     }
-    Err(EngineError::Internal(
-        "the engine closed the stream before finishing".into(),
-    ))
+    // 0.8.1 streams only text that is valid UTF-8 so far, and when a sequence ends on
+    // bytes that are not (a byte-level tokenizer can stop mid-character) it finishes without
+    // a final chunk and closes the channel. Errors always arrive as responses, so a clean
+    // close is the end of the generation: the held-back partial character is dropped, and
+    // the completion length is recounted from the text (at least one token per chunk).
+    let counted = if text.is_empty() {
+        0
+    } else {
+        model
+            .tokenize(Either::Right(text), None, false, false, None)
+            .await
+            .map(|t| t.len() as u64)
+            .unwrap_or(0)
+    };
+    let completion_tokens = counted.max(chunks).min(max_tokens.max(1));
+    let finish_reason = if completion_tokens >= max_tokens {
+        "length"
+    } else {
+        "stop"
+    };
+    let _ = tx
+        .send(Ok(Event::Done {
+            finish_reason: finish_reason.into(),
+            usage: TokenUsage {
+                prompt_tokens,
+                completion_tokens,
+            },
+        }))
+        .await;
+    Ok(())
 }
 
 fn response_kind(r: &Response) -> &'static str {

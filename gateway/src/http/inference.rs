@@ -9,6 +9,7 @@ use actix_web::http::header::{HeaderName, HeaderValue};
 use actix_web::{HttpRequest, HttpResponse, web};
 use bytes::{Bytes, BytesMut};
 use futures_util::StreamExt;
+use loraops_registry::api::Name;
 use loraops_registry::auth::Principal;
 use serde::Serialize;
 use serde::de::DeserializeOwned;
@@ -94,7 +95,6 @@ fn sticky_key(req: &HttpRequest, user: Option<&str>, p: Option<&Principal>) -> S
 fn route_error(e: RouteError, model: &str) -> ApiError {
     match e {
         RouteError::UnknownModel(_) => ApiError::model_not_found(model),
-        RouteError::NoStable(_) => ApiError::unavailable(e.to_string()),
         RouteError::Registry { .. } => ApiError::unavailable(e.to_string()),
     }
 }
@@ -112,9 +112,11 @@ struct Labels([String; 3]);
 
 impl Labels {
     fn of(t: &Target) -> Self {
-        let (a, v) = match t.adapter() {
-            Some((a, v)) => (a.to_string(), v.to_string()),
-            None => (String::new(), String::new()),
+        let (a, v) = match (t.adapter(), &t.route) {
+            (Some((a, v)), _) => (a.to_string(), v.to_string()),
+            // The base model serving the stable arm of an adapter without a stable version.
+            (None, Some(r)) => (r.to_string(), String::new()),
+            (None, None) => (String::new(), String::new()),
         };
         Self([a, v, t.arm.as_str().to_string()])
     }
@@ -128,6 +130,9 @@ impl Labels {
 struct Observer {
     state: web::Data<AppState>,
     labels: Labels,
+    /// The adapter whose routing chose the target, and the arm (reported to the registry).
+    route: Option<Name>,
+    arm: &'static str,
     start: Instant,
     engine_start: Instant,
     first_token: Option<Instant>,
@@ -146,11 +151,11 @@ impl Observer {
         }
     }
 
-    fn finish(&self, status: u16, usage: Option<TokenUsage>) {
+    fn finish(&self, status_code: u16, usage: Option<TokenUsage>) {
         let m = &self.state.metrics;
         let l = self.labels.refs();
         let total = self.start.elapsed();
-        let status = status.to_string();
+        let status = status_code.to_string();
         m.requests
             .with_label_values(&[l[0], l[1], l[2], status.as_str()])
             .inc();
@@ -158,6 +163,13 @@ impl Observer {
         let engine = self.engine_start.elapsed();
         m.overhead
             .observe(total.saturating_sub(engine).as_secs_f64());
+        if let Some(name) = &self.route {
+            let version = l[1].parse().unwrap_or(0);
+            let tokens = usage.as_ref().map_or(0, |u| u.completion_tokens);
+            self.state
+                .recorder
+                .record(name, version, self.arm, status_code, total, tokens);
+        }
         if let Some(u) = usage {
             m.tokens
                 .with_label_values(&[l[0], l[1], l[2], "prompt"])
@@ -199,6 +211,8 @@ async fn serve(
     let mut obs = Observer {
         state: state.clone(),
         labels: Labels::of(&target),
+        route: target.route.clone(),
+        arm: target.arm.as_str(),
         start,
         engine_start: Instant::now(),
         first_token: None,

@@ -20,6 +20,7 @@ use crate::feed::{Feed, FeedStatus};
 use crate::limiter::Limiter;
 use crate::metrics::Metrics;
 use crate::pool::{EngineKey, EngineLoader, EnginePool, LoadError, MistralLoader, RemoteLoader};
+use crate::report::Recorder;
 use crate::routing::Router;
 use crate::settings::GatewaySettings;
 use crate::validate::Limits;
@@ -57,6 +58,8 @@ pub struct AppState {
     pub feed: Option<Arc<Mutex<FeedStatus>>>,
     pub limits: Limits,
     pub started: i64,
+    /// Per-arm counters for the registry's rollout analysis.
+    pub recorder: Arc<Recorder>,
 }
 
 /// Mount the gateway's routes. Bodies are read and parsed by the handlers themselves, after
@@ -154,6 +157,20 @@ impl Application {
             Some(a) => Some(Verifier::from_settings(a, &settings.data_dir, false)?),
             None => None,
         };
+        let recorder = Arc::new(Recorder::new());
+        if let Some(client) = &registry {
+            let id = format!(
+                "{}-{}",
+                std::env::var("HOSTNAME").unwrap_or_else(|_| "gateway".into()),
+                &uuid::Uuid::new_v4().to_string()[..8]
+            );
+            tokio::spawn(crate::report::run(
+                recorder.clone(),
+                client.clone(),
+                id,
+                settings.report_interval,
+            ));
+        }
         let feed = registry.map(|client| {
             let status = Arc::new(Mutex::new(FeedStatus::default()));
             let feed = Feed {
@@ -176,6 +193,7 @@ impl Application {
             feed,
             limits: settings.limits.clone(),
             started: chrono::Utc::now().timestamp(),
+            recorder,
         });
 
         let listen = settings.listen.clone();

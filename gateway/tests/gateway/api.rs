@@ -253,3 +253,33 @@ async fn beyond_the_concurrency_limit_requests_get_429() {
         "rate_limit_error"
     );
 }
+
+/// The official `openai` Python client, unmodified, against a real gateway: model listing,
+/// chat and completions, streaming with usage, and typed errors (gateway/tests/openai_client.py).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_official_openai_python_client_works_unmodified() {
+    let python = std::env::var("LORAOPS_TEST_OPENAI_PYTHON").expect(
+        "LORAOPS_TEST_OPENAI_PYTHON is not set: run the tests with scripts/test, which installs the openai client",
+    );
+    let reg = spawn_registry().await;
+    reg.route("bot", Some(1), None).await;
+    let rev = reg.client().routing(None, 0).await.unwrap().revision;
+    let gw = spawn_gateway(Some(&reg)).await;
+    gw.wait_revision(rev).await;
+    let script = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/openai_client.py");
+    let url = format!("{}/v1", gw.url);
+    let out = tokio::process::Command::new(python)
+        .arg(script)
+        .args([url.as_str(), BASE, "bot"])
+        .output()
+        .await
+        .expect("run python");
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "openai client failed:\n{stdout}\n{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(stdout.contains("client: ok"), "{stdout}");
+    assert!(stdout.contains("bot arm: stable"), "{stdout}");
+}

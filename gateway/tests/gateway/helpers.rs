@@ -7,13 +7,13 @@ use std::sync::OnceLock;
 
 use loraops_gateway::validate::Limits;
 use loraops_gateway::{Application, GatewaySettings};
-use loraops_registry::api::{NewBaseModel, Role, RolloutState};
+use loraops_registry::api::{
+    EngineIdentity, NewBaseModel, NewEvidence, Role, RolloutSpec, StartRollout, SuiteRef,
+};
 use loraops_registry::auth::{AuthSettings, Signer};
 use loraops_registry::client::{RegistryClient, no_progress};
 use loraops_registry::peft::{AdapterConfig, ModelDims};
-use loraops_registry::server::{
-    AppState as RegistryState, Application as Registry, RegistrySettings, ServeSettings,
-};
+use loraops_registry::server::{Application as Registry, RegistrySettings, ServeSettings};
 use safetensors::tensor::{Dtype, TensorView};
 use serde_json::Value;
 
@@ -113,7 +113,6 @@ fn write_adapter(dir: &Path, cfg: &Value, seed: u64, dora: bool) {
 
 pub struct TestRegistry {
     pub url: String,
-    pub state: actix_web::web::Data<RegistryState>,
     pub admin: String,
     pub handle: actix_web::dev::ServerHandle,
     _dir: tempfile::TempDir,
@@ -131,6 +130,7 @@ pub async fn spawn_registry() -> TestRegistry {
         registry: RegistrySettings {
             listen: "127.0.0.1:0".into(),
             sweep_interval_secs: 3600,
+            controller_tick_ms: 100,
             ..RegistrySettings::default()
         },
         auth: auth.clone(),
@@ -138,7 +138,6 @@ pub async fn spawn_registry() -> TestRegistry {
     };
     let app = Registry::build(settings).await.expect("registry starts");
     let url = format!("http://127.0.0.1:{}", app.port());
-    let state = app.state();
     let handle = app.handle();
     tokio::spawn(app.run_until_stopped());
     let admin = Signer::from_settings(&auth, dir.path())
@@ -166,7 +165,6 @@ pub async fn spawn_registry() -> TestRegistry {
     }
     TestRegistry {
         url,
-        state,
         admin,
         handle,
         _dir: dir,
@@ -178,58 +176,73 @@ impl TestRegistry {
         RegistryClient::new(&self.url, Some(self.admin.clone()))
     }
 
-    /// Set the adapter's stable version and canary the way a rollout does, and bump the
-    /// routing revision: the registry's rollout API is not there yet, so this writes its rows.
+    /// Route `adapter` through the registry's rollout API: `stable` becomes the stable
+    /// version (a rollout promoted at once) and `canary` a running rollout held at its weight
+    /// (an hour-long analysis interval, so the controller never moves it during a test).
     pub async fn route(&self, adapter: &str, stable: Option<u32>, canary: Option<(u32, f64)>) {
-        use loraops_registry::server::entities::{adapter as a, rollout, routing_state};
-        use sea_orm::{ActiveModelTrait, ColumnTrait, EntityTrait, QueryFilter, Set};
-        let db = &self.state.db;
-        let row = a::Entity::find()
-            .filter(a::Column::Name.eq(adapter))
-            .one(db)
-            .await
-            .unwrap()
-            .unwrap();
-        let active = match canary {
-            Some((version, weight)) => {
-                let now = chrono::Utc::now();
-                let r = rollout::ActiveModel {
-                    adapter_id: Set(row.id),
-                    version: Set(version as i32),
-                    from_version: Set(stable.map(|v| v as i32)),
-                    state: Set(RolloutState::Running.as_str().into()),
-                    step_index: Set(0),
-                    weight: Set(weight),
-                    failures: Set(0),
-                    spec: Set(serde_json::json!({})),
-                    row_version: Set(0),
-                    last_analysis_at: Set(None),
-                    created_by: Set("tester".into()),
-                    created_at: Set(now),
-                    updated_at: Set(now),
-                    ..Default::default()
-                }
-                .insert(db)
-                .await
-                .unwrap();
-                Some(r.id)
-            }
-            None => None,
+        let c = self.client();
+        if let Ok(s) = c.rollout(adapter).await
+            && s.rollout.state.is_active()
+        {
+            c.rollout_action(adapter, "abort").await.unwrap();
+        }
+        let current = c.adapter(adapter).await.unwrap().stable_version;
+        if let Some(v) = stable
+            && current != Some(v)
+        {
+            self.with_evidence(adapter, v).await;
+            self.start(adapter, v, vec![100.0]).await;
+            c.rollout_action(adapter, "promote").await.unwrap();
+        }
+        if let Some((v, weight)) = canary {
+            self.with_evidence(adapter, v).await;
+            self.start(adapter, v, vec![weight, 100.0]).await;
+        }
+    }
+
+    async fn start(&self, adapter: &str, version: u32, steps: Vec<f64>) {
+        let req = StartRollout {
+            version,
+            spec: RolloutSpec {
+                steps,
+                interval_secs: 3600,
+                ..RolloutSpec::default()
+            },
         };
-        let mut am: a::ActiveModel = row.into();
-        am.stable_version = Set(stable.map(|v| v as i32));
-        am.active_rollout_id = Set(active);
-        am.update(db).await.unwrap();
-        let rs = routing_state::Entity::find_by_id(1)
-            .one(db)
-            .await
-            .unwrap()
-            .unwrap();
-        let rev = rs.revision;
-        let mut rs: routing_state::ActiveModel = rs.into();
-        rs.revision = Set(rev + 1);
-        rs.updated_at = Set(chrono::Utc::now());
-        rs.update(db).await.unwrap();
+        self.client().start_rollout(adapter, &req).await.unwrap();
+    }
+
+    /// Evidence for `adapter@version`'s digest, so the default gate lets it start.
+    pub async fn with_evidence(&self, adapter: &str, version: u32) {
+        let c = self.client();
+        let v = c.version(adapter, version).await.unwrap();
+        let now = chrono::Utc::now();
+        c.post_evidence(
+            adapter,
+            version,
+            &NewEvidence {
+                adapter_digest: v.digest,
+                suite: SuiteRef {
+                    name: "smoke".into(),
+                    version: None,
+                    digest: "sha256:00".into(),
+                },
+                engine: EngineIdentity {
+                    engine: "mistral.rs".into(),
+                    engine_version: "0.8.1".into(),
+                    model_digest: None,
+                    decoding: Value::Null,
+                },
+                metrics: [("accuracy".to_string(), 1.0)].into(),
+                cases: 1,
+                cases_digest: None,
+                produced_by: Some("gateway tests".into()),
+                started_at: now,
+                finished_at: now,
+            },
+        )
+        .await
+        .unwrap();
     }
 }
 
@@ -243,6 +256,7 @@ pub fn settings() -> GatewaySettings {
     let mut s = GatewaySettings::new(f.base.clone(), f.hub_cache.clone());
     s.listen = "127.0.0.1:0".into();
     s.poll_wait_secs = 2;
+    s.report_interval = std::time::Duration::from_millis(200);
     s.limits = Limits {
         default_max_tokens: 8,
         ..Limits::default()

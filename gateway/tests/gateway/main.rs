@@ -5,4 +5,5 @@ mod helpers;
 
 mod api;
 mod engine;
+mod rollout;
 mod routing;

@@ -32,7 +32,6 @@ async fn pinned_outputs(gw: &TestGateway) -> HashMap<String, String> {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-#[ignore = "known failure: a mistral.rs engine with a merged adapter closes its response stream without finishing (issue 5); base-model serving passes"]
 async fn canary_split_is_sticky_serves_each_arm_its_version_and_follows_changes() {
     let reg = spawn_registry().await;
     reg.route("bot", Some(1), Some((2, 30.0))).await;
@@ -137,17 +136,23 @@ async fn canary_split_is_sticky_serves_each_arm_its_version_and_follows_changes(
     }
     tokio::time::sleep(std::time::Duration::from_millis(200)).await;
     reg.route("bot", Some(2), None).await;
-    gw.wait_revision(rev + 1).await;
+    gw.wait_revision(reg.client().routing(None, 0).await.unwrap().revision)
+        .await;
     for i in 0..10 {
-        let (text, h) = gw.chat("bot", &format!("after-{i}")).await;
+        let (_, h) = gw.chat("bot", &format!("after-{i}")).await;
         assert_eq!(header(&h, "x-loraops-arm"), "stable");
         assert_eq!(header(&h, "x-loraops-version"), "2");
-        assert_eq!(text, outputs["2"]);
     }
     stop.store(true, Ordering::Relaxed);
     for t in tasks {
         t.await.unwrap();
     }
+    // The stable arm now serves exactly what v2 pinned serves. (Compared under the same
+    // conditions: the random tiny model has near-tied logits, which mistral.rs' batching and
+    // prefix cache can tip either way between a first and a repeated prompt.)
+    let (stable, _) = gw.chat("bot", "after").await;
+    let (pinned, _) = gw.chat("bot@2", "after").await;
+    assert_eq!(stable, pinned);
     assert_eq!(failures.load(Ordering::Relaxed), 0);
     assert!(done.load(Ordering::Relaxed) > 0);
 
@@ -163,7 +168,6 @@ async fn canary_split_is_sticky_serves_each_arm_its_version_and_follows_changes(
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-#[ignore = "known failure: a mistral.rs engine with a merged adapter closes its response stream without finishing (issue 5); base-model serving passes"]
 async fn with_the_registry_down_the_last_table_keeps_serving() {
     let reg = spawn_registry().await;
     reg.route("bot", Some(1), None).await;
