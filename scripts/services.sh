@@ -1,6 +1,7 @@
 # Services the tests need, started when missing. Sourced by scripts/test and the benchmarks.
 #   ensure_postgres: PostgreSQL on 127.0.0.1:5432 (exports LORAOPS_TEST_POSTGRES_URL)
 #   ensure_s3:       an S3-compatible server (moto) on loopback (exports LORAOPS_TEST_S3_ENDPOINT)
+#   ensure_openai:   a Python with the official `openai` client (exports LORAOPS_TEST_OPENAI_PYTHON)
 
 LORAOPS_CACHE="${LORAOPS_CACHE:-$HOME/.cache/loraops}"
 
@@ -34,4 +35,15 @@ ensure_s3() {
   curl -sf "http://127.0.0.1:$port/" >/dev/null || { echo "moto did not start" >&2; return 1; }
   export LORAOPS_TEST_S3_ENDPOINT="http://127.0.0.1:$port"
   export AWS_ACCESS_KEY_ID=test AWS_SECRET_ACCESS_KEY=test AWS_DEFAULT_REGION=us-east-1
+}
+
+ensure_openai() {
+  if [ -n "${LORAOPS_TEST_OPENAI_PYTHON:-}" ]; then return; fi
+  local venv="$LORAOPS_CACHE/openai-venv"
+  if ! "$venv/bin/python" -c 'import openai' 2>/dev/null; then
+    echo "installing the openai Python client into $venv" >&2
+    python3 -m venv "$venv"
+    "$venv/bin/pip" install -q 'openai>=1.50,<3'
+  fi
+  export LORAOPS_TEST_OPENAI_PYTHON="$venv/bin/python"
 }

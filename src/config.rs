@@ -8,6 +8,9 @@
 //! object_store_url = "s3://adapters/prod"
 //! [s3]
 //! endpoint = "http://minio:9000"
+//! [gateway]
+//! base_model = "/models/base"
+//! registry_url = "http://loraops-registry:8400"
 //! [auth]
 //! audience = "loraops"
 //! [log]
@@ -21,6 +24,7 @@
 use std::collections::HashMap;
 use std::path::PathBuf;
 
+use loraops_gateway::GatewayConfig;
 use loraops_registry::auth::AuthSettings;
 use loraops_registry::server::{RegistrySettings, S3Settings};
 use serde::{Deserialize, Serialize};
@@ -41,6 +45,7 @@ pub struct Config {
     pub registry: RegistrySettings,
     pub auth: AuthSettings,
     pub s3: S3Settings,
+    pub gateway: GatewayConfig,
     pub log: LogSettings,
 }
 

@@ -1,16 +1,26 @@
 //! `loraops demo`: the lifecycle end to end on embedded defaults — generate a tiny base model,
 //! fine-tune a LoRA adapter on a built-in dataset, start a registry, register the base model,
-//! push the adapter, push it again (same version), pull it back and verify every byte.
+//! push the adapter (twice: same version), pull it back and verify every byte, serve it
+//! through the gateway, show the gate refusing a canary without evidence, evaluate it through
+//! the gateway and post the evidence, then canary it under simulated users until the
+//! controller promotes it.
+
+use std::time::Duration;
 
 use clap::Args;
-use loraops_registry::api::Role;
+use loraops_gateway::{Application as GatewayApp, GatewaySettings};
+use loraops_registry::api::{
+    Comparison, EngineIdentity, GatePolicy, GateReport, GateRule, NewEvidence, Role, RolloutSpec,
+    StartRollout, SuiteRef,
+};
 use loraops_registry::auth::Signer;
-use loraops_registry::client::{RegistryClient, no_progress};
+use loraops_registry::client::{ClientError, RegistryClient, no_progress};
 use loraops_registry::server::{Application, RegistrySettings, ServeSettings};
 use loraops_trainer::sft::{Event, SftConfig, train_sft};
-use serde_json::json;
+use serde_json::{Value, json};
+use sha2::{Digest, Sha256};
 
-use super::{Global, base_model, up::ensure_tiny_model};
+use super::{Global, base_model, rollout::report_table, up::ensure_tiny_model};
 
 #[derive(Debug, Args)]
 pub struct DemoArgs {
@@ -19,37 +29,38 @@ pub struct DemoArgs {
     pub steps: usize,
 }
 
+const PAIRS: [(&str, &str); 6] = [
+    (
+        "How do I reset my password?",
+        "Open Settings, choose Security, then Reset password. A link arrives by email.",
+    ),
+    (
+        "Where can I see my invoices?",
+        "Invoices are under Billing, then History. Each one can be downloaded as PDF.",
+    ),
+    (
+        "How do I add a team member?",
+        "Go to Team, press Invite, and enter their email address.",
+    ),
+    (
+        "Can I change my plan?",
+        "Yes: Billing, then Plan. Changes apply from the next cycle.",
+    ),
+    (
+        "How do I delete my account?",
+        "Settings, then Account, then Delete. This cannot be undone.",
+    ),
+    (
+        "Is there an API?",
+        "Yes. Create a key under Settings, then API keys, and see the reference docs.",
+    ),
+];
+
 /// A small chat dataset: the adapter learns to answer in one house style.
 fn dataset() -> String {
-    let pairs = [
-        (
-            "How do I reset my password?",
-            "Open Settings, choose Security, then Reset password. A link arrives by email.",
-        ),
-        (
-            "Where can I see my invoices?",
-            "Invoices are under Billing, then History. Each one can be downloaded as PDF.",
-        ),
-        (
-            "How do I add a team member?",
-            "Go to Team, press Invite, and enter their email address.",
-        ),
-        (
-            "Can I change my plan?",
-            "Yes: Billing, then Plan. Changes apply from the next cycle.",
-        ),
-        (
-            "How do I delete my account?",
-            "Settings, then Account, then Delete. This cannot be undone.",
-        ),
-        (
-            "Is there an API?",
-            "Yes. Create a key under Settings, then API keys, and see the reference docs.",
-        ),
-    ];
     let mut out = String::new();
     for round in 0..4 {
-        for (q, a) in pairs {
+        for (q, a) in PAIRS {
             let row = json!({"messages": [
                 {"role": "system", "content": "You are the support assistant."},
                 {"role": "user", "content": if round % 2 == 0 { q.to_string() } else { q.to_lowercase() }},
@@ -69,11 +80,14 @@ pub fn run(args: DemoArgs, global: &Global) -> anyhow::Result<()> {
         .unwrap_or_else(|| global.data_dir.clone());
     let work = data_dir.join("demo");
     std::fs::create_dir_all(&work)?;
+    // Before any thread starts: the gateway's engine finds adapters through the environment.
+    let cache = super::gateway::cache_dir(&data_dir, None)?;
+    super::gateway::prepare_process(&cache);
 
-    println!("1/5 base model");
+    println!("1/8 base model");
     let base_dir = ensure_tiny_model(&data_dir.join("models").join("tiny-llama"))?;
 
-    println!("2/5 fine-tune a LoRA adapter ({} steps)", args.steps);
+    println!("2/8 fine-tune a LoRA adapter ({} steps)", args.steps);
     let data = work.join("train.jsonl");
     std::fs::write(&data, dataset())?;
     let adapter = work.join("adapter");
@@ -95,7 +109,7 @@ pub fn run(args: DemoArgs, global: &Global) -> anyhow::Result<()> {
     );
 
     println!(
-        "3/5 registry (SQLite + local blobs under {})",
+        "3/8 registry (SQLite + local blobs under {})",
         data_dir.display()
     );
     let settings = ServeSettings {
@@ -118,7 +132,7 @@ pub fn run(args: DemoArgs, global: &Global) -> anyhow::Result<()> {
         let url = format!("http://127.0.0.1:{}", app.port());
         let handle = app.handle();
         actix_web::rt::spawn(app.run_until_stopped());
-        let client = RegistryClient::new(&url, Some(token));
+        let client = RegistryClient::new(&url, Some(token.clone()));
         let base = base_model::describe(&base_dir, None)?;
         if !client
             .base_models()
@@ -129,7 +143,7 @@ pub fn run(args: DemoArgs, global: &Global) -> anyhow::Result<()> {
             client.create_base_model(&base).await?;
         }
 
-        println!("4/5 push {}", adapter.display());
+        println!("4/8 push {}", adapter.display());
         let pushed = client
             .push_dir(&adapter, "demo-support", None, no_progress())
             .await?;
@@ -149,7 +163,7 @@ pub fn run(args: DemoArgs, global: &Global) -> anyhow::Result<()> {
             again.version.version, again.created
         );
 
-        println!("5/5 pull and verify");
+        println!("5/8 pull and verify");
         let pulled = work.join("pulled");
         let v = client
             .pull(
@@ -176,8 +190,218 @@ pub fn run(args: DemoArgs, global: &Global) -> anyhow::Result<()> {
                 lineage["method"], lineage["base_model"]
             );
         }
+
+        println!("6/8 gateway (mistral.rs, in-process)");
+        let mut gw = GatewaySettings::new(base_dir.clone(), cache);
+        gw.listen = "127.0.0.1:0".into();
+        gw.base_model_name = Some(base.name.to_string());
+        gw.registry_url = Some(url.clone());
+        gw.registry_token = Some(token.clone());
+        gw.data_dir = data_dir.clone();
+        gw.report_interval = Duration::from_millis(500);
+        let gateway = GatewayApp::build(gw).await?;
+        let gw_url = format!("http://127.0.0.1:{}/v1", gateway.port());
+        let gw_handle = gateway.handle();
+        actix_web::rt::spawn(gateway.run_until_stopped());
+        let http = reqwest::Client::new();
+        let version = pushed.version.version;
+        let pinned = format!("demo-support@{version}");
+        let question = PAIRS[0].0;
+        for model in [base.name.as_str(), pinned.as_str()] {
+            let (answer, _) = chat(&http, &gw_url, model, question, "demo").await?;
+            println!("    {model:<16} {question:?} -> {answer:?}");
+        }
+
+        println!("7/8 gate and evidence");
+        let policy = GatePolicy {
+            required_suites: vec!["demo-regression".into()],
+            rules: vec![GateRule {
+                suite: "demo-regression".into(),
+                metric: "answered".into(),
+                op: Comparison::Ge,
+                threshold: Some(1.0),
+                max_regression: None,
+            }],
+            max_evidence_age_hours: Some(24.0),
+        };
+        client.put_gate("demo-support", &policy).await?;
+        let spec = StartRollout {
+            version,
+            spec: RolloutSpec {
+                steps: vec![50.0, 100.0],
+                interval_secs: 2,
+                min_requests: 10,
+                ..RolloutSpec::default()
+            },
+        };
+        match client.start_rollout("demo-support", &spec).await {
+            Err(ClientError::Api { status, body }) if body.error.code == "gate_failed" => {
+                let report: GateReport = serde_json::from_value(body.error.details)?;
+                println!("    without evidence the canary is refused ({status}):");
+                for line in report_table(&report).lines() {
+                    println!("    {line}");
+                }
+            }
+            other => anyhow::bail!("expected the gate to refuse the canary, got {other:?}"),
+        }
+        let evidence = evaluate(&http, &gw_url, &pinned, &pushed.version.digest).await?;
+        println!(
+            "    evaluated {pinned} through the gateway: {} cases, answered {:.2}, token F1 {:.2}",
+            evidence.cases, evidence.metrics["answered"], evidence.metrics["token_f1"]
+        );
+        client
+            .post_evidence("demo-support", version, &evidence)
+            .await?;
+
+        println!("8/8 canary rollout under simulated users");
+        let started = client.start_rollout("demo-support", &spec).await?;
+        println!(
+            "    gate passed; canary {pinned} at {}% (the stable arm is the base model: first version)",
+            started.rollout.weight
+        );
+        let traffic = tokio::spawn(simulate_users(http.clone(), gw_url.clone()));
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(120);
+        let status = loop {
+            let s = client.rollout("demo-support").await?;
+            if !s.rollout.state.is_active() || tokio::time::Instant::now() > deadline {
+                break s;
+            }
+            tokio::time::sleep(Duration::from_millis(300)).await;
+        };
+        traffic.abort();
+        for e in status.events.iter().filter(|e| e.action != "hold") {
+            println!(
+                "    {} {:<10} {:>5}%  {}",
+                e.at.format("%H:%M:%S"),
+                e.action,
+                e.weight,
+                e.reason
+            );
+        }
+        anyhow::ensure!(
+            status.rollout.state == loraops_registry::api::RolloutState::Promoted,
+            "the rollout ended {:?}",
+            status.rollout.state
+        );
+        gw_handle.stop(true).await;
         handle.stop(true).await;
-        println!("done. `loraops up` keeps the registry running; see README.md.");
+        println!("done. `loraops up` keeps a registry and a gateway running; see README.md.");
         Ok(())
     })
+}
+
+/// One chat completion; returns the answer and the arm that served it.
+async fn chat(
+    http: &reqwest::Client,
+    gw: &str,
+    model: &str,
+    question: &str,
+    user: &str,
+) -> anyhow::Result<(String, String)> {
+    let res = http
+        .post(format!("{gw}/chat/completions"))
+        .header("x-loraops-user", user)
+        .json(&json!({"model": model, "temperature": 0, "max_tokens": 24,
+            "messages": [{"role": "system", "content": "You are the support assistant."},
+                         {"role": "user", "content": question}]}))
+        .send()
+        .await?;
+    let arm = res
+        .headers()
+        .get("x-loraops-arm")
+        .and_then(|v| v.to_str().ok())
+        .unwrap_or("")
+        .to_string();
+    let status = res.status();
+    let body: Value = res.json().await?;
+    anyhow::ensure!(status.is_success(), "gateway answered {status}: {body}");
+    let text = body["choices"][0]["message"]["content"]
+        .as_str()
+        .unwrap_or_default()
+        .to_string();
+    Ok((text, arm))
+}
+
+fn words(s: &str) -> Vec<String> {
+    s.split(|c: char| !c.is_alphanumeric())
+        .filter(|w| !w.is_empty())
+        .map(str::to_lowercase)
+        .collect()
+}
+
+/// Token-level F1 between an answer and the reference (SQuAD's measure).
+fn token_f1(answer: &str, reference: &str) -> f64 {
+    let (a, r) = (words(answer), words(reference));
+    let mut pool = r.clone();
+    let mut common = 0usize;
+    for w in &a {
+        if let Some(i) = pool.iter().position(|x| x == w) {
+            pool.swap_remove(i);
+            common += 1;
+        }
+    }
+    if common == 0 {
+        return 0.0;
+    }
+    let p = common as f64 / a.len() as f64;
+    let rec = common as f64 / r.len() as f64;
+    2.0 * p * rec / (p + rec)
+}
+
+/// The demo's regression suite (the training questions) run through the gateway with the
+/// version pinned, as evidence bound to the version's digest.
+async fn evaluate(
+    http: &reqwest::Client,
+    gw: &str,
+    model: &str,
+    digest: &str,
+) -> anyhow::Result<NewEvidence> {
+    let started = chrono::Utc::now();
+    let mut suite = Sha256::new();
+    let (mut answered, mut f1) = (0usize, 0.0);
+    for (q, a) in PAIRS {
+        suite.update(format!("{q}\t{a}\n"));
+        let (text, _) = chat(http, gw, model, q, "evaluator").await?;
+        answered += usize::from(!text.trim().is_empty());
+        f1 += token_f1(&text, a);
+    }
+    let n = PAIRS.len() as f64;
+    Ok(NewEvidence {
+        adapter_digest: digest.to_string(),
+        suite: SuiteRef {
+            name: "demo-regression".into(),
+            version: Some("1".into()),
+            digest: format!("sha256:{}", hex::encode(suite.finalize())),
+        },
+        engine: EngineIdentity {
+            engine: "mistral.rs".into(),
+            engine_version: "0.8.1".into(),
+            model_digest: None,
+            decoding: json!({"temperature": 0, "max_tokens": 24}),
+        },
+        metrics: [
+            ("answered".to_string(), answered as f64 / n),
+            ("token_f1".to_string(), f1 / n),
+        ]
+        .into(),
+        cases: PAIRS.len() as u64,
+        cases_digest: None,
+        produced_by: Some(format!("loraops demo {}", env!("CARGO_PKG_VERSION"))),
+        started_at: started,
+        finished_at: chrono::Utc::now(),
+    })
+}
+
+/// Users `user-0…user-199` asking the training questions of `demo-support` (its routing
+/// decides the arm), until aborted.
+async fn simulate_users(http: reqwest::Client, gw: String) {
+    let mut i = 0usize;
+    loop {
+        let user = format!("user-{}", i % 200);
+        let (q, _) = PAIRS[i % PAIRS.len()];
+        if let Err(e) = chat(&http, &gw, "demo-support", q, &user).await {
+            tracing::warn!(error = %e, "simulated request failed");
+        }
+        i += 1;
+    }
 }

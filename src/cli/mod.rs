@@ -2,9 +2,14 @@
 
 pub mod adapter;
 pub mod base_model;
+pub mod data;
 pub mod demo;
+pub mod eval;
+pub mod gate;
+pub mod gateway;
 pub mod model;
 pub mod registry;
+pub mod rollout;
 pub mod token;
 pub mod train;
 pub mod up;
@@ -99,9 +104,22 @@ pub enum Command {
     /// Run the registry service, or migrate its database.
     #[command(subcommand)]
     Registry(registry::RegistryCmd),
+    /// Serve base model and adapters over the OpenAI API.
+    #[command(subcommand)]
+    Gateway(gateway::GatewayCmd),
     /// Push, list, show and pull adapter versions.
     #[command(subcommand)]
     Adapter(adapter::AdapterCmd),
+    /// Evaluate an adapter version with a suite through the gateway and post the evidence;
+    /// upload, list and build suites.
+    #[command(subcommand)]
+    Eval(eval::EvalCmd),
+    /// Set and show the evidence an adapter's versions need before a canary.
+    #[command(subcommand)]
+    Gate(gate::GateCmd),
+    /// Start, watch and steer canary rollouts.
+    #[command(subcommand)]
+    Rollout(rollout::RolloutCmd),
     /// Register and list the base models adapters are trained on.
     #[command(subcommand, name = "base-model")]
     BaseModel(base_model::BaseModelCmd),
@@ -114,6 +132,9 @@ pub enum Command {
     /// Fine-tune a LoRA / QLoRA adapter.
     #[command(subcommand)]
     Train(train::TrainCmd),
+    /// Curate datasets: validate, mask PII, deduplicate, filter and split JSONL.
+    #[command(subcommand)]
+    Data(data::DataCmd),
 }
 
 pub fn run(cli: Cli) -> anyhow::Result<()> {
@@ -121,11 +142,16 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Up(args) => up::run(args, &cli.global),
         Command::Demo(args) => demo::run(args, &cli.global),
         Command::Registry(cmd) => registry::run(cmd, &cli.global),
+        Command::Gateway(cmd) => gateway::run(cmd, &cli.global),
         Command::Adapter(cmd) => adapter::run(cmd, &cli.global),
+        Command::Eval(cmd) => eval::run(cmd, &cli.global),
+        Command::Gate(cmd) => gate::run(cmd, &cli.global),
+        Command::Rollout(cmd) => rollout::run(cmd, &cli.global),
         Command::BaseModel(cmd) => base_model::run(cmd, &cli.global),
         Command::Token(cmd) => token::run(cmd, &cli.global),
         Command::Model(cmd) => model::run(cmd, &cli.global),
         Command::Train(cmd) => train::run(cmd, &cli.global),
+        Command::Data(cmd) => data::run(cmd, &cli.global),
     }
 }
 

@@ -1,10 +1,12 @@
 //! `loraops up`: loraops in one process on embedded defaults — SQLite and a local object
-//! store under the data dir, an HS256 key generated on first start — with a base model
-//! registered and an admin token printed, so a newcomer can push an adapter in minutes.
+//! store under the data dir, an HS256 key generated on first start, and the gateway serving
+//! the base model and the registry's adapters with mistral.rs — with a base model registered
+//! and an admin token printed, so a newcomer can push an adapter and chat with it in minutes.
 
 use std::path::PathBuf;
 
 use clap::Args;
+use loraops_gateway::{Application as GatewayApp, GatewaySettings};
 use loraops_registry::api::Role;
 use loraops_registry::auth::Signer;
 use loraops_registry::client::RegistryClient;
@@ -21,10 +23,16 @@ pub struct UpArgs {
     /// generated under the data dir on first start.
     #[arg(long)]
     pub base_model: Option<PathBuf>,
+    /// HOST:PORT of the gateway (OpenAI API).
+    #[arg(long, default_value = "127.0.0.1:8500")]
+    pub gateway_listen: String,
 }
 
 pub fn run(args: UpArgs, global: &Global) -> anyhow::Result<()> {
     let cfg = global.load_config(&[("registry.listen", args.listen.clone())])?;
+    cfg.gateway
+        .validate()
+        .map_err(|e| anyhow::Error::new(super::ConfigError(e)))?;
     init_logging(&cfg);
     let data_dir = cfg
         .data_dir
@@ -40,6 +48,9 @@ pub fn run(args: UpArgs, global: &Global) -> anyhow::Result<()> {
         auth: cfg.auth.clone(),
         s3: cfg.s3.clone(),
     };
+    // Before any thread starts: the gateway's engine finds adapters through the environment.
+    let cache = super::gateway::cache_dir(&data_dir, None)?;
+    super::gateway::prepare_process(&cache);
     let token = Signer::from_settings(&cfg.auth, &data_dir)?.issue(
         "loraops-up",
         &[Role::Admin],
@@ -60,16 +71,36 @@ pub fn run(args: UpArgs, global: &Global) -> anyhow::Result<()> {
         if !known {
             client.create_base_model(&base).await?;
         }
+        let mut gw = GatewaySettings::new(base_dir.clone(), cache);
+        gw.listen = args.gateway_listen.clone();
+        gw.base_model_name = Some(base.name.to_string());
+        gw.registry_url = Some(url.clone());
+        gw.registry_token = Some(token.clone());
+        gw.data_dir = data_dir.clone();
+        let g = &cfg.gateway;
+        gw.max_engines = g.max_engines.unwrap_or(gw.max_engines);
+        gw.dtype = g.dtype.clone().unwrap_or(gw.dtype);
+        gw.max_concurrent = g.max_concurrent.unwrap_or(gw.max_concurrent);
+        gw.max_queued = g.max_queued.unwrap_or(gw.max_queued);
+        // Embedded use: inference is open on loopback; the registry still needs the token.
+        gw.auth = None;
+        let gateway = GatewayApp::build(gw).await?;
+        let gw_url = format!("http://127.0.0.1:{}", gateway.port());
+        let gateway = actix_web::rt::spawn(gateway.run_until_stopped());
         println!("loraops is up (data in {})", data_dir.display());
         println!(
             "  registry     {url}/api/v1   (OpenAPI: {url}/openapi.json, metrics: {url}/metrics)"
         );
+        println!("  gateway      {gw_url}/v1   (OpenAI API; model \"{}\" is the base, NAME or NAME@V an adapter)", base.name);
         println!("  base model   {} ({})", base.name, base_dir.display());
         println!("  admin token  export LORAOPS_TOKEN={token}");
         println!(
             "  try          loraops adapter push ADAPTER_DIR --name my-adapter --registry {url}"
         );
-        server.await??;
+        tokio::select! {
+            r = server => r??,
+            r = gateway => r??,
+        }
         Ok(())
     })
 }

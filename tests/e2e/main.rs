@@ -9,6 +9,8 @@ use std::time::{Duration, Instant};
 use safetensors::tensor::{Dtype, TensorView};
 use serde_json::{Value, json};
 
+mod eval;
+
 const SECRET: &str = "e2e-secret-0123456789abcdef";
 
 fn exe() -> &'static str {
@@ -368,4 +370,144 @@ fn migrate_creates_the_schema() {
         String::from_utf8_lossy(&out.stderr)
     );
     assert!(dir.path().join("registry.db").exists());
+}
+
+#[test]
+fn gate_and_rollout_through_the_cli() {
+    let reg = Registry::start();
+    let dir = tempfile::tempdir().unwrap();
+    let (base, adapter) = fixtures(dir.path());
+    let admin = reg.token("admin");
+    let deployer = reg.token("deployer");
+    ok_json(reg.cli(
+        Some(&admin),
+        &["--json", "base-model", "add", base.to_str().unwrap()],
+    ));
+    let pushed = ok_json(reg.cli(
+        Some(&admin),
+        &[
+            "--json",
+            "adapter",
+            "push",
+            adapter.to_str().unwrap(),
+            "--name",
+            "helpdesk",
+        ],
+    ));
+
+    let policy = dir.path().join("gate.toml");
+    std::fs::write(
+        &policy,
+        "required_suites = [\"redteam\"]\n[[rules]]\nsuite = \"bench\"\nmetric = \"accuracy\"\nop = \">=\"\nthreshold = 0.8\n",
+    )
+    .unwrap();
+    let g = ok_json(reg.cli(
+        Some(&deployer),
+        &[
+            "--json",
+            "gate",
+            "set",
+            "helpdesk",
+            "--file",
+            policy.to_str().unwrap(),
+        ],
+    ));
+    assert_eq!(g["policy"]["rules"][0]["threshold"], 0.8);
+    let shown = reg.cli(Some(&deployer), &["gate", "show", "helpdesk"]);
+    assert!(String::from_utf8_lossy(&shown.stdout).contains("bench/accuracy >= 0.8"));
+    let bad = dir.path().join("bad.json");
+    std::fs::write(&bad, "{\"rules\": 3}").unwrap();
+    let out = reg.cli(
+        Some(&deployer),
+        &["gate", "set", "helpdesk", "--file", bad.to_str().unwrap()],
+    );
+    assert_eq!(out.status.code(), Some(2));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("not a gate policy"));
+
+    // No evidence: the gate refuses, the report names each rule, exit code 2.
+    let out = reg.cli(
+        Some(&deployer),
+        &["rollout", "start", "helpdesk@1", "--interval", "1"],
+    );
+    assert_eq!(out.status.code(), Some(2));
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(stdout.contains("FAIL redteam required"), "{stdout}");
+    assert!(stdout.contains("bench/accuracy >= 0.8"), "{stdout}");
+    let out = reg.cli(Some(&deployer), &["rollout", "start", "helpdesk"]);
+    assert_eq!(out.status.code(), Some(2), "a version is required");
+
+    let evaluator = reg.token("evaluator");
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    let client = reqwest::Client::new();
+    for (suite, metric, value) in [("bench", "accuracy", 0.9), ("redteam", "refusal_rate", 1.0)] {
+        let res = rt
+            .block_on(
+                client
+                    .post(format!("{}/api/v1/adapters/helpdesk/versions/1/evidence", reg.url))
+                    .bearer_auth(&evaluator)
+                    .json(&json!({"adapter_digest": pushed["digest"], "suite": {"name": suite, "digest": "sha256:aa"},
+                        "engine": {"engine": "mistral.rs", "engine_version": "0.8.1"}, "metrics": {metric: value},
+                        "cases": 10, "started_at": "2026-11-28T00:00:00Z", "finished_at": "2026-11-28T00:01:00Z"}))
+                    .send(),
+            )
+            .unwrap();
+        assert_eq!(res.status(), 201);
+    }
+    let started = ok_json(reg.cli(
+        Some(&deployer),
+        &[
+            "--json",
+            "rollout",
+            "start",
+            "helpdesk@1",
+            "--steps",
+            "10,100",
+            "--rule",
+            "error_rate<=0.01",
+        ],
+    ));
+    assert_eq!(started["rollout"]["weight"], 10.0);
+    assert_eq!(started["rollout"]["spec"]["rules"][0]["threshold"], 0.01);
+    let paused = ok_json(reg.cli(Some(&deployer), &["--json", "rollout", "pause", "helpdesk"]));
+    assert_eq!(paused["rollout"]["state"], "paused");
+    let out = reg.cli(Some(&deployer), &["rollout", "pause", "helpdesk"]);
+    assert_eq!(out.status.code(), Some(2), "already paused is a 409");
+    let promoted = ok_json(reg.cli(
+        Some(&deployer),
+        &["--json", "rollout", "promote", "helpdesk"],
+    ));
+    assert_eq!(promoted["rollout"]["state"], "promoted");
+    let status = reg.cli(Some(&deployer), &["rollout", "status", "helpdesk"]);
+    let text = String::from_utf8_lossy(&status.stdout);
+    for action in ["start", "pause", "promote"] {
+        assert!(text.contains(action), "{text}");
+    }
+    let shown = ok_json(reg.cli(Some(&deployer), &["--json", "adapter", "show", "helpdesk"]));
+    assert_eq!(shown["adapter"]["stable_version"], 1, "{shown}");
+}
+
+/// The README's first command: the whole lifecycle on a generated tiny model.
+#[test]
+fn the_demo_runs_the_whole_lifecycle() {
+    let data = tempfile::tempdir().unwrap();
+    let out = Command::new(exe())
+        .args([
+            "--data-dir",
+            data.path().to_str().unwrap(),
+            "demo",
+            "--steps",
+            "10",
+        ])
+        .env("RUST_LOG", "warn")
+        .output()
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "{stdout}\n{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    for step in ["8/8", "refused (422", "promote", "done."] {
+        assert!(stdout.contains(step), "missing {step:?}:\n{stdout}");
+    }
 }
