@@ -181,10 +181,7 @@ pub async fn start(
     // transaction can fail if another writer commits in between) and locks the adapter's row
     // on PostgreSQL, so concurrent starts for one adapter run one after the other.
     adapter::Entity::update_many()
-        .col_expr(
-            adapter::Column::Name,
-            Expr::col(adapter::Column::Name).into(),
-        )
+        .col_expr(adapter::Column::Name, Expr::col(adapter::Column::Name))
         .filter(adapter::Column::Name.eq(name.as_str()))
         .exec(&txn)
         .await?;
