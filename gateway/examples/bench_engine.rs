@@ -278,6 +278,7 @@ async fn main() {
             adapter_id,
             dtype: mistralrs::ModelDType::F32,
             max_num_seqs: 16,
+            isq: None,
         };
         let direct_base = direct(&MistralEngine::load(spec(None)).await.unwrap(), n).await;
         let direct_adapter =

@@ -9,6 +9,7 @@
 //! adapter files it pulls, [`metrics`] exports Prometheus series per version and arm.
 
 pub mod adapters;
+pub mod base;
 pub mod engine;
 pub mod error;
 pub mod feed;

@@ -58,6 +58,7 @@ pub struct MistralLoader {
     pub store: AdapterStore,
     pub dtype: mistralrs::ModelDType,
     pub max_num_seqs: usize,
+    pub isq: Option<mistralrs::IsqType>,
 }
 
 impl EngineLoader for MistralLoader {
@@ -68,6 +69,7 @@ impl EngineLoader for MistralLoader {
             adapter_id: None,
             dtype: self.dtype,
             max_num_seqs: self.max_num_seqs,
+            isq: self.isq,
         };
         Box::pin(async move {
             if let EngineKey::Version {

@@ -42,6 +42,12 @@ pub struct GatewaySettings {
     pub preload_base: bool,
     /// How often per-arm counters are reported to the registry.
     pub report_interval: std::time::Duration,
+    /// In-situ quantisation of every engine's weights (`q8_0`, `q4k`, …; see
+    /// [`crate::engine::mistral::parse_isq`]).
+    pub isq: Option<String>,
+    /// Memory for engines, in MiB: each holds a full copy of the base, so this caps how many
+    /// are loaded (below `max_engines`).
+    pub memory_budget_mb: Option<u64>,
 }
 
 impl GatewaySettings {
@@ -65,6 +71,8 @@ impl GatewaySettings {
             poll_wait_secs: 30,
             preload_base: true,
             report_interval: std::time::Duration::from_secs(5),
+            isq: None,
+            memory_budget_mb: None,
         }
     }
 }
@@ -96,6 +104,10 @@ pub struct GatewayConfig {
     /// Forward inference to this OpenAI-compatible server (`…/v1`, where `model` names
     /// `BASE` or `NAME@V`) instead of running mistral.rs in-process.
     pub upstream_url: Option<String>,
+    /// In-situ quantisation of every engine (`q8_0`, `q4k`, …).
+    pub isq: Option<String>,
+    /// Memory for engines in MiB; caps how many are loaded at once.
+    pub memory_budget_mb: Option<u64>,
 }
 
 impl GatewayConfig {
@@ -107,6 +119,16 @@ impl GatewayConfig {
             return Err(format!(
                 "gateway.dtype {d:?}: expected auto, bf16, f16 or f32"
             ));
+        }
+        if let Some(q) = &self.isq
+            && crate::engine::mistral::parse_isq(q).is_none()
+        {
+            return Err(format!(
+                "gateway.isq {q:?}: expected q4_0, q4_1, q5_0, q5_1, q8_0, q8_1, q2k … q8k, hqq4 or hqq8"
+            ));
+        }
+        if self.memory_budget_mb == Some(0) {
+            return Err("gateway.memory_budget_mb must be at least 1".into());
         }
         for (key, v) in [
             ("max_engines", self.max_engines),

@@ -46,6 +46,13 @@ pub struct ServeArgs {
     /// Requests waiting for a slot before 429 [default: 256].
     #[arg(long)]
     pub max_queued: Option<usize>,
+    /// Quantise every engine's weights in place at load: q8_0, q4k, … [config gateway.isq].
+    #[arg(long)]
+    pub isq: Option<String>,
+    /// Memory for engines in MiB; each holds a copy of the base, so this caps how many are
+    /// loaded [config gateway.memory_budget_mb].
+    #[arg(long)]
+    pub memory_budget_mb: Option<u64>,
     /// Forward inference to an OpenAI-compatible server (`…/v1`) instead of mistral.rs.
     #[arg(long)]
     pub upstream: Option<String>,
@@ -98,6 +105,11 @@ fn serve(args: ServeArgs, global: &Global) -> anyhow::Result<()> {
         ("gateway.max_queued", args.max_queued.map(|n| n.to_string())),
         ("gateway.require_auth", args.no_auth.then(|| "false".into())),
         ("gateway.upstream_url", args.upstream.clone()),
+        ("gateway.isq", args.isq.clone()),
+        (
+            "gateway.memory_budget_mb",
+            args.memory_budget_mb.map(|n| n.to_string()),
+        ),
     ] {
         if let Some(v) = v {
             o.push((key, v));
@@ -135,6 +147,8 @@ fn serve(args: ServeArgs, global: &Global) -> anyhow::Result<()> {
     s.registry_url = g.registry_url;
     s.registry_token = args.token;
     s.upstream_url = g.upstream_url;
+    s.isq = g.isq;
+    s.memory_budget_mb = g.memory_budget_mb;
     s.max_engines = g.max_engines.unwrap_or(s.max_engines);
     s.dtype = g.dtype.unwrap_or(s.dtype);
     s.max_concurrent = g.max_concurrent.unwrap_or(s.max_concurrent);

@@ -82,6 +82,8 @@ pub fn run(args: UpArgs, global: &Global) -> anyhow::Result<()> {
         gw.dtype = g.dtype.clone().unwrap_or(gw.dtype);
         gw.max_concurrent = g.max_concurrent.unwrap_or(gw.max_concurrent);
         gw.max_queued = g.max_queued.unwrap_or(gw.max_queued);
+        gw.isq = g.isq.clone();
+        gw.memory_budget_mb = g.memory_budget_mb;
         // Embedded use: inference is open on loopback; the registry still needs the token.
         gw.auth = None;
         let gateway = GatewayApp::build(gw).await?;

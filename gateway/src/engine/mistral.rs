@@ -11,8 +11,9 @@ use std::sync::Arc;
 use either::Either;
 use mistralrs::core::RequestMessage;
 use mistralrs::{
-    Constraint, LoraModelBuilder, Model, ModelDType, NormalRequest, Request, RequestLike, Response,
-    SamplingParams, StopTokens, TextMessageRole, TextMessages, TextModelBuilder, TokenSource,
+    Constraint, IsqType, LoraModelBuilder, Model, ModelDType, NormalRequest, Request, RequestLike,
+    Response, SamplingParams, StopTokens, TextMessageRole, TextMessages, TextModelBuilder,
+    TokenSource,
 };
 use tokio::sync::mpsc;
 
@@ -28,6 +29,30 @@ pub struct LoadSpec {
     pub dtype: ModelDType,
     /// Sequences batched together by the engine's scheduler.
     pub max_num_seqs: usize,
+    /// Quantise the (merged) weights in place at load, to cut each engine's memory.
+    pub isq: Option<IsqType>,
+}
+
+/// Parse an in-situ quantisation type: `q4_0`, `q4_1`, `q5_0`, `q5_1`, `q8_0`, `q2k` … `q8k`,
+/// `hqq4`, `hqq8` (case-insensitive).
+pub fn parse_isq(s: &str) -> Option<IsqType> {
+    Some(match s.to_ascii_lowercase().as_str() {
+        "q4_0" => IsqType::Q4_0,
+        "q4_1" => IsqType::Q4_1,
+        "q5_0" => IsqType::Q5_0,
+        "q5_1" => IsqType::Q5_1,
+        "q8_0" => IsqType::Q8_0,
+        "q8_1" => IsqType::Q8_1,
+        "q2k" => IsqType::Q2K,
+        "q3k" => IsqType::Q3K,
+        "q4k" => IsqType::Q4K,
+        "q5k" => IsqType::Q5K,
+        "q6k" => IsqType::Q6K,
+        "q8k" => IsqType::Q8K,
+        "hqq4" => IsqType::HQQ4,
+        "hqq8" => IsqType::HQQ8,
+        _ => return None,
+    })
 }
 
 /// Parse `auto|bf16|f16|f32`.
@@ -87,10 +112,13 @@ impl MistralEngine {
 
 /// mistral.rs' builders return `anyhow::Result`; `{:#}` keeps its cause chain on one line.
 async fn build(spec: LoadSpec) -> Result<Model, String> {
-    let text = TextModelBuilder::new(spec.base_dir.to_string_lossy())
+    let mut text = TextModelBuilder::new(spec.base_dir.to_string_lossy())
         .with_token_source(TokenSource::None)
         .with_dtype(spec.dtype)
         .with_max_num_seqs(spec.max_num_seqs.max(1));
+    if let Some(q) = spec.isq {
+        text = text.with_isq(q);
+    }
     let built = match spec.adapter_id {
         Some(id) => {
             LoraModelBuilder::from_text_model_builder(text, [id])

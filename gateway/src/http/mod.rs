@@ -15,7 +15,7 @@ use loraops_registry::auth::{AuthError, Verifier};
 use loraops_registry::client::RegistryClient;
 
 use crate::adapters::AdapterStore;
-use crate::engine::mistral::parse_dtype;
+use crate::engine::mistral::{parse_dtype, parse_isq};
 use crate::feed::{Feed, FeedStatus};
 use crate::limiter::Limiter;
 use crate::metrics::Metrics;
@@ -36,6 +36,14 @@ pub enum StartError {
     BaseModel { path: PathBuf, message: String },
     #[error("dtype {0:?}: expected auto, bf16, f16 or f32")]
     Dtype(String),
+    #[error("isq {0:?}: expected q4_0, q4_1, q5_0, q5_1, q8_0, q8_1, q2k … q8k, hqq4 or hqq8")]
+    Isq(String),
+    #[error(
+        "a memory budget of {budget_mb} MiB holds no engine: one needs about {engine_mb} MiB (use a smaller dtype or isq)"
+    )]
+    Budget { budget_mb: u64, engine_mb: u64 },
+    #[error(transparent)]
+    Base(#[from] crate::base::BaseError),
     #[error(
         "HF_HUB_CACHE is {found:?} but the adapter cache is {expected}: set it before start (adapters::set_hub_cache_env)"
     )]
@@ -126,6 +134,37 @@ impl Application {
             });
         }
 
+        let isq = match &settings.isq {
+            Some(q) => Some(parse_isq(q).ok_or_else(|| StartError::Isq(q.clone()))?),
+            None => None,
+        };
+        // Every engine holds a full copy of the base: the budget is a number of engines.
+        let mut max_engines = settings.max_engines;
+        if let Some(budget_mb) = settings.memory_budget_mb {
+            let params = crate::base::parameters(&base_dir)?;
+            let engine =
+                crate::base::engine_bytes(params, &settings.dtype, settings.isq.as_deref());
+            let fit = (budget_mb << 20) / engine.max(1);
+            if fit == 0 {
+                return Err(StartError::Budget {
+                    budget_mb,
+                    engine_mb: engine >> 20,
+                });
+            }
+            max_engines = max_engines.min(fit as usize);
+            tracing::info!(
+                params,
+                engine_mb = engine >> 20,
+                budget_mb,
+                max_engines,
+                "engine memory budget"
+            );
+        }
+        let base_dir = if settings.upstream_url.is_none() {
+            crate::base::prepare(&base_dir, &cache_dir)?
+        } else {
+            base_dir
+        };
         let registry = settings
             .registry_url
             .as_deref()
@@ -142,13 +181,10 @@ impl Application {
                 store: AdapterStore::new(cache_dir, registry.clone()),
                 dtype,
                 max_num_seqs: settings.max_num_seqs,
+                isq,
             }),
         };
-        let pool = Arc::new(EnginePool::new(
-            loader,
-            settings.max_engines,
-            metrics.clone(),
-        ));
+        let pool = Arc::new(EnginePool::new(loader, max_engines, metrics.clone()));
         if settings.preload_base {
             pool.get(&EngineKey::Base).await?;
         }

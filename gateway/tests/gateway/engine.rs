@@ -6,7 +6,9 @@ use loraops_gateway::engine::mistral::{LoadSpec, MistralEngine};
 use loraops_gateway::engine::{Engine, Event, GenerateRequest, Prompt, Sampling};
 use loraops_registry::client::no_progress;
 
-use crate::helpers::{ADAPTER, BASE, fixture, spawn_gateway, spawn_registry};
+use crate::helpers::{
+    ADAPTER, BASE, TestGateway, fixture, spawn_gateway, spawn_gateway_with, spawn_registry,
+};
 
 async fn greedy(e: &MistralEngine) -> String {
     let mut events = e.generate(GenerateRequest {
@@ -50,6 +52,7 @@ async fn base_v1_v2_base_loaded_in_sequence_each_give_their_own_output() {
             adapter_id: id,
             dtype: mistralrs::ModelDType::F32,
             max_num_seqs: 4,
+            isq: None,
         })
         .await
         .unwrap();
@@ -153,4 +156,83 @@ async fn a_python_peft_adapter_serves_what_transformers_and_peft_generate() {
         }
     }
     assert!(changed > 0, "the adapter must change some greedy output");
+}
+
+/// A transformers 5.x base (rope_theta only under rope_parameters) serves, quantised in place
+/// with ISQ; and under a memory budget that holds one engine, base and adapter take turns.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_transformers_5_base_serves_with_isq_and_under_a_memory_budget() {
+    let f = fixture();
+    let dir = tempfile::tempdir().unwrap();
+    let base = dir.path().join(BASE);
+    std::fs::create_dir_all(&base).unwrap();
+    for e in std::fs::read_dir(&f.base).unwrap() {
+        let e = e.unwrap();
+        std::fs::copy(e.path(), base.join(e.file_name())).unwrap();
+    }
+    let mut cfg: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(base.join("config.json")).unwrap()).unwrap();
+    let theta = cfg.as_object_mut().unwrap().remove("rope_theta").unwrap();
+    cfg.as_object_mut().unwrap().remove("rope_scaling");
+    cfg["rope_parameters"] = serde_json::json!({"rope_type": "default", "rope_theta": theta});
+    std::fs::write(base.join("config.json"), serde_json::to_vec(&cfg).unwrap()).unwrap();
+    let f32_engine = loraops_gateway::base::engine_bytes(
+        loraops_gateway::base::parameters(&base).unwrap(),
+        "f32",
+        None,
+    );
+    assert!(
+        f32_engine < (1 << 20) && 2 * f32_engine > (1 << 20),
+        "one f32 engine of the tiny model fits 1 MiB, two do not: {f32_engine}"
+    );
+
+    let reg = spawn_registry().await;
+    reg.route(ADAPTER, Some(1), None).await;
+    let rev = reg.client().routing(None, 0).await.unwrap().revision;
+    let serve = |gw: &TestGateway, model: &'static str| {
+        let gw = gw.clone();
+        async move {
+            let res = gw
+                .post(
+                    "/v1/chat/completions",
+                    &serde_json::json!({"model": model, "max_tokens": 4, "temperature": 0,
+                        "messages": [{"role": "user", "content": "hi"}]}),
+                )
+                .await;
+            assert_eq!(res.status(), 200, "{model}");
+            let v: serde_json::Value = res.json().await.unwrap();
+            assert!(
+                v["usage"]["completion_tokens"].as_u64().unwrap() >= 1,
+                "{v}"
+            );
+        }
+    };
+    let quantised = spawn_gateway_with(Some(&reg), |s| {
+        s.base_model_dir = base.clone();
+        s.isq = Some("q8_0".into());
+    })
+    .await;
+    quantised.wait_revision(rev).await;
+    for model in [BASE, "bot@1"] {
+        serve(&quantised, model).await;
+    }
+
+    let budgeted = spawn_gateway_with(Some(&reg), |s| {
+        s.base_model_dir = base.clone();
+        s.memory_budget_mb = Some(1);
+    })
+    .await;
+    budgeted.wait_revision(rev).await;
+    for model in [BASE, "bot@1", BASE, "bot@1"] {
+        serve(&budgeted, model).await;
+        let metrics = budgeted.get("/metrics").await.text().await.unwrap();
+        assert!(
+            metrics.contains("loraops_gateway_engines_loaded 1"),
+            "{model}: {metrics}"
+        );
+    }
+    // The user's directory is untouched; the engines loaded a normalised view of it.
+    let cfg: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(base.join("config.json")).unwrap()).unwrap();
+    assert!(cfg.get("rope_theta").is_none());
 }

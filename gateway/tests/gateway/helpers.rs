@@ -246,6 +246,7 @@ impl TestRegistry {
     }
 }
 
+#[derive(Clone)]
 pub struct TestGateway {
     pub url: String,
     pub http: reqwest::Client,
