@@ -4,7 +4,7 @@
 # wrk on loopback (streamed chat completions, as clients send them). Prints a table.
 #
 #   bench/gateway/overhead.sh            # needs wrk (apt-get install wrk); builds if needed
-#   DURATION=10 CONNS="1 8 32" bench/gateway/overhead.sh
+#   DURATION=10 CONNS="2 8 32" bench/gateway/overhead.sh
 set -euo pipefail
 cd "$(dirname "$0")/../.."
 export CARGO_TARGET_DIR="${CARGO_TARGET_DIR:-/var/tmp/loraops-target}"
@@ -15,7 +15,7 @@ fi
 BIN="${BENCH_LORAOPS_BIN:-$CARGO_TARGET_DIR/debug/loraops}"
 ECHO="${BENCH_ECHO_BIN:-$CARGO_TARGET_DIR/debug/examples/echo_upstream}"
 DURATION="${DURATION:-8}"
-CONNS="${CONNS:-1 8 32}"
+CONNS="${CONNS:-2 8 32}"
 tmp=$(mktemp -d)
 pids=()
 cleanup() { for p in "${pids[@]}"; do kill "$p" 2>/dev/null || true; done; rm -rf "$tmp"; }
@@ -47,10 +47,10 @@ rps = float(re.search(r"Requests/sec:\s+([\d.]+)", t).group(1))
 err = re.search(r"Non-2xx or 3xx responses: (\d+)", t)
 sock = re.search(r"Socket errors: connect (\d+), read (\d+), write (\d+), timeout (\d+)", t)
 errors = (int(err.group(1)) if err else 0) + (sum(map(int, sock.groups())) if sock else 0)
-print(f"{rps:.0f} {ms(\"50%\"):.3f} {ms(\"99%\"):.3f} {errors}")'
+print("%.0f %.3f %.3f %d" % (rps, ms("50%"), ms("99%"), errors))'
 }
-run "http://127.0.0.1:$up/v1/chat/completions" 1 >/dev/null   # warm-up
-run "http://127.0.0.1:$gw/v1/chat/completions" 1 >/dev/null
+run "http://127.0.0.1:$up/v1/chat/completions" 2 >/dev/null   # warm-up
+run "http://127.0.0.1:$gw/v1/chat/completions" 2 >/dev/null
 printf "%-6s | %-28s | %-28s | %-24s\n" conns "direct: req/s p50 p99 (ms)" "gateway: req/s p50 p99 (ms)" "overhead p50 p99 (ms), rps"
 for c in $CONNS; do
   read -r d_rps d_p50 d_p99 d_err <<<"$(run "http://127.0.0.1:$up/v1/chat/completions" "$c")"

@@ -246,6 +246,9 @@ impl Application {
                 .configure(configure)
                 .default_service(web::to(ops::no_route))
         })
+        // SSE writes one small chunk per event: without TCP_NODELAY, Nagle holds each one
+        // back until the client's (delayed, ~40 ms) ACK of the previous.
+        .tcp_nodelay(true)
         .listen(listener)
         .map_err(listen_err)?
         .run();
