@@ -500,7 +500,7 @@ mod tests {
             .into(),
             detail: Value::Null,
             latency_ms: latency,
-            usage: (!error).then(|| Usage {
+            usage: (!error).then_some(Usage {
                 prompt_tokens: 10,
                 completion_tokens: 4,
                 total_tokens: 14,

@@ -456,7 +456,7 @@ pub fn predicted_choice(output: &str, choices: &[String]) -> Option<usize> {
         && let Some(i) = in_range(&m[1])
     {
         // A leading "I" or "A" word is only a letter if it stands alone or is punctuated.
-        let word = output.trim_start().split_whitespace().next().unwrap_or("");
+        let word = output.split_whitespace().next().unwrap_or("");
         let bare = word.trim_matches(|c: char| "()[].:,".contains(c));
         if bare.len() == 1 {
             return Some(i);
