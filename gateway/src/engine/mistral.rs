@@ -193,12 +193,15 @@ async fn run(
         Prompt::Text(text) => Either::Right(text),
     };
     // Completion chunks carry no usage, and a stream can end without a final chunk (below):
-    // the prompt length comes from the tokenizer up front.
-    let prompt_tokens = model
-        .tokenize(messages.clone(), None, true, true, None)
-        .await
-        .map_err(|e| EngineError::Internal(e.to_string()))?
-        .len() as u64;
+    // then, and only then, the prompt is counted with the tokenizer.
+    let prompt = messages.clone();
+    let count_prompt = || async {
+        model
+            .tokenize(prompt.clone(), None, true, true, None)
+            .await
+            .map(|t| t.len() as u64)
+            .unwrap_or(0)
+    };
     let messages = match messages {
         Either::Left(mut m) => m.take_messages(),
         Either::Right(text) => RequestMessage::Completion {
@@ -274,10 +277,13 @@ async fn run(
             }
         }
         if let Some(reason) = finish {
-            let usage = usage.unwrap_or(TokenUsage {
-                prompt_tokens,
-                completion_tokens: chunks,
-            });
+            let usage = match usage {
+                Some(u) => u,
+                None => TokenUsage {
+                    prompt_tokens: count_prompt().await,
+                    completion_tokens: chunks,
+                },
+            };
             let _ = tx
                 .send(Ok(Event::Done {
                     finish_reason: reason,
@@ -311,7 +317,7 @@ async fn run(
         .send(Ok(Event::Done {
             finish_reason: finish_reason.into(),
             usage: TokenUsage {
-                prompt_tokens,
+                prompt_tokens: count_prompt().await,
                 completion_tokens,
             },
         }))
