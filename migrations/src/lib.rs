@@ -5,6 +5,8 @@ pub use sea_orm_migration::prelude::*;
 
 mod m20261128_000001_initial;
 mod m20261128_000002_suites;
+mod m20261128_000003_webhooks;
+mod m20261128_000004_judge_scores;
 
 pub struct Migrator;
 
@@ -13,6 +15,8 @@ impl MigratorTrait for Migrator {
         vec![
             Box::new(m20261128_000001_initial::Migration),
             Box::new(m20261128_000002_suites::Migration),
+            Box::new(m20261128_000003_webhooks::Migration),
+            Box::new(m20261128_000004_judge_scores::Migration),
         ]
     }
 }

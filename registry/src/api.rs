@@ -527,6 +527,12 @@ pub struct ArmObservation {
     pub latency_ms_buckets: Vec<(f64, u64)>,
     #[serde(default)]
     pub tokens: u64,
+    /// Answers of this arm scored by the gateway's online judge in the window.
+    #[serde(default)]
+    pub judge_scored: u64,
+    /// Sum of those scores, each in [0, 1].
+    #[serde(default)]
+    pub judge_score_sum: f64,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize, ToSchema)]
@@ -594,6 +600,11 @@ pub struct ArmMetrics {
     pub latency_p95_ms: Option<f64>,
     #[serde(default)]
     pub latency_p99_ms: Option<f64>,
+    /// Mean online judge score in [0, 1], when any answer was scored.
+    #[serde(default)]
+    pub judge_score: Option<f64>,
+    #[serde(default)]
+    pub judge_scored: u64,
     /// This arm's share of the adapter's routed (stable + canary) requests, in percent.
     pub share: f64,
 }

@@ -227,6 +227,9 @@ pub mod observation {
         #[sea_orm(column_type = "JsonBinary")]
         pub latency: Json,
         pub received_at: DateTimeUtc,
+        /// Sum of the online judge's scores (each in [0, 1]) over `judge_scored` answers.
+        pub judge_score_sum: f64,
+        pub judge_scored: i64,
     }
     no_relations!();
 }
@@ -262,6 +265,33 @@ pub mod suite {
         pub size_bytes: i64,
         pub blob_key: String,
         pub created_by: String,
+        pub created_at: DateTimeUtc,
+    }
+    no_relations!();
+}
+
+pub mod webhook_delivery {
+    use sea_orm::entity::prelude::*;
+
+    /// Pending while `next_attempt_at` is set; delivered, or given up after the last attempt,
+    /// when it is cleared.
+    #[derive(Clone, Debug, PartialEq, DeriveEntityModel)]
+    #[sea_orm(table_name = "webhook_deliveries")]
+    pub struct Model {
+        #[sea_orm(primary_key)]
+        pub id: i32,
+        /// The same for every endpoint and every retry: receivers deduplicate on it.
+        pub event_id: String,
+        pub event_type: String,
+        #[sea_orm(column_type = "Text")]
+        pub endpoint: String,
+        #[sea_orm(column_type = "JsonBinary")]
+        pub payload: Json,
+        pub attempts: i32,
+        pub next_attempt_at: Option<DateTimeUtc>,
+        pub delivered_at: Option<DateTimeUtc>,
+        #[sea_orm(column_type = "Text", nullable)]
+        pub last_error: Option<String>,
         pub created_at: DateTimeUtc,
     }
     no_relations!();

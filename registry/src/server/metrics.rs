@@ -1,5 +1,6 @@
 //! Prometheus metrics of the registry: HTTP requests and latency by route and status, upload
-//! bytes, versions created, rollout transitions (rollbacks by adapter, for alerting).
+//! bytes, versions created, rollout transitions (rollbacks by adapter, for alerting), webhook
+//! deliveries.
 
 use actix_web::body::MessageBody;
 use actix_web::dev::{ServiceRequest, ServiceResponse};
@@ -19,6 +20,8 @@ pub struct Metrics {
     pub rollout_transitions: IntCounterVec,
     /// Rollbacks by adapter: what the "canary rolled back" alert watches.
     pub rollouts_rolled_back: IntCounterVec,
+    /// Webhook delivery attempts by result (delivered, failed, gave_up).
+    pub webhook_deliveries: IntCounterVec,
 }
 
 impl Metrics {
@@ -70,10 +73,19 @@ impl Metrics {
             &["adapter"],
         )
         .expect("valid metric");
+        let webhook_deliveries = IntCounterVec::new(
+            Opts::new(
+                "loraops_registry_webhook_deliveries_total",
+                "Webhook delivery attempts made by this replica, by result",
+            ),
+            &["result"],
+        )
+        .expect("valid metric");
         for c in [
             Box::new(requests.clone()) as Box<dyn prometheus::core::Collector>,
             Box::new(rollout_transitions.clone()),
             Box::new(rollouts_rolled_back.clone()),
+            Box::new(webhook_deliveries.clone()),
             Box::new(latency.clone()),
             Box::new(upload_bytes.clone()),
             Box::new(versions_created.clone()),
@@ -88,6 +100,7 @@ impl Metrics {
             versions_created,
             rollout_transitions,
             rollouts_rolled_back,
+            webhook_deliveries,
         }
     }
 

@@ -1,6 +1,6 @@
 //! The registry service: `Application::build` wires settings into a running actix-web server
 //! (database migrated, object store opened, auth keys loaded, orphan sweep and rollout
-//! controller started).
+//! controller and webhook delivery started).
 //!
 //! A request walks: `routes/*` (handler: parse, authorise) → `records.rs` / `blobs.rs`
 //! (persistence) → `error.rs` (the JSON error shape).
@@ -17,6 +17,7 @@ pub mod rollouts;
 pub mod routes;
 pub mod settings;
 pub mod sweep;
+pub mod webhooks;
 
 use std::net::TcpListener;
 use std::time::Duration;
@@ -36,6 +37,7 @@ pub struct AppState {
     pub store: Store,
     pub verifier: Verifier,
     pub metrics: Metrics,
+    pub webhooks: webhooks::Webhooks,
     pub settings: ServeSettings,
 }
 
@@ -47,6 +49,8 @@ pub enum StartError {
     Store(#[from] blobs::StoreConfigError),
     #[error(transparent)]
     Auth(#[from] AuthError),
+    #[error(transparent)]
+    Webhooks(#[from] webhooks::WebhookConfigError),
     #[error("listen on {addr}: {source}")]
     Listen {
         addr: String,
@@ -104,6 +108,7 @@ pub fn redact(url: &str) -> String {
 
 impl AppState {
     pub async fn new(settings: ServeSettings) -> Result<Self, StartError> {
+        let webhooks = webhooks::Webhooks::from_settings(&settings.registry.webhooks)?;
         let url = settings.registry.database_url(&settings.data_dir);
         let db = connect_and_migrate(&url, settings.registry.max_db_connections).await?;
         let store = blobs::open(
@@ -116,6 +121,7 @@ impl AppState {
             store,
             verifier,
             metrics: Metrics::new(),
+            webhooks,
             settings,
         })
     }
@@ -140,6 +146,7 @@ pub struct Application {
     server: Server,
     state: web::Data<AppState>,
     controller: tokio::task::JoinHandle<()>,
+    webhooks: Option<tokio::task::JoinHandle<()>>,
 }
 
 impl Application {
@@ -174,11 +181,13 @@ impl Application {
         .run();
         sweep::spawn_periodic(state.clone());
         let controller = rollouts::spawn(state.clone());
+        let webhooks = webhooks::spawn(state.clone());
         Ok(Self {
             port,
             server,
             state,
             controller,
+            webhooks,
         })
     }
 
@@ -195,11 +204,15 @@ impl Application {
         self.state.clone()
     }
 
-    /// Serves until stopped; the rollout controller stops with the server, so a stopped
-    /// registry leaves running rollouts to the next one (their state is in the database).
+    /// Serves until stopped; the rollout controller and webhook delivery stop with the
+    /// server, so a stopped registry leaves running rollouts and pending deliveries to the next
+    /// one (their state is in the database).
     pub async fn run_until_stopped(self) -> std::io::Result<()> {
         let res = self.server.await;
         self.controller.abort();
+        if let Some(w) = self.webhooks {
+            w.abort();
+        }
         res
     }
 }

@@ -25,6 +25,7 @@ use super::error::ApiError;
 use super::gate;
 use super::metrics::Metrics;
 use super::records;
+use super::webhooks::Webhooks;
 use crate::api::{
     AnalysisRule, ArmMetrics, Comparison, Name, Rollout, RolloutEvent, RolloutSpec, RolloutState,
     StartRollout,
@@ -137,6 +138,7 @@ pub async fn bump_revision(db: &impl ConnectionTrait) -> Result<(), ApiError> {
 #[allow(clippy::too_many_arguments)]
 async fn record(
     db: &impl ConnectionTrait,
+    hooks: &Webhooks,
     rollout_id: i32,
     actor: &str,
     action: &str,
@@ -154,12 +156,29 @@ async fn record(
         from_state: Set(from.map(|s| s.as_str().to_string())),
         to_state: Set(to.as_str().to_string()),
         weight: Set(weight),
-        reason: Set(reason),
+        reason: Set(reason.clone()),
         observations: Set(details),
         ..Default::default()
     }
     .insert(db)
     .await?;
+    if !hooks.is_empty() {
+        let r = rollout::Entity::find_by_id(rollout_id).one(db).await?;
+        let a = match &r {
+            Some(r) => adapter::Entity::find_by_id(r.adapter_id).one(db).await?,
+            None => None,
+        };
+        hooks
+            .emit(
+                db,
+                &format!("rollout.{action}"),
+                json!({"rollout_id": rollout_id, "adapter": a.map(|a| a.name),
+                    "version": r.map(|r| r.version), "actor": actor,
+                    "from": from.map(|s| s.as_str()), "to": to.as_str(), "weight": weight,
+                    "reason": reason}),
+            )
+            .await?;
+    }
     Ok(())
 }
 
@@ -168,6 +187,7 @@ async fn record(
 /// failing gate (with the per-rule report as details). Nothing changes on error.
 pub async fn start(
     db: &DatabaseConnection,
+    hooks: &Webhooks,
     name: &Name,
     mut req: StartRollout,
     actor: &str,
@@ -252,6 +272,7 @@ pub async fn start(
     }
     record(
         &txn,
+        hooks,
         r.id,
         actor,
         "start",
@@ -318,6 +339,7 @@ struct Change {
 /// rollout changed underneath (the caller re-reads).
 async fn transition(
     db: &DatabaseConnection,
+    hooks: &Webhooks,
     r: &rollout::Model,
     actor: &str,
     ch: Change,
@@ -355,6 +377,7 @@ async fn transition(
     }
     record(
         &txn,
+        hooks,
         r.id,
         actor,
         ch.action,
@@ -400,6 +423,7 @@ impl std::str::FromStr for Action {
 
 pub async fn act(
     db: &DatabaseConnection,
+    hooks: &Webhooks,
     a: &adapter::Model,
     action: Action,
     actor: &str,
@@ -461,7 +485,7 @@ pub async fn act(
             )));
         }
     };
-    transition(db, &r, actor, ch).await?.ok_or_else(|| {
+    transition(db, hooks, &r, actor, ch).await?.ok_or_else(|| {
         ApiError::conflict("the rollout changed while this action was applied; retry")
     })
 }
@@ -477,12 +501,16 @@ struct Sum {
     errors: u64,
     /// Upper bound (ms, as bits for ordering) → cumulative count.
     buckets: BTreeMap<u64, u64>,
+    judge_score_sum: f64,
+    judge_scored: u64,
 }
 
 impl Sum {
     fn add(&mut self, o: &observation::Model) {
         self.requests += o.requests.max(0) as u64;
         self.errors += o.errors.max(0) as u64;
+        self.judge_score_sum += o.judge_score_sum;
+        self.judge_scored += o.judge_scored.max(0) as u64;
         let b: Vec<(f64, u64)> = serde_json::from_value(o.latency.clone()).unwrap_or_default();
         for (le, c) in b {
             *self.buckets.entry(le.to_bits()).or_default() += c;
@@ -532,6 +560,9 @@ impl Sum {
             },
             latency_p95_ms: self.quantile(0.95),
             latency_p99_ms: self.quantile(0.99),
+            judge_score: (self.judge_scored > 0)
+                .then(|| self.judge_score_sum / self.judge_scored as f64),
+            judge_scored: self.judge_scored,
             share: if total > 0 {
                 100.0 * self.requests as f64 / total as f64
             } else {
@@ -579,7 +610,8 @@ fn metric(m: &ArmMetrics, name: &str) -> Option<f64> {
         "error_rate" => (m.requests > 0).then_some(m.error_rate),
         "latency_p95_ms" => m.latency_p95_ms,
         "latency_p99_ms" => m.latency_p99_ms,
-        // Gateways report no judge score yet: a rule on it never has data (holds).
+        // From the gateways' online judge; without scored answers the rule holds.
+        "judge_score" => m.judge_score,
         _ => None,
     }
 }
@@ -633,6 +665,7 @@ pub fn judge(spec: &RolloutSpec, canary: &ArmMetrics) -> Verdict {
 /// Analyse one running rollout whose interval has elapsed, and apply the verdict.
 async fn step(
     db: &DatabaseConnection,
+    hooks: &Webhooks,
     metrics: &Metrics,
     r: rollout::Model,
     now: DateTime<Utc>,
@@ -661,6 +694,7 @@ async fn step(
                 let state: RolloutState = r.state.parse().map_err(ApiError::internal)?;
                 record(
                     db,
+                    hooks,
                     r.id,
                     CONTROLLER,
                     "hold",
@@ -705,7 +739,7 @@ async fn step(
                 }
             };
             let action = ch.action;
-            if transition(db, &r, CONTROLLER, ch).await?.is_some() {
+            if transition(db, hooks, &r, CONTROLLER, ch).await?.is_some() {
                 metrics
                     .rollout_transitions
                     .with_label_values(&[action])
@@ -746,7 +780,7 @@ async fn step(
                 }
             };
             let action = ch.action;
-            if transition(db, &r, CONTROLLER, ch).await?.is_some() {
+            if transition(db, hooks, &r, CONTROLLER, ch).await?.is_some() {
                 metrics
                     .rollout_transitions
                     .with_label_values(&[action])
@@ -766,7 +800,11 @@ async fn step(
 }
 
 /// One pass of the controller over every running rollout.
-pub async fn tick(db: &DatabaseConnection, metrics: &Metrics) -> Result<(), ApiError> {
+pub async fn tick(
+    db: &DatabaseConnection,
+    hooks: &Webhooks,
+    metrics: &Metrics,
+) -> Result<(), ApiError> {
     let running = rollout::Entity::find()
         .filter(rollout::Column::State.eq(RolloutState::Running.as_str()))
         .all(db)
@@ -774,7 +812,7 @@ pub async fn tick(db: &DatabaseConnection, metrics: &Metrics) -> Result<(), ApiE
     let now = Utc::now();
     for r in running {
         let id = r.id;
-        if let Err(e) = step(db, metrics, r, now).await {
+        if let Err(e) = step(db, hooks, metrics, r, now).await {
             tracing::warn!(rollout = id, error = %e, "rollout analysis failed; retrying next tick");
         }
     }
@@ -838,7 +876,7 @@ pub fn spawn(state: web::Data<AppState>) -> tokio::task::JoinHandle<()> {
                     leading = false;
                 }
             }
-            if leading && let Err(e) = tick(&state.db, &state.metrics).await {
+            if leading && let Err(e) = tick(&state.db, &state.webhooks, &state.metrics).await {
                 tracing::warn!(error = %e, "rollout controller tick failed");
             }
             tokio::time::sleep(every).await;
@@ -859,8 +897,29 @@ mod tests {
             error_rate: errors as f64 / requests.max(1) as f64,
             latency_p95_ms: Some(10.0),
             latency_p99_ms: Some(20.0),
+            judge_score: None,
+            judge_scored: 0,
             share: 5.0,
         }
+    }
+
+    #[test]
+    fn judge_score_rules_hold_until_answers_are_scored() {
+        let spec = RolloutSpec {
+            rules: vec![AnalysisRule {
+                metric: "judge_score".into(),
+                op: Comparison::Ge,
+                threshold: 0.6,
+            }],
+            ..Default::default()
+        };
+        let mut m = arm(100, 0);
+        assert!(matches!(judge(&spec, &m), Verdict::Hold(_)));
+        m.judge_score = Some(0.7);
+        m.judge_scored = 20;
+        assert_eq!(judge(&spec, &m), Verdict::Pass);
+        m.judge_score = Some(0.5);
+        assert!(matches!(judge(&spec, &m), Verdict::Fail(_)));
     }
 
     #[test]

@@ -31,6 +31,35 @@ pub struct RegistrySettings {
     pub controller_tick_ms: u64,
     /// The controller lease: a replica that stops renewing it is replaced after this long.
     pub controller_lease_secs: u64,
+    /// Endpoints notified of version, evidence and rollout events (signed POSTs).
+    pub webhooks: Vec<WebhookSettings>,
+    /// Delivery attempts per event and endpoint before giving up.
+    pub webhook_max_attempts: u32,
+    /// Wait before the first retry; doubles on each failure, capped at 5 minutes.
+    pub webhook_retry_base_ms: u64,
+    /// Per-attempt timeout of a webhook POST.
+    pub webhook_timeout_secs: u64,
+}
+
+/// One webhook endpoint (`[[registry.webhooks]]`).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct WebhookSettings {
+    /// `http(s)://…` that receives `POST`s with a JSON event.
+    pub url: String,
+    /// The HMAC-SHA256 key. Prefer `secret_env`, which keeps the key out of config files.
+    #[serde(default)]
+    pub secret: Option<String>,
+    /// Name of an environment variable that holds the key.
+    #[serde(default)]
+    pub secret_env: Option<String>,
+    /// Event types sent: exact (`rollout.promote`), a family (`rollout.*`) or `*` (default).
+    #[serde(default = "all_events")]
+    pub events: Vec<String>,
+}
+
+fn all_events() -> Vec<String> {
+    vec!["*".into()]
 }
 
 impl Default for RegistrySettings {
@@ -46,6 +75,10 @@ impl Default for RegistrySettings {
             max_db_connections: 10,
             controller_tick_ms: 1000,
             controller_lease_secs: 15,
+            webhooks: Vec::new(),
+            webhook_max_attempts: 10,
+            webhook_retry_base_ms: 1000,
+            webhook_timeout_secs: 10,
         }
     }
 }

@@ -236,6 +236,18 @@ impl TestApp {
         self
     }
 
+    /// The Prometheus exposition of `/metrics`.
+    pub async fn metrics(&self) -> String {
+        self.http
+            .get(self.url("/metrics"))
+            .send()
+            .await
+            .unwrap()
+            .text()
+            .await
+            .unwrap()
+    }
+
     pub async fn post_json(&self, path: &str, token: &str, body: &Value) -> reqwest::Response {
         self.http
             .post(self.url(path))

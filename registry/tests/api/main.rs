@@ -11,6 +11,7 @@ mod records;
 mod rollouts;
 mod suites;
 mod validation;
+mod webhooks;
 
 /// One test per backend for `async fn NAME(Db, Blobs)`: `NAME::sqlite_local`, `NAME::postgres_local`
 /// and, with `s3`, `NAME::sqlite_s3` and `NAME::postgres_s3`.

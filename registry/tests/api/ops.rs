@@ -32,15 +32,7 @@ async fn health_ready_metrics_and_openapi() {
     let a = Adapter::new(1, 4, &["q_proj"]);
     let size: usize = a.files().iter().map(|(_, b)| b.len()).sum();
     assert_eq!(app.push("m", &a).await.status(), 201);
-    let m = app
-        .http
-        .get(app.url("/metrics"))
-        .send()
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
+    let m = app.metrics().await;
     assert!(m.contains(r#"loraops_registry_http_requests_total{method="POST",route="/api/v1/adapters/{name}/versions",status="201"} 1"#), "{m}");
     assert!(
         m.contains("loraops_registry_versions_created_total 1"),

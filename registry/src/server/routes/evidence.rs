@@ -3,7 +3,9 @@
 //! refused, so it can never count.
 
 use actix_web::{HttpResponse, web};
-use sea_orm::{ActiveModelTrait, ColumnTrait, EntityTrait, QueryFilter, QueryOrder, Set};
+use sea_orm::{
+    ActiveModelTrait, ColumnTrait, EntityTrait, QueryFilter, QueryOrder, Set, TransactionTrait,
+};
 
 use crate::api::{Evidence, NewEvidence, Role};
 use crate::server::AppState;
@@ -60,6 +62,7 @@ pub async fn create(
             format!("metric {k:?} is not a finite number"),
         ));
     }
+    let txn = state.db.begin().await?;
     let row = evidence::ActiveModel {
         version_id: Set(v.id),
         adapter_digest: Set(body.adapter_digest.clone()),
@@ -70,8 +73,19 @@ pub async fn create(
         created_at: Set(chrono::Utc::now()),
         ..Default::default()
     }
-    .insert(&state.db)
+    .insert(&txn)
     .await?;
+    state
+        .webhooks
+        .emit(
+            &txn,
+            "evidence.created",
+            serde_json::json!({"adapter": name.as_str(), "version": version, "evidence_id": row.id,
+                "adapter_digest": body.adapter_digest, "suite": body.suite, "metrics": body.metrics,
+                "created_by": who.sub}),
+        )
+        .await?;
+    txn.commit().await?;
     Ok(HttpResponse::Created().json(to_api(&name, version, row)?))
 }
 

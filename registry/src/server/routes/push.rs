@@ -438,6 +438,15 @@ async fn publish(
     upload::Entity::delete_by_id(upload_id.to_string())
         .exec(&txn)
         .await?;
+    state
+        .webhooks
+        .emit(
+            &txn,
+            "version.created",
+            serde_json::json!({"adapter": name.as_str(), "version": number, "digest": digest,
+                "base_model": base.name, "size_bytes": size_bytes, "created_by": who.sub}),
+        )
+        .await?;
     txn.commit().await?;
     state.metrics.versions_created.inc();
     tracing::info!(adapter = %name, version = number, %digest, "published adapter version");

@@ -22,7 +22,14 @@ pub async fn start(
 ) -> Result<HttpResponse, ApiError> {
     let name = Name::parse(&path)?;
     let who = caller.require(Role::Deployer, Some(name.as_str()))?;
-    let r = rollouts::start(&state.db, &name, body.into_inner(), &who.sub).await?;
+    let r = rollouts::start(
+        &state.db,
+        &state.webhooks,
+        &name,
+        body.into_inner(),
+        &who.sub,
+    )
+    .await?;
     state
         .metrics
         .rollout_transitions
@@ -68,7 +75,7 @@ pub async fn act(
     let action: Action = path.1.parse()?;
     let who = caller.require(Role::Deployer, Some(name.as_str()))?;
     let a = records::adapter_by_name(&state.db, name.as_str()).await?;
-    rollouts::act(&state.db, &a, action, &who.sub).await?;
+    rollouts::act(&state.db, &state.webhooks, &a, action, &who.sub).await?;
     state
         .metrics
         .rollout_transitions

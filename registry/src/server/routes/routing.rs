@@ -142,6 +142,13 @@ pub async fn observe(
         if arm.errors > arm.requests {
             return bad(format!("arms[{i}] has more errors than requests"));
         }
+        // Scores are in [0, 1]; a judged answer may land in a later window than its request.
+        let s = arm.judge_score_sum;
+        if !(s.is_finite() && s >= 0.0 && s <= arm.judge_scored as f64) {
+            return bad(format!(
+                "arms[{i}].judge_score_sum must be between 0 and judge_scored (scores are in [0, 1])"
+            ));
+        }
         let mut prev = (f64::NEG_INFINITY, 0u64);
         for &(le, c) in &arm.latency_ms_buckets {
             if !(le.is_finite() && le > prev.0 && c >= prev.1 && c <= arm.requests) {
@@ -180,6 +187,8 @@ pub async fn observe(
             tokens: Set(arm.tokens as i64),
             latency: Set(serde_json::to_value(&arm.latency_ms_buckets).expect("buckets")),
             received_at: Set(now),
+            judge_score_sum: Set(arm.judge_score_sum),
+            judge_scored: Set(arm.judge_scored as i64),
             ..Default::default()
         }
         .insert(&txn)
