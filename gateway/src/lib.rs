@@ -14,6 +14,7 @@ pub mod engine;
 pub mod error;
 pub mod feed;
 pub mod http;
+pub mod judge;
 pub mod limiter;
 pub mod metrics;
 pub mod openai;

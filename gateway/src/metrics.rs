@@ -17,6 +17,8 @@ pub struct Metrics {
     pub registry_up: IntGauge,
     pub routing_revision: IntGauge,
     pub rejected: IntCounterVec,
+    /// Online judge outcomes: scored, failed, skipped (the judge was busy).
+    pub judged: IntCounterVec,
 }
 
 const LABELS: [&str; 3] = ["adapter", "version", "arm"];
@@ -99,8 +101,17 @@ impl Metrics {
             &["reason"],
         )
         .expect("metric");
+        let judged = IntCounterVec::new(
+            Opts::new(
+                "loraops_gateway_judge_total",
+                "Answers sampled for the online judge, by outcome",
+            ),
+            &["outcome"],
+        )
+        .expect("metric");
         for c in [
             Box::new(requests.clone()) as Box<dyn prometheus::core::Collector>,
+            Box::new(judged.clone()),
             Box::new(latency.clone()),
             Box::new(ttft.clone()),
             Box::new(overhead.clone()),
@@ -125,6 +136,7 @@ impl Metrics {
             registry_up,
             routing_revision,
             rejected,
+            judged,
         }
     }
 

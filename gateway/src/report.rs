@@ -26,6 +26,8 @@ struct Counts {
     tokens: u64,
     /// Per-bucket (not cumulative) counts.
     buckets: [u64; BUCKETS_MS.len()],
+    judge_scored: u64,
+    judge_score_sum: f64,
 }
 
 impl Counts {
@@ -33,6 +35,8 @@ impl Counts {
         self.requests += o.requests;
         self.errors += o.errors;
         self.tokens += o.tokens;
+        self.judge_scored += o.judge_scored;
+        self.judge_score_sum += o.judge_score_sum;
         for (a, b) in self.buckets.iter_mut().zip(o.buckets) {
             *a += b;
         }
@@ -89,6 +93,14 @@ impl Recorder {
         c.buckets[bucket] += 1;
     }
 
+    /// One answer of `adapter`'s `arm` scored by the online judge (`score` in [0, 1]).
+    pub fn record_judge(&self, adapter: &Name, version: u32, arm: &'static str, score: f64) {
+        let mut w = self.window.lock().expect("recorder lock");
+        let c = w.arms.entry((adapter.clone(), version, arm)).or_default();
+        c.judge_scored += 1;
+        c.judge_score_sum += score.clamp(0.0, 1.0);
+    }
+
     /// Take everything recorded since the last drain, as one report.
     pub fn drain(&self, gateway: &str) -> Option<Observations> {
         let now = Utc::now();
@@ -120,6 +132,8 @@ impl Recorder {
                     errors: c.errors,
                     latency_ms_buckets,
                     tokens: c.tokens,
+                    judge_scored: c.judge_scored,
+                    judge_score_sum: c.judge_score_sum,
                 }
             })
             .collect();
@@ -147,6 +161,8 @@ impl Recorder {
                 requests: a.requests,
                 errors: a.errors,
                 tokens: a.tokens,
+                judge_scored: a.judge_scored,
+                judge_score_sum: a.judge_score_sum,
                 ..Default::default()
             };
             let mut prev = 0;
@@ -217,10 +233,14 @@ mod tests {
         r.record(&bot, 2, "canary", 200, Duration::from_millis(3), 5);
         r.record(&bot, 2, "canary", 500, Duration::from_millis(40), 0);
         r.record(&bot, 1, "stable", 200, Duration::from_millis(3), 7);
+        r.record_judge(&bot, 2, "canary", 0.8);
+        r.record_judge(&bot, 2, "canary", 0.4);
         let o = r.drain("gw-1").unwrap();
         assert_eq!(o.arms.len(), 2);
         let canary = o.arms.iter().find(|a| a.arm == "canary").unwrap();
         assert_eq!((canary.requests, canary.errors, canary.tokens), (2, 1, 5));
+        assert_eq!(canary.judge_scored, 2);
+        assert!((canary.judge_score_sum - 1.2).abs() < 1e-12);
         let cum: Vec<u64> = canary.latency_ms_buckets.iter().map(|b| b.1).collect();
         assert!(cum.windows(2).all(|w| w[0] <= w[1]));
         assert_eq!(*cum.last().unwrap(), 2);
@@ -231,5 +251,9 @@ mod tests {
         let o = r.drain("gw-1").unwrap();
         let canary = o.arms.iter().find(|a| a.arm == "canary").unwrap();
         assert_eq!((canary.requests, canary.errors, canary.tokens), (3, 1, 6));
+        assert_eq!(
+            canary.judge_scored, 2,
+            "judge scores survive a failed report"
+        );
     }
 }

@@ -48,6 +48,8 @@ pub struct GatewaySettings {
     /// Memory for engines, in MiB: each holds a full copy of the base, so this caps how many
     /// are loaded (below `max_engines`).
     pub memory_budget_mb: Option<u64>,
+    /// Score a sample of rollout answers with a judge model (see [`crate::judge`]).
+    pub judge: Option<crate::judge::JudgeSettings>,
 }
 
 impl GatewaySettings {
@@ -73,6 +75,7 @@ impl GatewaySettings {
             report_interval: std::time::Duration::from_secs(5),
             isq: None,
             memory_budget_mb: None,
+            judge: None,
         }
     }
 }
@@ -108,6 +111,13 @@ pub struct GatewayConfig {
     pub isq: Option<String>,
     /// Memory for engines in MiB; caps how many are loaded at once.
     pub memory_budget_mb: Option<u64>,
+    /// Online judge: the model that scores a sample of rollout answers (the base model's name
+    /// or `NAME@V`); their mean is the `judge_score` rollout rules can use.
+    pub judge_model: Option<String>,
+    /// Fraction of rollout answers judged, in (0, 1] (default 0.05).
+    pub judge_sample_rate: Option<f64>,
+    /// The judge's system prompt.
+    pub judge_rubric: Option<String>,
 }
 
 impl GatewayConfig {
@@ -126,6 +136,20 @@ impl GatewayConfig {
             return Err(format!(
                 "gateway.isq {q:?}: expected q4_0, q4_1, q5_0, q5_1, q8_0, q8_1, q2k … q8k, hqq4 or hqq8"
             ));
+        }
+        if let Some(r) = self.judge_sample_rate
+            && !(r > 0.0 && r <= 1.0)
+        {
+            return Err(format!(
+                "gateway.judge_sample_rate {r}: expected a fraction in (0, 1]"
+            ));
+        }
+        if self.judge_model.is_none()
+            && (self.judge_sample_rate.is_some() || self.judge_rubric.is_some())
+        {
+            return Err(
+                "gateway.judge_sample_rate and judge_rubric need gateway.judge_model".into(),
+            );
         }
         if self.memory_budget_mb == Some(0) {
             return Err("gateway.memory_budget_mb must be at least 1".into());

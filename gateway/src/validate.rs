@@ -243,6 +243,7 @@ fn common(c: Common, prompt: Prompt, limits: &Limits) -> Result<Validated, ApiEr
                 temperature: c.temperature,
                 top_p: c.top_p,
                 stop,
+                constraint: None,
             },
         },
     })

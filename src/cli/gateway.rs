@@ -56,6 +56,13 @@ pub struct ServeArgs {
     /// Forward inference to an OpenAI-compatible server (`…/v1`) instead of mistral.rs.
     #[arg(long)]
     pub upstream: Option<String>,
+    /// Online judge: the model (base name or NAME@V) that scores a sample of rollout answers,
+    /// reported as judge_score for rollout rules [config gateway.judge_model].
+    #[arg(long)]
+    pub judge_model: Option<String>,
+    /// Fraction of rollout answers judged [default: 0.05; config gateway.judge_sample_rate].
+    #[arg(long)]
+    pub judge_sample_rate: Option<f64>,
     /// Serve inference without tokens (by default a JWT from the configured key is required).
     #[arg(long)]
     pub no_auth: bool,
@@ -110,6 +117,11 @@ fn serve(args: ServeArgs, global: &Global) -> anyhow::Result<()> {
             "gateway.memory_budget_mb",
             args.memory_budget_mb.map(|n| n.to_string()),
         ),
+        ("gateway.judge_model", args.judge_model.clone()),
+        (
+            "gateway.judge_sample_rate",
+            args.judge_sample_rate.map(|r| r.to_string()),
+        ),
     ] {
         if let Some(v) = v {
             o.push((key, v));
@@ -149,6 +161,13 @@ fn serve(args: ServeArgs, global: &Global) -> anyhow::Result<()> {
     s.upstream_url = g.upstream_url;
     s.isq = g.isq;
     s.memory_budget_mb = g.memory_budget_mb;
+    s.judge = g
+        .judge_model
+        .map(|model| loraops_gateway::judge::JudgeSettings {
+            model,
+            sample_rate: g.judge_sample_rate.unwrap_or(0.05),
+            rubric: g.judge_rubric,
+        });
     s.max_engines = g.max_engines.unwrap_or(s.max_engines);
     s.dtype = g.dtype.unwrap_or(s.dtype);
     s.max_concurrent = g.max_concurrent.unwrap_or(s.max_concurrent);

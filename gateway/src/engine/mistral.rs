@@ -17,7 +17,13 @@ use mistralrs::{
 };
 use tokio::sync::mpsc;
 
-use super::{Engine, EngineError, Event, EventStream, GenerateRequest, Prompt, TokenUsage};
+use super::{
+    Engine, EngineError, EngineIdentity, Event, EventStream, GenerateRequest, Prompt, TokenUsage,
+};
+
+/// The mistral.rs release linked in (pinned with `=` in gateway/Cargo.toml; a test keeps the two
+/// in step).
+pub const MISTRALRS_VERSION: &str = "0.8.1";
 
 /// What to load: a base directory, optionally with one adapter merged in.
 #[derive(Debug, Clone)]
@@ -68,6 +74,7 @@ pub fn parse_dtype(s: &str) -> Option<ModelDType> {
 
 pub struct MistralEngine {
     model: Arc<Model>,
+    identity: EngineIdentity,
 }
 
 impl MistralEngine {
@@ -76,6 +83,14 @@ impl MistralEngine {
     /// thread would silently merge earlier adapters too. A fresh thread with the list cleared
     /// makes every engine exactly its own base + adapter.
     pub async fn load(spec: LoadSpec) -> Result<Self, EngineError> {
+        let identity = EngineIdentity {
+            name: "mistral.rs".into(),
+            version: MISTRALRS_VERSION.into(),
+            quantization: spec
+                .isq
+                .map(|q| format!("{q:?}").to_ascii_lowercase())
+                .unwrap_or_else(|| "none".into()),
+        };
         let what = match &spec.adapter_id {
             Some(id) => format!("{} + {id}", spec.base_dir.display()),
             None => spec.base_dir.display().to_string(),
@@ -106,6 +121,7 @@ impl MistralEngine {
             .map_err(|message| EngineError::Load { what, message })?;
         Ok(Self {
             model: Arc::new(model),
+            identity,
         })
     }
 }
@@ -131,6 +147,10 @@ async fn build(spec: LoadSpec) -> Result<Model, String> {
 }
 
 impl Engine for MistralEngine {
+    fn identity(&self) -> &EngineIdentity {
+        &self.identity
+    }
+
     fn generate(&self, req: GenerateRequest) -> EventStream {
         let (tx, rx) = mpsc::channel(32);
         let model = self.model.clone();
@@ -182,6 +202,10 @@ async fn run(
 ) -> Result<(), EngineError> {
     let sampling_params = sampling(&req);
     let max_tokens = req.sampling.max_tokens as u64;
+    let constraint = match req.sampling.constraint {
+        Some(re) => Constraint::Regex(re),
+        None => Constraint::None,
+    };
     let messages = match req.prompt {
         Prompt::Chat(ms) => {
             let mut m = TextMessages::new();
@@ -218,7 +242,7 @@ async fn run(
         return_logprobs: false,
         is_streaming: true,
         id: 0,
-        constraint: Constraint::None,
+        constraint,
         suffix: None,
         tools: None,
         tool_choice: None,
@@ -334,5 +358,27 @@ fn response_kind(r: &Response) -> &'static str {
         Response::Raw { .. } => "Raw",
         Response::Embeddings { .. } => "Embeddings",
         _ => "other",
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn reported_version_is_the_pinned_one() {
+        let manifest = include_str!("../../Cargo.toml");
+        assert!(
+            manifest.contains(&format!("mistralrs = \"={MISTRALRS_VERSION}\"")),
+            "gateway/Cargo.toml pins another mistral.rs than MISTRALRS_VERSION"
+        );
+    }
+
+    #[test]
+    fn quantization_names_round_trip() {
+        for name in ["q4_0", "q8_0", "q4k", "hqq8"] {
+            let q = parse_isq(name).expect("known");
+            assert_eq!(format!("{q:?}").to_ascii_lowercase(), name);
+        }
     }
 }

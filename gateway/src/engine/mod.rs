@@ -30,6 +30,9 @@ pub struct Sampling {
     pub temperature: Option<f64>,
     pub top_p: Option<f64>,
     pub stop: Vec<String>,
+    /// A regular expression the output must match (constrained decoding). Only the gateway's
+    /// own requests set it (the online judge's score); the OpenAI API does not expose it.
+    pub constraint: Option<String>,
 }
 
 #[derive(Debug, Clone, PartialEq)]
@@ -66,7 +69,18 @@ pub enum EngineError {
 
 pub type EventStream = BoxStream<'static, Result<Event, EngineError>>;
 
+/// What produces the tokens, sent with every answer (`x-loraops-engine*` headers) so that
+/// evaluation evidence records the engine that actually served it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct EngineIdentity {
+    pub name: String,
+    pub version: String,
+    /// In-situ quantisation applied at load (`q8_0`, …), `none` for full-precision weights.
+    pub quantization: String,
+}
+
 /// A loaded model, base or base+adapter, that can serve generation requests concurrently.
 pub trait Engine: Send + Sync + 'static {
     fn generate(&self, req: GenerateRequest) -> EventStream;
+    fn identity(&self) -> &EngineIdentity;
 }

@@ -5,7 +5,9 @@
 use futures_util::StreamExt;
 use serde_json::{Value, json};
 
-use super::{Engine, EngineError, Event, EventStream, GenerateRequest, Prompt, TokenUsage};
+use super::{
+    Engine, EngineError, EngineIdentity, Event, EventStream, GenerateRequest, Prompt, TokenUsage,
+};
 
 pub struct RemoteEngine {
     http: reqwest::Client,
@@ -13,6 +15,7 @@ pub struct RemoteEngine {
     base_url: String,
     /// The `model` the upstream serves this engine's version under.
     model: String,
+    identity: EngineIdentity,
 }
 
 impl RemoteEngine {
@@ -21,6 +24,12 @@ impl RemoteEngine {
             http,
             base_url: base_url.trim_end_matches('/').to_string(),
             model: model.to_string(),
+            // The upstream is opaque: name where it is, not what it runs.
+            identity: EngineIdentity {
+                name: "openai-compatible-upstream".into(),
+                version: base_url.trim_end_matches('/').to_string(),
+                quantization: "unknown".into(),
+            },
         }
     }
 }
@@ -41,6 +50,11 @@ fn body(model: &str, req: &GenerateRequest) -> (String, Value) {
     }
     if !s.stop.is_empty() {
         b["stop"] = json!(s.stop);
+    }
+    // Not OpenAI's API, but what vLLM and mistral.rs servers accept for constrained decoding.
+    if let Some(re) = &s.constraint {
+        b["guided_regex"] = json!(re);
+        b["grammar"] = json!({"type": "regex", "value": re});
     }
     match &req.prompt {
         Prompt::Chat(ms) => {
@@ -78,6 +92,10 @@ fn parse_chunk(v: &Value) -> (Option<String>, Option<String>, Option<TokenUsage>
 }
 
 impl Engine for RemoteEngine {
+    fn identity(&self) -> &EngineIdentity {
+        &self.identity
+    }
+
     fn generate(&self, req: GenerateRequest) -> EventStream {
         let (path, b) = body(&self.model, &req);
         let rb = self.http.post(format!("{}{path}", self.base_url)).json(&b);

@@ -18,6 +18,7 @@ use tokio::sync::mpsc;
 use super::{AppState, auth};
 use crate::engine::{EngineError, Event, EventStream, TokenUsage};
 use crate::error::ApiError;
+use crate::judge;
 use crate::limiter::Permit;
 use crate::openai::{
     ChatChoice, ChatChunk, ChatCompletion, ChunkChoice, Delta, OutMessage, TextChoice,
@@ -228,13 +229,29 @@ async fn serve(
         }
     };
     obs.engine_start = Instant::now();
+    // A sample of what an adapter's rollout arms answer goes to the online judge.
+    let judge_job = match (&state.judge, &obs.route) {
+        (Some(j), Some(route)) if matches!(obs.arm, "stable" | "canary") && j.sample() => {
+            Some(judge::Job {
+                route: route.clone(),
+                version: obs.labels.refs()[1].parse().unwrap_or(0),
+                arm: obs.arm,
+                question: judge::question(&v.request.prompt),
+            })
+        }
+        _ => None,
+    };
     let events = engine.generate(v.request);
     let mut res = HttpResponse::Ok();
     let [a, ver, arm] = obs.labels.refs();
+    let id = engine.identity();
     for (name, value) in [
         ("x-loraops-adapter", a),
         ("x-loraops-version", ver),
         ("x-loraops-arm", arm),
+        ("x-loraops-engine", id.name.as_str()),
+        ("x-loraops-engine-version", id.version.as_str()),
+        ("x-loraops-engine-quantization", id.quantization.as_str()),
     ] {
         if !value.is_empty()
             && let Ok(hv) = HeaderValue::from_str(value)
@@ -255,7 +272,7 @@ async fn serve(
     };
     if v.stream {
         let (tx, rx) = mpsc::channel::<Result<Bytes, Infallible>>(32);
-        tokio::spawn(stream_events(events, meta, obs, permit, tx));
+        tokio::spawn(stream_events(events, meta, obs, permit, tx, judge_job));
         let body = futures_util::stream::unfold(rx, |mut rx| async move {
             rx.recv().await.map(|item| (item, rx))
         });
@@ -264,11 +281,14 @@ async fn serve(
             .insert_header(("cache-control", "no-cache"))
             .streaming(body))
     } else {
-        let out = collect(events, &meta, &mut obs).await;
+        let out = collect(events, &meta, &mut obs, judge_job.is_some()).await;
         drop(permit);
         match out {
-            Ok((body, usage)) => {
+            Ok((body, usage, answer)) => {
                 obs.finish(200, Some(usage));
+                if let (Some(job), Some(answer)) = (judge_job, answer) {
+                    judge::spawn(state.clone(), job, answer);
+                }
                 Ok(res.content_type("application/json").body(body))
             }
             Err(e) => {
@@ -295,11 +315,13 @@ fn finish_reason(r: &str) -> String {
     }
 }
 
+/// The whole answer as one OpenAI response body; with `keep_text`, also its text.
 async fn collect(
     mut events: EventStream,
     meta: &Meta,
     obs: &mut Observer,
-) -> Result<(Vec<u8>, TokenUsage), ApiError> {
+    keep_text: bool,
+) -> Result<(Vec<u8>, TokenUsage, Option<String>), ApiError> {
     let mut text = String::new();
     while let Some(ev) = events.next().await {
         match ev.map_err(engine_error)? {
@@ -312,6 +334,7 @@ async fn collect(
                 usage,
             } => {
                 let reason = finish_reason(&reason);
+                let kept = keep_text.then(|| text.clone());
                 let body = match meta.kind {
                     Kind::Chat => serde_json::to_vec(&ChatCompletion {
                         id: meta.id.clone(),
@@ -344,7 +367,7 @@ async fn collect(
                     }),
                 }
                 .map_err(|e| ApiError::internal(e.to_string()))?;
-                return Ok((body, usage));
+                return Ok((body, usage, kept));
             }
         }
     }
@@ -427,8 +450,10 @@ async fn stream_events(
     mut obs: Observer,
     permit: Permit,
     tx: mpsc::Sender<Result<Bytes, Infallible>>,
+    judge_job: Option<judge::Job>,
 ) {
     let _permit = permit;
+    let mut answer = judge_job.as_ref().map(|_| String::new());
     if meta.kind == Kind::Chat
         && tx
             .send(Ok(meta.chunk(Some(String::new()), true, None)))
@@ -442,6 +467,9 @@ async fn stream_events(
         let frame = match ev {
             Ok(Event::Delta(d)) => {
                 obs.token();
+                if let Some(a) = answer.as_mut() {
+                    a.push_str(&d);
+                }
                 meta.chunk(Some(d), false, None)
             }
             Ok(Event::Done {
@@ -463,6 +491,9 @@ async fn stream_events(
                     }
                 }
                 obs.finish(200, Some(usage));
+                if let (Some(job), Some(answer)) = (judge_job, answer) {
+                    judge::spawn(obs.state.clone(), job, answer);
+                }
                 return;
             }
             Err(e) => {

@@ -68,6 +68,8 @@ pub struct AppState {
     pub started: i64,
     /// Per-arm counters for the registry's rollout analysis.
     pub recorder: Arc<Recorder>,
+    /// Scores a sample of rollout answers (`judge_score`), when configured.
+    pub judge: Option<Arc<crate::judge::Judge>>,
 }
 
 /// Mount the gateway's routes. Bodies are read and parsed by the handlers themselves, after
@@ -230,6 +232,10 @@ impl Application {
             limits: settings.limits.clone(),
             started: chrono::Utc::now().timestamp(),
             recorder,
+            judge: settings
+                .judge
+                .clone()
+                .map(|j| Arc::new(crate::judge::Judge::new(j))),
         });
 
         let listen = settings.listen.clone();

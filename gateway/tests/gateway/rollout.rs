@@ -7,11 +7,16 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::Duration;
 
-use loraops_registry::api::{RolloutSpec, RolloutState, RolloutStatus, StartRollout};
+use loraops_gateway::judge::JudgeSettings;
+use loraops_registry::api::{
+    AnalysisRule, Comparison, RolloutSpec, RolloutState, RolloutStatus, StartRollout,
+};
 use loraops_registry::client::no_progress;
 use serde_json::json;
 
-use crate::helpers::{BASE, TestGateway, TestRegistry, fixture, spawn_gateway, spawn_registry};
+use crate::helpers::{
+    BASE, TestGateway, TestRegistry, fixture, spawn_gateway, spawn_gateway_with, spawn_registry,
+};
 
 /// Users `user-0…` sending chat requests to `bot` until `stop`; counts non-2xx answers.
 fn load(
@@ -157,4 +162,62 @@ async fn a_healthy_canary_is_promoted_and_a_failing_one_rolled_back_on_live_traf
     gw.wait_revision(rev).await;
     let (_, h) = gw.chat("bot", "user-1").await;
     assert_eq!(h["x-loraops-version"], "2");
+}
+
+/// The online judge (the base model, constrained to answer 1–10) scores rollout answers; the
+/// scores reach the registry per arm and decide `judge_score` rules both ways.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_online_judge_scores_answers_for_rollout_rules() {
+    let reg = spawn_registry().await;
+    reg.route("bot", Some(1), None).await;
+    let c = reg.client();
+    let gw = spawn_gateway_with(Some(&reg), |s| {
+        s.judge = Some(JudgeSettings {
+            model: BASE.into(),
+            sample_rate: 1.0,
+            rubric: None,
+        });
+    })
+    .await;
+    gw.wait_revision(c.routing(None, 0).await.unwrap().revision)
+        .await;
+    let judged = |op, threshold, version| {
+        let mut s = spec(version);
+        s.spec.steps = vec![50.0, 100.0];
+        s.spec.rules = vec![AnalysisRule {
+            metric: "judge_score".into(),
+            op,
+            threshold,
+        }];
+        s
+    };
+
+    // Every score is at least 0.1: promoted on scored answers.
+    reg.with_evidence("bot", 2).await;
+    c.start_rollout("bot", &judged(Comparison::Ge, 0.1, 2))
+        .await
+        .unwrap();
+    let (s, failures) = run_until_done(&reg, &gw, Duration::from_secs(180)).await;
+    assert_eq!(s.rollout.state, RolloutState::Promoted, "{s:#?}");
+    assert_eq!(failures, 0);
+    let advance = s.events.iter().find(|e| e.action == "advance").unwrap();
+    let canary = &advance.details.as_ref().unwrap()["arms"][0];
+    assert_eq!(canary["arm"], "canary");
+    assert!(canary["judge_scored"].as_u64().unwrap() > 0, "{canary}");
+    let score = canary["judge_score"].as_f64().unwrap();
+    assert!((0.1..=1.0).contains(&score), "{canary}");
+    let metrics = gw.get("/metrics").await.text().await.unwrap();
+    assert!(
+        metrics.contains("loraops_gateway_judge_total{outcome=\"scored\"}"),
+        "{metrics}"
+    );
+
+    // No score exceeds 1.0: the same canary fails its rule and is rolled back.
+    c.start_rollout("bot", &judged(Comparison::Gt, 1.0, 1))
+        .await
+        .unwrap();
+    let (s, _) = run_until_done(&reg, &gw, Duration::from_secs(180)).await;
+    assert_eq!(s.rollout.state, RolloutState::RolledBack, "{s:#?}");
+    let last = s.events.last().unwrap();
+    assert!(last.reason.contains("judge_score"), "{}", last.reason);
 }
