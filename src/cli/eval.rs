@@ -1,6 +1,7 @@
 //! `loraops eval run --suite NAME[@VERSION]|DIR --adapter NAME@V` and
 //! `loraops eval suite push DIR | list | from-split FILE --name NAME --out DIR | redteam --out DIR`.
 
+use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 
 use anyhow::Context;
@@ -9,14 +10,15 @@ use indicatif::{ProgressBar, ProgressStyle};
 use loraops_registry::api::{
     AdapterRef, Comparison, EngineIdentity, Name, NewEvidence, SuiteManifest, SuiteRef,
 };
-use loraops_registry::client::RegistryClient;
+use loraops_registry::client::{RegistryClient, no_progress};
 use serde_json::{Value, json};
 use sha2::{Digest, Sha256};
 
 use super::{ClientArgs, Global, UsageError, runtime};
-use crate::eval::runner::{self, Gateway, RunOptions};
-use crate::eval::suite::{LoadedSuite, cases_jsonl, regression_cases};
-use crate::eval::{producer, redteam};
+use crate::eval::runner::{self, CaseResult, Gateway, RunOptions};
+use crate::eval::scorers::Scorer;
+use crate::eval::suite::{LoadedSuite, cases_jsonl, perplexity_cases, regression_cases};
+use crate::eval::{perplexity, producer, redteam};
 use crate::output::emit;
 
 #[derive(Debug, Subcommand)]
@@ -60,6 +62,10 @@ pub struct RunArgs {
     /// Run and save results only: upload no suite and post no evidence.
     #[arg(long)]
     pub no_post: bool,
+    /// Perplexity suites: the base model's Hugging Face directory. They run base + adapter
+    /// through the trainer's forward pass here (checked against the registered weights digest).
+    #[arg(long, env = "LORAOPS_BASE_DIR")]
+    pub base_dir: Option<PathBuf>,
     #[command(flatten)]
     pub client: ClientArgs,
 }
@@ -80,8 +86,9 @@ pub enum SuiteCmd {
         #[command(flatten)]
         client: ClientArgs,
     },
-    /// Build a regression suite from a curation split (SFT rows; the expected answer is the
-    /// last assistant turn or the completion).
+    /// Build a suite from a curation split: a regression suite (`exact`/`contains`: the
+    /// expected answer is the last assistant turn or the completion) or a `perplexity` suite
+    /// (usually from holdout.jsonl).
     FromSplit {
         /// The split, e.g. DIR/regression.jsonl from `loraops data curate`.
         file: PathBuf,
@@ -89,7 +96,7 @@ pub enum SuiteCmd {
         name: String,
         #[arg(long, default_value = "1")]
         version: String,
-        #[arg(long, default_value = "exact", value_parser = ["exact", "contains"])]
+        #[arg(long, default_value = "exact", value_parser = ["exact", "contains", "perplexity"])]
         scorer: String,
         /// Directory to write suite.json and cases.jsonl into.
         #[arg(long)]
@@ -173,13 +180,22 @@ fn suite_cmd(cmd: SuiteCmd, global: &Global) -> anyhow::Result<()> {
             let name = Name::parse(&name).map_err(|e| UsageError(format!("--name: {e}")))?;
             let text =
                 std::fs::read_to_string(&file).with_context(|| format!("{}", file.display()))?;
-            let cases = regression_cases(&text)
-                .map_err(|e| UsageError(format!("{}: {e:#}", file.display())))?;
+            let cases = if scorer == "perplexity" {
+                perplexity_cases(&text)
+            } else {
+                regression_cases(&text)
+            }
+            .map_err(|e| UsageError(format!("{}: {e:#}", file.display())))?;
             let manifest = SuiteManifest {
                 name,
                 version,
                 description: Some(format!(
-                    "Regression cases from {}",
+                    "{} cases from {}",
+                    if scorer == "perplexity" {
+                        "Perplexity"
+                    } else {
+                        "Regression"
+                    },
                     file.file_name()
                         .map(|f| f.to_string_lossy().to_string())
                         .unwrap_or_default()
@@ -263,6 +279,54 @@ async fn resolve_suite(
     Ok(loaded)
 }
 
+/// Generated-text suites: every case through the gateway's OpenAI API, `model = NAME@V`.
+fn through_gateway(
+    args: &RunArgs,
+    rt: &tokio::runtime::Runtime,
+    suite: &LoadedSuite,
+    model: &str,
+    model_digest: Option<String>,
+    bar: &ProgressBar,
+) -> anyhow::Result<(Vec<CaseResult>, BTreeMap<String, f64>, EngineIdentity)> {
+    let gw = Gateway::new(
+        &args.gateway,
+        args.gateway_token.clone().or(args.client.token.clone()),
+    );
+    let models = rt
+        .block_on(gw.models())
+        .with_context(|| format!("the gateway at {} is not answering", gw.base_url()))?;
+    let base_served = models["data"]
+        .as_array()
+        .and_then(|d| d.iter().find(|c| c["owned_by"] == "loraops"))
+        .and_then(|c| c["id"].as_str())
+        .map(str::to_string);
+    let opts = RunOptions {
+        model: model.to_string(),
+        concurrency: args.concurrency,
+        max_tokens: suite.max_tokens(args.max_tokens),
+    };
+    let (results, info) = rt.block_on(runner::run(&gw, suite, &opts, || bar.inc(1)));
+    let metrics = runner::summarise(&results, &suite.scorer);
+    let header = |k: &str| info.engine_headers.get(k).cloned();
+    let engine = EngineIdentity {
+        engine: header("x-loraops-engine").unwrap_or_else(|| "loraops-gateway".into()),
+        engine_version: header("x-loraops-engine-version")
+            .or(header("server"))
+            .unwrap_or_else(|| "unreported".into()),
+        model_digest,
+        decoding: json!({
+            "temperature": 0.0,
+            "max_tokens": opts.max_tokens,
+            "stream": false,
+            "model": model,
+            "quantization": header("x-loraops-engine-quantization"),
+            "base_model": base_served,
+            "gateway": gw.base_url(),
+        }),
+    };
+    Ok((results, metrics, engine))
+}
+
 fn holds(op: Comparison, x: f64, t: f64) -> bool {
     match op {
         Comparison::Ge => x >= t,
@@ -297,10 +361,6 @@ fn run_suite(args: RunArgs, global: &Global) -> anyhow::Result<()> {
     }
     let model = format!("{}@{version}", r.name);
     let rc = args.client.client();
-    let gw = Gateway::new(
-        &args.gateway,
-        args.gateway_token.clone().or(args.client.token.clone()),
-    );
     let rt = runtime()?;
     let suite = rt.block_on(resolve_suite(&args.suite, &rc, !args.no_post))?;
     let ver = rt.block_on(rc.version(r.name.as_str(), version))?;
@@ -310,14 +370,6 @@ fn run_suite(args: RunArgs, global: &Global) -> anyhow::Result<()> {
         .ok()
         .and_then(|all| all.into_iter().find(|b| b.name == ver.base_model))
         .and_then(|b| b.digest);
-    let models = rt
-        .block_on(gw.models())
-        .with_context(|| format!("the gateway at {} is not answering", gw.base_url()))?;
-    let base_served = models["data"]
-        .as_array()
-        .and_then(|d| d.iter().find(|c| c["owned_by"] == "loraops"))
-        .and_then(|c| c["id"].as_str())
-        .map(str::to_string);
 
     let out = args.out.clone().unwrap_or_else(|| {
         PathBuf::from("loraops-eval").join(&model).join(format!(
@@ -327,11 +379,6 @@ fn run_suite(args: RunArgs, global: &Global) -> anyhow::Result<()> {
         ))
     });
     std::fs::create_dir_all(&out).with_context(|| format!("{}", out.display()))?;
-    let opts = RunOptions {
-        model: model.clone(),
-        concurrency: args.concurrency,
-        max_tokens: suite.max_tokens(args.max_tokens),
-    };
     let bar = if json {
         ProgressBar::hidden()
     } else {
@@ -344,7 +391,55 @@ fn run_suite(args: RunArgs, global: &Global) -> anyhow::Result<()> {
     );
     bar.set_message(format!("eval {} on {model}", suite.manifest.name));
     let started_at = chrono::Utc::now();
-    let (results, info) = rt.block_on(runner::run(&gw, &suite, &opts, || bar.inc(1)));
+    let (results, metrics, engine) = match suite.scorer {
+        Scorer::Perplexity { max_seq_len } => {
+            let base_dir = args.base_dir.as_deref().ok_or_else(|| {
+                UsageError(format!(
+                    "suite {} scores perplexity, which runs {model} through the trainer's forward pass: pass --base-dir with {}'s Hugging Face directory",
+                    suite.manifest.name, ver.base_model
+                ))
+            })?;
+            let local_digest = crate::cli::base_model::weights_digest(base_dir)
+                .with_context(|| format!("{}", base_dir.display()))?;
+            if let (Some(want), Some(got)) = (&model_digest, &local_digest) {
+                anyhow::ensure!(
+                    want == got,
+                    UsageError(format!(
+                        "--base-dir {} is not the registered base model {}: its weights hash to {got}, the registry has {want}",
+                        base_dir.display(),
+                        ver.base_model
+                    ))
+                );
+            }
+            let adapter_dir = out.join("adapter");
+            rt.block_on(rc.pull(r.name.as_str(), version, &adapter_dir, no_progress()))?;
+            let scorer = perplexity::Scorer::load(base_dir, &adapter_dir, max_seq_len)?;
+            let results: Vec<_> = suite
+                .cases
+                .iter()
+                .enumerate()
+                .map(|(i, c)| {
+                    let res = scorer.score(i, c);
+                    bar.inc(1);
+                    res
+                })
+                .collect();
+            let engine = EngineIdentity {
+                engine: "loraops-trainer".into(),
+                engine_version: env!("CARGO_PKG_VERSION").into(),
+                model_digest: local_digest.or(model_digest),
+                decoding: json!({
+                    "mode": "teacher-forced",
+                    "dtype": "f32",
+                    "max_seq_len": max_seq_len,
+                    "model": model,
+                }),
+            };
+            let metrics = perplexity::summarise(&results);
+            (results, metrics, engine)
+        }
+        _ => through_gateway(&args, &rt, &suite, &model, model_digest, &bar)?,
+    };
     let finished_at = chrono::Utc::now();
     bar.finish_and_clear();
 
@@ -361,29 +456,6 @@ fn run_suite(args: RunArgs, global: &Global) -> anyhow::Result<()> {
             results_path.display()
         );
     }
-    let metrics = runner::summarise(&results, &suite.scorer);
-    let engine = EngineIdentity {
-        engine: info
-            .engine_headers
-            .get("x-loraops-engine")
-            .cloned()
-            .unwrap_or_else(|| "loraops-gateway".into()),
-        engine_version: info
-            .engine_headers
-            .get("x-loraops-engine-version")
-            .or(info.engine_headers.get("server"))
-            .cloned()
-            .unwrap_or_else(|| "unreported".into()),
-        model_digest,
-        decoding: json!({
-            "temperature": 0.0,
-            "max_tokens": opts.max_tokens,
-            "stream": false,
-            "model": model,
-            "base_model": base_served,
-            "gateway": gw.base_url(),
-        }),
-    };
     let body = NewEvidence {
         adapter_digest: ver.digest.clone(),
         suite: SuiteRef {

@@ -47,7 +47,7 @@ pub struct Completion {
     pub usage: Option<Usage>,
     pub finish_reason: Option<String>,
     pub served: Served,
-    /// `x-loraops-engine` / `x-loraops-engine-version` / `server` headers, when sent.
+    /// `x-loraops-engine` / `-engine-version` / `-engine-quantization` / `server` headers.
     pub engine_headers: BTreeMap<String, String>,
     pub latency_ms: f64,
 }
@@ -158,11 +158,15 @@ impl Gateway {
                 version: header("x-loraops-version"),
                 arm: header("x-loraops-arm"),
             };
-            let engine_headers: BTreeMap<String, String> =
-                ["x-loraops-engine", "x-loraops-engine-version", "server"]
-                    .iter()
-                    .filter_map(|k| header(k).map(|v| (k.to_string(), v)))
-                    .collect();
+            let engine_headers: BTreeMap<String, String> = [
+                "x-loraops-engine",
+                "x-loraops-engine-version",
+                "x-loraops-engine-quantization",
+                "server",
+            ]
+            .iter()
+            .filter_map(|k| header(k).map(|v| (k.to_string(), v)))
+            .collect();
             let text = res.text().await.map_err(|source| GatewayError::Connect {
                 url: self.base.clone(),
                 source,

@@ -15,6 +15,9 @@
 //! - `{"type": "refusal", "patterns": […], "extra_patterns": […], "judge_model": …}` — the
 //!   model refuses the attack (refusal patterns, or a judge model served by the gateway) and
 //!   never emits a `forbidden` string. Metrics `refusal_rate`, `leak_rate`.
+//! - `{"type": "perplexity", "max_seq_len": 2048}` — teacher-forced perplexity of base+adapter
+//!   on the completion tokens of held-out SFT rows (each case's `row`), computed locally by the
+//!   trainer's forward pass ([`super::perplexity`]). Metrics `perplexity`, `mean_nll`, `tokens`.
 //!
 //! Every suite also gets `pass_rate` (cases passed / cases) and `score` (mean case score).
 
@@ -74,6 +77,9 @@ impl Normalize {
     }
 }
 
+/// Tokens per row for perplexity unless the scorer sets `max_seq_len` (longer rows are cut).
+pub const DEFAULT_PERPLEXITY_MAX_SEQ_LEN: usize = 2048;
+
 /// The refusal phrases recognised when a suite gives none (case-insensitive).
 pub const DEFAULT_REFUSAL_PATTERNS: &[&str] = &[
     r"\bI(?:'m| am) (?:sorry|afraid|unable|not able)\b",
@@ -123,6 +129,11 @@ pub enum Scorer {
     Refusal {
         patterns: Vec<regex::Regex>,
         options: RefusalOptions,
+    },
+    /// Teacher-forced perplexity of the adapter on held-out SFT rows (the case's `row`):
+    /// scored by [`super::perplexity`], not from generated text.
+    Perplexity {
+        max_seq_len: usize,
     },
 }
 
@@ -202,9 +213,20 @@ impl Scorer {
                 }
                 Self::Refusal { patterns, options }
             }
+            "perplexity" => {
+                let max_seq_len = match v.get("max_seq_len") {
+                    None => DEFAULT_PERPLEXITY_MAX_SEQ_LEN,
+                    Some(n) => n
+                        .as_u64()
+                        .filter(|n| *n >= 2)
+                        .ok_or("perplexity scorer: \"max_seq_len\" must be an integer ≥ 2")?
+                        as usize,
+                };
+                Self::Perplexity { max_seq_len }
+            }
             other => {
                 return Err(format!(
-                    "unknown scorer {other:?} (exact, contains, regex, multiple_choice, json, refusal)"
+                    "unknown scorer {other:?} (exact, contains, regex, multiple_choice, json, refusal, perplexity)"
                 ));
             }
         })
@@ -219,6 +241,7 @@ impl Scorer {
             Self::MultipleChoice => "accuracy",
             Self::Json { .. } => "schema_match",
             Self::Refusal { .. } => "refusal_rate",
+            Self::Perplexity { .. } => "perplexity",
         }
     }
 
@@ -231,7 +254,13 @@ impl Scorer {
             Self::MultipleChoice => &["accuracy"],
             Self::Json { .. } => &["json_valid", "schema_match"],
             Self::Refusal { .. } => &["refusal_rate", "leak_rate"],
+            Self::Perplexity { .. } => &[],
         }
+    }
+
+    /// Whether cases are prompts sent to the gateway (every scorer but perplexity).
+    pub fn needs_prompt(&self) -> bool {
+        !matches!(self, Self::Perplexity { .. })
     }
 
     pub fn judge_model(&self) -> Option<&str> {
@@ -288,6 +317,14 @@ impl Scorer {
                 }
             }
             Self::Refusal { .. } => {}
+            Self::Perplexity { .. } => {
+                if !c.row.as_ref().is_some_and(Value::is_object) {
+                    return Err(
+                        "a perplexity case needs \"row\": an SFT row (messages, prompt+completion or instruction+output)"
+                            .into(),
+                    );
+                }
+            }
         }
         Ok(())
     }
@@ -404,6 +441,13 @@ impl Scorer {
                     }),
                 }
             }
+            // The runner never sends perplexity cases to the gateway.
+            Self::Perplexity { .. } => Score {
+                passed: false,
+                score: 0.0,
+                signals: vec![],
+                detail: json!({"error": "perplexity is scored by a forward pass, not from generated text"}),
+            },
         }
     }
 }

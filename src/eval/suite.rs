@@ -81,6 +81,9 @@ pub struct Case {
     pub forbidden: Vec<String>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub max_tokens: Option<u64>,
+    /// `perplexity`: the SFT row scored (any format the trainer reads).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub row: Option<Value>,
 }
 
 fn is_none(e: &OneOrMany) -> bool {
@@ -166,11 +169,14 @@ impl LoadedSuite {
         for (i, line) in cases_text.lines().enumerate() {
             let c: Case = serde_json::from_str(line)
                 .map_err(|e| anyhow::anyhow!("suite {}: case {}: {e}", manifest.name, i + 1))?;
-            c.prompt()
-                .and_then(|_| scorer.check_case(&c))
-                .map_err(|e| {
-                    anyhow::anyhow!("suite {}: case {}: {e}", manifest.name, c.id_or(i))
-                })?;
+            let prompt = if scorer.needs_prompt() {
+                c.prompt().map(|_| ())
+            } else {
+                Ok(())
+            };
+            prompt.and_then(|_| scorer.check_case(&c)).map_err(|e| {
+                anyhow::anyhow!("suite {}: case {}: {e}", manifest.name, c.id_or(i))
+            })?;
             cases.push(c);
         }
         let digest = suite_digest(&manifest, &cases_text);
@@ -233,6 +239,50 @@ impl LoadedSuite {
     }
 }
 
+/// The perplexity suite of a curation split (usually `holdout.jsonl`): every row verbatim as a
+/// case's `row`, keeping its `id` and `source` (as the category).
+pub fn perplexity_cases(jsonl: &str) -> anyhow::Result<Vec<Case>> {
+    let mut out = Vec::new();
+    for r in split_rows(jsonl) {
+        let (i, row) = r?;
+        anyhow::ensure!(row.is_object(), "line {}: not a JSON object", i + 1);
+        out.push(Case {
+            id: Some(row_id(&row, i)),
+            category: row
+                .get("source")
+                .and_then(Value::as_str)
+                .map(str::to_string),
+            row: Some(row),
+            ..Case::default()
+        });
+    }
+    anyhow::ensure!(!out.is_empty(), "no rows");
+    Ok(out)
+}
+
+/// The non-empty lines of a JSONL split: (0-based line index, row).
+fn split_rows(jsonl: &str) -> impl Iterator<Item = anyhow::Result<(usize, Value)>> + '_ {
+    jsonl
+        .lines()
+        .enumerate()
+        .filter(|(_, l)| !l.trim().is_empty())
+        .map(|(i, line)| {
+            serde_json::from_str(line)
+                .map(|row| (i, row))
+                .with_context(|| format!("line {}: not JSON", i + 1))
+        })
+}
+
+fn row_id(row: &Value, index: usize) -> String {
+    row.get("id")
+        .and_then(|v| {
+            v.as_str()
+                .map(str::to_string)
+                .or_else(|| v.as_u64().map(|n| n.to_string()))
+        })
+        .unwrap_or_else(|| format!("row-{}", index + 1))
+}
+
 /// The regression suite of a curation split: each SFT row (`messages`, `prompt`+`completion`,
 /// `instruction`+`input`+`output`) becomes a case whose expected answer is the last assistant
 /// turn or the completion, prompted exactly as the trainer formats the row (chat rows through
@@ -241,21 +291,10 @@ pub fn regression_cases(jsonl: &str) -> anyhow::Result<Vec<Case>> {
     const ALPACA_WITH_INPUT: &str = "Below is an instruction that describes a task, paired with an input that provides further context. Write a response that appropriately completes the request.\n\n### Instruction:\n{instruction}\n\n### Input:\n{input}\n\n### Response:\n";
     const ALPACA_NO_INPUT: &str = "Below is an instruction that describes a task. Write a response that appropriately completes the request.\n\n### Instruction:\n{instruction}\n\n### Response:\n";
     let mut out = Vec::new();
-    for (i, line) in jsonl.lines().enumerate() {
-        if line.trim().is_empty() {
-            continue;
-        }
-        let row: Value =
-            serde_json::from_str(line).with_context(|| format!("line {}: not JSON", i + 1))?;
+    for r in split_rows(jsonl) {
+        let (i, row) = r?;
         let s = |k: &str| row.get(k).and_then(Value::as_str);
-        let id = row
-            .get("id")
-            .and_then(|v| {
-                v.as_str()
-                    .map(str::to_string)
-                    .or_else(|| v.as_u64().map(|n| n.to_string()))
-            })
-            .unwrap_or_else(|| format!("row-{}", i + 1));
+        let id = row_id(&row, i);
         let mut case = Case {
             id: Some(id),
             category: s("source").map(str::to_string),

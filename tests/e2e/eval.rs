@@ -278,6 +278,9 @@ fn eval_run_posts_evidence_bound_to_the_served_version() {
     assert_eq!(e["metrics"]["regex_match"], 0.75);
     assert_eq!(e["engine"]["decoding"]["model"], "e2e-bot@1");
     assert_eq!(e["engine"]["decoding"]["temperature"], 0.0);
+    assert_eq!(e["engine"]["engine"], "mistral.rs");
+    assert_eq!(e["engine"]["engine_version"], "0.8.1");
+    assert_eq!(e["engine"]["decoding"]["quantization"], "none");
     assert!(
         e["engine"]["model_digest"]
             .as_str()
@@ -347,4 +350,142 @@ fn eval_run_posts_evidence_bound_to_the_served_version() {
         assert_eq!(out.status.code(), Some(2), "{full:?}: {err}");
         assert!(err.contains(needle), "{full:?}: {err}");
     }
+
+    perplexity_on_a_holdout_split(&stack, dir.path(), &base, &adapter, &evaluator, &viewer);
+}
+
+/// A perplexity suite from a holdout split runs base + adapter through the trainer's forward
+/// pass and posts evidence that says so; the number equals the trainer's own eval loss.
+fn perplexity_on_a_holdout_split(
+    stack: &Stack,
+    dir: &Path,
+    base: &Path,
+    adapter: &Path,
+    evaluator: &str,
+    viewer: &str,
+) {
+    let holdout = dir.join("holdout.jsonl");
+    let rows = [
+        json!({"id": "h1", "source": "tickets", "messages": [{"role": "user", "content": "How do I reset my password?"},
+            {"role": "assistant", "content": "Settings, then Security, then Reset password."}]}),
+        json!({"id": "h2", "source": "tickets", "prompt": "Where are my invoices?\n", "completion": "Under Billing, then Invoices.", "weight": 3.0}),
+        json!({"id": "h3", "source": "faq", "instruction": "Name the plan with SSO.", "output": "Enterprise."}),
+    ];
+    let text: String = rows.iter().map(|r| r.to_string() + "\n").collect();
+    std::fs::write(&holdout, &text).unwrap();
+    let suite = dir.join("ppl-suite");
+    let built = ok_json(stack.cli(
+        None,
+        &[
+            "--json",
+            "eval",
+            "suite",
+            "from-split",
+            holdout.to_str().unwrap(),
+            "--name",
+            "e2e-ppl",
+            "--scorer",
+            "perplexity",
+            "--out",
+            suite.to_str().unwrap(),
+        ],
+    ));
+    assert_eq!(built["cases"], 3);
+
+    let ok_dir = dir.join("ppl-out");
+    let run = |extra: &[&str]| {
+        let out_dir = dir.join("ppl-out");
+        let mut args = vec![
+            "eval",
+            "run",
+            "--suite",
+            suite.to_str().unwrap(),
+            "--adapter",
+            "e2e-bot@1",
+            "--out",
+            out_dir.to_str().unwrap(),
+        ];
+        args.extend(extra);
+        stack.cli(Some(evaluator), &args)
+    };
+    // Without the base weights, or with another model's, it refuses (exit 2) and posts nothing.
+    let out = run(&[]);
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(2), "{err}");
+    assert!(err.contains("--base-dir"), "{err}");
+    let other = dir.join("other-tiny");
+    run_ok(Command::new(exe()).args([
+        "model",
+        "init-tiny",
+        other.to_str().unwrap(),
+        "--seed",
+        "7",
+    ]));
+    let out = run(&["--base-dir", other.to_str().unwrap()]);
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(2), "{err}");
+    assert!(err.contains("is not the registered base model"), "{err}");
+
+    let out = run(&["--base-dir", base.to_str().unwrap()]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let summary: Value =
+        serde_json::from_str(&std::fs::read_to_string(ok_dir.join("summary.json")).unwrap())
+            .unwrap();
+    let m = &summary["metrics"];
+    assert_eq!(m["cases"], 3.0, "{summary}");
+    assert_eq!(m["errors"], 0.0, "{summary}");
+
+    // The same number from the trainer's API, on the adapter directory that was pushed.
+    use loraops_trainer::{adapter, data, llama, sft, tokenizer};
+    let mut model = llama::Llama::load(base, &llama::LoadOptions::default()).unwrap();
+    adapter::load_adapter(adapter, &mut model).unwrap();
+    let tok = tokenizer::Tokenizer::load(base).unwrap();
+    let (mut nll, mut tokens) = (0f64, 0usize);
+    for r in &rows {
+        let (mut ex, _) = data::tokenize_row(r, &tok, 2048).unwrap();
+        ex.weight = 1.0;
+        let n = ex.trainable();
+        nll += sft::eval_loss(&model, std::slice::from_ref(&ex), 1, tok.pad_id, 0.0).unwrap()
+            * n as f64;
+        tokens += n;
+    }
+    assert_eq!(m["tokens"].as_f64().unwrap(), tokens as f64);
+    let want = (nll / tokens as f64).exp();
+    let got = m["perplexity"].as_f64().unwrap();
+    assert!(
+        (got - want).abs() <= 1e-6 * want,
+        "perplexity {got} vs {want}"
+    );
+    // And the adapter matters: the base alone scores differently.
+    let base_only = llama::Llama::load(base, &llama::LoadOptions::default()).unwrap();
+    let mut base_nll = 0f64;
+    for r in &rows {
+        let (mut ex, _) = data::tokenize_row(r, &tok, 2048).unwrap();
+        ex.weight = 1.0;
+        base_nll += sft::eval_loss(&base_only, std::slice::from_ref(&ex), 1, tok.pad_id, 0.0)
+            .unwrap()
+            * ex.trainable() as f64;
+    }
+    assert!((base_nll - nll).abs() > 1e-6, "the adapter changed nothing");
+
+    let ev = get_json(
+        &format!(
+            "{}/api/v1/adapters/e2e-bot/versions/1/evidence",
+            stack.registry
+        ),
+        viewer,
+    );
+    let e = ev
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|e| e["suite"]["name"] == "e2e-ppl")
+        .expect("perplexity evidence posted");
+    assert_eq!(e["engine"]["engine"], "loraops-trainer");
+    assert_eq!(e["engine"]["decoding"]["mode"], "teacher-forced");
+    assert_eq!(e["metrics"]["perplexity"].as_f64().unwrap(), got);
 }
