@@ -5,9 +5,12 @@ run `loraops data curate` on them, and print throughput, peak RSS, and precision
 near-dup detection and of PII masking per type on the planted items.
 
     python3 bench/curate/bench.py [--rows 1000000] [--loraops PATH] [--keep DIR [--reuse]]
-                                  [--margin 0.05]
+                                  [--margin 0.05] [--curate-args "--proportions web=0.5,..."]
 
-PATH defaults to $CARGO_TARGET_DIR/debug/loraops. Only the standard library is needed.
+PATH is the `loraops` binary: $LORAOPS_BIN, else $CARGO_TARGET_DIR (default ./target)
+/release/loraops, else .../debug/loraops (what `cargo build --workspace` and `cargo test`
+build). The script checks that it is the real CLI (`--version`, `data curate --help`) and
+names it in the table. Only the standard library is needed.
 
 Definitions. Exact/near-dup recall: planted duplicates reported as duplicates (rejected.jsonl)
 over planted duplicates; near-dup recall counts only planted near duplicates whose true
@@ -22,6 +25,7 @@ import json
 import os
 import random
 import resource
+import shlex
 import subprocess
 import sys
 import tempfile
@@ -243,16 +247,40 @@ def evaluate(out, plan, threshold):
     return res
 
 
+def default_binary():
+    if os.environ.get("LORAOPS_BIN"):
+        return os.environ["LORAOPS_BIN"]
+    target = os.environ.get("CARGO_TARGET_DIR", os.path.join(os.path.dirname(__file__), "..", "..", "target"))
+    for profile in ["release", "debug"]:
+        p = os.path.join(target, profile, "loraops")
+        if os.path.exists(p):
+            return p
+    return os.path.join(target, "debug", "loraops")
+
+
+def check_binary(path):
+    """The version line of the real `loraops` CLI at `path`; exits when it is something else."""
+    if not (os.path.isfile(path) and os.access(path, os.X_OK)):
+        sys.exit(f"{path}: no loraops binary (build it: cargo build --workspace [--release], or pass --loraops)")
+    version = subprocess.run([path, "--version"], stdout=subprocess.PIPE, text=True)
+    helptext = subprocess.run([path, "data", "curate", "--help"], stdout=subprocess.PIPE, text=True)
+    if version.returncode != 0 or not version.stdout.startswith("loraops ") or "--near-dup-threshold" not in helptext.stdout:
+        sys.exit(f"{path} is not the loraops CLI with `data curate` ({version.stdout.strip()!r})")
+    return version.stdout.strip()
+
+
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--rows", type=int, default=1_000_000)
     ap.add_argument("--seed", type=int, default=1)
-    target = os.environ.get("CARGO_TARGET_DIR", os.path.join(os.path.dirname(__file__), "..", "..", "target"))
-    ap.add_argument("--loraops", default=os.path.join(target, "debug", "loraops"))
+    ap.add_argument("--loraops", default=default_binary())
     ap.add_argument("--keep", help="work in this directory and keep it")
     ap.add_argument("--reuse", action="store_true", help="reuse the data generated in --keep")
     ap.add_argument("--margin", type=float, help="dedup.margin to curate with (default: its default)")
+    ap.add_argument("--curate-args", default="", help="more `data curate` flags, e.g. --proportions or --select")
     args = ap.parse_args()
+    binary = os.path.abspath(args.loraops)
+    version = check_binary(binary)
     work = args.keep or tempfile.mkdtemp(prefix="curate-bench-")
     os.makedirs(work, exist_ok=True)
     data = os.path.join(work, "in.jsonl")
@@ -280,7 +308,8 @@ def main():
             f.write(f"[curate.dedup]\nmargin = {args.margin}\n")
     out = os.path.join(work, "out")
     t0 = time.time()
-    p = subprocess.run([args.loraops, "data", "curate", data, "--out", out, "--config", cfg, "--json"],
+    extra = shlex.split(args.curate_args)
+    p = subprocess.run([binary, "data", "curate", data, "--out", out, "--config", cfg, "--json"] + extra,
                        stdout=subprocess.PIPE)
     wall = time.time() - t0
     if p.returncode != 0:
@@ -293,15 +322,21 @@ def main():
     res = evaluate(out, plan, threshold)
     c = report["counts"]
     print(f"\n| metric | value |\n|---|---|")
+    print(f"| binary | {binary} ({version}) |")
     print(f"| rows | {args.rows:,} ({size / 1e6:.0f} MB) |")
     print(f"| wall time | {wall:.1f} s |")
     print(f"| throughput | {args.rows / wall:,.0f} rows/s ({size / 1e6 / wall:.1f} MB/s) |")
     print(f"| CPU time (user+sys) | {cpu:.1f} s ({args.rows / cpu:,.0f} rows per CPU-second) |")
     print(f"| peak RSS | {rss:.0f} MiB |")
-    print(f"| CPU threads | {os.cpu_count()} |")
+    threads = os.environ.get("RAYON_NUM_THREADS") or os.cpu_count()
+    print(f"| CPU threads | {threads} (of {os.cpu_count()}) |")
     print(f"| dedup margin | {report['dedup'].get('margin', args.margin)} |")
+    if extra:
+        print(f"| extra flags | `{' '.join(extra)}` |")
     print(f"| kept / exact dups / near dups / filtered / invalid | {c['kept']:,} / {c['exact_duplicates']:,} / "
           f"{c['near_duplicates']:,} / {c['filtered']:,} / {c['invalid']:,} |")
+    if c.get("proportion_dropped") or c.get("not_selected"):
+        print(f"| left out by proportions / by MMR selection | {c.get('proportion_dropped', 0):,} / {c.get('not_selected', 0):,} |")
     print(f"\n| planted item | count | recall | precision |\n|---|---|---|---|")
     r, pr, n = res["exact"]
     print(f"| exact duplicates | {n:,} | {r:.4f} | {pr:.4f} |")

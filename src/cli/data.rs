@@ -1,19 +1,25 @@
-//! `loraops data …`: dataset curation. The pipeline lives in `loraops_trainer::curate`; this
-//! module maps flags onto its configuration (file `[curate]` table < flags) and prints.
+//! `loraops data …`: dataset curation and synthetic data. The pipelines live in
+//! `loraops_trainer::curate`; this module maps flags onto their configuration (the file's
+//! `[curate]` / `[synth]` table < flags) and prints.
 
+use std::collections::BTreeMap;
 use std::path::PathBuf;
 
 use clap::{Args, Subcommand};
 use indicatif::{ProgressBar, ProgressDrawTarget, ProgressStyle};
+use loraops_trainer::curate::synth::{SynthConfig, SynthEvent, synth};
 use loraops_trainer::curate::{CurateConfig, Event, curate, format::FormatChoice};
 
 use super::{ConfigError, Global, UsageError};
 
 #[derive(Debug, Subcommand)]
 pub enum DataCmd {
-    /// Validate, normalise, PII-mask, deduplicate (exact + MinHash), filter and split JSONL
-    /// datasets into train/val/holdout/regression with report.json.
+    /// Validate, normalise, PII-mask, deduplicate (exact + MinHash), filter, balance, mix and
+    /// split JSONL datasets into train/val/holdout/regression with report.json.
     Curate(CurateArgs),
+    /// Generate synthetic SFT rows from seed rows through the gateway (self-instruct), filter,
+    /// judge, deduplicate and MMR-select them, with provenance in every row.
+    Synth(SynthArgs),
 }
 
 #[derive(Debug, Args)]
@@ -42,24 +48,151 @@ pub struct CurateArgs {
     /// Do not mask PII.
     #[arg(long)]
     no_pii: bool,
+    /// Keep only N train rows, picked by maximal marginal relevance (`select.train_rows`).
+    #[arg(long, value_name = "N")]
+    select: Option<usize>,
+    /// MMR trade-off: 1 relevance only, 0 diversity only (`select.lambda`).
+    #[arg(long, value_name = "L")]
+    mmr_lambda: Option<f64>,
+    /// The field balancing and proportions group rows by (`balance.field`, default source).
+    #[arg(long, value_name = "FIELD")]
+    balance_field: Option<String>,
+    /// Target shares of the domain rows per value, summing to 1: web=0.5,forum=0.3,docs=0.2
+    /// (`balance.proportions`; the largest seeded sample meeting them is kept).
+    #[arg(long, value_delimiter = ',', value_name = "VALUE=SHARE")]
+    proportions: Option<Vec<String>>,
+    /// With --proportions: the sample size wanted (`balance.total`).
+    #[arg(long, value_name = "N")]
+    balance_total: Option<u64>,
+    /// General-purpose JSONL files to mix into the inputs (`mix.general`).
+    #[arg(long, num_args = 1.., value_name = "FILE")]
+    general: Option<Vec<PathBuf>>,
+    /// general:domain ratio of the mix, e.g. 1:3 (`mix.ratio`).
+    #[arg(long, value_name = "G:D")]
+    mix_ratio: Option<String>,
+}
+
+#[derive(Debug, Args)]
+pub struct SynthArgs {
+    /// Seed JSONL files (SFT rows: messages, prompt/completion or instruction/output).
+    #[arg(required = true)]
+    seeds: Vec<PathBuf>,
+    /// Output directory for synthetic.jsonl, rejected.jsonl and report.json.
+    #[arg(long)]
+    out: PathBuf,
+    /// The model that writes: the base model's name, ADAPTER or ADAPTER@V.
+    #[arg(long)]
+    model: Option<String>,
+    /// Rows to write.
+    #[arg(long, value_name = "N")]
+    rows: Option<usize>,
+    /// Gateway base URL (OpenAI API under /v1).
+    #[arg(long, env = "LORAOPS_GATEWAY_URL")]
+    gateway: Option<String>,
+    /// Bearer token for the gateway (default: LORAOPS_TOKEN).
+    #[arg(long, env = "LORAOPS_GATEWAY_TOKEN", hide_env_values = true)]
+    gateway_token: Option<String>,
+    /// Seed rows shown as examples per candidate.
+    #[arg(long, value_name = "K")]
+    few_shot: Option<usize>,
+    /// Candidates generated per round.
+    #[arg(long, value_name = "N")]
+    per_round: Option<usize>,
+    /// Rounds at most.
+    #[arg(long, value_name = "N")]
+    max_rounds: Option<usize>,
+    /// Candidates generated in all, at most (default 20 × rows).
+    #[arg(long, value_name = "N")]
+    max_candidates: Option<usize>,
+    /// Requests in flight at once.
+    #[arg(long, value_name = "N")]
+    concurrency: Option<usize>,
+    /// Sampling temperature of both requests.
+    #[arg(long)]
+    temperature: Option<f64>,
+    /// `max_tokens` of each answer.
+    #[arg(long, value_name = "N")]
+    max_tokens: Option<u64>,
+    /// Seed of the example draws.
+    #[arg(long)]
+    seed: Option<u64>,
+    /// MMR trade-off for the final pick: 1 relevance (judge score) only, 0 diversity only.
+    #[arg(long, value_name = "L")]
+    mmr_lambda: Option<f64>,
+    /// Judge every candidate with this model (on the same gateway) and drop low scores.
+    #[arg(long, value_name = "MODEL")]
+    judge_model: Option<String>,
+    /// Candidates the judge scores below this (1 to 10) are rejected.
+    #[arg(long, value_name = "SCORE")]
+    judge_threshold: Option<f64>,
+    /// Jaccard similarity at which candidates count as near duplicates.
+    #[arg(long)]
+    near_dup_threshold: Option<f64>,
+    /// Do not mask PII.
+    #[arg(long)]
+    no_pii: bool,
 }
 
 pub fn run(cmd: DataCmd, global: &Global) -> anyhow::Result<()> {
     match cmd {
         DataCmd::Curate(a) => curate_cmd(a, global),
+        DataCmd::Synth(a) => synth_cmd(a, global),
     }
 }
 
-fn curate_cmd(a: CurateArgs, global: &Global) -> anyhow::Result<()> {
-    let mut cfg = match &global.config {
-        Some(p) => CurateConfig::from_toml_file(p)
-            .map_err(|e| anyhow::Error::new(ConfigError(e.to_string())))?,
-        None => CurateConfig::default(),
-    };
+/// `VALUE=SHARE` pairs into a map; duplicates and malformed pairs are usage errors.
+pub fn parse_proportions(pairs: &[String]) -> Result<BTreeMap<String, f64>, UsageError> {
+    let mut out = BTreeMap::new();
+    for p in pairs.iter().map(|p| p.trim()).filter(|p| !p.is_empty()) {
+        let bad = || {
+            UsageError(format!(
+                "--proportions: {p:?} is not VALUE=SHARE (e.g. web=0.5)"
+            ))
+        };
+        let (k, v) = p.split_once('=').ok_or_else(bad)?;
+        let v: f64 = v.trim().parse().map_err(|_| bad())?;
+        if k.trim().is_empty() {
+            return Err(bad());
+        }
+        if out.insert(k.trim().to_string(), v).is_some() {
+            return Err(UsageError(format!(
+                "--proportions: {:?} is given twice",
+                k.trim()
+            )));
+        }
+    }
+    if out.is_empty() {
+        return Err(UsageError("--proportions: no VALUE=SHARE pairs".into()));
+    }
+    Ok(out)
+}
+
+/// Map a trainer error onto the CLI's exit codes: 2 for configuration and bad input (an input
+/// file that cannot be read, a request the gateway refuses), 1 for the rest (an unwritable
+/// output, an unreachable endpoint).
+fn cli_error(e: loraops_trainer::Error, inputs: &[PathBuf]) -> anyhow::Error {
+    use loraops_trainer::Error as E;
+    match e {
+        E::Config(_) => anyhow::Error::new(ConfigError(e.to_string())),
+        E::Parse { .. } | E::Data { .. } => anyhow::Error::new(UsageError(e.to_string())),
+        E::Io { ref path, .. } if inputs.contains(path) => {
+            anyhow::Error::new(UsageError(e.to_string()))
+        }
+        E::Io { ref source, .. } if source.kind() == std::io::ErrorKind::InvalidInput => {
+            anyhow::Error::new(UsageError(e.to_string()))
+        }
+        // The message already ends with its cause; a chain would print the cause twice.
+        e @ E::Io { .. } => anyhow::Error::msg(e.to_string()),
+        e => anyhow::Error::new(e),
+    }
+}
+
+/// Lay the flags over the file's (or the default) configuration.
+fn apply_curate_flags(a: &CurateArgs, cfg: &mut CurateConfig) -> Result<(), UsageError> {
     if let Some(s) = a.seed {
         cfg.seed = s;
     }
-    if let Some(f) = a.format {
+    if let Some(f) = &a.format {
         cfg.format = match f.as_str() {
             "sft" => FormatChoice::Sft,
             "preference" => FormatChoice::Preference,
@@ -67,17 +200,17 @@ fn curate_cmd(a: CurateArgs, global: &Global) -> anyhow::Result<()> {
             _ => FormatChoice::Auto,
         };
     }
-    if let Some(r) = a.regression_file {
-        cfg.splits.regression_file = Some(r);
+    if let Some(r) = &a.regression_file {
+        cfg.splits.regression_file = Some(r.clone());
     }
     if let Some(t) = a.near_dup_threshold {
         cfg.dedup.threshold = t;
     }
-    if let Some(f) = a.fractions {
+    if let Some(f) = &a.fractions {
         if !(3..=4).contains(&f.len()) {
-            return Err(
-                UsageError("--fractions takes train,val,holdout[,regression]".into()).into(),
-            );
+            return Err(UsageError(
+                "--fractions takes train,val,holdout[,regression]".into(),
+            ));
         }
         cfg.splits.train = f[0];
         cfg.splits.val = f[1];
@@ -87,6 +220,37 @@ fn curate_cmd(a: CurateArgs, global: &Global) -> anyhow::Result<()> {
     if a.no_pii {
         cfg.pii.enabled = false;
     }
+    if let Some(n) = a.select {
+        cfg.select.train_rows = Some(n);
+    }
+    if let Some(l) = a.mmr_lambda {
+        cfg.select.lambda = l;
+    }
+    if let Some(f) = &a.balance_field {
+        cfg.balance.field = f.clone();
+    }
+    if let Some(p) = &a.proportions {
+        cfg.balance.proportions = parse_proportions(p)?;
+    }
+    if let Some(t) = a.balance_total {
+        cfg.balance.total = Some(t);
+    }
+    if let Some(g) = &a.general {
+        cfg.mix.general = g.clone();
+    }
+    if let Some(r) = &a.mix_ratio {
+        cfg.mix.ratio = Some(r.clone());
+    }
+    Ok(())
+}
+
+fn curate_cmd(a: CurateArgs, global: &Global) -> anyhow::Result<()> {
+    let mut cfg = match &global.config {
+        Some(p) => CurateConfig::from_toml_file(p)
+            .map_err(|e| anyhow::Error::new(ConfigError(e.to_string())))?,
+        None => CurateConfig::default(),
+    };
+    apply_curate_flags(&a, &mut cfg)?;
 
     let bar = if global.json {
         ProgressBar::hidden()
@@ -102,6 +266,7 @@ fn curate_cmd(a: CurateArgs, global: &Global) -> anyhow::Result<()> {
     };
     let mut inputs = a.inputs.clone();
     inputs.extend(cfg.splits.regression_file.clone());
+    inputs.extend(cfg.mix.general.iter().cloned());
     let result = curate(&a.inputs, &a.out, &cfg, &mut |e| match e {
         Event::Progress { bytes, total, rows } => {
             bar.set_length(total);
@@ -110,16 +275,125 @@ fn curate_cmd(a: CurateArgs, global: &Global) -> anyhow::Result<()> {
         }
     });
     bar.finish_and_clear();
+    let report = result.map_err(|e| cli_error(e, &inputs))?;
+    if global.json {
+        println!("{}", serde_json::to_string(&report)?);
+    } else {
+        print!("{}", report.summary());
+        println!("report: {}", a.out.join("report.json").display());
+    }
+    Ok(())
+}
+
+/// The OpenAI API base of a gateway URL (`…/v1`).
+fn api_base(gateway: &str) -> String {
+    let g = gateway.trim_end_matches('/');
+    if g.ends_with("/v1") {
+        g.to_string()
+    } else {
+        format!("{g}/v1")
+    }
+}
+
+/// Lay the flags over the file's (or the default) configuration.
+fn apply_synth_flags(a: &SynthArgs, cfg: &mut SynthConfig) {
+    if let Some(m) = &a.model {
+        cfg.model = m.clone();
+    }
+    if let Some(g) = &a.gateway {
+        cfg.url = api_base(g);
+    }
+    // The gateway token, else the one the other client commands use.
+    cfg.api_key = a
+        .gateway_token
+        .clone()
+        .or_else(|| std::env::var("LORAOPS_TOKEN").ok())
+        .filter(|t| !t.is_empty());
+    if let Some(n) = a.rows {
+        cfg.rows = n;
+    }
+    if let Some(k) = a.few_shot {
+        cfg.few_shot = k;
+    }
+    if let Some(n) = a.per_round {
+        cfg.per_round = n;
+    }
+    if let Some(n) = a.max_rounds {
+        cfg.max_rounds = n;
+    }
+    if let Some(n) = a.max_candidates {
+        cfg.max_candidates = Some(n);
+    }
+    if let Some(n) = a.concurrency {
+        cfg.concurrency = n;
+    }
+    if let Some(t) = a.temperature {
+        cfg.temperature = t;
+    }
+    if let Some(n) = a.max_tokens {
+        cfg.answer_max_tokens = n;
+    }
+    if let Some(s) = a.seed {
+        cfg.seed = s;
+    }
+    if let Some(l) = a.mmr_lambda {
+        cfg.lambda = l;
+    }
+    if let Some(m) = &a.judge_model {
+        cfg.judge.enabled = true;
+        cfg.judge.model = Some(m.clone());
+    }
+    if let Some(t) = a.judge_threshold {
+        cfg.judge.threshold = t;
+    }
+    if let Some(t) = a.near_dup_threshold {
+        cfg.dedup.threshold = t;
+    }
+    if a.no_pii {
+        cfg.pii.enabled = false;
+    }
+}
+
+fn synth_cmd(a: SynthArgs, global: &Global) -> anyhow::Result<()> {
+    let mut cfg = match &global.config {
+        Some(p) => SynthConfig::from_toml_file(p)
+            .map_err(|e| anyhow::Error::new(ConfigError(e.to_string())))?,
+        None => SynthConfig::default(),
+    };
+    apply_synth_flags(&a, &mut cfg);
+
+    let bar = if global.json {
+        ProgressBar::hidden()
+    } else {
+        let b = ProgressBar::with_draw_target(Some(0), ProgressDrawTarget::stderr());
+        b.set_style(
+            ProgressStyle::with_template("{bar:30} {pos}/{len} accepted  {msg}  {elapsed}")
+                .expect("valid template"),
+        );
+        b
+    };
+    let result = synth(&a.seeds, &a.out, &cfg, &mut |e| match e {
+        SynthEvent::Round {
+            round,
+            generated,
+            accepted,
+            target,
+        } => {
+            bar.set_length(target as u64);
+            bar.set_position(accepted.min(target) as u64);
+            bar.set_message(format!("round {round}, {generated} generated"));
+        }
+    });
+    bar.finish_and_clear();
     let report = result.map_err(|e| {
-        use loraops_trainer::Error as E;
-        match e {
-            E::Config(_) => anyhow::Error::new(ConfigError(e.to_string())),
-            E::Parse { .. } | E::Data { .. } => anyhow::Error::new(UsageError(e.to_string())),
-            // An input that cannot be read is bad input; an output that cannot be written is not.
-            E::Io { ref path, .. } if inputs.contains(path) => {
-                anyhow::Error::new(UsageError(e.to_string()))
-            }
-            e => anyhow::Error::new(e),
+        // Errors of the generator or the judge are I/O errors on their URL.
+        let remote = matches!(&e, loraops_trainer::Error::Io { path, .. }
+            if path.to_string_lossy().starts_with("http"));
+        let e = cli_error(e, &a.seeds);
+        if remote {
+            e.context(format!("data synth through the gateway at {}", cfg.url))
+        } else {
+            e
         }
     })?;
     if global.json {
@@ -129,4 +403,126 @@ fn curate_cmd(a: CurateArgs, global: &Global) -> anyhow::Result<()> {
         println!("report: {}", a.out.join("report.json").display());
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use clap::Parser;
+
+    #[derive(Parser)]
+    struct Data {
+        #[command(subcommand)]
+        cmd: DataCmd,
+    }
+
+    fn parse(args: &[&str]) -> DataCmd {
+        Data::try_parse_from(std::iter::once("data").chain(args.iter().copied()))
+            .unwrap()
+            .cmd
+    }
+
+    #[test]
+    fn curate_flags_override_the_file() {
+        let file = CurateConfig {
+            select: loraops_trainer::curate::SelectConfig {
+                train_rows: Some(5),
+                lambda: 0.9,
+                relevance_field: None,
+            },
+            ..Default::default()
+        };
+        let DataCmd::Curate(a) = parse(&[
+            "curate",
+            "in.jsonl",
+            "--out",
+            "o",
+            "--select",
+            "7",
+            "--proportions",
+            "web=0.6,docs=0.4",
+            "--balance-total",
+            "50",
+            "--general",
+            "g1.jsonl",
+            "g2.jsonl",
+            "--mix-ratio",
+            "1:3",
+        ]) else {
+            panic!("curate")
+        };
+        let mut cfg = file.clone();
+        apply_curate_flags(&a, &mut cfg).unwrap();
+        assert_eq!(cfg.select.train_rows, Some(7));
+        assert_eq!(cfg.select.lambda, 0.9, "the file's lambda stays");
+        assert_eq!(cfg.balance.proportions.get("docs"), Some(&0.4));
+        assert_eq!(cfg.balance.total, Some(50));
+        assert_eq!(cfg.mix.general.len(), 2);
+        assert_eq!(cfg.mix.ratio.as_deref(), Some("1:3"));
+        let DataCmd::Curate(a) =
+            parse(&["curate", "in.jsonl", "--out", "o", "--mmr-lambda", "0.2"])
+        else {
+            panic!("curate")
+        };
+        let mut cfg = file.clone();
+        apply_curate_flags(&a, &mut cfg).unwrap();
+        assert_eq!((cfg.select.train_rows, cfg.select.lambda), (Some(5), 0.2));
+        assert!(cfg.balance.proportions.is_empty() && cfg.mix.general.is_empty());
+    }
+
+    #[test]
+    fn synth_flags_override_the_file() {
+        let file = SynthConfig {
+            url: "http://file:1/v1".into(),
+            model: "from-file".into(),
+            rows: 9,
+            lambda: 0.7,
+            ..Default::default()
+        };
+        let DataCmd::Synth(a) = parse(&[
+            "synth",
+            "seeds.jsonl",
+            "--out",
+            "o",
+            "--gateway",
+            "http://gw:8500",
+            "--rows",
+            "3",
+            "--judge-model",
+            "judge@2",
+            "--mmr-lambda",
+            "0.1",
+            "--gateway-token",
+            "t",
+        ]) else {
+            panic!("synth")
+        };
+        let mut cfg = file.clone();
+        apply_synth_flags(&a, &mut cfg);
+        assert_eq!(cfg.url, "http://gw:8500/v1");
+        assert_eq!(cfg.model, "from-file");
+        assert_eq!((cfg.rows, cfg.lambda), (3, 0.1));
+        assert!(cfg.judge.enabled);
+        assert_eq!(cfg.judge.model.as_deref(), Some("judge@2"));
+        assert_eq!(cfg.api_key.as_deref(), Some("t"));
+    }
+
+    #[test]
+    fn proportions_and_gateway_urls_are_parsed() {
+        let p = parse_proportions(&["web=0.5".into(), " forum = 0.5 ".into()]).unwrap();
+        assert_eq!(p.get("web"), Some(&0.5));
+        assert_eq!(p.get("forum"), Some(&0.5));
+        for bad in [
+            vec!["web"],
+            vec!["=0.5"],
+            vec!["web=x"],
+            vec!["a=1", "a=0"],
+            vec![""],
+        ] {
+            let v: Vec<String> = bad.iter().map(|s| s.to_string()).collect();
+            assert!(parse_proportions(&v).is_err(), "{bad:?}");
+        }
+        assert_eq!(api_base("http://gw:8500"), "http://gw:8500/v1");
+        assert_eq!(api_base("http://gw:8500/v1/"), "http://gw:8500/v1");
+    }
 }

@@ -132,7 +132,8 @@ pub enum Command {
     /// Fine-tune a LoRA / QLoRA adapter.
     #[command(subcommand)]
     Train(train::TrainCmd),
-    /// Curate datasets: validate, mask PII, deduplicate, filter and split JSONL.
+    /// Curate datasets (validate, mask PII, deduplicate, filter, balance, split JSONL) and
+    /// generate synthetic rows through the gateway.
     #[command(subcommand)]
     Data(data::DataCmd),
 }

@@ -9,6 +9,7 @@ use std::time::{Duration, Instant};
 use safetensors::tensor::{Dtype, TensorView};
 use serde_json::{Value, json};
 
+mod data;
 mod eval;
 
 const SECRET: &str = "e2e-secret-0123456789abcdef";

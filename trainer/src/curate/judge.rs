@@ -2,10 +2,10 @@
 //! an OpenAI-compatible chat endpoint (the loraops gateway, or any other), and rows scoring
 //! under the threshold are rejected with the judge's score and reason.
 
-use std::time::Duration;
-
 use serde::{Deserialize, Serialize};
 use serde_json::{Value, json};
+
+use super::chat::{ChatClient, ChatError, ChatSettings, resolve_token};
 
 /// `[curate.judge]`.
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -23,10 +23,13 @@ pub struct JudgeConfig {
     pub threshold: f64,
     /// Environment variable holding a bearer token (e.g. LORAOPS_TOKEN), if any.
     pub api_key_env: Option<String>,
+    /// A bearer token given on the command line (never read from or written to a file).
+    #[serde(skip)]
+    pub api_key: Option<String>,
     /// Requests in flight at once.
     pub concurrency: usize,
     pub timeout_s: u64,
-    /// Retries per row on transport errors and 5xx answers.
+    /// Retries per row on transport errors, 429 and 5xx answers.
     pub retries: usize,
     /// Longer rows are cut to this many characters in the prompt.
     pub max_chars: usize,
@@ -41,6 +44,7 @@ impl Default for JudgeConfig {
             rubric: "The response is correct, helpful, safe and follows the instruction.".into(),
             threshold: 6.0,
             api_key_env: None,
+            api_key: None,
             concurrency: 8,
             timeout_s: 60,
             retries: 2,
@@ -56,12 +60,32 @@ pub struct Verdict {
     pub reason: String,
 }
 
+/// Why a row got no verdict.
+#[derive(Debug, thiserror::Error)]
+pub enum JudgeError {
+    #[error("judge {0}")]
+    Chat(#[from] ChatError),
+    #[error("judge {url}: no score in answer {answer:?}")]
+    NoScore { url: String, answer: String },
+}
+
+impl JudgeError {
+    /// As the trainer's error, naming the endpoint.
+    pub fn into_error(self) -> crate::Error {
+        match self {
+            JudgeError::Chat(e) => e.into_error(),
+            JudgeError::NoScore { url, answer } => crate::Error::io(
+                url,
+                std::io::Error::other(format!("judge: no score in answer {answer:?}")),
+            ),
+        }
+    }
+}
+
 /// A judge client.
 pub struct Judge {
     cfg: JudgeConfig,
-    url: String,
-    http: reqwest::blocking::Client,
-    token: Option<String>,
+    chat: ChatClient,
     pool: rayon::ThreadPool,
 }
 
@@ -72,17 +96,15 @@ impl Judge {
         if cfg.model.is_empty() {
             return Err("judge: `model` is required".into());
         }
-        let http = reqwest::blocking::Client::builder()
-            .timeout(Duration::from_secs(cfg.timeout_s.max(1)))
-            .build()
-            .map_err(|e| format!("judge: {e}"))?;
-        let token = match &cfg.api_key_env {
-            Some(v) => Some(
-                std::env::var(v)
-                    .map_err(|_| format!("judge: environment variable {v} is not set"))?,
-            ),
-            None => None,
-        };
+        let token = resolve_token(cfg.api_key.as_deref(), cfg.api_key_env.as_deref(), "judge")
+            .map_err(|e| e.to_string())?;
+        let chat = ChatClient::new(&ChatSettings {
+            url: cfg.url.clone(),
+            token,
+            timeout_s: cfg.timeout_s,
+            retries: cfg.retries,
+        })
+        .map_err(|e| format!("judge: {e}"))?;
         let pool = rayon::ThreadPoolBuilder::new()
             .num_threads(cfg.concurrency.max(1))
             .thread_name(|i| format!("curate-judge-{i}"))
@@ -90,22 +112,25 @@ impl Judge {
             .map_err(|e| format!("judge: {e}"))?;
         Ok(Self {
             cfg: cfg.clone(),
-            url: format!("{}/chat/completions", cfg.url.trim_end_matches('/')),
-            http,
-            token,
+            chat,
             pool,
         })
     }
 
     /// Score many rows' texts concurrently; the result is in input order.
-    pub fn score_all(&self, texts: &[&str]) -> Result<Vec<Verdict>, String> {
+    pub fn score_all(&self, texts: &[&str]) -> Result<Vec<Verdict>, JudgeError> {
+        self.score_each(texts).into_iter().collect()
+    }
+
+    /// Score many rows' texts concurrently, one result per row, in input order.
+    pub fn score_each(&self, texts: &[&str]) -> Vec<Result<Verdict, JudgeError>> {
         use rayon::prelude::*;
         self.pool
             .install(|| texts.par_iter().map(|t| self.score(t)).collect())
     }
 
     /// Score one row's text.
-    pub fn score(&self, text: &str) -> Result<Verdict, String> {
+    pub fn score(&self, text: &str) -> Result<Verdict, JudgeError> {
         let text: String = text.chars().take(self.cfg.max_chars).collect();
         let body = json!({
             "model": self.cfg.model,
@@ -116,45 +141,16 @@ impl Judge {
                 {"role": "user", "content": format!("Rubric: {}\n\nExample:\n{}", self.cfg.rubric, text)},
             ],
         });
-        let url = &self.url;
-        let mut last = String::new();
-        for attempt in 0..=self.cfg.retries {
-            if attempt > 0 {
-                std::thread::sleep(Duration::from_millis(200 << attempt.min(5)));
-            }
-            let mut req = self.http.post(url).json(&body);
-            if let Some(t) = &self.token {
-                req = req.bearer_auth(t);
-            }
-            match req.send() {
-                Ok(r) if r.status().is_success() => {
-                    let v: Value = r.json().map_err(|e| format!("judge {url}: {e}"))?;
-                    let content = v
-                        .pointer("/choices/0/message/content")
-                        .and_then(Value::as_str)
-                        .ok_or_else(|| {
-                            format!("judge {url}: no choices[0].message.content in {v}")
-                        })?;
-                    return parse_verdict(content)
-                        .ok_or_else(|| format!("judge {url}: no score in answer {content:?}"));
-                }
-                Ok(r) if r.status().is_server_error() => {
-                    last = format!("judge {url}: HTTP {}", r.status());
-                }
-                Ok(r) => {
-                    let status = r.status();
-                    let text = r.text().unwrap_or_default();
-                    return Err(format!("judge {url}: HTTP {status}: {text}"));
-                }
-                Err(e) => last = format!("judge {url}: {e}"),
-            }
-        }
-        Err(last)
+        let content = self.chat.complete(&body)?;
+        parse_verdict(&content).ok_or_else(|| JudgeError::NoScore {
+            url: self.chat.url().to_string(),
+            answer: content.chars().take(200).collect(),
+        })
     }
 
     /// The endpoint, for error messages.
     pub fn url(&self) -> &str {
-        &self.url
+        self.chat.url()
     }
 
     pub fn threshold(&self) -> f64 {

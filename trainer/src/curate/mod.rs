@@ -5,6 +5,8 @@
 //! then, in input order, rows are deduplicated (exact key, then MinHash LSH), capped by the
 //! balance rules, assigned a split from their content and the seed, and written. Memory holds
 //! one batch of rows plus, per kept row, its exact key and its LSH entries, never the texts.
+//! Target proportions, general:domain mixing and diversity selection then rewrite the split
+//! files from what was recorded per row (a rank and a group), again without holding texts.
 //!
 //! - `format`: schema validation and normalisation per format
 //! - `pii`: typed PII masking; `dedup`: exact and MinHash/LSH near dedup
@@ -12,6 +14,9 @@
 //! - `splits`: seeded split assignment and hashing writers; `report`: report.json + summary
 //! - `judge`: optional LLM judge on an OpenAI-compatible endpoint (rubric + threshold)
 //! - `select`: diversity selection by maximal marginal relevance over MinHash similarity
+//! - `balance`: caps, target proportions and general:domain mixing
+//! - `chat`: the OpenAI-compatible client of the judge and of `synth`
+//! - `synth`: synthetic rows generated from seed rows through a gateway (`loraops data synth`)
 //!
 //! Duplicates are dropped and only one representative of a cluster is written, so no cluster
 //! spans two splits; pinned regression rows are indexed first, so input rows that duplicate
@@ -48,6 +53,12 @@
 //! [curate.balance]
 //! field = "source"
 //! max_per_value = 10000
+//! proportions = { web = 0.5, forum = 0.3, docs = 0.2 }   # shares of the domain rows, sum 1
+//! total = 50000                # optional: the sample size wanted (shortfalls are reported)
+//! [curate.mix]                 # general rows mixed into the domain rows (the inputs)
+//! general = ["general.jsonl"]
+//! ratio = "1:3"                # general:domain
+//! origin_field = "origin"      # every written row says "general" or "domain" here
 //! [curate.judge]               # off unless enabled
 //! enabled = true
 //! url = "http://127.0.0.1:8080/v1"
@@ -59,6 +70,8 @@
 //! lambda = 0.5
 //! ```
 
+pub mod balance;
+pub mod chat;
 pub mod dedup;
 pub mod filters;
 pub mod format;
@@ -67,6 +80,7 @@ pub mod pii;
 pub mod report;
 pub mod select;
 pub mod splits;
+pub mod synth;
 
 use std::collections::{BTreeMap, HashMap};
 use std::fs::File;
@@ -80,6 +94,7 @@ use serde_json::Value;
 use sha2::{Digest, Sha256};
 
 use crate::{Error, Result};
+pub use balance::{BalanceConfig, MixConfig};
 use dedup::{DedupConfig, IdMap, MinHasher, NearIndex, NearResult};
 use filters::{FilterConfig, Filters, LicenseConfig, LicenseVerdict, MissingLicense};
 use format::{Family, FormatChoice, Split, UnicodeForm};
@@ -87,29 +102,6 @@ use judge::{Judge, JudgeConfig};
 use pii::{Masker, PiiConfig, PiiCounts, PiiKind};
 use report::{Cluster, DupMember, InputReport, Loc, Report, RowIssue, SplitReport};
 use splits::{SplitConfig, SplitWriter};
-
-/// `[curate.balance]`: caps per value of a field (streaming: the first rows up to the cap are
-/// kept, in input order).
-#[derive(Debug, Clone, Serialize, Deserialize)]
-#[serde(default, deny_unknown_fields)]
-pub struct BalanceConfig {
-    /// The field to balance on (`source` by default; rows without it count as `(none)`).
-    pub field: String,
-    /// Cap for every value.
-    pub max_per_value: Option<u64>,
-    /// Caps for particular values (override `max_per_value`).
-    pub caps: BTreeMap<String, u64>,
-}
-
-impl Default for BalanceConfig {
-    fn default() -> Self {
-        Self {
-            field: "source".into(),
-            max_per_value: None,
-            caps: BTreeMap::new(),
-        }
-    }
-}
 
 /// `[curate.select]`: keep only `train_rows` rows of the train split, chosen by maximal
 /// marginal relevance (a second pass over train.jsonl that holds signatures, not texts).
@@ -148,6 +140,8 @@ pub struct CurateConfig {
     pub license: LicenseConfig,
     pub filters: FilterConfig,
     pub balance: BalanceConfig,
+    /// General rows mixed into the inputs (off unless set).
+    pub mix: MixConfig,
     /// Optional LLM judge (off by default).
     pub judge: JudgeConfig,
     /// Optional diversity selection on the train split.
@@ -170,6 +164,7 @@ impl Default for CurateConfig {
             license: LicenseConfig::default(),
             filters: FilterConfig::default(),
             balance: BalanceConfig::default(),
+            mix: MixConfig::default(),
             judge: JudgeConfig::default(),
             select: SelectConfig::default(),
             listed_limit: 1000,
@@ -183,8 +178,9 @@ impl CurateConfig {
     /// errors); without one, the file's top-level curation keys (a shared loraops
     /// configuration file's other sections are left alone).
     pub fn from_toml_file(path: &Path) -> Result<Self> {
-        const KEYS: [&str; 13] = [
+        const KEYS: [&str; 14] = [
             "judge",
+            "mix",
             "select",
             "seed",
             "format",
@@ -227,6 +223,16 @@ impl CurateConfig {
         if !(0.0..=1.0).contains(&d.threshold) {
             return Err(Error::Config("dedup: threshold must be in [0, 1]".into()));
         }
+        balance::check_proportions(&self.balance.proportions).map_err(Error::Config)?;
+        self.mix.parts().map_err(Error::Config)?;
+        if self.select.train_rows == Some(0) {
+            return Err(Error::Config(
+                "select: train_rows must be at least 1 (an empty train split)".into(),
+            ));
+        }
+        if !(0.0..=1.0).contains(&self.select.lambda) {
+            return Err(Error::Config("select: lambda must be in [0, 1]".into()));
+        }
         Ok(())
     }
 }
@@ -263,6 +269,8 @@ struct Kept {
     label: Option<bool>,
     /// The row's text for the judge (empty when there is none).
     content: String,
+    /// From a general file (`[curate.mix]`).
+    general: bool,
 }
 
 struct Stage {
@@ -275,8 +283,8 @@ struct Stage {
 
 impl Stage {
     /// Parse, validate, normalise, mask, filter and hash one line. `pinned` rows skip the
-    /// license and quality filters.
-    fn process(&self, raw: &[u8], pinned: bool) -> Outcome {
+    /// license and quality filters; `general` rows come from a file mixed in.
+    fn process(&self, raw: &[u8], pinned: bool, general: bool) -> Outcome {
         let Ok(text) = std::str::from_utf8(raw) else {
             return Outcome::Invalid("not valid UTF-8".into());
         };
@@ -346,6 +354,12 @@ impl Stage {
         let dtext = dedup::dedup_text(&content);
         let key = dedup::exact_key(&dtext);
         let sig = self.cfg.dedup.near.then(|| self.hasher.signature(&dtext));
+        // Pinned regression rows stay as given; every other row says where it came from.
+        if self.cfg.mix.enabled() && !pinned {
+            let origin = if general { "general" } else { "domain" };
+            row.obj
+                .insert(self.cfg.mix.origin_field.clone(), Value::from(origin));
+        }
         let balance = row
             .obj
             .get(&self.cfg.balance.field)
@@ -370,6 +384,7 @@ impl Stage {
             } else {
                 String::new()
             },
+            general,
         }))
     }
 }
@@ -378,6 +393,26 @@ impl Stage {
 struct RepInfo {
     file: u32,
     line: u32,
+}
+
+/// What proportions and mixing need of one written row.
+struct RowTag {
+    rank: u64,
+    /// Its row index in its split file.
+    pos: u64,
+    file: u32,
+    line: u32,
+    /// Index of its balance value in [`Sampling::names`].
+    value: u32,
+    general: bool,
+}
+
+/// Rows recorded for the pass after streaming (only when proportions or mixing are set).
+#[derive(Default)]
+struct Sampling {
+    ids: HashMap<String, u32>,
+    names: Vec<String>,
+    tags: BTreeMap<Split, Vec<RowTag>>,
 }
 
 struct Run<'a> {
@@ -400,6 +435,7 @@ struct Run<'a> {
     pii: PiiCounts,
     n_pinned_reps: u32,
     judge_scores: f64,
+    sampling: Option<Sampling>,
 }
 
 impl Run<'_> {
@@ -605,10 +641,23 @@ impl Run<'_> {
                 _ => self.cfg.splits.assign(self.cfg.seed, k.key),
             }
         };
-        self.writers
-            .get_mut(&split)
-            .expect("all splits open")
-            .write_line(&k.line)?;
+        let w = self.writers.get_mut(&split).expect("all splits open");
+        if let (Some(s), false) = (&mut self.sampling, pinned) {
+            let next = s.names.len() as u32;
+            let value = *s.ids.entry(k.balance.clone()).or_insert(next);
+            if value == next {
+                s.names.push(k.balance.clone());
+            }
+            s.tags.entry(split).or_default().push(RowTag {
+                rank: balance::rank(self.cfg.seed, k.key),
+                pos: w.rows,
+                file,
+                line: line as u32,
+                value,
+                general: k.general,
+            });
+        }
+        w.write_line(&k.line)?;
         if let Some(l) = k.label {
             let e = self.labels.entry(split).or_default();
             if l { e.0 += 1 } else { e.1 += 1 }
@@ -650,6 +699,7 @@ fn stream_file(
     path: &Path,
     file: u32,
     pinned: bool,
+    general: bool,
     stage: &Stage,
     run: &mut Run<'_>,
     progress: &mut dyn FnMut(u64, u64),
@@ -691,7 +741,10 @@ fn stream_file(
             run.reps.reserve(est);
             run.reserved = true;
         }
-        let outs: Vec<Outcome> = buf.par_iter().map(|l| stage.process(l, pinned)).collect();
+        let outs: Vec<Outcome> = buf
+            .par_iter()
+            .map(|l| stage.process(l, pinned, general))
+            .collect();
         let first = lines + 1;
         lines += buf.len() as u64;
         let mut kept: Vec<(Box<Kept>, u64)> = Vec::new();
@@ -708,9 +761,7 @@ fn stream_file(
         let verdicts = match (&stage.judge, pinned) {
             (Some(j), false) if !kept.is_empty() => {
                 let texts: Vec<&str> = kept.iter().map(|(k, _)| k.content.as_str()).collect();
-                let v = j
-                    .score_all(&texts)
-                    .map_err(|e| Error::io(j.url(), std::io::Error::other(e)))?;
+                let v = j.score_all(&texts).map_err(|e| e.into_error())?;
                 Some(v)
             }
             _ => None,
@@ -748,6 +799,7 @@ fn stream_file(
 /// Curate `inputs` into `out`: `train.jsonl`, `val.jsonl`, `holdout.jsonl`,
 /// `regression.jsonl`, `rejected.jsonl` (every row not kept, with its reason) and
 /// `report.json`. Returns the report; when no row is left, writes the report and fails.
+/// The general files of `[curate.mix]` are read after the inputs.
 pub fn curate(
     inputs: &[PathBuf],
     out: &Path,
@@ -760,7 +812,11 @@ pub fn curate(
         return Err(Error::Config("no input files".into()));
     }
     let mut total = 0u64;
-    for p in inputs.iter().chain(cfg.splits.regression_file.as_ref()) {
+    for p in inputs
+        .iter()
+        .chain(cfg.splits.regression_file.as_ref())
+        .chain(&cfg.mix.general)
+    {
         let m = std::fs::metadata(p).map_err(|e| Error::io(p, e))?;
         if m.is_dir() {
             return Err(Error::parse(p, "is a directory, not a JSONL file"));
@@ -791,6 +847,8 @@ pub fn curate(
     if let Some(r) = &cfg.splits.regression_file {
         files.push(r.display().to_string());
     }
+    let general_idx = files.len() as u32;
+    files.extend(cfg.mix.general.iter().map(|p| p.display().to_string()));
     let mut run = Run {
         cfg,
         report: Report {
@@ -816,6 +874,8 @@ pub fn curate(
         pii: PiiCounts::default(),
         n_pinned_reps: 0,
         judge_scores: 0.0,
+        sampling: (!cfg.balance.proportions.is_empty() || cfg.mix.enabled())
+            .then(Sampling::default),
     };
     run.report.dedup.threshold = cfg.dedup.threshold;
     run.report.dedup.margin = cfg.dedup.margin;
@@ -829,7 +889,7 @@ pub fn curate(
     let mut done = 0u64;
     let mut rows = 0u64;
     if let Some(r) = &cfg.splits.regression_file {
-        let rep = stream_file(r, reg_idx, true, &stage, &mut run, &mut |b, l| {
+        let rep = stream_file(r, reg_idx, true, false, &stage, &mut run, &mut |b, l| {
             on(Event::Progress {
                 bytes: b,
                 total,
@@ -839,10 +899,21 @@ pub fn curate(
         done += rep.bytes;
         run.report.regression_file = Some(rep);
     }
-    for (i, p) in inputs.iter().enumerate() {
+    let general = cfg
+        .mix
+        .general
+        .iter()
+        .enumerate()
+        .map(|(i, p)| (p, true, general_idx + i as u32));
+    for (p, is_general, idx) in inputs
+        .iter()
+        .enumerate()
+        .map(|(i, p)| (p, false, i as u32))
+        .chain(general)
+    {
         let base = done;
         let base_rows = rows;
-        let rep = stream_file(p, i as u32, false, &stage, &mut run, &mut |b, l| {
+        let rep = stream_file(p, idx, false, is_general, &stage, &mut run, &mut |b, l| {
             on(Event::Progress {
                 bytes: base + b,
                 total,
@@ -851,8 +922,13 @@ pub fn curate(
         })?;
         done += rep.bytes;
         rows += rep.lines;
-        run.report.inputs.push(rep);
+        if is_general {
+            run.report.general_inputs.push(rep);
+        } else {
+            run.report.inputs.push(rep);
+        }
     }
+    sample(&mut run)?;
     if let Some(n) = cfg.select.train_rows {
         select_train(&mut run, &stage, n)?;
     }
@@ -875,14 +951,16 @@ pub fn curate(
             format!("all {} rows are invalid (wrong format?){first}", c.read)
         } else {
             format!(
-                "{} rows read: {} invalid, {} license-rejected, {} filtered, {} judged below threshold, {} duplicates, {} over balance caps",
+                "{} rows read: {} invalid, {} license-rejected, {} filtered, {} judged below threshold, {} duplicates, {} over balance caps, {} outside the proportions, {} general rows over the mix ratio",
                 c.read,
                 c.invalid,
                 c.license_rejected,
                 c.filtered,
                 c.judge_rejected,
                 c.exact_duplicates + c.near_duplicates,
-                c.balance_dropped
+                c.balance_dropped,
+                c.proportion_dropped,
+                c.mix_dropped
             )
         };
         return Err(Error::parse(
@@ -893,16 +971,236 @@ pub fn curate(
     Ok(report)
 }
 
+/// Rewrite a split file keeping only the rows whose `keep` flag is set (rows past its end
+/// stay), recounting its rows, labels and digest.
+fn rewrite_split(run: &mut Run<'_>, split: Split, keep: &[bool]) -> Result<()> {
+    let w = run.writers.remove(&split).expect("split open");
+    let path = w.path.clone();
+    w.finish()?;
+    let all = path.with_extension("jsonl.all");
+    std::fs::rename(&path, &all).map_err(|e| Error::io(&path, e))?;
+    let mut w = SplitWriter::create(&path)?;
+    let mut labels = (0u64, 0u64);
+    let f = File::open(&all).map_err(|e| Error::io(&all, e))?;
+    for (i, l) in BufReader::with_capacity(1 << 20, f).lines().enumerate() {
+        let l = l.map_err(|e| Error::io(&all, e))?;
+        if !keep.get(i).copied().unwrap_or(true) {
+            continue;
+        }
+        // Only KTO rows carry a boolean label; skip parsing the others.
+        if l.contains("\"label\"")
+            && let Ok(v) = serde_json::from_str::<Value>(&l)
+            && let Some(b) = v.get("label").and_then(Value::as_bool)
+        {
+            if b { labels.0 += 1 } else { labels.1 += 1 }
+        }
+        w.write_line(&l)?;
+    }
+    std::fs::remove_file(&all).map_err(|e| Error::io(&all, e))?;
+    run.writers.insert(split, w);
+    run.labels.insert(split, labels);
+    Ok(())
+}
+
+/// Why the sampling pass dropped a row.
+#[derive(Clone, Copy, PartialEq)]
+enum Sampled {
+    Keep,
+    Proportion,
+    Unlisted,
+    Mix,
+}
+
+/// Apply `balance.proportions` to the domain rows, then mix general rows in at the ratio, by
+/// rewriting the split files (see [`balance`]).
+fn sample(run: &mut Run<'_>) -> Result<()> {
+    let Some(s) = run.sampling.take() else {
+        return Ok(());
+    };
+    let cfg = run.cfg;
+    let mut verdict: BTreeMap<Split, Vec<Sampled>> = s
+        .tags
+        .iter()
+        .map(|(k, v)| (*k, vec![Sampled::Keep; v.len()]))
+        .collect();
+    // (split, index in its tags, rank) of the rows of each group.
+    let mut groups: Vec<Vec<(Split, usize, u64)>> = vec![Vec::new(); s.names.len()];
+    let mut general: Vec<(Split, usize, u64)> = Vec::new();
+    for (sp, tags) in &s.tags {
+        for (i, t) in tags.iter().enumerate() {
+            if t.general {
+                general.push((*sp, i, t.rank));
+            } else {
+                groups[t.value as usize].push((*sp, i, t.rank));
+            }
+        }
+    }
+    let mut domain_rows: u64 = groups.iter().map(|g| g.len() as u64).sum();
+    let props = &cfg.balance.proportions;
+    if !props.is_empty() {
+        let available: BTreeMap<String, u64> = s
+            .names
+            .iter()
+            .zip(&groups)
+            .filter(|(_, g)| !g.is_empty())
+            .map(|(n, g)| (n.clone(), g.len() as u64))
+            .collect();
+        let targets = balance::proportion_targets(props, &available, cfg.balance.total)
+            .map_err(Error::Config)?;
+        let mut rep = report::BalanceReport {
+            field: cfg.balance.field.clone(),
+            requested_total: cfg.balance.total,
+            sampled: targets.total,
+            limited_by: targets.limited_by.clone(),
+            ..Default::default()
+        };
+        for (name, g) in s.names.iter().zip(&groups) {
+            if g.is_empty() {
+                continue;
+            }
+            let listed = props.contains_key(name);
+            let k = targets.keep.get(name).copied().unwrap_or(0);
+            let ranks: Vec<u64> = g.iter().map(|x| x.2).collect();
+            for ((sp, i, _), keep) in g.iter().zip(balance::keep_lowest(&ranks, k as usize)) {
+                if !keep {
+                    verdict.get_mut(sp).expect("split")[*i] = if listed {
+                        Sampled::Proportion
+                    } else {
+                        Sampled::Unlisted
+                    };
+                }
+            }
+            if !listed {
+                rep.unlisted.insert(name.clone(), g.len() as u64);
+            }
+        }
+        for (name, share) in props {
+            let kept = targets.keep.get(name).copied().unwrap_or(0);
+            let requested = cfg
+                .balance
+                .total
+                .map(|t| (share * t as f64 / props.values().sum::<f64>()).round() as u64);
+            rep.values.insert(
+                name.clone(),
+                report::ValueShare {
+                    target: *share,
+                    available: available.get(name).copied().unwrap_or(0),
+                    kept,
+                    achieved: kept as f64 / targets.total.max(1) as f64,
+                    requested,
+                    shortfall: requested.map_or(0, |r| r.saturating_sub(kept)),
+                },
+            );
+        }
+        if let Some(t) = cfg.balance.total
+            && targets.total < t
+        {
+            run.report.warnings.push(format!(
+                "balance: {} rows meet the proportions, {t} were asked for (short by {}); limited by {}",
+                targets.total,
+                t - targets.total,
+                targets.limited_by.join(", ")
+            ));
+        }
+        if !rep.unlisted.is_empty() {
+            let u: Vec<String> = rep
+                .unlisted
+                .iter()
+                .map(|(k, n)| format!("{k} ({n})"))
+                .collect();
+            run.report.warnings.push(format!(
+                "balance: rows whose {} has no proportion were dropped: {}",
+                cfg.balance.field,
+                u.join(", ")
+            ));
+        }
+        domain_rows = targets.total;
+        run.report.balance = Some(rep);
+    }
+    if let Some((a, b)) = cfg.mix.parts().map_err(Error::Config)? {
+        let available = general.len() as u64;
+        let want = balance::general_target(domain_rows, (a, b), u64::MAX);
+        let k = want.min(available);
+        let ranks: Vec<u64> = general.iter().map(|x| x.2).collect();
+        for ((sp, i, _), keep) in general.iter().zip(balance::keep_lowest(&ranks, k as usize)) {
+            if !keep {
+                verdict.get_mut(sp).expect("split")[*i] = Sampled::Mix;
+            }
+        }
+        let achieved = balance::format_ratio(a, k, domain_rows);
+        if k < want {
+            run.report.warnings.push(format!(
+                "mix: {want} general rows wanted at {} for {domain_rows} domain rows, only {available} available; achieved {achieved}",
+                cfg.mix.ratio.as_deref().unwrap_or_default()
+            ));
+        }
+        run.report.mix = Some(report::MixReport {
+            ratio: cfg.mix.ratio.clone().unwrap_or_default(),
+            target_general_share: a / (a + b),
+            domain_rows,
+            general_available: available,
+            general_kept: k,
+            achieved_ratio: achieved,
+            achieved_general_share: k as f64 / (k + domain_rows).max(1) as f64,
+            origin_field: cfg.mix.origin_field.clone(),
+        });
+    }
+    for (sp, tags) in &s.tags {
+        let v = &verdict[sp];
+        if v.iter().all(|d| *d == Sampled::Keep) {
+            continue;
+        }
+        let rows = run.writers[sp].rows as usize;
+        let mut keep = vec![true; rows];
+        for (t, d) in tags.iter().zip(v) {
+            let (reason, detail) = match d {
+                Sampled::Keep => continue,
+                Sampled::Proportion => (
+                    "proportions",
+                    format!(
+                        "{} {:?}: not in the sample meeting balance.proportions",
+                        cfg.balance.field, s.names[t.value as usize]
+                    ),
+                ),
+                Sampled::Unlisted => (
+                    "proportions",
+                    format!(
+                        "{} {:?} has no share in balance.proportions",
+                        cfg.balance.field, s.names[t.value as usize]
+                    ),
+                ),
+                Sampled::Mix => ("mix", "general row over the mix ratio".to_string()),
+            };
+            keep[t.pos as usize] = false;
+            if *d == Sampled::Mix {
+                run.report.counts.mix_dropped += 1;
+            } else {
+                run.report.counts.proportion_dropped += 1;
+            }
+            run.report.counts.kept -= 1;
+            *run.report
+                .rejected_by_reason
+                .entry(reason.into())
+                .or_default() += 1;
+            if let Some(n) = run.report.sources.get_mut(&s.names[t.value as usize]) {
+                *n -= 1;
+            }
+            run.issue(t.file, t.line as u64, reason, detail, false)?;
+        }
+        rewrite_split(run, *sp, &keep)?;
+    }
+    run.report.sources.retain(|_, n| *n > 0);
+    Ok(())
+}
+
 /// Replace train.jsonl by the `n` rows MMR selects from it (kept in their order).
 fn select_train(run: &mut Run<'_>, stage: &Stage, n: usize) -> Result<()> {
-    let w = run.writers.remove(&Split::Train).expect("train split open");
-    let path = w.path.clone();
-    let from = w.rows;
-    w.finish()?;
-    let read = |p: &Path| -> Result<Vec<String>> {
-        let text = std::fs::read_to_string(p).map_err(|e| Error::io(p, e))?;
-        Ok(text.lines().map(str::to_string).collect())
-    };
+    let path = run.writers[&Split::Train].path.clone();
+    let from = run.writers[&Split::Train].rows;
+    run.writers
+        .get_mut(&Split::Train)
+        .expect("train split open")
+        .flush()?;
     let mut sigs = Vec::with_capacity(from as usize);
     let mut rel = Vec::with_capacity(from as usize);
     let field = stage.cfg.select.relevance_field.as_deref();
@@ -928,24 +1226,8 @@ fn select_train(run: &mut Run<'_>, stage: &Stage, n: usize) -> Result<()> {
     for p in &picks {
         keep[*p] = true;
     }
-    let all = path.with_extension("jsonl.all");
-    std::fs::rename(&path, &all).map_err(|e| Error::io(&path, e))?;
-    let mut w = SplitWriter::create(&path)?;
-    let mut labels = (0u64, 0u64);
-    for (i, l) in read(&all)?.into_iter().enumerate() {
-        if keep[i] {
-            if let Ok(v) = serde_json::from_str::<Value>(&l)
-                && let Some(b) = v.get("label").and_then(Value::as_bool)
-            {
-                if b { labels.0 += 1 } else { labels.1 += 1 }
-            }
-            w.write_line(&l)?;
-        }
-    }
-    std::fs::remove_file(&all).map_err(|e| Error::io(&all, e))?;
-    let selected = w.rows;
-    run.writers.insert(Split::Train, w);
-    run.labels.insert(Split::Train, labels);
+    rewrite_split(run, Split::Train, &keep)?;
+    let selected = run.writers[&Split::Train].rows;
     run.report.counts.kept -= from - selected;
     run.report.counts.not_selected = from - selected;
     run.report.selection = Some(report::SelectionReport {

@@ -47,6 +47,10 @@ pub struct Counts {
     pub judge_rejected: u64,
     /// Train rows left out by diversity selection.
     pub not_selected: u64,
+    /// Domain rows left out of the sample meeting `balance.proportions`.
+    pub proportion_dropped: u64,
+    /// General rows left out to meet the mix ratio.
+    pub mix_dropped: u64,
     pub exact_duplicates: u64,
     pub near_duplicates: u64,
     /// Rows written to a split (pinned regression rows included).
@@ -103,6 +107,55 @@ pub struct SelectionReport {
     pub lambda: f64,
 }
 
+/// One value of the balance field under target proportions.
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+pub struct ValueShare {
+    /// The target share.
+    pub target: f64,
+    /// Domain rows with this value after dedup, filters and caps.
+    pub available: u64,
+    pub kept: u64,
+    /// `kept` over all rows kept by the proportions.
+    pub achieved: f64,
+    /// With `balance.total`: rows asked for (`target * total`), and how many are missing.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub requested: Option<u64>,
+    pub shortfall: u64,
+}
+
+/// Target proportions, when configured.
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+pub struct BalanceReport {
+    pub field: String,
+    /// `balance.total`, if set.
+    pub requested_total: Option<u64>,
+    /// Domain rows kept by the proportions.
+    pub sampled: u64,
+    pub values: BTreeMap<String, ValueShare>,
+    /// Values all of whose rows are kept: they bound the sample.
+    pub limited_by: Vec<String>,
+    /// Rows dropped because their value has no target, per value.
+    pub unlisted: BTreeMap<String, u64>,
+}
+
+/// General:domain mixing, when configured.
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+pub struct MixReport {
+    /// The requested `general:domain`.
+    pub ratio: String,
+    /// The requested share of general rows among all mixed rows.
+    pub target_general_share: f64,
+    pub domain_rows: u64,
+    /// General rows after dedup (against the domain rows too), filters and caps.
+    pub general_available: u64,
+    pub general_kept: u64,
+    /// The achieved `general:domain`, scaled to the requested general part.
+    pub achieved_ratio: String,
+    pub achieved_general_share: f64,
+    /// The field holding each written row's origin.
+    pub origin_field: String,
+}
+
 #[derive(Debug, Clone, Default, Serialize, Deserialize)]
 pub struct JudgeReport {
     pub model: Option<String>,
@@ -131,6 +184,9 @@ pub struct Report {
     pub seed: u64,
     pub inputs: Vec<InputReport>,
     pub regression_file: Option<InputReport>,
+    /// General files mixed in (`[curate.mix]`).
+    #[serde(default)]
+    pub general_inputs: Vec<InputReport>,
     pub counts: Counts,
     /// Invalid rows with line numbers (the first `listed_limit`; all are in rejected.jsonl).
     pub invalid: Vec<RowIssue>,
@@ -147,6 +203,10 @@ pub struct Report {
     pub judge: JudgeReport,
     /// Diversity selection, when configured.
     pub selection: Option<SelectionReport>,
+    /// Target proportions, when configured.
+    pub balance: Option<BalanceReport>,
+    /// General:domain mixing, when configured.
+    pub mix: Option<MixReport>,
     /// Kept rows per balance value (the `balance.field`, `source` by default).
     pub sources: BTreeMap<String, u64>,
     pub splits: BTreeMap<String, SplitReport>,
@@ -208,6 +268,32 @@ impl Report {
                 self.judge.scored,
                 self.judge.rejected,
                 self.judge.mean_score.unwrap_or(0.0)
+            );
+        }
+        if let Some(b) = &self.balance {
+            let v: Vec<String> = b
+                .values
+                .iter()
+                .map(|(k, v)| {
+                    format!(
+                        "{k} {}/{} ({:.3}, target {:.3})",
+                        v.kept, v.available, v.achieved, v.target
+                    )
+                })
+                .collect();
+            let _ = writeln!(
+                s,
+                "proportions by {}: {} rows: {}",
+                b.field,
+                b.sampled,
+                v.join(", ")
+            );
+        }
+        if let Some(m) = &self.mix {
+            let _ = writeln!(
+                s,
+                "mix general:domain {} requested, {} achieved ({} general of {} available, {} domain)",
+                m.ratio, m.achieved_ratio, m.general_kept, m.general_available, m.domain_rows
             );
         }
         if let Some(sel) = &self.selection {

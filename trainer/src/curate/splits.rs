@@ -112,6 +112,11 @@ impl SplitWriter {
         Ok(())
     }
 
+    /// Flush what was written so far to the file.
+    pub fn flush(&mut self) -> Result<()> {
+        self.w.flush().map_err(|e| Error::io(&self.path, e))
+    }
+
     /// Flush and return the hex sha256 of the file.
     pub fn finish(mut self) -> Result<String> {
         self.w.flush().map_err(|e| Error::io(&self.path, e))?;

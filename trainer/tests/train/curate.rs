@@ -695,3 +695,520 @@ fn mmr_selection_keeps_a_diverse_train_subset() {
     assert_eq!(r.splits["train"].sha256, sha256_hex(&bytes));
     assert!(!out.join("train.jsonl.all").exists());
 }
+
+fn sourced(i: usize, source: &str) -> String {
+    json!({"prompt": sentence(i), "completion": sentence(i + 20_000), "source": source}).to_string()
+}
+
+fn all_rows(out: &Path) -> Vec<Value> {
+    ["train", "val", "holdout", "regression"]
+        .iter()
+        .flat_map(|s| split_rows(out, s))
+        .collect()
+}
+
+fn count_by(rows: &[Value], field: &str) -> std::collections::BTreeMap<String, u64> {
+    let mut m = std::collections::BTreeMap::new();
+    for r in rows {
+        *m.entry(r[field].as_str().unwrap_or("(none)").to_string())
+            .or_insert(0) += 1;
+    }
+    m
+}
+
+#[test]
+fn target_proportions_keep_the_largest_seeded_sample() {
+    let tmp = tempfile::tempdir().unwrap();
+    // 120 web, 60 forum, 20 docs, 10 spam rows.
+    let mut rows = Vec::new();
+    for i in 0..210 {
+        let s = match i {
+            0..120 => "web",
+            120..180 => "forum",
+            180..200 => "docs",
+            _ => "spam",
+        };
+        rows.push(sourced(i, s));
+    }
+    let input = write_jsonl(tmp.path(), "in.jsonl", &rows);
+    let mut cfg = CurateConfig::default();
+    cfg.balance.proportions = [("web", 0.5), ("forum", 0.3), ("docs", 0.2)]
+        .into_iter()
+        .map(|(k, v)| (k.to_string(), v))
+        .collect();
+    let out = tmp.path().join("a");
+    let r = run(std::slice::from_ref(&input), &out, &cfg).unwrap();
+    // docs bounds the sample: 20 / 0.2 = 100 rows, 50 web and 30 forum.
+    let got = count_by(&all_rows(&out), "source");
+    let want: std::collections::BTreeMap<String, u64> =
+        [("web", 50u64), ("forum", 30), ("docs", 20)]
+            .into_iter()
+            .map(|(k, v)| (k.to_string(), v))
+            .collect();
+    assert_eq!(got, want);
+    assert_eq!(r.sources, want);
+    assert_eq!(r.counts.kept, 100);
+    assert_eq!(r.counts.proportion_dropped, 110);
+    assert_eq!(r.rejected_by_reason["proportions"], 110);
+    let b = r.balance.as_ref().unwrap();
+    assert_eq!(b.sampled, 100);
+    assert_eq!(b.limited_by, vec!["docs".to_string()]);
+    assert_eq!(b.unlisted.get("spam"), Some(&10));
+    assert_eq!((b.values["web"].available, b.values["web"].kept), (120, 50));
+    assert!((b.values["forum"].achieved - 0.3).abs() < 1e-9);
+    assert!(
+        r.warnings.iter().any(|w| w.contains("spam (10)")),
+        "{:?}",
+        r.warnings
+    );
+    // Split digests describe the rewritten files, and every dropped row is in rejected.jsonl.
+    for (name, s) in &r.splits {
+        let bytes = std::fs::read(out.join(format!("{name}.jsonl"))).unwrap();
+        assert_eq!(s.sha256, sha256_hex(&bytes), "{name}");
+        assert_eq!(
+            s.rows as usize,
+            bytes.iter().filter(|b| **b == b'\n').count()
+        );
+    }
+    let rejected = std::fs::read_to_string(out.join("rejected.jsonl")).unwrap();
+    assert_eq!(rejected.matches("\"proportions\"").count(), 110);
+
+    // Reproducible; another seed draws another sample with the same counts.
+    let again = tmp.path().join("b");
+    run(std::slice::from_ref(&input), &again, &cfg).unwrap();
+    assert_eq!(all_output(&out), all_output(&again));
+    let other = tmp.path().join("c");
+    let r2 = run(
+        std::slice::from_ref(&input),
+        &other,
+        &CurateConfig {
+            seed: 99,
+            ..cfg.clone()
+        },
+    )
+    .unwrap();
+    assert_eq!(r2.sources, want);
+    let ids = |o: &Path| {
+        let mut v: Vec<String> = all_rows(o)
+            .iter()
+            .map(|r| r["prompt"].as_str().unwrap().to_string())
+            .collect();
+        v.sort();
+        v
+    };
+    assert_ne!(ids(&out), ids(&other));
+
+    // A total below the maximum is met exactly; above it, the shortfall is reported.
+    cfg.balance.total = Some(40);
+    let r = run(std::slice::from_ref(&input), &tmp.path().join("d"), &cfg).unwrap();
+    assert_eq!(r.counts.kept, 40);
+    assert_eq!(r.sources["web"], 20);
+    cfg.balance.total = Some(150);
+    let r = run(std::slice::from_ref(&input), &tmp.path().join("e"), &cfg).unwrap();
+    assert_eq!(r.counts.kept, 100);
+    let b = r.balance.as_ref().unwrap();
+    assert_eq!(
+        (b.values["web"].requested, b.values["web"].shortfall),
+        (Some(75), 25)
+    );
+    assert!(
+        r.warnings.iter().any(|w| w.contains("short by 50")),
+        "{:?}",
+        r.warnings
+    );
+
+    // Bad proportions: a clear error, never an empty output.
+    cfg.balance.total = None;
+    cfg.balance.proportions.insert("wiki".into(), 0.1);
+    let e = run(std::slice::from_ref(&input), &tmp.path().join("f"), &cfg)
+        .unwrap_err()
+        .to_string();
+    assert!(e.contains("sum to 1.1000"), "{e}");
+    cfg.balance.proportions.remove("web");
+    cfg.balance.proportions.insert("web".into(), 0.4);
+    let e = run(std::slice::from_ref(&input), &tmp.path().join("g"), &cfg)
+        .unwrap_err()
+        .to_string();
+    assert!(e.contains("\"wiki\"") && e.contains("web (120)"), "{e}");
+}
+
+#[test]
+fn general_rows_are_mixed_in_at_the_ratio_and_tagged() {
+    let tmp = tempfile::tempdir().unwrap();
+    let domain: Vec<String> = (0..60).map(|i| sourced(i, "support")).collect();
+    let mut general: Vec<String> = (1000..1100).map(|i| sourced(i, "web")).collect();
+    // A general row that duplicates a domain row is dropped as a duplicate, not mixed in.
+    general.push(domain[0].clone());
+    let d = write_jsonl(tmp.path(), "domain.jsonl", &domain);
+    let g = write_jsonl(tmp.path(), "general.jsonl", &general);
+    let mut cfg = CurateConfig::default();
+    cfg.mix.general = vec![g.clone()];
+    cfg.mix.ratio = Some("1:3".into());
+    let out = tmp.path().join("out");
+    let r = run(std::slice::from_ref(&d), &out, &cfg).unwrap();
+    let rows = all_rows(&out);
+    let origins = count_by(&rows, "origin");
+    assert_eq!(origins.get("domain"), Some(&60));
+    assert_eq!(origins.get("general"), Some(&20));
+    assert_eq!(rows.len(), 80, "every row is tagged");
+    for row in &rows {
+        let want = if row["source"] == "web" {
+            "general"
+        } else {
+            "domain"
+        };
+        assert_eq!(row["origin"], want, "{row}");
+    }
+    let m = r.mix.as_ref().unwrap();
+    assert_eq!(
+        (m.domain_rows, m.general_available, m.general_kept),
+        (60, 100, 20)
+    );
+    assert_eq!(m.achieved_ratio, "1:3.00");
+    assert!((m.achieved_general_share - 0.25).abs() < 1e-9);
+    assert_eq!(r.counts.mix_dropped, 80);
+    assert_eq!(r.counts.exact_duplicates, 1);
+    assert_eq!(r.counts.kept, 80);
+    assert_eq!(r.general_inputs.len(), 1);
+    assert_eq!(r.general_inputs[0].lines, 101);
+
+    // Too few general rows: all are kept, the achieved ratio is reported with a warning.
+    cfg.mix.ratio = Some("3:1".into());
+    let r = run(std::slice::from_ref(&d), &tmp.path().join("out2"), &cfg).unwrap();
+    let m = r.mix.as_ref().unwrap();
+    assert_eq!(m.general_kept, 100);
+    assert_eq!(m.achieved_ratio, "3:1.80");
+    assert!(
+        r.warnings
+            .iter()
+            .any(|w| w.starts_with("mix: 180 general rows wanted")),
+        "{:?}",
+        r.warnings
+    );
+
+    // Proportions apply to the domain rows, then the general rows follow the ratio.
+    let mut domain2 = domain.clone();
+    domain2.extend((200..240).map(|i| sourced(i, "forum")));
+    let d2 = write_jsonl(tmp.path(), "domain2.jsonl", &domain2);
+    cfg.mix.ratio = Some("1:4".into());
+    cfg.balance.proportions = [("support".to_string(), 0.5), ("forum".to_string(), 0.5)]
+        .into_iter()
+        .collect();
+    let out3 = tmp.path().join("out3");
+    let r = run(&[d2], &out3, &cfg).unwrap();
+    let by_source = count_by(&all_rows(&out3), "source");
+    assert_eq!(
+        (by_source["support"], by_source["forum"], by_source["web"]),
+        (40, 40, 20)
+    );
+    assert_eq!(r.mix.as_ref().unwrap().domain_rows, 80);
+
+    // Half a mix configuration is an error before anything is read.
+    cfg.mix.ratio = None;
+    let e = run(std::slice::from_ref(&d), &tmp.path().join("out4"), &cfg)
+        .unwrap_err()
+        .to_string();
+    assert!(e.contains("no ratio"), "{e}");
+}
+
+type Handler = dyn Fn(&Value, Option<&str>) -> (u16, String) + Send + Sync;
+
+/// A stand-in OpenAI-compatible chat server answering with `handler(request, bearer token)`:
+/// (status, message content, or the whole body for a non-200 status).
+fn chat_server(handler: std::sync::Arc<Handler>) -> String {
+    use std::io::{BufRead, BufReader, Read, Write};
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let url = format!("http://{}/v1", listener.local_addr().unwrap());
+    std::thread::spawn(move || {
+        for stream in listener.incoming() {
+            let Ok(mut stream) = stream else { break };
+            let h = handler.clone();
+            std::thread::spawn(move || {
+                let mut r = BufReader::new(stream.try_clone().unwrap());
+                let mut len = 0usize;
+                let mut bearer = None;
+                let mut first = String::new();
+                r.read_line(&mut first).unwrap();
+                loop {
+                    let mut h = String::new();
+                    r.read_line(&mut h).unwrap();
+                    if h == "\r\n" || h.is_empty() {
+                        break;
+                    }
+                    let lower = h.to_ascii_lowercase();
+                    if let Some(v) = lower.strip_prefix("content-length:") {
+                        len = v.trim().parse().unwrap();
+                    }
+                    if lower.starts_with("authorization: bearer ") {
+                        bearer = Some(h["authorization: bearer ".len()..].trim().to_string());
+                    }
+                }
+                let mut body = vec![0; len];
+                r.read_exact(&mut body).unwrap();
+                let req: Value = serde_json::from_slice(&body).unwrap();
+                let (status, content) = h(&req, bearer.as_deref());
+                let resp = if status == 200 {
+                    json!({"choices": [{"message": {"role": "assistant", "content": content}}]})
+                        .to_string()
+                } else {
+                    content
+                };
+                let _ = write!(
+                    stream,
+                    "HTTP/1.1 {status} X\r\nContent-Type: application/json\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{}",
+                    resp.len(),
+                    resp
+                );
+            });
+        }
+    });
+    url
+}
+
+#[test]
+fn synth_filters_deduplicates_judges_and_selects_with_provenance() {
+    use loraops_trainer::curate::synth::{SynthConfig, synth};
+    use std::sync::atomic::{AtomicUsize, Ordering};
+    let tmp = tempfile::tempdir().unwrap();
+    let seed_rows: Vec<String> = (0..6)
+        .map(|i| {
+            json!({"id": format!("s{i}"), "prompt": format!("Seed task {i}: {}", sentence(i)),
+                   "completion": format!("Seed answer {}", sentence(i + 500))})
+            .to_string()
+        })
+        .chain([json!({"prompt": "p", "chosen": "a", "rejected": "b"}).to_string()])
+        .collect();
+    let seeds = write_jsonl(tmp.path(), "seeds.jsonl", &seed_rows);
+    // The n-th instruction asked for (in arrival order): every 5th repeats seed 0's task (its
+    // answer then equals seed 0's answer), every 7th is blank, every 4th carries an e-mail
+    // address; the answer to instruction 3 is poor, and the judge scores it 2.
+    let n = std::sync::Arc::new(AtomicUsize::new(0));
+    let judged = std::sync::Arc::new(AtomicUsize::new(0));
+    let (n2, j2) = (n.clone(), judged.clone());
+    let url = chat_server(std::sync::Arc::new(
+        move |req: &Value, bearer: Option<&str>| {
+            assert_eq!(req["model"], "gen-model");
+            // The generator's token reaches the judge too.
+            assert_eq!(bearer, Some("tok-123"));
+            let msgs = req["messages"].as_array().unwrap();
+            if msgs[0]["role"] == "system" {
+                j2.fetch_add(1, Ordering::SeqCst);
+                let text = msgs[1]["content"].as_str().unwrap();
+                let score = if text.contains("poor") { 2 } else { 8 };
+                return (200, format!("{{\"score\": {score}, \"reason\": \"ok\"}}"));
+            }
+            let content = msgs[0]["content"].as_str().unwrap();
+            if content.contains("### Example") {
+                assert!(content.contains("Seed task"), "examples are shown");
+                let i = n2.fetch_add(1, Ordering::SeqCst) + 1;
+                let task = if i % 5 == 0 {
+                    format!("Seed task 0: {}", sentence(0))
+                } else if i % 7 == 0 {
+                    "   ".to_string()
+                } else if i % 4 == 0 {
+                    format!(
+                        "Task: write to bob{i}@example.com about {}",
+                        sentence(3000 + i)
+                    )
+                } else {
+                    format!("Task: describe {}", sentence(1000 + i))
+                };
+                return (200, task);
+            }
+            if content.starts_with("Seed task 0:") {
+                return (200, format!("Seed answer {}", sentence(500)));
+            }
+            let quality = if content.contains("number 1003") {
+                "poor"
+            } else {
+                "fine"
+            };
+            (
+                200,
+                format!(
+                    "A {quality} answer about {}",
+                    sentence(content.len() + 7000)
+                ),
+            )
+        },
+    ));
+    let cfg = SynthConfig {
+        url: url.clone(),
+        model: "gen-model".into(),
+        api_key: Some("tok-123".into()),
+        rows: 5,
+        per_round: 8,
+        max_rounds: 3,
+        few_shot: 2,
+        concurrency: 3,
+        pool_factor: 100.0,
+        retries: 0,
+        judge: loraops_trainer::curate::synth::SynthJudge {
+            enabled: true,
+            threshold: 5.0,
+            ..Default::default()
+        },
+        ..Default::default()
+    };
+    let out = tmp.path().join("out");
+    let r = synth(std::slice::from_ref(&seeds), &out, &cfg, &mut |_| {}).unwrap();
+    let c = &r.counts;
+    assert_eq!(n.load(Ordering::SeqCst), 24, "three rounds of eight");
+    assert_eq!(
+        (c.generated, r.rounds, r.stopped.as_str()),
+        (24, 3, "max_rounds")
+    );
+    assert_eq!((r.seeds.rows, r.seeds.invalid), (6, 1));
+    // Instructions 5, 10, 15 and 20 repeat seed 0; 7, 14 and 21 are blank.
+    assert_eq!(r.rejected_by_reason.get("empty_instruction"), Some(&3));
+    assert_eq!(c.exact_duplicates, 4);
+    assert_eq!(c.duplicates_of_seeds, 4);
+    assert_eq!(c.judge_rejected, 1, "{:?}", r.rejected);
+    assert_eq!(judged.load(Ordering::SeqCst) as u64, r.judge.scored);
+    assert_eq!(c.accepted, 24 - 3 - 4 - 1 - c.near_duplicates);
+    assert_eq!(c.rejected, 24 - c.accepted);
+    assert_eq!((c.selected, c.not_selected), (5, c.accepted - 5));
+    let rows: Vec<Value> = std::fs::read_to_string(out.join("synthetic.jsonl"))
+        .unwrap()
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    assert_eq!(rows.len(), 5);
+    assert_eq!(
+        r.output.sha256,
+        sha256_hex(&std::fs::read(out.join("synthetic.jsonl")).unwrap())
+    );
+    for row in &rows {
+        let p = &row["provenance"];
+        assert_eq!(p["synthetic"], true);
+        assert_eq!(p["generator"], "gen-model");
+        assert_eq!(p["judge_score"], 8.0);
+        let ids = p["seed_ids"].as_array().unwrap();
+        assert_eq!(ids.len(), 2);
+        assert!(
+            ids.iter().all(|i| i.as_str().unwrap().starts_with('s')),
+            "{ids:?}"
+        );
+        assert!((1..=3).contains(&p["round"].as_u64().unwrap()));
+        assert!(p["created_at"].as_str().unwrap().ends_with('Z'));
+        assert_eq!(row["source"], "synthetic");
+        let user = row["messages"][0]["content"].as_str().unwrap();
+        assert!(!user.starts_with("Task:"), "{user}");
+        assert!(!user.contains("@example.com"), "{user}");
+        assert!(!row.to_string().contains("poor"));
+    }
+    let rejected = std::fs::read_to_string(out.join("rejected.jsonl")).unwrap();
+    assert_eq!(rejected.lines().count() as u64, c.rejected);
+    assert!(rejected.contains("duplicate of seed s0"), "{rejected}");
+    let on_disk: Value =
+        serde_json::from_slice(&std::fs::read(out.join("report.json")).unwrap()).unwrap();
+    assert_eq!(on_disk["counts"]["selected"], 5);
+
+    let mut distinct: Vec<String> = rows.iter().map(|r| r["messages"].to_string()).collect();
+    distinct.sort();
+    distinct.dedup();
+    assert_eq!(distinct.len(), 5);
+}
+
+#[test]
+fn synth_fails_loudly_without_usable_output() {
+    use loraops_trainer::curate::synth::{SynthConfig, synth};
+    let tmp = tempfile::tempdir().unwrap();
+    let seeds = write_jsonl(
+        tmp.path(),
+        "seeds.jsonl",
+        &[
+            pc(&sentence(1), &sentence(2)),
+            pc(&sentence(3), &sentence(4)),
+        ],
+    );
+    let base = SynthConfig {
+        model: "m".into(),
+        rows: 3,
+        per_round: 4,
+        max_rounds: 2,
+        retries: 0,
+        ..Default::default()
+    };
+    // Unreachable gateway: the error names the URL.
+    let cfg = SynthConfig {
+        url: "http://127.0.0.1:9/v1".into(),
+        ..base.clone()
+    };
+    let e = synth(
+        std::slice::from_ref(&seeds),
+        &tmp.path().join("o1"),
+        &cfg,
+        &mut |_| {},
+    )
+    .unwrap_err()
+    .to_string();
+    assert!(
+        e.contains("127.0.0.1:9/v1/chat/completions") && e.contains("cannot reach"),
+        "{e}"
+    );
+
+    // An unknown model (404) stops the run with the gateway's message.
+    let url = chat_server(std::sync::Arc::new(|_: &Value, _: Option<&str>| {
+        (
+            404,
+            json!({"error": {"message": "model m not found"}}).to_string(),
+        )
+    }));
+    let cfg = SynthConfig {
+        url,
+        ..base.clone()
+    };
+    let e = synth(
+        std::slice::from_ref(&seeds),
+        &tmp.path().join("o2"),
+        &cfg,
+        &mut |_| {},
+    )
+    .unwrap_err()
+    .to_string();
+    assert!(
+        e.contains("HTTP 404") && e.contains("model m not found"),
+        "{e}"
+    );
+
+    // Everything the model writes is a copy of a seed: no row, an error, and a report.
+    let url = chat_server(std::sync::Arc::new(|req: &Value, _: Option<&str>| {
+        let content = req["messages"][0]["content"].as_str().unwrap();
+        if content.contains("### Example") {
+            (200, sentence(1))
+        } else {
+            (200, sentence(2))
+        }
+    }));
+    let cfg = SynthConfig {
+        url,
+        ..base.clone()
+    };
+    let out = tmp.path().join("o3");
+    let e = synth(std::slice::from_ref(&seeds), &out, &cfg, &mut |_| {})
+        .unwrap_err()
+        .to_string();
+    assert!(
+        e.contains("synth accepted no candidate: 8 generated in 2 rounds"),
+        "{e}"
+    );
+    assert!(e.contains("exact_duplicate 8"), "{e}");
+    let rep: Value =
+        serde_json::from_slice(&std::fs::read(out.join("report.json")).unwrap()).unwrap();
+    assert_eq!(rep["counts"]["duplicates_of_seeds"], 8);
+
+    // Seeds that are not SFT rows.
+    let prefs = write_jsonl(
+        tmp.path(),
+        "prefs.jsonl",
+        &[json!({"prompt": "a", "chosen": "b", "rejected": "c"}).to_string()],
+    );
+    let e = synth(&[prefs], &tmp.path().join("o4"), &base, &mut |_| {})
+        .unwrap_err()
+        .to_string();
+    assert!(
+        e.contains("no usable seed rows (1 invalid)") && e.contains("synth needs SFT"),
+        "{e}"
+    );
+}
