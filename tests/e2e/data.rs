@@ -3,94 +3,13 @@
 //! selection from flags over a configuration file.
 
 use std::collections::BTreeMap;
-use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Output, Stdio};
-use std::time::{Duration, Instant};
+use std::path::Path;
+use std::process::{Command, Output};
 
 use serde_json::{Value, json};
 
-use super::{SECRET, exe, free_port, ok_json};
-
-/// `loraops up` on a base model; killed when dropped.
-struct Up {
-    child: Child,
-    data: PathBuf,
-    gateway: String,
-}
-
-impl Drop for Up {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
-impl Up {
-    fn start(data: &Path, base: &Path) -> Self {
-        let (rp, gp) = (free_port(), free_port());
-        let log = std::fs::File::create(data.with_extension("log")).unwrap();
-        let child = Command::new(exe())
-            .args([
-                "--data-dir",
-                data.to_str().unwrap(),
-                "up",
-                "--listen",
-                &format!("127.0.0.1:{rp}"),
-                "--gateway-listen",
-                &format!("127.0.0.1:{gp}"),
-                "--base-model",
-                base.to_str().unwrap(),
-            ])
-            .env("LORAOPS_AUTH__HS256_SECRET", SECRET)
-            .env("RUST_LOG", "warn")
-            .stdout(Stdio::null())
-            .stderr(log)
-            .spawn()
-            .unwrap();
-        let up = Self {
-            child,
-            data: data.to_path_buf(),
-            gateway: format!("http://127.0.0.1:{gp}"),
-        };
-        // Ready when the gateway's base engine is loaded.
-        let rt = tokio::runtime::Runtime::new().unwrap();
-        let deadline = Instant::now() + Duration::from_secs(600);
-        loop {
-            let ready = rt.block_on(async {
-                reqwest::get(format!("{}/readyz", up.gateway))
-                    .await
-                    .is_ok_and(|r| r.status().is_success())
-            });
-            if ready {
-                break;
-            }
-            assert!(
-                Instant::now() < deadline,
-                "loraops up did not become ready: {}",
-                std::fs::read_to_string(data.with_extension("log")).unwrap_or_default()
-            );
-            std::thread::sleep(Duration::from_millis(250));
-        }
-        up
-    }
-
-    fn token(&self) -> String {
-        let out = Command::new(exe())
-            .args(["--data-dir", self.data.to_str().unwrap()])
-            .args([
-                "token", "issue", "--sub", "e2e-data", "--role", "viewer", "--ttl", "30m",
-            ])
-            .env("LORAOPS_AUTH__HS256_SECRET", SECRET)
-            .output()
-            .unwrap();
-        assert!(
-            out.status.success(),
-            "{}",
-            String::from_utf8_lossy(&out.stderr)
-        );
-        String::from_utf8(out.stdout).unwrap().trim().to_string()
-    }
-}
+use super::stack::Stack;
+use super::{exe, ok_json};
 
 /// `loraops ARGS` with the gateway's token (or none), without inherited loraops settings.
 fn loraops(token: Option<&str>, args: &[&str]) -> Output {
@@ -146,8 +65,8 @@ fn synth_generates_rows_through_the_gateway_with_provenance() {
         "{}",
         String::from_utf8_lossy(&init.stderr)
     );
-    let up = Up::start(&dir.path().join("data"), &base);
-    let token = up.token();
+    let up = Stack::up(&dir.path().join("data"), &base);
+    let token = up.token("e2e-data", "viewer");
 
     let topics = [
         "reset a password",

@@ -3,108 +3,13 @@
 //! gateway with the version pinned, and the evidence checked in the registry.
 
 use std::path::Path;
-use std::process::{Child, Command, Output, Stdio};
-use std::time::{Duration, Instant};
+use std::process::Command;
 
 use serde_json::{Value, json};
 use sha2::{Digest, Sha256};
 
-use super::{SECRET, exe, free_port, ok_json};
-
-struct Stack {
-    child: Child,
-    data: std::path::PathBuf,
-    registry: String,
-    gateway: String,
-}
-
-impl Drop for Stack {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
-impl Stack {
-    fn up(data: &Path, base: &Path) -> Self {
-        let (rp, gp) = (free_port(), free_port());
-        let log = std::fs::File::create(data.with_extension("log")).unwrap();
-        let child = Command::new(exe())
-            .args([
-                "--data-dir",
-                data.to_str().unwrap(),
-                "up",
-                "--listen",
-                &format!("127.0.0.1:{rp}"),
-                "--gateway-listen",
-                &format!("127.0.0.1:{gp}"),
-                "--base-model",
-                base.to_str().unwrap(),
-            ])
-            .env("LORAOPS_AUTH__HS256_SECRET", SECRET)
-            .env("RUST_LOG", "warn")
-            .stdout(Stdio::null())
-            .stderr(log)
-            .spawn()
-            .unwrap();
-        let stack = Self {
-            child,
-            data: data.to_path_buf(),
-            registry: format!("http://127.0.0.1:{rp}"),
-            gateway: format!("http://127.0.0.1:{gp}"),
-        };
-        // Ready when the gateway's base engine is loaded.
-        let rt = tokio::runtime::Runtime::new().unwrap();
-        let deadline = Instant::now() + Duration::from_secs(600);
-        loop {
-            let ready = rt.block_on(async {
-                reqwest::get(format!("{}/readyz", stack.gateway))
-                    .await
-                    .is_ok_and(|r| r.status().is_success())
-            });
-            if ready {
-                break;
-            }
-            assert!(
-                Instant::now() < deadline,
-                "loraops up did not become ready: {}",
-                std::fs::read_to_string(data.with_extension("log")).unwrap_or_default()
-            );
-            std::thread::sleep(Duration::from_millis(250));
-        }
-        stack
-    }
-
-    fn cli(&self, token: Option<&str>, args: &[&str]) -> Output {
-        let mut c = Command::new(exe());
-        c.args(["--data-dir", self.data.to_str().unwrap()])
-            .args(args)
-            .env("LORAOPS_AUTH__HS256_SECRET", SECRET)
-            .env("LORAOPS_REGISTRY_URL", &self.registry)
-            .env("LORAOPS_GATEWAY_URL", &self.gateway)
-            .env("RUST_LOG", "warn")
-            .env_remove("LORAOPS_TOKEN");
-        if let Some(t) = token {
-            c.env("LORAOPS_TOKEN", t);
-        }
-        c.output().unwrap()
-    }
-
-    fn token(&self, roles: &str) -> String {
-        let out = self.cli(
-            None,
-            &[
-                "token", "issue", "--sub", "e2e-eval", "--role", roles, "--ttl", "30m",
-            ],
-        );
-        assert!(
-            out.status.success(),
-            "{}",
-            String::from_utf8_lossy(&out.stderr)
-        );
-        String::from_utf8(out.stdout).unwrap().trim().to_string()
-    }
-}
+use super::stack::Stack;
+use super::{exe, ok_json};
 
 fn run_ok(cmd: &mut Command) {
     let out = cmd.output().unwrap();
@@ -160,9 +65,9 @@ fn eval_run_posts_evidence_bound_to_the_served_version() {
     ]));
 
     let stack = Stack::up(&dir.path().join("data"), &base);
-    let publisher = stack.token("publisher");
-    let evaluator = stack.token("evaluator");
-    let viewer = stack.token("viewer");
+    let publisher = stack.token("e2e-eval", "publisher");
+    let evaluator = stack.token("e2e-eval", "evaluator");
+    let viewer = stack.token("e2e-eval", "viewer");
     let pushed = ok_json(stack.cli(
         Some(&publisher),
         &[

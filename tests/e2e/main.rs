@@ -11,6 +11,7 @@ use serde_json::{Value, json};
 
 mod data;
 mod eval;
+mod stack;
 
 const SECRET: &str = "e2e-secret-0123456789abcdef";
 
