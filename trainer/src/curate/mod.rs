@@ -824,6 +824,15 @@ pub fn curate(
         total += m.len();
     }
     std::fs::create_dir_all(out).map_err(|e| Error::io(out, e))?;
+    // Until the splits are complete, a failure removes what was written: no half-written
+    // split is ever left to be trained on.
+    let mut partial = PartialOutputs(
+        Split::ALL
+            .iter()
+            .map(|s| out.join(format!("{}.jsonl", s.name())))
+            .chain([out.join("rejected.jsonl")])
+            .collect(),
+    );
     let stage = Stage {
         masker: Masker::new(cfg.pii.clone()),
         filters: Filters::new(cfg.filters.clone()).map_err(Error::Config)?,
@@ -935,6 +944,7 @@ pub fn curate(
     drop(stage);
 
     let mut report = finish(run, out)?;
+    partial.0.clear();
     report.elapsed_s = started.elapsed().as_secs_f64();
     let json = serde_json::to_vec_pretty(&report).expect("report serialises");
     crate::error::write(&out.join("report.json"), json)?;
@@ -969,6 +979,18 @@ pub fn curate(
         ));
     }
     Ok(report)
+}
+
+/// Output files removed on drop (with their `.all` rewrite temporaries) unless emptied first.
+struct PartialOutputs(Vec<PathBuf>);
+
+impl Drop for PartialOutputs {
+    fn drop(&mut self) {
+        for p in &self.0 {
+            let _ = std::fs::remove_file(p);
+            let _ = std::fs::remove_file(p.with_extension("jsonl.all"));
+        }
+    }
 }
 
 /// Rewrite a split file keeping only the rows whose `keep` flag is set (rows past its end

@@ -830,6 +830,12 @@ fn target_proportions_keep_the_largest_seeded_sample() {
         .unwrap_err()
         .to_string();
     assert!(e.contains("\"wiki\"") && e.contains("web (120)"), "{e}");
+    // Found only after the streaming pass, yet no split is left half-written.
+    let left: Vec<_> = std::fs::read_dir(tmp.path().join("g"))
+        .unwrap()
+        .map(|e| e.unwrap().file_name())
+        .collect();
+    assert!(left.is_empty(), "{left:?}");
 }
 
 #[test]
