@@ -5,6 +5,7 @@ pub mod base_model;
 pub mod data;
 pub mod demo;
 pub mod eval;
+pub mod forward;
 pub mod gate;
 pub mod gateway;
 pub mod model;

@@ -27,10 +27,14 @@ pub enum ModelCmd {
         #[arg(long, default_value_t = 0)]
         seed: u64,
     },
+    /// Greedy tokens from the trainer's own forward pass (base, optionally with an adapter),
+    /// to compare a serving engine with the training code.
+    Generate(super::forward::GenerateArgs),
 }
 
 pub fn run(cmd: ModelCmd, global: &Global) -> anyhow::Result<()> {
     match cmd {
+        ModelCmd::Generate(args) => super::forward::run(args, global),
         ModelCmd::InitTiny {
             dir,
             layers,

@@ -70,6 +70,12 @@ pub struct SftArgs {
     /// Storage of a non-quantised base: f32 or bf16.
     #[arg(long, value_parser = ["f32", "bf16"])]
     base_dtype: Option<String>,
+    /// Activations: f32, or bf16 on a GPU (mixed precision: LoRA weights, norms, loss in f32).
+    #[arg(long, value_parser = ["f32", "bf16"])]
+    compute_dtype: Option<String>,
+    /// auto (the first GPU when built with cuda, else the CPU), cpu, cuda or cuda:N.
+    #[arg(long)]
+    device: Option<String>,
     /// NF4: keep the absmax values in f32 instead of 8-bit.
     #[arg(long)]
     no_double_quant: bool,
@@ -144,10 +150,9 @@ fn sft(a: SftArgs, global: &Global) -> anyhow::Result<()> {
     let m = table(a, global, "sft")?;
     let cfg: SftConfig =
         serde_json::from_value(Value::Object(m)).context("training configuration")?;
+    let device = loraops_trainer::select_device(&cfg.device)?;
     let progress = Progress::new(global.json);
-    let outcome = train_sft(&cfg, &loraops_trainer::default_device(), &mut |e| {
-        progress.on(e)
-    })?;
+    let outcome = train_sft(&cfg, &device, &mut |e| progress.on(e))?;
     progress.done(&outcome);
     Ok(())
 }
@@ -168,10 +173,9 @@ fn preference(method: Method, a: PreferenceArgs, global: &Global) -> anyhow::Res
     set("desirable_weight", a.desirable_weight.map(|x| json!(x)));
     set("undesirable_weight", a.undesirable_weight.map(|x| json!(x)));
     let cfg = PreferenceConfig::from_table(method, m).context("training configuration")?;
+    let device = loraops_trainer::select_device(&cfg.train.device)?;
     let progress = Progress::new(global.json);
-    let outcome = train_preference(&cfg, &loraops_trainer::default_device(), &mut |e| {
-        progress.on(e)
-    })?;
+    let outcome = train_preference(&cfg, &device, &mut |e| progress.on(e))?;
     progress.done(&outcome);
     Ok(())
 }
@@ -196,6 +200,8 @@ fn table(a: SftArgs, global: &Global, method: &str) -> anyhow::Result<Map<String
     set("steps", a.steps.map(|x| json!(x)));
     set("quantize", a.quantize.map(|x| json!(x)));
     set("base_dtype", a.base_dtype.map(|x| json!(x)));
+    set("compute_dtype", a.compute_dtype.map(|x| json!(x)));
+    set("device", a.device.map(|x| json!(x)));
     set("double_quant", a.no_double_quant.then_some(json!(false)));
     set("base_model_name", a.base_model_name.map(|x| json!(x)));
     set("r", a.r.map(|x| json!(x)));

@@ -3,7 +3,8 @@
 //! candle's matmul backward always computes the gradient of both operands. For a frozen
 //! weight that gradient is thrown away, so a frozen linear is a custom op on the activations
 //! alone: its backward returns only `grad · W`. Weights stored in bf16 or NF4 are expanded to
-//! f32 for the duration of one product and dropped right after, in forward and in backward.
+//! the compute dtype (f32, or bf16 in mixed precision) for the duration of one product and
+//! dropped right after, in forward and in backward; on a GPU, NF4 is expanded by a kernel.
 
 use std::sync::Arc;
 
@@ -17,9 +18,9 @@ use crate::nf4::Nf4Tensor;
 pub enum FrozenWeight {
     /// Used as is (f32, or bf16 on devices that compute in bf16).
     Dense(Tensor),
-    /// Stored in bf16, computed in f32.
+    /// Stored in bf16, computed in the activations' dtype.
     Bf16(Tensor),
-    /// NF4 blocks, computed in f32.
+    /// NF4 blocks, computed in the activations' dtype.
     Nf4(Arc<Nf4Tensor>),
 }
 
@@ -29,7 +30,7 @@ impl FrozenWeight {
         match self {
             FrozenWeight::Dense(w) => w.to_dtype(dtype),
             FrozenWeight::Bf16(w) => w.to_dtype(dtype),
-            FrozenWeight::Nf4(q) => q.dequantize()?.to_dtype(dtype),
+            FrozenWeight::Nf4(q) => q.dequantize_as(dtype),
         }
     }
 

@@ -11,10 +11,13 @@
 //! - `preference`: DPO (sigmoid, IPO, label-smoothed), ORPO and KTO on the SFT loop; TRL's formulas
 //! - `adapter`: PEFT adapter and manifest output, adapter loading, merging; `tiny`: init-tiny
 //! - `curate`: data curation (validation, PII masking, exact + MinHash dedup, filters, splits)
+//! - `cuda` (feature `cuda`): GPU kernels and ops (NF4 expansion, dropout masks, attention softmax)
 
 pub mod adapter;
 pub mod checkpoint;
 pub mod config;
+#[cfg(feature = "cuda")]
+pub mod cuda;
 pub mod curate;
 pub mod data;
 pub mod error;
@@ -40,4 +43,27 @@ pub fn default_device() -> Device {
         return d;
     }
     Device::Cpu
+}
+
+/// A device by name: `auto` ([`default_device`]), `cpu`, `cuda` or `cuda:N`.
+pub fn select_device(name: &str) -> Result<Device> {
+    let ordinal = match name {
+        "auto" => return Ok(default_device()),
+        "cpu" => return Ok(Device::Cpu),
+        "cuda" => 0,
+        other => other
+            .strip_prefix("cuda:")
+            .and_then(|n| n.parse::<usize>().ok())
+            .ok_or_else(|| {
+                Error::Config(format!(
+                    "device {other:?}: expected auto, cpu, cuda or cuda:N"
+                ))
+            })?,
+    };
+    if !cfg!(feature = "cuda") {
+        return Err(Error::Config(format!(
+            "device {name:?}: this loraops was built without the cuda feature"
+        )));
+    }
+    Device::new_cuda(ordinal).map_err(|e| Error::Config(format!("device {name:?}: {e}")))
 }

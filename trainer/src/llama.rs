@@ -51,6 +51,9 @@ pub struct LoadOptions {
     pub double_quant: bool,
     /// NF4 only: hold what stays unquantised (embeddings, lm_head) in bf16 rather than f32.
     pub unquantized_bf16: bool,
+    /// The activations' dtype: f32, or bf16 for mixed precision (norms, softmax and the loss
+    /// stay in f32; LoRA weights and their optimiser state stay f32).
+    pub compute_dtype: DType,
     pub device: Device,
 }
 
@@ -60,6 +63,7 @@ impl Default for LoadOptions {
             format: BaseFormat::F32,
             double_quant: true,
             unquantized_bf16: false,
+            compute_dtype: DType::F32,
             device: Device::Cpu,
         }
     }
@@ -134,6 +138,8 @@ pub struct Llama {
     pub norm: Tensor,
     pub lm_head: FrozenMatmul,
     pub device: Device,
+    /// The activations' dtype (see [`LoadOptions::compute_dtype`]).
+    pub compute_dtype: DType,
     /// Recompute each decoder layer in backward instead of keeping its activations.
     pub checkpoint_layers: bool,
     /// LoRA gradients computed inside checkpointed layers.
@@ -173,8 +179,12 @@ struct Weights {
 
 impl Weights {
     fn get(&self, name: &str) -> Result<Tensor> {
+        self.get_on(name, &self.opts.device)
+    }
+
+    fn get_on(&self, name: &str, device: &Device) -> Result<Tensor> {
         self.st
-            .load(name, &self.opts.device)
+            .load(name, device)
             .map_err(|_| Error::MissingWeight { name: name.into() })
     }
 
@@ -194,16 +204,24 @@ impl Weights {
 
     fn frozen(&self, w: Tensor, quantizable: bool) -> Result<FrozenWeight> {
         Ok(match self.opts.format {
-            BaseFormat::Nf4 if quantizable => {
-                FrozenWeight::Nf4(Arc::new(Nf4Tensor::quantize(&w, self.opts.double_quant)?))
-            }
+            BaseFormat::Nf4 if quantizable => FrozenWeight::Nf4(Arc::new(Nf4Tensor::quantize_to(
+                &w,
+                self.opts.double_quant,
+                &self.opts.device,
+            )?)),
             _ if self.dense_bf16() => FrozenWeight::Bf16(w.to_dtype(DType::BF16)?),
             _ => FrozenWeight::Dense(w.to_dtype(DType::F32)?),
         })
     }
 
     fn linear(&self, prefix: &str, bias: bool) -> Result<Linear> {
-        let w = self.get(&format!("{prefix}.weight"))?;
+        let name = format!("{prefix}.weight");
+        // NF4 codes are computed on the host: only the quantised bytes go to the device.
+        let w = if self.opts.format == BaseFormat::Nf4 {
+            self.get_on(&name, &Device::Cpu)?
+        } else {
+            self.get(&name)?
+        };
         let bias = if bias {
             Some(self.small(&format!("{prefix}.bias"))?)
         } else {
@@ -269,6 +287,7 @@ impl Llama {
             layers,
             lm_head,
             device: opts.device.clone(),
+            compute_dtype: opts.compute_dtype,
             checkpoint_layers: false,
             grad_sink: Arc::default(),
         })
@@ -312,6 +331,31 @@ impl Llama {
         }
         out.sort_by(|a, b| a.0.cmp(&b.0));
         out
+    }
+
+    /// The most likely token after `ids` (one sequence, whole forward, no cache): greedy
+    /// decoding for checking a serving engine against this model.
+    pub fn greedy_next(&self, ids: &[u32]) -> Result<u32> {
+        let input = Tensor::new(ids, &self.device)?.unsqueeze(0)?;
+        let logits = self.logits(&input, None)?.squeeze(0)?;
+        Ok(logits
+            .get(ids.len().saturating_sub(1))?
+            .argmax(D::Minus1)?
+            .to_scalar::<u32>()?)
+    }
+
+    /// Bytes per parameter of the NF4 frozen linears (None when none is NF4).
+    pub fn nf4_bytes_per_param(&self) -> Option<f64> {
+        let (mut bytes, mut params) = (0usize, 0usize);
+        for layer in &self.layers {
+            for m in self.config.linear_modules() {
+                if let Some(FrozenWeight::Nf4(q)) = layer.linear(m).map(|l| &l.base.weight) {
+                    bytes += q.storage_bytes();
+                    params += q.shape[0] * q.shape[1];
+                }
+            }
+        }
+        (params > 0).then(|| bytes as f64 / params as f64)
     }
 
     /// The gradient a checkpointed layer computed for `v`, if any.
@@ -364,8 +408,10 @@ impl Llama {
                 }
             }
         }
-        let cos = Tensor::from_vec(cos, (b, 1, t, d), &self.device)?;
-        let sin = Tensor::from_vec(sin, (b, 1, t, d), &self.device)?;
+        let cos =
+            Tensor::from_vec(cos, (b, 1, t, d), &self.device)?.to_dtype(self.compute_dtype)?;
+        let sin =
+            Tensor::from_vec(sin, (b, 1, t, d), &self.device)?.to_dtype(self.compute_dtype)?;
         let mask = Tensor::from_vec(mask, (b, 1, t, t), &self.device)?;
         Ok(Context { cos, sin, mask })
     }
@@ -376,7 +422,7 @@ impl Llama {
         Ok(self
             .embed_tokens
             .index_select(&flat, 0)?
-            .to_dtype(DType::F32)?
+            .to_dtype(self.compute_dtype)?
             .reshape((b, t, ()))?)
     }
 
@@ -398,7 +444,7 @@ impl Llama {
         Ok(rms_norm(&x, &self.norm, self.config.rms_norm_eps)?)
     }
 
-    /// Logits (B, T, vocab).
+    /// Logits (B, T, vocab), in f32.
     pub fn logits(
         &self,
         input_ids: &Tensor,
@@ -407,7 +453,7 @@ impl Llama {
         let (b, t) = input_ids.dims2()?;
         let ctx = self.context(b, t, attention_mask)?;
         let h = self.hidden(input_ids, &ctx, &mut None)?;
-        Ok(self.lm_head.forward(&h)?)
+        Ok(self.lm_head.forward(&h)?.to_dtype(DType::F32)?)
     }
 }
 
@@ -430,11 +476,13 @@ pub fn layer_forward(
     x + h
 }
 
-/// RMSNorm in f32: x / √(mean(x²) + ε) · w.
+/// RMSNorm in f32: x / √(mean(x²) + ε) · w, returned in x's dtype.
 pub fn rms_norm(x: &Tensor, w: &Tensor, eps: f64) -> candle_core::Result<Tensor> {
+    let dtype = x.dtype();
+    let x = x.to_dtype(DType::F32)?;
     let var = x.sqr()?.mean_keepdim(D::Minus1)?;
     let inv = (var + eps)?.sqrt()?.recip()?;
-    x.broadcast_mul(&inv)?.broadcast_mul(w)
+    x.broadcast_mul(&inv)?.broadcast_mul(w)?.to_dtype(dtype)
 }
 
 /// Softmax over the last dimension; the max shift is a constant (its gradient is zero).
@@ -442,6 +490,17 @@ pub fn softmax(x: &Tensor) -> candle_core::Result<Tensor> {
     let max = x.max_keepdim(D::Minus1)?.detach();
     let e = x.broadcast_sub(&max)?.exp()?;
     e.broadcast_div(&e.sum_keepdim(D::Minus1)?)
+}
+
+/// softmax(scores + mask) over the last dimension, computed in f32 (as transformers does in
+/// bf16), returned in the scores' dtype.
+fn masked_softmax(scores: &Tensor, mask: &Tensor) -> candle_core::Result<Tensor> {
+    #[cfg(feature = "cuda")]
+    if scores.device().is_cuda() {
+        return crate::cuda::masked_softmax(scores, mask);
+    }
+    let dtype = scores.dtype();
+    softmax(&scores.to_dtype(DType::F32)?.broadcast_add(mask)?)?.to_dtype(dtype)
 }
 
 /// log-softmax over the last dimension.
@@ -501,15 +560,15 @@ fn attention(
     let k = repeat_kv(k, nh / nkv)?;
     let v = repeat_kv(v.contiguous()?, nh / nkv)?;
     let scores = (q.contiguous()?.matmul(&k.t()?)? * (1.0 / (hd as f64).sqrt()))?;
-    let p = softmax(&scores.broadcast_add(&ctx.mask)?)?;
+    let p = masked_softmax(&scores, &ctx.mask)?.to_dtype(v.dtype())?;
     let y = p.matmul(&v.contiguous()?)?;
     let y = y.transpose(1, 2)?.reshape((b, t, nh * hd))?;
     a.o_proj.forward(&y, rng)
 }
 
-/// Logits of the selected rows of hidden states (N, vocab).
+/// Logits of the selected rows of hidden states (N, vocab), in f32 (the loss is computed there).
 pub fn head_rows(model: &Llama, hidden: &Tensor, rows: &Tensor) -> Result<Tensor> {
     let hsz = hidden.dim(D::Minus1)?;
     let h = hidden.reshape(((), hsz))?.index_select(rows, 0)?;
-    Ok(model.lm_head.forward(&h)?)
+    Ok(model.lm_head.forward(&h)?.to_dtype(DType::F32)?)
 }

@@ -91,11 +91,11 @@ impl Linear {
                 _ => x.clone(),
             };
             // As 2-D products: (rows, in)·Aᵀ·Bᵀ, so backward needs no broadcast reductions.
+            // In mixed precision the f32 pair is used in bf16 for the product (its gradient
+            // flows back to the f32 weights through the conversion).
             let in_f = l.a.dim(1)?;
-            let h = xd
-                .reshape(((), in_f))?
-                .matmul(&l.a.t()?)?
-                .matmul(&l.b.t()?)?;
+            let (a, b) = (l.a.to_dtype(x.dtype())?, l.b.to_dtype(x.dtype())?);
+            let h = xd.reshape(((), in_f))?.matmul(&a.t()?)?.matmul(&b.t()?)?;
             let h = (h.reshape(y.shape())? * l.scale)?;
             y = (y + h)?;
         }
@@ -112,9 +112,14 @@ impl Linear {
     }
 }
 
-/// Inverted dropout with a mask drawn from a seeded generator, so runs are reproducible.
+/// Inverted dropout with a mask drawn from a seeded generator, so runs are reproducible. On a
+/// GPU the generator gives one seed and the mask is drawn there (no host round trip per layer).
 fn dropout(x: &Tensor, p: f64, rng: &mut StdRng) -> candle_core::Result<Tensor> {
     let keep = 1.0 - p;
+    #[cfg(feature = "cuda")]
+    if x.device().is_cuda() {
+        return x * crate::cuda::dropout_mask(x, keep, rng.random::<u64>())?;
+    }
     let scale = (1.0 / keep) as f32;
     let mask: Vec<f32> = (0..x.elem_count())
         .map(|_| {

@@ -138,10 +138,58 @@ pub struct Nf4Tensor {
     pub packed: Vec<u8>,
     pub absmax: Absmax,
     pub device: Device,
+    /// On a GPU: the same bytes in GPU memory, dequantised there (`None` on the CPU).
+    pub resident: Option<Nf4Resident>,
+}
+
+/// An NF4 weight's data in the memory of its (GPU) device: the packed codes, either the f32
+/// absmax or the double-quantised pair, and the code books the kernel reads (the 16 NF4 values,
+/// then the 256 dynamic ones). Same bytes per parameter as the host form.
+#[derive(Debug, Clone)]
+pub struct Nf4Resident {
+    pub packed: Tensor,
+    pub absmax: Option<Tensor>,
+    pub absmax_q: Option<Tensor>,
+    pub absmax2: Option<Tensor>,
+    pub offset: f32,
+    pub codes: Tensor,
+}
+
+impl Nf4Resident {
+    fn upload(packed: &[u8], absmax: &Absmax, device: &Device) -> candle_core::Result<Self> {
+        let bytes = |v: &[u8]| Tensor::from_slice(v, v.len(), device);
+        let floats = |v: &[f32]| Tensor::from_slice(v, v.len(), device);
+        let mut codes = NF4_CODE.to_vec();
+        codes.extend(dynamic_map());
+        let (absmax, absmax_q, absmax2, offset) = match absmax {
+            Absmax::F32(a) => (Some(floats(a)?), None, None, 0.0),
+            Absmax::Double { q, absmax2, offset } => {
+                (None, Some(bytes(q)?), Some(floats(absmax2)?), *offset)
+            }
+        };
+        Ok(Self {
+            packed: bytes(packed)?,
+            absmax,
+            absmax_q,
+            absmax2,
+            offset,
+            codes: floats(&codes)?,
+        })
+    }
 }
 
 impl Nf4Tensor {
     pub fn quantize(w: &Tensor, double_quant: bool) -> candle_core::Result<Self> {
+        Self::quantize_to(w, double_quant, &w.device().clone())
+    }
+
+    /// Quantise `w` (on any device; the codes are computed on the host) into an NF4 weight
+    /// held on `device`.
+    pub fn quantize_to(
+        w: &Tensor,
+        double_quant: bool,
+        device: &Device,
+    ) -> candle_core::Result<Self> {
         let (out_f, in_f) = w.dims2()?;
         let data = w
             .to_dtype(candle_core::DType::F32)?
@@ -153,11 +201,17 @@ impl Nf4Tensor {
         } else {
             Absmax::F32(absmax)
         };
+        let resident = if device.is_cpu() {
+            None
+        } else {
+            Some(Nf4Resident::upload(&packed, &absmax, device)?)
+        };
         Ok(Self {
             shape: [out_f, in_f],
             packed,
             absmax,
-            device: w.device().clone(),
+            device: device.clone(),
+            resident,
         })
     }
 
@@ -192,13 +246,25 @@ impl Nf4Tensor {
 
     /// The weight in f32, (out, in).
     pub fn dequantize(&self) -> candle_core::Result<Tensor> {
+        self.dequantize_as(candle_core::DType::F32)
+    }
+
+    /// The weight in `dtype`, (out, in): on a GPU by a kernel, straight into `dtype`; on the
+    /// CPU in f32 and then converted. Both give the same values.
+    pub fn dequantize_as(&self, dtype: candle_core::DType) -> candle_core::Result<Tensor> {
+        #[cfg(feature = "cuda")]
+        if let Some(r) = &self.resident {
+            return crate::cuda::nf4_dequantize(r, self.shape, dtype);
+        }
         Tensor::from_vec(
             self.dequantize_vec(),
             (self.shape[0], self.shape[1]),
             &self.device,
-        )
+        )?
+        .to_dtype(dtype)
     }
 
+    /// Bytes of the quantised weight (the same on a GPU, where `resident` holds it).
     pub fn storage_bytes(&self) -> usize {
         self.packed.len()
             + match &self.absmax {
@@ -253,6 +319,7 @@ mod tests {
             packed,
             absmax: Absmax::F32(absmax.clone()),
             device: Device::Cpu,
+            resident: None,
         };
         let back = t.dequantize_vec();
         let widest = NF4_CODE

@@ -43,6 +43,12 @@ pub struct SftConfig {
     pub quantize: String,
     /// Storage of non-quantised frozen weights: `f32` or `bf16`.
     pub base_dtype: String,
+    /// The activations' dtype: `f32`, or `bf16` for mixed precision on a GPU (LoRA weights,
+    /// optimiser state, norms, softmax and the loss stay f32).
+    pub compute_dtype: String,
+    /// Where the CLI trains: `auto` (the first GPU when built with `cuda`, else the CPU),
+    /// `cpu`, `cuda` or `cuda:N`. Library callers pass the device themselves.
+    pub device: String,
     pub double_quant: bool,
     pub r: usize,
     pub alpha: f64,
@@ -92,6 +98,8 @@ impl Default for SftConfig {
             steps: 100,
             quantize: "none".into(),
             base_dtype: "f32".into(),
+            compute_dtype: "f32".into(),
+            device: "auto".into(),
             double_quant: true,
             r: 16,
             alpha: 32.0,
@@ -148,7 +156,18 @@ impl SftConfig {
             return bad("dropout and label_smoothing must be in [0, 1)");
         }
         self.base_format()?;
+        self.compute_dtype()?;
         Ok(())
+    }
+
+    pub fn compute_dtype(&self) -> Result<candle_core::DType> {
+        match self.compute_dtype.as_str() {
+            "f32" => Ok(candle_core::DType::F32),
+            "bf16" => Ok(candle_core::DType::BF16),
+            other => Err(Error::Config(format!(
+                "compute_dtype {other:?}: expected f32 or bf16"
+            ))),
+        }
     }
 
     pub fn base_format(&self) -> Result<BaseFormat> {
@@ -308,6 +327,12 @@ pub struct SftOutcome {
     pub merged_dir: Option<PathBuf>,
     pub tokens: usize,
     pub seconds: f64,
+    /// NF4 runs: bytes per parameter of the quantised frozen weights (codes and absmax).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub nf4_bytes_per_param: Option<f64>,
+    /// GPU runs: the most memory the run's allocations held at once, in bytes.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub peak_gpu_bytes: Option<u64>,
 }
 
 /// Training state that a checkpoint restores.
@@ -547,8 +572,15 @@ pub fn run_training(
         format: cfg.base_format()?,
         double_quant: cfg.double_quant,
         unquantized_bf16: cfg.base_dtype == "bf16",
+        compute_dtype: cfg.compute_dtype()?,
         device: device.clone(),
     };
+    if opts.compute_dtype == candle_core::DType::BF16 && device.is_cpu() {
+        // candle's CPU matmul has no bf16.
+        return Err(Error::Config(
+            "compute_dtype \"bf16\" needs a GPU; the CPU computes in f32".into(),
+        ));
+    }
     let mut model = Llama::load(&cfg.model, &opts)?;
     model.checkpoint_layers = cfg.activation_checkpointing;
     model.add_lora(&lora_cfg, &mut derived_rng(cfg.seed, RNG_LORA_INIT, 0))?;
@@ -715,6 +747,8 @@ pub fn run_training(
         merged_dir,
         tokens: state.tokens,
         seconds: state.seconds,
+        nf4_bytes_per_param: model.nf4_bytes_per_param(),
+        peak_gpu_bytes: peak_gpu_bytes(device),
     };
     let manifest = manifest(
         cfg,
@@ -760,6 +794,12 @@ fn manifest(
     }
     metrics.insert("tokens".to_string(), o.tokens as f64);
     metrics.insert("seconds".to_string(), o.seconds);
+    if let Some(b) = o.nf4_bytes_per_param {
+        metrics.insert("nf4_bytes_per_param".to_string(), b);
+    }
+    if let Some(b) = o.peak_gpu_bytes {
+        metrics.insert("peak_gpu_bytes".to_string(), b as f64);
+    }
     metrics.insert(
         "rows_no_completion".to_string(),
         o.stats.no_completion as f64,
@@ -793,6 +833,15 @@ fn manifest(
         created_at: chrono::Utc::now(),
         extra,
     })
+}
+
+// The GPU memory high-water mark of this process's allocations (None on the CPU).
+#[cfg(feature = "cuda")]
+use crate::cuda::peak_memory as peak_gpu_bytes;
+
+#[cfg(not(feature = "cuda"))]
+fn peak_gpu_bytes(_device: &Device) -> Option<u64> {
+    None
 }
 
 /// `sha256:` over the base model's weight files, in name order.

@@ -111,6 +111,13 @@ impl Tokenizer {
             .map_err(|e| Error::Tokenizer(e.to_string()))
     }
 
+    /// Text of generated ids with special tokens left out, as OpenAI-style servers return it.
+    pub fn decode_text(&self, ids: &[u32]) -> Result<String> {
+        self.inner
+            .decode(ids, true)
+            .map_err(|e| Error::Tokenizer(e.to_string()))
+    }
+
     pub fn has_chat_template(&self) -> bool {
         self.chat_template.is_some()
     }

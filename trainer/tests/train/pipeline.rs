@@ -503,3 +503,34 @@ fn packed_rows_give_the_same_loss_and_gradients_as_padded_rows() {
         .collect();
     assert_eq!(pack(&long, 256).len(), 2);
 }
+
+#[test]
+fn nf4_stays_under_052_bytes_per_param_and_bf16_compute_wants_a_gpu() {
+    let (_t, dir) = tiny_model(&TinySpec::default());
+    let tmp = tempfile::tempdir().unwrap();
+    let cfg = SftConfig {
+        quantize: "nf4".into(),
+        steps: 2,
+        ..config(&dir, &tmp.path().join("nf4"))
+    };
+    let o = train_sft(&cfg, &Device::Cpu, &mut |_| {}).unwrap();
+    let bpp = o.nf4_bytes_per_param.expect("an NF4 run reports its size");
+    assert!(bpp <= 0.52, "{bpp} bytes/param");
+    assert_eq!(o.peak_gpu_bytes, None);
+    let bf16 = SftConfig {
+        compute_dtype: "bf16".into(),
+        ..cfg
+    };
+    let e = train_sft(&bf16, &Device::Cpu, &mut |_| {}).unwrap_err();
+    assert!(e.to_string().contains("needs a GPU"), "{e}");
+}
+
+#[test]
+fn devices_are_chosen_by_name() {
+    assert!(loraops_trainer::select_device("cpu").unwrap().is_cpu());
+    assert!(loraops_trainer::select_device("tpu").is_err());
+    if !cfg!(feature = "cuda") {
+        let e = loraops_trainer::select_device("cuda:0").unwrap_err();
+        assert!(e.to_string().contains("cuda feature"), "{e}");
+    }
+}
