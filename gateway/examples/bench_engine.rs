@@ -7,7 +7,6 @@
 //!
 //!     cargo run --example bench_engine -- [REQUESTS]
 
-use std::path::Path;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::{Duration, Instant};
@@ -17,72 +16,19 @@ use loraops_gateway::adapters::AdapterStore;
 use loraops_gateway::engine::mistral::{LoadSpec, MistralEngine};
 use loraops_gateway::engine::{Engine, Event, GenerateRequest, Prompt, Sampling};
 use loraops_gateway::{Application, GatewaySettings};
-use loraops_registry::api::{
-    EngineIdentity, NewBaseModel, NewEvidence, Role, RolloutSpec, StartRollout, SuiteRef,
-};
+use loraops_registry::api::{NewBaseModel, Role, RolloutSpec, StartRollout};
 use loraops_registry::auth::{AuthSettings, Signer};
 use loraops_registry::client::{RegistryClient, no_progress};
-use loraops_registry::peft::{AdapterConfig, ModelDims};
+use loraops_registry::peft::ModelDims;
 use loraops_registry::server::{Application as Registry, RegistrySettings, ServeSettings};
 use loraops_trainer::tiny::{TinySpec, init_tiny};
-use safetensors::tensor::{Dtype, TensorView};
 use serde_json::{Value, json};
+
+#[path = "../tests/gateway/kit.rs"]
+mod kit;
 
 const PROMPT: &str = "Once upon a time, in a land far away,";
 const MAX_TOKENS: usize = 64;
-
-/// A LoRA adapter on q_proj and v_proj with small random weights.
-fn write_adapter(dir: &Path, cfg: &Value, seed: u64) {
-    std::fs::create_dir_all(dir).unwrap();
-    let hidden = cfg["hidden_size"].as_u64().unwrap() as usize;
-    let layers = cfg["num_hidden_layers"].as_u64().unwrap() as usize;
-    let heads = cfg["num_attention_heads"].as_u64().unwrap() as usize;
-    let kv = cfg["num_key_value_heads"].as_u64().unwrap() as usize;
-    let head_dim = hidden / heads;
-    let r = 8;
-    let mut state = seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1;
-    let mut next = move || {
-        state ^= state << 13;
-        state ^= state >> 7;
-        state ^= state << 17;
-        ((state >> 40) as f32 / (1u64 << 24) as f32 - 0.5) * 0.1
-    };
-    let mut tensors = Vec::new();
-    for l in 0..layers {
-        for (m, out) in [("q_proj", heads * head_dim), ("v_proj", kv * head_dim)] {
-            for (ab, shape) in [("A", vec![r, hidden]), ("B", vec![out, r])] {
-                let n: usize = shape.iter().product();
-                let bytes: Vec<u8> = (0..n).flat_map(|_| next().to_le_bytes()).collect();
-                tensors.push((
-                    format!("base_model.model.model.layers.{l}.self_attn.{m}.lora_{ab}.weight"),
-                    shape,
-                    bytes,
-                ));
-            }
-        }
-    }
-    let views: Vec<(String, TensorView<'_>)> = tensors
-        .iter()
-        .map(|(k, s, b)| {
-            (
-                k.clone(),
-                TensorView::new(Dtype::F32, s.clone(), b).unwrap(),
-            )
-        })
-        .collect();
-    safetensors::serialize_to_file(views, None, &dir.join("adapter_model.safetensors")).unwrap();
-    let c = AdapterConfig::new_lora(
-        "bench-base",
-        r,
-        16.0,
-        vec!["q_proj".into(), "v_proj".into()],
-    );
-    std::fs::write(
-        dir.join("adapter_config.json"),
-        serde_json::to_vec(&c).unwrap(),
-    )
-    .unwrap();
-}
 
 /// Completion tokens per second over `n` sequential requests, directly on an engine.
 async fn direct(engine: &MistralEngine, n: usize) -> f64 {
@@ -124,39 +70,8 @@ async fn via_gateway(http: &reqwest::Client, url: &str, model: &str, n: usize) -
     tokens as f64 / start.elapsed().as_secs_f64()
 }
 
-async fn evidence(c: &RegistryClient, version: u32) {
-    let v = c.version("bot", version).await.unwrap();
-    let now = chrono::Utc::now();
-    c.post_evidence(
-        "bot",
-        version,
-        &NewEvidence {
-            adapter_digest: v.digest,
-            suite: SuiteRef {
-                name: "bench".into(),
-                version: None,
-                digest: "sha256:00".into(),
-            },
-            engine: EngineIdentity {
-                engine: "mistral.rs".into(),
-                engine_version: "0.8.1".into(),
-                model_digest: None,
-                decoding: Value::Null,
-            },
-            metrics: [("accuracy".to_string(), 1.0)].into(),
-            cases: 1,
-            cases_digest: None,
-            produced_by: None,
-            started_at: now,
-            finished_at: now,
-        },
-    )
-    .await
-    .unwrap();
-}
-
 async fn roll_to(c: &RegistryClient, version: u32) {
-    evidence(c, version).await;
+    kit::post_evidence(c, "bot", version, "bench_engine").await;
     let req = StartRollout {
         version,
         spec: RolloutSpec {
@@ -262,7 +177,15 @@ async fn main() {
             let dir = root
                 .path()
                 .join(format!("adapter-{}-{seed}", m.spec.hidden));
-            write_adapter(&dir, &cfg, seed);
+            let a = kit::RandomAdapter {
+                base_model: "bench-base",
+                seed,
+                r: 8,
+                alpha: 16.0,
+                amplitude: 0.1,
+                dora: false,
+            };
+            kit::write_random_adapter(&dir, &cfg, &a);
             c.push_dir(&dir, "bot", Some("bench-base"), no_progress())
                 .await
                 .unwrap();

@@ -9,95 +9,24 @@
 //!
 //!     cargo run --example bench_rollout -- [INTERVAL_SECS (default 60, the default spec)]
 
-use std::path::Path;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
 use loraops_gateway::{Application, GatewaySettings};
-use loraops_registry::api::{
-    EngineIdentity, NewBaseModel, NewEvidence, Role, RolloutSpec, RolloutState, StartRollout,
-    SuiteRef,
-};
+use loraops_registry::api::{NewBaseModel, Role, RolloutSpec, RolloutState, StartRollout};
 use loraops_registry::auth::{AuthSettings, Signer};
 use loraops_registry::client::{RegistryClient, no_progress};
-use loraops_registry::peft::{AdapterConfig, ModelDims};
+use loraops_registry::peft::ModelDims;
 use loraops_registry::server::{Application as Registry, RegistrySettings, ServeSettings};
 use loraops_trainer::tiny::{TinySpec, init_tiny};
-use safetensors::tensor::{Dtype, TensorView};
 use serde_json::{Value, json};
 
-fn write_adapter(dir: &Path, cfg: &Value, seed: u64, dora: bool) {
-    std::fs::create_dir_all(dir).unwrap();
-    let hidden = cfg["hidden_size"].as_u64().unwrap() as usize;
-    let layers = cfg["num_hidden_layers"].as_u64().unwrap() as usize;
-    let mut state = seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1;
-    let mut next = move || {
-        state ^= state << 13;
-        state ^= state >> 7;
-        state ^= state << 17;
-        ((state >> 40) as f32 / (1u64 << 24) as f32 - 0.5) * 0.1
-    };
-    let mut tensors = Vec::new();
-    for l in 0..layers {
-        for (ab, shape) in [("A", vec![4, hidden]), ("B", vec![hidden, 4])] {
-            let n: usize = shape.iter().product();
-            let bytes: Vec<u8> = (0..n).flat_map(|_| next().to_le_bytes()).collect();
-            tensors.push((
-                format!("base_model.model.model.layers.{l}.self_attn.q_proj.lora_{ab}.weight"),
-                shape,
-                bytes,
-            ));
-        }
-    }
-    let views: Vec<(String, TensorView<'_>)> = tensors
-        .iter()
-        .map(|(k, s, b)| {
-            (
-                k.clone(),
-                TensorView::new(Dtype::F32, s.clone(), b).unwrap(),
-            )
-        })
-        .collect();
-    safetensors::serialize_to_file(views, None, &dir.join("adapter_model.safetensors")).unwrap();
-    let mut c = AdapterConfig::new_lora("bench-base", 4, 8.0, vec!["q_proj".into()]);
-    c.use_dora = dora;
-    std::fs::write(
-        dir.join("adapter_config.json"),
-        serde_json::to_vec(&c).unwrap(),
-    )
-    .unwrap();
-}
+#[path = "../tests/gateway/kit.rs"]
+mod kit;
 
 async fn start(c: &RegistryClient, version: u32, interval: u64) {
-    let v = c.version("bot", version).await.unwrap();
-    let now = chrono::Utc::now();
-    c.post_evidence(
-        "bot",
-        version,
-        &NewEvidence {
-            adapter_digest: v.digest,
-            suite: SuiteRef {
-                name: "bench".into(),
-                version: None,
-                digest: "sha256:00".into(),
-            },
-            engine: EngineIdentity {
-                engine: "mistral.rs".into(),
-                engine_version: "0.8.1".into(),
-                model_digest: None,
-                decoding: Value::Null,
-            },
-            metrics: [("accuracy".to_string(), 1.0)].into(),
-            cases: 1,
-            cases_digest: None,
-            produced_by: None,
-            started_at: now,
-            finished_at: now,
-        },
-    )
-    .await
-    .unwrap();
+    kit::post_evidence(c, "bot", version, "bench_rollout").await;
     let spec = RolloutSpec {
         interval_secs: interval,
         ..RolloutSpec::default()
@@ -156,7 +85,15 @@ async fn main() {
     .unwrap();
     for (seed, dora) in [(1, false), (2, false), (3, true)] {
         let dir = root.path().join(format!("adapter-{seed}"));
-        write_adapter(&dir, &cfg, seed, dora);
+        let a = kit::RandomAdapter {
+            base_model: "bench-base",
+            seed,
+            r: 4,
+            alpha: 8.0,
+            amplitude: 0.1,
+            dora,
+        };
+        kit::write_random_adapter(&dir, &cfg, &a);
         c.push_dir(&dir, "bot", Some("bench-base"), no_progress())
             .await
             .unwrap();

@@ -1,21 +1,19 @@
 //! Fixtures: a generated tiny Llama model, PEFT adapters written with the safetensors crate,
 //! a real registry on port 0 holding them, and a real gateway (mistral.rs) in front.
 
-use std::collections::BTreeMap;
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::sync::OnceLock;
 
 use loraops_gateway::validate::Limits;
 use loraops_gateway::{Application, GatewaySettings};
-use loraops_registry::api::{
-    EngineIdentity, NewBaseModel, NewEvidence, Role, RolloutSpec, StartRollout, SuiteRef,
-};
+use loraops_registry::api::{NewBaseModel, Role, RolloutSpec, StartRollout};
 use loraops_registry::auth::{AuthSettings, Signer};
 use loraops_registry::client::{RegistryClient, no_progress};
-use loraops_registry::peft::{AdapterConfig, ModelDims};
+use loraops_registry::peft::ModelDims;
 use loraops_registry::server::{Application as Registry, RegistrySettings, ServeSettings};
-use safetensors::tensor::{Dtype, TensorView};
 use serde_json::Value;
+
+use crate::kit::{RandomAdapter, post_evidence, write_random_adapter};
 
 pub const SECRET: &str = "gateway-test-secret-0123456789";
 pub const BASE: &str = "tiny-llama";
@@ -48,9 +46,18 @@ pub fn fixture() -> &'static Fixture {
         let v1 = root.join("v1");
         let v2 = root.join("v2");
         let dora = root.join("dora");
-        write_adapter(&v1, &cfg, 1, false);
-        write_adapter(&v2, &cfg, 2, false);
-        write_adapter(&dora, &cfg, 3, true);
+        // Large weights, so that merging an adapter changes the tiny model's greedy tokens.
+        for (dir, seed, dora) in [(&v1, 1, false), (&v2, 2, false), (&dora, 3, true)] {
+            let a = RandomAdapter {
+                base_model: BASE,
+                seed,
+                r: 4,
+                alpha: 16.0,
+                amplitude: 1.6,
+                dora,
+            };
+            write_random_adapter(dir, &cfg, &a);
+        }
         Fixture {
             base,
             hub_cache,
@@ -59,56 +66,6 @@ pub fn fixture() -> &'static Fixture {
             dora,
         }
     })
-}
-
-/// A LoRA adapter on q_proj and v_proj with large random A and B, so that merging it changes
-/// the tiny model's greedy tokens.
-fn write_adapter(dir: &Path, cfg: &Value, seed: u64, dora: bool) {
-    std::fs::create_dir_all(dir).unwrap();
-    let hidden = cfg["hidden_size"].as_u64().unwrap() as usize;
-    let layers = cfg["num_hidden_layers"].as_u64().unwrap() as usize;
-    let heads = cfg["num_attention_heads"].as_u64().unwrap() as usize;
-    let kv = cfg["num_key_value_heads"].as_u64().unwrap() as usize;
-    let head_dim = hidden / heads;
-    let r = 4;
-    let mut state = seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1;
-    let mut next = move || {
-        state ^= state << 13;
-        state ^= state >> 7;
-        state ^= state << 17;
-        ((state >> 40) as f32 / (1u64 << 24) as f32 - 0.5) * 1.6
-    };
-    let mut tensors: BTreeMap<String, Vec<u8>> = BTreeMap::new();
-    let mut shapes: BTreeMap<String, Vec<usize>> = BTreeMap::new();
-    for l in 0..layers {
-        for (m, out) in [("q_proj", heads * head_dim), ("v_proj", kv * head_dim)] {
-            for (ab, shape) in [("A", vec![r, hidden]), ("B", vec![out, r])] {
-                let key =
-                    format!("base_model.model.model.layers.{l}.self_attn.{m}.lora_{ab}.weight");
-                let n: usize = shape.iter().product();
-                let bytes: Vec<u8> = (0..n).flat_map(|_| next().to_le_bytes()).collect();
-                tensors.insert(key.clone(), bytes);
-                shapes.insert(key, shape);
-            }
-        }
-    }
-    let views: Vec<(String, TensorView<'_>)> = tensors
-        .iter()
-        .map(|(k, b)| {
-            (
-                k.clone(),
-                TensorView::new(Dtype::F32, shapes[k].clone(), b).unwrap(),
-            )
-        })
-        .collect();
-    safetensors::serialize_to_file(views, None, &dir.join("adapter_model.safetensors")).unwrap();
-    let mut c = AdapterConfig::new_lora(BASE, r, 16.0, vec!["q_proj".into(), "v_proj".into()]);
-    c.use_dora = dora;
-    std::fs::write(
-        dir.join("adapter_config.json"),
-        serde_json::to_vec_pretty(&c).unwrap(),
-    )
-    .unwrap();
 }
 
 pub struct TestRegistry {
@@ -214,35 +171,7 @@ impl TestRegistry {
 
     /// Evidence for `adapter@version`'s digest, so the default gate lets it start.
     pub async fn with_evidence(&self, adapter: &str, version: u32) {
-        let c = self.client();
-        let v = c.version(adapter, version).await.unwrap();
-        let now = chrono::Utc::now();
-        c.post_evidence(
-            adapter,
-            version,
-            &NewEvidence {
-                adapter_digest: v.digest,
-                suite: SuiteRef {
-                    name: "smoke".into(),
-                    version: None,
-                    digest: "sha256:00".into(),
-                },
-                engine: EngineIdentity {
-                    engine: "mistral.rs".into(),
-                    engine_version: "0.8.1".into(),
-                    model_digest: None,
-                    decoding: Value::Null,
-                },
-                metrics: [("accuracy".to_string(), 1.0)].into(),
-                cases: 1,
-                cases_digest: None,
-                produced_by: Some("gateway tests".into()),
-                started_at: now,
-                finished_at: now,
-            },
-        )
-        .await
-        .unwrap();
+        post_evidence(&self.client(), adapter, version, "gateway tests").await;
     }
 }
 

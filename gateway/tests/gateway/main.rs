@@ -2,6 +2,7 @@
 //! gateway serving a generated tiny model with mistral.rs.
 
 mod helpers;
+mod kit;
 
 mod api;
 mod engine;
