@@ -18,7 +18,7 @@ use mistralrs::{
 use tokio::sync::mpsc;
 
 use super::{
-    Engine, EngineError, EngineIdentity, Event, EventStream, GenerateRequest, Prompt, TokenUsage,
+    Engine, EngineError, EngineInfo, Event, EventStream, GenerateRequest, Prompt, TokenUsage,
 };
 
 /// The mistral.rs release linked in (pinned with `=` in gateway/Cargo.toml; a test keeps the two
@@ -74,7 +74,7 @@ pub fn parse_dtype(s: &str) -> Option<ModelDType> {
 
 pub struct MistralEngine {
     model: Arc<Model>,
-    identity: EngineIdentity,
+    identity: EngineInfo,
 }
 
 impl MistralEngine {
@@ -83,7 +83,7 @@ impl MistralEngine {
     /// thread would silently merge earlier adapters too. A fresh thread with the list cleared
     /// makes every engine exactly its own base + adapter.
     pub async fn load(spec: LoadSpec) -> Result<Self, EngineError> {
-        let identity = EngineIdentity {
+        let identity = EngineInfo {
             name: "mistral.rs".into(),
             version: MISTRALRS_VERSION.into(),
             quantization: spec
@@ -147,7 +147,7 @@ async fn build(spec: LoadSpec) -> Result<Model, String> {
 }
 
 impl Engine for MistralEngine {
-    fn identity(&self) -> &EngineIdentity {
+    fn identity(&self) -> &EngineInfo {
         &self.identity
     }
 

@@ -72,7 +72,7 @@ pub type EventStream = BoxStream<'static, Result<Event, EngineError>>;
 /// What produces the tokens, sent with every answer (`x-loraops-engine*` headers) so that
 /// evaluation evidence records the engine that actually served it.
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub struct EngineIdentity {
+pub struct EngineInfo {
     pub name: String,
     pub version: String,
     /// In-situ quantisation applied at load (`q8_0`, …), `none` for full-precision weights.
@@ -82,5 +82,5 @@ pub struct EngineIdentity {
 /// A loaded model, base or base+adapter, that can serve generation requests concurrently.
 pub trait Engine: Send + Sync + 'static {
     fn generate(&self, req: GenerateRequest) -> EventStream;
-    fn identity(&self) -> &EngineIdentity;
+    fn identity(&self) -> &EngineInfo;
 }

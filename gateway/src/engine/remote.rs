@@ -6,7 +6,7 @@ use futures_util::StreamExt;
 use serde_json::{Value, json};
 
 use super::{
-    Engine, EngineError, EngineIdentity, Event, EventStream, GenerateRequest, Prompt, TokenUsage,
+    Engine, EngineError, EngineInfo, Event, EventStream, GenerateRequest, Prompt, TokenUsage,
 };
 
 pub struct RemoteEngine {
@@ -15,7 +15,7 @@ pub struct RemoteEngine {
     base_url: String,
     /// The `model` the upstream serves this engine's version under.
     model: String,
-    identity: EngineIdentity,
+    identity: EngineInfo,
 }
 
 impl RemoteEngine {
@@ -25,7 +25,7 @@ impl RemoteEngine {
             base_url: base_url.trim_end_matches('/').to_string(),
             model: model.to_string(),
             // The upstream is opaque: name where it is, not what it runs.
-            identity: EngineIdentity {
+            identity: EngineInfo {
                 name: "openai-compatible-upstream".into(),
                 version: base_url.trim_end_matches('/').to_string(),
                 quantization: "unknown".into(),
@@ -92,7 +92,7 @@ fn parse_chunk(v: &Value) -> (Option<String>, Option<String>, Option<TokenUsage>
 }
 
 impl Engine for RemoteEngine {
-    fn identity(&self) -> &EngineIdentity {
+    fn identity(&self) -> &EngineInfo {
         &self.identity
     }
 
