@@ -2,7 +2,8 @@
 //! RMSNorm, SwiGLU, tied or untied embeddings, optional q/k/v biases.
 //!
 //! Every op here has a backward in candle: candle-nn's fused softmax, rms_norm and rope
-//! kernels have none and would cut the graph silently, so they are composed from basic ops.
+//! kernels have none and would cut the graph silently, so they are composed from basic ops,
+//! or, for f32 on the CPU, taken from `fused` (one pass each, with their own backward).
 
 use std::collections::BTreeSet;
 use std::path::{Path, PathBuf};
@@ -17,7 +18,9 @@ use crate::checkpoint::{GradSink, layer_forward_checkpointed};
 use crate::config::{ModelConfig, RopeScaling};
 use crate::error::{Error, Result};
 use crate::frozen::{FrozenMatmul, FrozenWeight};
+use crate::fused;
 use crate::lora::{DropoutRng, Linear, LoraConfig, LoraPair};
+use crate::matmul::matmul;
 use crate::nf4::Nf4Tensor;
 
 /// How the frozen base weights are held in memory.
@@ -470,14 +473,26 @@ pub fn layer_forward(
     let x = (x + h)?;
     let h = rms_norm(&x, &layer.post_attention_layernorm, c.rms_norm_eps)?;
     let m = &layer.mlp;
-    let g = m.gate_proj.forward(&h, rng)?.silu()?;
+    let g = m.gate_proj.forward(&h, rng)?;
     let u = m.up_proj.forward(&h, rng)?;
-    let h = m.down_proj.forward(&(g * u)?, rng)?;
+    let gu = if fused::applies(&g) {
+        fused::swiglu(&g, &u)?
+    } else {
+        (g.silu()? * u)?
+    };
+    let h = m.down_proj.forward(&gu, rng)?;
     x + h
 }
 
 /// RMSNorm in f32: x / √(mean(x²) + ε) · w, returned in x's dtype.
 pub fn rms_norm(x: &Tensor, w: &Tensor, eps: f64) -> candle_core::Result<Tensor> {
+    if fused::applies(x) {
+        return fused::rms_norm(x, w, eps);
+    }
+    rms_norm_composed(x, w, eps)
+}
+
+pub(crate) fn rms_norm_composed(x: &Tensor, w: &Tensor, eps: f64) -> candle_core::Result<Tensor> {
     let dtype = x.dtype();
     let x = x.to_dtype(DType::F32)?;
     let var = x.sqr()?.mean_keepdim(D::Minus1)?;
@@ -505,6 +520,13 @@ fn masked_softmax(scores: &Tensor, mask: &Tensor) -> candle_core::Result<Tensor>
 
 /// log-softmax over the last dimension.
 pub fn log_softmax(x: &Tensor) -> candle_core::Result<Tensor> {
+    if fused::applies(x) {
+        return fused::log_softmax(x);
+    }
+    log_softmax_composed(x)
+}
+
+pub(crate) fn log_softmax_composed(x: &Tensor) -> candle_core::Result<Tensor> {
     let max = x.max_keepdim(D::Minus1)?.detach();
     let s = x.broadcast_sub(&max)?;
     let lse = s.exp()?.sum_keepdim(D::Minus1)?.log()?;
@@ -540,28 +562,26 @@ fn attention(
 ) -> candle_core::Result<Tensor> {
     let (b, t, _) = x.dims3()?;
     let (nh, nkv, hd) = (c.num_attention_heads, c.num_key_value_heads, c.head_dim);
-    let q = a
-        .q_proj
-        .forward(x, rng)?
-        .reshape((b, t, nh, hd))?
-        .transpose(1, 2)?;
-    let k = a
-        .k_proj
-        .forward(x, rng)?
-        .reshape((b, t, nkv, hd))?
-        .transpose(1, 2)?;
-    let v = a
-        .v_proj
-        .forward(x, rng)?
-        .reshape((b, t, nkv, hd))?
-        .transpose(1, 2)?;
-    let q = rope(&q, &ctx.cos, &ctx.sin)?;
-    let k = rope(&k, &ctx.cos, &ctx.sin)?;
-    let k = repeat_kv(k, nh / nkv)?;
-    let v = repeat_kv(v.contiguous()?, nh / nkv)?;
-    let scores = (q.contiguous()?.matmul(&k.t()?)? * (1.0 / (hd as f64).sqrt()))?;
-    let p = masked_softmax(&scores, &ctx.mask)?.to_dtype(v.dtype())?;
-    let y = p.matmul(&v.contiguous()?)?;
+    let q = a.q_proj.forward(x, rng)?.reshape((b, t, nh, hd))?;
+    let k = a.k_proj.forward(x, rng)?.reshape((b, t, nkv, hd))?;
+    let v = a.v_proj.forward(x, rng)?.reshape((b, t, nkv, hd))?;
+    let scale = 1.0 / (hd as f64).sqrt();
+    let y = if fused::applies(x) {
+        let rope = Some((&ctx.cos, &ctx.sin));
+        let q = fused::heads_first(&q, rope, 1)?;
+        let k = fused::heads_first(&k, rope, nh / nkv)?;
+        let v = fused::heads_first(&v, None, nh / nkv)?;
+        let p = fused::masked_softmax(&matmul(&q, &k.t()?)?, &ctx.mask, scale)?;
+        matmul(&p, &v)?
+    } else {
+        let q = rope(&q.transpose(1, 2)?, &ctx.cos, &ctx.sin)?;
+        let k = rope(&k.transpose(1, 2)?, &ctx.cos, &ctx.sin)?;
+        let k = repeat_kv(k, nh / nkv)?;
+        let v = repeat_kv(v.transpose(1, 2)?.contiguous()?, nh / nkv)?;
+        let scores = (q.contiguous()?.matmul(&k.t()?)? * scale)?;
+        let p = masked_softmax(&scores, &ctx.mask)?.to_dtype(v.dtype())?;
+        p.matmul(&v.contiguous()?)?
+    };
     let y = y.transpose(1, 2)?.reshape((b, t, nh * hd))?;
     a.o_proj.forward(&y, rng)
 }

@@ -3,12 +3,15 @@
 
 use std::collections::BTreeSet;
 
-use candle_core::{DType, Device, Tensor, Var};
+use candle_core::{CpuStorage, CustomOp3, DType, Device, Layout, Shape, Tensor, Var};
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
 use serde::{Deserialize, Serialize};
 
-use crate::frozen::FrozenMatmul;
+use crate::frozen::{FrozenMatmul, FrozenWeight};
+use crate::fused::{self, values, with_values};
+use crate::matmul::matmul;
+use crate::matmul::{Operand, sgemm, sgemm_into};
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct LoraConfig {
@@ -81,25 +84,39 @@ pub type DropoutRng<'a> = Option<&'a mut StdRng>;
 
 impl Linear {
     pub fn forward(&self, x: &Tensor, rng: &mut DropoutRng) -> candle_core::Result<Tensor> {
-        let mut y = self.base.forward(x)?;
-        if let Some(b) = &self.bias {
-            y = y.broadcast_add(b)?;
+        let Some(l) = &self.lora else {
+            return self.base_forward(x);
+        };
+        let mask = match rng {
+            Some(rng) if l.dropout > 0.0 => Some(dropout_mask(x, l.dropout, rng)?),
+            _ => None,
+        };
+        if fused::applies(x) {
+            return fused_lora(x, &self.base, self.bias.as_ref(), l, mask.as_ref());
         }
-        if let Some(l) = &self.lora {
-            let xd = match rng {
-                Some(rng) if l.dropout > 0.0 => dropout(x, l.dropout, rng)?,
-                _ => x.clone(),
-            };
-            // As 2-D products: (rows, in)·Aᵀ·Bᵀ, so backward needs no broadcast reductions.
-            // In mixed precision the f32 pair is used in bf16 for the product (its gradient
-            // flows back to the f32 weights through the conversion).
-            let in_f = l.a.dim(1)?;
-            let (a, b) = (l.a.to_dtype(x.dtype())?, l.b.to_dtype(x.dtype())?);
-            let h = xd.reshape(((), in_f))?.matmul(&a.t()?)?.matmul(&b.t()?)?;
-            let h = (h.reshape(y.shape())? * l.scale)?;
-            y = (y + h)?;
+        let y = self.base_forward(x)?;
+        let xd = match &mask {
+            Some(m) => (x * m)?,
+            None => x.clone(),
+        };
+        // As 2-D products: (rows, in)·Aᵀ·Bᵀ, so backward needs no broadcast reductions.
+        // In mixed precision the f32 pair is used in bf16 for the product (its gradient
+        // flows back to the f32 weights through the conversion).
+        let in_f = l.a.dim(1)?;
+        let (a, b) = (l.a.to_dtype(x.dtype())?, l.b.to_dtype(x.dtype())?);
+        let xa = matmul(&xd.reshape(((), in_f))?, &a.t()?)?;
+        let h = matmul(&xa, &b.t()?)?;
+        let h = (h.reshape(y.shape())? * l.scale)?;
+        y + h
+    }
+
+    /// The frozen layer alone: x·Wᵀ + b.
+    fn base_forward(&self, x: &Tensor) -> candle_core::Result<Tensor> {
+        let y = self.base.forward(x)?;
+        match &self.bias {
+            Some(b) => y.broadcast_add(b),
+            None => Ok(y),
         }
-        Ok(y)
     }
 
     /// The dense weight with the adapter folded in: W + scale · B·A (for merging).
@@ -112,13 +129,14 @@ impl Linear {
     }
 }
 
-/// Inverted dropout with a mask drawn from a seeded generator, so runs are reproducible. On a
-/// GPU the generator gives one seed and the mask is drawn there (no host round trip per layer).
-fn dropout(x: &Tensor, p: f64, rng: &mut StdRng) -> candle_core::Result<Tensor> {
+/// An inverted-dropout mask (0 or 1/keep) for `x`, drawn from a seeded generator, so runs are
+/// reproducible. On a GPU the generator gives one seed and the mask is drawn there (no host
+/// round trip per layer).
+fn dropout_mask(x: &Tensor, p: f64, rng: &mut StdRng) -> candle_core::Result<Tensor> {
     let keep = 1.0 - p;
     #[cfg(feature = "cuda")]
     if x.device().is_cuda() {
-        return x * crate::cuda::dropout_mask(x, keep, rng.random::<u64>())?;
+        return crate::cuda::dropout_mask(x, keep, rng.random::<u64>());
     }
     let scale = (1.0 / keep) as f32;
     let mask: Vec<f32> = (0..x.elem_count())
@@ -130,8 +148,7 @@ fn dropout(x: &Tensor, p: f64, rng: &mut StdRng) -> candle_core::Result<Tensor> 
             }
         })
         .collect();
-    let mask = Tensor::from_vec(mask, x.shape(), x.device())?.to_dtype(x.dtype())?;
-    x * mask
+    Tensor::from_vec(mask, x.shape(), x.device())?.to_dtype(x.dtype())
 }
 
 /// A generator for one purpose at one step, derived from the run's seed, so a resumed run
@@ -142,4 +159,220 @@ pub fn derived_rng(seed: u64, purpose: u64, step: u64) -> StdRng {
         .wrapping_add(purpose.wrapping_mul(0xBF58_476D_1CE4_E5B9))
         .wrapping_add(step.wrapping_mul(0x94D0_49BB_1331_11EB));
     StdRng::seed_from_u64(mix)
+}
+
+/// `x·Wᵀ + scale · (x ⊙ mask)·Aᵀ·Bᵀ` as one op on (x, A, B), for f32 on the CPU: the adapter's
+/// product is added into the base's output, and backward writes grad(x) once, with no
+/// full-size temporaries for the scaling, the sum or the accumulation of the two paths.
+fn fused_lora(
+    x: &Tensor,
+    base: &FrozenMatmul,
+    bias: Option<&Tensor>,
+    l: &LoraPair,
+    mask: Option<&Tensor>,
+) -> candle_core::Result<Tensor> {
+    let op = FusedLora {
+        weight: base.weight.clone(),
+        bias: bias.map(|b| b.contiguous()).transpose()?,
+        scale: l.scale as f32,
+        mask: mask.map(|m| m.contiguous()).transpose()?,
+    };
+    x.contiguous()?
+        .apply_op3(l.a.as_tensor(), l.b.as_tensor(), op)
+}
+
+struct FusedLora {
+    weight: FrozenWeight,
+    /// Frozen, (out,); added before the adapter's product, as PEFT does.
+    bias: Option<Tensor>,
+    scale: f32,
+    /// The dropout mask on the adapter's input, shaped like x.
+    mask: Option<Tensor>,
+}
+
+/// Sizes of one fused LoRA product: rows of x, in, out, rank.
+struct Dims {
+    rows: usize,
+    in_f: usize,
+    out_f: usize,
+    r: usize,
+}
+
+impl FusedLora {
+    fn dims(&self, x: &Shape, a: &Shape, b: &Shape) -> candle_core::Result<Dims> {
+        let (out_f, in_f) = self.weight.dims2()?;
+        let (r, a_in) = a.dims2()?;
+        let (b_out, b_r) = b.dims2()?;
+        if x.dims().last() != Some(&in_f) || a_in != in_f || b_out != out_f || b_r != r {
+            candle_core::bail!(
+                "fused LoRA: x {x:?}, A {a:?}, B {b:?} for a weight of ({out_f}, {in_f})"
+            );
+        }
+        Ok(Dims {
+            rows: x.elem_count() / in_f,
+            in_f,
+            out_f,
+            r,
+        })
+    }
+
+    /// Run `f` on the dense f32 weight and the adapter's input (x, or x ⊙ mask).
+    fn with_inputs<R>(
+        &self,
+        x: &[f32],
+        f: impl FnOnce(&[f32], &[f32]) -> candle_core::Result<R>,
+    ) -> candle_core::Result<R> {
+        let w = self.weight.materialize(DType::F32)?;
+        with_values("fused LoRA", &w, |w| match &self.mask {
+            None => f(w, x),
+            Some(m) => with_values("fused LoRA", m, |m| {
+                let xd: Vec<f32> = x.iter().zip(m).map(|(x, m)| x * m).collect();
+                f(w, &xd)
+            }),
+        })
+    }
+}
+
+impl CustomOp3 for FusedLora {
+    fn name(&self) -> &'static str {
+        "fused-lora-linear"
+    }
+
+    fn cpu_fwd(
+        &self,
+        xs: &CpuStorage,
+        xl: &Layout,
+        as_: &CpuStorage,
+        al: &Layout,
+        bs: &CpuStorage,
+        bl: &Layout,
+    ) -> candle_core::Result<(CpuStorage, Shape)> {
+        let op = self.name();
+        let d = self.dims(xl.shape(), al.shape(), bl.shape())?;
+        let (x, a, b) = (
+            values(op, xs, xl)?,
+            values(op, as_, al)?,
+            values(op, bs, bl)?,
+        );
+        let y = self.with_inputs(x, |w, xd| {
+            let mut y = crate::matmul::linear(x, w, d.rows, d.in_f, d.out_f);
+            if let Some(bias) = &self.bias {
+                with_values(op, bias, |bias| {
+                    for row in y.chunks_mut(d.out_f) {
+                        row.iter_mut().zip(bias).for_each(|(y, b)| *y += b);
+                    }
+                    Ok(())
+                })?;
+            }
+            let xa = sgemm(
+                1,
+                (d.rows, d.in_f, d.r),
+                (xd, Operand::rows(d.in_f)),
+                (a, Operand::transposed(d.in_f)),
+            );
+            sgemm_into(
+                &mut y,
+                1.0,
+                self.scale,
+                1,
+                (d.rows, d.r, d.out_f),
+                (xa.as_slice(), Operand::rows(d.r)),
+                (b, Operand::transposed(d.r)),
+            );
+            Ok(y)
+        })?;
+        let mut shape = xl.dims().to_vec();
+        *shape.last_mut().expect("non-empty") = d.out_f;
+        Ok((CpuStorage::F32(y), Shape::from(shape)))
+    }
+
+    /// With u = g·B: d x = g·W + scale · (u·A) ⊙ mask, d A = scale · uᵀ·(x ⊙ mask),
+    /// d B = scale · gᵀ·((x ⊙ mask)·Aᵀ).
+    fn bwd(
+        &self,
+        x: &Tensor,
+        a: &Tensor,
+        b: &Tensor,
+        _res: &Tensor,
+        grad: &Tensor,
+    ) -> candle_core::Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
+        let op = self.name();
+        let d = self.dims(x.shape(), a.shape(), b.shape())?;
+        let s = self.scale;
+        let (gx, ga, gb) = with_values(op, grad, |g| {
+            with_values(op, a, |a| {
+                with_values(op, b, |b| {
+                    with_values(op, x, |x| {
+                        self.with_inputs(x, |w, xd| {
+                            let u = sgemm(
+                                1,
+                                (d.rows, d.out_f, d.r),
+                                (g, Operand::rows(d.out_f)),
+                                (b, Operand::rows(d.r)),
+                            );
+                            let mut gx = sgemm(
+                                1,
+                                (d.rows, d.out_f, d.in_f),
+                                (g, Operand::rows(d.out_f)),
+                                (w, Operand::rows(d.in_f)),
+                            );
+                            let ua = (u.as_slice(), Operand::rows(d.r));
+                            let a_rows = (a, Operand::rows(d.in_f));
+                            match &self.mask {
+                                None => sgemm_into(
+                                    &mut gx,
+                                    1.0,
+                                    s,
+                                    1,
+                                    (d.rows, d.r, d.in_f),
+                                    ua,
+                                    a_rows,
+                                ),
+                                Some(m) => with_values(op, m, |m| {
+                                    let v = sgemm(1, (d.rows, d.r, d.in_f), ua, a_rows);
+                                    for ((gx, v), m) in gx.iter_mut().zip(v).zip(m) {
+                                        *gx += s * v * m;
+                                    }
+                                    Ok(())
+                                })?,
+                            }
+                            let mut ga = vec![0f32; d.r * d.in_f];
+                            sgemm_into(
+                                &mut ga,
+                                0.0,
+                                s,
+                                1,
+                                (d.r, d.rows, d.in_f),
+                                (u.as_slice(), Operand::transposed(d.r)),
+                                (xd, Operand::rows(d.in_f)),
+                            );
+                            let xa = sgemm(
+                                1,
+                                (d.rows, d.in_f, d.r),
+                                (xd, Operand::rows(d.in_f)),
+                                (a, Operand::transposed(d.in_f)),
+                            );
+                            let mut gb = vec![0f32; d.out_f * d.r];
+                            sgemm_into(
+                                &mut gb,
+                                0.0,
+                                s,
+                                1,
+                                (d.out_f, d.rows, d.r),
+                                (g, Operand::transposed(d.out_f)),
+                                (xa.as_slice(), Operand::rows(d.r)),
+                            );
+                            Ok((gx, ga, gb))
+                        })
+                    })
+                })
+            })
+        })?;
+        let dev = x.device();
+        Ok((
+            Some(Tensor::from_vec(gx, x.shape(), dev)?),
+            Some(Tensor::from_vec(ga, a.shape(), dev)?),
+            Some(Tensor::from_vec(gb, b.shape(), dev)?),
+        ))
+    }
 }

@@ -1,0 +1,762 @@
+//! Fused CPU kernels with their own backward, for the decoder's memory-bound steps.
+//!
+//! Composed from candle's basic ops, the attention softmax, RMSNorm, RoPE with the head
+//! transpose, SwiGLU and the log-softmax each take four to eight passes over their tensor, most
+//! of them on one thread and each allocating a fresh buffer, and their backward as many again.
+//! Here each is one multi-threaded pass forward and one backward. The forward computes the
+//! composed formula in the same order, so values agree with it to the last bit or nearly; the
+//! backward is the analytic gradient. Used for f32 on the CPU ([`applies`]); other dtypes and
+//! devices keep the composed (or CUDA) ops in `llama`.
+
+use candle_core::{
+    CpuStorage, CustomOp1, CustomOp2, CustomOp3, DType, Layout, Shape, Storage, Tensor,
+};
+use rayon::prelude::*;
+
+/// Rows handed to one rayon task at least: fewer tasks than rows keeps scheduling cheap.
+const MIN_ROWS: usize = 16;
+
+/// Whether the fused kernels take `t`: f32 on the CPU.
+pub fn applies(t: &Tensor) -> bool {
+    t.device().is_cpu() && t.dtype() == DType::F32
+}
+
+fn err(op: &str, what: impl std::fmt::Display) -> candle_core::Error {
+    candle_core::Error::Msg(format!("{op}: {what}"))
+}
+
+/// The f32 values of a contiguous CPU operand.
+pub(crate) fn values<'a>(
+    op: &str,
+    s: &'a CpuStorage,
+    l: &Layout,
+) -> candle_core::Result<&'a [f32]> {
+    let (start, end) = l
+        .contiguous_offsets()
+        .ok_or_else(|| err(op, "operand is not contiguous"))?;
+    Ok(&s.as_slice::<f32>()?[start..end])
+}
+
+/// Run `f` on the f32 values of a tensor the op holds (mask, tables, weights).
+pub(crate) fn with_values<R>(
+    op: &str,
+    t: &Tensor,
+    f: impl FnOnce(&[f32]) -> candle_core::Result<R>,
+) -> candle_core::Result<R> {
+    let t = t.contiguous()?;
+    let (s, l) = t.storage_and_layout();
+    let Storage::Cpu(s) = &*s else {
+        return Err(err(op, "operand is not on the CPU"));
+    };
+    f(values(op, s, l)?)
+}
+
+fn last_dim(op: &str, shape: &Shape) -> candle_core::Result<usize> {
+    match shape.dims().last() {
+        Some(&n) if n > 0 => Ok(n),
+        _ => Err(err(op, format!("no rows in shape {shape:?}"))),
+    }
+}
+
+// ---------------------------------------------------------------------------------------
+// Attention softmax
+
+/// softmax(scale · scores + mask) over the last dimension: scores (B, H, T, S), mask
+/// (B, 1, T, S) additive (0 or f32::MIN).
+pub fn masked_softmax(scores: &Tensor, mask: &Tensor, scale: f64) -> candle_core::Result<Tensor> {
+    scores.contiguous()?.apply_op1(MaskedSoftmax {
+        scale: scale as f32,
+        mask: mask.contiguous()?,
+    })
+}
+
+struct MaskedSoftmax {
+    scale: f32,
+    mask: Tensor,
+}
+
+impl CustomOp1 for MaskedSoftmax {
+    fn name(&self) -> &'static str {
+        "fused-masked-softmax"
+    }
+
+    fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> candle_core::Result<(CpuStorage, Shape)> {
+        let op = self.name();
+        let x = values(op, s, l)?;
+        let (b, h, t, n) = l.shape().dims4()?;
+        if self.mask.dims() != [b, 1, t, n] {
+            return Err(err(
+                op,
+                format!("mask {:?} for scores {:?}", self.mask.shape(), l.shape()),
+            ));
+        }
+        let scale = self.scale;
+        let mut out = vec![0f32; x.len()];
+        with_values(op, &self.mask, |mask| {
+            out.par_chunks_mut(n)
+                .zip(x.par_chunks(n))
+                .enumerate()
+                .with_min_len(MIN_ROWS)
+                .for_each(|(row, (o, x))| {
+                    let (bi, i) = (row / (h * t), row % t);
+                    let m = &mask[(bi * t + i) * n..][..n];
+                    let mut max = f32::NEG_INFINITY;
+                    for ((o, &x), &m) in o.iter_mut().zip(x).zip(m) {
+                        *o = x * scale + m;
+                        max = max.max(*o);
+                    }
+                    let mut sum = 0f32;
+                    for o in o.iter_mut() {
+                        *o = (*o - max).exp();
+                        sum += *o;
+                    }
+                    for o in o.iter_mut() {
+                        *o /= sum;
+                    }
+                });
+            Ok(())
+        })?;
+        Ok((CpuStorage::F32(out), l.shape().clone()))
+    }
+
+    /// d scores = scale · p · (g − Σ g·p); the mask is constant.
+    fn bwd(
+        &self,
+        _arg: &Tensor,
+        res: &Tensor,
+        grad: &Tensor,
+    ) -> candle_core::Result<Option<Tensor>> {
+        let g = grad.contiguous()?;
+        Ok(Some(res.apply_op2_no_bwd(&g, &SoftmaxGrad(self.scale))?))
+    }
+}
+
+/// (p, g) → scale · p · (g − Σ g·p), row by row.
+struct SoftmaxGrad(f32);
+
+impl CustomOp2 for SoftmaxGrad {
+    fn name(&self) -> &'static str {
+        "fused-softmax-grad"
+    }
+
+    fn cpu_fwd(
+        &self,
+        ps: &CpuStorage,
+        pl: &Layout,
+        gs: &CpuStorage,
+        gl: &Layout,
+    ) -> candle_core::Result<(CpuStorage, Shape)> {
+        let op = self.name();
+        let (p, g) = (values(op, ps, pl)?, values(op, gs, gl)?);
+        let n = last_dim(op, pl.shape())?;
+        let scale = self.0;
+        let mut out = vec![0f32; p.len()];
+        out.par_chunks_mut(n)
+            .zip(p.par_chunks(n).zip(g.par_chunks(n)))
+            .with_min_len(MIN_ROWS)
+            .for_each(|(o, (p, g))| {
+                let dot: f32 = p.iter().zip(g).map(|(p, g)| p * g).sum();
+                for ((o, &p), &g) in o.iter_mut().zip(p).zip(g) {
+                    *o = p * (g - dot) * scale;
+                }
+            });
+        Ok((CpuStorage::F32(out), pl.shape().clone()))
+    }
+}
+
+// ---------------------------------------------------------------------------------------
+// Log-softmax (the loss)
+
+/// log-softmax over the last dimension.
+pub fn log_softmax(x: &Tensor) -> candle_core::Result<Tensor> {
+    x.contiguous()?.apply_op1(LogSoftmax)
+}
+
+struct LogSoftmax;
+
+impl CustomOp1 for LogSoftmax {
+    fn name(&self) -> &'static str {
+        "fused-log-softmax"
+    }
+
+    fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> candle_core::Result<(CpuStorage, Shape)> {
+        let x = values(self.name(), s, l)?;
+        let n = last_dim(self.name(), l.shape())?;
+        let mut out = vec![0f32; x.len()];
+        out.par_chunks_mut(n)
+            .zip(x.par_chunks(n))
+            .with_min_len(MIN_ROWS)
+            .for_each(|(o, x)| {
+                let max = x.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+                let mut sum = 0f32;
+                for (o, &x) in o.iter_mut().zip(x) {
+                    *o = x - max;
+                    sum += o.exp();
+                }
+                let lse = sum.ln();
+                for o in o.iter_mut() {
+                    *o -= lse;
+                }
+            });
+        Ok((CpuStorage::F32(out), l.shape().clone()))
+    }
+
+    /// d x = g − softmax(x) · Σ g, with softmax(x) = exp(result).
+    fn bwd(
+        &self,
+        _arg: &Tensor,
+        res: &Tensor,
+        grad: &Tensor,
+    ) -> candle_core::Result<Option<Tensor>> {
+        let g = grad.contiguous()?;
+        Ok(Some(res.apply_op2_no_bwd(&g, &LogSoftmaxGrad)?))
+    }
+}
+
+struct LogSoftmaxGrad;
+
+impl CustomOp2 for LogSoftmaxGrad {
+    fn name(&self) -> &'static str {
+        "fused-log-softmax-grad"
+    }
+
+    fn cpu_fwd(
+        &self,
+        ys: &CpuStorage,
+        yl: &Layout,
+        gs: &CpuStorage,
+        gl: &Layout,
+    ) -> candle_core::Result<(CpuStorage, Shape)> {
+        let op = self.name();
+        let (y, g) = (values(op, ys, yl)?, values(op, gs, gl)?);
+        let n = last_dim(op, yl.shape())?;
+        let mut out = vec![0f32; y.len()];
+        out.par_chunks_mut(n)
+            .zip(y.par_chunks(n).zip(g.par_chunks(n)))
+            .with_min_len(MIN_ROWS)
+            .for_each(|(o, (y, g))| {
+                let total: f32 = g.iter().sum();
+                for ((o, &y), &g) in o.iter_mut().zip(y).zip(g) {
+                    *o = g - y.exp() * total;
+                }
+            });
+        Ok((CpuStorage::F32(out), yl.shape().clone()))
+    }
+}
+
+// ---------------------------------------------------------------------------------------
+// RMSNorm
+
+/// x / √(mean(x²) + ε) · w over the last dimension; `w` is frozen (no gradient).
+pub fn rms_norm(x: &Tensor, w: &Tensor, eps: f64) -> candle_core::Result<Tensor> {
+    x.contiguous()?.apply_op1(RmsNorm {
+        w: w.contiguous()?,
+        eps,
+    })
+}
+
+struct RmsNorm {
+    w: Tensor,
+    eps: f64,
+}
+
+/// 1 / √(mean(x²) + ε), rounded as candle's composed ops round it.
+fn inv_rms(x: &[f32], eps: f64) -> f32 {
+    let inv_n = (1.0 / x.len() as f64) as f32;
+    let ss: f32 = x.iter().map(|v| v * v).sum();
+    1.0 / (ss * inv_n + eps as f32).sqrt()
+}
+
+impl CustomOp1 for RmsNorm {
+    fn name(&self) -> &'static str {
+        "fused-rms-norm"
+    }
+
+    fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> candle_core::Result<(CpuStorage, Shape)> {
+        let op = self.name();
+        let x = values(op, s, l)?;
+        let n = last_dim(op, l.shape())?;
+        if self.w.dims() != [n] {
+            return Err(err(
+                op,
+                format!("weight {:?} for rows of {n}", self.w.shape()),
+            ));
+        }
+        let mut out = vec![0f32; x.len()];
+        with_values(op, &self.w, |w| {
+            out.par_chunks_mut(n)
+                .zip(x.par_chunks(n))
+                .with_min_len(MIN_ROWS)
+                .for_each(|(o, x)| {
+                    let inv = inv_rms(x, self.eps);
+                    for ((o, &x), &w) in o.iter_mut().zip(x).zip(w) {
+                        *o = x * inv * w;
+                    }
+                });
+            Ok(())
+        })?;
+        Ok((CpuStorage::F32(out), l.shape().clone()))
+    }
+
+    /// With r = 1/√(mean(x²)+ε): d x_j = r·g_j·w_j − x_j·r³·(Σ_i g_i·w_i·x_i)/n.
+    fn bwd(
+        &self,
+        arg: &Tensor,
+        _res: &Tensor,
+        grad: &Tensor,
+    ) -> candle_core::Result<Option<Tensor>> {
+        let g = grad.contiguous()?;
+        let op = RmsNormGrad {
+            w: self.w.clone(),
+            eps: self.eps,
+        };
+        Ok(Some(arg.apply_op2_no_bwd(&g, &op)?))
+    }
+}
+
+struct RmsNormGrad {
+    w: Tensor,
+    eps: f64,
+}
+
+impl CustomOp2 for RmsNormGrad {
+    fn name(&self) -> &'static str {
+        "fused-rms-norm-grad"
+    }
+
+    fn cpu_fwd(
+        &self,
+        xs: &CpuStorage,
+        xl: &Layout,
+        gs: &CpuStorage,
+        gl: &Layout,
+    ) -> candle_core::Result<(CpuStorage, Shape)> {
+        let op = self.name();
+        let (x, g) = (values(op, xs, xl)?, values(op, gs, gl)?);
+        let n = last_dim(op, xl.shape())?;
+        let mut out = vec![0f32; x.len()];
+        with_values(op, &self.w, |w| {
+            out.par_chunks_mut(n)
+                .zip(x.par_chunks(n).zip(g.par_chunks(n)))
+                .with_min_len(MIN_ROWS)
+                .for_each(|(o, (x, g))| {
+                    let r = inv_rms(x, self.eps);
+                    let dot: f32 = x.iter().zip(g).zip(w).map(|((x, g), w)| g * w * x).sum();
+                    let c = r * r * r * dot / n as f32;
+                    for (((o, &x), &g), &w) in o.iter_mut().zip(x).zip(g).zip(w) {
+                        *o = r * g * w - x * c;
+                    }
+                });
+            Ok(())
+        })?;
+        Ok((CpuStorage::F32(out), xl.shape().clone()))
+    }
+}
+
+// ---------------------------------------------------------------------------------------
+// RoPE and the heads-first layout
+
+/// A projection's output (B, T, H, D) in attention's layout (B, H·n_rep, T, D): each head
+/// repeated `n_rep` times (grouped-query attention) and, with `rope = Some((cos, sin))`
+/// ((B, 1, T, D) each), rotated in transformers' half-split form x·cos + rotate_half(x)·sin.
+pub fn heads_first(
+    x: &Tensor,
+    rope: Option<(&Tensor, &Tensor)>,
+    n_rep: usize,
+) -> candle_core::Result<Tensor> {
+    let rope = match rope {
+        Some((c, s)) => Some((c.contiguous()?, s.contiguous()?)),
+        None => None,
+    };
+    x.contiguous()?.apply_op1(HeadsFirst { rope, n_rep })
+}
+
+struct HeadsFirst {
+    rope: Option<(Tensor, Tensor)>,
+    n_rep: usize,
+}
+
+/// One head row: out = x·cos + rotate_half(x)·sin.
+fn rotate(o: &mut [f32], x: &[f32], cos: &[f32], sin: &[f32]) {
+    let half = x.len() / 2;
+    for d in 0..x.len() {
+        let rot = if d < half { -x[d + half] } else { x[d - half] };
+        o[d] = x[d] * cos[d] + rot * sin[d];
+    }
+}
+
+/// The gradient of [`rotate`] for one head row, added to `o`.
+fn rotate_grad(o: &mut [f32], g: &[f32], cos: &[f32], sin: &[f32]) {
+    let half = g.len() / 2;
+    for d in 0..g.len() {
+        let rot = if d < half {
+            g[d + half] * sin[d + half]
+        } else {
+            -(g[d - half] * sin[d - half])
+        };
+        o[d] += g[d] * cos[d] + rot;
+    }
+}
+
+impl HeadsFirst {
+    fn check(&self, op: &str, b: usize, t: usize, d: usize) -> candle_core::Result<()> {
+        if let Some((c, s)) = &self.rope
+            && (c.dims() != [b, 1, t, d] || s.dims() != [b, 1, t, d])
+        {
+            return Err(err(
+                op,
+                format!("RoPE tables {:?} for ({b}, {t}, {d})", c.shape()),
+            ));
+        }
+        if !d.is_multiple_of(2) {
+            return Err(err(op, format!("odd head dimension {d}")));
+        }
+        Ok(())
+    }
+
+    /// Run `f` with the cos and sin tables (empty without RoPE).
+    fn with_tables<R>(
+        &self,
+        op: &str,
+        f: impl FnOnce(&[f32], &[f32]) -> candle_core::Result<R>,
+    ) -> candle_core::Result<R> {
+        match &self.rope {
+            Some((c, s)) => with_values(op, c, |c| with_values(op, s, |s| f(c, s))),
+            None => f(&[], &[]),
+        }
+    }
+}
+
+impl CustomOp1 for HeadsFirst {
+    fn name(&self) -> &'static str {
+        "fused-heads-first"
+    }
+
+    fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> candle_core::Result<(CpuStorage, Shape)> {
+        let op = self.name();
+        let x = values(op, s, l)?;
+        let (b, t, h, d) = l.shape().dims4()?;
+        self.check(op, b, t, d)?;
+        let hr = h * self.n_rep;
+        let mut out = vec![0f32; x.len() * self.n_rep];
+        self.with_tables(op, |cos, sin| {
+            out.par_chunks_mut(d)
+                .enumerate()
+                .with_min_len(MIN_ROWS)
+                .for_each(|(row, o)| {
+                    let (bi, head, ti) = (row / (hr * t), (row / t) % hr, row % t);
+                    let src = &x[((bi * t + ti) * h + head / self.n_rep) * d..][..d];
+                    if cos.is_empty() {
+                        o.copy_from_slice(src);
+                    } else {
+                        let at = (bi * t + ti) * d;
+                        rotate(o, src, &cos[at..at + d], &sin[at..at + d]);
+                    }
+                });
+            Ok(())
+        })?;
+        Ok((CpuStorage::F32(out), Shape::from((b, hr, t, d))))
+    }
+
+    fn bwd(
+        &self,
+        _arg: &Tensor,
+        _res: &Tensor,
+        grad: &Tensor,
+    ) -> candle_core::Result<Option<Tensor>> {
+        let g = grad.contiguous()?;
+        let op = HeadsFirstGrad(HeadsFirst {
+            rope: self.rope.clone(),
+            n_rep: self.n_rep,
+        });
+        Ok(Some(g.apply_op1_no_bwd(&op)?))
+    }
+}
+
+/// (B, H·n_rep, T, D) gradient → (B, T, H, D): summed over the repeats, RoPE undone.
+struct HeadsFirstGrad(HeadsFirst);
+
+impl CustomOp1 for HeadsFirstGrad {
+    fn name(&self) -> &'static str {
+        "fused-heads-first-grad"
+    }
+
+    fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> candle_core::Result<(CpuStorage, Shape)> {
+        let op = self.name();
+        let g = values(op, s, l)?;
+        let (b, hr, t, d) = l.shape().dims4()?;
+        let n_rep = self.0.n_rep;
+        let h = hr / n_rep;
+        self.0.check(op, b, t, d)?;
+        let mut out = vec![0f32; g.len() / n_rep];
+        self.0.with_tables(op, |cos, sin| {
+            out.par_chunks_mut(d)
+                .enumerate()
+                .with_min_len(MIN_ROWS)
+                .for_each(|(row, o)| {
+                    let (bi, ti, head) = (row / (t * h), (row / h) % t, row % h);
+                    for rep in 0..n_rep {
+                        let src = &g[((bi * hr + head * n_rep + rep) * t + ti) * d..][..d];
+                        if cos.is_empty() {
+                            o.iter_mut().zip(src).for_each(|(o, g)| *o += g);
+                        } else {
+                            let at = (bi * t + ti) * d;
+                            rotate_grad(o, src, &cos[at..at + d], &sin[at..at + d]);
+                        }
+                    }
+                });
+            Ok(())
+        })?;
+        Ok((CpuStorage::F32(out), Shape::from((b, t, h, d))))
+    }
+}
+
+// ---------------------------------------------------------------------------------------
+// SwiGLU
+
+/// silu(gate) · up, with silu(x) = x / (1 + e^(−x)).
+pub fn swiglu(gate: &Tensor, up: &Tensor) -> candle_core::Result<Tensor> {
+    gate.contiguous()?.apply_op2(&up.contiguous()?, SwiGlu)
+}
+
+struct SwiGlu;
+
+fn sigmoid(x: f32) -> f32 {
+    1.0 / (1.0 + (-x).exp())
+}
+
+impl CustomOp2 for SwiGlu {
+    fn name(&self) -> &'static str {
+        "fused-swiglu"
+    }
+
+    fn cpu_fwd(
+        &self,
+        gs: &CpuStorage,
+        gl: &Layout,
+        us: &CpuStorage,
+        ul: &Layout,
+    ) -> candle_core::Result<(CpuStorage, Shape)> {
+        let op = self.name();
+        if gl.shape() != ul.shape() {
+            return Err(err(
+                op,
+                format!("gate {:?} and up {:?}", gl.shape(), ul.shape()),
+            ));
+        }
+        let (g, u) = (values(op, gs, gl)?, values(op, us, ul)?);
+        let mut out = vec![0f32; g.len()];
+        out.par_chunks_mut(4096)
+            .zip(g.par_chunks(4096).zip(u.par_chunks(4096)))
+            .for_each(|(o, (g, u))| {
+                for ((o, &g), &u) in o.iter_mut().zip(g).zip(u) {
+                    *o = g / (1.0 + (-g).exp()) * u;
+                }
+            });
+        Ok((CpuStorage::F32(out), gl.shape().clone()))
+    }
+
+    /// d up = g·silu(gate); d gate = g·up·σ(gate)·(1 + gate·(1 − σ(gate))).
+    fn bwd(
+        &self,
+        gate: &Tensor,
+        up: &Tensor,
+        _res: &Tensor,
+        grad: &Tensor,
+    ) -> candle_core::Result<(Option<Tensor>, Option<Tensor>)> {
+        let g = grad.contiguous()?;
+        let d_gate = gate.apply_op3_no_bwd(up, &g, &SwiGluGrad::Gate)?;
+        let d_up = gate.apply_op3_no_bwd(up, &g, &SwiGluGrad::Up)?;
+        Ok((Some(d_gate), Some(d_up)))
+    }
+}
+
+enum SwiGluGrad {
+    Gate,
+    Up,
+}
+
+impl CustomOp3 for SwiGluGrad {
+    fn name(&self) -> &'static str {
+        "fused-swiglu-grad"
+    }
+
+    fn cpu_fwd(
+        &self,
+        gs: &CpuStorage,
+        gl: &Layout,
+        us: &CpuStorage,
+        ul: &Layout,
+        ds: &CpuStorage,
+        dl: &Layout,
+    ) -> candle_core::Result<(CpuStorage, Shape)> {
+        let op = self.name();
+        let (gate, up, grad) = (
+            values(op, gs, gl)?,
+            values(op, us, ul)?,
+            values(op, ds, dl)?,
+        );
+        let mut out = vec![0f32; gate.len()];
+        out.par_chunks_mut(4096).enumerate().for_each(|(chunk, o)| {
+            let at = chunk * 4096;
+            for (k, o) in o.iter_mut().enumerate() {
+                let (x, u, d) = (gate[at + k], up[at + k], grad[at + k]);
+                let s = sigmoid(x);
+                *o = match self {
+                    SwiGluGrad::Gate => d * u * (s * (1.0 + x * (1.0 - s))),
+                    SwiGluGrad::Up => d * (x / (1.0 + (-x).exp())),
+                };
+            }
+        });
+        Ok((CpuStorage::F32(out), gl.shape().clone()))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use candle_core::{D, Device, Var};
+
+    /// Values and input gradients of `fused` and `composed` on the same input agree.
+    fn agree(
+        shape: &[usize],
+        fused: impl Fn(&Tensor) -> candle_core::Result<Tensor>,
+        composed: impl Fn(&Tensor) -> candle_core::Result<Tensor>,
+        tol: f32,
+    ) {
+        let x = Var::from_tensor(&Tensor::randn(0f32, 1.0, shape, &Device::Cpu).unwrap()).unwrap();
+        let (yf, yc) = (
+            fused(x.as_tensor()).unwrap(),
+            composed(x.as_tensor()).unwrap(),
+        );
+        assert_eq!(yf.shape(), yc.shape());
+        let w = Tensor::randn(0f32, 1.0, yf.shape(), &Device::Cpu).unwrap();
+        let diff = |a: &Tensor, b: &Tensor| -> f32 {
+            let scale = b
+                .abs()
+                .unwrap()
+                .max_all()
+                .unwrap()
+                .to_scalar::<f32>()
+                .unwrap()
+                .max(1.0);
+            (a - b)
+                .unwrap()
+                .abs()
+                .unwrap()
+                .max_all()
+                .unwrap()
+                .to_scalar::<f32>()
+                .unwrap()
+                / scale
+        };
+        assert!(diff(&yf, &yc) <= tol, "values differ by {}", diff(&yf, &yc));
+        let gf = (&yf * &w).unwrap().sum_all().unwrap().backward().unwrap();
+        let gc = (&yc * &w).unwrap().sum_all().unwrap().backward().unwrap();
+        let (gf, gc) = (gf.get(&x).unwrap(), gc.get(&x).unwrap());
+        assert!(diff(gf, gc) <= tol, "gradients differ by {}", diff(gf, gc));
+    }
+
+    fn causal_mask(b: usize, t: usize) -> Tensor {
+        let m: Vec<f32> = (0..b * t * t)
+            .map(|k| if k % t > (k / t) % t { f32::MIN } else { 0.0 })
+            .collect();
+        Tensor::from_vec(m, (b, 1, t, t), &Device::Cpu).unwrap()
+    }
+
+    #[test]
+    fn masked_softmax_matches_the_composed_ops() {
+        let mask = causal_mask(2, 7);
+        agree(
+            &[2, 3, 7, 7],
+            |x| masked_softmax(x, &mask, 0.125),
+            |x| crate::llama::softmax(&(x * 0.125)?.broadcast_add(&mask)?),
+            1e-6,
+        );
+    }
+
+    #[test]
+    fn log_softmax_matches_the_composed_ops() {
+        agree(
+            &[5, 33],
+            log_softmax,
+            crate::llama::log_softmax_composed,
+            1e-6,
+        );
+    }
+
+    #[test]
+    fn rms_norm_matches_the_composed_ops() {
+        let w = Tensor::randn(1f32, 0.1, 24, &Device::Cpu).unwrap();
+        agree(
+            &[2, 5, 24],
+            |x| rms_norm(x, &w, 1e-5),
+            |x| crate::llama::rms_norm_composed(x, &w, 1e-5),
+            1e-6,
+        );
+    }
+
+    #[test]
+    fn heads_first_matches_rope_and_repeat_kv() {
+        let (b, t, h, d, n_rep) = (2, 5, 2, 8, 3);
+        let angles = Tensor::randn(0f32, 1.0, (b, 1, t, d), &Device::Cpu).unwrap();
+        let (cos, sin) = (angles.cos().unwrap(), angles.sin().unwrap());
+        let composed = |x: &Tensor, rope: bool| -> candle_core::Result<Tensor> {
+            let x = x.transpose(1, 2)?;
+            let x = if rope {
+                let half = d / 2;
+                let rot = Tensor::cat(
+                    &[
+                        &x.narrow(D::Minus1, half, half)?.neg()?,
+                        &x.narrow(D::Minus1, 0, half)?,
+                    ],
+                    D::Minus1,
+                )?;
+                (x.broadcast_mul(&cos)? + rot.broadcast_mul(&sin)?)?
+            } else {
+                x
+            };
+            x.unsqueeze(2)?
+                .broadcast_as((b, h, n_rep, t, d))?
+                .contiguous()?
+                .reshape((b, h * n_rep, t, d))
+        };
+        agree(
+            &[b, t, h, d],
+            |x| heads_first(x, Some((&cos, &sin)), n_rep),
+            |x| composed(x, true),
+            1e-6,
+        );
+        agree(
+            &[b, t, h, d],
+            |x| heads_first(x, None, n_rep),
+            |x| composed(x, false),
+            0.0,
+        );
+    }
+
+    #[test]
+    fn swiglu_matches_the_composed_ops() {
+        let up =
+            Var::from_tensor(&Tensor::randn(0f32, 1.0, (3, 4100), &Device::Cpu).unwrap()).unwrap();
+        agree(
+            &[3, 4100],
+            |g| swiglu(g, up.as_tensor()),
+            |g| g.silu()? * up.as_tensor(),
+            1e-6,
+        );
+        // The gradient reaching `up` as well.
+        let gate = Tensor::randn(0f32, 1.0, (3, 4100), &Device::Cpu).unwrap();
+        agree(&[3, 4100], |u| swiglu(&gate, u), |u| gate.silu()? * u, 1e-6);
+    }
+
+    #[test]
+    fn bad_operands_are_refused_by_name() {
+        let x = Tensor::zeros((2, 1, 3, 3), DType::F32, &Device::Cpu).unwrap();
+        let e = masked_softmax(&x, &causal_mask(2, 4), 1.0).unwrap_err();
+        assert!(e.to_string().contains("fused-masked-softmax: mask"), "{e}");
+        let w = Tensor::zeros(5, DType::F32, &Device::Cpu).unwrap();
+        let e = rms_norm(&x, &w, 1e-5).unwrap_err();
+        assert!(e.to_string().contains("fused-rms-norm: weight"), "{e}");
+    }
+}
