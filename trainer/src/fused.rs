@@ -13,6 +13,9 @@ use candle_core::{
 };
 use rayon::prelude::*;
 
+/// Below this, f32 `exp` is 0 (the smallest subnormal is e^-103.28).
+const UNDERFLOW: f32 = -104.0;
+
 /// Rows handed to one rayon task at least: fewer tasks than rows keeps scheduling cheap.
 const MIN_ROWS: usize = 16;
 
@@ -107,7 +110,10 @@ impl CustomOp1 for MaskedSoftmax {
                     }
                     let mut sum = 0f32;
                     for o in o.iter_mut() {
-                        *o = (*o - max).exp();
+                        // Masked entries sit ~f32::MAX below the maximum: exp gives exactly
+                        // 0 for anything under UNDERFLOW, but through libm's slow path.
+                        let e = *o - max;
+                        *o = if e < UNDERFLOW { 0.0 } else { e.exp() };
                         sum += *o;
                     }
                     for o in o.iter_mut() {

