@@ -230,17 +230,21 @@ impl Nf4Tensor {
     }
 
     pub fn dequantize_vec(&self) -> Vec<f32> {
+        use rayon::prelude::*;
         let n = self.shape[0] * self.shape[1];
         let absmax = self.absmax_f32();
-        let mut out = Vec::with_capacity(n);
-        for (b, bytes) in self.packed.chunks(NF4_BLOCK / 2).enumerate() {
-            let m = absmax[b];
-            for &byte in bytes {
-                out.push(NF4_CODE[(byte >> 4) as usize] * m);
-                out.push(NF4_CODE[(byte & 0x0f) as usize] * m);
-            }
-        }
-        out.truncate(n);
+        let mut out = vec![0f32; n];
+        // Block by block on all threads: it runs for every frozen product, forward and backward.
+        out.par_chunks_mut(NF4_BLOCK)
+            .zip(self.packed.par_chunks(NF4_BLOCK / 2))
+            .zip(absmax.par_iter())
+            .for_each(|((out, bytes), &m)| {
+                for (k, o) in out.iter_mut().enumerate() {
+                    let byte = bytes[k / 2];
+                    let code = if k % 2 == 0 { byte >> 4 } else { byte & 0x0f };
+                    *o = NF4_CODE[code as usize] * m;
+                }
+            });
         out
     }
 
