@@ -16,6 +16,9 @@ use rayon::prelude::*;
 /// Below this, f32 `exp` is 0 (the smallest subnormal is e^-103.28).
 const UNDERFLOW: f32 = -104.0;
 
+/// Values handed to one rayon task by the elementwise kernels.
+const CHUNK: usize = 4096;
+
 /// Rows handed to one rayon task at least: fewer tasks than rows keeps scheduling cheap.
 const MIN_ROWS: usize = 16;
 
@@ -527,10 +530,6 @@ pub fn swiglu(gate: &Tensor, up: &Tensor) -> candle_core::Result<Tensor> {
 
 struct SwiGlu;
 
-fn sigmoid(x: f32) -> f32 {
-    1.0 / (1.0 + (-x).exp())
-}
-
 impl CustomOp2 for SwiGlu {
     fn name(&self) -> &'static str {
         "fused-swiglu"
@@ -552,8 +551,8 @@ impl CustomOp2 for SwiGlu {
         }
         let (g, u) = (values(op, gs, gl)?, values(op, us, ul)?);
         let mut out = vec![0f32; g.len()];
-        out.par_chunks_mut(4096)
-            .zip(g.par_chunks(4096).zip(u.par_chunks(4096)))
+        out.par_chunks_mut(CHUNK)
+            .zip(g.par_chunks(CHUNK).zip(u.par_chunks(CHUNK)))
             .for_each(|(o, (g, u))| {
                 for ((o, &g), &u) in o.iter_mut().zip(g).zip(u) {
                     *o = g / (1.0 + (-g).exp()) * u;
@@ -571,16 +570,13 @@ impl CustomOp2 for SwiGlu {
         grad: &Tensor,
     ) -> candle_core::Result<(Option<Tensor>, Option<Tensor>)> {
         let g = grad.contiguous()?;
-        let d_gate = gate.apply_op3_no_bwd(up, &g, &SwiGluGrad::Gate)?;
-        let d_up = gate.apply_op3_no_bwd(up, &g, &SwiGluGrad::Up)?;
-        Ok((Some(d_gate), Some(d_up)))
+        // Both gradients from one pass (one exp per value), stacked: [d gate, d up].
+        let both = gate.apply_op3_no_bwd(up, &g, &SwiGluGrad)?;
+        Ok((Some(both.get(0)?), Some(both.get(1)?)))
     }
 }
 
-enum SwiGluGrad {
-    Gate,
-    Up,
-}
+struct SwiGluGrad;
 
 impl CustomOp3 for SwiGluGrad {
     fn name(&self) -> &'static str {
@@ -602,19 +598,24 @@ impl CustomOp3 for SwiGluGrad {
             values(op, us, ul)?,
             values(op, ds, dl)?,
         );
-        let mut out = vec![0f32; gate.len()];
-        out.par_chunks_mut(4096).enumerate().for_each(|(chunk, o)| {
-            let at = chunk * 4096;
-            for (k, o) in o.iter_mut().enumerate() {
-                let (x, u, d) = (gate[at + k], up[at + k], grad[at + k]);
-                let s = sigmoid(x);
-                *o = match self {
-                    SwiGluGrad::Gate => d * u * (s * (1.0 + x * (1.0 - s))),
-                    SwiGluGrad::Up => d * (x / (1.0 + (-x).exp())),
-                };
-            }
-        });
-        Ok((CpuStorage::F32(out), gl.shape().clone()))
+        let mut out = vec![0f32; 2 * gate.len()];
+        let (d_gate, d_up) = out.split_at_mut(gate.len());
+        d_gate
+            .par_chunks_mut(CHUNK)
+            .zip(d_up.par_chunks_mut(CHUNK))
+            .zip(gate.par_chunks(CHUNK).zip(up.par_chunks(CHUNK)))
+            .zip(grad.par_chunks(CHUNK))
+            .for_each(|(((dg, du), (x, u)), d)| {
+                for k in 0..dg.len() {
+                    let e = (-x[k]).exp();
+                    let s = 1.0 / (1.0 + e);
+                    dg[k] = d[k] * u[k] * (s * (1.0 + x[k] * (1.0 - s)));
+                    du[k] = d[k] * (x[k] / (1.0 + e));
+                }
+            });
+        let mut dims = vec![2];
+        dims.extend_from_slice(gl.dims());
+        Ok((CpuStorage::F32(out), Shape::from(dims)))
     }
 }
 
