@@ -554,11 +554,6 @@ pub fn train_sft(
     run_training(cfg, config, device, &mut objective, on_event)
 }
 
-/// The training loop every method shares: load the base (f32, bf16 or NF4) and attach a fresh
-/// adapter, then per update sample rows, accumulate micro-batch gradients, clip, step AdamW on
-/// the warm-up + cosine schedule; validate, stop early, checkpoint and resume; finally write
-/// the PEFT adapter (the best one by validation loss, when validating), the merged model on
-/// request, `metrics.jsonl` and the manifest. `config` is recorded in the manifest.
 /// Keep freed heap memory for reuse instead of returning it to the kernel. A CPU step frees
 /// and allocates the same few-MiB activation buffers over and over; glibc's defaults unmap
 /// them and the next step faults the pages in again, which cost about 12% of a step on the
@@ -572,6 +567,11 @@ fn retain_freed_memory() {
     }
 }
 
+/// The training loop every method shares: load the base (f32, bf16 or NF4) and attach a fresh
+/// adapter, then per update sample rows, accumulate micro-batch gradients, clip, step AdamW on
+/// the warm-up + cosine schedule; validate, stop early, checkpoint and resume; finally write
+/// the PEFT adapter (the best one by validation loss, when validating), the merged model on
+/// request, `metrics.jsonl` and the manifest. `config` is recorded in the manifest.
 pub fn run_training(
     cfg: &SftConfig,
     config: serde_json::Value,
