@@ -20,7 +20,7 @@ use crate::error::{Error, Result};
 use crate::frozen::{FrozenMatmul, FrozenWeight};
 use crate::fused;
 use crate::lora::{DropoutRng, Linear, LoraConfig, LoraPair};
-use crate::matmul::matmul;
+use crate::matmul::{causal_mix, causal_scores};
 use crate::nf4::Nf4Tensor;
 
 /// How the frozen base weights are held in memory.
@@ -571,8 +571,9 @@ fn attention(
         let q = fused::heads_first(&q, rope, 1)?;
         let k = fused::heads_first(&k, rope, nh / nkv)?;
         let v = fused::heads_first(&v, None, nh / nkv)?;
-        let p = fused::masked_softmax(&matmul(&q, &k.t()?)?, &ctx.mask, scale)?;
-        matmul(&p, &v)?
+        // The mask is always causal (a token never sees later ones).
+        let p = fused::masked_softmax(&causal_scores(&q, &k)?, &ctx.mask, scale)?;
+        causal_mix(&p, &v)?
     } else {
         let q = rope(&q.transpose(1, 2)?, &ctx.cos, &ctx.sin)?;
         let k = rope(&k.transpose(1, 2)?, &ctx.cos, &ctx.sin)?;
