@@ -121,15 +121,6 @@ impl CustomOp1 for FrozenMatmul {
         let Storage::Cpu(ws) = &*ws else {
             candle_core::bail!("frozen linear: weight is not on the CPU")
         };
-        if let (CpuStorage::F32(x), CpuStorage::F32(wv)) = (s, ws) {
-            let (xs, xe) = l.contiguous_offsets().ok_or_else(|| {
-                candle_core::Error::Msg("frozen linear: input is not contiguous".into())
-            })?;
-            let (w0, w1) = wl.contiguous_offsets().expect("contiguous weight");
-            let in_f = wl.dims()[1];
-            let y = crate::matmul::linear(&x[xs..xe], &wv[w0..w1], rows, in_f, out_f);
-            return Ok((CpuStorage::F32(y), shape));
-        }
         Ok((product(s, l, ws, wl, rows, out_f)?, shape))
     }
 
@@ -156,7 +147,7 @@ impl CustomOp1 for FrozenMatmul {
     ) -> candle_core::Result<Option<Tensor>> {
         let (out_f, in_f) = self.weight.dims2()?;
         let w = self.weight.materialize(grad.dtype())?;
-        let g = crate::matmul::matmul_no_grad(&grad.contiguous()?.reshape(((), out_f))?, &w)?;
+        let g = grad.contiguous()?.reshape(((), out_f))?.matmul(&w)?;
         let mut dims = arg.dims().to_vec();
         *dims.last_mut().expect("non-empty") = in_f;
         Ok(Some(g.reshape(dims)?))

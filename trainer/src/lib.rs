@@ -4,7 +4,7 @@
 //! - `config`: Hugging Face config.json (Llama, Mistral, Qwen2; rope_parameters; RoPE scalings)
 //! - `llama`: the decoder, built only from ops that have a backward; weight loading
 //! - `frozen`: frozen base linears (f32, bf16, NF4) as a custom op that returns only grad(x)
-//! - `matmul`: f32 CPU matrix products (batched one per thread, accumulating, strided)
+//! - `matmul`: f32 CPU matrix products (accumulating; causal attention's block-triangular ones)
 //! - `fused`: one-pass CPU kernels with their own backward (attention softmax, RMSNorm, RoPE, SwiGLU, log-softmax)
 //! - `nf4`: NF4 quantisation and double quantisation, bitsandbytes-compatible
 //! - `lora`: LoRA pairs (PEFT init, rsLoRA, seeded dropout); `checkpoint`: per-layer recompute

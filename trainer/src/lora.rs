@@ -12,7 +12,6 @@ use serde::{Deserialize, Serialize};
 
 use crate::frozen::{FrozenMatmul, FrozenWeight};
 use crate::fused::{self, values, with_values};
-use crate::matmul::matmul;
 use crate::matmul::{Operand, sgemm, sgemm_into};
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -106,8 +105,7 @@ impl Linear {
         // flows back to the f32 weights through the conversion).
         let in_f = l.a.dim(1)?;
         let (a, b) = (l.a.to_dtype(x.dtype())?, l.b.to_dtype(x.dtype())?);
-        let xa = matmul(&xd.reshape(((), in_f))?, &a.t()?)?;
-        let h = matmul(&xa, &b.t()?)?;
+        let h = xd.reshape(((), in_f))?.matmul(&a.t()?)?.matmul(&b.t()?)?;
         let h = (h.reshape(y.shape())? * l.scale)?;
         y + h
     }
@@ -277,7 +275,6 @@ impl CustomOp3 for FusedLora {
                 })?;
             }
             let xa = sgemm(
-                1,
                 (d.rows, d.in_f, d.r),
                 (xd, Operand::rows(d.in_f)),
                 (a, Operand::transposed(d.in_f)),
@@ -286,7 +283,6 @@ impl CustomOp3 for FusedLora {
                 &mut y,
                 1.0,
                 self.scale,
-                1,
                 (d.rows, d.r, d.out_f),
                 (xa.as_slice(), Operand::rows(d.r)),
                 (b, Operand::transposed(d.r)),
@@ -353,10 +349,9 @@ impl FusedLora {
     ) -> candle_core::Result<Grads> {
         let s = self.scale;
         let g_rows = (g, Operand::rows(d.out_f));
-        let u = sgemm(1, (d.rows, d.out_f, d.r), g_rows, (b, Operand::rows(d.r)));
+        let u = sgemm((d.rows, d.out_f, d.r), g_rows, (b, Operand::rows(d.r)));
         let gx = if want_x {
             let mut gx = sgemm(
-                1,
                 (d.rows, d.out_f, d.in_f),
                 g_rows,
                 (w, Operand::rows(d.in_f)),
@@ -366,9 +361,9 @@ impl FusedLora {
                 (a, Operand::rows(d.in_f)),
             );
             match &self.mask {
-                None => sgemm_into(&mut gx, 1.0, s, 1, (d.rows, d.r, d.in_f), u_rows, a_rows),
+                None => sgemm_into(&mut gx, 1.0, s, (d.rows, d.r, d.in_f), u_rows, a_rows),
                 Some(m) => with_values(self.name(), m, |m| {
-                    let v = sgemm(1, (d.rows, d.r, d.in_f), u_rows, a_rows);
+                    let v = sgemm((d.rows, d.r, d.in_f), u_rows, a_rows);
                     gx.par_iter_mut()
                         .zip(v)
                         .zip(m)
@@ -386,7 +381,6 @@ impl FusedLora {
             &mut ga,
             0.0,
             s,
-            1,
             (d.r, d.rows, d.in_f),
             u_cols,
             (xd, Operand::rows(d.in_f)),
@@ -394,12 +388,7 @@ impl FusedLora {
         let kept = self.xa.lock().expect("fused LoRA lock").take();
         let xa = kept.unwrap_or_else(|| {
             let a_cols = (a, Operand::transposed(d.in_f));
-            sgemm(
-                1,
-                (d.rows, d.in_f, d.r),
-                (xd, Operand::rows(d.in_f)),
-                a_cols,
-            )
+            sgemm((d.rows, d.in_f, d.r), (xd, Operand::rows(d.in_f)), a_cols)
         });
         let mut gb = vec![0f32; d.out_f * d.r];
         let g_cols = (g, Operand::transposed(d.out_f));
@@ -407,7 +396,6 @@ impl FusedLora {
             &mut gb,
             0.0,
             s,
-            1,
             (d.out_f, d.rows, d.r),
             g_cols,
             (xa.as_slice(), Operand::rows(d.r)),
