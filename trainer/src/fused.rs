@@ -64,6 +64,51 @@ fn last_dim(op: &str, shape: &Shape) -> candle_core::Result<usize> {
     }
 }
 
+/// Two operands of one shape (a gradient op's saved tensor and incoming gradient), and the
+/// length of their rows.
+fn operands2<'a>(
+    op: &str,
+    (xs, xl): (&'a CpuStorage, &Layout),
+    (ys, yl): (&'a CpuStorage, &Layout),
+) -> candle_core::Result<(&'a [f32], &'a [f32], usize)> {
+    if xl.shape() != yl.shape() {
+        return Err(err(
+            op,
+            format!("shapes {:?} and {:?}", xl.shape(), yl.shape()),
+        ));
+    }
+    Ok((
+        values(op, xs, xl)?,
+        values(op, ys, yl)?,
+        last_dim(op, xl.shape())?,
+    ))
+}
+
+/// `f(out_row, x_row)` for every row of `n` values, on all threads.
+fn map_rows(x: &[f32], n: usize, f: impl Fn(&mut [f32], &[f32]) + Sync) -> Vec<f32> {
+    let mut out = vec![0f32; x.len()];
+    out.par_chunks_mut(n)
+        .zip(x.par_chunks(n))
+        .with_min_len(MIN_ROWS)
+        .for_each(|(o, x)| f(o, x));
+    out
+}
+
+/// `f(out_row, x_row, y_row)` for every row of `n` values of x and y, on all threads.
+fn map_rows2(
+    x: &[f32],
+    y: &[f32],
+    n: usize,
+    f: impl Fn(&mut [f32], &[f32], &[f32]) + Sync,
+) -> Vec<f32> {
+    let mut out = vec![0f32; x.len()];
+    out.par_chunks_mut(n)
+        .zip(x.par_chunks(n).zip(y.par_chunks(n)))
+        .with_min_len(MIN_ROWS)
+        .for_each(|(o, (x, y))| f(o, x, y));
+    out
+}
+
 // ---------------------------------------------------------------------------------------
 // Attention softmax
 
@@ -155,20 +200,14 @@ impl CustomOp2 for SoftmaxGrad {
         gs: &CpuStorage,
         gl: &Layout,
     ) -> candle_core::Result<(CpuStorage, Shape)> {
-        let op = self.name();
-        let (p, g) = (values(op, ps, pl)?, values(op, gs, gl)?);
-        let n = last_dim(op, pl.shape())?;
+        let (p, g, n) = operands2(self.name(), (ps, pl), (gs, gl))?;
         let scale = self.0;
-        let mut out = vec![0f32; p.len()];
-        out.par_chunks_mut(n)
-            .zip(p.par_chunks(n).zip(g.par_chunks(n)))
-            .with_min_len(MIN_ROWS)
-            .for_each(|(o, (p, g))| {
-                let dot: f32 = p.iter().zip(g).map(|(p, g)| p * g).sum();
-                for ((o, &p), &g) in o.iter_mut().zip(p).zip(g) {
-                    *o = p * (g - dot) * scale;
-                }
-            });
+        let out = map_rows2(p, g, n, |o, p, g| {
+            let dot: f32 = p.iter().zip(g).map(|(p, g)| p * g).sum();
+            for ((o, &p), &g) in o.iter_mut().zip(p).zip(g) {
+                *o = p * (g - dot) * scale;
+            }
+        });
         Ok((CpuStorage::F32(out), pl.shape().clone()))
     }
 }
@@ -191,22 +230,18 @@ impl CustomOp1 for LogSoftmax {
     fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> candle_core::Result<(CpuStorage, Shape)> {
         let x = values(self.name(), s, l)?;
         let n = last_dim(self.name(), l.shape())?;
-        let mut out = vec![0f32; x.len()];
-        out.par_chunks_mut(n)
-            .zip(x.par_chunks(n))
-            .with_min_len(MIN_ROWS)
-            .for_each(|(o, x)| {
-                let max = x.iter().copied().fold(f32::NEG_INFINITY, f32::max);
-                let mut sum = 0f32;
-                for (o, &x) in o.iter_mut().zip(x) {
-                    *o = x - max;
-                    sum += o.exp();
-                }
-                let lse = sum.ln();
-                for o in o.iter_mut() {
-                    *o -= lse;
-                }
-            });
+        let out = map_rows(x, n, |o, x| {
+            let max = x.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+            let mut sum = 0f32;
+            for (o, &x) in o.iter_mut().zip(x) {
+                *o = x - max;
+                sum += o.exp();
+            }
+            let lse = sum.ln();
+            for o in o.iter_mut() {
+                *o -= lse;
+            }
+        });
         Ok((CpuStorage::F32(out), l.shape().clone()))
     }
 
@@ -236,19 +271,13 @@ impl CustomOp2 for LogSoftmaxGrad {
         gs: &CpuStorage,
         gl: &Layout,
     ) -> candle_core::Result<(CpuStorage, Shape)> {
-        let op = self.name();
-        let (y, g) = (values(op, ys, yl)?, values(op, gs, gl)?);
-        let n = last_dim(op, yl.shape())?;
-        let mut out = vec![0f32; y.len()];
-        out.par_chunks_mut(n)
-            .zip(y.par_chunks(n).zip(g.par_chunks(n)))
-            .with_min_len(MIN_ROWS)
-            .for_each(|(o, (y, g))| {
-                let total: f32 = g.iter().sum();
-                for ((o, &y), &g) in o.iter_mut().zip(y).zip(g) {
-                    *o = g - y.exp() * total;
-                }
-            });
+        let (y, g, n) = operands2(self.name(), (ys, yl), (gs, gl))?;
+        let out = map_rows2(y, g, n, |o, y, g| {
+            let total: f32 = g.iter().sum();
+            for ((o, &y), &g) in o.iter_mut().zip(y).zip(g) {
+                *o = g - y.exp() * total;
+            }
+        });
         Ok((CpuStorage::F32(out), yl.shape().clone()))
     }
 }
@@ -291,18 +320,13 @@ impl CustomOp1 for RmsNorm {
                 format!("weight {:?} for rows of {n}", self.w.shape()),
             ));
         }
-        let mut out = vec![0f32; x.len()];
-        with_values(op, &self.w, |w| {
-            out.par_chunks_mut(n)
-                .zip(x.par_chunks(n))
-                .with_min_len(MIN_ROWS)
-                .for_each(|(o, x)| {
-                    let inv = inv_rms(x, self.eps);
-                    for ((o, &x), &w) in o.iter_mut().zip(x).zip(w) {
-                        *o = x * inv * w;
-                    }
-                });
-            Ok(())
+        let out = with_values(op, &self.w, |w| {
+            Ok(map_rows(x, n, |o, x| {
+                let inv = inv_rms(x, self.eps);
+                for ((o, &x), &w) in o.iter_mut().zip(x).zip(w) {
+                    *o = x * inv * w;
+                }
+            }))
         })?;
         Ok((CpuStorage::F32(out), l.shape().clone()))
     }
@@ -341,22 +365,16 @@ impl CustomOp2 for RmsNormGrad {
         gl: &Layout,
     ) -> candle_core::Result<(CpuStorage, Shape)> {
         let op = self.name();
-        let (x, g) = (values(op, xs, xl)?, values(op, gs, gl)?);
-        let n = last_dim(op, xl.shape())?;
-        let mut out = vec![0f32; x.len()];
-        with_values(op, &self.w, |w| {
-            out.par_chunks_mut(n)
-                .zip(x.par_chunks(n).zip(g.par_chunks(n)))
-                .with_min_len(MIN_ROWS)
-                .for_each(|(o, (x, g))| {
-                    let r = inv_rms(x, self.eps);
-                    let dot: f32 = x.iter().zip(g).zip(w).map(|((x, g), w)| g * w * x).sum();
-                    let c = r * r * r * dot / n as f32;
-                    for (((o, &x), &g), &w) in o.iter_mut().zip(x).zip(g).zip(w) {
-                        *o = r * g * w - x * c;
-                    }
-                });
-            Ok(())
+        let (x, g, n) = operands2(op, (xs, xl), (gs, gl))?;
+        let out = with_values(op, &self.w, |w| {
+            Ok(map_rows2(x, g, n, |o, x, g| {
+                let r = inv_rms(x, self.eps);
+                let dot: f32 = x.iter().zip(g).zip(w).map(|((x, g), w)| g * w * x).sum();
+                let c = r * r * r * dot / n as f32;
+                for (((o, &x), &g), &w) in o.iter_mut().zip(x).zip(g).zip(w) {
+                    *o = r * g * w - x * c;
+                }
+            }))
         })?;
         Ok((CpuStorage::F32(out), xl.shape().clone()))
     }
@@ -619,6 +637,13 @@ impl CustomOp3 for SwiGluGrad {
     }
 }
 
+/// The largest |a − b|, for tests here and in the modules built on these kernels.
+#[cfg(test)]
+pub(crate) fn max_abs_diff(a: &Tensor, b: &Tensor) -> f32 {
+    let d = (a - b).and_then(|d| d.abs()?.max_all()?.to_scalar::<f32>());
+    d.expect("comparable tensors")
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -645,17 +670,8 @@ mod tests {
                 .max_all()
                 .unwrap()
                 .to_scalar::<f32>()
-                .unwrap()
-                .max(1.0);
-            (a - b)
-                .unwrap()
-                .abs()
-                .unwrap()
-                .max_all()
-                .unwrap()
-                .to_scalar::<f32>()
-                .unwrap()
-                / scale
+                .unwrap();
+            max_abs_diff(a, b) / scale.max(1.0)
         };
         assert!(diff(&yf, &yc) <= tol, "values differ by {}", diff(&yf, &yc));
         let gf = (&yf * &w).unwrap().sum_all().unwrap().backward().unwrap();

@@ -411,17 +411,7 @@ impl FusedLora {
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    fn max_diff(a: &Tensor, b: &Tensor) -> f32 {
-        (a - b)
-            .unwrap()
-            .abs()
-            .unwrap()
-            .max_all()
-            .unwrap()
-            .to_scalar::<f32>()
-            .unwrap()
-    }
+    use crate::fused::max_abs_diff;
 
     /// Masks are 0 or 1/keep, keep about `keep` of the values, and depend only on the seed.
     #[test]
@@ -481,7 +471,7 @@ mod tests {
         for m in [None, Some(&mask)] {
             let fused = fused_lora(x.as_tensor(), &base, Some(&bias), &pair, m).unwrap();
             let reference = composed(x.as_tensor(), m);
-            assert!(max_diff(&fused, &reference) < 1e-4);
+            assert!(max_abs_diff(&fused, &reference) < 1e-4);
             let gf = (&fused * &weights)
                 .unwrap()
                 .sum_all()
@@ -495,7 +485,7 @@ mod tests {
                 .backward()
                 .unwrap();
             for v in [x.as_tensor(), a, b] {
-                let d = max_diff(gf.get(v).unwrap(), gc.get(v).unwrap());
+                let d = max_abs_diff(gf.get(v).unwrap(), gc.get(v).unwrap());
                 assert!(d < 1e-4, "gradient differs by {d} (mask: {})", m.is_some());
             }
         }
@@ -514,7 +504,7 @@ mod tests {
             .backward()
             .unwrap();
         assert!(gf.get(&plain).is_none());
-        assert!(max_diff(gf.get(a).unwrap(), gc.get(a).unwrap()) < 1e-4);
-        assert!(max_diff(gf.get(b).unwrap(), gc.get(b).unwrap()) < 1e-4);
+        assert!(max_abs_diff(gf.get(a).unwrap(), gc.get(a).unwrap()) < 1e-4);
+        assert!(max_abs_diff(gf.get(b).unwrap(), gc.get(b).unwrap()) < 1e-4);
     }
 }
