@@ -1,8 +1,8 @@
 //! Fused CPU kernels with their own backward, for the decoder's memory-bound steps.
 //!
-//! Composed from candle's basic ops, the attention softmax, RMSNorm, RoPE with the head
-//! transpose, SwiGLU and the log-softmax each take four to eight passes over their tensor, most
-//! of them on one thread and each allocating a fresh buffer, and their backward as many again.
+//! Composed from candle's basic ops, RMSNorm, SwiGLU and the log-softmax each take four to
+//! eight passes over their tensor, most of them on one thread and each allocating a fresh
+//! buffer, and their backward as many again.
 //! Here each is one multi-threaded pass forward and one backward. The forward computes the
 //! composed formula in the same order, so values agree with it to the last bit or nearly; the
 //! backward is the analytic gradient. Used for f32 on the CPU ([`applies`]); other dtypes and
@@ -12,9 +12,6 @@ use candle_core::{
     CpuStorage, CustomOp1, CustomOp2, CustomOp3, DType, Layout, Shape, Storage, Tensor,
 };
 use rayon::prelude::*;
-
-/// Below this, f32 `exp` is 0 (the smallest subnormal is e^-103.28).
-const UNDERFLOW: f32 = -104.0;
 
 /// Values handed to one rayon task by the elementwise kernels.
 const CHUNK: usize = 4096;
@@ -107,109 +104,6 @@ fn map_rows2(
         .with_min_len(MIN_ROWS)
         .for_each(|(o, (x, y))| f(o, x, y));
     out
-}
-
-// ---------------------------------------------------------------------------------------
-// Attention softmax
-
-/// softmax(scale · scores + mask) over the last dimension: scores (B, H, T, S), mask
-/// (B, 1, T, S) additive (0 or f32::MIN).
-pub fn masked_softmax(scores: &Tensor, mask: &Tensor, scale: f64) -> candle_core::Result<Tensor> {
-    scores.contiguous()?.apply_op1(MaskedSoftmax {
-        scale: scale as f32,
-        mask: mask.contiguous()?,
-    })
-}
-
-struct MaskedSoftmax {
-    scale: f32,
-    mask: Tensor,
-}
-
-impl CustomOp1 for MaskedSoftmax {
-    fn name(&self) -> &'static str {
-        "fused-masked-softmax"
-    }
-
-    fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> candle_core::Result<(CpuStorage, Shape)> {
-        let op = self.name();
-        let x = values(op, s, l)?;
-        let (b, h, t, n) = l.shape().dims4()?;
-        if self.mask.dims() != [b, 1, t, n] {
-            return Err(err(
-                op,
-                format!("mask {:?} for scores {:?}", self.mask.shape(), l.shape()),
-            ));
-        }
-        let scale = self.scale;
-        let mut out = vec![0f32; x.len()];
-        with_values(op, &self.mask, |mask| {
-            out.par_chunks_mut(n)
-                .zip(x.par_chunks(n))
-                .enumerate()
-                .with_min_len(MIN_ROWS)
-                .for_each(|(row, (o, x))| {
-                    let (bi, i) = (row / (h * t), row % t);
-                    let m = &mask[(bi * t + i) * n..][..n];
-                    let mut max = f32::NEG_INFINITY;
-                    for ((o, &x), &m) in o.iter_mut().zip(x).zip(m) {
-                        *o = x * scale + m;
-                        max = max.max(*o);
-                    }
-                    let mut sum = 0f32;
-                    for o in o.iter_mut() {
-                        // Masked entries sit ~f32::MAX below the maximum: exp gives exactly
-                        // 0 for anything under UNDERFLOW, but through libm's slow path.
-                        let e = *o - max;
-                        *o = if e < UNDERFLOW { 0.0 } else { e.exp() };
-                        sum += *o;
-                    }
-                    for o in o.iter_mut() {
-                        *o /= sum;
-                    }
-                });
-            Ok(())
-        })?;
-        Ok((CpuStorage::F32(out), l.shape().clone()))
-    }
-
-    /// d scores = scale · p · (g − Σ g·p); the mask is constant.
-    fn bwd(
-        &self,
-        _arg: &Tensor,
-        res: &Tensor,
-        grad: &Tensor,
-    ) -> candle_core::Result<Option<Tensor>> {
-        let g = grad.contiguous()?;
-        Ok(Some(res.apply_op2_no_bwd(&g, &SoftmaxGrad(self.scale))?))
-    }
-}
-
-/// (p, g) → scale · p · (g − Σ g·p), row by row.
-struct SoftmaxGrad(f32);
-
-impl CustomOp2 for SoftmaxGrad {
-    fn name(&self) -> &'static str {
-        "fused-softmax-grad"
-    }
-
-    fn cpu_fwd(
-        &self,
-        ps: &CpuStorage,
-        pl: &Layout,
-        gs: &CpuStorage,
-        gl: &Layout,
-    ) -> candle_core::Result<(CpuStorage, Shape)> {
-        let (p, g, n) = operands2(self.name(), (ps, pl), (gs, gl))?;
-        let scale = self.0;
-        let out = map_rows2(p, g, n, |o, p, g| {
-            let dot: f32 = p.iter().zip(g).map(|(p, g)| p * g).sum();
-            for ((o, &p), &g) in o.iter_mut().zip(p).zip(g) {
-                *o = p * (g - dot) * scale;
-            }
-        });
-        Ok((CpuStorage::F32(out), pl.shape().clone()))
-    }
 }
 
 // ---------------------------------------------------------------------------------------
@@ -381,164 +275,6 @@ impl CustomOp2 for RmsNormGrad {
 }
 
 // ---------------------------------------------------------------------------------------
-// RoPE and the heads-first layout
-
-/// A projection's output (B, T, H, D) in attention's layout (B, H·n_rep, T, D): each head
-/// repeated `n_rep` times (grouped-query attention) and, with `rope = Some((cos, sin))`
-/// ((B, 1, T, D) each), rotated in transformers' half-split form x·cos + rotate_half(x)·sin.
-pub fn heads_first(
-    x: &Tensor,
-    rope: Option<(&Tensor, &Tensor)>,
-    n_rep: usize,
-) -> candle_core::Result<Tensor> {
-    let rope = match rope {
-        Some((c, s)) => Some((c.contiguous()?, s.contiguous()?)),
-        None => None,
-    };
-    x.contiguous()?.apply_op1(HeadsFirst { rope, n_rep })
-}
-
-struct HeadsFirst {
-    rope: Option<(Tensor, Tensor)>,
-    n_rep: usize,
-}
-
-/// One head row: out = x·cos + rotate_half(x)·sin.
-fn rotate(o: &mut [f32], x: &[f32], cos: &[f32], sin: &[f32]) {
-    let half = x.len() / 2;
-    for d in 0..x.len() {
-        let rot = if d < half { -x[d + half] } else { x[d - half] };
-        o[d] = x[d] * cos[d] + rot * sin[d];
-    }
-}
-
-/// The gradient of [`rotate`] for one head row, added to `o`.
-fn rotate_grad(o: &mut [f32], g: &[f32], cos: &[f32], sin: &[f32]) {
-    let half = g.len() / 2;
-    for d in 0..g.len() {
-        let rot = if d < half {
-            g[d + half] * sin[d + half]
-        } else {
-            -(g[d - half] * sin[d - half])
-        };
-        o[d] += g[d] * cos[d] + rot;
-    }
-}
-
-impl HeadsFirst {
-    fn check(&self, op: &str, b: usize, t: usize, d: usize) -> candle_core::Result<()> {
-        if let Some((c, s)) = &self.rope
-            && (c.dims() != [b, 1, t, d] || s.dims() != [b, 1, t, d])
-        {
-            return Err(err(
-                op,
-                format!("RoPE tables {:?} for ({b}, {t}, {d})", c.shape()),
-            ));
-        }
-        if !d.is_multiple_of(2) {
-            return Err(err(op, format!("odd head dimension {d}")));
-        }
-        Ok(())
-    }
-
-    /// Run `f` with the cos and sin tables (empty without RoPE).
-    fn with_tables<R>(
-        &self,
-        op: &str,
-        f: impl FnOnce(&[f32], &[f32]) -> candle_core::Result<R>,
-    ) -> candle_core::Result<R> {
-        match &self.rope {
-            Some((c, s)) => with_values(op, c, |c| with_values(op, s, |s| f(c, s))),
-            None => f(&[], &[]),
-        }
-    }
-}
-
-impl CustomOp1 for HeadsFirst {
-    fn name(&self) -> &'static str {
-        "fused-heads-first"
-    }
-
-    fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> candle_core::Result<(CpuStorage, Shape)> {
-        let op = self.name();
-        let x = values(op, s, l)?;
-        let (b, t, h, d) = l.shape().dims4()?;
-        self.check(op, b, t, d)?;
-        let hr = h * self.n_rep;
-        let mut out = vec![0f32; x.len() * self.n_rep];
-        self.with_tables(op, |cos, sin| {
-            out.par_chunks_mut(d)
-                .enumerate()
-                .with_min_len(MIN_ROWS)
-                .for_each(|(row, o)| {
-                    let (bi, head, ti) = (row / (hr * t), (row / t) % hr, row % t);
-                    let src = &x[((bi * t + ti) * h + head / self.n_rep) * d..][..d];
-                    if cos.is_empty() {
-                        o.copy_from_slice(src);
-                    } else {
-                        let at = (bi * t + ti) * d;
-                        rotate(o, src, &cos[at..at + d], &sin[at..at + d]);
-                    }
-                });
-            Ok(())
-        })?;
-        Ok((CpuStorage::F32(out), Shape::from((b, hr, t, d))))
-    }
-
-    fn bwd(
-        &self,
-        _arg: &Tensor,
-        _res: &Tensor,
-        grad: &Tensor,
-    ) -> candle_core::Result<Option<Tensor>> {
-        let g = grad.contiguous()?;
-        let op = HeadsFirstGrad(HeadsFirst {
-            rope: self.rope.clone(),
-            n_rep: self.n_rep,
-        });
-        Ok(Some(g.apply_op1_no_bwd(&op)?))
-    }
-}
-
-/// (B, H·n_rep, T, D) gradient → (B, T, H, D): summed over the repeats, RoPE undone.
-struct HeadsFirstGrad(HeadsFirst);
-
-impl CustomOp1 for HeadsFirstGrad {
-    fn name(&self) -> &'static str {
-        "fused-heads-first-grad"
-    }
-
-    fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> candle_core::Result<(CpuStorage, Shape)> {
-        let op = self.name();
-        let g = values(op, s, l)?;
-        let (b, hr, t, d) = l.shape().dims4()?;
-        let n_rep = self.0.n_rep;
-        let h = hr / n_rep;
-        self.0.check(op, b, t, d)?;
-        let mut out = vec![0f32; g.len() / n_rep];
-        self.0.with_tables(op, |cos, sin| {
-            out.par_chunks_mut(d)
-                .enumerate()
-                .with_min_len(MIN_ROWS)
-                .for_each(|(row, o)| {
-                    let (bi, ti, head) = (row / (t * h), (row / h) % t, row % h);
-                    for rep in 0..n_rep {
-                        let src = &g[((bi * hr + head * n_rep + rep) * t + ti) * d..][..d];
-                        if cos.is_empty() {
-                            o.iter_mut().zip(src).for_each(|(o, g)| *o += g);
-                        } else {
-                            let at = (bi * t + ti) * d;
-                            rotate_grad(o, src, &cos[at..at + d], &sin[at..at + d]);
-                        }
-                    }
-                });
-            Ok(())
-        })?;
-        Ok((CpuStorage::F32(out), Shape::from((b, t, h, d))))
-    }
-}
-
-// ---------------------------------------------------------------------------------------
 // SwiGLU
 
 /// silu(gate) · up, with silu(x) = x / (1 + e^(−x)).
@@ -647,7 +383,7 @@ pub(crate) fn max_abs_diff(a: &Tensor, b: &Tensor) -> f32 {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use candle_core::{D, Device, Var};
+    use candle_core::{Device, Var};
 
     /// Values and input gradients of `fused` and `composed` on the same input agree.
     fn agree(
@@ -680,24 +416,6 @@ mod tests {
         assert!(diff(gf, gc) <= tol, "gradients differ by {}", diff(gf, gc));
     }
 
-    fn causal_mask(b: usize, t: usize) -> Tensor {
-        let m: Vec<f32> = (0..b * t * t)
-            .map(|k| if k % t > (k / t) % t { f32::MIN } else { 0.0 })
-            .collect();
-        Tensor::from_vec(m, (b, 1, t, t), &Device::Cpu).unwrap()
-    }
-
-    #[test]
-    fn masked_softmax_matches_the_composed_ops() {
-        let mask = causal_mask(2, 7);
-        agree(
-            &[2, 3, 7, 7],
-            |x| masked_softmax(x, &mask, 0.125),
-            |x| crate::llama::softmax(&(x * 0.125)?.broadcast_add(&mask)?),
-            1e-6,
-        );
-    }
-
     #[test]
     fn log_softmax_matches_the_composed_ops() {
         agree(
@@ -720,45 +438,6 @@ mod tests {
     }
 
     #[test]
-    fn heads_first_matches_rope_and_repeat_kv() {
-        let (b, t, h, d, n_rep) = (2, 5, 2, 8, 3);
-        let angles = Tensor::randn(0f32, 1.0, (b, 1, t, d), &Device::Cpu).unwrap();
-        let (cos, sin) = (angles.cos().unwrap(), angles.sin().unwrap());
-        let composed = |x: &Tensor, rope: bool| -> candle_core::Result<Tensor> {
-            let x = x.transpose(1, 2)?;
-            let x = if rope {
-                let half = d / 2;
-                let rot = Tensor::cat(
-                    &[
-                        &x.narrow(D::Minus1, half, half)?.neg()?,
-                        &x.narrow(D::Minus1, 0, half)?,
-                    ],
-                    D::Minus1,
-                )?;
-                (x.broadcast_mul(&cos)? + rot.broadcast_mul(&sin)?)?
-            } else {
-                x
-            };
-            x.unsqueeze(2)?
-                .broadcast_as((b, h, n_rep, t, d))?
-                .contiguous()?
-                .reshape((b, h * n_rep, t, d))
-        };
-        agree(
-            &[b, t, h, d],
-            |x| heads_first(x, Some((&cos, &sin)), n_rep),
-            |x| composed(x, true),
-            1e-6,
-        );
-        agree(
-            &[b, t, h, d],
-            |x| heads_first(x, None, n_rep),
-            |x| composed(x, false),
-            0.0,
-        );
-    }
-
-    #[test]
     fn swiglu_matches_the_composed_ops() {
         let up =
             Var::from_tensor(&Tensor::randn(0f32, 1.0, (3, 4100), &Device::Cpu).unwrap()).unwrap();
@@ -776,8 +455,6 @@ mod tests {
     #[test]
     fn bad_operands_are_refused_by_name() {
         let x = Tensor::zeros((2, 1, 3, 3), DType::F32, &Device::Cpu).unwrap();
-        let e = masked_softmax(&x, &causal_mask(2, 4), 1.0).unwrap_err();
-        assert!(e.to_string().contains("fused-masked-softmax: mask"), "{e}");
         let w = Tensor::zeros(5, DType::F32, &Device::Cpu).unwrap();
         let e = rms_norm(&x, &w, 1e-5).unwrap_err();
         assert!(e.to_string().contains("fused-rms-norm: weight"), "{e}");

@@ -4,8 +4,9 @@
 //! - `config`: Hugging Face config.json (Llama, Mistral, Qwen2; rope_parameters; RoPE scalings)
 //! - `llama`: the decoder, built only from ops that have a backward; weight loading
 //! - `frozen`: frozen base linears (f32, bf16, NF4) as a custom op that returns only grad(x)
-//! - `matmul`: f32 CPU matrix products (accumulating; causal attention's block-triangular ones)
-//! - `fused`: one-pass CPU kernels with their own backward (attention softmax, RMSNorm, RoPE, SwiGLU, log-softmax)
+//! - `matmul`: f32 CPU matrix products (accumulating, on strided blocks)
+//! - `attention`: causal self-attention as one CPU op (RoPE, GQA, block-triangular products)
+//! - `fused`: one-pass CPU kernels with their own backward (RMSNorm, SwiGLU, log-softmax)
 //! - `nf4`: NF4 quantisation and double quantisation, bitsandbytes-compatible
 //! - `lora`: LoRA pairs (PEFT init, rsLoRA, seeded dropout); `checkpoint`: per-layer recompute
 //! - `tokenizer`, `data`: tokenizer + chat template; SFT rows, completion-only labels, batches, packing
@@ -16,6 +17,7 @@
 //! - `cuda` (feature `cuda`): GPU kernels and ops (NF4 expansion, dropout masks, attention softmax)
 
 pub mod adapter;
+pub mod attention;
 pub mod checkpoint;
 pub mod config;
 #[cfg(feature = "cuda")]

@@ -14,13 +14,13 @@ use candle_core::{D, DType, Device, Tensor, Var};
 use rand::rngs::StdRng;
 use serde::{Deserialize, Serialize};
 
+use crate::attention::{Heads, causal_attention};
 use crate::checkpoint::{GradSink, layer_forward_checkpointed};
 use crate::config::{ModelConfig, RopeScaling};
 use crate::error::{Error, Result};
 use crate::frozen::{FrozenMatmul, FrozenWeight};
 use crate::fused;
 use crate::lora::{DropoutRng, Linear, LoraConfig, LoraPair};
-use crate::matmul::{causal_mix, causal_scores};
 use crate::nf4::Nf4Tensor;
 
 /// How the frozen base weights are held in memory.
@@ -560,31 +560,46 @@ fn attention(
     ctx: &Context,
     rng: &mut DropoutRng,
 ) -> candle_core::Result<Tensor> {
-    let (b, t, _) = x.dims3()?;
-    let (nh, nkv, hd) = (c.num_attention_heads, c.num_key_value_heads, c.head_dim);
-    let q = a.q_proj.forward(x, rng)?.reshape((b, t, nh, hd))?;
-    let k = a.k_proj.forward(x, rng)?.reshape((b, t, nkv, hd))?;
-    let v = a.v_proj.forward(x, rng)?.reshape((b, t, nkv, hd))?;
-    let scale = 1.0 / (hd as f64).sqrt();
-    let y = if fused::applies(x) {
-        let rope = Some((&ctx.cos, &ctx.sin));
-        let q = fused::heads_first(&q, rope, 1)?;
-        let k = fused::heads_first(&k, rope, nh / nkv)?;
-        let v = fused::heads_first(&v, None, nh / nkv)?;
-        // The mask is always causal (a token never sees later ones).
-        let p = fused::masked_softmax(&causal_scores(&q, &k)?, &ctx.mask, scale)?;
-        causal_mix(&p, &v)?
-    } else {
-        let q = rope(&q.transpose(1, 2)?, &ctx.cos, &ctx.sin)?;
-        let k = rope(&k.transpose(1, 2)?, &ctx.cos, &ctx.sin)?;
-        let k = repeat_kv(k, nh / nkv)?;
-        let v = repeat_kv(v.transpose(1, 2)?.contiguous()?, nh / nkv)?;
-        let scores = (q.contiguous()?.matmul(&k.t()?)? * scale)?;
-        let p = masked_softmax(&scores, &ctx.mask)?.to_dtype(v.dtype())?;
-        p.matmul(&v.contiguous()?)?
+    let heads = Heads {
+        q: c.num_attention_heads,
+        kv: c.num_key_value_heads,
+        dim: c.head_dim,
     };
-    let y = y.transpose(1, 2)?.reshape((b, t, nh * hd))?;
+    let q = a.q_proj.forward(x, rng)?;
+    let k = a.k_proj.forward(x, rng)?;
+    let v = a.v_proj.forward(x, rng)?;
+    let scale = 1.0 / (heads.dim as f64).sqrt();
+    let qkv = (&q, &k, &v);
+    let rope = (&ctx.cos, &ctx.sin);
+    let y = if fused::applies(x) {
+        // The mask is always causal (a token never sees later ones).
+        causal_attention(qkv, rope, &ctx.mask, heads, scale)?
+    } else {
+        attend_composed(qkv, rope, &ctx.mask, heads, scale)?
+    };
     a.o_proj.forward(&y, rng)
+}
+
+/// Attention from the projections' outputs (B, T, heads · dim) to the merged heads, from
+/// candle's ops (for devices and dtypes other than f32 on the CPU).
+pub(crate) fn attend_composed(
+    (q, k, v): (&Tensor, &Tensor, &Tensor),
+    (cos, sin): (&Tensor, &Tensor),
+    mask: &Tensor,
+    heads: Heads,
+    scale: f64,
+) -> candle_core::Result<Tensor> {
+    let (b, t, _) = q.dims3()?;
+    let n_rep = heads.q / heads.kv;
+    let split = |x: &Tensor, n: usize| x.reshape((b, t, n, heads.dim))?.transpose(1, 2);
+    let q = rope(&split(q, heads.q)?, cos, sin)?;
+    let k = repeat_kv(rope(&split(k, heads.kv)?, cos, sin)?, n_rep)?;
+    let v = repeat_kv(split(v, heads.kv)?.contiguous()?, n_rep)?;
+    let scores = (q.contiguous()?.matmul(&k.t()?)? * scale)?;
+    let p = masked_softmax(&scores, mask)?.to_dtype(v.dtype())?;
+    p.matmul(&v.contiguous()?)?
+        .transpose(1, 2)?
+        .reshape((b, t, heads.q * heads.dim))
 }
 
 /// Logits of the selected rows of hidden states (N, vocab), in f32 (the loss is computed there).
