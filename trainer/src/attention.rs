@@ -6,10 +6,9 @@
 //! head copies, scores, probabilities, the product and its merged copy), each written in
 //! forward and, in candle's backward, zero-filled and summed into on one thread. Here
 //! forward keeps only the rotated heads and the probabilities (for backward), and works in
-//! blocks of `BLOCK` query rows: blocks of scores wholly above the diagonal are never computed
-//! (37.5% of the products at 256 tokens, approaching half for long sequences), and a row's
-//! softmax stops at the diagonal. The values and the order of every sum are those of the
-//! composed ops, so results agree with them to the last bit or nearly.
+//! blocks of `BLOCK` query rows, one task each: blocks of scores wholly above the diagonal are
+//! never computed (37.5% of the products at 256 tokens, approaching half for long sequences),
+//! and a row's softmax stops at the diagonal.
 
 use std::sync::Mutex;
 
@@ -17,13 +16,11 @@ use candle_core::{CpuStorage, CustomOp3, Layout, Shape, Tensor};
 use rayon::prelude::*;
 
 use crate::fused::{values, with_values};
-use crate::matmul::{Operand, SendPtr, gemm_raw};
+use crate::matmul::{Operand, SendPtr, gemm_block};
+use crate::simd;
 
 /// Query rows per task (and key rows per task in backward).
 const BLOCK: usize = 64;
-
-/// Below this, f32 `exp` is 0 (the smallest subnormal is e^-103.28).
-const UNDERFLOW: f32 = -104.0;
 
 /// How the heads are laid out: query heads, key/value heads (grouped-query attention when
 /// fewer), and the head dimension.
@@ -83,25 +80,93 @@ struct Dims {
     t: usize,
 }
 
-/// One head row: out = x·cos + rotate_half(x)·sin (transformers' half-split form).
+/// One task's share: rows r0..r1 of head `h` of batch row `b`.
+#[derive(Clone, Copy)]
+struct Block {
+    b: usize,
+    h: usize,
+    r0: usize,
+    r1: usize,
+}
+
+impl Block {
+    fn rows(self) -> usize {
+        self.r1 - self.r0
+    }
+}
+
+/// Every (batch row, head, block of BLOCK rows), in parallel.
+fn blocks(d: Dims, heads: usize) -> impl ParallelIterator<Item = Block> {
+    let per_head = d.t.div_ceil(BLOCK);
+    (0..d.b * heads * per_head).into_par_iter().map(move |i| {
+        let (bh, r0) = (i / per_head, (i % per_head) * BLOCK);
+        Block {
+            b: bh / heads,
+            h: bh % heads,
+            r0,
+            r1: (r0 + BLOCK).min(d.t),
+        }
+    })
+}
+
+/// One head row: out = x·cos + rotate_half(x)·sin (transformers' half-split form), with
+/// rotate_half(x) = (−x₂, x₁) for the halves x₁, x₂.
+#[inline(always)]
 fn rotate(o: &mut [f32], x: &[f32], cos: &[f32], sin: &[f32]) {
     let half = x.len() / 2;
-    for d in 0..x.len() {
-        let rot = if d < half { -x[d + half] } else { x[d - half] };
-        o[d] = x[d] * cos[d] + rot * sin[d];
+    let (x1, x2) = x.split_at(half);
+    let (o1, o2) = o.split_at_mut(half);
+    let ((c1, c2), (s1, s2)) = (cos.split_at(half), sin.split_at(half));
+    let first = o1.iter_mut().zip(x1.iter().zip(x2)).zip(c1.iter().zip(s1));
+    for ((o, (&a, &b)), (&c, &s)) in first {
+        *o = a * c + -b * s;
+    }
+    let second = o2.iter_mut().zip(x2.iter().zip(x1)).zip(c2.iter().zip(s2));
+    for ((o, (&b, &a)), (&c, &s)) in second {
+        *o = b * c + a * s;
     }
 }
 
 /// The gradient of [`rotate`] for one head row, written to `o`.
+#[inline(always)]
 fn rotate_grad(o: &mut [f32], g: &[f32], cos: &[f32], sin: &[f32]) {
     let half = g.len() / 2;
-    for d in 0..g.len() {
-        let rot = if d < half {
-            g[d + half] * sin[d + half]
-        } else {
-            -(g[d - half] * sin[d - half])
-        };
-        o[d] = g[d] * cos[d] + rot;
+    let (g1, g2) = g.split_at(half);
+    let (o1, o2) = o.split_at_mut(half);
+    let ((c1, c2), (s1, s2)) = (cos.split_at(half), sin.split_at(half));
+    let first = o1.iter_mut().zip(g1.iter().zip(g2)).zip(c1.iter().zip(s2));
+    for ((o, (&a, &b)), (&c, &s)) in first {
+        *o = a * c + b * s;
+    }
+    let second = o2.iter_mut().zip(g2.iter().zip(g1)).zip(c2.iter().zip(s1));
+    for ((o, (&b, &a)), (&c, &s)) in second {
+        *o = b * c + -(a * s);
+    }
+}
+
+/// softmax(scale · x + mask) of one row, in place, up to the diagonal (the rest is masked).
+/// Masked entries sit ~f32::MAX below the maximum: their `exp` is exactly 0.
+#[inline(always)]
+fn softmax_row(x: &mut [f32], mask: &[f32], scale: f32) {
+    for (x, &m) in x.iter_mut().zip(mask) {
+        *x = *x * scale + m;
+    }
+    let max = simd::max(x);
+    for x in x.iter_mut() {
+        *x = simd::exp(*x - max);
+    }
+    let sum = simd::sum(x);
+    for x in x.iter_mut() {
+        *x /= sum;
+    }
+}
+
+/// d scores = scale · p ⊙ (d p − Σ p ⊙ d p) for one row, in place of d p.
+#[inline(always)]
+fn softmax_grad_row(dp: &mut [f32], p: &[f32], scale: f32) {
+    let dot = simd::dot(p, dp);
+    for (o, &p) in dp.iter_mut().zip(p) {
+        *o = p * (*o - dot) * scale;
     }
 }
 
@@ -146,6 +211,16 @@ impl CausalAttention {
         })
     }
 
+    /// The first rows of `blk`'s head in (B, H, T, ·) and of its key/value head in
+    /// (B, Hkv, T, ·).
+    fn head_rows(&self, blk: Block, t: usize) -> (usize, usize) {
+        let Heads { q: nh, kv: nkv, .. } = self.heads;
+        (
+            (blk.b * nh + blk.h) * t,
+            (blk.b * nkv + blk.h / (nh / nkv)) * t,
+        )
+    }
+
     /// (B, T, H·D) → (B, H, T, D), rotated when `rope` holds the tables.
     fn heads_first(
         &self,
@@ -162,13 +237,13 @@ impl CausalAttention {
             .for_each(|(row, o)| {
                 let (bi, head, ti) = (row / (h * t), (row / t) % h, row % t);
                 let src = &x[((bi * t + ti) * h + head) * hd..][..hd];
-                match rope {
+                simd::dispatch(|| match rope {
                     Some((cos, sin)) => {
                         let at = (bi * t + ti) * hd;
-                        rotate(o, src, &cos[at..at + hd], &sin[at..at + hd]);
+                        rotate(o, src, &cos[at..][..hd], &sin[at..][..hd]);
                     }
                     None => o.copy_from_slice(src),
-                }
+                })
             });
         out
     }
@@ -181,79 +256,172 @@ impl CausalAttention {
         v: &[f32],
         d: Dims,
     ) -> candle_core::Result<(Vec<f32>, Saved)> {
+        let (nh, hd) = (self.heads.q, self.heads.dim);
+        let (t, scale) = (d.t, self.scale);
+        self.with_tables(|cos, sin, mask| {
+            let q = self.heads_first(q, d, nh, Some((cos, sin)));
+            let k = self.heads_first(k, d, self.heads.kv, Some((cos, sin)));
+            let v = self.heads_first(v, d, self.heads.kv, None);
+            let mut p = vec![0f32; d.b * nh * t * t];
+            let mut out = vec![0f32; d.b * t * nh * hd];
+            let (pp, op) = (SendPtr(p.as_mut_ptr()), SendPtr(out.as_mut_ptr()));
+            blocks(d, nh).for_each(|blk| {
+                let (head, kv) = self.head_rows(blk, t);
+                // SAFETY: rows r0..r1 of this head of p are this task's alone.
+                let probs = unsafe { pp.slice((head + blk.r0) * t, blk.rows() * t) };
+                let q_rows = (&q[(head + blk.r0) * hd..], Operand::rows(hd));
+                // Scores up to column r1 only: later ones are masked in every row here.
+                // SAFETY: `probs` holds the rows × r1 block at row stride t.
+                unsafe {
+                    gemm_block(
+                        (probs.as_mut_ptr(), t),
+                        0.0,
+                        (blk.rows(), hd, blk.r1),
+                        q_rows,
+                        (&k[kv * hd..], Operand::transposed(hd)),
+                    )
+                };
+                simd::dispatch(|| {
+                    for (i, row) in (blk.r0..blk.r1).zip(probs.chunks_mut(t)) {
+                        softmax_row(&mut row[..=i], &mask[(blk.b * t + i) * t..][..=i], scale);
+                        row[i + 1..blk.r1].fill(0.0);
+                    }
+                });
+                // SAFETY: this head's columns of rows r0..r1 of the output are this task's
+                // alone, and lie inside it.
+                unsafe {
+                    gemm_block(
+                        (
+                            op.get().add((blk.b * t + blk.r0) * nh * hd + blk.h * hd),
+                            nh * hd,
+                        ),
+                        0.0,
+                        (blk.rows(), blk.r1, hd),
+                        (&*probs, Operand::rows(t)),
+                        (&v[kv * hd..], Operand::rows(hd)),
+                    )
+                };
+            });
+            Ok((out, Saved { q, k, v, p }))
+        })
+    }
+
+    /// (d q, d k, d v) in the inputs' layouts from the incoming gradient `g` (B, T, H·D).
+    /// With P the probabilities, per head: d P = g·vᵀ, d S = scale · P ⊙ (d P − rowsum(P ⊙
+    /// d P)), d q = RoPEᵀ(d S · k), d k = RoPEᵀ(d Sᵀ · q) and d v = Pᵀ · g, the last two
+    /// summed over each key/value head's group of query heads.
+    fn grads(
+        &self,
+        g: &[f32],
+        s: &Saved,
+        d: Dims,
+    ) -> candle_core::Result<(Vec<f32>, Vec<f32>, Vec<f32>)> {
         let Heads {
             q: nh,
             kv: nkv,
             dim: hd,
         } = self.heads;
-        let (t, rep, scale) = (d.t, nh / nkv, self.scale);
-        self.with_tables(|cos, sin, mask| {
-            let q = self.heads_first(q, d, nh, Some((cos, sin)));
-            let k = self.heads_first(k, d, nkv, Some((cos, sin)));
-            let v = self.heads_first(v, d, nkv, None);
-            let mut p = vec![0f32; d.b * nh * t * t];
-            let mut out = vec![0f32; d.b * t * nh * hd];
-            let (pp, op) = (SendPtr(p.as_mut_ptr()), SendPtr(out.as_mut_ptr()));
-            let blocks = t.div_ceil(BLOCK);
-            (0..d.b * nh * blocks).into_par_iter().for_each(|task| {
-                let (bh, r0) = (task / blocks, (task % blocks) * BLOCK);
-                let (bi, h) = (bh / nh, bh % nh);
-                let r1 = (r0 + BLOCK).min(t);
-                let qh = &q[(bh * t + r0) * hd..];
-                let kh = &k[(bi * nkv + h / rep) * t * hd..];
-                let vh = &v[(bi * nkv + h / rep) * t * hd..];
-                // SAFETY: this task alone writes rows r0..r1 of head (bi, h) of p (columns
-                // < r1) and of the output (this head's columns); the operands' blocks lie
-                // inside q, k, v, whose sizes are checked by `dims`.
+        let (t, scale) = (d.t, self.scale);
+        let (g_row, kv_row) = (nh * hd, nkv * hd);
+        self.with_tables(|cos, sin, _| {
+            // Per query head and block of rows: d S, then d q.
+            let mut ds = vec![0f32; s.p.len()];
+            let mut dq = vec![0f32; g.len()];
+            let (dsp, dqp) = (SendPtr(ds.as_mut_ptr()), SendPtr(dq.as_mut_ptr()));
+            blocks(d, nh).for_each(|blk| {
+                let (head, kv) = self.head_rows(blk, t);
+                let g_at = (blk.b * t + blk.r0) * g_row + blk.h * hd;
+                // SAFETY: rows r0..r1 of this head of d S are this task's alone.
+                let ds_rows = unsafe { dsp.slice((head + blk.r0) * t, blk.rows() * t) };
+                // SAFETY: `ds_rows` holds the rows × r1 block at row stride t.
                 unsafe {
-                    let prow = pp.get().add((bh * t + r0) * t);
-                    gemm_raw(
-                        prow,
-                        t,
-                        (0.0, 1.0),
-                        (r1 - r0, hd, r1),
-                        (qh.as_ptr(), Operand::rows(hd)),
-                        (kh.as_ptr(), Operand::transposed(hd)),
-                        gemm::Parallelism::None,
-                    );
-                    for i in r0..r1 {
-                        let row = std::slice::from_raw_parts_mut(prow.add((i - r0) * t), r1);
-                        softmax_row(&mut row[..=i], &mask[(bi * t + i) * t..][..=i], scale);
-                        row[i + 1..].fill(0.0);
+                    gemm_block(
+                        (ds_rows.as_mut_ptr(), t),
+                        0.0,
+                        (blk.rows(), hd, blk.r1),
+                        (&g[g_at..], Operand::rows(g_row)),
+                        (&s.v[kv * hd..], Operand::transposed(hd)),
+                    )
+                };
+                let p_rows = s.p[(head + blk.r0) * t..].chunks(t);
+                simd::dispatch(|| {
+                    let rows = (blk.r0..blk.r1).zip(ds_rows.chunks_mut(t)).zip(p_rows);
+                    for ((i, ds), p) in rows {
+                        softmax_grad_row(&mut ds[..=i], &p[..=i], scale);
+                        ds[i + 1..blk.r1].fill(0.0);
                     }
-                    gemm_raw(
-                        op.get().add((bi * t + r0) * nh * hd + h * hd),
-                        nh * hd,
-                        (0.0, 1.0),
-                        (r1 - r0, r1, hd),
-                        (prow, Operand::rows(t)),
-                        (vh.as_ptr(), Operand::rows(hd)),
-                        gemm::Parallelism::None,
-                    );
-                }
+                });
+                let mut dqh = vec![0f32; blk.rows() * hd];
+                // SAFETY: `dqh` holds the rows × hd block.
+                unsafe {
+                    gemm_block(
+                        (dqh.as_mut_ptr(), hd),
+                        0.0,
+                        (blk.rows(), blk.r1, hd),
+                        (&*ds_rows, Operand::rows(t)),
+                        (&s.k[kv * hd..], Operand::rows(hd)),
+                    )
+                };
+                simd::dispatch(|| {
+                    for (i, dqh) in (blk.r0..blk.r1).zip(dqh.chunks(hd)) {
+                        let at = (blk.b * t + i) * hd;
+                        // SAFETY: this head's columns of row i of d q are this task's alone.
+                        let o = unsafe { dqp.slice((blk.b * t + i) * g_row + blk.h * hd, hd) };
+                        rotate_grad(o, dqh, &cos[at..][..hd], &sin[at..][..hd]);
+                    }
+                });
             });
-            Ok((out, Saved { q, k, v, p }))
+            // Per key/value head and block of key rows: d k and d v, summed over the group.
+            let mut dk = vec![0f32; d.b * t * kv_row];
+            let mut dv = vec![0f32; d.b * t * kv_row];
+            let (dkp, dvp) = (SendPtr(dk.as_mut_ptr()), SendPtr(dv.as_mut_ptr()));
+            let ds = &ds;
+            blocks(d, nkv).for_each(|blk| {
+                let (c0, n) = (blk.r0, t - blk.r0);
+                let rep = nh / nkv;
+                let mut dkh = vec![0f32; blk.rows() * hd];
+                for h in blk.h * rep..(blk.h + 1) * rep {
+                    let head = (blk.b * nh + h) * t;
+                    let beta = if h == blk.h * rep { 0.0 } else { 1.0 };
+                    // Rows c0.. of d S and P in columns c0..c1: the rows above are zero there.
+                    let at = (head + c0) * t + c0;
+                    let g_rows = (
+                        &g[(blk.b * t + c0) * g_row + h * hd..],
+                        Operand::rows(g_row),
+                    );
+                    // SAFETY: `dkh` holds the rows × hd block; this head's columns of rows
+                    // c0..c1 of d v are this task's alone, and lie inside it.
+                    unsafe {
+                        gemm_block(
+                            (dkh.as_mut_ptr(), hd),
+                            beta,
+                            (blk.rows(), n, hd),
+                            (&ds[at..], Operand::transposed(t)),
+                            (&s.q[(head + c0) * hd..], Operand::rows(hd)),
+                        );
+                        gemm_block(
+                            (
+                                dvp.get().add((blk.b * t + c0) * kv_row + blk.h * hd),
+                                kv_row,
+                            ),
+                            beta,
+                            (blk.rows(), n, hd),
+                            (&s.p[at..], Operand::transposed(t)),
+                            g_rows,
+                        );
+                    }
+                }
+                simd::dispatch(|| {
+                    for (j, dkh) in (blk.r0..blk.r1).zip(dkh.chunks(hd)) {
+                        let at = (blk.b * t + j) * hd;
+                        // SAFETY: this head's columns of row j of d k are this task's alone.
+                        let o = unsafe { dkp.slice((blk.b * t + j) * kv_row + blk.h * hd, hd) };
+                        rotate_grad(o, dkh, &cos[at..][..hd], &sin[at..][..hd]);
+                    }
+                });
+            });
+            Ok((dq, dk, dv))
         })
-    }
-}
-
-/// softmax(scale · x + mask) of one row, in place, up to the diagonal (the rest is masked).
-fn softmax_row(x: &mut [f32], mask: &[f32], scale: f32) {
-    let mut max = f32::NEG_INFINITY;
-    for (x, &m) in x.iter_mut().zip(mask) {
-        *x = *x * scale + m;
-        max = max.max(*x);
-    }
-    let mut sum = 0f32;
-    for x in x.iter_mut() {
-        // Masked entries sit ~f32::MAX below the maximum: exp gives exactly 0 for anything
-        // under UNDERFLOW, but through libm's slow path.
-        let e = *x - max;
-        *x = if e < UNDERFLOW { 0.0 } else { e.exp() };
-        sum += *x;
-    }
-    for x in x.iter_mut() {
-        *x /= sum;
     }
 }
 
@@ -283,9 +451,6 @@ impl CustomOp3 for CausalAttention {
         Ok((CpuStorage::F32(out), ql.shape().clone()))
     }
 
-    /// With P the probabilities and g the incoming gradient (per head): d P = g·vᵀ,
-    /// d S = scale · P ⊙ (d P − rowsum(P ⊙ d P)), d q = RoPEᵀ(d S · k), d k = RoPEᵀ(d Sᵀ · q)
-    /// and d v = Pᵀ · g, the last two summed over each key/value head's group of query heads.
     fn bwd(
         &self,
         q: &Tensor,
@@ -313,146 +478,6 @@ impl CustomOp3 for CausalAttention {
             Some(Tensor::from_vec(dk, k.shape(), dev)?),
             Some(Tensor::from_vec(dv, v.shape(), dev)?),
         ))
-    }
-}
-
-impl CausalAttention {
-    /// (d q, d k, d v) in the inputs' layouts from the incoming gradient `g` (B, T, H·D).
-    fn grads(
-        &self,
-        g: &[f32],
-        s: &Saved,
-        d: Dims,
-    ) -> candle_core::Result<(Vec<f32>, Vec<f32>, Vec<f32>)> {
-        let Heads {
-            q: nh,
-            kv: nkv,
-            dim: hd,
-        } = self.heads;
-        let (t, rep, scale) = (d.t, nh / nkv, self.scale);
-        let blocks = t.div_ceil(BLOCK);
-        let g_row = nh * hd;
-        self.with_tables(|cos, sin, _| {
-            // Per query head and block of rows: d S (in place of d P), then d q.
-            let mut ds = vec![0f32; s.p.len()];
-            let mut dq = vec![0f32; g.len()];
-            let (dsp, dqp) = (SendPtr(ds.as_mut_ptr()), SendPtr(dq.as_mut_ptr()));
-            (0..d.b * nh * blocks).into_par_iter().for_each(|task| {
-                let (bh, r0) = (task / blocks, (task % blocks) * BLOCK);
-                let (bi, h) = (bh / nh, bh % nh);
-                let r1 = (r0 + BLOCK).min(t);
-                let kv_head = (bi * nkv + h / rep) * t * hd;
-                let mut dqh = vec![0f32; (r1 - r0) * hd];
-                // SAFETY: this task alone writes rows r0..r1 of head (bi, h) of d S and this
-                // head's columns of rows r0..r1 of d q; the operands lie inside g and `s`.
-                unsafe {
-                    let dsrow = dsp.get().add((bh * t + r0) * t);
-                    gemm_raw(
-                        dsrow,
-                        t,
-                        (0.0, 1.0),
-                        (r1 - r0, hd, r1),
-                        (
-                            g[(bi * t + r0) * g_row + h * hd..].as_ptr(),
-                            Operand::rows(g_row),
-                        ),
-                        (s.v[kv_head..].as_ptr(), Operand::transposed(hd)),
-                        gemm::Parallelism::None,
-                    );
-                    for i in r0..r1 {
-                        let row = std::slice::from_raw_parts_mut(dsrow.add((i - r0) * t), r1);
-                        let p = &s.p[(bh * t + i) * t..][..=i];
-                        let dot: f32 = p.iter().zip(&row[..=i]).map(|(p, g)| p * g).sum();
-                        for (o, &p) in row[..=i].iter_mut().zip(p) {
-                            *o = p * (*o - dot) * scale;
-                        }
-                        row[i + 1..].fill(0.0);
-                    }
-                    gemm_raw(
-                        dqh.as_mut_ptr(),
-                        hd,
-                        (0.0, 1.0),
-                        (r1 - r0, r1, hd),
-                        (dsrow, Operand::rows(t)),
-                        (s.k[kv_head..].as_ptr(), Operand::rows(hd)),
-                        gemm::Parallelism::None,
-                    );
-                    for i in r0..r1 {
-                        let at = (bi * t + i) * hd;
-                        let o = std::slice::from_raw_parts_mut(
-                            dqp.get().add((bi * t + i) * g_row + h * hd),
-                            hd,
-                        );
-                        rotate_grad(
-                            o,
-                            &dqh[(i - r0) * hd..][..hd],
-                            &cos[at..at + hd],
-                            &sin[at..at + hd],
-                        );
-                    }
-                }
-            });
-            // Per key/value head and block of key rows: d k and d v, summed over the group.
-            let kv_row = nkv * hd;
-            let mut dk = vec![0f32; d.b * t * kv_row];
-            let mut dv = vec![0f32; d.b * t * kv_row];
-            let (dkp, dvp) = (SendPtr(dk.as_mut_ptr()), SendPtr(dv.as_mut_ptr()));
-            (0..d.b * nkv * blocks).into_par_iter().for_each(|task| {
-                let (bk, c0) = (task / blocks, (task % blocks) * BLOCK);
-                let (bi, kvh) = (bk / nkv, bk % nkv);
-                let c1 = (c0 + BLOCK).min(t);
-                let mut dkh = vec![0f32; (c1 - c0) * hd];
-                for h in kvh * rep..(kvh + 1) * rep {
-                    let bh = bi * nh + h;
-                    let beta = if h == kvh * rep { 0.0 } else { 1.0 };
-                    // Rows c0.. of d S and P (those below are zero in these columns).
-                    let at = (bh * t + c0) * t + c0;
-                    // SAFETY: this task alone writes rows c0..c1 of d k's and d v's columns
-                    // of head (bi, kvh); the operands lie inside `ds`, `s` and g.
-                    unsafe {
-                        gemm_raw(
-                            dkh.as_mut_ptr(),
-                            hd,
-                            (beta, 1.0),
-                            (c1 - c0, t - c0, hd),
-                            (dsp.get().add(at).cast_const(), Operand::transposed(t)),
-                            (s.q[(bh * t + c0) * hd..].as_ptr(), Operand::rows(hd)),
-                            gemm::Parallelism::None,
-                        );
-                        gemm_raw(
-                            dvp.get().add((bi * t + c0) * kv_row + kvh * hd),
-                            kv_row,
-                            (beta, 1.0),
-                            (c1 - c0, t - c0, hd),
-                            (s.p[at..].as_ptr(), Operand::transposed(t)),
-                            (
-                                g[(bi * t + c0) * g_row + h * hd..].as_ptr(),
-                                Operand::rows(g_row),
-                            ),
-                            gemm::Parallelism::None,
-                        );
-                    }
-                }
-                for j in c0..c1 {
-                    let at = (bi * t + j) * hd;
-                    // SAFETY: as above, row j of head kvh of d k is this task's alone.
-                    let o = unsafe {
-                        std::slice::from_raw_parts_mut(
-                            dkp.get().add((bi * t + j) * kv_row + kvh * hd),
-                            hd,
-                        )
-                    };
-                    rotate_grad(
-                        o,
-                        &dkh[(j - c0) * hd..][..hd],
-                        &cos[at..at + hd],
-                        &sin[at..at + hd],
-                    );
-                }
-            });
-            drop(ds);
-            Ok((dq, dk, dv))
-        })
     }
 }
 

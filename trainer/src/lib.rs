@@ -6,7 +6,7 @@
 //! - `frozen`: frozen base linears (f32, bf16, NF4) as a custom op that returns only grad(x)
 //! - `matmul`: f32 CPU matrix products (accumulating, on strided blocks)
 //! - `attention`: causal self-attention as one CPU op (RoPE, GQA, block-triangular products)
-//! - `fused`: one-pass CPU kernels with their own backward (RMSNorm, SwiGLU, log-softmax)
+//! - `fused`: one-pass CPU kernels with their own backward (RMSNorm, SwiGLU, log-softmax); `simd`: their vectorised exp and sums
 //! - `nf4`: NF4 quantisation and double quantisation, bitsandbytes-compatible
 //! - `lora`: LoRA pairs (PEFT init, rsLoRA, seeded dropout); `checkpoint`: per-layer recompute
 //! - `tokenizer`, `data`: tokenizer + chat template; SFT rows, completion-only labels, batches, packing
@@ -35,6 +35,7 @@ pub mod optim;
 pub mod preference;
 pub mod resume;
 pub mod sft;
+mod simd;
 pub mod tiny;
 pub mod tokenizer;
 

@@ -46,16 +46,9 @@ pub(crate) fn sgemm_into(
     (b, bl): (&[f32], Operand),
 ) {
     assert_eq!(c.len(), m * n, "sgemm: output size");
-    assert!(
-        m == 0 || k == 0 || a.len() > (m - 1) * al.row + (k - 1) * al.col,
-        "sgemm: a is too short"
-    );
-    assert!(
-        k == 0 || n == 0 || b.len() > (k - 1) * bl.row + (n - 1) * bl.col,
-        "sgemm: b is too short"
-    );
+    check_operands((m, k, n), (a, al), (b, bl));
     let threads = gemm::Parallelism::Rayon(rayon::current_num_threads());
-    // SAFETY: the asserts above keep every strided index of a and b in bounds, and c holds
+    // SAFETY: `check_operands` keeps every strided index of a and b in bounds, and c holds
     // the m · n values written.
     unsafe {
         gemm_raw(
@@ -70,12 +63,57 @@ pub(crate) fn sgemm_into(
     }
 }
 
+/// `c = beta · c + a · b` ((m × k)·(k × n)) on this thread, `c` given as a pointer and its row
+/// stride: for tasks that each write their own block of a shared buffer.
+///
+/// # Safety
+/// The m × n block of `c` at that stride must be valid for writes, and no one else may access
+/// it meanwhile.
+pub(crate) unsafe fn gemm_block(
+    (c, c_row): (*mut f32, usize),
+    beta: f32,
+    (m, k, n): (usize, usize, usize),
+    (a, al): (&[f32], Operand),
+    (b, bl): (&[f32], Operand),
+) {
+    check_operands((m, k, n), (a, al), (b, bl));
+    // SAFETY: a and b are checked above, c by the caller.
+    unsafe {
+        gemm_raw(
+            c,
+            c_row,
+            (beta, 1.0),
+            (m, k, n),
+            (a.as_ptr(), al),
+            (b.as_ptr(), bl),
+            gemm::Parallelism::None,
+        )
+    }
+}
+
+/// Panics unless every (i < m, p < k) of `a` and (p < k, j < n) of `b` at their strides is in
+/// bounds.
+fn check_operands(
+    (m, k, n): (usize, usize, usize),
+    (a, al): (&[f32], Operand),
+    (b, bl): (&[f32], Operand),
+) {
+    assert!(
+        m == 0 || k == 0 || a.len() > (m - 1) * al.row + (k - 1) * al.col,
+        "sgemm: a is too short"
+    );
+    assert!(
+        k == 0 || n == 0 || b.len() > (k - 1) * bl.row + (n - 1) * bl.col,
+        "sgemm: b is too short"
+    );
+}
+
 /// One gemm call: `c = beta · c + alpha · a · b`, `c` with rows `c_row` apart.
 ///
 /// # Safety
 /// Every (i < m, p < k) of `a`, (p < k, j < n) of `b` and (i < m, j < n) of `c` at the given
 /// strides must be in bounds, and no one else may access that part of `c` meanwhile.
-pub(crate) unsafe fn gemm_raw(
+unsafe fn gemm_raw(
     c: *mut f32,
     c_row: usize,
     (beta, alpha): (f32, f32),
@@ -124,7 +162,7 @@ pub(crate) unsafe fn gemm_raw(
     }
 }
 
-/// The output buffer, shared by the tasks that write its disjoint blocks.
+/// An output buffer, shared by the tasks that write its disjoint blocks.
 #[derive(Clone, Copy)]
 pub(crate) struct SendPtr(pub(crate) *mut f32);
 // SAFETY: tasks write disjoint blocks only, and the buffer outlives them (rayon joins).
@@ -133,6 +171,15 @@ unsafe impl Sync for SendPtr {}
 impl SendPtr {
     pub(crate) fn get(self) -> *mut f32 {
         self.0
+    }
+
+    /// `len` values from index `at`.
+    ///
+    /// # Safety
+    /// They must lie inside the buffer, and no one else may access them while the slice lives.
+    pub(crate) unsafe fn slice<'a>(self, at: usize, len: usize) -> &'a mut [f32] {
+        // SAFETY: by the contract.
+        unsafe { std::slice::from_raw_parts_mut(self.0.add(at), len) }
     }
 }
 
