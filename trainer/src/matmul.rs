@@ -41,13 +41,36 @@ pub(crate) fn sgemm_into(
     c: &mut [f32],
     beta: f32,
     alpha: f32,
+    mkn: (usize, usize, usize),
+    a: (&[f32], Operand),
+    b: (&[f32], Operand),
+) {
+    let threads = gemm::Parallelism::Rayon(rayon::current_num_threads());
+    sgemm_with(threads, c, (beta, alpha), mkn, a, b)
+}
+
+/// [`sgemm_into`] on this thread only: for tasks that each own a block of rows.
+pub(crate) fn sgemm_serial(
+    c: &mut [f32],
+    beta: f32,
+    alpha: f32,
+    mkn: (usize, usize, usize),
+    a: (&[f32], Operand),
+    b: (&[f32], Operand),
+) {
+    sgemm_with(gemm::Parallelism::None, c, (beta, alpha), mkn, a, b)
+}
+
+fn sgemm_with(
+    parallelism: gemm::Parallelism,
+    c: &mut [f32],
+    (beta, alpha): (f32, f32),
     (m, k, n): (usize, usize, usize),
     (a, al): (&[f32], Operand),
     (b, bl): (&[f32], Operand),
 ) {
     assert_eq!(c.len(), m * n, "sgemm: output size");
     check_operands((m, k, n), (a, al), (b, bl));
-    let threads = gemm::Parallelism::Rayon(rayon::current_num_threads());
     // SAFETY: `check_operands` keeps every strided index of a and b in bounds, and c holds
     // the m · n values written.
     unsafe {
@@ -58,7 +81,7 @@ pub(crate) fn sgemm_into(
             (m, k, n),
             (a.as_ptr(), al),
             (b.as_ptr(), bl),
-            threads,
+            parallelism,
         )
     }
 }
