@@ -15,7 +15,7 @@ use std::sync::Mutex;
 use candle_core::{CpuStorage, CustomOp3, Layout, Shape, Tensor};
 use rayon::prelude::*;
 
-use crate::fused::{values, with_values};
+use crate::fused::{values, with_values, zeros};
 use crate::matmul::{Operand, SendPtr, gemm_block};
 use crate::simd;
 
@@ -230,7 +230,7 @@ impl CausalAttention {
         rope: Option<(&[f32], &[f32])>,
     ) -> Vec<f32> {
         let (t, hd) = (d.t, self.heads.dim);
-        let mut out = vec![0f32; x.len()];
+        let mut out = zeros(x.len());
         out.par_chunks_mut(hd)
             .enumerate()
             .with_min_len(16)
@@ -262,8 +262,8 @@ impl CausalAttention {
             let q = self.heads_first(q, d, nh, Some((cos, sin)));
             let k = self.heads_first(k, d, self.heads.kv, Some((cos, sin)));
             let v = self.heads_first(v, d, self.heads.kv, None);
-            let mut p = vec![0f32; d.b * nh * t * t];
-            let mut out = vec![0f32; d.b * t * nh * hd];
+            let mut p = zeros(d.b * nh * t * t);
+            let mut out = zeros(d.b * t * nh * hd);
             let (pp, op) = (SendPtr(p.as_mut_ptr()), SendPtr(out.as_mut_ptr()));
             blocks(d, nh).for_each(|blk| {
                 let (head, kv) = self.head_rows(blk, t);
@@ -325,8 +325,8 @@ impl CausalAttention {
         let (g_row, kv_row) = (nh * hd, nkv * hd);
         self.with_tables(|cos, sin, _| {
             // Per query head and block of rows: d S, then d q.
-            let mut ds = vec![0f32; s.p.len()];
-            let mut dq = vec![0f32; g.len()];
+            let mut ds = zeros(s.p.len());
+            let mut dq = zeros(g.len());
             let (dsp, dqp) = (SendPtr(ds.as_mut_ptr()), SendPtr(dq.as_mut_ptr()));
             blocks(d, nh).for_each(|blk| {
                 let (head, kv) = self.head_rows(blk, t);
@@ -372,8 +372,8 @@ impl CausalAttention {
                 });
             });
             // Per key/value head and block of key rows: d k and d v, summed over the group.
-            let mut dk = vec![0f32; d.b * t * kv_row];
-            let mut dv = vec![0f32; d.b * t * kv_row];
+            let mut dk = zeros(d.b * t * kv_row);
+            let mut dv = zeros(d.b * t * kv_row);
             let (dkp, dvp) = (SendPtr(dk.as_mut_ptr()), SendPtr(dv.as_mut_ptr()));
             let ds = &ds;
             blocks(d, nkv).for_each(|blk| {

@@ -83,9 +83,21 @@ fn operands2<'a>(
     ))
 }
 
+/// `n` zeros, written on all threads: `vec![0.0; n]` takes freed memory and zeroes it on the
+/// calling thread, while the pool waits for the kernel that follows (in a CPU training step
+/// that was the largest piece of single-threaded work).
+pub(crate) fn zeros(n: usize) -> Vec<f32> {
+    if n < 1 << 16 {
+        return vec![0f32; n];
+    }
+    let mut v = Vec::with_capacity(n);
+    v.par_extend(rayon::iter::repeat_n(0f32, n));
+    v
+}
+
 /// `f(out_row, x_row)` for every row of `n` values, on all threads.
 fn map_rows(x: &[f32], n: usize, f: impl Fn(&mut [f32], &[f32]) + Sync) -> Vec<f32> {
-    let mut out = vec![0f32; x.len()];
+    let mut out = zeros(x.len());
     out.par_chunks_mut(n)
         .zip(x.par_chunks(n))
         .with_min_len(MIN_ROWS)
@@ -100,7 +112,7 @@ fn map_rows2(
     n: usize,
     f: impl Fn(&mut [f32], &[f32], &[f32]) + Sync,
 ) -> Vec<f32> {
-    let mut out = vec![0f32; x.len()];
+    let mut out = zeros(x.len());
     out.par_chunks_mut(n)
         .zip(x.par_chunks(n).zip(y.par_chunks(n)))
         .with_min_len(MIN_ROWS)
@@ -315,7 +327,7 @@ impl CustomOp2 for SwiGlu {
             ));
         }
         let (g, u) = (values(op, gs, gl)?, values(op, us, ul)?);
-        let mut out = vec![0f32; g.len()];
+        let mut out = zeros(g.len());
         out.par_chunks_mut(CHUNK)
             .zip(g.par_chunks(CHUNK).zip(u.par_chunks(CHUNK)))
             .for_each(|(o, (g, u))| {
@@ -365,7 +377,7 @@ impl CustomOp3 for SwiGluGrad {
             values(op, us, ul)?,
             values(op, ds, dl)?,
         );
-        let mut out = vec![0f32; 2 * gate.len()];
+        let mut out = zeros(2 * gate.len());
         let (d_gate, d_up) = out.split_at_mut(gate.len());
         d_gate
             .par_chunks_mut(CHUNK)
