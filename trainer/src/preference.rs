@@ -1026,7 +1026,7 @@ pub fn load_split(
 pub fn train_preference(
     cfg: &PreferenceConfig,
     device: &Device,
-    on_event: &mut dyn FnMut(Event),
+    on_event: &mut (dyn FnMut(Event) + Send),
 ) -> Result<SftOutcome> {
     cfg.validate()?;
     let t = &cfg.train;
