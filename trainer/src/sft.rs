@@ -660,13 +660,12 @@ fn train_loop(
             step,
             lr,
         };
-        let update = update(cfg, &model, &params, obj, &mut opt, rows)?;
         let Update {
             loss: loss_value,
             tokens,
             tallies,
             grad_norm,
-        } = update;
+        } = update(cfg, &model, &params, obj, &mut opt, rows)?;
         state.step += 1;
         state.tokens += tokens;
         state.last_loss = loss_value;
