@@ -2,7 +2,7 @@
 """Training throughput and peak memory: loraops-trainer (candle) vs PyTorch + PEFT, on CPU,
 same model, same LoRA, same threads, f32 and NF4 bases, side by side.
 
-    /var/tmp/loraops-py/bin/python bench/trainer/bench.py [--threads 2] [--steps 8]
+    /var/tmp/loraops-py/bin/python bench/trainer/bench.py [--threads 2] [--steps 20] [--repeat 4]
 
 Model: init-tiny with hidden 512, 4 layers, 8 heads (4 KV heads), vocab 2048; batch 2 x 256
 tokens; LoRA r=16 alpha=32 on all linear layers; AdamW. Each side runs in its own process;
@@ -77,8 +77,8 @@ def torch_worker(model_dir, quantize, steps, threads):
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--threads", type=int, default=2)
-    ap.add_argument("--steps", type=int, default=8)
-    ap.add_argument("--repeat", type=int, default=3, help="runs per side, alternating; the best is reported")
+    ap.add_argument("--steps", type=int, default=20)
+    ap.add_argument("--repeat", type=int, default=4, help="runs per side, alternating; the best is reported")
     ap.add_argument("--worker", nargs=3)
     a = ap.parse_args()
     if a.worker:
