@@ -372,6 +372,17 @@ impl CustomOp3 for SwiGluGrad {
         dl: &Layout,
     ) -> candle_core::Result<(CpuStorage, Shape)> {
         let op = self.name();
+        if gl.shape() != ul.shape() || gl.shape() != dl.shape() {
+            return Err(err(
+                op,
+                format!(
+                    "gate {:?}, up {:?}, gradient {:?}",
+                    gl.shape(),
+                    ul.shape(),
+                    dl.shape()
+                ),
+            ));
+        }
         let (gate, up, grad) = (
             values(op, gs, gl)?,
             values(op, us, ul)?,
@@ -408,6 +419,13 @@ pub(crate) fn max_abs_diff(a: &Tensor, b: &Tensor) -> f32 {
     d.expect("comparable tensors")
 }
 
+/// [`max_abs_diff`] relative to b's largest magnitude (or 1 when that is smaller).
+#[cfg(test)]
+pub(crate) fn max_rel_diff(a: &Tensor, b: &Tensor) -> f32 {
+    let largest = b.abs().and_then(|b| b.max_all()?.to_scalar::<f32>());
+    max_abs_diff(a, b) / largest.expect("a tensor").max(1.0)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -427,21 +445,19 @@ mod tests {
         );
         assert_eq!(yf.shape(), yc.shape());
         let w = Tensor::randn(0f32, 1.0, yf.shape(), &Device::Cpu).unwrap();
-        let diff = |a: &Tensor, b: &Tensor| -> f32 {
-            let scale = b
-                .abs()
-                .unwrap()
-                .max_all()
-                .unwrap()
-                .to_scalar::<f32>()
-                .unwrap();
-            max_abs_diff(a, b) / scale.max(1.0)
-        };
-        assert!(diff(&yf, &yc) <= tol, "values differ by {}", diff(&yf, &yc));
+        assert!(
+            max_rel_diff(&yf, &yc) <= tol,
+            "values differ by {}",
+            max_rel_diff(&yf, &yc)
+        );
         let gf = (&yf * &w).unwrap().sum_all().unwrap().backward().unwrap();
         let gc = (&yc * &w).unwrap().sum_all().unwrap().backward().unwrap();
         let (gf, gc) = (gf.get(&x).unwrap(), gc.get(&x).unwrap());
-        assert!(diff(gf, gc) <= tol, "gradients differ by {}", diff(gf, gc));
+        assert!(
+            max_rel_diff(gf, gc) <= tol,
+            "gradients differ by {}",
+            max_rel_diff(gf, gc)
+        );
     }
 
     #[test]
@@ -486,5 +502,8 @@ mod tests {
         let w = Tensor::zeros(5, DType::F32, &Device::Cpu).unwrap();
         let e = rms_norm(&x, &w, 1e-5).unwrap_err();
         assert!(e.to_string().contains("fused-rms-norm: weight"), "{e}");
+        let g = Tensor::zeros((2, 1, 3, 4), DType::F32, &Device::Cpu).unwrap();
+        let e = x.apply_op3_no_bwd(&x, &g, &SwiGluGrad).unwrap_err();
+        assert!(e.to_string().contains("fused-swiglu-grad: gate"), "{e}");
     }
 }

@@ -60,32 +60,30 @@ pub(crate) fn exp(x: f32) -> f32 {
     if x < EXP_MIN { 0.0 } else { p * two_n }
 }
 
-/// Σ x, in LANES interleaved partial sums.
+/// Σ f(x), in LANES interleaved partial sums.
 #[inline(always)]
-pub(crate) fn sum(x: &[f32]) -> f32 {
+fn sum_of(x: &[f32], f: impl Fn(f32) -> f32) -> f32 {
     let mut acc = [0f32; LANES];
     let chunks = x.chunks_exact(LANES);
     let rest = chunks.remainder();
     for c in chunks {
         for (a, &v) in acc.iter_mut().zip(c) {
-            *a += v;
+            *a += f(v);
         }
     }
-    acc.iter().chain(rest).sum()
+    acc.iter().sum::<f32>() + rest.iter().map(|&v| f(v)).sum::<f32>()
 }
 
-/// Σ e^x, in LANES interleaved partial sums.
+/// Σ x.
+#[inline(always)]
+pub(crate) fn sum(x: &[f32]) -> f32 {
+    sum_of(x, |v| v)
+}
+
+/// Σ e^x.
 #[inline(always)]
 pub(crate) fn sum_exp(x: &[f32]) -> f32 {
-    let mut acc = [0f32; LANES];
-    let chunks = x.chunks_exact(LANES);
-    let rest = chunks.remainder();
-    for c in chunks {
-        for (a, &v) in acc.iter_mut().zip(c) {
-            *a += exp(v);
-        }
-    }
-    acc.iter().sum::<f32>() + rest.iter().map(|&v| exp(v)).sum::<f32>()
+    sum_of(x, exp)
 }
 
 /// Σ a·b over the shorter of the two, in LANES interleaved partial sums.
