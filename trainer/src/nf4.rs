@@ -246,7 +246,7 @@ impl Nf4Tensor {
         let absmax = self.absmax_f32();
         let mut out = crate::fused::zeros(n);
         // Block by block on all threads: it runs for every frozen product, forward and backward.
-        // A byte's two values come from one lookup (NF4_PAIRS), which the compiler vectorises.
+        // A byte's two values come from one lookup (NF4_PAIRS), with no branch on the nibble.
         out.par_chunks_mut(NF4_BLOCK)
             .zip(self.packed.par_chunks(NF4_BLOCK / 2))
             .zip(absmax.par_iter())
