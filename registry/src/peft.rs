@@ -202,6 +202,33 @@ impl AdapterConfig {
         }
     }
 
+    /// The rank PEFT gives the module at `path` (`model.layers.N.self_attn.q_proj`):
+    /// `rank_pattern`'s value for it, else `r`.
+    pub fn rank_of(&self, path: &str) -> Result<usize, AdapterError> {
+        match pattern_value(&self.rank_pattern, path, "rank_pattern")? {
+            Some(v) => v.as_u64().map(|r| r as usize).ok_or_else(|| {
+                AdapterError::config("rank_pattern", format!("{v} is not an integer"))
+            }),
+            None => Ok(self.r),
+        }
+    }
+
+    /// The scale PEFT applies to B·A of the module at `path` with rank `r`: its alpha
+    /// (`alpha_pattern`'s value, else `lora_alpha`) over r, or over √r with rsLoRA.
+    pub fn scale_of(&self, path: &str, r: usize) -> Result<f64, AdapterError> {
+        let alpha = match pattern_value(&self.alpha_pattern, path, "alpha_pattern")? {
+            Some(v) => v.as_f64().ok_or_else(|| {
+                AdapterError::config("alpha_pattern", format!("{v} is not a number"))
+            })?,
+            None => self.lora_alpha,
+        };
+        Ok(if self.use_rslora {
+            alpha / (r as f64).sqrt()
+        } else {
+            alpha / r as f64
+        })
+    }
+
     /// The LoRA scale applied to B·A: alpha / r, or alpha / sqrt(r) with rsLoRA.
     pub fn scaling(&self) -> f64 {
         if self.use_rslora {
@@ -373,6 +400,39 @@ impl SafetensorsHeader {
     }
 }
 
+/// The key of a `rank_pattern` / `alpha_pattern` map that applies to `path`: an exact key
+/// first, else the first key matching the path's end as a regular expression (PEFT's
+/// `get_pattern_key`).
+fn pattern_value<'a>(
+    patterns: &'a BTreeMap<String, Value>,
+    path: &str,
+    field: &str,
+) -> Result<Option<&'a Value>, AdapterError> {
+    if let Some(v) = patterns.get(path) {
+        return Ok(Some(v));
+    }
+    for (key, v) in patterns {
+        let re = regex::Regex::new(&format!(r"^(?:.*\.)?(?:{key})$")).map_err(|e| {
+            AdapterError::config(field, format!("{key:?} is not a regular expression: {e}"))
+        })?;
+        if re.is_match(path) {
+            return Ok(Some(v));
+        }
+    }
+    Ok(None)
+}
+
+/// The module's path in the model as PEFT matches patterns against it:
+/// `model.layers.N.{self_attn|mlp}.{module}`.
+pub fn module_path(layer: usize, module: &str) -> String {
+    let block = LINEAR_MODULES
+        .iter()
+        .find(|(m, _)| *m == module)
+        .map(|(_, b)| *b)
+        .unwrap_or("self_attn");
+    format!("model.layers.{layer}.{block}.{module}")
+}
+
 /// Where a LoRA tensor sits: `base_model.model.model.layers.N.{block}.{module}.lora_{A|B}.weight`.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct LoraKey {
@@ -469,10 +529,11 @@ pub fn check_tensors(
         } else {
             (t.shape[1], t.shape[0], want_out, "out_features")
         };
-        if rank_dim != cfg.r {
+        let r = cfg.rank_of(&module_path(key.layer, &key.module))?;
+        if rank_dim != r {
             return Err(AdapterError::tensor(
                 &t.name,
-                format!("has shape {:?} but r = {}", t.shape, cfg.r),
+                format!("has shape {:?} but r = {r}", t.shape),
             ));
         }
         if let Some(w) = want
