@@ -14,12 +14,12 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
 use loraops_gateway::{Application, GatewaySettings};
+use loraops_model::tiny::{TinySpec, init_tiny};
 use loraops_registry::api::{NewBaseModel, Role, RolloutSpec, RolloutState, StartRollout};
 use loraops_registry::auth::{AuthSettings, Signer};
 use loraops_registry::client::{RegistryClient, no_progress};
 use loraops_registry::peft::ModelDims;
 use loraops_registry::server::{Application as Registry, RegistrySettings, ServeSettings};
-use loraops_trainer::tiny::{TinySpec, init_tiny};
 use serde_json::{Value, json};
 
 #[path = "../tests/gateway/kit.rs"]

@@ -96,7 +96,7 @@ pub fn run(args: DemoArgs, global: &Global) -> anyhow::Result<()> {
         "batch_size": 4, "seed": 1,
     }))?;
     let mut first = None;
-    let outcome = train_sft(&sft, &loraops_trainer::default_device(), &mut |e| {
+    let outcome = train_sft(&sft, &loraops_model::default_device(), &mut |e| {
         if let Event::Step(m) = e {
             first.get_or_insert(m.loss);
         }

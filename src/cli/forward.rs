@@ -5,9 +5,9 @@ use std::path::PathBuf;
 
 use anyhow::Context as _;
 use clap::Args;
-use loraops_trainer::adapter::load_adapter;
-use loraops_trainer::llama::{Llama, LoadOptions};
-use loraops_trainer::tokenizer::{Message, Tokenizer};
+use loraops_model::adapter::load_adapter;
+use loraops_model::llama::{Llama, LoadOptions};
+use loraops_model::tokenizer::{Message, Tokenizer};
 use serde_json::json;
 
 use super::Global;
@@ -31,7 +31,7 @@ pub struct GenerateArgs {
 }
 
 pub fn run(a: GenerateArgs, global: &Global) -> anyhow::Result<()> {
-    let device = loraops_trainer::select_device(&a.device)?;
+    let device = loraops_model::select_device(&a.device)?;
     let tok = Tokenizer::load(&a.dir)?;
     let opts = LoadOptions {
         device: device.clone(),

@@ -3,7 +3,7 @@
 use std::path::PathBuf;
 
 use clap::Subcommand;
-use loraops_trainer::tiny::{TinySpec, init_tiny};
+use loraops_model::tiny::{TinySpec, init_tiny};
 use serde_json::json;
 
 use super::Global;

@@ -150,7 +150,7 @@ fn sft(a: SftArgs, global: &Global) -> anyhow::Result<()> {
     let m = table(a, global, "sft")?;
     let cfg: SftConfig =
         serde_json::from_value(Value::Object(m)).context("training configuration")?;
-    let device = loraops_trainer::select_device(&cfg.device)?;
+    let device = loraops_model::select_device(&cfg.device)?;
     let progress = Progress::new(global.json);
     let outcome = train_sft(&cfg, &device, &mut |e| progress.on(e))?;
     progress.done(&outcome);
@@ -173,7 +173,7 @@ fn preference(method: Method, a: PreferenceArgs, global: &Global) -> anyhow::Res
     set("desirable_weight", a.desirable_weight.map(|x| json!(x)));
     set("undesirable_weight", a.undesirable_weight.map(|x| json!(x)));
     let cfg = PreferenceConfig::from_table(method, m).context("training configuration")?;
-    let device = loraops_trainer::select_device(&cfg.train.device)?;
+    let device = loraops_model::select_device(&cfg.train.device)?;
     let progress = Progress::new(global.json);
     let outcome = train_preference(&cfg, &device, &mut |e| progress.on(e))?;
     progress.done(&outcome);

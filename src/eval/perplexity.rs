@@ -10,10 +10,10 @@ use std::path::Path;
 use std::time::Instant;
 
 use anyhow::Context;
+use loraops_model::llama::{Llama, LoadOptions};
+use loraops_model::tokenizer::Tokenizer;
 use loraops_trainer::data::tokenize_row;
-use loraops_trainer::llama::{Llama, LoadOptions};
 use loraops_trainer::sft::eval_loss;
-use loraops_trainer::tokenizer::Tokenizer;
 use serde_json::{Value, json};
 
 use super::runner::CaseResult;
@@ -29,12 +29,12 @@ pub struct Scorer {
 impl Scorer {
     pub fn load(base_dir: &Path, adapter_dir: &Path, max_seq_len: usize) -> anyhow::Result<Self> {
         let opts = LoadOptions {
-            device: loraops_trainer::default_device(),
+            device: loraops_model::default_device(),
             ..LoadOptions::default()
         };
         let mut model = Llama::load(base_dir, &opts)
             .with_context(|| format!("loading the base model from {}", base_dir.display()))?;
-        loraops_trainer::adapter::load_adapter(adapter_dir, &mut model)
+        loraops_model::adapter::load_adapter(adapter_dir, &mut model)
             .with_context(|| format!("applying the adapter in {}", adapter_dir.display()))?;
         let tok = Tokenizer::load(base_dir)?;
         Ok(Self {

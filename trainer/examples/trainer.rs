@@ -6,8 +6,8 @@
 
 use std::path::PathBuf;
 
+use loraops_model::tiny::{TinySpec, init_tiny};
 use loraops_trainer::sft::{Event, SftConfig, train_sft};
-use loraops_trainer::tiny::{TinySpec, init_tiny};
 
 fn main() -> Result<(), Box<dyn std::error::Error>> {
     let args: Vec<String> = std::env::args().skip(1).collect();

@@ -1,10 +1,11 @@
-//! Activation checkpointing per decoder layer.
+//! Activation checkpointing per decoder layer, installed as the model's layer step
+//! ([`Checkpointing`]).
 //!
 //! A checkpointed layer is a custom op on its input: forward runs the layer, keeps only the
 //! output and drops the layer's activations; backward runs the layer again with a graph (the
 //! same dropout masks, from a copy of the generator), back-propagates the incoming gradient
 //! through it, returns the input's gradient and leaves the LoRA gradients in a sink that the
-//! training loop adds to the ones of the main graph.
+//! training loop adds to the ones of the main graph (`Llama::take_step_grad`).
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
@@ -12,13 +13,37 @@ use std::sync::{Arc, Mutex};
 use candle_core::{CpuStorage, CustomOp1, Layout, Shape, Storage, Tensor, TensorId, Var};
 use rand::rngs::StdRng;
 
-use crate::config::ModelConfig;
-use crate::llama::{Context, DecoderLayer, layer_forward};
-use crate::lora::DropoutRng;
+use loraops_model::config::ModelConfig;
+use loraops_model::linear::lora::DropoutRng;
+use loraops_model::llama::{Context, DecoderLayer, LayerStep, layer_forward};
 
 /// Gradients of LoRA parameters computed inside checkpointed layers.
 #[derive(Debug, Default)]
 pub struct GradSink(Mutex<HashMap<TensorId, Tensor>>);
+
+/// The layer step that recomputes each decoder layer in backward instead of keeping its
+/// activations.
+#[derive(Debug, Default)]
+pub struct Checkpointing {
+    sink: Arc<GradSink>,
+}
+
+impl LayerStep for Checkpointing {
+    fn run(
+        &self,
+        layer: &DecoderLayer,
+        config: &ModelConfig,
+        x: &Tensor,
+        ctx: &Context,
+        rng: &mut DropoutRng,
+    ) -> candle_core::Result<Tensor> {
+        layer_forward_checkpointed(layer, config, x, ctx, rng, &self.sink)
+    }
+
+    fn take_grad(&self, v: &Var) -> Option<Tensor> {
+        self.sink.take(v)
+    }
+}
 
 impl GradSink {
     fn add(&self, id: TensorId, g: Tensor) -> candle_core::Result<()> {

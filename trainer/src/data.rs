@@ -9,7 +9,7 @@ use serde_json::Value;
 use sha2::{Digest, Sha256};
 
 use crate::error::{Error, Result};
-use crate::tokenizer::{Message, Tokenizer};
+use loraops_model::tokenizer::{Message, Tokenizer};
 
 /// Label of a position that does not count in the loss (PyTorch's ignore_index).
 pub const IGNORE: i64 = -100;

@@ -13,16 +13,9 @@ pub enum Error {
     },
     #[error("{}: {message}", path.display())]
     Parse { path: PathBuf, message: String },
-    #[error("model directory {}: no tokenizer.json (the trainer needs the base model's tokenizer)", dir.display())]
-    MissingTokenizer { dir: PathBuf },
-    #[error(
-        "unknown architecture {0:?}; supported: LlamaForCausalLM, MistralForCausalLM, Qwen2ForCausalLM"
-    )]
-    UnknownArchitecture(String),
-    #[error("target module {module:?} not found in the model; it has: {available}")]
-    TargetModuleNotFound { module: String, available: String },
-    #[error("weight {name:?} not found in the model's safetensors files")]
-    MissingWeight { name: String },
+    /// Loading or running the model (config, tokenizer, weights, adapters).
+    #[error(transparent)]
+    Model(#[from] loraops_model::Error),
     #[error("{}: line {line}: {message}", path.display())]
     Data {
         path: PathBuf,
@@ -35,10 +28,6 @@ pub enum Error {
         rows: usize,
         max_len: usize,
     },
-    #[error("tokenizer: {0}")]
-    Tokenizer(String),
-    #[error("chat template: {0}")]
-    Template(String),
     #[error("configuration: {0}")]
     Config(String),
     #[error("unsupported: {0}")]

@@ -29,13 +29,13 @@ use crate::data::{
     parse_messages, segments,
 };
 use crate::error::{Error, Result};
-use crate::llama::Llama;
-use crate::lora::DropoutRng;
 use crate::sft::{
     Event, MicroLoss, Objective, SftConfig, SftOutcome, Tally, position_log_probs, run_training,
     tally,
 };
-use crate::tokenizer::{Message, Tokenizer};
+use loraops_model::linear::lora::DropoutRng;
+use loraops_model::llama::Llama;
+use loraops_model::tokenizer::{Message, Tokenizer};
 
 /// The preference method.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
@@ -618,7 +618,7 @@ pub fn load_kto(
 /// frozen base weights (reference-counted tensors) with `model`; nothing is copied.
 pub fn without_adapter(model: &Llama) -> Llama {
     let mut m = model.clone();
-    m.checkpoint_layers = false;
+    m.layer_step = None;
     for layer in &mut m.layers {
         for (name, _) in loraops_registry::peft::LINEAR_MODULES {
             if let Some(l) = layer.linear_mut(name) {

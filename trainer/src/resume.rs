@@ -6,10 +6,10 @@ use std::path::Path;
 
 use candle_core::{Tensor, Var};
 
-use crate::adapter::save_safetensors;
 use crate::error::{Error, Result};
 use crate::optim::AdamW;
 use crate::sft::LoopState;
+use loraops_model::adapter::save_safetensors;
 
 const TENSORS: &str = "trainer_state.safetensors";
 const STATE: &str = "trainer_state.json";

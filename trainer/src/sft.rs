@@ -11,17 +11,17 @@ use loraops_registry::api::{DatasetRef, MANIFEST_FORMAT, TrainingManifest};
 use rand::seq::SliceRandom;
 use serde::{Deserialize, Serialize};
 
-use crate::adapter::{merge_into, save_adapter, save_manifest};
 use crate::data::{
     Batch, DatasetStats, Example, Packed, file_digest, load_sft, make_batch, make_packed_batch,
     pack,
 };
 use crate::error::{Error, Result};
-use crate::llama::{BaseFormat, Llama, LoadOptions, head_rows, log_softmax};
-use crate::lora::{DropoutRng, LoraConfig, derived_rng};
 use crate::optim::{AdamW, AdamWConfig, clip_grad_norm, cosine_with_warmup};
 use crate::resume;
-use crate::tokenizer::Tokenizer;
+use loraops_model::adapter::{merge_into, save_adapter, save_manifest};
+use loraops_model::linear::lora::{DropoutRng, LoraConfig, derived_rng};
+use loraops_model::llama::{BaseFormat, Llama, LoadOptions, head_rows, log_softmax};
+use loraops_model::tokenizer::Tokenizer;
 
 /// RNG purposes, so each random stream is independent of the others.
 const RNG_LORA_INIT: u64 = 1;
@@ -173,7 +173,7 @@ impl SftConfig {
     pub fn base_format(&self) -> Result<BaseFormat> {
         match (self.quantize.as_str(), self.base_dtype.as_str()) {
             ("nf4", _) => Ok(BaseFormat::Nf4),
-            ("none", d) => d.parse(),
+            ("none", d) => Ok(d.parse()?),
             (q, _) => Err(Error::Config(format!(
                 "quantize {q:?}: expected nf4 or none"
             ))),
@@ -195,11 +195,11 @@ impl SftConfig {
                     })
                     .cloned()
                     .unwrap_or_default();
-                Error::TargetModuleNotFound {
+                Error::Model(loraops_model::Error::TargetModuleNotFound {
                     module: unknown,
                     available: "q_proj, k_proj, v_proj, o_proj, gate_proj, up_proj, down_proj"
                         .into(),
-                }
+                })
             })?;
         Ok(LoraConfig {
             r: self.r,
@@ -401,7 +401,7 @@ pub fn collect_grads(
             Some(g) => g,
             None => p.zeros_like()?,
         };
-        if let Some(extra) = model.take_checkpoint_grad(p) {
+        if let Some(extra) = model.take_step_grad(p) {
             g = (g + extra)?;
         }
         out.push(g);
@@ -615,7 +615,11 @@ fn train_loop(
         ));
     }
     let mut model = Llama::load(&cfg.model, &opts)?;
-    model.checkpoint_layers = cfg.activation_checkpointing;
+    if cfg.activation_checkpointing {
+        model.layer_step = Some(std::sync::Arc::new(
+            crate::checkpoint::Checkpointing::default(),
+        ));
+    }
     model.add_lora(&lora_cfg, &mut derived_rng(cfg.seed, RNG_LORA_INIT, 0))?;
     let named = model.lora_params();
     let params: Vec<candle_core::Var> = named.iter().map(|(_, v)| v.clone()).collect();
@@ -921,7 +925,7 @@ fn manifest(
 
 // The GPU memory high-water mark of this process's allocations (None on the CPU).
 #[cfg(feature = "cuda")]
-use crate::cuda::peak_memory as peak_gpu_bytes;
+use loraops_model::kernels::cuda::peak_memory as peak_gpu_bytes;
 
 #[cfg(not(feature = "cuda"))]
 fn peak_gpu_bytes(_device: &Device) -> Option<u64> {
@@ -932,7 +936,7 @@ fn peak_gpu_bytes(_device: &Device) -> Option<u64> {
 pub fn model_digest(dir: &Path) -> Result<String> {
     use sha2::{Digest, Sha256};
     let mut h = Sha256::new();
-    for f in crate::llama::weight_files(dir)? {
+    for f in loraops_model::llama::weight_files(dir)? {
         let mut file = std::fs::File::open(&f).map_err(|e| Error::io(&f, e))?;
         std::io::copy(&mut file, &mut h).map_err(|e| Error::io(&f, e))?;
     }

@@ -35,8 +35,7 @@ pub fn fixture() -> &'static Fixture {
     F.get_or_init(|| {
         let root = tempfile::tempdir().unwrap().keep();
         let base = root.join(BASE);
-        loraops_trainer::tiny::init_tiny(&base, &loraops_trainer::tiny::TinySpec::default())
-            .unwrap();
+        loraops_model::tiny::init_tiny(&base, &loraops_model::tiny::TinySpec::default()).unwrap();
         let hub_cache = root.join("hub");
         std::fs::create_dir_all(&hub_cache).unwrap();
         // SAFETY: runs once, inside the OnceLock, before any test starts a server or engine.

@@ -1,7 +1,7 @@
 use std::path::{Path, PathBuf};
 
 use candle_core::{Device, Tensor};
-use loraops_trainer::tiny::{TinySpec, init_tiny};
+use loraops_model::tiny::{TinySpec, init_tiny};
 
 pub fn fixtures() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures")

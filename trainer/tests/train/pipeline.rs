@@ -1,14 +1,15 @@
 //! The SFT pipeline end to end on a generated tiny model.
 
 use candle_core::Device;
+use loraops_model::Error as ModelError;
+use loraops_model::llama::{BaseFormat, Llama, LoadOptions};
+use loraops_model::tiny::TinySpec;
+use loraops_model::tokenizer::Tokenizer;
 use loraops_registry::api::{MANIFEST_FORMAT, TrainingManifest};
 use loraops_registry::peft::{AdapterConfig, ModelDims, SafetensorsHeader, check_tensors};
 use loraops_trainer::Error;
 use loraops_trainer::data::{IGNORE, load_sft, make_batch, make_packed_batch, pack, tokenize_row};
-use loraops_trainer::llama::{BaseFormat, Llama, LoadOptions};
 use loraops_trainer::sft::{Event, SftConfig, loss_sum, train_sft};
-use loraops_trainer::tiny::TinySpec;
-use loraops_trainer::tokenizer::Tokenizer;
 use serde_json::json;
 
 use crate::common::{fixtures, max_abs_diff, tiny_model};
@@ -321,7 +322,7 @@ fn merged_model_equals_base_plus_adapter() {
     train_sft(&cfg, &Device::Cpu, &mut |_| {}).unwrap();
     let ids = candle_core::Tensor::new(&[[1u32, 50, 99, 7, 300, 2]], &Device::Cpu).unwrap();
     let mut with = Llama::load(&dir, &LoadOptions::default()).unwrap();
-    loraops_trainer::adapter::load_adapter(&cfg.out, &mut with).unwrap();
+    loraops_model::adapter::load_adapter(&cfg.out, &mut with).unwrap();
     let merged = Llama::load(cfg.merge.as_ref().unwrap(), &LoadOptions::default()).unwrap();
     let base = Llama::load(&dir, &LoadOptions::default()).unwrap();
     let a = with.logits(&ids, None).unwrap();
@@ -360,7 +361,7 @@ fn label_smoothing_and_row_weights_scale_the_loss_as_defined() {
         .unwrap()
         .squeeze(0)
         .unwrap();
-    let logp = loraops_trainer::llama::log_softmax(&logits)
+    let logp = loraops_model::llama::log_softmax(&logits)
         .unwrap()
         .to_vec2::<f32>()
         .unwrap();
@@ -424,7 +425,7 @@ fn clear_errors() {
     cfg.targets = vec!["qkv_proj".into()];
     let e = train_sft(&cfg, &Device::Cpu, &mut |_| {}).unwrap_err();
     assert!(
-        matches!(&e, Error::TargetModuleNotFound { module, .. } if module == "qkv_proj"),
+        matches!(&e, Error::Model(ModelError::TargetModuleNotFound { module, .. }) if module == "qkv_proj"),
         "{e}"
     );
 
@@ -432,7 +433,7 @@ fn clear_errors() {
     let cfg = config(&dir, &tmp.path().join("out"));
     assert!(matches!(
         train_sft(&cfg, &Device::Cpu, &mut |_| {}),
-        Err(Error::MissingTokenizer { .. })
+        Err(Error::Model(ModelError::MissingTokenizer { .. }))
     ));
 
     let conf = dir.join("config.json");
@@ -441,7 +442,7 @@ fn clear_errors() {
     std::fs::write(&conf, v.to_string()).unwrap();
     let e = Llama::load(&dir, &LoadOptions::default()).unwrap_err();
     assert!(
-        matches!(&e, Error::UnknownArchitecture(a) if a == "BertModel"),
+        matches!(&e, ModelError::UnknownArchitecture(a) if a == "BertModel"),
         "{e}"
     );
 }
@@ -451,7 +452,7 @@ fn packed_rows_give_the_same_loss_and_gradients_as_padded_rows() {
     let (_t, dir) = tiny_model(&TinySpec::default());
     let tok = Tokenizer::load(&dir).unwrap();
     let mut model = Llama::load(&dir, &LoadOptions::default()).unwrap();
-    let lora = loraops_trainer::lora::LoraConfig {
+    let lora = loraops_model::linear::lora::LoraConfig {
         r: 2,
         alpha: 4.0,
         dropout: 0.0,
@@ -459,7 +460,10 @@ fn packed_rows_give_the_same_loss_and_gradients_as_padded_rows() {
         targets: ["q_proj", "v_proj"].iter().map(|s| s.to_string()).collect(),
     };
     model
-        .add_lora(&lora, &mut loraops_trainer::lora::derived_rng(1, 1, 1))
+        .add_lora(
+            &lora,
+            &mut loraops_model::linear::lora::derived_rng(1, 1, 1),
+        )
         .unwrap();
     for (_, v) in model.lora_params() {
         v.set(&(v.as_tensor().ones_like().unwrap() * 0.05).unwrap())
@@ -527,10 +531,10 @@ fn nf4_stays_under_052_bytes_per_param_and_bf16_compute_wants_a_gpu() {
 
 #[test]
 fn devices_are_chosen_by_name() {
-    assert!(loraops_trainer::select_device("cpu").unwrap().is_cpu());
-    assert!(loraops_trainer::select_device("tpu").is_err());
+    assert!(loraops_model::select_device("cpu").unwrap().is_cpu());
+    assert!(loraops_model::select_device("tpu").is_err());
     if !cfg!(feature = "cuda") {
-        let e = loraops_trainer::select_device("cuda:0").unwrap_err();
+        let e = loraops_model::select_device("cuda:0").unwrap_err();
         assert!(e.to_string().contains("cuda feature"), "{e}");
     }
 }

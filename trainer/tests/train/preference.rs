@@ -6,18 +6,18 @@ use std::collections::{BTreeSet, HashMap};
 use std::path::Path;
 
 use candle_core::{DType, Device, Tensor, Var};
+use loraops_model::linear::lora::LoraConfig;
+use loraops_model::llama::{BaseFormat, Llama, LoadOptions};
+use loraops_model::tiny::TinySpec;
+use loraops_model::tokenizer::Tokenizer;
 use loraops_registry::api::TrainingManifest;
 use loraops_trainer::Error;
 use loraops_trainer::data::{Example, IGNORE};
-use loraops_trainer::llama::{BaseFormat, Llama, LoadOptions};
-use loraops_trainer::lora::LoraConfig;
 use loraops_trainer::preference::{
     DpoLoss, Method, PreferenceConfig, PreferenceOptions, PreferenceRow, batch_loss, dpo_losses,
     kto_kl, kto_losses, load_kto, load_pairs, orpo_odds_ratio, train_preference, without_adapter,
 };
 use loraops_trainer::sft::{SftConfig, StepMetrics, collect_grads};
-use loraops_trainer::tiny::TinySpec;
-use loraops_trainer::tokenizer::Tokenizer;
 use serde_json::{Value, json};
 
 use crate::common::{fixtures, max_abs_diff, tiny_model};
@@ -276,7 +276,7 @@ fn fixture_model(r: &Reference, dir: &Path) -> Llama {
         targets: all_targets(),
     };
     model
-        .add_lora(&cfg, &mut loraops_trainer::lora::derived_rng(0, 0, 0))
+        .add_lora(&cfg, &mut loraops_model::linear::lora::derived_rng(0, 0, 0))
         .unwrap();
     for (k, v) in model.lora_params() {
         v.set(r.get(&format!("lora.{k}"))).unwrap();
@@ -378,7 +378,7 @@ fn the_reference_is_the_base_without_the_adapter() {
         "the policy keeps its adapter"
     );
     // The same frozen weights, not a copy.
-    use loraops_trainer::frozen::FrozenWeight;
+    use loraops_model::linear::frozen::FrozenWeight;
     match (
         &model.layers[0].self_attn.q_proj.base.weight,
         &reference.layers[0].self_attn.q_proj.base.weight,

@@ -3,13 +3,13 @@
 use std::collections::{BTreeSet, HashMap};
 
 use candle_core::{DType, Device, IndexOp, Tensor};
+use loraops_model::linear::lora::LoraConfig;
+use loraops_model::linear::nf4::{Absmax, Nf4Tensor, double_quantize, dynamic_map, quantize_nf4};
+use loraops_model::llama::{BaseFormat, Llama, LoadOptions};
+use loraops_model::tiny::TinySpec;
 use loraops_trainer::data::{Example, make_batch};
-use loraops_trainer::llama::{BaseFormat, Llama, LoadOptions};
-use loraops_trainer::lora::LoraConfig;
-use loraops_trainer::nf4::{Absmax, Nf4Tensor, double_quantize, dynamic_map, quantize_nf4};
 use loraops_trainer::optim::{AdamW, AdamWConfig, clip_grad_norm, cosine_with_warmup};
 use loraops_trainer::sft::{SftConfig, collect_grads, loss_sum, train_sft};
-use loraops_trainer::tiny::TinySpec;
 use serde_json::Value;
 
 use crate::common::{fixtures, max_abs_diff, tiny_model};
@@ -130,7 +130,7 @@ fn set_lora(model: &mut Llama, r: &Reference, prefix: &str) {
         targets: all_targets(),
     };
     model
-        .add_lora(&cfg, &mut loraops_trainer::lora::derived_rng(0, 0, 0))
+        .add_lora(&cfg, &mut loraops_model::linear::lora::derived_rng(0, 0, 0))
         .unwrap();
     for (k, v) in model.lora_params() {
         v.set(r.get(&format!("{prefix}.{k}"))).unwrap();
@@ -208,7 +208,9 @@ fn activation_checkpointing_gives_the_same_gradients() {
     let params: Vec<_> = model.lora_params().into_iter().map(|(_, v)| v).collect();
     let (_, loss) = loss_of(&model, &r);
     let plain = collect_grads(&model, &loss, &params).unwrap();
-    model.checkpoint_layers = true;
+    model.layer_step = Some(std::sync::Arc::new(
+        loraops_trainer::checkpoint::Checkpointing::default(),
+    ));
     let (_, loss) = loss_of(&model, &r);
     let ckpt = collect_grads(&model, &loss, &params).unwrap();
     for (a, b) in plain.iter().zip(&ckpt) {
@@ -419,7 +421,7 @@ fn peft_loads_our_adapter_with_identical_logits() {
     cfg.warmup_steps = e2e["warmup_steps"].as_u64().unwrap() as usize;
     train_sft(&cfg, &Device::Cpu, &mut |_| {}).unwrap();
     let mut model = load(&dir, BaseFormat::F32);
-    loraops_trainer::adapter::load_adapter(&out, &mut model).unwrap();
+    loraops_model::adapter::load_adapter(&out, &mut model).unwrap();
     let logits = model.logits(&r.ids(), Some(&r.mask())).unwrap();
     let d = r.logits_diff(&logits, "e2e.peft_logits");
     let moved = r.logits_diff(&logits, "base_logits");
@@ -441,7 +443,7 @@ fn qwen2_layout_sharded_tied_with_biases_matches_transformers() {
     assert_eq!(model.config.rope_theta, 1e6);
     assert!(matches!(
         model.config.rope_scaling,
-        loraops_trainer::config::RopeScaling::Llama3 {
+        loraops_model::config::RopeScaling::Llama3 {
             original_max: 16,
             ..
         }
@@ -474,7 +476,7 @@ fn rslora_scaling_matches_peft() {
         targets: all_targets(),
     };
     model
-        .add_lora(&cfg, &mut loraops_trainer::lora::derived_rng(0, 0, 0))
+        .add_lora(&cfg, &mut loraops_model::linear::lora::derived_rng(0, 0, 0))
         .unwrap();
     for (k, v) in model.lora_params() {
         v.set(r.get(&format!("lora.{k}"))).unwrap();

@@ -244,7 +244,7 @@ impl Nf4Tensor {
         use rayon::prelude::*;
         let n = self.shape[0] * self.shape[1];
         let absmax = self.absmax_f32();
-        let mut out = crate::fused::zeros(n);
+        let mut out = crate::kernels::fused::zeros(n);
         // Block by block on all threads: it runs for every frozen product, forward and backward.
         // A byte's two values come from one lookup (NF4_PAIRS), with no branch on the nibble.
         out.par_chunks_mut(NF4_BLOCK)
@@ -252,7 +252,7 @@ impl Nf4Tensor {
             .zip(absmax.par_iter())
             .for_each(|((out, bytes), &m)| {
                 let pairs = out.chunks_exact_mut(2);
-                crate::simd::dispatch(|| {
+                crate::kernels::simd::dispatch(|| {
                     for (o, &byte) in pairs.zip(bytes) {
                         let [hi, lo] = NF4_PAIRS[byte as usize];
                         o[0] = hi * m;
@@ -268,6 +268,50 @@ impl Nf4Tensor {
         out
     }
 
+    /// The absmax of block `b` (decoded from its 8-bit code when double-quantised).
+    #[inline]
+    pub fn block_absmax(&self, b: usize) -> f32 {
+        match &self.absmax {
+            Absmax::F32(a) => a[b],
+            Absmax::Double { q, absmax2, offset } => {
+                f32::from_bits(DYNAMIC_CODE_BITS[q[b] as usize]) * absmax2[b / ABSMAX_BLOCK]
+                    + offset
+            }
+        }
+    }
+
+    /// Values `start .. start + out.len()` of the flattened weight, dequantised into `out`
+    /// (on the calling thread): the rows one product needs, without expanding the rest.
+    pub fn dequantize_range_into(&self, start: usize, out: &mut [f32]) {
+        let mut i = 0;
+        while i < out.len() {
+            let e = start + i;
+            let block = e / NF4_BLOCK;
+            let end = ((block + 1) * NF4_BLOCK - start).min(out.len());
+            let m = self.block_absmax(block);
+            if e % 2 == 1 {
+                out[i] = NF4_CODE[(self.packed[e / 2] & 0x0f) as usize] * m;
+                i += 1;
+            }
+            // From here on, out[i] is a high nibble.
+            let pairs = (end - i) / 2;
+            let first = (start + i) / 2;
+            for (o, &byte) in out[i..i + 2 * pairs]
+                .chunks_exact_mut(2)
+                .zip(&self.packed[first..first + pairs])
+            {
+                let [hi, lo] = NF4_PAIRS[byte as usize];
+                o[0] = hi * m;
+                o[1] = lo * m;
+            }
+            i += 2 * pairs;
+            if i < end {
+                out[i] = NF4_PAIRS[self.packed[(start + i) / 2] as usize][0] * m;
+                i += 1;
+            }
+        }
+    }
+
     /// The weight in f32, (out, in).
     pub fn dequantize(&self) -> candle_core::Result<Tensor> {
         self.dequantize_as(candle_core::DType::F32)
@@ -278,7 +322,7 @@ impl Nf4Tensor {
     pub fn dequantize_as(&self, dtype: candle_core::DType) -> candle_core::Result<Tensor> {
         #[cfg(feature = "cuda")]
         if let Some(r) = &self.resident {
-            return crate::cuda::nf4_dequantize(r, self.shape, dtype);
+            return crate::kernels::cuda::nf4_dequantize(r, self.shape, dtype);
         }
         Tensor::from_vec(
             self.dequantize_vec(),
@@ -356,6 +400,41 @@ mod tests {
             for (i, (a, b)) in data.iter().zip(&back).enumerate() {
                 let m = absmax[i / NF4_BLOCK];
                 assert!((a - b).abs() <= 0.5 * widest * m + 1e-6, "{i}: {a} vs {b}");
+            }
+        }
+    }
+
+    /// Any range, at any alignment, dequantises to the same values as the whole weight, plain
+    /// and double-quantised.
+    #[test]
+    fn ranges_dequantise_like_the_whole_weight() {
+        let (rows, cols) = (7, 45);
+        let data: Vec<f32> = (0..rows * cols)
+            .map(|i| ((i * 7919) % 1000) as f32 / 250.0 - 2.0)
+            .collect();
+        let w = Tensor::from_vec(data, (rows, cols), &Device::Cpu).unwrap();
+        for double in [false, true] {
+            let q = Nf4Tensor::quantize(&w, double).unwrap();
+            let whole = q.dequantize_vec();
+            for (start, len) in [
+                (0, 315),
+                (1, 64),
+                (63, 2),
+                (64, 65),
+                (45, 90),
+                (313, 2),
+                (7, 0),
+            ] {
+                let mut out = vec![f32::NAN; len];
+                q.dequantize_range_into(start, &mut out);
+                assert_eq!(
+                    out,
+                    whole[start..start + len],
+                    "{start}+{len} (double {double})"
+                );
+            }
+            for b in 0..whole.len().div_ceil(NF4_BLOCK) {
+                assert_eq!(q.block_absmax(b), q.absmax_f32()[b]);
             }
         }
     }

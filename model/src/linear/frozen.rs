@@ -11,7 +11,7 @@ use std::sync::Arc;
 use candle_core::backend::BackendStorage;
 use candle_core::{CpuStorage, CustomOp1, DType, Layout, Shape, Storage, Tensor};
 
-use crate::nf4::Nf4Tensor;
+use crate::linear::nf4::Nf4Tensor;
 
 /// How a frozen weight of shape (out, in) is stored.
 #[derive(Debug, Clone)]

@@ -10,9 +10,9 @@ use rand::{Rng, SeedableRng};
 use rayon::prelude::*;
 use serde::{Deserialize, Serialize};
 
-use crate::frozen::{FrozenMatmul, FrozenWeight};
-use crate::fused::{self, values, with_values};
-use crate::matmul::{Operand, sgemm, sgemm_serial};
+use crate::kernels::fused::{self, values, with_values};
+use crate::kernels::matmul::{Operand, sgemm, sgemm_serial};
+use crate::linear::frozen::{FrozenMatmul, FrozenWeight};
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct LoraConfig {
@@ -138,7 +138,7 @@ fn dropout_mask(x: &Tensor, p: f64, rng: &mut StdRng) -> candle_core::Result<Ten
     let seed = rng.random::<u64>();
     #[cfg(feature = "cuda")]
     if x.device().is_cuda() {
-        return crate::cuda::dropout_mask(x, keep, seed);
+        return crate::kernels::cuda::dropout_mask(x, keep, seed);
     }
     let scale = (1.0 / keep) as f32;
     let mask: Vec<f32> = (0..x.elem_count() as u64)
@@ -271,7 +271,7 @@ impl CustomOp3 for FusedLora {
             values(op, bs, bl)?,
         );
         let y = self.with_inputs(x, |w, xd| {
-            let mut y = crate::matmul::linear(x, w, d.rows, d.in_f, d.out_f);
+            let mut y = crate::kernels::matmul::linear(x, w, d.rows, d.in_f, d.out_f);
             if let Some(bias) = &self.bias {
                 with_values(op, bias, |bias| {
                     for row in y.chunks_mut(d.out_f) {
@@ -521,7 +521,7 @@ impl Share {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::fused::max_rel_diff;
+    use crate::kernels::fused::max_rel_diff;
 
     /// Masks are 0 or 1/keep, keep about `keep` of the values, and depend only on the seed.
     #[test]

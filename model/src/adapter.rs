@@ -10,9 +10,10 @@ use loraops_registry::peft::{
     AdapterConfig, CONFIG_FILE, LINEAR_MODULES, LoraKey, MANIFEST_FILE, WEIGHTS_FILE,
 };
 
+use crate::config::ModelConfig;
 use crate::error::{Error, Result, write};
+use crate::linear::lora::{LoraConfig, LoraPair};
 use crate::llama::{Llama, weight_files};
-use crate::lora::{LoraConfig, LoraPair};
 
 /// Write tensors as safetensors with the `format: pt` metadata transformers and PEFT expect.
 pub fn save_safetensors(path: &Path, tensors: &BTreeMap<String, Tensor>) -> Result<()> {
@@ -63,27 +64,114 @@ pub fn save_manifest(dir: &Path, manifest: &TrainingManifest) -> Result<()> {
     )
 }
 
-/// Attach a PEFT adapter from `dir` to the model (replacing any adapters it has).
-pub fn load_adapter(dir: &Path, model: &mut Llama) -> Result<AdapterConfig> {
+/// One adapted linear module of a PEFT adapter: A (r × in) and B (out × r) in f32, and the
+/// scale PEFT applies to B·A for that module.
+#[derive(Debug, Clone)]
+pub struct AdapterPair {
+    pub a: Tensor,
+    pub b: Tensor,
+    pub scale: f64,
+}
+
+/// A PEFT LoRA adapter read from its directory and checked against a model's shapes.
+#[derive(Debug, Clone)]
+pub struct PeftAdapter {
+    pub config: AdapterConfig,
+    /// By (layer, module name).
+    pub pairs: BTreeMap<(usize, String), AdapterPair>,
+}
+
+impl PeftAdapter {
+    /// Bytes of the adapter's weights (f32).
+    pub fn bytes(&self) -> usize {
+        self.pairs
+            .values()
+            .map(|p| 4 * (p.a.elem_count() + p.b.elem_count()))
+            .sum()
+    }
+}
+
+/// Read a PEFT LoRA adapter for a model with `model`'s shapes: every tensor must be a LoRA pair
+/// of a decoder layer's linear module, with the module's shapes and the rank its config (or
+/// `rank_pattern`) gives; the scale follows `lora_alpha`, `alpha_pattern` and `use_rslora`.
+/// What loraops cannot apply exactly (DoRA, `modules_to_save`, trained biases,
+/// `fan_in_fan_out`) is refused by name rather than served wrong.
+pub fn read_adapter(dir: &Path, model: &ModelConfig, device: &Device) -> Result<PeftAdapter> {
     let cpath = dir.join(CONFIG_FILE);
-    let acfg = AdapterConfig::parse(&crate::error::read(&cpath)?)?;
-    if let Some(f) = acfg.unsupported_for_merge().filter(|f| *f != "use_rslora") {
-        return Err(Error::Unsupported(format!("adapter feature {f}")));
+    let config = AdapterConfig::parse(&crate::error::read(&cpath)?)?;
+    let refused = if config.use_dora {
+        Some("use_dora (DoRA)")
+    } else if config
+        .modules_to_save
+        .as_ref()
+        .is_some_and(|m| !m.is_empty())
+    {
+        Some("modules_to_save")
+    } else if config.bias != "none" {
+        Some("bias (trained biases)")
+    } else if config.fan_in_fan_out {
+        Some("fan_in_fan_out")
+    } else {
+        None
+    };
+    if let Some(f) = refused {
+        return Err(Error::Unsupported(format!(
+            "{}: adapter feature {f} is not supported",
+            cpath.display()
+        )));
     }
     let wpath = dir.join(WEIGHTS_FILE);
-    let tensors = candle_core::safetensors::load(&wpath, &model.device)?;
-    let mut pairs: BTreeMap<(usize, String), (Option<Tensor>, Option<Tensor>)> = BTreeMap::new();
+    let tensors = candle_core::safetensors::load(&wpath, device)?;
+    let mut halves: BTreeMap<(usize, String), (Option<Tensor>, Option<Tensor>)> = BTreeMap::new();
     for (name, t) in tensors {
         let key = LoraKey::parse(&name)
             .ok_or_else(|| Error::parse(&wpath, format!("{name} is not a LoRA tensor")))?;
-        let e = pairs.entry((key.layer, key.module)).or_default();
+        let e = halves.entry((key.layer, key.module)).or_default();
+        let t = t.to_dtype(DType::F32)?;
         if key.is_a {
-            e.0 = Some(t.to_dtype(DType::F32)?);
+            e.0 = Some(t);
         } else {
-            e.1 = Some(t.to_dtype(DType::F32)?);
+            e.1 = Some(t);
         }
     }
-    let n_layers = model.layers.len();
+    let mut pairs = BTreeMap::new();
+    for ((layer, module), (a, b)) in halves {
+        let bad = |m: String| Error::parse(&wpath, format!("layer {layer} {module}: {m}"));
+        let (Some(a), Some(b)) = (a, b) else {
+            return Err(bad("lora_A or lora_B is missing".into()));
+        };
+        if layer >= model.num_hidden_layers {
+            return Err(bad(format!(
+                "the model has {} layers",
+                model.num_hidden_layers
+            )));
+        }
+        let (in_f, out_f) = model
+            .linear_shape(&module)
+            .ok_or_else(|| bad("not a linear module of the model".into()))?;
+        let (r, a_in) = a.dims2()?;
+        let (b_out, b_r) = b.dims2()?;
+        if a_in != in_f || b_out != out_f || b_r != r {
+            return Err(bad(format!(
+                "A {:?} and B {:?} do not fit a ({out_f}, {in_f}) weight",
+                a.dims(),
+                b.dims()
+            )));
+        }
+        let path = loraops_registry::peft::module_path(layer, &module);
+        let want_r = config.rank_of(&path)?;
+        if r != want_r {
+            return Err(bad(format!("rank {r}, but the config gives {want_r}")));
+        }
+        let scale = config.scale_of(&path, r)?;
+        pairs.insert((layer, module), AdapterPair { a, b, scale });
+    }
+    Ok(PeftAdapter { config, pairs })
+}
+
+/// Attach a PEFT adapter from `dir` to the model (replacing any adapters it has).
+pub fn load_adapter(dir: &Path, model: &mut Llama) -> Result<AdapterConfig> {
+    let adapter = read_adapter(dir, &model.config, &model.device)?;
     for layer in &mut model.layers {
         for (m, _) in LINEAR_MODULES {
             if let Some(l) = layer.linear_mut(m) {
@@ -91,30 +179,18 @@ pub fn load_adapter(dir: &Path, model: &mut Llama) -> Result<AdapterConfig> {
             }
         }
     }
-    for ((layer, module), (a, b)) in pairs {
-        let (Some(a), Some(b)) = (a, b) else {
-            return Err(Error::parse(
-                &wpath,
-                format!("layer {layer} {module}: lora_A or lora_B is missing"),
-            ));
-        };
-        if layer >= n_layers {
-            return Err(Error::parse(
-                &wpath,
-                format!("layer {layer} does not exist"),
-            ));
-        }
+    for ((layer, module), p) in adapter.pairs {
         let lin = model.layers[layer]
             .linear_mut(&module)
-            .expect("known module");
+            .expect("checked module");
         lin.lora = Some(LoraPair {
-            a: candle_core::Var::from_tensor(&a)?,
-            b: candle_core::Var::from_tensor(&b)?,
-            scale: acfg.scaling(),
+            a: candle_core::Var::from_tensor(&p.a)?,
+            b: candle_core::Var::from_tensor(&p.b)?,
+            scale: p.scale,
             dropout: 0.0,
         });
     }
-    Ok(acfg)
+    Ok(adapter.config)
 }
 
 /// Write a full model with the adapters folded in: every adapted linear weight becomes

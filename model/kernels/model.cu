@@ -1,4 +1,4 @@
-// CUDA kernels of the trainer, compiled to PTX by build.rs under the `cuda` feature.
+// CUDA kernels of the model, compiled to PTX by build.rs under the `cuda` feature.
 //
 // nf4_dequant_*: NF4 weights (bitsandbytes layout: blocks of 64, two codes per byte, first value
 // in the high nibble) to f32 or bf16, with plain or double-quantised absmax. The arithmetic is

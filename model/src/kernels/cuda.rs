@@ -1,4 +1,4 @@
-//! The trainer's own CUDA kernels (`kernels/trainer.cu`, PTX built by build.rs): NF4
+//! The model's own CUDA kernels (`kernels/model.cu`, PTX built by build.rs): NF4
 //! dequantisation on the GPU straight into the compute dtype, and LoRA dropout masks drawn on
 //! the GPU; the attention softmax as one op; the GPU memory high-water mark. Compiled only with
 //! the `cuda` feature.
@@ -12,10 +12,10 @@ use candle_core::{
     CpuStorage, CudaStorage, CustomOp1, D, DType, Device, Layout, Shape, Storage, Tensor,
 };
 
-use crate::nf4::Nf4Resident;
+use crate::linear::nf4::Nf4Resident;
 
-const PTX: &str = include_str!(concat!(env!("OUT_DIR"), "/trainer.ptx"));
-const MODULE: &str = "loraops-trainer";
+const PTX: &str = include_str!(concat!(env!("OUT_DIR"), "/model.ptx"));
+const MODULE: &str = "loraops-model";
 const THREADS: u32 = 256;
 
 fn launch_config(threads: u64) -> candle_core::Result<LaunchConfig> {
@@ -116,7 +116,7 @@ fn dequantize_into<T: CudaDType + DeviceRepr>(
     b.arg(&r.offset);
     b.arg(&mut out);
     b.arg(&n);
-    // SAFETY: the arguments match nf4_dequant_* in trainer.cu; one thread per packed byte.
+    // SAFETY: the arguments match nf4_dequant_* in model.cu; one thread per packed byte.
     unsafe { b.launch(launch_config(n.div_ceil(2))?) }.w()?;
     drop(b);
     Ok(wrap(out, dev, Shape::from((shape[0], shape[1]))))
@@ -149,7 +149,7 @@ fn mask_into<T: CudaDType + DeviceRepr>(
     b.arg(&scale);
     b.arg(&mut out);
     b.arg(&n);
-    // SAFETY: the arguments match dropout_mask_* in trainer.cu; one thread per value.
+    // SAFETY: the arguments match dropout_mask_* in model.cu; one thread per value.
     unsafe { b.launch(launch_config(n)?) }.w()?;
     drop(b);
     Ok(wrap(out, dev, x.shape().clone()))

@@ -1,4 +1,4 @@
-//! With the `cuda` feature, compiles `kernels/trainer.cu` to PTX with nvcc (CUDA_ROOT/bin or
+//! With the `cuda` feature, compiles `kernels/model.cu` to PTX with nvcc (CUDA_ROOT/bin or
 //! PATH); the driver JIT-compiles it for the GPU it finds. Without the feature: nothing.
 
 use std::path::PathBuf;
@@ -6,13 +6,13 @@ use std::process::Command;
 
 fn main() {
     println!("cargo::rerun-if-changed=build.rs");
-    println!("cargo::rerun-if-changed=kernels/trainer.cu");
+    println!("cargo::rerun-if-changed=kernels/model.cu");
     println!("cargo::rerun-if-env-changed=CUDA_COMPUTE_CAP");
     println!("cargo::rerun-if-env-changed=CUDA_ROOT");
     if std::env::var_os("CARGO_FEATURE_CUDA").is_none() {
         return;
     }
-    let out = PathBuf::from(std::env::var("OUT_DIR").expect("OUT_DIR")).join("trainer.ptx");
+    let out = PathBuf::from(std::env::var("OUT_DIR").expect("OUT_DIR")).join("model.ptx");
     // bf16 conversions are native from compute capability 8.0; older GPUs are not a target.
     let cap = std::env::var("CUDA_COMPUTE_CAP")
         .ok()
@@ -27,8 +27,8 @@ fn main() {
         .arg(format!("-arch=compute_{cap}"))
         .arg("-o")
         .arg(&out)
-        .arg("kernels/trainer.cu")
+        .arg("kernels/model.cu")
         .status()
         .unwrap_or_else(|e| panic!("running {}: {e} (see scripts/build-cuda)", nvcc.display()));
-    assert!(status.success(), "nvcc failed on kernels/trainer.cu");
+    assert!(status.success(), "nvcc failed on kernels/model.cu");
 }

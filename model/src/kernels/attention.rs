@@ -15,9 +15,9 @@ use std::sync::Mutex;
 use candle_core::{CpuStorage, CustomOp3, Layout, Shape, Tensor};
 use rayon::prelude::*;
 
-use crate::fused::{values, with_values, zeros};
-use crate::matmul::{Operand, SendPtr, gemm_block};
-use crate::simd;
+use crate::kernels::fused::{values, with_values, zeros};
+use crate::kernels::matmul::{Operand, SendPtr, gemm_block};
+use crate::kernels::simd;
 
 /// Query rows per task (and key rows per task in backward).
 const BLOCK: usize = 64;
@@ -530,7 +530,7 @@ mod tests {
         let composed =
             crate::llama::attend_composed((&q, &k, &v), (&cos, &sin), &mask, heads, scale).unwrap();
         let close = |a: &Tensor, b: &Tensor, what: &str| {
-            let d = crate::fused::max_abs_diff(a, b);
+            let d = crate::kernels::fused::max_abs_diff(a, b);
             assert!(d < 1e-5, "{what} differs by {d}");
         };
         close(&ours, &composed, "output");

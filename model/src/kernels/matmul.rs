@@ -8,19 +8,19 @@
 
 /// How a row-major matrix is read: its row and column strides.
 #[derive(Clone, Copy)]
-pub(crate) struct Operand {
+pub struct Operand {
     row: usize,
     col: usize,
 }
 
 impl Operand {
     /// A row-major matrix with `cols` columns, as it is.
-    pub(crate) fn rows(cols: usize) -> Self {
+    pub fn rows(cols: usize) -> Self {
         Self { row: cols, col: 1 }
     }
 
     /// A row-major matrix with `cols` columns, read as its transpose.
-    pub(crate) fn transposed(cols: usize) -> Self {
+    pub fn transposed(cols: usize) -> Self {
         Self { row: 1, col: cols }
     }
 }
@@ -28,7 +28,7 @@ impl Operand {
 /// `a · b` ((m × k)·(k × n)) into a fresh row-major buffer, split across the threads. The
 /// buffer is not zeroed first: gemm writes every value without reading it (zeroing the
 /// outputs of a step's products took the calling thread milliseconds while the pool waited).
-pub(crate) fn sgemm(
+pub fn sgemm(
     (m, k, n): (usize, usize, usize),
     a: (&[f32], Operand),
     b: (&[f32], Operand),
@@ -56,7 +56,7 @@ pub(crate) fn sgemm(
 
 /// `c = beta · c + alpha · a · b` ((m × k)·(k × n)), `c` row-major, on this thread only: for
 /// tasks that each own a block of rows.
-pub(crate) fn sgemm_serial(
+pub fn sgemm_serial(
     c: &mut [f32],
     beta: f32,
     alpha: f32,
@@ -87,7 +87,7 @@ pub(crate) fn sgemm_serial(
 /// # Safety
 /// The m × n block of `c` at that stride must be valid for writes, and no one else may access
 /// it meanwhile.
-pub(crate) unsafe fn gemm_block(
+pub unsafe fn gemm_block(
     (c, c_row): (*mut f32, usize),
     beta: f32,
     (m, k, n): (usize, usize, usize),
@@ -184,12 +184,12 @@ unsafe fn gemm_raw(
 
 /// An output buffer, shared by the tasks that write its disjoint blocks.
 #[derive(Clone, Copy)]
-pub(crate) struct SendPtr(pub(crate) *mut f32);
+pub struct SendPtr(pub *mut f32);
 // SAFETY: tasks write disjoint blocks only, and the buffer outlives them (rayon joins).
 unsafe impl Send for SendPtr {}
 unsafe impl Sync for SendPtr {}
 impl SendPtr {
-    pub(crate) fn get(self) -> *mut f32 {
+    pub fn get(self) -> *mut f32 {
         self.0
     }
 
@@ -197,14 +197,14 @@ impl SendPtr {
     ///
     /// # Safety
     /// They must lie inside the buffer, and no one else may access them while the slice lives.
-    pub(crate) unsafe fn slice<'a>(self, at: usize, len: usize) -> &'a mut [f32] {
+    pub unsafe fn slice<'a>(self, at: usize, len: usize) -> &'a mut [f32] {
         // SAFETY: by the contract.
         unsafe { std::slice::from_raw_parts_mut(self.0.add(at), len) }
     }
 }
 
 /// `x (rows × in) · W (out × in)ᵀ` for the frozen linears: both row-major, W read transposed.
-pub(crate) fn linear(x: &[f32], w: &[f32], rows: usize, in_f: usize, out_f: usize) -> Vec<f32> {
+pub fn linear(x: &[f32], w: &[f32], rows: usize, in_f: usize, out_f: usize) -> Vec<f32> {
     sgemm(
         (rows, in_f, out_f),
         (x, Operand::rows(in_f)),
@@ -218,7 +218,7 @@ mod tests {
     use candle_core::{Device, Tensor};
 
     fn close(a: &Tensor, b: &Tensor) {
-        let d = crate::fused::max_abs_diff(a, b);
+        let d = crate::kernels::fused::max_abs_diff(a, b);
         assert!(d < 1e-4, "differ by {d}");
     }
 

@@ -13,7 +13,7 @@ use candle_core::{
 };
 use rayon::prelude::*;
 
-use crate::simd;
+use crate::kernels::simd;
 
 /// Values handed to one rayon task by the elementwise kernels.
 const CHUNK: usize = 4096;

@@ -14,14 +14,13 @@ use candle_core::{D, DType, Device, Tensor, Var};
 use rand::rngs::StdRng;
 use serde::{Deserialize, Serialize};
 
-use crate::attention::{Heads, causal_attention};
-use crate::checkpoint::{GradSink, layer_forward_checkpointed};
 use crate::config::{ModelConfig, RopeScaling};
 use crate::error::{Error, Result};
-use crate::frozen::{FrozenMatmul, FrozenWeight};
-use crate::fused;
-use crate::lora::{DropoutRng, Linear, LoraConfig, LoraPair};
-use crate::nf4::Nf4Tensor;
+use crate::kernels::attention::{Heads, causal_attention};
+use crate::kernels::fused;
+use crate::linear::frozen::{FrozenMatmul, FrozenWeight};
+use crate::linear::lora::{DropoutRng, Linear, LoraConfig, LoraPair};
+use crate::linear::nf4::Nf4Tensor;
 
 /// How the frozen base weights are held in memory.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
@@ -143,10 +142,28 @@ pub struct Llama {
     pub device: Device,
     /// The activations' dtype (see [`LoadOptions::compute_dtype`]).
     pub compute_dtype: DType,
-    /// Recompute each decoder layer in backward instead of keeping its activations.
-    pub checkpoint_layers: bool,
-    /// LoRA gradients computed inside checkpointed layers.
-    pub grad_sink: Arc<GradSink>,
+    /// How each decoder layer is run; `None` runs [`layer_forward`] directly. A training loop
+    /// installs its own step here (activation checkpointing) without the model knowing.
+    pub layer_step: Option<Arc<dyn LayerStep>>,
+}
+
+/// Runs one decoder layer in place of [`layer_forward`], e.g. keeping only its output and
+/// recomputing it in backward. Gradients such a step computes outside the main graph are
+/// handed back through [`LayerStep::take_grad`].
+pub trait LayerStep: Send + Sync + std::fmt::Debug {
+    fn run(
+        &self,
+        layer: &DecoderLayer,
+        config: &ModelConfig,
+        x: &Tensor,
+        ctx: &Context,
+        rng: &mut DropoutRng,
+    ) -> candle_core::Result<Tensor>;
+
+    /// The gradient this step computed for `v` since the last call, if any.
+    fn take_grad(&self, _v: &Var) -> Option<Tensor> {
+        None
+    }
 }
 
 /// The base model's weight files, in a stable order.
@@ -291,8 +308,7 @@ impl Llama {
             lm_head,
             device: opts.device.clone(),
             compute_dtype: opts.compute_dtype,
-            checkpoint_layers: false,
-            grad_sink: Arc::default(),
+            layer_step: None,
         })
     }
 
@@ -361,9 +377,9 @@ impl Llama {
         (params > 0).then(|| bytes as f64 / params as f64)
     }
 
-    /// The gradient a checkpointed layer computed for `v`, if any.
-    pub fn take_checkpoint_grad(&self, v: &Var) -> Option<Tensor> {
-        self.grad_sink.take(v)
+    /// The gradient the installed [`LayerStep`] computed for `v` outside the graph, if any.
+    pub fn take_step_grad(&self, v: &Var) -> Option<Tensor> {
+        self.layer_step.as_ref().and_then(|s| s.take_grad(v))
     }
 
     /// RoPE tables and the attention mask for a (B, T) batch. `attention_mask` gives each
@@ -438,10 +454,9 @@ impl Llama {
     ) -> Result<Tensor> {
         let mut x = self.embed(input_ids)?;
         for layer in &self.layers {
-            x = if self.checkpoint_layers {
-                layer_forward_checkpointed(layer, &self.config, &x, ctx, rng, &self.grad_sink)?
-            } else {
-                layer_forward(layer, &self.config, &x, ctx, rng)?
+            x = match &self.layer_step {
+                Some(step) => step.run(layer, &self.config, &x, ctx, rng)?,
+                None => layer_forward(layer, &self.config, &x, ctx, rng)?,
             };
         }
         Ok(rms_norm(&x, &self.norm, self.config.rms_norm_eps)?)
@@ -512,7 +527,7 @@ pub fn softmax(x: &Tensor) -> candle_core::Result<Tensor> {
 fn masked_softmax(scores: &Tensor, mask: &Tensor) -> candle_core::Result<Tensor> {
     #[cfg(feature = "cuda")]
     if scores.device().is_cuda() {
-        return crate::cuda::masked_softmax(scores, mask);
+        return crate::kernels::cuda::masked_softmax(scores, mask);
     }
     let dtype = scores.dtype();
     softmax(&scores.to_dtype(DType::F32)?.broadcast_add(mask)?)?.to_dtype(dtype)

@@ -12,7 +12,7 @@ const LANES: usize = 16;
 /// Run `f` compiled for AVX2 and FMA where the CPU has them, for the baseline target elsewhere.
 /// `f` must be a closure that the compiler inlines here (one call site), as the kernels are.
 #[inline(always)]
-pub(crate) fn dispatch<R>(f: impl FnOnce() -> R) -> R {
+pub fn dispatch<R>(f: impl FnOnce() -> R) -> R {
     #[cfg(target_arch = "x86_64")]
     {
         #[target_feature(enable = "avx2,fma")]
@@ -29,7 +29,7 @@ pub(crate) fn dispatch<R>(f: impl FnOnce() -> R) -> R {
 }
 
 /// Below this, `exp` returns 0 (libm would return a subnormal under 1.2e-38).
-pub(crate) const EXP_MIN: f32 = -87.336_54;
+pub const EXP_MIN: f32 = -87.336_54;
 /// Above this, `exp` is clamped (e^88.38 ≈ 2.4e38, near f32::MAX).
 const EXP_MAX: f32 = 88.376_26;
 
@@ -37,7 +37,7 @@ const EXP_MAX: f32 = 88.376_26;
 /// |r| ≤ ln 2 / 2 (ln 2 split in two so that n·ln 2 is exact), e^r by Cephes' degree-7
 /// polynomial, 2^n built in the exponent bits.
 #[inline(always)]
-pub(crate) fn exp(x: f32) -> f32 {
+pub fn exp(x: f32) -> f32 {
     const LN2_HI: f32 = 0.693_359_4;
     const LN2_LO: f32 = -2.121_944_4e-4;
     // Adding 1.5·2²³ rounds to an integer, which then sits in the low mantissa bits.
@@ -76,19 +76,19 @@ fn sum_of(x: &[f32], f: impl Fn(f32) -> f32) -> f32 {
 
 /// Σ x.
 #[inline(always)]
-pub(crate) fn sum(x: &[f32]) -> f32 {
+pub fn sum(x: &[f32]) -> f32 {
     sum_of(x, |v| v)
 }
 
 /// Σ e^x.
 #[inline(always)]
-pub(crate) fn sum_exp(x: &[f32]) -> f32 {
+pub fn sum_exp(x: &[f32]) -> f32 {
     sum_of(x, exp)
 }
 
 /// Σ a·b over the shorter of the two, in LANES interleaved partial sums.
 #[inline(always)]
-pub(crate) fn dot(a: &[f32], b: &[f32]) -> f32 {
+pub fn dot(a: &[f32], b: &[f32]) -> f32 {
     let n = a.len().min(b.len());
     let full = n - n % LANES;
     let mut acc = [0f32; LANES];
@@ -106,7 +106,7 @@ pub(crate) fn dot(a: &[f32], b: &[f32]) -> f32 {
 
 /// The largest value (−∞ for none).
 #[inline(always)]
-pub(crate) fn max(x: &[f32]) -> f32 {
+pub fn max(x: &[f32]) -> f32 {
     let mut acc = [f32::NEG_INFINITY; LANES];
     let chunks = x.chunks_exact(LANES);
     let rest = chunks.remainder();
