@@ -1,0 +1,336 @@
+//! One forward step over a heterogeneous batch: every sequence contributes its next tokens (one
+//! when decoding, a chunk of its prompt when prefilling), each with its own position, cache and
+//! adapter. The base's products run once over all rows; each adapter's `x·Aᵀ·Bᵀ·scale` is
+//! added to the rows of the sequences that use it (the segments arrive grouped by adapter), so
+//! one base copy serves every adapter unmerged. Attention runs per sequence and head against
+//! that sequence's cache.
+//!
+//! The math is the model's (`loraops_model::llama`) on plain f32 buffers: the same RMSNorm,
+//! RoPE in transformers' half-split layout, grouped-query attention and SwiGLU, so the engine's
+//! logits agree with the trainer's forward pass.
+
+use std::ops::Range;
+
+use loraops_model::kernels::matmul::{Operand, SendPtr, gemm_block, sgemm_serial};
+use loraops_model::kernels::simd;
+use rayon::prelude::*;
+
+use crate::adapters::AdapterWeights;
+use crate::base::{Base, DOWN, GATE, K, Layer, O, Q, UP, V};
+use crate::kv::KvCache;
+
+/// One sequence's part of a step.
+pub struct Segment<'a> {
+    /// The tokens fed this step, at positions `cache.len ..`.
+    pub tokens: &'a [u32],
+    pub cache: &'a mut KvCache,
+    pub adapter: Option<&'a AdapterWeights>,
+    /// Whether the logits after its last token are wanted.
+    pub logits: bool,
+}
+
+/// Rows per task of the adapters' products.
+const LORA_ROWS: usize = 64;
+
+/// Run the step: feed every segment's tokens, advance the caches, and return the logits (vocab
+/// values) of each segment that asked for them, in order. Segments using the same adapter
+/// must be adjacent (the caller groups them); any order works, grouping only saves work.
+pub fn step(base: &Base, segs: &mut [Segment]) -> Vec<Vec<f32>> {
+    let c = &base.config;
+    let hidden = c.hidden_size;
+    let mut starts = Vec::with_capacity(segs.len());
+    let mut positions = Vec::new();
+    let mut tokens = Vec::new();
+    for s in segs.iter() {
+        starts.push(tokens.len());
+        positions.extend(s.cache.len..s.cache.len + s.tokens.len());
+        tokens.extend_from_slice(s.tokens);
+    }
+    let rows = tokens.len();
+    let groups = adapter_groups(segs, &starts, rows);
+    let rope = Rope::new(&base.inv_freq, &positions);
+
+    let mut x = vec![0f32; rows * hidden];
+    for (row, &t) in x.chunks_exact_mut(hidden).zip(&tokens) {
+        let t = t as usize;
+        row.copy_from_slice(&base.embed[t * hidden..(t + 1) * hidden]);
+    }
+    for (li, layer) in base.layers.iter().enumerate() {
+        let lora = Adapters {
+            groups: &groups,
+            layer: li,
+        };
+        let h = rms_norm(&x, &layer.input_norm, c.rms_norm_eps);
+        let [mut q, mut k, v] = [Q, K, V].map(|m| project(layer, m, &h, rows, &lora));
+        rope.apply(&mut q, c.num_attention_heads, c.head_dim);
+        rope.apply(&mut k, c.num_key_value_heads, c.head_dim);
+        let kv_width = c.num_key_value_heads * c.head_dim;
+        for (s, &r0) in segs.iter_mut().zip(&starts) {
+            for i in 0..s.tokens.len() {
+                let r = (r0 + i) * kv_width..(r0 + i + 1) * kv_width;
+                let pos = s.cache.len + i;
+                s.cache.write(li, pos, &k[r.clone()], &v[r]);
+            }
+        }
+        let a = attention(base, segs, &starts, &q, li);
+        let o = project(layer, O, &a, rows, &lora);
+        add(&mut x, &o);
+        let h = rms_norm(&x, &layer.post_norm, c.rms_norm_eps);
+        let g = project(layer, GATE, &h, rows, &lora);
+        let u = project(layer, UP, &h, rows, &lora);
+        let gu = swiglu(&g, &u);
+        let d = project(layer, DOWN, &gu, rows, &lora);
+        add(&mut x, &d);
+    }
+    for s in segs.iter_mut() {
+        s.cache.len += s.tokens.len();
+    }
+
+    let wanted: Vec<usize> = segs
+        .iter()
+        .zip(&starts)
+        .filter(|(s, _)| s.logits && !s.tokens.is_empty())
+        .map(|(s, &r0)| r0 + s.tokens.len() - 1)
+        .collect();
+    if wanted.is_empty() {
+        return Vec::new();
+    }
+    let mut last = Vec::with_capacity(wanted.len() * hidden);
+    for &r in &wanted {
+        last.extend_from_slice(&x[r * hidden..(r + 1) * hidden]);
+    }
+    let h = rms_norm(&last, &base.norm, c.rms_norm_eps);
+    let logits = base.head(&h, wanted.len());
+    let vocab = logits.len() / wanted.len();
+    logits.chunks_exact(vocab).map(<[f32]>::to_vec).collect()
+}
+
+/// Runs of rows that share an adapter.
+fn adapter_groups<'a>(
+    segs: &[Segment<'a>],
+    starts: &[usize],
+    rows: usize,
+) -> Vec<(&'a AdapterWeights, Range<usize>)> {
+    let mut out: Vec<(&'a AdapterWeights, Range<usize>)> = Vec::new();
+    for (i, s) in segs.iter().enumerate() {
+        let Some(a) = s.adapter else { continue };
+        let end = starts.get(i + 1).copied().unwrap_or(rows);
+        match out.last_mut() {
+            Some((prev, r)) if std::ptr::eq(*prev, a) && r.end == starts[i] => r.end = end,
+            _ => out.push((a, starts[i]..end)),
+        }
+    }
+    out
+}
+
+/// The adapters of one step's rows, at one layer.
+struct Adapters<'a> {
+    groups: &'a [(&'a AdapterWeights, Range<usize>)],
+    layer: usize,
+}
+
+/// A base linear layer's product plus the adapters' terms.
+fn project(layer: &Layer, m: usize, x: &[f32], rows: usize, lora: &Adapters) -> Vec<f32> {
+    let mut y = layer.linears[m].forward(x, rows);
+    add_adapters(lora.groups, lora.layer, m, x, &mut y);
+    y
+}
+
+/// y[rows of a group] += scale · x·Aᵀ·Bᵀ for every group whose adapter adapts module `m` of
+/// layer `li`, in blocks of rows on all threads.
+fn add_adapters(
+    groups: &[(&AdapterWeights, Range<usize>)],
+    li: usize,
+    m: usize,
+    x: &[f32],
+    y: &mut [f32],
+) {
+    let mut tasks = Vec::new();
+    for (a, range) in groups {
+        if let Some(p) = a.pairs.get(li).and_then(|l| l[m].as_ref()) {
+            for start in range.clone().step_by(LORA_ROWS) {
+                tasks.push((p, start..(start + LORA_ROWS).min(range.end)));
+            }
+        }
+    }
+    if tasks.is_empty() {
+        return;
+    }
+    let in_f = tasks[0].0.a.len() / tasks[0].0.r;
+    let out_f = tasks[0].0.b.len() / tasks[0].0.r;
+    let yp = SendPtr(y.as_mut_ptr());
+    tasks.par_iter().for_each(|(p, rows)| {
+        let n = rows.len();
+        let mut xa = vec![0f32; n * p.r];
+        sgemm_serial(
+            &mut xa,
+            0.0,
+            1.0,
+            (n, in_f, p.r),
+            (&x[rows.start * in_f..rows.end * in_f], Operand::rows(in_f)),
+            (&p.a, Operand::transposed(in_f)),
+        );
+        // SAFETY: tasks cover disjoint row ranges of y, which outlives the parallel loop.
+        let out = unsafe { yp.slice(rows.start * out_f, n * out_f) };
+        sgemm_serial(
+            out,
+            1.0,
+            p.scale,
+            (n, p.r, out_f),
+            (&xa, Operand::rows(p.r)),
+            (&p.b, Operand::transposed(p.r)),
+        );
+    });
+}
+
+/// Causal attention of every segment's new tokens over its cache (positions up to and
+/// including each token's own), one task per (segment, query head).
+fn attention(base: &Base, segs: &[Segment], starts: &[usize], q: &[f32], li: usize) -> Vec<f32> {
+    let c = &base.config;
+    let (hq, hkv, d) = (c.num_attention_heads, c.num_key_value_heads, c.head_dim);
+    let width = hq * d;
+    let rows = q.len() / width;
+    let scale = 1.0 / (d as f32).sqrt();
+    let mut out = vec![0f32; rows * width];
+    let op = SendPtr(out.as_mut_ptr());
+    let tasks: Vec<(usize, usize)> = (0..segs.len())
+        .filter(|&s| !segs[s].tokens.is_empty())
+        .flat_map(|s| (0..hq).map(move |h| (s, h)))
+        .collect();
+    tasks.par_iter().for_each(|&(si, h)| {
+        let s = &segs[si];
+        let (r0, n, p0) = (starts[si], s.tokens.len(), s.cache.len);
+        let len = p0 + n;
+        let (keys, values) = s.cache.head(li, h / (hq / hkv), len);
+        let mut scores = vec![0f32; n * len];
+        sgemm_serial(
+            &mut scores,
+            0.0,
+            scale,
+            (n, d, len),
+            (&q[r0 * width + h * d..], Operand::rows(width)),
+            (keys, Operand::transposed(d)),
+        );
+        for (i, row) in scores.chunks_exact_mut(len).enumerate() {
+            let (seen, future) = row.split_at_mut(p0 + i + 1);
+            softmax(seen);
+            future.fill(0.0);
+        }
+        // SAFETY: each task writes its own head's columns of its own segment's rows of `out`,
+        // which outlives the parallel loop.
+        unsafe {
+            gemm_block(
+                (op.get().add(r0 * width + h * d), width),
+                0.0,
+                (n, len, d),
+                (&scores, Operand::rows(len)),
+                (values, Operand::rows(d)),
+            )
+        }
+    });
+    out
+}
+
+fn softmax(x: &mut [f32]) {
+    simd::dispatch(|| {
+        let m = simd::max(x);
+        for v in x.iter_mut() {
+            *v = simd::exp(*v - m);
+        }
+        let inv = 1.0 / simd::sum(x);
+        for v in x.iter_mut() {
+            *v *= inv;
+        }
+    })
+}
+
+/// x / √(mean(x²) + ε) · w, per row.
+fn rms_norm(x: &[f32], w: &[f32], eps: f64) -> Vec<f32> {
+    let n = w.len();
+    let mut out = vec![0f32; x.len()];
+    let norm = |(o, x): (&mut [f32], &[f32])| {
+        simd::dispatch(|| {
+            let ss = simd::dot(x, x) / n as f32;
+            let inv = 1.0 / (ss + eps as f32).sqrt();
+            for ((o, &x), &w) in o.iter_mut().zip(x).zip(w) {
+                *o = x * inv * w;
+            }
+        })
+    };
+    if x.len() >= 64 * n {
+        out.par_chunks_mut(n)
+            .zip(x.par_chunks(n))
+            .with_min_len(16)
+            .for_each(norm);
+    } else {
+        out.chunks_mut(n).zip(x.chunks(n)).for_each(norm);
+    }
+    out
+}
+
+fn add(x: &mut [f32], y: &[f32]) {
+    x.iter_mut().zip(y).for_each(|(x, y)| *x += y);
+}
+
+/// silu(g) · u.
+fn swiglu(g: &[f32], u: &[f32]) -> Vec<f32> {
+    let f = |(o, (&g, &u)): (&mut f32, (&f32, &f32))| *o = g / (1.0 + simd::exp(-g)) * u;
+    let mut out = vec![0f32; g.len()];
+    simd::dispatch(|| {
+        if g.len() >= 1 << 16 {
+            out.par_iter_mut()
+                .zip(g.par_iter().zip(u.par_iter()))
+                .with_min_len(4096)
+                .for_each(f);
+        } else {
+            out.iter_mut().zip(g.iter().zip(u)).for_each(f);
+        }
+    });
+    out
+}
+
+/// RoPE tables for the step's rows.
+struct Rope {
+    half: usize,
+    cos: Vec<f32>,
+    sin: Vec<f32>,
+}
+
+impl Rope {
+    fn new(inv_freq: &[f32], positions: &[usize]) -> Self {
+        let half = inv_freq.len();
+        let mut cos = Vec::with_capacity(positions.len() * half);
+        let mut sin = Vec::with_capacity(positions.len() * half);
+        for &p in positions {
+            // As the model computes it: the position in f32 times the frequency.
+            let p = p as f32;
+            for &f in inv_freq {
+                let a = p * f;
+                cos.push(a.cos());
+                sin.push(a.sin());
+            }
+        }
+        Self { half, cos, sin }
+    }
+
+    /// Rotate every head of every row of `x` (rows × heads·head_dim) in place, in
+    /// transformers' half-split layout: x·cos + rotate_half(x)·sin.
+    fn apply(&self, x: &mut [f32], heads: usize, head_dim: usize) {
+        let half = self.half;
+        debug_assert_eq!(2 * half, head_dim);
+        for (r, row) in x.chunks_exact_mut(heads * head_dim).enumerate() {
+            let (cos, sin) = (
+                &self.cos[r * half..(r + 1) * half],
+                &self.sin[r * half..(r + 1) * half],
+            );
+            for head in row.chunks_exact_mut(head_dim) {
+                let (x1, x2) = head.split_at_mut(half);
+                for j in 0..half {
+                    let (a, b) = (x1[j], x2[j]);
+                    x1[j] = a * cos[j] - b * sin[j];
+                    x2[j] = b * cos[j] + a * sin[j];
+                }
+            }
+        }
+    }
+}
