@@ -16,12 +16,12 @@ use loraops_gateway::adapters::AdapterStore;
 use loraops_gateway::engine::mistral::{LoadSpec, MistralEngine};
 use loraops_gateway::engine::{Engine, Event, GenerateRequest, Prompt, Sampling};
 use loraops_gateway::{Application, GatewaySettings};
+use loraops_model::tiny::{TinySpec, init_tiny};
 use loraops_registry::api::{NewBaseModel, Role, RolloutSpec, StartRollout};
 use loraops_registry::auth::{AuthSettings, Signer};
 use loraops_registry::client::{RegistryClient, no_progress};
 use loraops_registry::peft::ModelDims;
 use loraops_registry::server::{Application as Registry, RegistrySettings, ServeSettings};
-use loraops_trainer::tiny::{TinySpec, init_tiny};
 use serde_json::{Value, json};
 
 #[path = "../tests/gateway/kit.rs"]
@@ -192,10 +192,11 @@ async fn main() {
         }
         let v1 = c.version("bot", 1).await.unwrap();
         let store = AdapterStore::new(hub.clone(), Some(c.clone()));
-        let hub_id = store
+        store
             .ensure(&"bot".parse().unwrap(), 1, &v1.digest)
             .await
             .unwrap();
+        let hub_id = AdapterStore::hub_id(&v1.digest);
         let spec = |adapter_id: Option<String>| LoadSpec {
             base_dir: std::fs::canonicalize(&base).unwrap(),
             adapter_id,
@@ -210,6 +211,7 @@ async fn main() {
         roll_to(&c, 1).await;
         c.rollout_action("bot", "promote").await.unwrap();
         let mut s = GatewaySettings::new(base.clone(), hub.clone());
+        s.engine = loraops_gateway::settings::EngineKind::Mistralrs;
         s.listen = "127.0.0.1:0".into();
         s.base_model_name = Some("bench-base".into());
         s.registry_url = Some(reg_url.clone());

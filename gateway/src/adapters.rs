@@ -1,13 +1,17 @@
 //! The adapter cache: versions pulled from the registry, sha256-verified, laid out as a
 //! Hugging Face hub cache (`models--loraops--DIGEST/refs/main` + `snapshots/DIGEST/…`), the
-//! only form mistral.rs 0.8.1 loads adapters from. Keyed by content digest, so a version is
-//! downloaded once whatever name or number it is served under.
+//! only form mistral.rs 0.8.1 loads adapters from (the native engine reads the snapshot
+//! directory). Keyed by content digest, so a version is downloaded once whatever name or
+//! number it is served under. The file list the registry gave is kept next to the files, and a
+//! cached snapshot is hashed again the first time this process uses it, so a cache altered on
+//! disk is downloaded afresh rather than served.
 
 use std::path::{Path, PathBuf};
 
-use loraops_registry::api::{Name, version_digest};
+use loraops_registry::api::{Name, VersionFile, version_digest};
 use loraops_registry::client::{ClientError, RegistryClient, no_progress};
 use loraops_registry::peft::{self, AdapterConfig};
+use sha2::{Digest, Sha256};
 
 /// Organisation of every adapter id in the cache.
 const ORG: &str = "loraops";
@@ -59,15 +63,24 @@ pub unsafe fn set_hub_cache_env(dir: &Path) {
     }
 }
 
+/// The registry's file list of a cached version, kept beside its files.
+const FILES_RECORD: &str = ".loraops-files.json";
+
 #[derive(Clone)]
 pub struct AdapterStore {
     root: PathBuf,
     registry: Option<RegistryClient>,
+    /// Digests whose cached files this process has hashed and found intact.
+    verified: std::sync::Arc<std::sync::Mutex<std::collections::HashSet<String>>>,
 }
 
 impl AdapterStore {
     pub fn new(root: PathBuf, registry: Option<RegistryClient>) -> Self {
-        Self { root, registry }
+        Self {
+            root,
+            registry,
+            verified: Default::default(),
+        }
     }
 
     pub fn root(&self) -> &Path {
@@ -88,21 +101,19 @@ impl AdapterStore {
             .join(format!("models--{ORG}--{}", Self::hex(digest)))
     }
 
-    /// Make `name@version` (whose content digest is `digest`) loadable; returns its hub id.
+    /// Make `name@version` (whose content digest is `digest`) loadable; returns its snapshot
+    /// directory (`adapter_config.json` + `adapter_model.safetensors`).
     pub async fn ensure(
         &self,
         name: &Name,
         version: u32,
         digest: &str,
-    ) -> Result<String, AdapterError> {
+    ) -> Result<PathBuf, AdapterError> {
         let repo = self.repo_dir(digest);
         let rev = Self::hex(digest).to_string();
         let snapshot = repo.join("snapshots").join(&rev);
-        if repo.join("refs").join("main").exists()
-            && snapshot.join(peft::CONFIG_FILE).exists()
-            && snapshot.join(peft::WEIGHTS_FILE).exists()
-        {
-            return Ok(Self::hub_id(digest));
+        if repo.join("refs").join("main").exists() && self.intact(&snapshot, digest).await {
+            return Ok(snapshot);
         }
         let client = self
             .registry
@@ -135,6 +146,10 @@ impl AdapterStore {
         tokio::fs::create_dir_all(&snapshots)
             .await
             .map_err(io(&snapshots))?;
+        if snapshot.exists() {
+            // A snapshot that failed its check: replace it.
+            let _ = tokio::fs::remove_dir_all(&snapshot).await;
+        }
         if tokio::fs::rename(&staging, &snapshot).await.is_err() {
             // Someone else finished the same digest first; theirs is identical.
             let _ = tokio::fs::remove_dir_all(&staging).await;
@@ -146,7 +161,55 @@ impl AdapterStore {
         tokio::fs::write(&main, rev.as_bytes())
             .await
             .map_err(io(&main))?;
-        Ok(Self::hub_id(digest))
+        self.verified
+            .lock()
+            .expect("verified lock")
+            .insert(digest.to_string());
+        Ok(snapshot)
+    }
+
+    /// Whether the cached snapshot holds the files its record names, with their digests, and
+    /// the record the version's digest (hashed once per process).
+    async fn intact(&self, snapshot: &Path, digest: &str) -> bool {
+        if self
+            .verified
+            .lock()
+            .expect("verified lock")
+            .contains(digest)
+        {
+            return snapshot.join(peft::WEIGHTS_FILE).exists();
+        }
+        let snapshot = snapshot.to_path_buf();
+        let digest_owned = digest.to_string();
+        let ok = tokio::task::spawn_blocking(move || {
+            let Ok(bytes) = std::fs::read(snapshot.join(FILES_RECORD)) else {
+                return false;
+            };
+            let Ok(files) = serde_json::from_slice::<Vec<VersionFile>>(&bytes) else {
+                return false;
+            };
+            if version_digest(&files) != digest_owned {
+                return false;
+            }
+            files
+                .iter()
+                .filter(|f| f.name == peft::CONFIG_FILE || f.name == peft::WEIGHTS_FILE)
+                .all(|f| {
+                    std::fs::read(snapshot.join(&f.name))
+                        .is_ok_and(|b| hex::encode(Sha256::digest(&b)) == f.sha256)
+                })
+        })
+        .await
+        .unwrap_or(false);
+        if ok {
+            self.verified
+                .lock()
+                .expect("verified lock")
+                .insert(digest.to_string());
+        } else {
+            tracing::warn!(%digest, "cached adapter files do not match their digests; downloading again");
+        }
+        ok
     }
 
     async fn fill(
@@ -165,7 +228,19 @@ impl AdapterStore {
                 .download_file(name.as_str(), version, f, &dir.join(&f.name), no_progress())
                 .await?;
         }
-        let cfg_path = dir.join(peft::CONFIG_FILE);
+        let record = dir.join(FILES_RECORD);
+        let bytes = serde_json::to_vec(files).expect("serialisable");
+        tokio::fs::write(&record, bytes).await.map_err(io(&record))
+    }
+
+    /// The adapter's config, refused when it needs what mistral.rs cannot apply (0.8.1 reads
+    /// only r, lora_alpha and target_modules: anything else would be served silently wrong).
+    pub async fn check_mergeable(
+        snapshot: &Path,
+        name: &Name,
+        version: u32,
+    ) -> Result<(), AdapterError> {
+        let cfg_path = snapshot.join(peft::CONFIG_FILE);
         let bytes = tokio::fs::read(&cfg_path).await.map_err(io(&cfg_path))?;
         let unsupported = |message: String| AdapterError::Unsupported {
             adapter: name.to_string(),
@@ -173,11 +248,9 @@ impl AdapterStore {
             message,
         };
         let cfg = AdapterConfig::parse(&bytes).map_err(|e| unsupported(e.to_string()))?;
-        // mistral.rs reads only r, lora_alpha and target_modules: anything else would be
-        // served silently wrong.
         if let Some(feature) = cfg.unsupported_for_merge() {
             return Err(unsupported(format!(
-                "uses {feature}, which the embedded engine cannot apply"
+                "uses {feature}, which the mistral.rs engine cannot apply"
             )));
         }
         Ok(())

@@ -1,6 +1,7 @@
-//! The registry feed: long-polls `GET /api/v1/routing`, loads the engines a new table needs,
-//! and only then swaps the table in, so no request is routed to a version that is not ready.
-//! When the registry is unreachable the last table keeps serving; `/readyz` and the
+//! The registry feed: long-polls `GET /api/v1/routing` and applies each new table at once
+//! (a rollback never waits on a slow load): the versions it routes are pinned in the backend
+//! and loaded in the background, and a request for a version still loading waits for that one
+//! load. When the registry is unreachable the last table keeps serving; `/readyz` and the
 //! `loraops_gateway_registry_up` gauge say so.
 
 use std::sync::{Arc, Mutex};
@@ -9,8 +10,8 @@ use std::time::Duration;
 use chrono::{DateTime, Utc};
 use loraops_registry::client::RegistryClient;
 
+use crate::engine::SharedBackend;
 use crate::metrics::Metrics;
-use crate::pool::EnginePool;
 use crate::routing::{Router, wanted};
 
 #[derive(Debug, Clone, Default)]
@@ -43,7 +44,7 @@ impl FeedStatus {
 pub struct Feed {
     pub client: RegistryClient,
     pub router: Arc<Router>,
-    pub pool: Arc<EnginePool>,
+    pub backend: SharedBackend,
     pub metrics: Arc<Metrics>,
     pub status: Arc<Mutex<FeedStatus>>,
     /// Longest long-poll wait asked of the registry.
@@ -85,16 +86,20 @@ impl Feed {
         }
     }
 
-    /// Preload every engine the table routes to, then serve it. A version that fails to load
-    /// is still routed (its requests get 503 and retry the load) rather than holding back the
-    /// whole table, e.g. a rollback.
+    /// Serve the table now; pin its versions and load the missing ones in the background.
     async fn apply(&self, table: loraops_registry::api::RoutingTable) {
         let keys = wanted(&table);
-        let loads = keys.iter().map(|k| self.pool.get(k));
-        for (k, res) in keys.iter().zip(futures_util::future::join_all(loads).await) {
-            if let Err(e) = res {
-                tracing::error!(engine = %k, error = %e, "cannot preload a routed version");
+        self.backend.pin(&keys);
+        for k in keys {
+            if self.backend.is_resident(&k) {
+                continue;
             }
+            let backend = self.backend.clone();
+            tokio::spawn(async move {
+                if let Err(e) = backend.load(k.clone()).await {
+                    tracing::error!(engine = %k, error = %e, "cannot load a routed version");
+                }
+            });
         }
         tracing::info!(
             revision = table.revision,

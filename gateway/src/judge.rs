@@ -133,12 +133,7 @@ async fn score(
         .resolve(&s.model, "loraops-judge")
         .await
         .map_err(|e| e.to_string())?;
-    let engine = state
-        .pool
-        .get(&target.key)
-        .await
-        .map_err(|e| e.to_string())?;
-    let mut events = engine.generate(GenerateRequest {
+    let request = GenerateRequest {
         prompt: Prompt::Chat(vec![
             ChatMessage {
                 role: "system".into(),
@@ -154,10 +149,17 @@ async fn score(
         ]),
         sampling: Sampling {
             max_tokens: 3,
+            // Greedy: the same answer always gets the same score.
+            temperature: 0.0,
             constraint: Some(SCORE_PATTERN.into()),
             ..Sampling::default()
         },
-    });
+    };
+    let mut events = state
+        .backend
+        .generate(target.key, request)
+        .await
+        .map_err(|e| e.to_string())?;
     let mut text = String::new();
     while let Some(ev) = events.next().await {
         match ev.map_err(|e| e.to_string())? {

@@ -1,10 +1,10 @@
 //! loraops gateway: the data plane. OpenAI-compatible serving of a base model and its LoRA
-//! adapters with mistral.rs in-process, following the registry's routing table with sticky
-//! stable/canary splitting.
+//! adapters, following the registry's routing table with sticky stable/canary splitting.
 //!
 //! A request flows `http` (auth, body) → [`validate`] (OpenAI request → engine request) →
-//! [`routing`] (model name + sticky key → engine key and arm) → [`limiter`] → [`pool`] (one
-//! engine per version, loaded on demand, LRU) → [`engine`] (mistral.rs) → back out as JSON or
+//! [`routing`] (model name + sticky key → engine key and arm) → [`limiter`] → [`engine`] (a
+//! backend: the native multi-LoRA engine, mistral.rs with its [`pool`] of merged engines, or a
+//! remote upstream; each makes the version resident once, [`residency`]) → back out as JSON or
 //! SSE. [`feed`] keeps the routing table current from the registry, [`adapters`] holds the
 //! adapter files it pulls, [`metrics`] exports Prometheus series per version and arm.
 
@@ -20,6 +20,7 @@ pub mod metrics;
 pub mod openai;
 pub mod pool;
 pub mod report;
+pub mod residency;
 pub mod routing;
 pub mod settings;
 pub mod validate;

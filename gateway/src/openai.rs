@@ -197,6 +197,9 @@ pub struct ModelCard {
     pub object: &'static str,
     pub created: i64,
     pub owned_by: String,
+    /// The base model an adapter runs on (as vLLM lists LoRA modules).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub parent: Option<String>,
 }
 
 #[derive(Debug, Clone, Serialize)]

@@ -1,230 +1,170 @@
-//! Loaded engines, one per served version, in an LRU with a configurable limit. Concurrent
-//! requests for a version that is still loading wait for the same load; a request in flight
-//! keeps its engine alive even after eviction, so evicting never fails a request.
+//! Whole engines, one per served version, for backends that hold each version separately
+//! (mistral.rs merges an adapter into its own copy of the base). An LRU with a limit, where
+//! the base engine and the versions the routing table pins are never evicted; loads run one
+//! at a time per version ([`Flights`]) and at most [`MAX_PARALLEL_LOADS`] at once, failed
+//! ones are remembered with backoff; a request in flight keeps its engine alive even after
+//! eviction, so evicting never fails a request.
 
-use std::collections::HashMap;
-use std::path::PathBuf;
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::collections::{HashMap, HashSet};
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Instant;
 
 use futures_util::future::BoxFuture;
-use loraops_registry::api::Name;
-use tokio::sync::OnceCell;
+use tokio::sync::Semaphore;
 
-use crate::adapters::{AdapterError, AdapterStore};
-use crate::engine::mistral::{LoadSpec, MistralEngine};
-use crate::engine::remote::RemoteEngine;
-use crate::engine::{Engine, EngineError};
+use crate::engine::{Engine, EngineKey};
 use crate::metrics::Metrics;
+use crate::residency::Flights;
 
-#[derive(Debug, Clone, PartialEq, Eq, Hash)]
-pub enum EngineKey {
-    Base,
-    Version {
-        adapter: Name,
-        version: u32,
-        digest: String,
-    },
-}
-
-impl std::fmt::Display for EngineKey {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        match self {
-            Self::Base => f.write_str("base"),
-            Self::Version {
-                adapter, version, ..
-            } => write!(f, "{adapter}@{version}"),
-        }
-    }
-}
-
-#[derive(Debug, thiserror::Error)]
-pub enum LoadError {
-    #[error(transparent)]
-    Adapter(#[from] AdapterError),
-    #[error(transparent)]
-    Engine(#[from] EngineError),
-}
+/// Each load reads a whole base: more at once only competes for memory and disk.
+const MAX_PARALLEL_LOADS: usize = 2;
 
 /// Turns a key into a ready engine: the seam between the pool and a backend.
 pub trait EngineLoader: Send + Sync + 'static {
-    fn load(&self, key: EngineKey) -> BoxFuture<'static, Result<Arc<dyn Engine>, LoadError>>;
+    fn load(&self, key: EngineKey) -> BoxFuture<'static, Result<Arc<dyn Engine>, String>>;
 }
 
-/// Loads the base directory, merged with the key's adapter from the adapter cache.
-pub struct MistralLoader {
-    pub base_dir: PathBuf,
-    pub store: AdapterStore,
-    pub dtype: mistralrs::ModelDType,
-    pub max_num_seqs: usize,
-    pub isq: Option<mistralrs::IsqType>,
+struct Entry {
+    engine: Arc<dyn Engine>,
+    last_used: u64,
 }
 
-impl EngineLoader for MistralLoader {
-    fn load(&self, key: EngineKey) -> BoxFuture<'static, Result<Arc<dyn Engine>, LoadError>> {
-        let store = self.store.clone();
-        let mut spec = LoadSpec {
-            base_dir: self.base_dir.clone(),
-            adapter_id: None,
-            dtype: self.dtype,
-            max_num_seqs: self.max_num_seqs,
-            isq: self.isq,
-        };
-        Box::pin(async move {
-            if let EngineKey::Version {
-                adapter,
-                version,
-                digest,
-            } = &key
-            {
-                spec.adapter_id = Some(store.ensure(adapter, *version, digest).await?);
-            }
-            let engine: Arc<dyn Engine> = Arc::new(MistralEngine::load(spec).await?);
-            Ok(engine)
-        })
-    }
-}
-
-/// Forwards to an OpenAI-compatible upstream: the base under its name, a version as
-/// `NAME@V` (how the upstream must name its LoRA modules).
-pub struct RemoteLoader {
-    pub http: reqwest::Client,
-    pub base_url: String,
-    pub base_name: String,
-}
-
-impl EngineLoader for RemoteLoader {
-    fn load(&self, key: EngineKey) -> BoxFuture<'static, Result<Arc<dyn Engine>, LoadError>> {
-        let model = match &key {
-            EngineKey::Base => self.base_name.clone(),
-            k => k.to_string(),
-        };
-        let engine: Arc<dyn Engine> =
-            Arc::new(RemoteEngine::new(self.http.clone(), &self.base_url, &model));
-        Box::pin(async move { Ok(engine) })
-    }
-}
-
-struct Slot {
-    cell: OnceCell<Arc<dyn Engine>>,
-    last_used: AtomicU64,
+#[derive(Default)]
+struct Loaded {
+    entries: HashMap<EngineKey, Entry>,
+    pinned: HashSet<EngineKey>,
 }
 
 pub struct EnginePool {
-    loader: Box<dyn EngineLoader>,
-    slots: Mutex<HashMap<EngineKey, Arc<Slot>>>,
-    clock: AtomicU64,
+    loader: Arc<dyn EngineLoader>,
+    loaded: Arc<Mutex<Loaded>>,
+    flights: Flights<EngineKey, Arc<dyn Engine>>,
+    loads: Arc<Semaphore>,
+    clock: Arc<AtomicU64>,
     limit: usize,
     metrics: Arc<Metrics>,
 }
 
 impl EnginePool {
-    pub fn new(loader: Box<dyn EngineLoader>, limit: usize, metrics: Arc<Metrics>) -> Self {
+    pub fn new(loader: Arc<dyn EngineLoader>, limit: usize, metrics: Arc<Metrics>) -> Self {
         Self {
             loader,
-            slots: Mutex::new(HashMap::new()),
-            clock: AtomicU64::new(0),
+            loaded: Arc::default(),
+            flights: Flights::default(),
+            loads: Arc::new(Semaphore::new(MAX_PARALLEL_LOADS)),
+            clock: Arc::default(),
             limit: limit.max(1),
             metrics,
         }
     }
 
     /// The engine for `key`, loading it first if needed.
-    pub async fn get(&self, key: &EngineKey) -> Result<Arc<dyn Engine>, Arc<LoadError>> {
+    pub async fn get(&self, key: &EngineKey) -> Result<Arc<dyn Engine>, String> {
         let tick = self.clock.fetch_add(1, Ordering::Relaxed);
-        let slot = {
-            let mut slots = self.slots.lock().expect("pool lock");
-            slots
-                .entry(key.clone())
-                .or_insert_with(|| {
-                    Arc::new(Slot {
-                        cell: OnceCell::new(),
-                        last_used: AtomicU64::new(tick),
-                    })
-                })
-                .clone()
-        };
-        slot.last_used.store(tick, Ordering::Relaxed);
-        if let Some(e) = slot.cell.get() {
-            return Ok(e.clone());
+        if let Some(e) = self.loaded.lock().expect("pool lock").entries.get_mut(key) {
+            e.last_used = tick;
+            return Ok(e.engine.clone());
         }
-        let loaded_here = AtomicBool::new(false);
-        let res = slot
-            .cell
-            .get_or_try_init(|| async {
-                loaded_here.store(true, Ordering::Relaxed);
-                let start = Instant::now();
-                tracing::info!(engine = %key, "loading engine");
-                let res = self.loader.load(key.clone()).await;
-                match &res {
-                    Ok(_) => {
-                        let secs = start.elapsed().as_secs_f64();
-                        self.metrics.engine_load_seconds.observe(secs);
-                        tracing::info!(engine = %key, secs, "engine loaded");
+        let (loader, loads, loaded, clock, metrics, limit, k) = (
+            self.loader.clone(),
+            self.loads.clone(),
+            self.loaded.clone(),
+            self.clock.clone(),
+            self.metrics.clone(),
+            self.limit,
+            key.clone(),
+        );
+        self.flights
+            .run(key, move || async move {
+                let _permit = loads.acquire_owned().await.map_err(|e| e.to_string())?;
+                // Make room first, so the old engine's memory is free before the new one loads.
+                {
+                    let mut l = loaded.lock().expect("pool lock");
+                    if l.entries.len() >= limit && !evict_one(&mut l, &k) {
+                        return Err(format!(
+                            "the engine memory holds {limit} engines and none can be evicted (the base and the routed versions stay loaded); raise max_engines or the memory budget"
+                        ));
                     }
-                    Err(e) => tracing::warn!(engine = %key, error = %e, "engine load failed"),
                 }
-                res.map_err(Arc::new)
+                let start = Instant::now();
+                tracing::info!(engine = %k, "loading engine");
+                let engine = loader.load(k.clone()).await.inspect_err(|e| {
+                    tracing::warn!(engine = %k, error = %e, "engine load failed");
+                })?;
+                let secs = start.elapsed().as_secs_f64();
+                metrics.engine_load_seconds.observe(secs);
+                tracing::info!(engine = %k, secs, "engine loaded");
+                let mut l = loaded.lock().expect("pool lock");
+                l.entries.insert(
+                    k.clone(),
+                    Entry {
+                        engine: engine.clone(),
+                        last_used: clock.fetch_add(1, Ordering::Relaxed),
+                    },
+                );
+                while l.entries.len() > limit && evict_one(&mut l, &k) {}
+                metrics.engines_loaded.set(l.entries.len() as i64);
+                Ok(engine)
             })
             .await
-            .cloned();
-        if res.is_err() {
-            // Forget the failed slot so a later request retries the load.
-            let mut slots = self.slots.lock().expect("pool lock");
-            if slots
-                .get(key)
-                .is_some_and(|s| Arc::ptr_eq(s, &slot) && s.cell.get().is_none())
-            {
-                slots.remove(key);
-            }
-        } else if loaded_here.load(Ordering::Relaxed) {
-            self.evict(key);
-        }
-        res
     }
 
-    /// Whether `key` is loaded (not merely loading).
+    /// Load `key` again even if its last load failed moments ago.
+    pub async fn reload(&self, key: &EngineKey) -> Result<Arc<dyn Engine>, String> {
+        self.flights.forget_failure(key);
+        self.get(key).await
+    }
+
     pub fn is_loaded(&self, key: &EngineKey) -> bool {
-        self.slots
+        self.loaded
             .lock()
             .expect("pool lock")
-            .get(key)
-            .is_some_and(|s| s.cell.initialized())
+            .entries
+            .contains_key(key)
     }
 
     pub fn loaded(&self) -> Vec<EngineKey> {
-        self.slots
+        let mut keys: Vec<EngineKey> = self
+            .loaded
             .lock()
             .expect("pool lock")
-            .iter()
-            .filter(|(_, s)| s.cell.initialized())
-            .map(|(k, _)| k.clone())
-            .collect()
+            .entries
+            .keys()
+            .cloned()
+            .collect();
+        keys.sort();
+        keys
     }
 
-    /// Drop least recently used loaded engines beyond the limit, never `keep`.
-    fn evict(&self, keep: &EngineKey) {
-        let mut slots = self.slots.lock().expect("pool lock");
-        loop {
-            let loaded: Vec<(EngineKey, u64)> = slots
-                .iter()
-                .filter(|(_, s)| s.cell.initialized())
-                .map(|(k, s)| (k.clone(), s.last_used.load(Ordering::Relaxed)))
-                .collect();
-            self.metrics.engines_loaded.set(loaded.len() as i64);
-            if loaded.len() <= self.limit {
-                return;
-            }
-            let Some((victim, _)) = loaded
-                .into_iter()
-                .filter(|(k, _)| k != keep)
-                .min_by_key(|(_, t)| *t)
-            else {
-                return;
-            };
-            tracing::info!(engine = %victim, "evicting engine (least recently used)");
-            slots.remove(&victim);
+    pub fn unload(&self, key: &EngineKey) -> bool {
+        let mut l = self.loaded.lock().expect("pool lock");
+        let gone = l.entries.remove(key).is_some();
+        self.metrics.engines_loaded.set(l.entries.len() as i64);
+        gone
+    }
+
+    /// Keep these loaded (with the base) whatever the LRU says.
+    pub fn pin(&self, keys: &[EngineKey]) {
+        self.loaded.lock().expect("pool lock").pinned = keys.iter().cloned().collect();
+    }
+}
+
+/// Drop the least recently used engine that may go: never the base, a pinned one, or `keep`.
+/// Returns whether one went.
+fn evict_one(l: &mut Loaded, keep: &EngineKey) -> bool {
+    let victim = l
+        .entries
+        .iter()
+        .filter(|(k, _)| *k != keep && **k != EngineKey::Base && !l.pinned.contains(*k))
+        .min_by_key(|(_, e)| e.last_used)
+        .map(|(k, _)| k.clone());
+    match victim {
+        Some(v) => {
+            tracing::info!(engine = %v, "evicting engine (least recently used)");
+            l.entries.remove(&v);
+            true
         }
+        None => false,
     }
 }

@@ -10,7 +10,7 @@ use loraops_registry::api::{AdapterRef, AdapterRoute, Name, RoutedVersion, Routi
 use loraops_registry::client::{ClientError, RegistryClient};
 use sha2::{Digest, Sha256};
 
-use crate::pool::EngineKey;
+use crate::engine::EngineKey;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub enum Arm {

@@ -6,6 +6,63 @@ use loraops_registry::auth::AuthSettings;
 
 use crate::validate::Limits;
 
+/// Which engine serves the gateway's requests.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum EngineKind {
+    /// loraops' own engine: one base copy, every adapter unmerged, continuous batching.
+    #[default]
+    Native,
+    /// mistral.rs: one merged engine per served version.
+    Mistralrs,
+    /// An OpenAI-compatible upstream (`upstream_url`).
+    Remote,
+}
+
+impl std::str::FromStr for EngineKind {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        match s {
+            "native" => Ok(Self::Native),
+            "mistralrs" | "mistral.rs" => Ok(Self::Mistralrs),
+            "remote" => Ok(Self::Remote),
+            other => Err(format!(
+                "engine {other:?}: expected native, mistralrs or remote"
+            )),
+        }
+    }
+}
+
+/// The native engine's sizes.
+#[derive(Debug, Clone)]
+pub struct NativeSettings {
+    /// `none` (f32) or `nf4` (the trainer's QLoRA base, double quantised).
+    pub quantize: loraops_engine::Quantize,
+    /// KV cache of all running sequences, in MiB.
+    pub kv_cache_mb: u64,
+    /// Adapters resident at once.
+    pub max_adapters: usize,
+    /// Memory for resident adapters, in MiB.
+    pub adapter_memory_mb: u64,
+    /// Sequences decoding at once.
+    pub max_batch: usize,
+    /// Prompt tokens prefilled per step while others decode.
+    pub prefill_chunk: usize,
+}
+
+impl Default for NativeSettings {
+    fn default() -> Self {
+        Self {
+            quantize: loraops_engine::Quantize::None,
+            kv_cache_mb: 1024,
+            max_adapters: 64,
+            adapter_memory_mb: 2048,
+            max_batch: 64,
+            prefill_chunk: 256,
+        }
+    }
+}
+
 #[derive(Debug, Clone)]
 pub struct GatewaySettings {
     /// HOST:PORT; port 0 picks a free one.
@@ -20,10 +77,16 @@ pub struct GatewaySettings {
     /// Adapter cache; must be the `HF_HUB_CACHE` the process was started with
     /// (see [`crate::adapters::set_hub_cache_env`]).
     pub cache_dir: PathBuf,
-    /// Forward inference to this OpenAI-compatible server (`…/v1`) instead of running
-    /// mistral.rs in-process.
+    /// Which engine serves requests.
+    pub engine: EngineKind,
+    pub native: NativeSettings,
+    /// The remote engine's upstream: an OpenAI-compatible server (`…/v1`).
     pub upstream_url: Option<String>,
-    /// Most engines (versions) kept loaded.
+    /// Sent to the upstream as a bearer token.
+    pub upstream_api_key: Option<String>,
+    /// Where the upstream reads a version's files (see `engine::remote::RemoteSettings`).
+    pub upstream_lora_path: Option<String>,
+    /// mistral.rs: most engines (versions) kept loaded.
     pub max_engines: usize,
     /// `auto`, `bf16`, `f16` or `f32`.
     pub dtype: String,
@@ -61,7 +124,11 @@ impl GatewaySettings {
             registry_url: None,
             registry_token: None,
             cache_dir,
+            engine: EngineKind::Native,
+            native: NativeSettings::default(),
             upstream_url: None,
+            upstream_api_key: None,
+            upstream_lora_path: None,
             max_engines: 4,
             dtype: "f32".into(),
             max_num_seqs: 16,
@@ -96,7 +163,21 @@ pub struct GatewayConfig {
     pub registry_url: Option<String>,
     /// Adapter cache (default DATA_DIR/gateway/hub).
     pub cache_dir: Option<PathBuf>,
-    /// Most engines (adapter versions) kept loaded.
+    /// `native` (default), `mistralrs` or `remote` (with `upstream_url`).
+    pub engine: Option<EngineKind>,
+    /// native: `none` or `nf4` (the base held in NF4, as QLoRA trains on it).
+    pub quantize: Option<String>,
+    /// native: KV cache for all running sequences, in MiB (default 1024).
+    pub kv_cache_mb: Option<u64>,
+    /// native: adapters resident at once (default 64).
+    pub max_adapters: Option<usize>,
+    /// native: memory for resident adapters, in MiB (default 2048).
+    pub adapter_memory_mb: Option<u64>,
+    /// native: sequences decoding at once (default 64).
+    pub max_batch: Option<usize>,
+    /// native: prompt tokens prefilled per step while other sequences decode (default 256).
+    pub prefill_chunk: Option<usize>,
+    /// mistralrs: most engines (adapter versions) kept loaded.
     pub max_engines: Option<usize>,
     /// `auto`, `bf16`, `f16` or `f32`.
     pub dtype: Option<String>,
@@ -104,9 +185,13 @@ pub struct GatewayConfig {
     pub max_queued: Option<usize>,
     /// Require a JWT on inference (default true).
     pub require_auth: Option<bool>,
-    /// Forward inference to this OpenAI-compatible server (`…/v1`, where `model` names
-    /// `BASE` or `NAME@V`) instead of running mistral.rs in-process.
+    /// remote: the OpenAI-compatible server (`…/v1`, where `model` names `BASE` or `NAME@V`)
+    /// inference goes to; setting it alone selects the remote engine.
     pub upstream_url: Option<String>,
+    /// remote: where the upstream reads a version's files, `{name}`, `{version}`, `{digest}`
+    /// filled in (e.g. `/adapters/{digest}` on a shared volume); without it only `lora_name`
+    /// is sent. The upstream's API key comes from `LORAOPS_UPSTREAM_API_KEY`.
+    pub upstream_lora_path: Option<String>,
     /// In-situ quantisation of every engine (`q8_0`, `q4k`, …).
     pub isq: Option<String>,
     /// Memory for engines in MiB; caps how many are loaded at once.
@@ -121,6 +206,57 @@ pub struct GatewayConfig {
 }
 
 impl GatewayConfig {
+    /// The engine: as configured, else `remote` when an upstream is set, else `native`.
+    pub fn engine_kind(&self) -> EngineKind {
+        self.engine.unwrap_or(if self.upstream_url.is_some() {
+            EngineKind::Remote
+        } else {
+            EngineKind::Native
+        })
+    }
+
+    /// Lay the configured keys over `s` (what is not configured keeps its default). Secrets
+    /// and the base model are the caller's.
+    pub fn apply_to(&self, s: &mut GatewaySettings) -> Result<(), String> {
+        self.validate()?;
+        if let Some(l) = &self.listen {
+            s.listen = l.clone();
+        }
+        if self.base_name.is_some() {
+            s.base_model_name = self.base_name.clone();
+        }
+        if self.registry_url.is_some() {
+            s.registry_url = self.registry_url.clone();
+        }
+        s.engine = self.engine_kind();
+        let n = &mut s.native;
+        if let Some(q) = &self.quantize {
+            n.quantize = q.parse()?;
+        }
+        n.kv_cache_mb = self.kv_cache_mb.unwrap_or(n.kv_cache_mb);
+        n.max_adapters = self.max_adapters.unwrap_or(n.max_adapters);
+        n.adapter_memory_mb = self.adapter_memory_mb.unwrap_or(n.adapter_memory_mb);
+        n.max_batch = self.max_batch.unwrap_or(n.max_batch);
+        n.prefill_chunk = self.prefill_chunk.unwrap_or(n.prefill_chunk);
+        s.upstream_url = self.upstream_url.clone();
+        s.upstream_lora_path = self.upstream_lora_path.clone();
+        s.isq = self.isq.clone();
+        s.memory_budget_mb = self.memory_budget_mb;
+        s.max_engines = self.max_engines.unwrap_or(s.max_engines);
+        s.dtype = self.dtype.clone().unwrap_or(s.dtype.clone());
+        s.max_concurrent = self.max_concurrent.unwrap_or(s.max_concurrent);
+        s.max_queued = self.max_queued.unwrap_or(s.max_queued);
+        s.judge = self
+            .judge_model
+            .clone()
+            .map(|model| crate::judge::JudgeSettings {
+                model,
+                sample_rate: self.judge_sample_rate.unwrap_or(0.05),
+                rubric: self.judge_rubric.clone(),
+            });
+        Ok(())
+    }
+
     /// Checks what can be checked without loading anything.
     pub fn validate(&self) -> Result<(), String> {
         if let Some(d) = &self.dtype
@@ -154,9 +290,27 @@ impl GatewayConfig {
         if self.memory_budget_mb == Some(0) {
             return Err("gateway.memory_budget_mb must be at least 1".into());
         }
+        if let Some(q) = &self.quantize {
+            q.parse::<loraops_engine::Quantize>()
+                .map_err(|e| format!("gateway.quantize: {e}"))?;
+        }
+        if self.engine == Some(EngineKind::Remote) && self.upstream_url.is_none() {
+            return Err("gateway.engine = \"remote\" needs gateway.upstream_url".into());
+        }
+        for (key, v) in [
+            ("kv_cache_mb", self.kv_cache_mb),
+            ("adapter_memory_mb", self.adapter_memory_mb),
+        ] {
+            if v == Some(0) {
+                return Err(format!("gateway.{key} must be at least 1"));
+            }
+        }
         for (key, v) in [
             ("max_engines", self.max_engines),
             ("max_concurrent", self.max_concurrent),
+            ("max_adapters", self.max_adapters),
+            ("max_batch", self.max_batch),
+            ("prefill_chunk", self.prefill_chunk),
         ] {
             if v == Some(0) {
                 return Err(format!("gateway.{key} must be at least 1"));

@@ -184,15 +184,6 @@ fn common(c: Common, prompt: Prompt, limits: &Limits) -> Result<Validated, ApiEr
     {
         return Err(ApiError::bad_request("top_p must be in (0, 1]").with_param("top_p"));
     }
-    let greedy = c.temperature.is_none_or(|t| t == 0.0);
-    // The embedded engine has no per-request seed: greedy decoding needs none, sampling
-    // with one would silently not be reproducible.
-    if c.seed.is_some() && !greedy {
-        return Err(ApiError::unsupported(
-            "seed",
-            "seed is only supported with temperature 0 (the engine has no per-request seed)",
-        ));
-    }
     for (name, v) in [
         ("presence_penalty", c.presence_penalty),
         ("frequency_penalty", c.frequency_penalty),
@@ -240,8 +231,10 @@ fn common(c: Common, prompt: Prompt, limits: &Limits) -> Result<Validated, ApiEr
             prompt,
             sampling: Sampling {
                 max_tokens: max_tokens as usize,
-                temperature: c.temperature,
+                // OpenAI's default when the request leaves it out.
+                temperature: c.temperature.unwrap_or(1.0),
                 top_p: c.top_p,
+                seed: c.seed.map(|s| s as u64),
                 stop,
                 constraint: None,
             },
@@ -297,10 +290,10 @@ mod tests {
         let mut b = base.clone();
         b["temperature"] = serde_json::json!(0.7);
         b["seed"] = serde_json::json!(1);
-        assert_eq!(
-            chat_req(b).unwrap_err().detail.param.as_deref(),
-            Some("seed")
-        );
+        assert_eq!(chat_req(b).unwrap().request.sampling.seed, Some(1));
+        // Left out, the temperature is OpenAI's default, not greedy.
+        let t = chat_req(base.clone()).unwrap().request.sampling.temperature;
+        assert_eq!(t, 1.0);
         let mut b = base;
         b["messages"][0]["content"] = serde_json::json!("x".repeat(300 << 10));
         assert_eq!(chat_req(b).unwrap_err().status, 413);

@@ -36,9 +36,9 @@ for model in [base] + ([adapter] if adapter else []):
     raw = client.chat.completions.with_raw_response.create(model=model, messages=messages, max_tokens=2)
     print(model, "arm:", raw.headers.get("x-loraops-arm"), "text:", repr(text))
 
-    comp = client.completions.create(model=model, prompt="The quick brown fox", max_tokens=6)
+    comp = client.completions.create(model=model, prompt="The quick brown fox", max_tokens=6, temperature=0)
     streamed = "".join(c.choices[0].text for c in client.completions.create(
-        model=model, prompt="The quick brown fox", max_tokens=6, stream=True) if c.choices)
+        model=model, prompt="The quick brown fox", max_tokens=6, temperature=0, stream=True) if c.choices)
     assert streamed == comp.choices[0].text, (streamed, comp.choices[0].text)
 
 try:

@@ -34,10 +34,31 @@ pub struct ServeArgs {
     /// Adapter cache (default: DATA_DIR/gateway/hub).
     #[arg(long)]
     pub cache_dir: Option<PathBuf>,
-    /// Most adapter versions (engines) kept loaded [default: 4].
+    /// native (one base copy, every adapter unmerged), mistralrs (one merged engine per
+    /// version) or remote (an OpenAI-compatible upstream) [default: native, or remote with
+    /// --upstream; config gateway.engine].
+    #[arg(long)]
+    pub engine: Option<String>,
+    /// native: hold the base in NF4 (the trainer's QLoRA layout), `nf4`, or `none` [default:
+    /// none; config gateway.quantize].
+    #[arg(long)]
+    pub quantize: Option<String>,
+    /// native: memory for the KV cache of all running sequences, in MiB [default: 1024].
+    #[arg(long)]
+    pub kv_cache_mb: Option<u64>,
+    /// native: adapters resident at once [default: 64].
+    #[arg(long)]
+    pub max_adapters: Option<usize>,
+    /// native: memory for resident adapters, in MiB [default: 2048].
+    #[arg(long)]
+    pub adapter_memory_mb: Option<u64>,
+    /// native: sequences decoding together [default: 64].
+    #[arg(long)]
+    pub max_batch: Option<usize>,
+    /// mistralrs: most adapter versions (engines) kept loaded [default: 4].
     #[arg(long)]
     pub max_engines: Option<usize>,
-    /// Weights dtype: auto, bf16, f16 or f32 [default: f32].
+    /// mistralrs: weights dtype: auto, bf16, f16 or f32 [default: f32].
     #[arg(long)]
     pub dtype: Option<String>,
     /// Requests served at once; more wait in the queue [default: 64].
@@ -46,16 +67,24 @@ pub struct ServeArgs {
     /// Requests waiting for a slot before 429 [default: 256].
     #[arg(long)]
     pub max_queued: Option<usize>,
-    /// Quantise every engine's weights in place at load: q8_0, q4k, … [config gateway.isq].
+    /// mistralrs: quantise every engine's weights in place at load: q8_0, q4k, … [config
+    /// gateway.isq].
     #[arg(long)]
     pub isq: Option<String>,
-    /// Memory for engines in MiB; each holds a copy of the base, so this caps how many are
-    /// loaded [config gateway.memory_budget_mb].
+    /// mistralrs: memory for engines in MiB; each holds a copy of the base, so this caps how
+    /// many are loaded [config gateway.memory_budget_mb].
     #[arg(long)]
     pub memory_budget_mb: Option<u64>,
-    /// Forward inference to an OpenAI-compatible server (`…/v1`) instead of mistral.rs.
+    /// remote: the OpenAI-compatible server (`…/v1`) inference goes to.
     #[arg(long)]
     pub upstream: Option<String>,
+    /// remote: the upstream's API key.
+    #[arg(long, env = "LORAOPS_UPSTREAM_API_KEY", hide_env_values = true)]
+    pub upstream_api_key: Option<String>,
+    /// remote: where the upstream reads a version's files, with {name}, {version} and {digest}
+    /// filled in (e.g. /adapters/{digest}) [config gateway.upstream_lora_path].
+    #[arg(long)]
+    pub upstream_lora_path: Option<String>,
     /// Online judge: the model (base name or NAME@V) that scores a sample of rollout answers,
     /// reported as judge_score for rollout rules [config gateway.judge_model].
     #[arg(long)]
@@ -100,6 +129,25 @@ fn serve(args: ServeArgs, global: &Global) -> anyhow::Result<()> {
         ("gateway.base_name", args.base_name.clone()),
         ("gateway.registry_url", args.registry.clone()),
         ("gateway.cache_dir", paths(&args.cache_dir)),
+        ("gateway.engine", args.engine.clone()),
+        ("gateway.quantize", args.quantize.clone()),
+        (
+            "gateway.kv_cache_mb",
+            args.kv_cache_mb.map(|n| n.to_string()),
+        ),
+        (
+            "gateway.max_adapters",
+            args.max_adapters.map(|n| n.to_string()),
+        ),
+        (
+            "gateway.adapter_memory_mb",
+            args.adapter_memory_mb.map(|n| n.to_string()),
+        ),
+        ("gateway.max_batch", args.max_batch.map(|n| n.to_string())),
+        (
+            "gateway.upstream_lora_path",
+            args.upstream_lora_path.clone(),
+        ),
         ("gateway.dtype", args.dtype.clone()),
         (
             "gateway.max_engines",
@@ -152,26 +200,10 @@ fn serve(args: ServeArgs, global: &Global) -> anyhow::Result<()> {
     let cache = cache_dir(&data_dir, g.cache_dir.clone())?;
     prepare_process(&cache);
     let mut s = GatewaySettings::new(base_model, cache);
-    if let Some(l) = g.listen {
-        s.listen = l;
-    }
-    s.base_model_name = g.base_name;
-    s.registry_url = g.registry_url;
+    g.apply_to(&mut s)
+        .map_err(|e| anyhow::Error::new(ConfigError(e)))?;
     s.registry_token = args.token;
-    s.upstream_url = g.upstream_url;
-    s.isq = g.isq;
-    s.memory_budget_mb = g.memory_budget_mb;
-    s.judge = g
-        .judge_model
-        .map(|model| loraops_gateway::judge::JudgeSettings {
-            model,
-            sample_rate: g.judge_sample_rate.unwrap_or(0.05),
-            rubric: g.judge_rubric,
-        });
-    s.max_engines = g.max_engines.unwrap_or(s.max_engines);
-    s.dtype = g.dtype.unwrap_or(s.dtype);
-    s.max_concurrent = g.max_concurrent.unwrap_or(s.max_concurrent);
-    s.max_queued = g.max_queued.unwrap_or(s.max_queued);
+    s.upstream_api_key = args.upstream_api_key;
     s.auth = g.require_auth.unwrap_or(true).then(|| cfg.auth.clone());
     s.data_dir = data_dir;
     actix_web::rt::System::new().block_on(async move {

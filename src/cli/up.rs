@@ -1,7 +1,8 @@
 //! `loraops up`: loraops in one process on embedded defaults — SQLite and a local object
 //! store under the data dir, an HS256 key generated on first start, and the gateway serving
-//! the base model and the registry's adapters with mistral.rs — with a base model registered
-//! and an admin token printed, so a newcomer can push an adapter and chat with it in minutes.
+//! the base model and the registry's adapters with the native engine — with a base model
+//! registered and an admin token printed, so a newcomer can push an adapter and chat with it
+//! in minutes.
 
 use std::path::PathBuf;
 
@@ -72,18 +73,14 @@ pub fn run(args: UpArgs, global: &Global) -> anyhow::Result<()> {
             client.create_base_model(&base).await?;
         }
         let mut gw = GatewaySettings::new(base_dir.clone(), cache);
+        cfg.gateway
+            .apply_to(&mut gw)
+            .map_err(|e| anyhow::Error::new(super::ConfigError(e)))?;
         gw.listen = args.gateway_listen.clone();
         gw.base_model_name = Some(base.name.to_string());
         gw.registry_url = Some(url.clone());
         gw.registry_token = Some(token.clone());
         gw.data_dir = data_dir.clone();
-        let g = &cfg.gateway;
-        gw.max_engines = g.max_engines.unwrap_or(gw.max_engines);
-        gw.dtype = g.dtype.clone().unwrap_or(gw.dtype);
-        gw.max_concurrent = g.max_concurrent.unwrap_or(gw.max_concurrent);
-        gw.max_queued = g.max_queued.unwrap_or(gw.max_queued);
-        gw.isq = g.isq.clone();
-        gw.memory_budget_mb = g.memory_budget_mb;
         // Embedded use: inference is open on loopback; the registry still needs the token.
         gw.auth = None;
         let gateway = GatewayApp::build(gw).await?;
@@ -111,7 +108,7 @@ pub fn run(args: UpArgs, global: &Global) -> anyhow::Result<()> {
 pub fn ensure_tiny_model(dir: &std::path::Path) -> anyhow::Result<PathBuf> {
     if !dir.join("config.json").exists() {
         eprintln!("generating a tiny Llama-layout model in {}", dir.display());
-        loraops_trainer::tiny::init_tiny(dir, &loraops_trainer::tiny::TinySpec::default())?;
+        loraops_model::tiny::init_tiny(dir, &loraops_model::tiny::TinySpec::default())?;
     }
     Ok(dir.to_path_buf())
 }

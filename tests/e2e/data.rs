@@ -1,5 +1,5 @@
 //! `loraops data` end to end: `data synth` against `loraops up` serving a generated tiny model
-//! (mistral.rs), and `data curate` with target proportions, general:domain mixing and MMR
+//! (the native engine), and `data curate` with target proportions, general:domain mixing and MMR
 //! selection from flags over a configuration file.
 
 use std::collections::BTreeMap;

@@ -1,4 +1,4 @@
-//! `loraops eval` end to end: `loraops up` (registry + gateway with mistral.rs) on a generated
+//! `loraops eval` end to end: `loraops up` (registry + gateway with the native engine) on a generated
 //! tiny model, an adapter trained by `loraops train sft` and pushed, a suite run through the
 //! gateway with the version pinned, and the evidence checked in the registry.
 
@@ -183,8 +183,8 @@ fn eval_run_posts_evidence_bound_to_the_served_version() {
     assert_eq!(e["metrics"]["regex_match"], 0.75);
     assert_eq!(e["engine"]["decoding"]["model"], "e2e-bot@1");
     assert_eq!(e["engine"]["decoding"]["temperature"], 0.0);
-    assert_eq!(e["engine"]["engine"], "mistral.rs");
-    assert_eq!(e["engine"]["engine_version"], "0.8.1");
+    assert_eq!(e["engine"]["engine"], "loraops");
+    assert_eq!(e["engine"]["engine_version"], env!("CARGO_PKG_VERSION"));
     assert_eq!(e["engine"]["decoding"]["quantization"], "none");
     assert!(
         e["engine"]["model_digest"]
@@ -345,7 +345,8 @@ fn perplexity_on_a_holdout_split(
     assert_eq!(m["errors"], 0.0, "{summary}");
 
     // The same number from the trainer's API, on the adapter directory that was pushed.
-    use loraops_trainer::{adapter, data, llama, sft, tokenizer};
+    use loraops_model::{adapter, llama, tokenizer};
+    use loraops_trainer::{data, sft};
     let mut model = llama::Llama::load(base, &llama::LoadOptions::default()).unwrap();
     adapter::load_adapter(adapter, &mut model).unwrap();
     let tok = tokenizer::Tokenizer::load(base).unwrap();

@@ -1,12 +1,17 @@
-//! The embedded engine: mistral.rs 0.8.1 in-process.
+//! The mistral.rs backend: mistral.rs 0.8.1 in-process, for a deployment that serves one hot
+//! adapter merged (with its ISQ quantisation and CUDA kernels).
 //!
 //! 0.8.1 merges a LoRA adapter into the weights at load time and has no per-request adapter
 //! selection, so every served version is its own [`MistralEngine`] holding a merged copy of the
-//! base. It only loads adapters through the Hugging Face hub API, which resolves a local
-//! hub-cache layout (see [`crate::adapters`]) under `HF_HUB_CACHE` without network access.
+//! base, kept in an [`EnginePool`]. It only loads adapters through the Hugging Face hub API,
+//! which resolves a local hub-cache layout (see [`crate::adapters`]) under `HF_HUB_CACHE`
+//! without network access.
 
 use std::path::PathBuf;
 use std::sync::Arc;
+
+use futures_util::FutureExt;
+use futures_util::future::BoxFuture;
 
 use either::Either;
 use mistralrs::core::RequestMessage;
@@ -18,8 +23,149 @@ use mistralrs::{
 use tokio::sync::mpsc;
 
 use super::{
-    Engine, EngineError, EngineInfo, Event, EventStream, GenerateRequest, Prompt, TokenUsage,
+    Backend, Engine, EngineError, EngineInfo, EngineKey, Event, EventStream, GenerateRequest,
+    Prompt, TokenUsage,
 };
+use crate::adapters::AdapterStore;
+use crate::pool::{EngineLoader, EnginePool};
+
+/// Loads the base directory, merged with the key's adapter from the adapter cache.
+pub struct MistralLoader {
+    pub base_dir: PathBuf,
+    pub store: AdapterStore,
+    pub dtype: ModelDType,
+    pub max_num_seqs: usize,
+    pub isq: Option<IsqType>,
+}
+
+impl EngineLoader for MistralLoader {
+    fn load(&self, key: EngineKey) -> BoxFuture<'static, Result<Arc<dyn Engine>, String>> {
+        let store = self.store.clone();
+        let mut spec = LoadSpec {
+            base_dir: self.base_dir.clone(),
+            adapter_id: None,
+            dtype: self.dtype,
+            max_num_seqs: self.max_num_seqs,
+            isq: self.isq,
+        };
+        Box::pin(async move {
+            if let EngineKey::Version {
+                adapter,
+                version,
+                digest,
+            } = &key
+            {
+                let dir = store
+                    .ensure(adapter, *version, digest)
+                    .await
+                    .map_err(|e| e.to_string())?;
+                AdapterStore::check_mergeable(&dir, adapter, *version)
+                    .await
+                    .map_err(|e| e.to_string())?;
+                spec.adapter_id = Some(AdapterStore::hub_id(digest));
+            }
+            let engine: Arc<dyn Engine> =
+                Arc::new(MistralEngine::load(spec).await.map_err(|e| e.to_string())?);
+            Ok(engine)
+        })
+    }
+}
+
+/// Every version its own merged engine, in a pool.
+pub struct MistralBackend {
+    pool: Arc<EnginePool>,
+    identity: EngineInfo,
+}
+
+impl MistralBackend {
+    pub fn new(pool: EnginePool, isq: Option<IsqType>) -> Self {
+        Self {
+            pool: Arc::new(pool),
+            identity: identity(isq),
+        }
+    }
+
+    pub fn pool(&self) -> &EnginePool {
+        &self.pool
+    }
+}
+
+fn identity(isq: Option<IsqType>) -> EngineInfo {
+    EngineInfo {
+        name: "mistral.rs".into(),
+        version: MISTRALRS_VERSION.into(),
+        quantization: isq
+            .map(|q| format!("{q:?}").to_ascii_lowercase())
+            .unwrap_or_else(|| "none".into()),
+    }
+}
+
+fn load_error(key: &EngineKey, message: String) -> EngineError {
+    EngineError::Load {
+        what: key.to_string(),
+        message,
+    }
+}
+
+impl Backend for MistralBackend {
+    fn identity(&self) -> &EngineInfo {
+        &self.identity
+    }
+
+    fn generate(
+        &self,
+        key: EngineKey,
+        req: GenerateRequest,
+    ) -> BoxFuture<'static, Result<EventStream, EngineError>> {
+        let pool = self.pool.clone();
+        async move {
+            if req.sampling.seed.is_some() && req.sampling.temperature > 0.0 {
+                return Err(EngineError::Rejected(
+                    "seed needs temperature 0 on the mistral.rs engine (0.8.1 has no per-request seed); the native engine supports it".into(),
+                ));
+            }
+            let engine = pool.get(&key).await.map_err(|m| load_error(&key, m))?;
+            Ok(engine.generate(req))
+        }
+        .boxed()
+    }
+
+    fn load(&self, key: EngineKey) -> BoxFuture<'static, Result<(), EngineError>> {
+        let pool = self.pool.clone();
+        async move {
+            pool.reload(&key)
+                .await
+                .map(|_| ())
+                .map_err(|m| load_error(&key, m))
+        }
+        .boxed()
+    }
+
+    fn unload(&self, key: &EngineKey) -> bool {
+        *key != EngineKey::Base && self.pool.unload(key)
+    }
+
+    fn pin(&self, keys: &[EngineKey]) {
+        self.pool.pin(keys);
+    }
+
+    fn is_resident(&self, key: &EngineKey) -> bool {
+        self.pool.is_loaded(key)
+    }
+
+    fn resident(&self) -> Vec<String> {
+        self.pool
+            .loaded()
+            .into_iter()
+            .filter(|k| *k != EngineKey::Base)
+            .map(|k| k.to_string())
+            .collect()
+    }
+
+    fn base_ready(&self) -> bool {
+        self.pool.is_loaded(&EngineKey::Base)
+    }
+}
 
 /// The mistral.rs release linked in (pinned with `=` in gateway/Cargo.toml; a test keeps the two
 /// in step).
@@ -83,14 +229,7 @@ impl MistralEngine {
     /// thread would silently merge earlier adapters too. A fresh thread with the list cleared
     /// makes every engine exactly its own base + adapter.
     pub async fn load(spec: LoadSpec) -> Result<Self, EngineError> {
-        let identity = EngineInfo {
-            name: "mistral.rs".into(),
-            version: MISTRALRS_VERSION.into(),
-            quantization: spec
-                .isq
-                .map(|q| format!("{q:?}").to_ascii_lowercase())
-                .unwrap_or_else(|| "none".into()),
-        };
+        let identity = identity(spec.isq);
         let what = match &spec.adapter_id {
             Some(id) => format!("{} + {id}", spec.base_dir.display()),
             None => spec.base_dir.display().to_string(),
@@ -167,12 +306,11 @@ impl Engine for MistralEngine {
 
 fn sampling(req: &GenerateRequest) -> SamplingParams {
     let s = &req.sampling;
-    let greedy = s.temperature.is_none_or(|t| t == 0.0);
-    let mut p = if greedy {
+    let mut p = if s.temperature == 0.0 {
         SamplingParams::deterministic()
     } else {
         SamplingParams {
-            temperature: s.temperature,
+            temperature: Some(s.temperature),
             top_p: s.top_p,
             ..SamplingParams::neutral()
         }

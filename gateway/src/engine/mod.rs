@@ -1,11 +1,23 @@
-//! The inference backend behind the gateway. Requests arrive here already validated and routed:
-//! an engine only turns a prompt into a stream of text deltas ending in one `Done` event.
-//! Non-streaming responses collect the same stream, so both modes produce the same tokens.
+//! The inference backends behind the gateway. Requests arrive here already validated and
+//! routed to an [`EngineKey`] (the base, or one version of an adapter); a [`Backend`] turns
+//! them into a stream of text deltas ending in one `Done` event. Non-streaming responses collect
+//! the same stream, so both modes produce the same tokens.
+//!
+//! Each engine kind owns its residency (what is loaded, what is evicted):
+//! - [`native`]: loraops' own engine, one base copy and adapters in slots (the default);
+//! - [`mistral`]: mistral.rs, one merged engine per version in an LRU;
+//! - [`remote`]: an OpenAI-compatible upstream that places adapters through the LoRA control
+//!   contract (`/v1/load_lora_adapter`).
 
 pub mod mistral;
+pub mod native;
 pub mod remote;
 
+use std::sync::Arc;
+
+use futures_util::future::BoxFuture;
 use futures_util::stream::BoxStream;
+use loraops_registry::api::Name;
 
 /// One chat message after validation (text content only).
 #[derive(Debug, Clone, PartialEq)]
@@ -26,9 +38,11 @@ pub enum Prompt {
 #[derive(Debug, Clone, PartialEq, Default)]
 pub struct Sampling {
     pub max_tokens: usize,
-    /// `None` or 0: greedy.
-    pub temperature: Option<f64>,
+    /// 0: greedy. Requests that leave it out get OpenAI's default, 1.
+    pub temperature: f64,
     pub top_p: Option<f64>,
+    /// The same seed and request give the same tokens.
+    pub seed: Option<u64>,
     pub stop: Vec<String>,
     /// A regular expression the output must match (constrained decoding). Only the gateway's
     /// own requests set it (the online judge's score); the OpenAI API does not expose it.
@@ -56,13 +70,17 @@ pub enum Event {
     },
 }
 
-#[derive(Debug, thiserror::Error)]
+#[derive(Debug, Clone, thiserror::Error)]
 pub enum EngineError {
-    /// The engine refused the request (e.g. the prompt exceeds the context).
+    /// The engine refused the request (e.g. the prompt exceeds the context): 400.
     #[error("{0}")]
     Rejected(String),
+    /// Full for now: 429.
+    #[error("{0}")]
+    Overloaded(String),
     #[error("engine failure: {0}")]
     Internal(String),
+    /// The version cannot be served (its load failed, or failed recently): 503.
     #[error("cannot load {what}: {message}")]
     Load { what: String, message: String },
 }
@@ -79,8 +97,64 @@ pub struct EngineInfo {
     pub quantization: String,
 }
 
-/// A loaded model, base or base+adapter, that can serve generation requests concurrently.
+/// A loaded model, base or base+adapter, that can serve generation requests concurrently
+/// (what the mistral.rs and remote backends hold per version).
 pub trait Engine: Send + Sync + 'static {
     fn generate(&self, req: GenerateRequest) -> EventStream;
     fn identity(&self) -> &EngineInfo;
 }
+
+/// What serves a request: the base model, or one version of an adapter.
+#[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub enum EngineKey {
+    Base,
+    Version {
+        adapter: Name,
+        version: u32,
+        digest: String,
+    },
+}
+
+impl std::fmt::Display for EngineKey {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Self::Base => f.write_str("base"),
+            Self::Version {
+                adapter, version, ..
+            } => write!(f, "{adapter}@{version}"),
+        }
+    }
+}
+
+/// One engine kind with its residency: the gateway's only view of inference.
+pub trait Backend: Send + Sync + 'static {
+    /// What produces the tokens (response headers and evaluation evidence name it).
+    fn identity(&self) -> &EngineInfo;
+
+    /// Generate for `key`, making it resident first if it is not (a request for a version
+    /// that is loading waits for that load; one whose load failed recently gets the cause).
+    fn generate(
+        &self,
+        key: EngineKey,
+        req: GenerateRequest,
+    ) -> BoxFuture<'static, Result<EventStream, EngineError>>;
+
+    /// Make `key` resident, or say why it cannot be.
+    fn load(&self, key: EngineKey) -> BoxFuture<'static, Result<(), EngineError>>;
+
+    /// Drop `key` if resident; running requests finish on it.
+    fn unload(&self, key: &EngineKey) -> bool;
+
+    /// The versions the routing table serves: never evicted while pinned.
+    fn pin(&self, keys: &[EngineKey]);
+
+    fn is_resident(&self, key: &EngineKey) -> bool;
+
+    /// `NAME@V` of every resident version (not the base).
+    fn resident(&self) -> Vec<String>;
+
+    /// Whether the base is loaded: the gateway is ready only then.
+    fn base_ready(&self) -> bool;
+}
+
+pub type SharedBackend = Arc<dyn Backend>;

@@ -1,36 +1,280 @@
-//! A remote engine: forwards to an OpenAI-compatible server (vLLM, LoRAX, another mistral.rs)
-//! where `model` names the adapter. The scale-out path for many adapters per GPU, and the
-//! upstream of the gateway-overhead benchmark.
+//! The remote backend: an OpenAI-compatible upstream (a vLLM fleet, another loraops gateway)
+//! for deployments that outgrow one machine. Each routed version is placed on the upstream
+//! through the LoRA control contract vLLM, mistral.rs and loraops share
+//! (`POST /v1/load_lora_adapter` with `lora_name` = `NAME@V`, and `lora_path` when the upstream
+//! reads adapter files from a path or URL of its own, `--upstream-lora-path`); requests then
+//! name the version as their `model`. Every call carries the API key, has connect and read
+//! timeouts, and is retried only when the connection could not be made (never once a
+//! generation may have started). An upstream that says which adapter digest produced an
+//! answer (`x-loraops-digest`, as loraops gateways do) is checked against the routed one.
 
-use futures_util::StreamExt;
+use std::collections::HashSet;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use eventsource_stream::Eventsource;
+use futures_util::future::BoxFuture;
+use futures_util::{FutureExt, StreamExt};
 use serde_json::{Value, json};
 
 use super::{
-    Engine, EngineError, EngineInfo, Event, EventStream, GenerateRequest, Prompt, TokenUsage,
+    Backend, EngineError, EngineInfo, EngineKey, Event, EventStream, GenerateRequest, Prompt,
+    TokenUsage,
 };
+use crate::residency::Flights;
 
-pub struct RemoteEngine {
-    http: reqwest::Client,
+/// How to reach the upstream.
+#[derive(Debug, Clone)]
+pub struct RemoteSettings {
     /// Base URL up to and including `/v1`.
-    base_url: String,
-    /// The `model` the upstream serves this engine's version under.
-    model: String,
+    pub url: String,
+    /// Sent as `Authorization: Bearer KEY`.
+    pub api_key: Option<String>,
+    /// The `model` the upstream serves the base under.
+    pub base_name: String,
+    /// Where the upstream reads a version's files from, with `{name}`, `{version}` and
+    /// `{digest}` filled in (e.g. a shared volume: `/adapters/{digest}`). Without it only
+    /// `lora_name` is sent (a loraops upstream pulls the version from its registry itself).
+    pub lora_path: Option<String>,
+    /// Place versions on the upstream with `/v1/load_lora_adapter` (off: the upstream already
+    /// serves them under `NAME@V`).
+    pub place_adapters: bool,
+    pub connect_timeout: Duration,
+    /// Longest silence while reading a response (between stream events, too).
+    pub read_timeout: Duration,
+    /// Attempts to connect before giving up.
+    pub connect_attempts: u32,
+}
+
+impl RemoteSettings {
+    pub fn new(url: &str, base_name: &str) -> Self {
+        Self {
+            url: url.trim_end_matches('/').to_string(),
+            api_key: None,
+            base_name: base_name.to_string(),
+            lora_path: None,
+            place_adapters: true,
+            connect_timeout: Duration::from_secs(5),
+            read_timeout: Duration::from_secs(120),
+            connect_attempts: 3,
+        }
+    }
+}
+
+pub struct RemoteBackend {
+    inner: Arc<Inner>,
+}
+
+struct Inner {
+    http: reqwest::Client,
+    settings: RemoteSettings,
+    placed: Mutex<HashSet<EngineKey>>,
+    flights: Flights<EngineKey, ()>,
     identity: EngineInfo,
 }
 
-impl RemoteEngine {
-    pub fn new(http: reqwest::Client, base_url: &str, model: &str) -> Self {
-        Self {
-            http,
-            base_url: base_url.trim_end_matches('/').to_string(),
-            model: model.to_string(),
-            // The upstream is opaque: name where it is, not what it runs.
-            identity: EngineInfo {
-                name: "openai-compatible-upstream".into(),
-                version: base_url.trim_end_matches('/').to_string(),
-                quantization: "unknown".into(),
-            },
+impl RemoteBackend {
+    pub fn new(settings: RemoteSettings) -> Result<Self, EngineError> {
+        let http = reqwest::Client::builder()
+            .connect_timeout(settings.connect_timeout)
+            .read_timeout(settings.read_timeout)
+            .build()
+            .map_err(|e| EngineError::Internal(format!("HTTP client: {e}")))?;
+        Ok(Self {
+            inner: Arc::new(Inner {
+                http,
+                // The upstream is opaque: name where it is, not what it runs.
+                identity: EngineInfo {
+                    name: "openai-compatible-upstream".into(),
+                    version: settings.url.clone(),
+                    quantization: "unknown".into(),
+                },
+                settings,
+                placed: Mutex::default(),
+                flights: Flights::default(),
+            }),
+        })
+    }
+}
+
+impl Inner {
+    fn post(&self, path: &str, body: &Value) -> reqwest::RequestBuilder {
+        let rb = self
+            .http
+            .post(format!("{}{path}", self.settings.url))
+            .json(body);
+        match &self.settings.api_key {
+            Some(k) => rb.bearer_auth(k),
+            None => rb,
         }
+    }
+
+    /// Send, retrying only a connection that could not be made: then the upstream has not
+    /// seen the request, so no generation is ever duplicated.
+    async fn send(&self, path: &str, body: &Value) -> Result<reqwest::Response, EngineError> {
+        let mut wait = Duration::from_millis(100);
+        let mut attempt = 1;
+        loop {
+            match self.post(path, body).send().await {
+                Ok(r) => return Ok(r),
+                Err(e) if e.is_connect() && attempt < self.settings.connect_attempts => {
+                    tracing::warn!(error = %e, attempt, "upstream unreachable; retrying");
+                    tokio::time::sleep(wait).await;
+                    wait *= 2;
+                    attempt += 1;
+                }
+                Err(e) => {
+                    return Err(EngineError::Load {
+                        what: format!("upstream {}", self.settings.url),
+                        message: e.to_string(),
+                    });
+                }
+            }
+        }
+    }
+
+    /// Place `key` on the upstream (once; concurrent requests share the call).
+    async fn place(self: &Arc<Self>, key: &EngineKey) -> Result<(), EngineError> {
+        let EngineKey::Version {
+            adapter,
+            version,
+            digest,
+        } = key
+        else {
+            return Ok(());
+        };
+        if !self.settings.place_adapters || self.placed.lock().expect("placed lock").contains(key) {
+            return Ok(());
+        }
+        let mut body = json!({"lora_name": format!("{adapter}@{version}")});
+        if let Some(t) = &self.settings.lora_path {
+            let hex = digest.strip_prefix("sha256:").unwrap_or(digest);
+            body["lora_path"] = json!(
+                t.replace("{name}", adapter.as_str())
+                    .replace("{version}", &version.to_string())
+                    .replace("{digest}", hex)
+            );
+        }
+        let me = self.clone();
+        let k = key.clone();
+        self.flights
+            .run(key, move || async move {
+                let res = me
+                    .send("/load_lora_adapter", &body)
+                    .await
+                    .map_err(|e| e.to_string())?;
+                let status = res.status();
+                let text = res.text().await.unwrap_or_default();
+                // vLLM answers 400 "already been loaded" to a repeated load: it is placed.
+                if status.is_success() || text.contains("already been loaded") {
+                    me.placed.lock().expect("placed lock").insert(k);
+                    Ok(())
+                } else {
+                    Err(format!("upstream refused the adapter ({status}): {text}"))
+                }
+            })
+            .await
+            .map_err(|message| EngineError::Load {
+                what: key.to_string(),
+                message,
+            })
+    }
+}
+
+impl Backend for RemoteBackend {
+    fn identity(&self) -> &EngineInfo {
+        &self.inner.identity
+    }
+
+    fn generate(
+        &self,
+        key: EngineKey,
+        req: GenerateRequest,
+    ) -> BoxFuture<'static, Result<EventStream, EngineError>> {
+        let inner = self.inner.clone();
+        async move {
+            inner.place(&key).await?;
+            let model = match &key {
+                EngineKey::Base => inner.settings.base_name.clone(),
+                k => k.to_string(),
+            };
+            let (path, b) = body(&model, &req);
+            let res = inner.send(&path, &b).await?;
+            let status = res.status();
+            if !status.is_success() {
+                let text = res.text().await.unwrap_or_default();
+                return Err(if status.is_client_error() && status.as_u16() != 429 {
+                    EngineError::Rejected(format!("upstream {status}: {text}"))
+                } else if status.as_u16() == 429 {
+                    EngineError::Overloaded(format!("upstream {status}: {text}"))
+                } else {
+                    EngineError::Internal(format!("upstream {status}: {text}"))
+                });
+            }
+            if let EngineKey::Version { digest, .. } = &key
+                && let Some(served) = res
+                    .headers()
+                    .get("x-loraops-digest")
+                    .and_then(|h| h.to_str().ok())
+                && served != digest
+            {
+                return Err(EngineError::Internal(format!(
+                    "the upstream served {key} with digest {served}, not the routed {digest}"
+                )));
+            }
+            Ok(Box::pin(events(res)) as EventStream)
+        }
+        .boxed()
+    }
+
+    fn load(&self, key: EngineKey) -> BoxFuture<'static, Result<(), EngineError>> {
+        let inner = self.inner.clone();
+        async move {
+            inner.flights.forget_failure(&key);
+            inner.place(&key).await
+        }
+        .boxed()
+    }
+
+    fn unload(&self, key: &EngineKey) -> bool {
+        let gone = self.inner.placed.lock().expect("placed lock").remove(key);
+        if gone {
+            let inner = self.inner.clone();
+            let body = json!({"lora_name": key.to_string()});
+            tokio::spawn(async move {
+                if let Err(e) = inner.send("/unload_lora_adapter", &body).await {
+                    tracing::warn!(error = %e, "unloading from the upstream failed");
+                }
+            });
+        }
+        gone
+    }
+
+    fn pin(&self, _keys: &[EngineKey]) {
+        // The upstream decides what it keeps; placed versions stay placed until unloaded.
+    }
+
+    fn is_resident(&self, key: &EngineKey) -> bool {
+        *key == EngineKey::Base
+            || !self.inner.settings.place_adapters
+            || self.inner.placed.lock().expect("placed lock").contains(key)
+    }
+
+    fn resident(&self) -> Vec<String> {
+        let mut v: Vec<String> = self
+            .inner
+            .placed
+            .lock()
+            .expect("placed lock")
+            .iter()
+            .map(|k| k.to_string())
+            .collect();
+        v.sort();
+        v
+    }
+
+    fn base_ready(&self) -> bool {
+        true
     }
 }
 
@@ -41,9 +285,10 @@ fn body(model: &str, req: &GenerateRequest) -> (String, Value) {
         "max_tokens": s.max_tokens,
         "stream": true,
         "stream_options": {"include_usage": true},
+        "temperature": s.temperature,
     });
-    if let Some(t) = s.temperature {
-        b["temperature"] = json!(t);
+    if let Some(seed) = s.seed {
+        b["seed"] = json!(seed);
     }
     if let Some(p) = s.top_p {
         b["top_p"] = json!(p);
@@ -91,100 +336,83 @@ fn parse_chunk(v: &Value) -> (Option<String>, Option<String>, Option<TokenUsage>
     (text, finish, usage)
 }
 
-impl Engine for RemoteEngine {
-    fn identity(&self) -> &EngineInfo {
-        &self.identity
-    }
-
-    fn generate(&self, req: GenerateRequest) -> EventStream {
-        let (path, b) = body(&self.model, &req);
-        let rb = self.http.post(format!("{}{path}", self.base_url)).json(&b);
-        let s = async_stream(rb);
-        Box::pin(s)
-    }
-}
-
-/// Read the upstream's SSE and emit deltas, then one `Done` once both the finish reason and
-/// the usage chunk (or `[DONE]`) have arrived.
-fn async_stream(
-    rb: reqwest::RequestBuilder,
+/// The upstream's SSE as [`Event`]s: deltas, then one `Done` once the finish reason and the
+/// usage chunk (or `[DONE]`) have arrived.
+fn events(
+    res: reqwest::Response,
 ) -> impl futures_util::Stream<Item = Result<Event, EngineError>> + Send {
-    let (tx, rx) = tokio::sync::mpsc::channel(32);
-    tokio::spawn(async move {
-        let res = match rb.send().await {
-            Ok(r) if r.status().is_success() => r,
-            Ok(r) => {
-                let status = r.status();
-                let text = r.text().await.unwrap_or_default();
-                let e = if status.is_client_error() {
-                    EngineError::Rejected(format!("upstream {status}: {text}"))
-                } else {
-                    EngineError::Internal(format!("upstream {status}: {text}"))
-                };
-                let _ = tx.send(Err(e)).await;
-                return;
-            }
-            Err(e) => {
-                let _ = tx.send(Err(EngineError::Internal(e.to_string()))).await;
-                return;
-            }
-        };
-        let mut bytes = res.bytes_stream();
-        let mut buf = Vec::new();
-        let mut finish: Option<String> = None;
-        let mut usage = TokenUsage::default();
-        let mut chunks = 0u64;
-        while let Some(chunk) = bytes.next().await {
-            let Ok(chunk) = chunk else {
-                let _ = tx
-                    .send(Err(EngineError::Internal("upstream stream broke".into())))
-                    .await;
-                return;
+    struct State<S> {
+        sse: S,
+        finish: Option<String>,
+        usage: TokenUsage,
+        chunks: u64,
+        done: bool,
+    }
+    let state = State {
+        sse: res.bytes_stream().eventsource(),
+        finish: None,
+        usage: TokenUsage::default(),
+        chunks: 0,
+        done: false,
+    };
+    futures_util::stream::unfold(state, |mut st| async move {
+        if st.done {
+            return None;
+        }
+        loop {
+            let ev = match st.sse.next().await {
+                Some(Ok(ev)) => ev,
+                Some(Err(e)) => {
+                    st.done = true;
+                    return Some((
+                        Err(EngineError::Internal(format!("upstream stream broke: {e}"))),
+                        st,
+                    ));
+                }
+                None => {
+                    st.done = true;
+                    return Some((
+                        Err(EngineError::Internal(
+                            "upstream ended without [DONE]".into(),
+                        )),
+                        st,
+                    ));
+                }
             };
-            buf.extend_from_slice(&chunk);
-            while let Some(pos) = buf.windows(2).position(|w| w == b"\n\n") {
-                let event: Vec<u8> = buf.drain(..pos + 2).collect();
-                let line = String::from_utf8_lossy(&event);
-                let Some(data) = line.trim().strip_prefix("data:").map(str::trim) else {
-                    continue;
+            if ev.data == "[DONE]" {
+                if st.usage.completion_tokens == 0 {
+                    st.usage.completion_tokens = st.chunks;
+                }
+                st.done = true;
+                let done = Event::Done {
+                    finish_reason: st.finish.take().unwrap_or_else(|| "stop".into()),
+                    usage: st.usage,
                 };
-                if data == "[DONE]" {
-                    if usage.completion_tokens == 0 {
-                        usage.completion_tokens = chunks;
-                    }
-                    let _ = tx
-                        .send(Ok(Event::Done {
-                            finish_reason: finish.take().unwrap_or_else(|| "stop".into()),
-                            usage,
-                        }))
-                        .await;
-                    return;
-                }
-                let Ok(v) = serde_json::from_str::<Value>(data) else {
-                    continue;
-                };
-                let (text, f, u) = parse_chunk(&v);
-                if let Some(t) = text.filter(|t| !t.is_empty()) {
-                    chunks += 1;
-                    if tx.send(Ok(Event::Delta(t))).await.is_err() {
-                        return;
-                    }
-                }
-                if f.is_some() {
-                    finish = f;
-                }
-                if let Some(u) = u {
-                    usage = u;
-                }
+                return Some((Ok(done), st));
+            }
+            let Ok(v) = serde_json::from_str::<Value>(&ev.data) else {
+                continue;
+            };
+            if v.get("error").is_some() {
+                st.done = true;
+                return Some((
+                    Err(EngineError::Internal(format!("upstream: {}", v["error"]))),
+                    st,
+                ));
+            }
+            let (text, f, u) = parse_chunk(&v);
+            if f.is_some() {
+                st.finish = f;
+            }
+            if let Some(u) = u {
+                st.usage = u;
+            }
+            if let Some(t) = text.filter(|t| !t.is_empty()) {
+                st.chunks += 1;
+                return Some((Ok(Event::Delta(t)), st));
             }
         }
-        let _ = tx
-            .send(Err(EngineError::Internal(
-                "upstream ended without [DONE]".into(),
-            )))
-            .await;
-    });
-    futures_util::stream::unfold(rx, |mut rx| async move { rx.recv().await.map(|i| (i, rx)) })
+    })
 }
 
 #[cfg(test)]

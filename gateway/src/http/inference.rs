@@ -103,6 +103,7 @@ fn route_error(e: RouteError, model: &str) -> ApiError {
 fn engine_error(e: EngineError) -> ApiError {
     match e {
         EngineError::Rejected(m) => ApiError::bad_request(m),
+        EngineError::Overloaded(m) => ApiError::overloaded(m),
         EngineError::Load { .. } => ApiError::unavailable(e.to_string()),
         EngineError::Internal(m) => ApiError::internal(m),
     }
@@ -218,16 +219,6 @@ async fn serve(
         engine_start: Instant::now(),
         first_token: None,
     };
-    let engine = match state.pool.get(&target.key).await {
-        Ok(e) => e,
-        Err(e) => {
-            obs.finish(503, None);
-            return Err(ApiError::unavailable(format!(
-                "{} is not available: {e}",
-                target.key
-            )));
-        }
-    };
     obs.engine_start = Instant::now();
     // A sample of what an adapter's rollout arms answer goes to the online judge.
     let judge_job = match (&state.judge, &obs.route) {
@@ -241,13 +232,25 @@ async fn serve(
         }
         _ => None,
     };
-    let events = engine.generate(v.request);
+    let events = match state.backend.generate(target.key.clone(), v.request).await {
+        Ok(e) => e,
+        Err(e) => {
+            let e = engine_error(e);
+            obs.finish(e.status.as_u16(), None);
+            return Err(e);
+        }
+    };
     let mut res = HttpResponse::Ok();
     let [a, ver, arm] = obs.labels.refs();
-    let id = engine.identity();
+    let id = state.backend.identity();
+    let digest = match &target.key {
+        crate::engine::EngineKey::Version { digest, .. } => digest.as_str(),
+        crate::engine::EngineKey::Base => "",
+    };
     for (name, value) in [
         ("x-loraops-adapter", a),
         ("x-loraops-version", ver),
+        ("x-loraops-digest", digest),
         ("x-loraops-arm", arm),
         ("x-loraops-engine", id.name.as_str()),
         ("x-loraops-engine-version", id.version.as_str()),

@@ -2,6 +2,7 @@
 //! at the root. Handlers stay thin: validation, routing and inference live in their modules.
 
 mod auth;
+mod control;
 mod inference;
 mod ops;
 
@@ -15,14 +16,17 @@ use loraops_registry::auth::{AuthError, Verifier};
 use loraops_registry::client::RegistryClient;
 
 use crate::adapters::AdapterStore;
-use crate::engine::mistral::{parse_dtype, parse_isq};
+use crate::engine::mistral::{MistralBackend, MistralLoader, parse_dtype, parse_isq};
+use crate::engine::native::NativeBackend;
+use crate::engine::remote::{RemoteBackend, RemoteSettings};
+use crate::engine::{EngineError, EngineKey, SharedBackend};
 use crate::feed::{Feed, FeedStatus};
 use crate::limiter::Limiter;
 use crate::metrics::Metrics;
-use crate::pool::{EngineKey, EngineLoader, EnginePool, LoadError, MistralLoader, RemoteLoader};
+use crate::pool::EnginePool;
 use crate::report::Recorder;
 use crate::routing::Router;
-use crate::settings::GatewaySettings;
+use crate::settings::{EngineKind, GatewaySettings};
 use crate::validate::Limits;
 
 #[derive(Debug, thiserror::Error)]
@@ -53,13 +57,15 @@ pub enum StartError {
     },
     #[error("auth: {0}")]
     Auth(#[from] AuthError),
-    #[error("loading the base model: {0}")]
-    Load(#[from] Arc<LoadError>),
+    #[error("starting the engine: {0}")]
+    Engine(#[from] EngineError),
+    #[error("the remote engine needs an upstream URL (--upstream)")]
+    NoUpstream,
 }
 
 pub struct AppState {
     pub router: Arc<Router>,
-    pub pool: Arc<EnginePool>,
+    pub backend: SharedBackend,
     pub metrics: Arc<Metrics>,
     pub limiter: Limiter,
     pub verifier: Option<Verifier>,
@@ -81,6 +87,14 @@ pub fn configure(cfg: &mut web::ServiceConfig) {
     )
     .route("/v1/completions", web::post().to(inference::completions))
     .route("/v1/models", web::get().to(ops::models))
+    .route(
+        "/v1/load_lora_adapter",
+        web::post().to(control::load_lora_adapter),
+    )
+    .route(
+        "/v1/unload_lora_adapter",
+        web::post().to(control::unload_lora_adapter),
+    )
     .route("/healthz", web::get().to(ops::healthz))
     .route("/readyz", web::get().to(ops::readyz))
     .route("/metrics", web::get().to(ops::metrics));
@@ -112,84 +126,53 @@ impl Application {
                 .map(|n| n.to_string_lossy().into_owned())
                 .unwrap_or_else(|| "base".into())
         });
-        let dtype =
-            parse_dtype(&settings.dtype).ok_or(StartError::Dtype(settings.dtype.clone()))?;
         std::fs::create_dir_all(&settings.cache_dir).map_err(|e| StartError::BaseModel {
             path: settings.cache_dir.clone(),
             message: e.to_string(),
         })?;
         let cache_dir =
             std::fs::canonicalize(&settings.cache_dir).unwrap_or(settings.cache_dir.clone());
-        // mistral.rs finds adapters only through HF_HUB_CACHE: a mismatch would fail every
-        // adapter load later, so refuse to start instead.
-        let found = std::env::var("HF_HUB_CACHE").ok();
-        if settings.upstream_url.is_none()
-            && found
-                .as_deref()
-                .and_then(|f| std::fs::canonicalize(f).ok())
-                .as_deref()
-                != Some(cache_dir.as_path())
-        {
-            return Err(StartError::HubCache {
-                expected: cache_dir,
-                found,
-            });
-        }
-
-        let isq = match &settings.isq {
-            Some(q) => Some(parse_isq(q).ok_or_else(|| StartError::Isq(q.clone()))?),
-            None => None,
-        };
-        // Every engine holds a full copy of the base: the budget is a number of engines.
-        let mut max_engines = settings.max_engines;
-        if let Some(budget_mb) = settings.memory_budget_mb {
-            let params = crate::base::parameters(&base_dir)?;
-            let engine =
-                crate::base::engine_bytes(params, &settings.dtype, settings.isq.as_deref());
-            let fit = (budget_mb << 20) / engine.max(1);
-            if fit == 0 {
-                return Err(StartError::Budget {
-                    budget_mb,
-                    engine_mb: engine >> 20,
-                });
-            }
-            max_engines = max_engines.min(fit as usize);
-            tracing::info!(
-                params,
-                engine_mb = engine >> 20,
-                budget_mb,
-                max_engines,
-                "engine memory budget"
-            );
-        }
-        let base_dir = if settings.upstream_url.is_none() {
-            crate::base::prepare(&base_dir, &cache_dir)?
-        } else {
-            base_dir
-        };
         let registry = settings
             .registry_url
             .as_deref()
             .map(|u| RegistryClient::new(u, settings.registry_token.clone()));
         let metrics = Arc::new(Metrics::new());
-        let loader: Box<dyn EngineLoader> = match &settings.upstream_url {
-            Some(u) => Box::new(RemoteLoader {
-                http: reqwest::Client::new(),
-                base_url: u.clone(),
-                base_name: base_name.clone(),
-            }),
-            None => Box::new(MistralLoader {
-                base_dir,
-                store: AdapterStore::new(cache_dir, registry.clone()),
-                dtype,
-                max_num_seqs: settings.max_num_seqs,
-                isq,
-            }),
+        let store = AdapterStore::new(cache_dir.clone(), registry.clone());
+        let backend: SharedBackend = match settings.engine {
+            EngineKind::Native => {
+                let n = &settings.native;
+                let mut o = loraops_engine::EngineOptions::new(&base_dir);
+                o.quantize = n.quantize;
+                o.kv_cache_bytes = (n.kv_cache_mb as usize) << 20;
+                o.batch = loraops_engine::BatchLimits {
+                    max_running: n.max_batch.max(1),
+                    prefill_chunk: n.prefill_chunk.max(1),
+                };
+                o.max_waiting = settings.max_queued + settings.max_concurrent;
+                o.slots = loraops_engine::SlotLimits {
+                    max_adapters: n.max_adapters.max(1),
+                    max_bytes: (n.adapter_memory_mb as usize) << 20,
+                };
+                let started =
+                    tokio::task::spawn_blocking(move || NativeBackend::start(o, store)).await;
+                Arc::new(started.map_err(|e| {
+                    StartError::Engine(EngineError::Internal(format!("engine start: {e}")))
+                })??)
+            }
+            EngineKind::Mistralrs => {
+                Arc::new(mistral_backend(&settings, &base_dir, &cache_dir, store, &metrics).await?)
+            }
+            EngineKind::Remote => {
+                let url = settings
+                    .upstream_url
+                    .as_deref()
+                    .ok_or(StartError::NoUpstream)?;
+                let mut r = RemoteSettings::new(url, &base_name);
+                r.api_key = settings.upstream_api_key.clone();
+                r.lora_path = settings.upstream_lora_path.clone();
+                Arc::new(RemoteBackend::new(r)?)
+            }
         };
-        let pool = Arc::new(EnginePool::new(loader, max_engines, metrics.clone()));
-        if settings.preload_base {
-            pool.get(&EngineKey::Base).await?;
-        }
         let router = Arc::new(Router::new(base_name, registry.clone()));
         let verifier = match &settings.auth {
             Some(a) => Some(Verifier::from_settings(a, &settings.data_dir, false)?),
@@ -214,7 +197,7 @@ impl Application {
             let feed = Feed {
                 client,
                 router: router.clone(),
-                pool: pool.clone(),
+                backend: backend.clone(),
                 metrics: metrics.clone(),
                 status: status.clone(),
                 wait_secs: settings.poll_wait_secs,
@@ -224,7 +207,7 @@ impl Application {
         });
         let state = web::Data::new(AppState {
             router,
-            pool,
+            backend,
             metrics,
             limiter: Limiter::new(settings.max_concurrent, settings.max_queued),
             verifier,
@@ -280,4 +263,69 @@ impl Application {
     pub async fn run_until_stopped(self) -> std::io::Result<()> {
         self.server.await
     }
+}
+
+/// mistral.rs: one merged engine per version, as many as the memory budget holds; the base
+/// engine loaded before traffic when asked.
+async fn mistral_backend(
+    settings: &GatewaySettings,
+    base_dir: &std::path::Path,
+    cache_dir: &std::path::Path,
+    store: AdapterStore,
+    metrics: &Arc<Metrics>,
+) -> Result<MistralBackend, StartError> {
+    let dtype = parse_dtype(&settings.dtype).ok_or(StartError::Dtype(settings.dtype.clone()))?;
+    // mistral.rs finds adapters only through HF_HUB_CACHE: a mismatch would fail every
+    // adapter load later, so refuse to start instead.
+    let found = std::env::var("HF_HUB_CACHE").ok();
+    if found
+        .as_deref()
+        .and_then(|f| std::fs::canonicalize(f).ok())
+        .as_deref()
+        != Some(cache_dir)
+    {
+        return Err(StartError::HubCache {
+            expected: cache_dir.to_path_buf(),
+            found,
+        });
+    }
+    let isq = match &settings.isq {
+        Some(q) => Some(parse_isq(q).ok_or_else(|| StartError::Isq(q.clone()))?),
+        None => None,
+    };
+    // Every engine holds a full copy of the base: the budget is a number of engines.
+    let mut max_engines = settings.max_engines;
+    if let Some(budget_mb) = settings.memory_budget_mb {
+        let params = crate::base::parameters(base_dir)?;
+        let engine = crate::base::engine_bytes(params, &settings.dtype, settings.isq.as_deref());
+        let fit = (budget_mb << 20) / engine.max(1);
+        if fit == 0 {
+            return Err(StartError::Budget {
+                budget_mb,
+                engine_mb: engine >> 20,
+            });
+        }
+        max_engines = max_engines.min(fit as usize);
+        tracing::info!(
+            params,
+            engine_mb = engine >> 20,
+            budget_mb,
+            max_engines,
+            "engine memory budget"
+        );
+    }
+    let loader = MistralLoader {
+        base_dir: crate::base::prepare(base_dir, cache_dir)?,
+        store,
+        dtype,
+        max_num_seqs: settings.max_num_seqs,
+        isq,
+    };
+    let pool = EnginePool::new(Arc::new(loader), max_engines, metrics.clone());
+    let backend = MistralBackend::new(pool, isq);
+    if settings.preload_base {
+        use crate::engine::Backend;
+        backend.load(EngineKey::Base).await?;
+    }
+    Ok(backend)
 }

@@ -6,32 +6,41 @@ use loraops_registry::api::Readiness;
 use super::{AppState, auth};
 use crate::error::ApiError;
 use crate::openai::{ModelCard, ModelList};
-use crate::pool::EngineKey;
 
-/// The base model, every routed adapter by name, and each routed version pinned (`NAME@V`).
+/// The base model, every routed adapter by name, each routed version pinned (`NAME@V`), and
+/// any other version resident in the engine; adapters name the base as their `parent`.
 pub async fn models(
     state: web::Data<AppState>,
     req: HttpRequest,
 ) -> Result<HttpResponse, ApiError> {
     let p = auth::caller(&state, &req)?;
     let created = state.started;
-    let card = |id: String, owned_by: &str| ModelCard {
+    let base = state.router.base_name().to_string();
+    let card = |id: String, owned_by: &str, parent: Option<&str>| ModelCard {
         id,
         object: "model",
         created,
         owned_by: owned_by.to_string(),
+        parent: parent.map(str::to_string),
     };
-    let mut data = vec![card(state.router.base_name().to_string(), "loraops")];
+    let mut data = vec![card(base.clone(), "loraops", None)];
+    let mut listed = std::collections::HashSet::new();
+    let may = |adapter: &str| p.as_ref().is_none_or(|p| p.may_touch(adapter));
     for r in &state.router.table().routes {
-        if p.as_ref().is_some_and(|p| !p.may_touch(r.adapter.as_str())) {
+        if !may(r.adapter.as_str()) {
             continue;
         }
-        data.push(card(r.adapter.to_string(), r.base_model.as_str()));
+        data.push(card(r.adapter.to_string(), "loraops", Some(&base)));
         for v in [&r.stable, &r.canary].into_iter().flatten() {
-            data.push(card(
-                format!("{}@{}", r.adapter, v.version),
-                r.base_model.as_str(),
-            ));
+            let id = format!("{}@{}", r.adapter, v.version);
+            listed.insert(id.clone());
+            data.push(card(id, "loraops", Some(&base)));
+        }
+    }
+    for id in state.backend.resident() {
+        let adapter = id.rsplit_once('@').map_or(id.as_str(), |(a, _)| a);
+        if may(adapter) && listed.insert(id.clone()) {
+            data.push(card(id, "loraops", Some(&base)));
         }
     }
     Ok(HttpResponse::Ok().json(ModelList {
@@ -44,27 +53,33 @@ pub async fn healthz() -> HttpResponse {
     HttpResponse::Ok().json(serde_json::json!({"status": "ok"}))
 }
 
-/// Ready once the base engine is loaded. An unreachable registry does not make the gateway
-/// unready (it keeps serving the last table) but is reported in the checks.
+/// Ready once the base is loaded and, with a registry, the first routing table has arrived
+/// (before that every adapter name would answer 404). An unreachable registry later does not
+/// make the gateway unready (it keeps serving the last table) but is reported in the checks.
 pub async fn readyz(state: web::Data<AppState>) -> HttpResponse {
     let mut checks = std::collections::BTreeMap::new();
-    let base = state.pool.is_loaded(&EngineKey::Base);
+    let base = state.backend.base_ready();
     checks.insert(
-        "base_engine".to_string(),
+        "base".to_string(),
         if base { "loaded" } else { "not loaded" }.to_string(),
     );
-    let loaded: Vec<String> = state.pool.loaded().iter().map(|k| k.to_string()).collect();
-    checks.insert("engines".to_string(), loaded.join(", "));
-    let registry = match &state.feed {
-        Some(s) => s.lock().expect("feed lock").describe(),
-        None => "not configured (base model only)".to_string(),
+    let id = state.backend.identity();
+    checks.insert(
+        "engine".to_string(),
+        format!("{} {} ({})", id.name, id.version, id.quantization),
+    );
+    checks.insert("adapters".to_string(), state.backend.resident().join(", "));
+    let (registry, routed) = match &state.feed {
+        Some(s) => {
+            let s = s.lock().expect("feed lock");
+            (s.describe(), s.revision.is_some())
+        }
+        None => ("not configured (base model only)".to_string(), true),
     };
     checks.insert("registry".to_string(), registry);
-    let body = Readiness {
-        ready: base,
-        checks,
-    };
-    if base {
+    let ready = base && routed;
+    let body = Readiness { ready, checks };
+    if ready {
         HttpResponse::Ok().json(body)
     } else {
         HttpResponse::ServiceUnavailable().json(body)

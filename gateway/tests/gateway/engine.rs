@@ -1,14 +1,13 @@
-//! The embedded engine on its own: adapters pulled into the hub-cache layout, merged at load.
+//! The mistral.rs engine on its own: adapters pulled into the hub-cache layout, merged at load.
 
 use futures_util::StreamExt;
 use loraops_gateway::adapters::{AdapterError, AdapterStore};
 use loraops_gateway::engine::mistral::{LoadSpec, MistralEngine};
 use loraops_gateway::engine::{Engine, Event, GenerateRequest, Prompt, Sampling};
+use loraops_gateway::settings::EngineKind;
 use loraops_registry::client::no_progress;
 
-use crate::helpers::{
-    ADAPTER, BASE, TestGateway, fixture, spawn_gateway, spawn_gateway_with, spawn_registry,
-};
+use crate::helpers::{ADAPTER, BASE, TestGateway, fixture, spawn_gateway_with, spawn_registry};
 
 async fn greedy(e: &MistralEngine) -> String {
     let mut events = e.generate(GenerateRequest {
@@ -41,7 +40,8 @@ async fn base_v1_v2_base_loaded_in_sequence_each_give_their_own_output() {
     let name = ADAPTER.parse().unwrap();
     let mut ids = Vec::new();
     for v in reg.client().versions(ADAPTER).await.unwrap() {
-        ids.push(store.ensure(&name, v.version, &v.digest).await.unwrap());
+        store.ensure(&name, v.version, &v.digest).await.unwrap();
+        ids.push(AdapterStore::hub_id(&v.digest));
     }
     assert_eq!(ids.len(), 2);
     let base_dir = std::fs::canonicalize(&f.base).unwrap();
@@ -79,22 +79,26 @@ async fn adapters_mistralrs_cannot_apply_are_refused_and_digests_are_checked() {
         .unwrap();
     let v = client.version("dora-bot", 1).await.unwrap();
     let store = AdapterStore::new(f.hub_cache.clone(), Some(client.clone()));
-    let err = store
-        .ensure(&"dora-bot".parse().unwrap(), 1, &v.digest)
+    let name = "dora-bot".parse().unwrap();
+    let dir = store.ensure(&name, 1, &v.digest).await.unwrap();
+    let err = AdapterStore::check_mergeable(&dir, &name, 1)
         .await
         .unwrap_err();
     assert!(
         matches!(&err, AdapterError::Unsupported { message, .. } if message.contains("use_dora")),
         "{err}"
     );
-    assert!(
-        !f.hub_cache
-            .join(format!(
-                "models--loraops--{}",
-                v.digest.trim_start_matches("sha256:")
-            ))
-            .exists()
-    );
+    // Through the gateway, the version answers 503 naming the cause.
+    let gw = spawn_gateway_with(Some(&reg), |s| s.engine = EngineKind::Mistralrs).await;
+    let res = gw
+        .post(
+            "/v1/chat/completions",
+            &serde_json::json!({"model": "dora-bot@1", "max_tokens": 2,
+                "messages": [{"role": "user", "content": "hi"}]}),
+        )
+        .await;
+    assert_eq!(res.status(), 503);
+    assert!(res.text().await.unwrap().contains("use_dora"));
 
     let wrong = "sha256:".to_string() + &"0".repeat(64);
     let err = store
@@ -125,7 +129,7 @@ async fn a_python_peft_adapter_serves_what_transformers_and_peft_generate() {
         .unwrap();
     reg.route("peft-bot", Some(1), None).await;
     let rev = client.routing(None, 0).await.unwrap().revision;
-    let gw = spawn_gateway(Some(&reg)).await;
+    let gw = spawn_gateway_with(Some(&reg), |s| s.engine = EngineKind::Mistralrs).await;
     gw.wait_revision(rev).await;
     let max_tokens = reference["max_new_tokens"].as_u64().unwrap();
     let mut changed = 0;
@@ -159,7 +163,7 @@ async fn a_python_peft_adapter_serves_what_transformers_and_peft_generate() {
 }
 
 /// A transformers 5.x base (rope_theta only under rope_parameters) serves, quantised in place
-/// with ISQ; and under a memory budget that holds one engine, base and adapter take turns.
+/// with ISQ; and under a memory budget that holds only the base, the base keeps serving.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_transformers_5_base_serves_with_isq_and_under_a_memory_budget() {
     let f = fixture();
@@ -208,6 +212,7 @@ async fn a_transformers_5_base_serves_with_isq_and_under_a_memory_budget() {
         }
     };
     let quantised = spawn_gateway_with(Some(&reg), |s| {
+        s.engine = EngineKind::Mistralrs;
         s.base_model_dir = base.clone();
         s.isq = Some("q8_0".into());
     })
@@ -217,20 +222,31 @@ async fn a_transformers_5_base_serves_with_isq_and_under_a_memory_budget() {
         serve(&quantised, model).await;
     }
 
+    // A budget that holds one engine holds the base, which is never evicted: the routed
+    // version is refused by name, the base keeps serving.
     let budgeted = spawn_gateway_with(Some(&reg), |s| {
+        s.engine = EngineKind::Mistralrs;
         s.base_model_dir = base.clone();
         s.memory_budget_mb = Some(1);
     })
     .await;
     budgeted.wait_revision(rev).await;
-    for model in [BASE, "bot@1", BASE, "bot@1"] {
-        serve(&budgeted, model).await;
-        let metrics = budgeted.get("/metrics").await.text().await.unwrap();
-        assert!(
-            metrics.contains("loraops_gateway_engines_loaded 1"),
-            "{model}: {metrics}"
-        );
-    }
+    serve(&budgeted, BASE).await;
+    let res = budgeted
+        .post(
+            "/v1/chat/completions",
+            &serde_json::json!({"model": "bot@1", "max_tokens": 4,
+                "messages": [{"role": "user", "content": "hi"}]}),
+        )
+        .await;
+    assert_eq!(res.status(), 503);
+    assert!(res.text().await.unwrap().contains("none can be evicted"));
+    let metrics = budgeted.get("/metrics").await.text().await.unwrap();
+    assert!(
+        metrics.contains("loraops_gateway_engines_loaded 1"),
+        "{metrics}"
+    );
+    serve(&budgeted, BASE).await;
     // The user's directory is untouched; the engines loaded a normalised view of it.
     let cfg: serde_json::Value =
         serde_json::from_slice(&std::fs::read(base.join("config.json")).unwrap()).unwrap();

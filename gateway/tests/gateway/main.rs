@@ -1,10 +1,11 @@
 //! Gateway tests: one binary, real servers on port 0 — a registry holding the adapters and a
-//! gateway serving a generated tiny model with mistral.rs.
+//! gateway serving a generated tiny model with the native engine (and mistral.rs where named).
 
 mod helpers;
 mod kit;
 
 mod api;
 mod engine;
+mod native;
 mod rollout;
 mod routing;

@@ -22,12 +22,13 @@ async fn pinned_outputs(gw: &TestGateway) -> HashMap<String, String> {
         assert_eq!(header(&h, "x-loraops-arm"), "pinned");
         assert_eq!(header(&h, "x-loraops-version"), v);
         assert_eq!(header(&h, "x-loraops-adapter"), "bot");
-        assert_eq!(header(&h, "x-loraops-engine"), "mistral.rs");
+        assert_eq!(header(&h, "x-loraops-engine"), "loraops");
         assert_eq!(
             header(&h, "x-loraops-engine-version"),
-            loraops_gateway::engine::mistral::MISTRALRS_VERSION
+            env!("CARGO_PKG_VERSION")
         );
         assert_eq!(header(&h, "x-loraops-engine-quantization"), "none");
+        assert!(header(&h, "x-loraops-digest").starts_with("sha256:"));
         out.insert(v.to_string(), text);
     }
     let (base, h) = gw.chat(BASE, "x").await;

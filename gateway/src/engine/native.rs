@@ -1,0 +1,215 @@
+//! The native backend: loraops' own engine (`loraops-engine`), one resident base serving every
+//! adapter unmerged. A version becomes resident by pulling its files into the adapter cache
+//! (sha256-verified) and reading them into an engine slot; requests carry the adapter they
+//! started with to the end.
+
+use std::sync::Arc;
+
+use futures_util::FutureExt;
+use futures_util::future::BoxFuture;
+use loraops_engine::{AdapterWeights, Engine as NativeEngine, EngineOptions, SubmitError};
+use loraops_model::tokenizer::Message;
+
+use super::{
+    Backend, EngineError, EngineInfo, EngineKey, Event, EventStream, GenerateRequest, Prompt,
+    TokenUsage,
+};
+use crate::adapters::AdapterStore;
+use crate::residency::Flights;
+
+pub struct NativeBackend {
+    inner: Arc<Inner>,
+}
+
+struct Inner {
+    engine: NativeEngine,
+    store: AdapterStore,
+    flights: Flights<EngineKey, Arc<AdapterWeights>>,
+    identity: EngineInfo,
+}
+
+/// The engine slot id of a version.
+fn slot_id(key: &EngineKey) -> String {
+    key.to_string()
+}
+
+impl NativeBackend {
+    /// Load the base (blocking: call it off the async runtime's workers).
+    pub fn start(options: EngineOptions, store: AdapterStore) -> Result<Self, EngineError> {
+        let quantization = options.quantize.as_str().to_string();
+        let what = options.base_dir.display().to_string();
+        let engine = NativeEngine::start(options).map_err(|e| EngineError::Load {
+            what,
+            message: e.to_string(),
+        })?;
+        Ok(Self {
+            inner: Arc::new(Inner {
+                engine,
+                store,
+                flights: Flights::default(),
+                identity: EngineInfo {
+                    name: "loraops".into(),
+                    version: env!("CARGO_PKG_VERSION").into(),
+                    quantization,
+                },
+            }),
+        })
+    }
+
+    pub fn engine(&self) -> &NativeEngine {
+        &self.inner.engine
+    }
+}
+
+impl Inner {
+    /// The version's adapter, resident (loading it once if it is not).
+    async fn adapter(
+        self: &Arc<Self>,
+        key: &EngineKey,
+    ) -> Result<Arc<AdapterWeights>, EngineError> {
+        let EngineKey::Version {
+            adapter,
+            version,
+            digest,
+        } = key
+        else {
+            unreachable!("the base has no adapter")
+        };
+        let id = slot_id(key);
+        if let Some(a) = self.engine.adapter(&id) {
+            return Ok(a);
+        }
+        let me = self.clone();
+        let (name, version, digest) = (adapter.clone(), *version, digest.clone());
+        self.flights
+            .run(key, move || async move {
+                let dir = me
+                    .store
+                    .ensure(&name, version, &digest)
+                    .await
+                    .map_err(|e| e.to_string())?;
+                let id = format!("{name}@{version}");
+                tokio::task::spawn_blocking(move || me.engine.load_adapter(&id, &dir))
+                    .await
+                    .map_err(|e| format!("the adapter load panicked: {e}"))?
+                    .map_err(|e| e.to_string())
+            })
+            .await
+            .map_err(|message| EngineError::Load {
+                what: key.to_string(),
+                message,
+            })
+    }
+}
+
+impl Backend for NativeBackend {
+    fn identity(&self) -> &EngineInfo {
+        &self.inner.identity
+    }
+
+    fn generate(
+        &self,
+        key: EngineKey,
+        req: GenerateRequest,
+    ) -> BoxFuture<'static, Result<EventStream, EngineError>> {
+        let inner = self.inner.clone();
+        async move {
+            let adapter = match &key {
+                EngineKey::Base => None,
+                k => Some(inner.adapter(k).await?),
+            };
+            let e = &inner.engine;
+            let prompt = match &req.prompt {
+                Prompt::Chat(ms) => {
+                    let messages: Vec<Message> = ms
+                        .iter()
+                        .map(|m| Message {
+                            role: m.role.clone(),
+                            content: m.content.clone(),
+                        })
+                        .collect();
+                    e.encode_chat(&messages)
+                }
+                Prompt::Text(t) => e.encode_text(t),
+            }
+            .map_err(|e| EngineError::Rejected(e.to_string()))?;
+            let s = &req.sampling;
+            let sampling = loraops_engine::SamplingParams {
+                max_tokens: s.max_tokens,
+                temperature: s.temperature as f32,
+                top_p: s.top_p.unwrap_or(1.0) as f32,
+                seed: s.seed,
+                stop: s.stop.clone(),
+                ..Default::default()
+            };
+            let rx = e
+                .generate(loraops_engine::Request {
+                    prompt,
+                    adapter,
+                    sampling,
+                    constraint: s.constraint.clone().map(loraops_engine::Constraint::Regex),
+                })
+                .map_err(|err| match err {
+                    SubmitError::Rejected(m) => EngineError::Rejected(m),
+                    SubmitError::Overloaded(_) => EngineError::Overloaded(err.to_string()),
+                    SubmitError::Stopped => EngineError::Internal(err.to_string()),
+                })?;
+            let events = futures_util::stream::unfold(rx, |mut rx| async move {
+                loop {
+                    let ev = match rx.recv().await? {
+                        loraops_engine::Event::Token { text, .. } if text.is_empty() => continue,
+                        loraops_engine::Event::Token { text, .. } => Ok(Event::Delta(text)),
+                        loraops_engine::Event::Done { finish, usage } => Ok(Event::Done {
+                            finish_reason: finish.as_str().into(),
+                            usage: TokenUsage {
+                                prompt_tokens: usage.prompt_tokens as u64,
+                                completion_tokens: usage.completion_tokens as u64,
+                            },
+                        }),
+                        loraops_engine::Event::Error(m) => Err(EngineError::Internal(m)),
+                    };
+                    return Some((ev, rx));
+                }
+            });
+            Ok(Box::pin(events) as EventStream)
+        }
+        .boxed()
+    }
+
+    fn load(&self, key: EngineKey) -> BoxFuture<'static, Result<(), EngineError>> {
+        let inner = self.inner.clone();
+        async move {
+            if key != EngineKey::Base {
+                inner.flights.forget_failure(&key);
+                inner.adapter(&key).await?;
+            }
+            Ok(())
+        }
+        .boxed()
+    }
+
+    fn unload(&self, key: &EngineKey) -> bool {
+        self.inner.engine.unload_adapter(&slot_id(key))
+    }
+
+    fn pin(&self, keys: &[EngineKey]) {
+        self.inner
+            .engine
+            .pin_adapters(keys.iter().map(slot_id).collect());
+    }
+
+    fn is_resident(&self, key: &EngineKey) -> bool {
+        match key {
+            EngineKey::Base => true,
+            k => self.inner.engine.has_adapter(&slot_id(k)),
+        }
+    }
+
+    fn resident(&self) -> Vec<String> {
+        self.inner.engine.adapters()
+    }
+
+    fn base_ready(&self) -> bool {
+        true
+    }
+}
