@@ -8,11 +8,11 @@ use std::sync::Arc;
 use loraops_model::config::ModelConfig;
 use loraops_model::kernels::matmul::{self, Operand, SendPtr, gemm_block};
 use loraops_model::linear::frozen::{FrozenMatmul, FrozenWeight};
-use loraops_model::linear::nf4::Nf4Tensor;
+use loraops_model::linear::nf4::{NF4_BLOCK, Nf4Tensor};
 use loraops_model::llama::{BaseFormat, Llama, LoadOptions};
 use rayon::prelude::*;
 
-use crate::EngineError;
+use crate::{EngineError, dots};
 
 /// How the base's decoder linears are held.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
@@ -47,6 +47,15 @@ impl std::str::FromStr for Quantize {
 /// Output rows of an NF4 weight dequantised at once: a tile of 32 rows of a 4096-wide layer is
 /// 512 KiB, which stays in cache for the product that reads it.
 const NF4_TILE: usize = 32;
+
+/// Up to this many input rows (decode steps), products read the weight one output row at a
+/// time and take its dot product with every input row; beyond, gemm (which packs the weight,
+/// a cost only many rows repay). At 8 rows of a 100M-parameter model, gemm spent as long
+/// packing as multiplying.
+const SMALL_BATCH: usize = 8;
+
+/// Output rows per task of the small-batch products.
+const ROWS_PER_TASK: usize = 16;
 
 /// A frozen weight (out × in).
 pub enum Weight {
@@ -93,7 +102,13 @@ impl Weight {
     /// so a decode step reads its 4 bits per weight from memory, not 32.
     pub fn forward(&self, x: &[f32], rows: usize) -> Vec<f32> {
         match self {
+            Self::F32 { w, out_f, in_f } if rows <= SMALL_BATCH => {
+                dense_small_batch(w, x, rows, *in_f, *out_f)
+            }
             Self::F32 { w, out_f, in_f } => matmul::linear(x, w, rows, *in_f, *out_f),
+            Self::Nf4(q) if rows <= SMALL_BATCH && q.shape[1].is_multiple_of(NF4_BLOCK) => {
+                nf4_small_batch(q, x, rows)
+            }
             Self::Nf4(q) => {
                 let (out_f, in_f) = (q.shape[0], q.shape[1]);
                 let mut y = vec![0f32; rows * out_f];
@@ -122,6 +137,51 @@ impl Weight {
             }
         }
     }
+}
+
+/// `y = x · Wᵀ` for a few rows of x: output rows are split among the threads, and each weight
+/// row is read from memory once per step and multiplied with every input row from cache.
+fn dense_small_batch(w: &[f32], x: &[f32], rows: usize, in_f: usize, out_f: usize) -> Vec<f32> {
+    // Transposed (out × rows), so each task writes one contiguous block.
+    let mut yt = vec![0f32; out_f * rows];
+    yt.par_chunks_mut(ROWS_PER_TASK * rows)
+        .enumerate()
+        .for_each(|(t, block)| {
+            for (i, out) in block.chunks_exact_mut(rows).enumerate() {
+                let o = t * ROWS_PER_TASK + i;
+                dots::dense_row(&w[o * in_f..(o + 1) * in_f], x, out);
+            }
+        });
+    transpose(&yt, out_f, rows)
+}
+
+/// NF4 for a few rows: the same, each weight row expanded in registers as it is multiplied.
+fn nf4_small_batch(q: &Nf4Tensor, x: &[f32], rows: usize) -> Vec<f32> {
+    let out_f = q.shape[0];
+    let (xe, xo): (Vec<f32>, Vec<f32>) = x.chunks_exact(2).map(|p| (p[0], p[1])).unzip();
+    let mut yt = vec![0f32; out_f * rows];
+    yt.par_chunks_mut(ROWS_PER_TASK * rows)
+        .enumerate()
+        .for_each(|(t, block)| {
+            for (i, out) in block.chunks_exact_mut(rows).enumerate() {
+                dots::nf4_row(q, t * ROWS_PER_TASK + i, &xe, &xo, out);
+            }
+        });
+    transpose(&yt, out_f, rows)
+}
+
+/// (a × b) row-major → (b × a).
+fn transpose(m: &[f32], a: usize, b: usize) -> Vec<f32> {
+    if b == 1 {
+        return m.to_vec();
+    }
+    let mut out = vec![0f32; a * b];
+    for (i, row) in m.chunks_exact(b).enumerate() {
+        for (j, &v) in row.iter().enumerate() {
+            out[j * a + i] = v;
+        }
+    }
+    out
 }
 
 /// A decoder linear layer of the base: weight and optional bias.

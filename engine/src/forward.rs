@@ -202,6 +202,13 @@ fn attention(base: &Base, segs: &[Segment], starts: &[usize], q: &[f32], li: usi
         let (r0, n, p0) = (starts[si], s.tokens.len(), s.cache.len);
         let len = p0 + n;
         let (keys, values) = s.cache.head(li, h / (hq / hkv), len);
+        if n == 1 {
+            // Decoding: one query, so plain dot products beat a product call per head.
+            // SAFETY: this task owns head h's columns of row r0 of `out`.
+            let o = unsafe { op.slice(r0 * width + h * d, d) };
+            attend_one(&q[r0 * width + h * d..][..d], keys, values, scale, o);
+            return;
+        }
         let mut scores = vec![0f32; n * len];
         sgemm_serial(
             &mut scores,
@@ -229,6 +236,24 @@ fn attention(base: &Base, segs: &[Segment], starts: &[usize], q: &[f32], li: usi
         }
     });
     out
+}
+
+/// One query against `len` keys and values (len × d each) into `out` (d).
+fn attend_one(q: &[f32], keys: &[f32], values: &[f32], scale: f32, out: &mut [f32]) {
+    let d = q.len();
+    simd::dispatch(|| {
+        let mut p: Vec<f32> = keys
+            .chunks_exact(d)
+            .map(|k| simd::dot(q, k) * scale)
+            .collect();
+        softmax(&mut p);
+        out.fill(0.0);
+        for (w, v) in p.iter().zip(values.chunks_exact(d)) {
+            for (o, v) in out.iter_mut().zip(v) {
+                *o += w * v;
+            }
+        }
+    })
 }
 
 fn softmax(x: &mut [f32]) {

@@ -12,6 +12,7 @@
 
 pub mod adapters;
 pub mod base;
+mod dots;
 pub mod forward;
 pub mod grammar;
 pub mod kv;
@@ -132,7 +133,7 @@ impl EngineOptions {
             kv_cache_bytes: 512 << 20,
             batch: BatchLimits {
                 max_running: 64,
-                prefill_chunk: 256,
+                prefill_chunk: 16,
             },
             max_waiting: 1024,
             slots: SlotLimits {
