@@ -58,7 +58,7 @@ impl Default for NativeSettings {
             max_adapters: 64,
             adapter_memory_mb: 2048,
             max_batch: 64,
-            prefill_chunk: 256,
+            prefill_chunk: 16,
         }
     }
 }
@@ -175,7 +175,7 @@ pub struct GatewayConfig {
     pub adapter_memory_mb: Option<u64>,
     /// native: sequences decoding at once (default 64).
     pub max_batch: Option<usize>,
-    /// native: prompt tokens prefilled per step while other sequences decode (default 256).
+    /// native: prompt tokens prefilled per step while other sequences decode (default 16).
     pub prefill_chunk: Option<usize>,
     /// mistralrs: most engines (adapter versions) kept loaded.
     pub max_engines: Option<usize>,

@@ -55,6 +55,10 @@ pub struct ServeArgs {
     /// native: sequences decoding together [default: 64].
     #[arg(long)]
     pub max_batch: Option<usize>,
+    /// native: prompt tokens read per step while other sequences decode; larger reads long
+    /// prompts sooner, smaller keeps running streams' pace [default: 16].
+    #[arg(long)]
+    pub prefill_chunk: Option<usize>,
     /// mistralrs: most adapter versions (engines) kept loaded [default: 4].
     #[arg(long)]
     pub max_engines: Option<usize>,
@@ -144,6 +148,10 @@ fn serve(args: ServeArgs, global: &Global) -> anyhow::Result<()> {
             args.adapter_memory_mb.map(|n| n.to_string()),
         ),
         ("gateway.max_batch", args.max_batch.map(|n| n.to_string())),
+        (
+            "gateway.prefill_chunk",
+            args.prefill_chunk.map(|n| n.to_string()),
+        ),
         (
             "gateway.upstream_lora_path",
             args.upstream_lora_path.clone(),

@@ -1,0 +1,14 @@
+#!/usr/bin/env bash
+# Serving: the native engine and mistral.rs side by side on the CPU, on the generated tiny
+# model and a generated ~100M-parameter one (gateway/examples/bench_serving.rs); prints one
+# table: single-stream decode vs mistral.rs merged, 32 streams over 32 adapters vs the base,
+# the batching gain, RSS with 1/10/100 adapters, NF4 vs f32, adapter load time, and the
+# inter-token p99 of 16 streams while a 2,000-token prompt arrives.
+#
+#   bench/serving/run.sh [all|tiny|100m]
+# Models and adapters are generated once under $BENCH_SERVING_DIR (default /tmp).
+set -euo pipefail
+cd "$(dirname "$0")/../.."
+export CARGO_TARGET_DIR="${CARGO_TARGET_DIR:-/var/tmp/loraops-target}"
+cargo build -q -p loraops-gateway --example bench_serving >&2
+RUST_LOG="${RUST_LOG:-error}" exec "$CARGO_TARGET_DIR/debug/examples/bench_serving" "${1:-all}"
