@@ -203,12 +203,16 @@ impl Backend for RemoteBackend {
             let status = res.status();
             if !status.is_success() {
                 let text = res.text().await.unwrap_or_default();
-                return Err(if status.is_client_error() && status.as_u16() != 429 {
-                    EngineError::Rejected(format!("upstream {status}: {text}"))
-                } else if status.as_u16() == 429 {
-                    EngineError::Overloaded(format!("upstream {status}: {text}"))
-                } else {
-                    EngineError::Internal(format!("upstream {status}: {text}"))
+                let message = format!("upstream {status}: {text}");
+                return Err(match status.as_u16() {
+                    429 => EngineError::Overloaded(message),
+                    // The gateway's own credentials, not the client's request.
+                    401 | 403 => EngineError::Load {
+                        what: format!("upstream {}", inner.settings.url),
+                        message,
+                    },
+                    s if (400..500).contains(&s) => EngineError::Rejected(message),
+                    _ => EngineError::Internal(message),
                 });
             }
             if let EngineKey::Version { digest, .. } = &key

@@ -7,5 +7,6 @@ mod kit;
 mod api;
 mod engine;
 mod native;
+mod remote;
 mod rollout;
 mod routing;
