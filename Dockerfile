@@ -48,7 +48,7 @@ COPY . .
 RUN --mount=type=cache,target=/root/.cargo/registry \
     --mount=type=cache,target=/src/target \
     cargo build --release --locked --bin loraops \
-        --features loraops-gateway/cuda,loraops-trainer/cuda \
+        --features cuda \
  && cp target/release/loraops /usr/local/bin/loraops
 
 FROM nvidia/cuda:${CUDA_VERSION}-runtime-${CUDA_UBUNTU} AS cuda

@@ -445,8 +445,29 @@ impl Meta {
     }
 }
 
+/// How long a stream may wait for its client to take a frame: a client that stops reading
+/// would otherwise hold its concurrency slot (and its generation) for as long as it likes.
+const CLIENT_STALL: std::time::Duration = std::time::Duration::from_secs(30);
+
+/// Hand one frame to the client; false when it left or stopped reading for [`CLIENT_STALL`].
+async fn send(tx: &mpsc::Sender<Result<Bytes, Infallible>>, frame: Bytes) -> bool {
+    send_within(tx, frame, CLIENT_STALL).await
+}
+
+async fn send_within(
+    tx: &mpsc::Sender<Result<Bytes, Infallible>>,
+    frame: Bytes,
+    stall: std::time::Duration,
+) -> bool {
+    matches!(
+        tokio::time::timeout(stall, tx.send(Ok(frame))).await,
+        Ok(Ok(()))
+    )
+}
+
 /// Forward engine events as SSE frames. Holding `permit` until the end keeps the concurrency
-/// limit honest for streams; a closed channel means the client left, which stops generation.
+/// limit honest for streams; a client that left (or stopped reading) ends the stream, and
+/// dropping `events` stops generation.
 async fn stream_events(
     mut events: EventStream,
     meta: Meta,
@@ -457,12 +478,7 @@ async fn stream_events(
 ) {
     let _permit = permit;
     let mut answer = judge_job.as_ref().map(|_| String::new());
-    if meta.kind == Kind::Chat
-        && tx
-            .send(Ok(meta.chunk(Some(String::new()), true, None)))
-            .await
-            .is_err()
-    {
+    if meta.kind == Kind::Chat && !send(&tx, meta.chunk(Some(String::new()), true, None)).await {
         obs.finish(499, None);
         return;
     }
@@ -489,7 +505,7 @@ async fn stream_events(
                 }
                 frames.push(Bytes::from_static(b"data: [DONE]\n\n"));
                 for f in frames {
-                    if tx.send(Ok(f)).await.is_err() {
+                    if !send(&tx, f).await {
                         break;
                     }
                 }
@@ -502,15 +518,37 @@ async fn stream_events(
             Err(e) => {
                 // Headers are gone: report the failure in-band as OpenAI's stream does.
                 let err = engine_error(e);
-                let _ = tx.send(Ok(sse(&err.body()))).await;
+                send(&tx, sse(&err.body())).await;
                 obs.finish(err.status.as_u16(), None);
                 return;
             }
         };
-        if tx.send(Ok(frame)).await.is_err() {
+        if !send(&tx, frame).await {
             obs.finish(499, None);
             return;
         }
     }
     obs.finish(500, None);
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A client that stops reading frees its stream after the stall limit, instead of holding
+    /// its concurrency slot for as long as it likes.
+    #[tokio::test]
+    async fn a_client_that_stops_reading_is_let_go() {
+        let stall = std::time::Duration::from_millis(50);
+        let frame = || Bytes::from_static(b"data: {}\n\n");
+        let (tx, mut rx) = mpsc::channel(1);
+        assert!(send_within(&tx, frame(), stall).await);
+        let start = std::time::Instant::now();
+        assert!(!send_within(&tx, frame(), stall).await, "nobody reads");
+        assert!(start.elapsed() >= stall);
+        rx.recv().await.unwrap().unwrap();
+        assert!(send_within(&tx, frame(), stall).await, "reading again");
+        drop(rx);
+        assert!(!send_within(&tx, frame(), stall).await, "gone");
+    }
 }

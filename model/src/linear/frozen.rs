@@ -153,3 +153,42 @@ impl CustomOp1 for FrozenMatmul {
         Ok(Some(g.reshape(dims)?))
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use candle_core::{Device, Tensor, Var};
+
+    use super::*;
+
+    /// candle 0.10.2's CPU batched matmul returns wrong values when the left operand's batch
+    /// stride is 0 (`broadcast_as(…).matmul(…)`, candle issue 3744, fixed in 0.11.1). The
+    /// frozen product broadcasts only the weight, on the right; this checks every batched path
+    /// it takes against row-by-row products, and would catch a change that fed the bad pattern.
+    #[test]
+    fn batched_products_equal_row_by_row_products() {
+        let dev = Device::Cpu;
+        let w = Tensor::randn(0f32, 1.0, (5, 7), &dev).unwrap();
+        let x = Tensor::randn(0f32, 1.0, (3, 4, 7), &dev).unwrap();
+        let lin = FrozenMatmul::new(FrozenWeight::Dense(w.clone()));
+        let rows = |t: &Tensor| -> Vec<f32> { t.flatten_all().unwrap().to_vec1().unwrap() };
+        let mut want = Vec::new();
+        for b in 0..3 {
+            for r in 0..4 {
+                let xr = x.get(b).unwrap().get(r).unwrap().unsqueeze(0).unwrap();
+                want.extend(rows(&xr.matmul(&w.t().unwrap()).unwrap()));
+            }
+        }
+        let plain = lin.forward(&x).unwrap();
+        let tracked = lin
+            .forward(Var::from_tensor(&x).unwrap().as_tensor())
+            .unwrap();
+        for got in [rows(&plain), rows(&tracked)] {
+            let worst = got
+                .iter()
+                .zip(&want)
+                .map(|(a, b)| (a - b).abs())
+                .fold(0f32, f32::max);
+            assert!(worst < 1e-5, "{worst}");
+        }
+    }
+}
