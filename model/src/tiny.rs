@@ -38,8 +38,33 @@ impl Default for TinySpec {
 
 pub const SPECIAL_TOKENS: [&str; 3] = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"];
 
-/// ChatML, the template of many Llama-family chat models.
-pub const CHAT_TEMPLATE: &str = "{% for message in messages %}{{ '<|im_start|>' + message['role'] + '\\n' + message['content'] + '<|im_end|>' + '\\n' }}{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}{% endif %}";
+/// ChatML, the template of many Llama-family chat models, with tools as Qwen2.5 renders them:
+/// the function definitions in the system turn, an assistant's calls as `<tool_call>` JSON,
+/// tool results as `<tool_response>` in a user turn. Without tools it is plain ChatML.
+pub const CHAT_TEMPLATE: &str = concat!(
+    "{%- if tools %}{{ '<|im_start|>system\\n' }}",
+    "{%- if messages[0]['role'] == 'system' %}{{ messages[0]['content'] + '\\n\\n' }}{%- endif %}",
+    "{{ '# Tools\\n\\nYou may call one or more functions to assist with the user query.\\n\\n",
+    "You are provided with function signatures within <tools></tools> XML tags:\\n<tools>' }}",
+    "{%- for tool in tools %}{{ '\\n' }}{{ tool | tojson }}{%- endfor %}",
+    "{{ '\\n</tools>\\n\\nFor each function call, return a json object with function name and ",
+    "arguments within <tool_call></tool_call> XML tags:\\n<tool_call>\\n",
+    "{\"name\": <function-name>, \"arguments\": <args-json-object>}\\n</tool_call><|im_end|>\\n' }}",
+    "{%- endif %}",
+    "{%- for message in messages %}",
+    "{%- if tools and loop.first and message['role'] == 'system' %}",
+    "{%- elif message['role'] == 'assistant' and message['tool_calls'] %}",
+    "{{ '<|im_start|>assistant' }}{%- if message['content'] %}{{ '\\n' + message['content'] }}{%- endif %}",
+    "{%- for call in message['tool_calls'] %}{%- set f = call['function'] if call['function'] else call %}",
+    "{{ '\\n<tool_call>\\n{\"name\": \"' + f['name'] + '\", \"arguments\": ' }}",
+    "{%- if f['arguments'] is string %}{{ f['arguments'] }}{%- else %}{{ f['arguments'] | tojson }}{%- endif %}",
+    "{{ '}\\n</tool_call>' }}{%- endfor %}{{ '<|im_end|>\\n' }}",
+    "{%- elif message['role'] == 'tool' %}",
+    "{{ '<|im_start|>user\\n<tool_response>\\n' + message['content'] + '\\n</tool_response><|im_end|>\\n' }}",
+    "{%- else %}{{ '<|im_start|>' + message['role'] + '\\n' + message['content'] + '<|im_end|>' + '\\n' }}",
+    "{%- endif %}{%- endfor %}",
+    "{%- if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}{%- endif %}"
+);
 
 /// The text the tokenizer's merges are learned from.
 const CORPUS: &str = "The quick brown fox jumps over the lazy dog. A model learns from data, and the data \
@@ -393,5 +418,48 @@ mod tests {
                     || (l.as_str(), r.as_str()) == ("t", "h")),
             "{a:?}"
         );
+    }
+
+    /// Without tools the template is plain ChatML (what the recorded reference prompts used);
+    /// with them, the definitions, calls and results render as Qwen2.5's template does.
+    #[test]
+    fn the_chat_template_is_chatml_and_renders_tools() {
+        let dir = tempfile::tempdir().unwrap();
+        init_tiny(dir.path(), &TinySpec::default()).unwrap();
+        let tok = crate::tokenizer::Tokenizer::load(dir.path()).unwrap();
+        let plain = serde_json::json!([
+            {"role": "system", "content": "Be brief."},
+            {"role": "user", "content": "hi"},
+            {"role": "assistant", "content": "hello"},
+        ]);
+        assert_eq!(
+            tok.render_chat(&plain, None, true).unwrap(),
+            "<|im_start|>system\nBe brief.<|im_end|>\n<|im_start|>user\nhi<|im_end|>\n\
+             <|im_start|>assistant\nhello<|im_end|>\n<|im_start|>assistant\n"
+        );
+        let tools = serde_json::json!([{"type": "function", "function": {"name": "weather",
+            "parameters": {"type": "object", "properties": {"city": {"type": "string"}}}}}]);
+        let turns = serde_json::json!([
+            {"role": "system", "content": "Be brief."},
+            {"role": "user", "content": "Weather in Paris?"},
+            {"role": "assistant", "content": null, "tool_calls": [{"id": "c1", "type": "function",
+                "function": {"name": "weather", "arguments": "{\"city\": \"Paris\"}"}}]},
+            {"role": "tool", "tool_call_id": "c1", "content": "sunny"},
+        ]);
+        let text = tok.render_chat(&turns, Some(&tools), true).unwrap();
+        assert!(
+            text.starts_with("<|im_start|>system\nBe brief.\n\n# Tools"),
+            "{text}"
+        );
+        assert!(text.contains("\"name\":\"weather\""), "{text}");
+        assert!(
+            text.contains("<tool_call>\n{\"name\": \"weather\", \"arguments\": {\"city\": \"Paris\"}}\n</tool_call>"),
+            "{text}"
+        );
+        assert!(
+            text.contains("<tool_response>\nsunny\n</tool_response>"),
+            "{text}"
+        );
+        assert_eq!(text.matches("Be brief.").count(), 1, "{text}");
     }
 }

@@ -17,6 +17,8 @@ pub struct Message {
 pub struct Tokenizer {
     inner: tokenizers::Tokenizer,
     chat_template: Option<String>,
+    /// The chat template, compiled on first use.
+    env: std::sync::OnceLock<minijinja::Environment<'static>>,
     pub bos_token: Option<String>,
     pub eos_token: Option<String>,
     pub bos_id: Option<u32>,
@@ -86,6 +88,7 @@ impl Tokenizer {
         Ok(Self {
             inner,
             chat_template,
+            env: std::sync::OnceLock::new(),
             bos_token,
             eos_token,
             bos_id,
@@ -128,7 +131,39 @@ impl Tokenizer {
         messages: &[Message],
         add_generation_prompt: bool,
     ) -> Result<String> {
-        let tpl = self.chat_template.as_deref().ok_or_else(|| {
+        let messages = serde_json::to_value(messages).expect("serialisable messages");
+        self.render_chat(&messages, None, add_generation_prompt)
+    }
+
+    /// Render the chat template for messages in OpenAI's shape (assistant messages with
+    /// `tool_calls`, `tool` messages with `tool_call_id`), with `tools` (function definitions)
+    /// when given, as transformers' `apply_chat_template(messages, tools=…)` does.
+    pub fn render_chat(
+        &self,
+        messages: &Value,
+        tools: Option<&Value>,
+        add_generation_prompt: bool,
+    ) -> Result<String> {
+        let env = self.template_env()?;
+        let t = env
+            .get_template("chat")
+            .map_err(|e| Error::Template(e.to_string()))?;
+        t.render(minijinja::context! {
+            messages => messages,
+            tools => tools,
+            add_generation_prompt => add_generation_prompt,
+            bos_token => self.bos_token.clone().unwrap_or_default(),
+            eos_token => self.eos_token.clone().unwrap_or_default(),
+        })
+        .map_err(|e| Error::Template(e.to_string()))
+    }
+
+    /// The template compiled once, with the functions transformers' Jinja2 offers.
+    fn template_env(&self) -> Result<&minijinja::Environment<'static>> {
+        if let Some(env) = self.env.get() {
+            return Ok(env);
+        }
+        let tpl = self.chat_template.clone().ok_or_else(|| {
             Error::Template("the tokenizer has no chat_template; use prompt/completion rows".into())
         })?;
         let mut env = minijinja::Environment::new();
@@ -148,17 +183,8 @@ impl Tokenizer {
         // Jinja2 as transformers configures it: trim_blocks and lstrip_blocks.
         env.set_trim_blocks(true);
         env.set_lstrip_blocks(true);
-        env.add_template("chat", tpl)
+        env.add_template_owned("chat", tpl)
             .map_err(|e| Error::Template(e.to_string()))?;
-        let t = env
-            .get_template("chat")
-            .map_err(|e| Error::Template(e.to_string()))?;
-        t.render(minijinja::context! {
-            messages => messages,
-            add_generation_prompt => add_generation_prompt,
-            bos_token => self.bos_token.clone().unwrap_or_default(),
-            eos_token => self.eos_token.clone().unwrap_or_default(),
-        })
-        .map_err(|e| Error::Template(e.to_string()))
+        Ok(self.env.get_or_init(|| env))
     }
 }
