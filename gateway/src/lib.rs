@@ -23,6 +23,7 @@ pub mod report;
 pub mod residency;
 pub mod routing;
 pub mod settings;
+pub mod tools;
 pub mod validate;
 
 pub use http::{Application, StartError};
