@@ -14,6 +14,7 @@ use futures_util::StreamExt;
 use loraops_registry::api::Name;
 use tokio::sync::Semaphore;
 
+use crate::dispatch::dispatch;
 use crate::engine::{ChatMessage, Event, GenerateRequest, Prompt, Sampling};
 use crate::http::AppState;
 
@@ -122,44 +123,87 @@ pub fn spawn(state: web::Data<AppState>, job: Job, answer: String) {
     });
 }
 
+/// How far a shadow-phase candidate's answer agrees with the stable answer to the same request,
+/// in [0, 1]; `None` when the judge is busy (skipped, as for scores).
+pub async fn agreement(
+    state: &AppState,
+    question: &str,
+    stable: &str,
+    candidate: &str,
+) -> Option<Result<f64, String>> {
+    let judge = state.judge.clone()?;
+    let Ok(_slot) = judge.slots.clone().try_acquire_owned() else {
+        state.metrics.judged.with_label_values(&["skipped"]).inc();
+        return None;
+    };
+    let prompt = vec![
+        ChatMessage {
+            role: "system".into(),
+            content: AGREEMENT_RUBRIC.into(),
+        },
+        ChatMessage {
+            role: "user".into(),
+            content: format!(
+                "Request:\n{question}\n\nResponse A:\n{}\n\nResponse B:\n{}\n\nAgreement (1-10):",
+                clip(stable),
+                clip(candidate)
+            ),
+        },
+    ];
+    Some(ask(state, &judge.settings, prompt).await)
+}
+
+/// The rubric of [`agreement`].
+pub const AGREEMENT_RUBRIC: &str = "You compare two AI assistant responses to the same request. \
+Score how far they agree in substance, from 1 (they contradict each other or one is useless) to \
+10 (the same answer, whatever the wording). Reply with the number only.";
+
 async fn score(
     state: &AppState,
     s: &JudgeSettings,
     question: &str,
     answer: &str,
 ) -> Result<f64, String> {
+    let prompt = vec![
+        ChatMessage {
+            role: "system".into(),
+            content: s.rubric.clone().unwrap_or_else(|| DEFAULT_RUBRIC.into()),
+        },
+        ChatMessage {
+            role: "user".into(),
+            content: format!(
+                "Request:\n{question}\n\nResponse:\n{}\n\nScore (1-10):",
+                clip(answer)
+            ),
+        },
+    ];
+    ask(state, s, prompt).await
+}
+
+/// One constrained judge generation, parsed as a score.
+async fn ask(state: &AppState, s: &JudgeSettings, prompt: Vec<ChatMessage>) -> Result<f64, String> {
     let target = state
         .router
         .resolve(&s.model, "loraops-judge")
         .await
         .map_err(|e| e.to_string())?;
-    let request = GenerateRequest {
-        prompt: Prompt::Chat(vec![
-            ChatMessage {
-                role: "system".into(),
-                content: s.rubric.clone().unwrap_or_else(|| DEFAULT_RUBRIC.into()),
+    let mut events = dispatch(
+        state,
+        &target.key,
+        GenerateRequest {
+            prompt: Prompt::Chat(prompt),
+            sampling: Sampling {
+                max_tokens: 3,
+                // Greedy: the same answer always gets the same score.
+                temperature: 0.0,
+                constraint: Some(SCORE_PATTERN.into()),
+                ..Sampling::default()
             },
-            ChatMessage {
-                role: "user".into(),
-                content: format!(
-                    "Request:\n{question}\n\nResponse:\n{}\n\nScore (1-10):",
-                    clip(answer)
-                ),
-            },
-        ]),
-        sampling: Sampling {
-            max_tokens: 3,
-            // Greedy: the same answer always gets the same score.
-            temperature: 0.0,
-            constraint: Some(SCORE_PATTERN.into()),
-            ..Sampling::default()
         },
-    };
-    let mut events = state
-        .backend
-        .generate(target.key, request)
-        .await
-        .map_err(|e| e.to_string())?;
+    )
+    .await
+    .map_err(|e| e.to_string())?
+    .events;
     let mut text = String::new();
     while let Some(ev) = events.next().await {
         match ev.map_err(|e| e.to_string())? {

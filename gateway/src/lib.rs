@@ -7,9 +7,12 @@
 //! remote upstream; each makes the version resident once, [`residency`]) → back out as JSON or
 //! SSE. [`feed`] keeps the routing table current from the registry, [`adapters`] holds the
 //! adapter files it pulls, [`metrics`] exports Prometheus series per version and arm.
+//! [`dispatch`] is where a routed request meets its engine, for the request path, the online
+//! [`judge`] and [`shadow`] mirroring alike; [`report`] counts per arm for the registry.
 
 pub mod adapters;
 pub mod base;
+pub mod dispatch;
 pub mod engine;
 pub mod error;
 pub mod feed;
@@ -23,6 +26,7 @@ pub mod report;
 pub mod residency;
 pub mod routing;
 pub mod settings;
+pub mod shadow;
 pub mod tools;
 pub mod validate;
 

@@ -19,6 +19,8 @@ pub struct Metrics {
     pub rejected: IntCounterVec,
     /// Online judge outcomes: scored, failed, skipped (the judge was busy).
     pub judged: IntCounterVec,
+    /// Shadow-phase mirroring outcomes: mirrored, failed, skipped (too many in flight).
+    pub shadowed: IntCounterVec,
 }
 
 const LABELS: [&str; 3] = ["adapter", "version", "arm"];
@@ -109,9 +111,18 @@ impl Metrics {
             &["outcome"],
         )
         .expect("metric");
+        let shadowed = IntCounterVec::new(
+            Opts::new(
+                "loraops_gateway_shadow_total",
+                "Stable requests mirrored to a shadow-phase candidate, by outcome",
+            ),
+            &["outcome"],
+        )
+        .expect("metric");
         for c in [
             Box::new(requests.clone()) as Box<dyn prometheus::core::Collector>,
             Box::new(judged.clone()),
+            Box::new(shadowed.clone()),
             Box::new(latency.clone()),
             Box::new(ttft.clone()),
             Box::new(overhead.clone()),
@@ -137,6 +148,7 @@ impl Metrics {
             routing_revision,
             rejected,
             judged,
+            shadowed,
         }
     }
 

@@ -1,7 +1,9 @@
 //! Model routing: which engine serves a request's `model`. `NAME` follows the registry's
 //! routing table, split between stable and canary by a deterministic hash of the sticky key
 //! (so every replica sends a user to the same arm), `NAME@V` pins a version, and the base
-//! model's name serves without adapter.
+//! model's name serves without adapter. A deployer's smoke test may force the canary
+//! ([`Router::resolve_forced`]); a rollout in its shadow phase names the version that stable
+//! requests are mirrored to ([`Router::shadow_of`]).
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex, RwLock};
@@ -19,6 +21,9 @@ pub enum Arm {
     Pinned,
     /// The base model, no adapter.
     Base,
+    /// The candidate, reached by a deployer's `x-loraops-arm: canary` whatever the split;
+    /// never counted in the rollout's analysis.
+    Forced,
 }
 
 impl Arm {
@@ -28,6 +33,7 @@ impl Arm {
             Self::Canary => "canary",
             Self::Pinned => "pinned",
             Self::Base => "base",
+            Self::Forced => "forced",
         }
     }
 }
@@ -58,8 +64,13 @@ impl Target {
 pub enum RouteError {
     #[error("unknown model {0}")]
     UnknownModel(String),
+    #[error("{0} has no rollout candidate to force")]
+    NoCanary(String),
     #[error("cannot resolve {model}: {source}")]
-    Registry { model: String, source: ClientError },
+    Registry {
+        model: String,
+        source: Box<ClientError>,
+    },
 }
 
 /// Buckets of the split: weights have a resolution of 0.0001 percent.
@@ -96,11 +107,11 @@ fn key(adapter: &Name, v: &RoutedVersion) -> EngineKey {
     }
 }
 
-/// Every engine the table needs loaded: each route's stable and canary versions.
+/// Every engine the table needs loaded: each route's stable, canary and shadow versions.
 pub fn wanted(table: &RoutingTable) -> Vec<EngineKey> {
     let mut out = Vec::new();
     for r in &table.routes {
-        for v in [&r.stable, &r.canary].into_iter().flatten() {
+        for v in [&r.stable, &r.canary, &r.shadow].into_iter().flatten() {
             out.push(key(&r.adapter, v));
         }
     }
@@ -193,6 +204,39 @@ impl Router {
         }
     }
 
+    /// The candidate of `model`'s active rollout (its canary, or its shadow-phase version),
+    /// for a deployer's smoke test: `x-loraops-arm: canary`.
+    pub fn resolve_forced(&self, model: &str) -> Result<Target, RouteError> {
+        let r: AdapterRef = model
+            .parse()
+            .map_err(|_| RouteError::UnknownModel(model.to_string()))?;
+        let table = self.table();
+        let route = table
+            .routes
+            .iter()
+            .find(|x| x.adapter == r.name && r.version.is_none())
+            .ok_or_else(|| RouteError::UnknownModel(model.to_string()))?;
+        let v = route
+            .canary
+            .as_ref()
+            .or(route.shadow.as_ref())
+            .ok_or_else(|| RouteError::NoCanary(model.to_string()))?;
+        Ok(Target {
+            key: key(&route.adapter, v),
+            arm: Arm::Forced,
+            route: Some(route.adapter.clone()),
+        })
+    }
+
+    /// Where `adapter`'s stable requests are mirrored in a shadow phase, and the share.
+    pub fn shadow_of(&self, adapter: &Name) -> Option<(EngineKey, u32, f64)> {
+        let table = self.table();
+        let route = table.routes.iter().find(|x| &x.adapter == adapter)?;
+        let v = route.shadow.as_ref()?;
+        (route.shadow_percent > 0.0)
+            .then(|| (key(&route.adapter, v), v.version, route.shadow_percent))
+    }
+
     async fn pinned_digest(
         &self,
         name: &Name,
@@ -224,7 +268,7 @@ impl Router {
             }
             Err(source) => Err(RouteError::Registry {
                 model: model.to_string(),
-                source,
+                source: Box::new(source),
             }),
         }
     }
@@ -247,6 +291,8 @@ mod tests {
                 digest: "sha256:02".into(),
             }),
             canary_weight: weight,
+            shadow: None,
+            shadow_percent: 0.0,
         }
     }
 

@@ -856,6 +856,7 @@ def main() -> int:
                         "judge": {"model": "tiny", "sampleRate": 0.1}},
             "auth": {"issuer": "https://issuer.example"},
             "registry": {"controller": {"tickMs": 500, "leaseSecs": 20}, "anonymousReads": True,
+                         "observations": {"retentionHours": 72, "maxSkewSecs": 10, "maxAgeSecs": 600},
                          "webhooks": [{"url": "https://hooks.example.com/loraops",
                                        "events": ["rollout.*", "version.created"],
                                        "secretName": "loraops-webhooks"}]},

@@ -7,6 +7,7 @@ mod m20261128_000001_initial;
 mod m20261128_000002_suites;
 mod m20261128_000003_webhooks;
 mod m20261128_000004_judge_scores;
+mod m20261210_000001_rollout_analysis;
 
 pub struct Migrator;
 
@@ -17,6 +18,7 @@ impl MigratorTrait for Migrator {
             Box::new(m20261128_000002_suites::Migration),
             Box::new(m20261128_000003_webhooks::Migration),
             Box::new(m20261128_000004_judge_scores::Migration),
+            Box::new(m20261210_000001_rollout_analysis::Migration),
         ]
     }
 }

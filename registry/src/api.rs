@@ -330,6 +330,27 @@ pub struct Evidence {
     pub created_at: DateTime<Utc>,
 }
 
+/// Evidence for a base model itself (no adapter), the baseline of gate rules with
+/// `vs: base`. Its `adapter_digest` is the base model's registered digest, or
+/// `base:NAME` when it has none ([`base_evidence_digest`]).
+#[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
+pub struct BaseEvidence {
+    pub id: i64,
+    pub base_model: Name,
+    #[serde(flatten)]
+    pub body: NewEvidence,
+    pub created_by: String,
+    pub created_at: DateTime<Utc>,
+}
+
+/// What base-model evidence binds to: the weights digest, when registered, else the name.
+pub fn base_evidence_digest(name: &Name, digest: Option<&str>) -> String {
+    match digest {
+        Some(d) => d.to_string(),
+        None => format!("base:{name}"),
+    }
+}
+
 // ---------------------------------------------------------------------------------------------
 // Gates.
 
@@ -346,24 +367,79 @@ pub enum Comparison {
 }
 
 /// One rule: a metric of a suite's evidence compared with a threshold, absolute or relative
-/// to the stable version's evidence on the same suite digest.
+/// to the stable version's (or the base model's) evidence on the same suite digest.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize, ToSchema)]
 pub struct GateRule {
+    /// The suite, as `NAME@VERSION` or its digest `sha256:…`; the registry must hold it.
     pub suite: String,
     pub metric: String,
     pub op: Comparison,
     /// Absolute threshold.
     #[serde(default)]
     pub threshold: Option<f64>,
-    /// Non-regression: compare with the stable version's value, allowing this much slack
-    /// in the worse direction.
+    /// Non-regression: compare with the baseline's value, allowing this much slack in the
+    /// worse direction.
     #[serde(default)]
     pub max_regression: Option<f64>,
+    /// The baseline of `max_regression`: `stable` (the adapter's stable version; default) or
+    /// `base` (the base model's evidence on the same suite, which also applies to a first
+    /// version).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub vs: Option<Baseline>,
+}
+
+/// What a non-regression gate rule compares with.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+#[serde(rename_all = "snake_case")]
+pub enum Baseline {
+    Stable,
+    Base,
+}
+
+/// How a gate names a suite: a digest, or a name and version (immutable once stored).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum SuiteSpec {
+    Digest(String),
+    Version { name: Name, version: String },
+}
+
+impl FromStr for SuiteSpec {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        if let Some(hex) = s.strip_prefix("sha256:") {
+            if hex.len() == 64 && hex.bytes().all(|b| b.is_ascii_hexdigit()) {
+                return Ok(Self::Digest(s.to_ascii_lowercase()));
+            }
+            return Err(format!(
+                "suite {s:?}: a digest is sha256: and 64 hex digits"
+            ));
+        }
+        match s.split_once('@') {
+            Some((name, version)) if !version.is_empty() => Ok(Self::Version {
+                name: Name::parse(name).map_err(|e| format!("suite {s:?}: {e}"))?,
+                version: version.to_string(),
+            }),
+            _ => Err(format!(
+                "suite {s:?}: name a suite version, NAME@VERSION, or its digest sha256:…; a bare \
+                 name would accept any suite uploaded under that name"
+            )),
+        }
+    }
+}
+
+impl fmt::Display for SuiteSpec {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Self::Digest(d) => f.write_str(d),
+            Self::Version { name, version } => write!(f, "{name}@{version}"),
+        }
+    }
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize, ToSchema)]
 pub struct GatePolicy {
-    /// Suites that must have evidence, even if no rule names them.
+    /// Suites (`NAME@VERSION` or `sha256:…`) that must have evidence, even if no rule names
+    /// them.
     #[serde(default)]
     pub required_suites: Vec<String>,
     #[serde(default)]
@@ -387,7 +463,11 @@ pub struct Gate {
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
 #[serde(rename_all = "snake_case")]
 pub enum RolloutState {
+    /// Before any user sees the candidate: gateways mirror a share of stable requests to it.
+    Shadowing,
     Running,
+    /// The analysis passed and the next step needs a deployer's `approve`.
+    AwaitingApproval,
     Paused,
     Promoted,
     RolledBack,
@@ -397,7 +477,9 @@ pub enum RolloutState {
 impl RolloutState {
     pub fn as_str(self) -> &'static str {
         match self {
+            Self::Shadowing => "shadowing",
             Self::Running => "running",
+            Self::AwaitingApproval => "awaiting_approval",
             Self::Paused => "paused",
             Self::Promoted => "promoted",
             Self::RolledBack => "rolled_back",
@@ -405,7 +487,10 @@ impl RolloutState {
         }
     }
     pub fn is_active(self) -> bool {
-        matches!(self, Self::Running | Self::Paused)
+        matches!(
+            self,
+            Self::Shadowing | Self::Running | Self::AwaitingApproval | Self::Paused
+        )
     }
 }
 
@@ -413,7 +498,9 @@ impl FromStr for RolloutState {
     type Err = String;
     fn from_str(s: &str) -> Result<Self, String> {
         Ok(match s {
+            "shadowing" => Self::Shadowing,
             "running" => Self::Running,
+            "awaiting_approval" => Self::AwaitingApproval,
             "paused" => Self::Paused,
             "promoted" => Self::Promoted,
             "rolled_back" => Self::RolledBack,
@@ -423,13 +510,167 @@ impl FromStr for RolloutState {
     }
 }
 
-/// An analysis rule on live per-arm metrics of the canary.
+/// How a relative rule compares the canary with the stable arm.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+#[serde(rename_all = "snake_case")]
+pub enum Relation {
+    /// `canary - stable OP threshold`.
+    Difference,
+    /// `canary / stable OP threshold`.
+    Ratio,
+}
+
+/// Confidence of a relative rule that names none.
+pub const DEFAULT_CONFIDENCE: f64 = 0.95;
+
+/// An analysis rule on live per-arm metrics: absolute (the canary's value against a
+/// threshold) or, with `compare`, relative (the canary against the stable arm, decided by a
+/// statistical test at `confidence`: pass, fail or inconclusive).
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize, ToSchema)]
 pub struct AnalysisRule {
-    /// `error_rate`, `latency_p95_ms`, `latency_p99_ms` or `judge_score`.
+    /// Absolute: `error_rate`, `latency_p95_ms`, `latency_p99_ms`, `judge_score`,
+    /// `judge_agreement` (shadow phase) or `tokens_per_answer`. Relative: `error_rate`
+    /// (difference), `latency` (ratio), `judge_score` (difference), `tokens_per_answer` (ratio).
     pub metric: String,
     pub op: Comparison,
     pub threshold: f64,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub compare: Option<Relation>,
+    /// For relative rules, in (0.5, 1); default 0.95.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub confidence: Option<f64>,
+}
+
+impl AnalysisRule {
+    pub fn confidence(&self) -> f64 {
+        self.confidence.unwrap_or(DEFAULT_CONFIDENCE)
+    }
+}
+
+impl Comparison {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Ge => ">=",
+            Self::Gt => ">",
+            Self::Le => "<=",
+            Self::Lt => "<",
+        }
+    }
+    /// Whether `observed` satisfies `observed OP bound`.
+    pub fn holds(self, observed: f64, bound: f64) -> bool {
+        match self {
+            Self::Ge => observed >= bound,
+            Self::Gt => observed > bound,
+            Self::Le => observed <= bound,
+            Self::Lt => observed < bound,
+        }
+    }
+    /// Whether larger values are the worse direction (`<=`, `<`).
+    pub fn larger_is_worse(self) -> bool {
+        matches!(self, Self::Le | Self::Lt)
+    }
+}
+
+/// `error_rate<=0.05` (absolute) or `error_rate: canary - stable <= 0.005 at confidence 0.95`
+/// (relative; `canary / stable` for a ratio; the confidence part is optional).
+impl FromStr for AnalysisRule {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        let bad = |why: &str| {
+            format!(
+                "{s:?}: {why}; expected METRIC<=N (absolute) or \
+                 METRIC: canary - stable <= N [at confidence C] (relative; canary / stable for a ratio)"
+            )
+        };
+        let (body, confidence) = match s.split_once(" at confidence ") {
+            Some((b, c)) => {
+                let c: f64 = c
+                    .trim()
+                    .parse()
+                    .map_err(|_| bad(&format!("confidence {:?} is not a number", c.trim())))?;
+                (b, Some(c))
+            }
+            None => (s, None),
+        };
+        let (lhs, op, rhs) = [
+            ("<=", Comparison::Le),
+            (">=", Comparison::Ge),
+            ("<", Comparison::Lt),
+            (">", Comparison::Gt),
+        ]
+        .into_iter()
+        .find_map(|(tok, op)| body.split_once(tok).map(|(l, r)| (l, op, r)))
+        .ok_or_else(|| bad("no comparison"))?;
+        let threshold: f64 = rhs
+            .trim()
+            .parse()
+            .map_err(|_| bad(&format!("{:?} is not a number", rhs.trim())))?;
+        let (metric, compare) = match lhs.split_once(':') {
+            Some((m, expr)) => {
+                let expr: String = expr.split_whitespace().collect();
+                let rel = match expr.as_str() {
+                    "canary-stable" => Relation::Difference,
+                    "canary/stable" => Relation::Ratio,
+                    _ => {
+                        return Err(bad(
+                            "the relative part must be `canary - stable` or `canary / stable`",
+                        ));
+                    }
+                };
+                (m.trim(), Some(rel))
+            }
+            None => (lhs.trim(), None),
+        };
+        if confidence.is_some() && compare.is_none() {
+            return Err(bad("a confidence applies to relative rules only"));
+        }
+        Ok(Self {
+            metric: metric.to_string(),
+            op,
+            threshold,
+            compare,
+            confidence,
+        })
+    }
+}
+
+impl fmt::Display for AnalysisRule {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self.compare {
+            None => write!(f, "{} {} {}", self.metric, self.op.as_str(), self.threshold),
+            Some(rel) => write!(
+                f,
+                "{}: canary {} stable {} {} at confidence {}",
+                self.metric,
+                match rel {
+                    Relation::Difference => "-",
+                    Relation::Ratio => "/",
+                },
+                self.op.as_str(),
+                self.threshold,
+                self.confidence()
+            ),
+        }
+    }
+}
+
+/// What happens when a rollout reaches `max_hold_secs` or `max_duration_secs`.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+#[serde(rename_all = "snake_case")]
+pub enum TimeoutPolicy {
+    /// Traffic back to the stable version (the default).
+    #[default]
+    Rollback,
+    /// Stop where it is and wait for a deployer (webhook `rollout.pause`).
+    Pause,
+}
+
+/// The shadow phase: before the first step, gateways mirror `percent` of the stable arm's
+/// requests to the candidate (answers discarded) until the shadow arm's analysis passes.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, ToSchema)]
+pub struct ShadowSpec {
+    /// Share of stable requests mirrored, in (0, 100].
+    pub percent: f64,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize, ToSchema)]
@@ -439,12 +680,33 @@ pub struct RolloutSpec {
     pub steps: Vec<f64>,
     #[serde(default = "default_interval")]
     pub interval_secs: u64,
+    /// Requests each compared arm needs (in the interval, and in all for relative rules)
+    /// before any verdict.
     #[serde(default = "default_min_requests")]
     pub min_requests: u64,
     #[serde(default = "default_failure_limit")]
     pub failure_limit: u32,
     #[serde(default)]
     pub rules: Vec<AnalysisRule>,
+    /// Effective distinct users each compared arm needs before any verdict (so that one
+    /// client cannot decide alone); at most 100.
+    #[serde(default = "default_min_users")]
+    pub min_users: u64,
+    /// Longest time at one step (or in the shadow phase) without a verdict; then
+    /// `on_timeout`. Default: 30 intervals, at least 30 minutes.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub max_hold_secs: Option<u64>,
+    /// Longest time from start to the end of the rollout; then `on_timeout`. Default: none.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub max_duration_secs: Option<u64>,
+    #[serde(default)]
+    pub on_timeout: TimeoutPolicy,
+    /// Weights from `steps` (or 100 for the promotion) the canary only moves to after a
+    /// deployer's `approve`.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub approve_before: Vec<f64>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub shadow: Option<ShadowSpec>,
 }
 
 fn default_steps() -> Vec<f64> {
@@ -459,6 +721,9 @@ fn default_min_requests() -> u64 {
 fn default_failure_limit() -> u32 {
     2
 }
+fn default_min_users() -> u64 {
+    10
+}
 
 impl Default for RolloutSpec {
     fn default() -> Self {
@@ -468,7 +733,22 @@ impl Default for RolloutSpec {
             min_requests: default_min_requests(),
             failure_limit: default_failure_limit(),
             rules: Vec::new(),
+            min_users: default_min_users(),
+            max_hold_secs: None,
+            max_duration_secs: None,
+            on_timeout: TimeoutPolicy::Rollback,
+            approve_before: Vec::new(),
+            shadow: None,
         }
+    }
+}
+
+impl RolloutSpec {
+    /// `max_hold_secs`, or its default: thirty intervals, at least thirty minutes (the default
+    /// error-rate margin needs about 1,500 canary requests to pass at a 1 % error rate).
+    pub fn max_hold(&self) -> u64 {
+        self.max_hold_secs
+            .unwrap_or_else(|| self.interval_secs.saturating_mul(30).max(1800))
     }
 }
 
@@ -504,6 +784,16 @@ pub struct AdapterRoute {
     pub canary: Option<RoutedVersion>,
     /// Share of sticky keys sent to the canary, in percent.
     pub canary_weight: f64,
+    /// The candidate of a rollout in its shadow phase: no user is routed to it; gateways
+    /// mirror `shadow_percent` of the stable arm's requests to it and discard the answers.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub shadow: Option<RoutedVersion>,
+    #[serde(default, skip_serializing_if = "is_zero")]
+    pub shadow_percent: f64,
+}
+
+fn is_zero(x: &f64) -> bool {
+    *x == 0.0
 }
 
 /// What gateways serve: bumped `revision` on every change.
@@ -513,26 +803,60 @@ pub struct RoutingTable {
     pub routes: Vec<AdapterRoute>,
 }
 
+/// Users are counted in this many groups (a hash of the user key, independent of the split).
+pub const USER_GROUPS: u32 = 128;
+
+/// The group of a user key (sticky key) in per-arm observations: the first 8 bytes of
+/// sha256("loraops-users" ‖ 0 ‖ key) modulo [`USER_GROUPS`]. Salted differently from the
+/// traffic split, so every group holds users of both arms.
+pub fn user_group(key: &str) -> u32 {
+    let mut h = Sha256::new();
+    h.update(b"loraops-users\0");
+    h.update(key.as_bytes());
+    let d = h.finalize();
+    (u64::from_be_bytes(d[..8].try_into().expect("8 bytes")) % USER_GROUPS as u64) as u32
+}
+
 /// Per-arm counters from one gateway over one reporting window.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize, ToSchema)]
 pub struct ArmObservation {
     pub adapter: Name,
     pub version: u32,
-    /// `stable`, `canary` or `pinned`.
+    /// `stable`, `canary`, `pinned` or `shadow` (mirrored requests of a shadow phase).
     pub arm: String,
     pub requests: u64,
     pub errors: u64,
     /// Latency histogram: upper bounds in milliseconds and cumulative counts.
     #[serde(default)]
     pub latency_ms_buckets: Vec<(f64, u64)>,
+    /// Completion tokens of the answers.
     #[serde(default)]
     pub tokens: u64,
+    /// Requests that ended with an answer (and so a token count).
+    #[serde(default)]
+    pub answers: u64,
+    /// Sum of the squared completion tokens per answer (for the variance).
+    #[serde(default)]
+    pub tokens_sq_sum: f64,
     /// Answers of this arm scored by the gateway's online judge in the window.
     #[serde(default)]
     pub judge_scored: u64,
     /// Sum of those scores, each in [0, 1].
     #[serde(default)]
     pub judge_score_sum: f64,
+    /// Sum of the squared scores.
+    #[serde(default)]
+    pub judge_score_sq_sum: f64,
+    /// Shadow arm: answers the judge compared with the stable answer, and the sum of its
+    /// agreement scores (each in [0, 1]).
+    #[serde(default)]
+    pub agreement_scored: u64,
+    #[serde(default)]
+    pub agreement_sum: f64,
+    /// Requests and errors per user group ([`user_group`]), `[group, requests, errors]`,
+    /// only non-empty groups: how many users the arm saw, and how evenly.
+    #[serde(default)]
+    pub users: Vec<(u32, u64, u64)>,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize, ToSchema)]
@@ -541,6 +865,9 @@ pub struct Observations {
     pub window_start: DateTime<Utc>,
     pub window_end: DateTime<Utc>,
     pub arms: Vec<ArmObservation>,
+    /// The gateway's online judge model, if it has one (rollouts with judge rules need one).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub judge: Option<String>,
 }
 
 /// `POST /adapters/{name}/rollouts`: the version to canary and how.
@@ -589,7 +916,7 @@ pub struct GateReport {
 }
 
 /// Per-arm live metrics over an analysis window, summed over every gateway.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, ToSchema)]
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize, ToSchema)]
 pub struct ArmMetrics {
     pub arm: String,
     pub version: u32,
@@ -605,8 +932,42 @@ pub struct ArmMetrics {
     pub judge_score: Option<f64>,
     #[serde(default)]
     pub judge_scored: u64,
+    /// Shadow arm: mean agreement of its answers with the stable ones, as the judge saw it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub judge_agreement: Option<f64>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub tokens_per_answer: Option<f64>,
+    /// Distinct users (estimated from the user groups).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub users: Option<f64>,
+    /// Effective number of users: (Σ requests)² / Σ requests² over user groups; one client
+    /// sending most of the traffic makes it close to 1.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub effective_users: Option<f64>,
     /// This arm's share of the adapter's routed (stable + canary) requests, in percent.
     pub share: f64,
+}
+
+/// One analysis rule's outcome over one window.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, ToSchema)]
+pub struct RuleResult {
+    /// The rule as written (see [`AnalysisRule`]'s text form).
+    pub rule: String,
+    /// `interval` (since the last verdict) or `cumulative` (since the phase began).
+    pub window: String,
+    /// `pass`, `fail`, `inconclusive` or `no_data`.
+    pub outcome: String,
+    /// The observed value (absolute) or effect (relative: canary − stable, or canary / stable).
+    #[serde(default)]
+    pub estimate: Option<f64>,
+    /// Relative rules: the confidence interval of the effect.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub interval: Option<(f64, f64)>,
+    /// Relative rules: one-sided p-value of "the canary is worse than stable".
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub p_value: Option<f64>,
+    /// The test: `two-proportion`, `mann-whitney`, `welch`, `threshold`.
+    pub test: String,
 }
 
 /// An audit record of a rollout transition.
@@ -616,7 +977,8 @@ pub struct RolloutEvent {
     pub at: DateTime<Utc>,
     /// Who or what: a token's subject, or `controller`.
     pub actor: String,
-    /// start, advance, hold, analysis_failed, promote, rollback, pause, resume, abort.
+    /// start, advance, hold, analysis_failed, await_approval, approve, promote, rollback,
+    /// pause, resume, abort, rollback_promotion.
     pub action: String,
     #[serde(default)]
     pub from_state: Option<RolloutState>,
@@ -624,7 +986,8 @@ pub struct RolloutEvent {
     /// Canary weight after the transition, in percent.
     pub weight: f64,
     pub reason: String,
-    /// What the decision was based on: the gate report at start, arm metrics later.
+    /// What the decision was based on: the gate report at start, later the analysis (arm
+    /// metrics and every rule's outcome per window).
     #[serde(default)]
     #[schema(value_type = Object)]
     pub details: Option<Value>,
@@ -795,6 +1158,9 @@ pub enum Role {
     Evaluator,
     Deployer,
     Admin,
+    /// The data plane: reads routing, adapters, their versions and files and the base models,
+    /// and posts observations; nothing else.
+    Gateway,
 }
 
 impl FromStr for Role {
@@ -806,9 +1172,10 @@ impl FromStr for Role {
             "evaluator" => Self::Evaluator,
             "deployer" => Self::Deployer,
             "admin" => Self::Admin,
+            "gateway" => Self::Gateway,
             _ => {
                 return Err(format!(
-                    "unknown role {s:?} (viewer, publisher, evaluator, deployer, admin)"
+                    "unknown role {s:?} (viewer, publisher, evaluator, deployer, admin, gateway)"
                 ));
             }
         })
@@ -823,6 +1190,7 @@ impl fmt::Display for Role {
             Self::Evaluator => "evaluator",
             Self::Deployer => "deployer",
             Self::Admin => "admin",
+            Self::Gateway => "gateway",
         })
     }
 }

@@ -327,6 +327,20 @@ impl RegistryClient {
         .await
     }
 
+    /// Evidence for a base model itself (the baseline of `vs: base` gate rules).
+    pub async fn post_base_evidence(
+        &self,
+        base: &str,
+        e: &NewEvidence,
+    ) -> Result<crate::api::BaseEvidence, ClientError> {
+        self.send_json(
+            Method::POST,
+            &format!("/api/v1/base-models/{base}/evidence"),
+            e,
+        )
+        .await
+    }
+
     pub async fn evidence(&self, name: &str, version: u32) -> Result<Vec<Evidence>, ClientError> {
         self.get(&format!(
             "/api/v1/adapters/{name}/versions/{version}/evidence"

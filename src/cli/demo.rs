@@ -10,15 +10,14 @@ use std::time::Duration;
 use clap::Args;
 use loraops_gateway::{Application as GatewayApp, GatewaySettings};
 use loraops_registry::api::{
-    Comparison, EngineIdentity, GatePolicy, GateReport, GateRule, NewEvidence, Role, RolloutSpec,
-    StartRollout, SuiteRef,
+    Comparison, EngineIdentity, GatePolicy, GateReport, GateRule, Name, NewEvidence, NewSuite,
+    Relation, Role, RolloutSpec, StartRollout, SuiteManifest, SuiteRef,
 };
 use loraops_registry::auth::Signer;
 use loraops_registry::client::{ClientError, RegistryClient, no_progress};
 use loraops_registry::server::{Application, RegistrySettings, ServeSettings};
 use loraops_trainer::sft::{Event, SftConfig, train_sft};
 use serde_json::{Value, json};
-use sha2::{Digest, Sha256};
 
 use super::{Global, base_model, rollout::report_table, up::ensure_tiny_model};
 
@@ -213,24 +212,45 @@ pub fn run(args: DemoArgs, global: &Global) -> anyhow::Result<()> {
         }
 
         println!("7/8 gate and evidence");
+        let suite = client.push_suite(&regression_suite()).await?.suite;
+        let named = format!("{}@{}", suite.name, suite.version);
         let policy = GatePolicy {
-            required_suites: vec!["demo-regression".into()],
+            required_suites: vec![named.clone()],
             rules: vec![GateRule {
-                suite: "demo-regression".into(),
+                suite: named,
                 metric: "answered".into(),
                 op: Comparison::Ge,
                 threshold: Some(1.0),
                 max_regression: None,
+                vs: None,
             }],
             max_evidence_age_hours: Some(24.0),
         };
         client.put_gate("demo-support", &policy).await?;
+        // The stable arm is the base model (a first version), whose answers differ in length:
+        // the demo compares error rates only (its canary answers a handful of questions).
         let spec = StartRollout {
             version,
             spec: RolloutSpec {
                 steps: vec![50.0, 100.0],
                 interval_secs: 2,
                 min_requests: 10,
+                rules: vec![
+                    loraops_registry::api::AnalysisRule {
+                        metric: "error_rate".into(),
+                        op: Comparison::Le,
+                        threshold: 0.05,
+                        compare: Some(Relation::Difference),
+                        confidence: Some(0.9),
+                    },
+                    loraops_registry::api::AnalysisRule {
+                        metric: "error_rate".into(),
+                        op: Comparison::Le,
+                        threshold: 0.05,
+                        compare: None,
+                        confidence: None,
+                    },
+                ],
                 ..RolloutSpec::default()
             },
         };
@@ -244,7 +264,18 @@ pub fn run(args: DemoArgs, global: &Global) -> anyhow::Result<()> {
             }
             other => anyhow::bail!("expected the gate to refuse the canary, got {other:?}"),
         }
-        let evidence = evaluate(&http, &gw_url, &pinned, &pushed.version.digest).await?;
+        let evidence = evaluate(
+            &http,
+            &gw_url,
+            &pinned,
+            &pushed.version.digest,
+            SuiteRef {
+                name: suite.name.to_string(),
+                version: Some(suite.version.clone()),
+                digest: suite.digest.clone(),
+            },
+        )
+        .await?;
         println!(
             "    evaluated {pinned} through the gateway: {} cases, answered {:.2}, token F1 {:.2}",
             evidence.cases, evidence.metrics["answered"], evidence.metrics["token_f1"]
@@ -348,6 +379,25 @@ fn token_f1(answer: &str, reference: &str) -> f64 {
     2.0 * p * rec / (p + rec)
 }
 
+/// The demo's regression suite: the training questions and their answers.
+fn regression_suite() -> NewSuite {
+    NewSuite {
+        manifest: SuiteManifest {
+            name: Name::parse("demo-regression").expect("valid name"),
+            version: "1".into(),
+            description: Some("the demo's training questions".into()),
+            scorer: json!({"type": "contains"}),
+            thresholds: vec![],
+            decoding: json!({"max_tokens": 24}),
+        },
+        cases: PAIRS
+            .iter()
+            .map(|(q, a)| json!({"prompt": q, "expected": a}).to_string() + "\n")
+            .collect(),
+        digest: None,
+    }
+}
+
 /// The demo's regression suite (the training questions) run through the gateway with the
 /// version pinned, as evidence bound to the version's digest.
 async fn evaluate(
@@ -355,12 +405,11 @@ async fn evaluate(
     gw: &str,
     model: &str,
     digest: &str,
+    suite: SuiteRef,
 ) -> anyhow::Result<NewEvidence> {
     let started = chrono::Utc::now();
-    let mut suite = Sha256::new();
     let (mut answered, mut f1) = (0usize, 0.0);
     for (q, a) in PAIRS {
-        suite.update(format!("{q}\t{a}\n"));
         let (text, _) = chat(http, gw, model, q, "evaluator").await?;
         answered += usize::from(!text.trim().is_empty());
         f1 += token_f1(&text, a);
@@ -368,11 +417,7 @@ async fn evaluate(
     let n = PAIRS.len() as f64;
     Ok(NewEvidence {
         adapter_digest: digest.to_string(),
-        suite: SuiteRef {
-            name: "demo-regression".into(),
-            version: Some("1".into()),
-            digest: format!("sha256:{}", hex::encode(suite.finalize())),
-        },
+        suite,
         engine: EngineIdentity {
             engine: "mistral.rs".into(),
             engine_version: "0.8.1".into(),

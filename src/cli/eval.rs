@@ -37,8 +37,12 @@ pub struct RunArgs {
     #[arg(long)]
     pub suite: String,
     /// The adapter version to evaluate, `NAME@V`; the gateway serves it pinned.
+    #[arg(long, required_unless_present = "base", conflicts_with = "base")]
+    pub adapter: Option<String>,
+    /// Evaluate this base model itself (no adapter), as the gateway serves it: the baseline
+    /// of gate rules with `vs: base`.
     #[arg(long)]
-    pub adapter: String,
+    pub base: Option<String>,
     /// Gateway base URL (OpenAI API).
     #[arg(
         long,
@@ -304,6 +308,11 @@ fn through_gateway(
         model: model.to_string(),
         concurrency: args.concurrency,
         max_tokens: suite.max_tokens(args.max_tokens),
+        arm: if args.base.is_some() {
+            "base"
+        } else {
+            "pinned"
+        },
     };
     let (results, info) = rt.block_on(runner::run(&gw, suite, &opts, || bar.inc(1)));
     let metrics = runner::summarise(&results, &suite.scorer);
@@ -347,28 +356,66 @@ fn sha256_of(bytes: &[u8]) -> String {
     format!("sha256:{}", hex::encode(Sha256::digest(bytes)))
 }
 
+/// Some `suite.json` thresholds were missed: the run is recorded, the exit status says so.
+#[derive(Debug, thiserror::Error)]
+#[error("{0}")]
+pub struct ThresholdsMissed(pub String);
+
+/// What a run evaluates: an adapter version, or a base model alone.
+enum Subject {
+    Version { name: Name, version: u32 },
+    Base(Name),
+}
+
 fn run_suite(args: RunArgs, global: &Global) -> anyhow::Result<()> {
     let json = global.json;
-    let r: AdapterRef = args.adapter.parse().map_err(UsageError)?;
-    let version = r.version.ok_or_else(|| {
-        UsageError(format!(
-            "--adapter {} needs a version (NAME@V): evidence binds to one version",
-            args.adapter
-        ))
-    })?;
+    let subject = match (&args.adapter, &args.base) {
+        (Some(a), _) => {
+            let r: AdapterRef = a.parse().map_err(UsageError)?;
+            let version = r.version.ok_or_else(|| {
+                UsageError(format!(
+                    "--adapter {a} needs a version (NAME@V): evidence binds to one version"
+                ))
+            })?;
+            Subject::Version {
+                name: r.name,
+                version,
+            }
+        }
+        (None, Some(b)) => Subject::Base(Name::parse(b).map_err(|e| UsageError(e.to_string()))?),
+        (None, None) => {
+            return Err(UsageError("name --adapter NAME@V or --base NAME".into()).into());
+        }
+    };
     if args.concurrency == 0 {
         return Err(UsageError("--concurrency must be at least 1".into()).into());
     }
-    let model = format!("{}@{version}", r.name);
     let rc = args.client.client();
     let rt = runtime()?;
     let suite = rt.block_on(resolve_suite(&args.suite, &rc, !args.no_post))?;
-    let ver = rt.block_on(rc.version(r.name.as_str(), version))?;
+    let bases = rt.block_on(rc.base_models());
+    let (model, base_name, bound_digest) = match &subject {
+        Subject::Version { name, version } => {
+            let ver = rt.block_on(rc.version(name.as_str(), *version))?;
+            (format!("{name}@{version}"), ver.base_model, ver.digest)
+        }
+        Subject::Base(b) => {
+            let all = bases.as_ref().map_err(|e| anyhow::anyhow!("{e}"))?;
+            let found = all
+                .iter()
+                .find(|x| &x.name == b)
+                .ok_or_else(|| UsageError(format!("the registry has no base model {b}")))?;
+            (
+                b.to_string(),
+                b.clone(),
+                loraops_registry::api::base_evidence_digest(b, found.digest.as_deref()),
+            )
+        }
+    };
     // The base model's weights digest, as the registry knows it.
-    let model_digest = rt
-        .block_on(rc.base_models())
+    let model_digest = bases
         .ok()
-        .and_then(|all| all.into_iter().find(|b| b.name == ver.base_model))
+        .and_then(|all| all.into_iter().find(|b| b.name == base_name))
         .and_then(|b| b.digest);
 
     let out = args.out.clone().unwrap_or_else(|| {
@@ -393,10 +440,18 @@ fn run_suite(args: RunArgs, global: &Global) -> anyhow::Result<()> {
     let started_at = chrono::Utc::now();
     let (results, metrics, engine) = match suite.scorer {
         Scorer::Perplexity { max_seq_len } => {
+            let Subject::Version { name, version } = &subject else {
+                return Err(UsageError(format!(
+                    "suite {} scores perplexity, which compares an adapter with its base: name --adapter NAME@V",
+                    suite.manifest.name
+                ))
+                .into());
+            };
+            let (name, version) = (name.clone(), *version);
             let base_dir = args.base_dir.as_deref().ok_or_else(|| {
                 UsageError(format!(
                     "suite {} scores perplexity, which runs {model} through the trainer's forward pass: pass --base-dir with {}'s Hugging Face directory",
-                    suite.manifest.name, ver.base_model
+                    suite.manifest.name, base_name
                 ))
             })?;
             let local_digest = crate::cli::base_model::weights_digest(base_dir)
@@ -407,12 +462,12 @@ fn run_suite(args: RunArgs, global: &Global) -> anyhow::Result<()> {
                     UsageError(format!(
                         "--base-dir {} is not the registered base model {}: its weights hash to {got}, the registry has {want}",
                         base_dir.display(),
-                        ver.base_model
+                        base_name
                     ))
                 );
             }
             let adapter_dir = out.join("adapter");
-            rt.block_on(rc.pull(r.name.as_str(), version, &adapter_dir, no_progress()))?;
+            rt.block_on(rc.pull(name.as_str(), version, &adapter_dir, no_progress()))?;
             let scorer = perplexity::Scorer::load(base_dir, &adapter_dir, max_seq_len)?;
             let results: Vec<_> = suite
                 .cases
@@ -457,7 +512,7 @@ fn run_suite(args: RunArgs, global: &Global) -> anyhow::Result<()> {
         );
     }
     let body = NewEvidence {
-        adapter_digest: ver.digest.clone(),
+        adapter_digest: bound_digest.clone(),
         suite: SuiteRef {
             name: suite.manifest.name.to_string(),
             version: Some(suite.manifest.version.clone()),
@@ -485,10 +540,19 @@ fn run_suite(args: RunArgs, global: &Global) -> anyhow::Result<()> {
         out.join("evidence.json"),
         serde_json::to_string_pretty(&body)? + "\n",
     )?;
-    let posted = if args.no_post {
+    let posted: Option<(i64, String)> = if args.no_post {
         None
     } else {
-        Some(rt.block_on(rc.post_evidence(r.name.as_str(), version, &body))?)
+        Some(match &subject {
+            Subject::Version { name, version } => {
+                let e = rt.block_on(rc.post_evidence(name.as_str(), *version, &body))?;
+                (e.id, format!("{}@{}", e.adapter, e.version))
+            }
+            Subject::Base(b) => {
+                let e = rt.block_on(rc.post_base_evidence(b.as_str(), &body))?;
+                (e.id, format!("base model {}", e.base_model))
+            }
+        })
     };
     let summary = json!({
         "adapter": model,
@@ -499,7 +563,7 @@ fn run_suite(args: RunArgs, global: &Global) -> anyhow::Result<()> {
         "cases_digest": cases_digest,
         "metrics": metrics,
         "thresholds": thresholds,
-        "evidence": posted,
+        "evidence": posted.as_ref().map(|(id, of)| json!({"id": id, "of": of, "adapter_digest": bound_digest})),
     });
     std::fs::write(
         out.join("summary.json"),
@@ -534,13 +598,35 @@ fn run_suite(args: RunArgs, global: &Global) -> anyhow::Result<()> {
             results_path.display()
         ));
         match &posted {
-            Some(e) => s.push_str(&format!(
-                "  evidence #{} posted for {}@{} ({})",
-                e.id, e.adapter, e.version, e.body.adapter_digest
+            Some((id, of)) => s.push_str(&format!(
+                "  evidence #{id} posted for {of} ({bound_digest})"
             )),
             None => s.push_str("  evidence not posted (--no-post)"),
         }
         s
     });
+    let missed: Vec<String> = thresholds
+        .iter()
+        .filter(|t| t["passed"] != true)
+        .map(|t| {
+            format!(
+                "{} {} {} (observed {})",
+                t["metric"].as_str().unwrap_or_default(),
+                t["op"].as_str().unwrap_or_default(),
+                t["value"],
+                t["observed"]
+            )
+        })
+        .collect();
+    if !missed.is_empty() {
+        return Err(ThresholdsMissed(format!(
+            "{model} misses {} of suite {}@{}'s thresholds: {}",
+            missed.len(),
+            suite.manifest.name,
+            suite.manifest.version,
+            missed.join("; ")
+        ))
+        .into());
+    }
     Ok(())
 }

@@ -173,6 +173,9 @@ pub fn exit_code(e: &anyhow::Error) -> u8 {
         if cause.is::<ConfigError>() || cause.is::<UsageError>() {
             return 2;
         }
+        if cause.is::<eval::ThresholdsMissed>() {
+            return 3;
+        }
         if let Some(c) = cause.downcast_ref::<ClientError>() {
             return match (c, c.status()) {
                 (ClientError::Invalid(_), _) => 2,

@@ -224,10 +224,12 @@ pub struct CaseResult {
 }
 
 pub struct RunOptions {
-    /// `NAME@V`.
+    /// `NAME@V`, or a base model's name.
     pub model: String,
     pub concurrency: usize,
     pub max_tokens: u64,
+    /// The arm the gateway must say it served: `pinned` (a version) or `base`.
+    pub arm: &'static str,
 }
 
 /// What the gateway said about itself while answering.
@@ -346,7 +348,7 @@ async fn run_case(
     let wrong = [
         (&done.served.adapter, name),
         (&done.served.version, version),
-        (&done.served.arm, "pinned"),
+        (&done.served.arm, opts.arm),
     ]
     .into_iter()
     .find(|(got, want)| got.as_deref().is_some_and(|g| g != *want));

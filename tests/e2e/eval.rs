@@ -256,6 +256,76 @@ fn eval_run_posts_evidence_bound_to_the_served_version() {
         assert!(err.contains(needle), "{full:?}: {err}");
     }
 
+    // The base model itself, on the same suite: evidence for the base (`vs: base` gates).
+    let on_base = ok_json(stack.cli(
+        Some(&evaluator),
+        &[
+            "--json",
+            "eval",
+            "run",
+            "--suite",
+            "e2e-smoke@1",
+            "--base",
+            "e2e-tiny",
+            "--out",
+            dir.path().join("out-base").to_str().unwrap(),
+        ],
+    ));
+    assert_eq!(
+        on_base["evidence"]["of"], "base model e2e-tiny",
+        "{on_base}"
+    );
+    let ev = get_json(
+        &format!("{}/api/v1/base-models/e2e-tiny/evidence", stack.registry),
+        &evaluator,
+    );
+    assert_eq!(ev.as_array().unwrap().len(), 1, "{ev}");
+    assert_eq!(ev[0]["suite"]["digest"], summary["suite"]["digest"]);
+    assert_eq!(ev[0]["engine"]["decoding"]["model"], "e2e-tiny");
+
+    // A suite whose own threshold is missed: evidence posted, exit status 3.
+    let strict = dir.path().join("strict");
+    std::fs::create_dir_all(&strict).unwrap();
+    std::fs::write(
+        strict.join("suite.json"),
+        json!({"name": "e2e-strict", "version": "1", "scorer": {"type": "regex"},
+            "thresholds": [{"metric": "regex_match", "op": ">=", "value": 0.9}],
+            "decoding": {"max_tokens": 6}})
+        .to_string(),
+    )
+    .unwrap();
+    std::fs::copy(suite.join("cases.jsonl"), strict.join("cases.jsonl")).unwrap();
+    let out = stack.cli(
+        Some(&evaluator),
+        &[
+            "eval",
+            "run",
+            "--suite",
+            strict.to_str().unwrap(),
+            "--adapter",
+            "e2e-bot@1",
+            "--out",
+            dir.path().join("out-strict").to_str().unwrap(),
+        ],
+    );
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(3), "{err}");
+    assert!(err.contains("regex_match >= 0.9"), "{err}");
+    let ev = get_json(
+        &format!(
+            "{}/api/v1/adapters/e2e-bot/versions/1/evidence",
+            stack.registry
+        ),
+        &viewer,
+    );
+    assert!(
+        ev.as_array()
+            .unwrap()
+            .iter()
+            .any(|e| e["suite"]["name"] == "e2e-strict"),
+        "the evidence was posted: {ev}"
+    );
+
     perplexity_on_a_holdout_split(&stack, dir.path(), &base, &adapter, &evaluator, &viewer);
 }
 

@@ -397,10 +397,30 @@ fn gate_and_rollout_through_the_cli() {
         ],
     ));
 
+    // The suites the gate names, held by the registry.
+    let evaluator = reg.token("evaluator");
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    let client = reqwest::Client::new();
+    let mut digests = std::collections::HashMap::new();
+    for suite in ["bench", "redteam"] {
+        let res = rt
+            .block_on(
+                client
+                    .post(format!("{}/api/v1/suites", reg.url))
+                    .bearer_auth(&evaluator)
+                    .json(&json!({"manifest": {"name": suite, "version": "1", "scorer": {"type": "exact"}},
+                        "cases": "{\"prompt\": \"q\", \"expected\": \"a\"}\n"}))
+                    .send(),
+            )
+            .unwrap();
+        assert_eq!(res.status(), 201);
+        let v: Value = rt.block_on(res.json()).unwrap();
+        digests.insert(suite, v["digest"].as_str().unwrap().to_string());
+    }
     let policy = dir.path().join("gate.toml");
     std::fs::write(
         &policy,
-        "required_suites = [\"redteam\"]\n[[rules]]\nsuite = \"bench\"\nmetric = \"accuracy\"\nop = \">=\"\nthreshold = 0.8\n",
+        "required_suites = [\"redteam@1\"]\n[[rules]]\nsuite = \"bench@1\"\nmetric = \"accuracy\"\nop = \">=\"\nthreshold = 0.8\n",
     )
     .unwrap();
     let g = ok_json(reg.cli(
@@ -416,7 +436,7 @@ fn gate_and_rollout_through_the_cli() {
     ));
     assert_eq!(g["policy"]["rules"][0]["threshold"], 0.8);
     let shown = reg.cli(Some(&deployer), &["gate", "show", "helpdesk"]);
-    assert!(String::from_utf8_lossy(&shown.stdout).contains("bench/accuracy >= 0.8"));
+    assert!(String::from_utf8_lossy(&shown.stdout).contains("bench@1/accuracy >= 0.8"));
     let bad = dir.path().join("bad.json");
     std::fs::write(&bad, "{\"rules\": 3}").unwrap();
     let out = reg.cli(
@@ -433,23 +453,20 @@ fn gate_and_rollout_through_the_cli() {
     );
     assert_eq!(out.status.code(), Some(2));
     let stdout = String::from_utf8_lossy(&out.stdout);
-    assert!(stdout.contains("FAIL redteam required"), "{stdout}");
-    assert!(stdout.contains("bench/accuracy >= 0.8"), "{stdout}");
+    assert!(stdout.contains("FAIL redteam@1 required"), "{stdout}");
+    assert!(stdout.contains("bench@1/accuracy >= 0.8"), "{stdout}");
     let out = reg.cli(Some(&deployer), &["rollout", "start", "helpdesk"]);
     assert_eq!(out.status.code(), Some(2), "a version is required");
 
-    let evaluator = reg.token("evaluator");
-    let rt = tokio::runtime::Runtime::new().unwrap();
-    let client = reqwest::Client::new();
     for (suite, metric, value) in [("bench", "accuracy", 0.9), ("redteam", "refusal_rate", 1.0)] {
         let res = rt
             .block_on(
                 client
                     .post(format!("{}/api/v1/adapters/helpdesk/versions/1/evidence", reg.url))
                     .bearer_auth(&evaluator)
-                    .json(&json!({"adapter_digest": pushed["digest"], "suite": {"name": suite, "digest": "sha256:aa"},
+                    .json(&json!({"adapter_digest": pushed["digest"], "suite": {"name": suite, "version": "1", "digest": digests[suite]},
                         "engine": {"engine": "mistral.rs", "engine_version": "0.8.1"}, "metrics": {metric: value},
-                        "cases": 10, "started_at": "2026-11-28T00:00:00Z", "finished_at": "2026-11-28T00:01:00Z"}))
+                        "cases": 1, "started_at": "2026-11-28T00:00:00Z", "finished_at": "2026-11-28T00:01:00Z"}))
                     .send(),
             )
             .unwrap();
@@ -466,10 +483,28 @@ fn gate_and_rollout_through_the_cli() {
             "10,100",
             "--rule",
             "error_rate<=0.01",
+            "--rule",
+            "latency: canary / stable <= 1.2 at confidence 0.9",
+            "--approve-before",
+            "100",
+            "--max-hold",
+            "600",
         ],
     ));
     assert_eq!(started["rollout"]["weight"], 10.0);
     assert_eq!(started["rollout"]["spec"]["rules"][0]["threshold"], 0.01);
+    let latency = &started["rollout"]["spec"]["rules"][1];
+    assert_eq!(
+        (
+            latency["compare"].as_str(),
+            latency["threshold"].as_f64(),
+            latency["confidence"].as_f64()
+        ),
+        (Some("ratio"), Some(1.2), Some(0.9))
+    );
+    assert_eq!(started["rollout"]["spec"]["approve_before"], json!([100.0]));
+    let out = reg.cli(Some(&deployer), &["rollout", "approve", "helpdesk"]);
+    assert_eq!(out.status.code(), Some(2), "nothing awaits approval: 409");
     let paused = ok_json(reg.cli(Some(&deployer), &["--json", "rollout", "pause", "helpdesk"]));
     assert_eq!(paused["rollout"]["state"], "paused");
     let out = reg.cli(Some(&deployer), &["rollout", "pause", "helpdesk"]);
@@ -486,6 +521,13 @@ fn gate_and_rollout_through_the_cli() {
     }
     let shown = ok_json(reg.cli(Some(&deployer), &["--json", "adapter", "show", "helpdesk"]));
     assert_eq!(shown["adapter"]["stable_version"], 1, "{shown}");
+    // v1 was the first version: there is no earlier stable version to restore.
+    let out = reg.cli(
+        Some(&deployer),
+        &["rollout", "rollback-promotion", "helpdesk"],
+    );
+    assert_eq!(out.status.code(), Some(2));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("first version"));
 }
 
 /// The README's first command: the whole lifecycle on a generated tiny model.

@@ -55,7 +55,9 @@ async fn version_key(state: &AppState, body: &LoraRequest) -> Result<EngineKey, 
         .resolve(&body.lora_name, "loraops-control")
         .await
         .map_err(|e| match e {
-            RouteError::UnknownModel(_) => ApiError::model_not_found(&body.lora_name),
+            RouteError::UnknownModel(_) | RouteError::NoCanary(_) => {
+                ApiError::model_not_found(&body.lora_name)
+            }
             RouteError::Registry { .. } => ApiError::unavailable(e.to_string()),
         })?;
     match target.key {

@@ -1,6 +1,7 @@
 //! `POST /v1/chat/completions` and `POST /v1/completions`: authenticate, validate, route, wait
 //! for a concurrency slot, then run the engine and answer as OpenAI does (JSON, or SSE chunks
-//! ending in `data: [DONE]`).
+//! ending in `data: [DONE]`). A deployer's `x-loraops-arm: canary` forces the rollout's
+//! candidate (uncounted); a sample of stable requests in a shadow phase is mirrored afterwards.
 
 use std::convert::Infallible;
 use std::time::Instant;
@@ -9,13 +10,14 @@ use actix_web::http::header::{HeaderName, HeaderValue};
 use actix_web::{HttpRequest, HttpResponse, web};
 use bytes::{Bytes, BytesMut};
 use futures_util::StreamExt;
-use loraops_registry::api::Name;
+use loraops_registry::api::{Name, Role};
 use loraops_registry::auth::Principal;
 use serde::Serialize;
 use serde::de::DeserializeOwned;
 use tokio::sync::mpsc;
 
 use super::{AppState, auth};
+use crate::dispatch::dispatch;
 use crate::engine::{EngineError, Event, EventStream, TokenUsage};
 use crate::error::ApiError;
 use crate::judge;
@@ -24,7 +26,8 @@ use crate::openai::{
     ChatChoice, ChatChunk, ChatCompletion, ChunkChoice, Delta, OutMessage, TextChoice,
     TextCompletion, Usage,
 };
-use crate::routing::{RouteError, Target};
+use crate::routing::{Arm, RouteError, Target};
+use crate::shadow;
 use crate::validate::{self, Validated};
 
 #[derive(Debug, Clone, Copy, PartialEq)]
@@ -96,7 +99,22 @@ fn sticky_key(req: &HttpRequest, user: Option<&str>, p: Option<&Principal>) -> S
 fn route_error(e: RouteError, model: &str) -> ApiError {
     match e {
         RouteError::UnknownModel(_) => ApiError::model_not_found(model),
+        RouteError::NoCanary(_) => ApiError::not_found(format!(
+            "{model} has no canary or shadow candidate to force with x-loraops-arm"
+        )),
         RouteError::Registry { .. } => ApiError::unavailable(e.to_string()),
+    }
+}
+
+/// `x-loraops-arm: canary`: a smoke test of the rollout's candidate whatever the split.
+fn forced(req: &HttpRequest) -> Result<bool, ApiError> {
+    match req.headers().get("x-loraops-arm").map(|h| h.to_str()) {
+        None => Ok(false),
+        Some(Ok("canary")) => Ok(true),
+        Some(_) => Err(ApiError::bad_request(
+            "x-loraops-arm accepts only `canary` (a deployer's smoke test of the candidate)",
+        )
+        .with_param("x-loraops-arm")),
     }
 }
 
@@ -135,9 +153,14 @@ struct Observer {
     /// The adapter whose routing chose the target, and the arm (reported to the registry).
     route: Option<Name>,
     arm: &'static str,
+    /// The sticky key: users are counted per arm.
+    user: String,
     start: Instant,
     engine_start: Instant,
     first_token: Option<Instant>,
+    /// Mirrored once the request has ended (shadow phase), with the answer when kept.
+    shadow: Option<shadow::Job>,
+    answer: Option<String>,
 }
 
 impl Observer {
@@ -153,7 +176,7 @@ impl Observer {
         }
     }
 
-    fn finish(&self, status_code: u16, usage: Option<TokenUsage>) {
+    fn finish(&mut self, status_code: u16, usage: Option<TokenUsage>) {
         let m = &self.state.metrics;
         let l = self.labels.refs();
         let total = self.start.elapsed();
@@ -165,12 +188,24 @@ impl Observer {
         let engine = self.engine_start.elapsed();
         m.overhead
             .observe(total.saturating_sub(engine).as_secs_f64());
-        if let Some(name) = &self.route {
+        // A deployer's forced requests are smoke tests, not traffic: never analysed.
+        if let Some(name) = &self.route
+            && self.arm != Arm::Forced.as_str()
+        {
             let version = l[1].parse().unwrap_or(0);
-            let tokens = usage.as_ref().map_or(0, |u| u.completion_tokens);
-            self.state
-                .recorder
-                .record(name, version, self.arm, status_code, total, tokens);
+            let tokens = usage.as_ref().map(|u| u.completion_tokens);
+            self.state.recorder.record(
+                name,
+                version,
+                self.arm,
+                status_code,
+                total,
+                tokens,
+                &self.user,
+            );
+        }
+        if let Some(job) = self.shadow.take() {
+            shadow::spawn(self.state.clone(), job, self.answer.take());
         }
         if let Some(u) = usage {
             m.tokens
@@ -192,14 +227,32 @@ async fn serve(
     start: Instant,
 ) -> Result<HttpResponse, ApiError> {
     let sticky = sticky_key(&req, v.user.as_deref(), principal.as_ref());
-    let target = state
-        .router
-        .resolve(&v.model, &sticky)
-        .await
-        .map_err(|e| route_error(e, &v.model))?;
+    let target = if forced(&req)? {
+        let t = state
+            .router
+            .resolve_forced(&v.model)
+            .map_err(|e| route_error(e, &v.model))?;
+        let adapter = t.route.as_ref().map(Name::as_str).unwrap_or_default();
+        if !principal
+            .as_ref()
+            .is_some_and(|p| p.has(Role::Deployer) && p.may_touch(adapter))
+        {
+            return Err(ApiError::forbidden(format!(
+                "x-loraops-arm: canary needs a deployer token for {adapter}"
+            )));
+        }
+        t
+    } else {
+        state
+            .router
+            .resolve(&v.model, &sticky)
+            .await
+            .map_err(|e| route_error(e, &v.model))?
+    };
     if let Some((name, _)) = target.adapter() {
         auth::may_use(principal.as_ref(), name.as_str())?;
     }
+    let shadow_job = shadow::pick(&state, &target, &sticky, &v.request);
     let Some(permit) = state.limiter.acquire().await else {
         state
             .metrics
@@ -210,16 +263,19 @@ async fn serve(
             "The gateway is at its concurrency limit; retry shortly.",
         ));
     };
+    let keep_answer = shadow_job.as_ref().is_some_and(shadow::Job::wants_answer);
     let mut obs = Observer {
         state: state.clone(),
         labels: Labels::of(&target),
         route: target.route.clone(),
         arm: target.arm.as_str(),
+        user: sticky,
         start,
         engine_start: Instant::now(),
         first_token: None,
+        shadow: shadow_job,
+        answer: None,
     };
-    obs.engine_start = Instant::now();
     // A sample of what an adapter's rollout arms answer goes to the online judge.
     let judge_job = match (&state.judge, &obs.route) {
         (Some(j), Some(route)) if matches!(obs.arm, "stable" | "canary") && j.sample() => {
@@ -232,17 +288,26 @@ async fn serve(
         }
         _ => None,
     };
-    let events = match state.backend.generate(target.key.clone(), v.request).await {
-        Ok(e) => e,
+    let keep_text = judge_job.is_some() || keep_answer;
+    let dispatched = match dispatch(&state, &target.key, v.request).await {
+        Ok(d) => d,
         Err(e) => {
             let e = engine_error(e);
             obs.finish(e.status.as_u16(), None);
             return Err(e);
         }
     };
+    obs.engine_start = dispatched.started;
+    let events = dispatched.events;
     let mut res = HttpResponse::Ok();
     let [a, ver, arm] = obs.labels.refs();
-    let id = state.backend.identity();
+    // A forced request is the canary's, as the client asked; only metrics call it `forced`.
+    let arm = if target.arm == Arm::Forced {
+        "canary"
+    } else {
+        arm
+    };
+    let id = &dispatched.identity;
     let digest = match &target.key {
         crate::engine::EngineKey::Version { digest, .. } => digest.as_str(),
         crate::engine::EngineKey::Base => "",
@@ -275,7 +340,9 @@ async fn serve(
     };
     if v.stream {
         let (tx, rx) = mpsc::channel::<Result<Bytes, Infallible>>(32);
-        tokio::spawn(stream_events(events, meta, obs, permit, tx, judge_job));
+        tokio::spawn(stream_events(
+            events, meta, obs, permit, tx, judge_job, keep_text,
+        ));
         let body = futures_util::stream::unfold(rx, |mut rx| async move {
             rx.recv().await.map(|item| (item, rx))
         });
@@ -284,10 +351,13 @@ async fn serve(
             .insert_header(("cache-control", "no-cache"))
             .streaming(body))
     } else {
-        let out = collect(events, &meta, &mut obs, judge_job.is_some()).await;
+        let out = collect(events, &meta, &mut obs, keep_text).await;
         drop(permit);
         match out {
             Ok((body, usage, answer)) => {
+                if keep_answer {
+                    obs.answer = answer.clone();
+                }
                 obs.finish(200, Some(usage));
                 if let (Some(job), Some(answer)) = (judge_job, answer) {
                     judge::spawn(state.clone(), job, answer);
@@ -475,9 +545,10 @@ async fn stream_events(
     permit: Permit,
     tx: mpsc::Sender<Result<Bytes, Infallible>>,
     judge_job: Option<judge::Job>,
+    keep_text: bool,
 ) {
     let _permit = permit;
-    let mut answer = judge_job.as_ref().map(|_| String::new());
+    let mut answer = keep_text.then(String::new);
     if meta.kind == Kind::Chat && !send(&tx, meta.chunk(Some(String::new()), true, None)).await {
         obs.finish(499, None);
         return;
@@ -508,6 +579,9 @@ async fn stream_events(
                     if !send(&tx, f).await {
                         break;
                     }
+                }
+                if obs.shadow.as_ref().is_some_and(shadow::Job::wants_answer) {
+                    obs.answer = answer.clone();
                 }
                 obs.finish(200, Some(usage));
                 if let (Some(job), Some(answer)) = (judge_job, answer) {

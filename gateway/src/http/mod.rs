@@ -76,6 +76,8 @@ pub struct AppState {
     pub recorder: Arc<Recorder>,
     /// Scores a sample of rollout answers (`judge_score`), when configured.
     pub judge: Option<Arc<crate::judge::Judge>>,
+    /// Mirrors a share of stable requests to a candidate in its shadow phase.
+    pub shadow: crate::shadow::Mirror,
 }
 
 /// Mount the gateway's routes. Bodies are read and parsed by the handlers themselves, after
@@ -190,6 +192,7 @@ impl Application {
                 client.clone(),
                 id,
                 settings.report_interval,
+                settings.judge.as_ref().map(|j| j.model.clone()),
             ));
         }
         let feed = registry.map(|client| {
@@ -219,6 +222,7 @@ impl Application {
                 .judge
                 .clone()
                 .map(|j| Arc::new(crate::judge::Judge::new(j))),
+            shadow: crate::shadow::Mirror::default(),
         });
 
         let listen = settings.listen.clone();

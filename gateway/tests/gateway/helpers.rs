@@ -70,6 +70,10 @@ pub fn fixture() -> &'static Fixture {
 pub struct TestRegistry {
     pub url: String,
     pub admin: String,
+    /// What gateways use: the `gateway` role only.
+    pub gateway: String,
+    pub signer: Signer,
+    pub state: actix_web::web::Data<loraops_registry::server::AppState>,
     pub handle: actix_web::dev::ServerHandle,
     _dir: tempfile::TempDir,
 }
@@ -95,10 +99,12 @@ pub async fn spawn_registry() -> TestRegistry {
     let app = Registry::build(settings).await.expect("registry starts");
     let url = format!("http://127.0.0.1:{}", app.port());
     let handle = app.handle();
+    let state = app.state();
     tokio::spawn(app.run_until_stopped());
-    let admin = Signer::from_settings(&auth, dir.path())
-        .unwrap()
-        .issue("tester", &[Role::Admin], 3600, None)
+    let signer = Signer::from_settings(&auth, dir.path()).unwrap();
+    let admin = signer.issue("tester", &[Role::Admin], 3600, None).unwrap();
+    let gateway = signer
+        .issue("gateway", &[Role::Gateway], 3600, None)
         .unwrap();
     let client = RegistryClient::new(&url, Some(admin.clone()));
     let cfg: Value =
@@ -122,6 +128,9 @@ pub async fn spawn_registry() -> TestRegistry {
     TestRegistry {
         url,
         admin,
+        gateway,
+        signer,
+        state,
         handle,
         _dir: dir,
     }
@@ -204,7 +213,7 @@ pub async fn spawn_gateway_with(
     let mut s = settings();
     if let Some(r) = registry {
         s.registry_url = Some(r.url.clone());
-        s.registry_token = Some(r.admin.clone());
+        s.registry_token = Some(r.gateway.clone());
     }
     tweak(&mut s);
     let app = Application::build(s).await.expect("gateway starts");

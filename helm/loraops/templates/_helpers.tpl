@@ -115,7 +115,7 @@ app.kubernetes.io/part-of: loraops
 {{- fail (printf "auth.mode=%s needs auth.existingSecret: a Secret holding the %s" .Values.auth.mode (ternary "JWKS file (key auth.jwksKey)" "PEM public key (key auth.publicKeyKey)" (eq .Values.auth.mode "jwks"))) -}}
 {{- end -}}
 {{- if and .Values.gateway.enabled (ne .Values.auth.mode "hs256") (not .Values.gateway.registryToken.existingSecret) -}}
-{{- fail "the gateway needs a registry token: set gateway.registryToken.existingSecret (a JWT with the viewer and evaluator roles: it reads routing and reports per-arm observations); the chart can only mint one itself with auth.mode=hs256" -}}
+{{- fail "the gateway needs a registry token: set gateway.registryToken.existingSecret (a JWT with the gateway role: it reads routing and adapters and reports per-arm observations); the chart can only mint one itself with auth.mode=hs256" -}}
 {{- end -}}
 {{- if and .Values.training.enabled .Values.training.push (ne .Values.auth.mode "hs256") (not .Values.training.publisherToken.existingSecret) -}}
 {{- fail "training.push needs a publisher token: set training.publisherToken.existingSecret; the chart can only mint one itself with auth.mode=hs256" -}}

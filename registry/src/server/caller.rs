@@ -48,8 +48,22 @@ impl Caller {
             .unwrap_or("anonymous")
     }
 
-    /// Reads: open when configured, else any valid token (every role can view).
+    /// Reads: open when configured, else any valid token (every role can view) except a
+    /// `gateway`-only one, which reads only what serving needs ([`Self::require_serving_read`]).
     pub fn require_read(&self, state: &AppState) -> Result<(), ApiError> {
+        if let Some(p) = &self.0
+            && is_gateway_only(p)
+        {
+            return Err(ApiError::forbidden(
+                "a gateway token reads only routing, adapters, their versions and files, and base models",
+            ));
+        }
+        self.require_serving_read(state)
+    }
+
+    /// Reads the data plane needs (routing, adapters and versions and their files, base
+    /// models): like [`Self::require_read`], and open to `gateway` tokens too.
+    pub fn require_serving_read(&self, state: &AppState) -> Result<(), ApiError> {
         if state.settings.registry.anonymous_reads || self.0.is_some() {
             Ok(())
         } else {
@@ -74,4 +88,9 @@ impl Caller {
         }
         Ok(p)
     }
+}
+
+/// A token whose only role is `gateway`.
+fn is_gateway_only(p: &Principal) -> bool {
+    !p.roles.is_empty() && p.roles.iter().all(|r| *r == Role::Gateway)
 }

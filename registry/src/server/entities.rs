@@ -161,10 +161,18 @@ pub mod rollout {
         #[sea_orm(column_type = "JsonBinary")]
         pub spec: Json,
         pub row_version: i32,
+        /// Start of the open analysis interval.
         pub last_analysis_at: Option<DateTimeUtc>,
         pub created_by: String,
         pub created_at: DateTimeUtc,
         pub updated_at: DateTimeUtc,
+        /// When the current step (or the shadow phase) began or was last resumed: `max_hold`.
+        pub step_started_at: Option<DateTimeUtc>,
+        /// When users first saw the canary; `None` while in the shadow phase.
+        pub canary_since: Option<DateTimeUtc>,
+        /// The phase's observations folded before `last_analysis_at` (`analysis::Arms`).
+        #[sea_orm(column_type = "JsonBinary", nullable)]
+        pub cumulative: Option<Json>,
     }
     no_relations!();
 }
@@ -230,6 +238,51 @@ pub mod observation {
         /// Sum of the online judge's scores (each in [0, 1]) over `judge_scored` answers.
         pub judge_score_sum: f64,
         pub judge_scored: i64,
+        /// Retries of one report carry the same id and are stored once.
+        pub report_id: String,
+        pub answers: i64,
+        pub tokens_sq: f64,
+        pub judge_score_sq: f64,
+        pub agreement_scored: i64,
+        pub agreement_sum: f64,
+        /// `[[group, requests, errors], …]`
+        #[sea_orm(column_type = "JsonBinary", nullable)]
+        pub users: Option<Json>,
+    }
+    no_relations!();
+}
+
+pub mod gateway_seen {
+    use sea_orm::entity::prelude::*;
+
+    /// The gateways that reported, and whether each has an online judge.
+    #[derive(Clone, Debug, PartialEq, DeriveEntityModel)]
+    #[sea_orm(table_name = "gateways")]
+    pub struct Model {
+        #[sea_orm(primary_key, auto_increment = false)]
+        pub id: String,
+        pub judge: Option<String>,
+        pub last_seen: DateTimeUtc,
+    }
+    no_relations!();
+}
+
+pub mod base_evidence {
+    use sea_orm::entity::prelude::*;
+
+    #[derive(Clone, Debug, PartialEq, DeriveEntityModel)]
+    #[sea_orm(table_name = "base_evidence")]
+    pub struct Model {
+        #[sea_orm(primary_key)]
+        pub id: i32,
+        pub base_model: String,
+        pub model_digest: String,
+        pub suite_name: String,
+        pub suite_digest: String,
+        #[sea_orm(column_type = "JsonBinary")]
+        pub body: Json,
+        pub created_by: String,
+        pub created_at: DateTimeUtc,
     }
     no_relations!();
 }

@@ -1,21 +1,26 @@
 //! Gate evaluation: does a version's evidence meet its adapter's policy? Pure over loaded
 //! evidence, so the rules are tested without a database; `report` does the loading.
 //!
-//! Evidence counts only when it was posted for the version's exact digest (the evidence
-//! route refuses others, and the query here filters on it again). A relative rule compares
-//! with the stable version's latest evidence on the *same suite digest*: a changed suite is a
-//! different measurement. An adapter's first version has no stable version, so relative
-//! rules do not apply to it (DESIGN.md: absolute rules only).
+//! A policy names suites by digest or `NAME@VERSION` (which the registry resolves to the
+//! digest it holds: a name and version always mean the same bytes), and evidence counts only
+//! when it was posted for the version's exact digest and cites that suite digest (the evidence
+//! route refuses suites the registry does not hold). A relative rule compares with the stable
+//! version's latest evidence on the same suite digest, or with the base model's (`vs: base`).
+//! An adapter's first version has no stable version, so `vs: stable` rules do not apply to it
+//! (DESIGN.md: absolute rules only); `vs: base` rules do.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashMap};
 
 use chrono::{DateTime, Duration, Utc};
 use sea_orm::{ColumnTrait, ConnectionTrait, EntityTrait, QueryFilter, QueryOrder};
 
-use super::entities::{adapter, adapter_version, evidence, gate};
+use super::entities::{adapter, adapter_version, base_evidence, base_model, evidence, gate, suite};
 use super::error::ApiError;
 use super::records;
-use crate::api::{Comparison, GatePolicy, GateReport, GateRule, Name, RuleOutcome};
+use crate::api::{
+    Baseline, Comparison, GatePolicy, GateReport, GateRule, Name, RuleOutcome, SuiteSpec,
+    base_evidence_digest,
+};
 
 /// One evidence record, as gate rules see it.
 #[derive(Debug, Clone)]
@@ -26,6 +31,9 @@ pub struct Measured {
     pub metrics: BTreeMap<String, f64>,
     pub created_at: DateTime<Utc>,
 }
+
+/// What each suite a policy names resolves to: the digest the registry holds, or why not.
+pub type Resolved = HashMap<String, Result<String, String>>;
 
 /// The policy that applies to an adapter: its own, else the default (`*`), else the built-in
 /// one (any evidence for the version's digest).
@@ -43,7 +51,72 @@ pub async fn policy_for(
     Ok(("builtin".into(), None))
 }
 
-/// Evidence of one version for its own digest, newest first.
+/// The digest the registry holds for a suite reference, or why it has none.
+pub async fn resolve_suite(
+    db: &impl ConnectionTrait,
+    raw: &str,
+) -> Result<Result<String, String>, ApiError> {
+    let spec: SuiteSpec = match raw.parse() {
+        Ok(s) => s,
+        Err(why) => return Ok(Err(why)),
+    };
+    let q = suite::Entity::find();
+    let row = match &spec {
+        SuiteSpec::Digest(d) => q.filter(suite::Column::Digest.eq(d.as_str())),
+        SuiteSpec::Version { name, version } => q
+            .filter(suite::Column::Name.eq(name.as_str()))
+            .filter(suite::Column::Version.eq(version.as_str())),
+    }
+    .one(db)
+    .await?;
+    Ok(row
+        .map(|r| r.digest)
+        .ok_or_else(|| format!("the registry holds no suite {spec}")))
+}
+
+/// Every suite a policy names, resolved.
+pub async fn resolve_policy(
+    db: &impl ConnectionTrait,
+    policy: &GatePolicy,
+) -> Result<Resolved, ApiError> {
+    let mut out = Resolved::new();
+    for raw in policy
+        .required_suites
+        .iter()
+        .chain(policy.rules.iter().map(|r| &r.suite))
+    {
+        if !out.contains_key(raw) {
+            out.insert(raw.clone(), resolve_suite(db, raw).await?);
+        }
+    }
+    Ok(out)
+}
+
+fn measured(
+    id: i32,
+    suite: String,
+    suite_digest: String,
+    body: &serde_json::Value,
+    created_at: DateTime<Utc>,
+) -> Result<Measured, ApiError> {
+    let metrics = body
+        .get("metrics")
+        .cloned()
+        .map(serde_json::from_value)
+        .transpose()
+        .map_err(|err| ApiError::internal(format!("stored evidence {id}: {err}")))?
+        .unwrap_or_default();
+    Ok(Measured {
+        id: id as i64,
+        suite,
+        suite_digest,
+        metrics,
+        created_at,
+    })
+}
+
+/// Evidence of one version for its own digest, newest first. Evidence the controller records
+/// (a shadow phase, `rollout:ID`) documents the version but is no evaluation on a suite.
 async fn evidence_of(
     db: &impl ConnectionTrait,
     v: &adapter_version::Model,
@@ -51,28 +124,48 @@ async fn evidence_of(
     let rows = evidence::Entity::find()
         .filter(evidence::Column::VersionId.eq(v.id))
         .filter(evidence::Column::AdapterDigest.eq(v.digest.clone()))
+        .filter(evidence::Column::SuiteDigest.not_like("rollout:%"))
         .order_by_desc(evidence::Column::Id)
         .all(db)
         .await?;
     rows.into_iter()
-        .map(|e| {
-            let metrics = e
-                .body
-                .get("metrics")
-                .cloned()
-                .map(serde_json::from_value)
-                .transpose()
-                .map_err(|err| ApiError::internal(format!("stored evidence {}: {err}", e.id)))?
-                .unwrap_or_default();
-            Ok(Measured {
-                id: e.id as i64,
-                suite: e.suite_name,
-                suite_digest: e.suite_digest,
-                metrics,
-                created_at: e.created_at,
-            })
-        })
+        .map(|e| measured(e.id, e.suite_name, e.suite_digest, &e.body, e.created_at))
         .collect()
+}
+
+/// The base model's evidence for its current digest, newest first.
+async fn base_evidence_of(
+    db: &impl ConnectionTrait,
+    base: &str,
+) -> Result<Vec<Measured>, ApiError> {
+    let Some(b) = base_model::Entity::find()
+        .filter(base_model::Column::Name.eq(base))
+        .one(db)
+        .await?
+    else {
+        return Ok(Vec::new());
+    };
+    let name = Name::parse(&b.name).map_err(|e| ApiError::internal(e.to_string()))?;
+    let rows = base_evidence::Entity::find()
+        .filter(base_evidence::Column::BaseModel.eq(b.name.as_str()))
+        .filter(
+            base_evidence::Column::ModelDigest.eq(base_evidence_digest(&name, b.digest.as_deref())),
+        )
+        .order_by_desc(base_evidence::Column::Id)
+        .all(db)
+        .await?;
+    rows.into_iter()
+        .map(|e| measured(e.id, e.suite_name, e.suite_digest, &e.body, e.created_at))
+        .collect()
+}
+
+/// The baselines relative rules compare with.
+#[derive(Debug, Default, Clone, Copy)]
+pub struct Baselines<'a> {
+    /// The stable version and its evidence (none for a first version).
+    pub stable: Option<(u32, &'a [Measured])>,
+    /// The base model's name and evidence.
+    pub base: Option<(&'a str, &'a [Measured])>,
 }
 
 /// Evaluate the adapter's gate for `version`.
@@ -82,6 +175,10 @@ pub async fn report(
     version: &adapter_version::Model,
 ) -> Result<GateReport, ApiError> {
     let (scope, policy) = policy_for(db, &a.name).await?;
+    let resolved = match &policy {
+        Some(p) => resolve_policy(db, p).await?,
+        None => Resolved::new(),
+    };
     let candidate = evidence_of(db, version).await?;
     let stable = match a.stable_version {
         Some(s) if s != version.version => {
@@ -90,10 +187,22 @@ pub async fn report(
         }
         _ => None,
     };
+    let wants_base = policy
+        .as_ref()
+        .is_some_and(|p| p.rules.iter().any(|r| r.vs == Some(Baseline::Base)));
+    let base = if wants_base {
+        base_evidence_of(db, &a.base_model).await?
+    } else {
+        Vec::new()
+    };
     let rules = evaluate(
         policy.as_ref(),
+        &resolved,
         &candidate,
-        stable.as_ref().map(|(v, e)| (*v, e.as_slice())),
+        Baselines {
+            stable: stable.as_ref().map(|(v, e)| (*v, e.as_slice())),
+            base: Some((a.base_model.as_str(), base.as_slice())),
+        },
         Utc::now(),
     );
     Ok(GateReport {
@@ -102,34 +211,25 @@ pub async fn report(
         adapter_digest: version.digest.clone(),
         policy_scope: scope,
         stable_version: stable.map(|(v, _)| v),
-        passed: rules.iter().all(|r| r.passed),
+        passed: !rules.is_empty() && rules.iter().all(|r| r.passed),
         rules,
     })
 }
 
 fn holds(op: Comparison, observed: f64, bound: f64) -> bool {
-    match op {
-        Comparison::Ge => observed >= bound,
-        Comparison::Gt => observed > bound,
-        Comparison::Le => observed <= bound,
-        Comparison::Lt => observed < bound,
-    }
+    op.holds(observed, bound)
 }
 
 fn op_str(op: Comparison) -> &'static str {
-    match op {
-        Comparison::Ge => ">=",
-        Comparison::Gt => ">",
-        Comparison::Le => "<=",
-        Comparison::Lt => "<",
-    }
+    op.as_str()
 }
 
-/// Every rule's outcome. `candidate` and the stable evidence are newest first.
+/// Every rule's outcome. `candidate` and the baselines' evidence are newest first.
 pub fn evaluate(
     policy: Option<&GatePolicy>,
+    resolved: &Resolved,
     candidate: &[Measured],
-    stable: Option<(u32, &[Measured])>,
+    baselines: Baselines,
     now: DateTime<Utc>,
 ) -> Vec<RuleOutcome> {
     let Some(policy) = policy else {
@@ -152,13 +252,24 @@ pub fn evaluate(
         Some(h) => now - e.created_at <= Duration::milliseconds((h * 3_600_000.0) as i64),
         None => true,
     };
-    let latest = |suite: &str| candidate.iter().filter(fresh).find(|e| e.suite == suite);
-    let stale_note = |suite: &str| {
-        if candidate.iter().any(|e| e.suite == suite) {
-            format!("evidence for suite {suite:?} is older than the policy's maximum age")
-        } else {
-            format!("no evidence for suite {suite:?} on this version's digest")
+    let digest = |suite: &str| -> Result<&str, String> {
+        match resolved.get(suite) {
+            Some(Ok(d)) => Ok(d.as_str()),
+            Some(Err(why)) => Err(why.clone()),
+            None => Err(format!("suite {suite:?} was not resolved")),
         }
+    };
+    let latest = |suite: &str| {
+        let d = digest(suite).ok()?;
+        candidate.iter().filter(fresh).find(|e| e.suite_digest == d)
+    };
+    let missing_note = |suite: &str| match digest(suite) {
+        // A policy stored before suites were named exactly, or naming a suite since removed.
+        Err(why) => format!("{why}; set the gate again naming NAME@VERSION or sha256:…"),
+        Ok(d) if candidate.iter().any(|e| e.suite_digest == d) => {
+            format!("evidence for suite {suite} is older than the policy's maximum age")
+        }
+        Ok(d) => format!("no evidence for suite {suite} ({d}) on this version's digest"),
     };
 
     let mut out = Vec::new();
@@ -174,7 +285,7 @@ pub fn evaluate(
             observed: None,
             passed: e.is_some(),
             evidence_id: e.map(|e| e.id),
-            note: e.is_none().then(|| stale_note(suite)),
+            note: e.is_none().then(|| missing_note(suite)),
         });
     }
     for r in &policy.rules {
@@ -189,7 +300,7 @@ pub fn evaluate(
             passed: false,
             evidence_id: e.map(|e| e.id),
             note: Some(match e {
-                None => stale_note(&r.suite),
+                None => missing_note(&r.suite),
                 Some(_) => format!("the evidence has no metric {:?}", r.metric),
             }),
         };
@@ -214,7 +325,13 @@ pub fn evaluate(
             });
         }
         if let Some(slack) = r.max_regression {
-            out.push(relative(r, slack, e, observed, stable, &missing));
+            let baseline = match r.vs.unwrap_or(Baseline::Stable) {
+                Baseline::Stable => baselines.stable.map(|(v, ev)| (format!("stable v{v}"), ev)),
+                Baseline::Base => baselines
+                    .base
+                    .map(|(name, ev)| (format!("base model {name}"), ev)),
+            };
+            out.push(relative(r, slack, e, observed, baseline, &missing));
         }
     }
     out
@@ -224,25 +341,30 @@ fn rule_name(r: &GateRule) -> String {
     match (r.threshold, r.max_regression) {
         (Some(t), _) => format!("{}/{} {} {t}", r.suite, r.metric, op_str(r.op)),
         (None, Some(m)) => format!(
-            "{}/{} no worse than stable by more than {m}",
-            r.suite, r.metric
+            "{}/{} no worse than {} by more than {m}",
+            r.suite,
+            r.metric,
+            match r.vs {
+                Some(Baseline::Base) => "the base model",
+                _ => "stable",
+            }
         ),
         (None, None) => format!("{}/{}", r.suite, r.metric),
     }
 }
 
-/// Non-regression: the candidate may be worse than the stable version by at most `slack`
+/// Non-regression: the candidate may be worse than its baseline by at most `slack`
 /// ("worse" is the direction the rule's comparison forbids).
 fn relative(
     r: &GateRule,
     slack: f64,
     e: Option<&Measured>,
     observed: Option<f64>,
-    stable: Option<(u32, &[Measured])>,
+    baseline: Option<(String, &[Measured])>,
     missing: &dyn Fn(String) -> RuleOutcome,
 ) -> RuleOutcome {
     let name = format!("{}/{} non-regression (slack {slack})", r.suite, r.metric);
-    let Some((sv, stable_ev)) = stable else {
+    let Some((who, base_ev)) = baseline else {
         return RuleOutcome {
             rule: name,
             suite: r.suite.clone(),
@@ -257,24 +379,24 @@ fn relative(
     let (Some(e), Some(o)) = (e, observed) else {
         return RuleOutcome {
             rule: name,
-            ..missing(format!("within {slack} of stable v{sv}"))
+            ..missing(format!("within {slack} of {who}"))
         };
     };
-    let base = stable_ev
+    let base = base_ev
         .iter()
-        .find(|s| s.suite == r.suite && s.suite_digest == e.suite_digest)
+        .find(|s| s.suite_digest == e.suite_digest)
         .and_then(|s| s.metrics.get(&r.metric).copied());
     let Some(base) = base else {
         return RuleOutcome {
             rule: name,
             suite: r.suite.clone(),
             metric: Some(r.metric.clone()),
-            required: format!("within {slack} of stable v{sv}"),
+            required: format!("within {slack} of {who}"),
             observed: Some(o),
             passed: false,
             evidence_id: Some(e.id),
             note: Some(format!(
-                "stable v{sv} has no {:?} evidence on suite digest {}; evaluate it with the same suite",
+                "{who} has no {:?} evidence on suite digest {}; evaluate it with the same suite",
                 r.metric, e.suite_digest
             )),
         };
@@ -288,19 +410,12 @@ fn relative(
         rule: name,
         suite: r.suite.clone(),
         metric: Some(r.metric.clone()),
-        required: format!(
-            "{} {bound} (stable v{sv}: {base}, slack {slack})",
-            op_str(r.op)
-        ),
+        required: format!("{} {bound} ({who}: {base}, slack {slack})", op_str(r.op)),
         observed: Some(o),
         passed,
         evidence_id: Some(e.id),
-        note: (!passed).then(|| {
-            format!(
-                "{} = {o} regresses past {bound} (stable v{sv}: {base})",
-                r.metric
-            )
-        }),
+        note: (!passed)
+            .then(|| format!("{} = {o} regresses past {bound} ({who}: {base})", r.metric)),
     }
 }
 
@@ -325,14 +440,45 @@ mod tests {
             op,
             threshold: t,
             max_regression: m,
+            vs: None,
+        }
+    }
+
+    /// `bench@1` is digest `d1`, `redteam@1` is `r1`, `bench@2` is `d2`.
+    fn resolved() -> Resolved {
+        [
+            ("bench@1", Ok("d1".to_string())),
+            ("bench@2", Ok("d2".to_string())),
+            ("redteam@1", Ok("r1".to_string())),
+            (
+                "bench",
+                Err("suite \"bench\": name a suite version".to_string()),
+            ),
+        ]
+        .into_iter()
+        .map(|(k, v)| (k.to_string(), v))
+        .collect()
+    }
+
+    fn stable(e: &[Measured]) -> Baselines<'_> {
+        Baselines {
+            stable: Some((1, e)),
+            base: None,
         }
     }
 
     #[test]
     fn builtin_policy_needs_any_evidence() {
-        let none = evaluate(None, &[], None, Utc::now());
+        let r = resolved();
+        let none = evaluate(None, &r, &[], Baselines::default(), Utc::now());
         assert!(!none[0].passed);
-        let some = evaluate(None, &[ev(1, "s", "d", "acc", 0.1, 0)], None, Utc::now());
+        let some = evaluate(
+            None,
+            &r,
+            &[ev(1, "s", "d", "acc", 0.1, 0)],
+            Baselines::default(),
+            Utc::now(),
+        );
         assert!(some[0].passed);
         assert_eq!(some[0].evidence_id, Some(1));
     }
@@ -340,14 +486,16 @@ mod tests {
     #[test]
     fn absolute_rules_name_what_failed() {
         let p = GatePolicy {
-            required_suites: vec!["redteam".into()],
-            rules: vec![rule("bench", "accuracy", Comparison::Ge, Some(0.8), None)],
+            required_suites: vec!["redteam@1".into()],
+            rules: vec![rule("bench@1", "accuracy", Comparison::Ge, Some(0.8), None)],
             max_evidence_age_hours: None,
         };
+        let r = resolved();
         let out = evaluate(
             Some(&p),
-            &[ev(7, "bench", "d", "accuracy", 0.7, 0)],
-            None,
+            &r,
+            &[ev(7, "bench", "d1", "accuracy", 0.7, 0)],
+            Baselines::default(),
             Utc::now(),
         );
         assert_eq!(out.len(), 2);
@@ -358,27 +506,64 @@ mod tests {
         assert_eq!(out[1].evidence_id, Some(7));
         let ok = evaluate(
             Some(&p),
+            &r,
             &[
-                ev(8, "bench", "d", "accuracy", 0.85, 0),
-                ev(9, "redteam", "r", "refusal", 1.0, 0),
+                ev(8, "bench", "d1", "accuracy", 0.85, 0),
+                ev(9, "redteam", "r1", "refusal", 1.0, 0),
             ],
-            None,
+            Baselines::default(),
             Utc::now(),
         );
         assert!(ok.iter().all(|r| r.passed), "{ok:?}");
     }
 
     #[test]
+    fn evidence_counts_only_for_the_named_suite_digest() {
+        // Same suite name, another version (another digest): a different measurement.
+        let p = GatePolicy {
+            required_suites: vec![],
+            rules: vec![rule("bench@1", "accuracy", Comparison::Ge, Some(0.8), None)],
+            max_evidence_age_hours: None,
+        };
+        let r = resolved();
+        let out = evaluate(
+            Some(&p),
+            &r,
+            &[ev(1, "bench", "d2", "accuracy", 0.99, 0)],
+            Baselines::default(),
+            Utc::now(),
+        );
+        assert!(!out[0].passed);
+        assert!(out[0].note.as_deref().unwrap().contains("d1"), "{out:?}");
+        // A policy stored with a bare name fails loudly instead of matching any suite.
+        let legacy = GatePolicy {
+            required_suites: vec![],
+            rules: vec![rule("bench", "accuracy", Comparison::Ge, Some(0.8), None)],
+            max_evidence_age_hours: None,
+        };
+        let out = evaluate(
+            Some(&legacy),
+            &r,
+            &[ev(1, "bench", "d1", "accuracy", 0.99, 0)],
+            Baselines::default(),
+            Utc::now(),
+        );
+        assert!(!out[0].passed);
+        assert!(out[0].note.as_deref().unwrap().contains("NAME@VERSION"));
+    }
+
+    #[test]
     fn stale_evidence_does_not_count() {
         let p = GatePolicy {
             required_suites: vec![],
-            rules: vec![rule("bench", "accuracy", Comparison::Ge, Some(0.5), None)],
+            rules: vec![rule("bench@1", "accuracy", Comparison::Ge, Some(0.5), None)],
             max_evidence_age_hours: Some(24.0),
         };
         let out = evaluate(
             Some(&p),
-            &[ev(1, "bench", "d", "accuracy", 0.9, 48)],
-            None,
+            &resolved(),
+            &[ev(1, "bench", "d1", "accuracy", 0.9, 48)],
+            Baselines::default(),
             Utc::now(),
         );
         assert!(!out[0].passed);
@@ -386,36 +571,76 @@ mod tests {
     }
 
     #[test]
-    fn non_regression_compares_with_stable_on_the_same_suite_digest() {
+    fn non_regression_compares_with_its_baseline_on_the_same_suite_digest() {
         let p = GatePolicy {
             required_suites: vec![],
-            rules: vec![rule("bench", "accuracy", Comparison::Ge, None, Some(0.02))],
+            rules: vec![rule(
+                "bench@1",
+                "accuracy",
+                Comparison::Ge,
+                None,
+                Some(0.02),
+            )],
             max_evidence_age_hours: None,
         };
+        let r = resolved();
         let cand = [ev(2, "bench", "d1", "accuracy", 0.90, 0)];
-        // First version: relative rules do not apply.
-        assert!(evaluate(Some(&p), &cand, None, Utc::now())[0].passed);
+        // First version: relative rules against stable do not apply.
+        assert!(evaluate(Some(&p), &r, &cand, Baselines::default(), Utc::now())[0].passed);
         let stable_same = [ev(1, "bench", "d1", "accuracy", 0.91, 0)];
-        assert!(evaluate(Some(&p), &cand, Some((1, &stable_same)), Utc::now())[0].passed);
+        assert!(evaluate(Some(&p), &r, &cand, stable(&stable_same), Utc::now())[0].passed);
         let stable_better = [ev(1, "bench", "d1", "accuracy", 0.95, 0)];
-        let out = evaluate(Some(&p), &cand, Some((1, &stable_better)), Utc::now());
+        let out = evaluate(Some(&p), &r, &cand, stable(&stable_better), Utc::now());
         assert!(!out[0].passed);
         assert!(out[0].note.as_deref().unwrap().contains("regresses"));
         // A different suite digest is a different measurement.
         let stable_other = [ev(1, "bench", "d0", "accuracy", 0.5, 0)];
-        let out = evaluate(Some(&p), &cand, Some((1, &stable_other)), Utc::now());
+        let out = evaluate(Some(&p), &r, &cand, stable(&stable_other), Utc::now());
         assert!(!out[0].passed);
         assert!(out[0].note.as_deref().unwrap().contains("d1"));
         // Lower-is-better metrics regress upwards.
         let p = GatePolicy {
             required_suites: vec![],
-            rules: vec![rule("bench", "ppl", Comparison::Le, None, Some(0.5))],
+            rules: vec![rule("bench@1", "ppl", Comparison::Le, None, Some(0.5))],
             max_evidence_age_hours: None,
         };
         let cand = [ev(2, "bench", "d1", "ppl", 10.4, 0)];
-        let stable = [ev(1, "bench", "d1", "ppl", 10.0, 0)];
-        assert!(evaluate(Some(&p), &cand, Some((1, &stable)), Utc::now())[0].passed);
+        let st = [ev(1, "bench", "d1", "ppl", 10.0, 0)];
+        assert!(evaluate(Some(&p), &r, &cand, stable(&st), Utc::now())[0].passed);
         let cand = [ev(2, "bench", "d1", "ppl", 10.6, 0)];
-        assert!(!evaluate(Some(&p), &cand, Some((1, &stable)), Utc::now())[0].passed);
+        assert!(!evaluate(Some(&p), &r, &cand, stable(&st), Utc::now())[0].passed);
+    }
+
+    #[test]
+    fn a_first_version_compares_with_the_base_model_when_asked() {
+        let mut rl = rule("bench@1", "accuracy", Comparison::Ge, None, Some(0.0));
+        rl.vs = Some(Baseline::Base);
+        let p = GatePolicy {
+            required_suites: vec![],
+            rules: vec![rl],
+            max_evidence_age_hours: None,
+        };
+        let r = resolved();
+        let cand = [ev(2, "bench", "d1", "accuracy", 0.60, 0)];
+        let base_better = [ev(1, "bench", "d1", "accuracy", 0.70, 0)];
+        let b = Baselines {
+            stable: None,
+            base: Some(("tiny", &base_better)),
+        };
+        let out = evaluate(Some(&p), &r, &cand, b, Utc::now());
+        assert!(!out[0].passed, "{out:?}");
+        assert!(out[0].note.as_deref().unwrap().contains("base model tiny"));
+        let base_worse = [ev(1, "bench", "d1", "accuracy", 0.50, 0)];
+        let b = Baselines {
+            stable: None,
+            base: Some(("tiny", &base_worse)),
+        };
+        assert!(evaluate(Some(&p), &r, &cand, b, Utc::now())[0].passed);
+        // No base evidence on that suite: no pass.
+        let b = Baselines {
+            stable: None,
+            base: Some(("tiny", &[])),
+        };
+        assert!(!evaluate(Some(&p), &r, &cand, b, Utc::now())[0].passed);
     }
 }

@@ -39,6 +39,14 @@ pub struct RegistrySettings {
     pub webhook_retry_base_ms: u64,
     /// Per-attempt timeout of a webhook POST.
     pub webhook_timeout_secs: u64,
+    /// Gateway observations are deleted this many hours after they were received (an
+    /// active rollout's folded analysis does not need them).
+    pub observation_retention_hours: u64,
+    /// How far a report's `window_end` may lie ahead of the registry's clock (clock skew).
+    pub observation_max_skew_secs: u64,
+    /// Reports whose window ended longer ago than this are refused: stale data would count as
+    /// current (a gateway drops them after a long outage).
+    pub observation_max_age_secs: u64,
 }
 
 /// One webhook endpoint (`[[registry.webhooks]]`).
@@ -79,6 +87,9 @@ impl Default for RegistrySettings {
             webhook_max_attempts: 10,
             webhook_retry_base_ms: 1000,
             webhook_timeout_secs: 10,
+            observation_retention_hours: 7 * 24,
+            observation_max_skew_secs: 5,
+            observation_max_age_secs: 900,
         }
     }
 }

@@ -42,6 +42,10 @@ pub const EVENT_TYPES: &[&str] = &[
     "rollout.pause",
     "rollout.resume",
     "rollout.abort",
+    "rollout.await_approval",
+    "rollout.approve",
+    "rollout.rollback_promotion",
+    "gate.updated",
 ];
 
 /// The longest wait between two attempts.

@@ -130,8 +130,9 @@ async fn each_write_needs_its_role(db: Db, blobs: Blobs) {
         .as_str()
         .unwrap()
         .to_string();
+    let suite = app.suite("smoke", "1", 10).await;
     let evidence = json!({
-        "adapter_digest": digest, "suite": {"name": "smoke", "digest": "sha256:00"},
+        "adapter_digest": digest, "suite": {"name": "smoke", "version": "1", "digest": suite},
         "engine": {"engine": "mistral.rs", "engine_version": "0.8.1"}, "metrics": {"accuracy": 0.9}, "cases": 10,
         "started_at": "2026-11-28T00:00:00Z", "finished_at": "2026-11-28T00:01:00Z"
     });
@@ -152,8 +153,7 @@ async fn each_write_needs_its_role(db: Db, blobs: Blobs) {
         assert_eq!(res.status().as_u16(), want, "{who} evidence");
     }
     // Gates: deployer (and admin).
-    let policy =
-        json!({"rules": [{"suite": "smoke", "metric": "accuracy", "op": ">=", "threshold": 0.8}]});
+    let policy = json!({"rules": [{"suite": "smoke@1", "metric": "accuracy", "op": ">=", "threshold": 0.8}]});
     for (who, token, want) in [
         ("publisher", &app.publisher, 403),
         ("evaluator", &app.evaluator, 403),

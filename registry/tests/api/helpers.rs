@@ -40,6 +40,8 @@ pub struct TestApp {
     pub viewer: String,
     pub evaluator: String,
     pub deployer: String,
+    /// The data plane's role: routing, adapters, observations.
+    pub gateway: String,
     pub handle: actix_web::dev::ServerHandle,
     pub settings: ServeSettings,
     pg_database: Option<String>,
@@ -148,6 +150,7 @@ pub async fn spawn_with(
         viewer: tok(&[Role::Viewer]),
         evaluator: tok(&[Role::Evaluator]),
         deployer: tok(&[Role::Deployer]),
+        gateway: tok(&[Role::Gateway]),
         signer,
         dir,
         handle,
@@ -256,6 +259,24 @@ impl TestApp {
             .send()
             .await
             .unwrap()
+    }
+
+    /// Upload suite `name@version` with `cases` trivial cases (as an evaluator); its digest.
+    pub async fn suite(&self, name: &str, version: &str, cases: usize) -> String {
+        let lines: String = (0..cases)
+            .map(|i| json!({"prompt": format!("q{i}"), "expected": "a"}).to_string() + "\n")
+            .collect();
+        let res = self
+            .post_json(
+                "/api/v1/suites",
+                &self.evaluator,
+                &json!({"manifest": {"name": name, "version": version, "scorer": {"type": "exact"}},
+                    "cases": lines}),
+            )
+            .await;
+        assert!(res.status().is_success(), "suite: {}", res.status());
+        let v: Value = res.json().await.unwrap();
+        v["digest"].as_str().unwrap().to_string()
     }
 
     /// Drop the PostgreSQL database of this test (after the test passed).

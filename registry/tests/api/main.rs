@@ -4,6 +4,7 @@
 mod helpers;
 
 mod auth;
+mod canary;
 mod download;
 mod ops;
 mod push;

@@ -74,8 +74,9 @@ async fn evidence_binds_to_the_version_digest(db: Db, blobs: Blobs) {
         .await
         .unwrap();
     let digest = v["digest"].as_str().unwrap();
+    let suite = app.suite("redteam-smoke", "1", 120).await;
     let mut body = json!({
-        "adapter_digest": digest, "suite": {"name": "redteam-smoke", "version": "1", "digest": "sha256:aa"},
+        "adapter_digest": digest, "suite": {"name": "redteam-smoke", "version": "1", "digest": suite},
         "engine": {"engine": "mistral.rs", "engine_version": "0.8.1", "decoding": {"temperature": 0}},
         "metrics": {"refusal_rate": 0.97}, "cases": 120, "cases_digest": "sha256:bb",
         "started_at": "2026-11-28T00:00:00Z", "finished_at": "2026-11-28T00:05:00Z"
@@ -125,25 +126,38 @@ async fn gate_policies_are_stored_and_checked(db: Db, blobs: Blobs) {
     let app = spawn_app(db, blobs).await;
     let put = |name: &'static str, body: Value| {
         let app = &app;
+        // The default policy (`*`) is an admin's; an adapter's a deployer's.
+        let token = if name == "*" {
+            &app.admin
+        } else {
+            &app.deployer
+        };
         async move {
             app.http
                 .put(app.url(&format!("/api/v1/adapters/{name}/gate")))
-                .bearer_auth(&app.deployer)
+                .bearer_auth(token)
                 .json(&body)
                 .send()
                 .await
                 .unwrap()
         }
     };
-    let policy = json!({"required_suites": ["redteam-smoke"], "rules": [
-        {"suite": "bench", "metric": "accuracy", "op": ">=", "threshold": 0.7},
-        {"suite": "bench", "metric": "accuracy", "op": ">=", "max_regression": 0.01}], "max_evidence_age_hours": 72});
+    app.suite("redteam-smoke", "1", 3).await;
+    app.suite("bench", "1", 3).await;
+    let policy = json!({"required_suites": ["redteam-smoke@1"], "rules": [
+        {"suite": "bench@1", "metric": "accuracy", "op": ">=", "threshold": 0.7},
+        {"suite": "bench@1", "metric": "accuracy", "op": ">=", "max_regression": 0.01}], "max_evidence_age_hours": 72});
     assert_eq!(put("gated", policy.clone()).await.status(), 200);
     let got = app.get_json("/api/v1/adapters/gated/gate").await;
     assert_eq!(got["policy"]["rules"].as_array().unwrap().len(), 2);
     assert_eq!(got["updated_by"], "tester");
     // Replace.
-    assert_eq!(put("gated", json!({"rules": []})).await.status(), 200);
+    assert_eq!(
+        put("gated", json!({"required_suites": ["bench@1"]}))
+            .await
+            .status(),
+        200
+    );
     assert!(
         app.get_json("/api/v1/adapters/gated/gate").await["policy"]["rules"]
             .as_array()
@@ -154,7 +168,7 @@ async fn gate_policies_are_stored_and_checked(db: Db, blobs: Blobs) {
     assert_eq!(put("*", policy).await.status(), 200);
     assert_eq!(
         app.get_json("/api/v1/adapters/*/gate").await["policy"]["required_suites"][0],
-        "redteam-smoke"
+        "redteam-smoke@1"
     );
     // A rule with no bound, an unknown operator.
     let (s, e) = error_of(

@@ -1,7 +1,8 @@
 //! Gates and canary rollouts: the gate admits or refuses a canary (422 with the per-rule
 //! report, nothing changed), the controller advances a healthy canary to promotion, rolls a
 //! faulty one back, holds without traffic, resumes after a restart; observations are checked.
-//! Gateways are played by posting observations directly; the whole stack is in tests/e2e.
+//! Gateways are played by posting observations directly (with a `gateway` token); the whole
+//! stack is in the gateway's tests and tests/e2e. `canary.rs` has the statistical analysis.
 
 use std::time::Duration;
 
@@ -10,21 +11,22 @@ use serde_json::{Value, json};
 use crate::backends;
 use crate::helpers::{Adapter, Blobs, Db, TestApp, error_of, spawn_with};
 
-async fn app(db: Db, blobs: Blobs) -> TestApp {
+pub async fn app(db: Db, blobs: Blobs) -> TestApp {
     let app = spawn_with(db, blobs, |r| r.controller_tick_ms = 50).await;
     app.register_base().await;
     app
 }
 
 /// Push a version and return its digest.
-async fn push(app: &TestApp, name: &str, seed: u32) -> String {
+pub async fn push(app: &TestApp, name: &str, seed: u32) -> String {
     let res = app.push(name, &Adapter::new(seed, 4, &["q_proj"])).await;
     assert!(res.status().is_success(), "push: {}", res.status());
     let v: Value = res.json().await.unwrap();
     v["digest"].as_str().unwrap().to_string()
 }
 
-async fn evidence(
+/// Evidence for `name@version` on suite `(suite, suite_version)` (uploaded if new, 10 cases).
+pub async fn evidence(
     app: &TestApp,
     name: &str,
     version: u32,
@@ -32,14 +34,16 @@ async fn evidence(
     suite: (&str, &str),
     metrics: Value,
 ) {
+    let suite_digest = app.suite(suite.0, suite.1, 10).await;
     let res = app
         .post_json(
             &format!("/api/v1/adapters/{name}/versions/{version}/evidence"),
             &app.evaluator,
             &json!({
-                "adapter_digest": digest, "suite": {"name": suite.0, "digest": suite.1},
+                "adapter_digest": digest,
+                "suite": {"name": suite.0, "version": suite.1, "digest": suite_digest},
                 "engine": {"engine": "mistral.rs", "engine_version": "0.8.1", "decoding": {}},
-                "metrics": metrics, "cases": 100,
+                "metrics": metrics, "cases": 10,
                 "started_at": "2026-11-28T00:00:00Z", "finished_at": "2026-11-28T00:01:00Z"
             }),
         )
@@ -47,7 +51,7 @@ async fn evidence(
     assert_eq!(res.status(), 201, "{}", res.text().await.unwrap());
 }
 
-async fn start(app: &TestApp, name: &str, body: Value) -> (u16, Value) {
+pub async fn start(app: &TestApp, name: &str, body: Value) -> (u16, Value) {
     let res = app
         .post_json(
             &format!("/api/v1/adapters/{name}/rollouts"),
@@ -59,32 +63,54 @@ async fn start(app: &TestApp, name: &str, body: Value) -> (u16, Value) {
     (status, res.json().await.unwrap())
 }
 
-async fn observe(app: &TestApp, name: &str, arms: &[(u32, &str, u64, u64)]) {
-    let now = chrono::Utc::now();
+/// `requests` and `errors` spread over `users` user groups, as `[group, requests, errors]`.
+/// Which users see the errors rotates from one report to the next, as independent errors
+/// would (errors that always hit the same users count as theirs, not the canary's).
+pub fn users(requests: u64, errors: u64, users: u32) -> Vec<Value> {
+    static ROTATE: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
+    let turn = ROTATE.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    let share =
+        |total: u64, i: u32| total / users as u64 + u64::from((i as u64) < total % users as u64);
+    (0..users)
+        .map(|i| json!([i, share(requests, i), share(errors, (i + turn) % users)]))
+        .filter(|g| g[1] != 0)
+        .collect()
+}
+
+/// One arm's report: counts from 20 users, half at 10 ms and half at 100 ms.
+pub fn arm(name: &str, version: u32, arm: &str, requests: u64, errors: u64) -> Value {
+    json!({"adapter": name, "version": version, "arm": arm, "requests": requests,
+        "errors": errors, "latency_ms_buckets": [[10.0, requests / 2], [100.0, requests]],
+        "users": users(requests, errors, 20)})
+}
+
+/// Post one gateway report of `arms` for a window ending `ago` before now.
+pub async fn report(app: &TestApp, arms: Vec<Value>, ago: chrono::Duration) -> reqwest::Response {
+    let end = chrono::Utc::now() - ago;
+    app.post_json(
+        "/api/v1/routing/observations",
+        &app.gateway,
+        &json!({"gateway": "gw-test", "window_start": end - chrono::Duration::milliseconds(200),
+                "window_end": end, "arms": arms}),
+    )
+    .await
+}
+
+pub async fn observe(app: &TestApp, name: &str, arms: &[(u32, &str, u64, u64)]) {
     let arms: Vec<Value> = arms
         .iter()
-        .map(|&(version, arm, requests, errors)| {
-            json!({"adapter": name, "version": version, "arm": arm, "requests": requests,
-                   "errors": errors, "latency_ms_buckets": [[10.0, requests / 2], [100.0, requests]]})
-        })
+        .map(|&(version, a, requests, errors)| arm(name, version, a, requests, errors))
         .collect();
-    let res = app
-        .post_json(
-            "/api/v1/routing/observations",
-            &app.evaluator,
-            &json!({"gateway": "gw-test", "window_start": now - chrono::Duration::milliseconds(200),
-                    "window_end": now, "arms": arms}),
-        )
-        .await;
+    let res = report(app, arms, chrono::Duration::zero()).await;
     assert_eq!(res.status(), 202, "{}", res.text().await.unwrap());
 }
 
-async fn status(app: &TestApp, name: &str) -> Value {
+pub async fn status(app: &TestApp, name: &str) -> Value {
     app.get_json(&format!("/api/v1/adapters/{name}/rollouts/current"))
         .await
 }
 
-async fn route(app: &TestApp, name: &str) -> Option<Value> {
+pub async fn route(app: &TestApp, name: &str) -> Option<Value> {
     let t = app.get_json("/api/v1/routing").await;
     t["routes"]
         .as_array()
@@ -94,8 +120,9 @@ async fn route(app: &TestApp, name: &str) -> Option<Value> {
         .cloned()
 }
 
-/// Feed observations every 100 ms until the rollout leaves `running`, or panic after `limit`.
-async fn drive(
+/// Feed observations every 100 ms until the rollout is no longer running (or in its shadow
+/// phase), or panic after `limit`.
+pub async fn drive(
     app: &TestApp,
     name: &str,
     arms: &[(u32, &str, u64, u64)],
@@ -104,7 +131,10 @@ async fn drive(
     let deadline = tokio::time::Instant::now() + limit;
     loop {
         let s = status(app, name).await;
-        if s["rollout"]["state"] != "running" {
+        if !matches!(
+            s["rollout"]["state"].as_str(),
+            Some("running" | "shadowing")
+        ) {
             return s;
         }
         assert!(
@@ -116,7 +146,7 @@ async fn drive(
     }
 }
 
-fn actions(s: &Value) -> Vec<String> {
+pub fn actions(s: &Value) -> Vec<String> {
     s["events"]
         .as_array()
         .unwrap()
@@ -126,7 +156,7 @@ fn actions(s: &Value) -> Vec<String> {
         .collect()
 }
 
-const FAST: fn(u32) -> Value = |v| json!({"version": v, "steps": [10, 50, 100], "interval_secs": 1, "min_requests": 20, "failure_limit": 2});
+pub const FAST: fn(u32) -> Value = |v| json!({"version": v, "steps": [10, 50, 100], "interval_secs": 1, "min_requests": 20, "failure_limit": 2});
 
 async fn the_gate_decides_whether_a_canary_may_start(db: Db, blobs: Blobs) {
     let app = app(db, blobs).await;
@@ -138,8 +168,10 @@ async fn the_gate_decides_whether_a_canary_may_start(db: Db, blobs: Blobs) {
     assert_eq!((s, e["error"]["code"].as_str()), (422, Some("gate_failed")));
     assert_eq!(e["error"]["details"]["policy_scope"], "builtin");
 
-    let policy = json!({"required_suites": ["redteam"],
-        "rules": [{"suite": "bench", "metric": "accuracy", "op": ">=", "threshold": 0.8}]});
+    app.suite("redteam", "1", 10).await;
+    app.suite("bench", "1", 10).await;
+    let policy = json!({"required_suites": ["redteam@1"],
+        "rules": [{"suite": "bench@1", "metric": "accuracy", "op": ">=", "threshold": 0.8}]});
     let res = app
         .http
         .put(app.url("/api/v1/adapters/bot/gate"))
@@ -154,7 +186,7 @@ async fn the_gate_decides_whether_a_canary_may_start(db: Db, blobs: Blobs) {
         "bot",
         1,
         &digest,
-        ("bench", "sha256:b1"),
+        ("bench", "1"),
         json!({"accuracy": 0.7}),
     )
     .await;
@@ -171,14 +203,14 @@ async fn the_gate_decides_whether_a_canary_may_start(db: Db, blobs: Blobs) {
         .collect();
     assert_eq!(
         failed,
-        ["redteam required", "bench/accuracy >= 0.8"],
+        ["redteam@1 required", "bench@1/accuracy >= 0.8"],
         "{report:#}"
     );
     assert!(
         e["error"]["message"]
             .as_str()
             .unwrap()
-            .contains("bench/accuracy >= 0.8")
+            .contains("bench@1/accuracy >= 0.8")
     );
     // Nothing changed.
     assert_eq!(app.get_json("/api/v1/routing").await["revision"], rev);
@@ -197,7 +229,7 @@ async fn the_gate_decides_whether_a_canary_may_start(db: Db, blobs: Blobs) {
         "bot",
         1,
         &digest,
-        ("bench", "sha256:b1"),
+        ("bench", "1"),
         json!({"accuracy": 0.85}),
     )
     .await;
@@ -206,7 +238,7 @@ async fn the_gate_decides_whether_a_canary_may_start(db: Db, blobs: Blobs) {
         "bot",
         1,
         &digest,
-        ("redteam", "sha256:r1"),
+        ("redteam", "1"),
         json!({"refusal_rate": 1.0}),
     )
     .await;
@@ -253,7 +285,7 @@ async fn a_healthy_canary_is_promoted_and_a_faulty_one_rolled_back(db: Db, blobs
         "bot",
         1,
         &d1,
-        ("bench", "sha256:b1"),
+        ("bench", "1"),
         json!({"accuracy": 0.9}),
     )
     .await;
@@ -298,7 +330,7 @@ async fn a_healthy_canary_is_promoted_and_a_faulty_one_rolled_back(db: Db, blobs
         "bot",
         2,
         &d2,
-        ("bench", "sha256:b1"),
+        ("bench", "1"),
         json!({"accuracy": 0.9}),
     )
     .await;
@@ -341,7 +373,7 @@ async fn without_traffic_a_rollout_holds_and_a_restart_resumes_it(db: Db, blobs:
         "bot",
         1,
         &d1,
-        ("bench", "sha256:b1"),
+        ("bench", "1"),
         json!({"accuracy": 0.9}),
     )
     .await;
@@ -379,7 +411,7 @@ async fn without_traffic_a_rollout_holds_and_a_restart_resumes_it(db: Db, blobs:
     let done = drive(
         &app,
         "bot",
-        &[(1, "canary", 30, 0)],
+        &[(1, "canary", 30, 0), (0, "stable", 60, 0)],
         Duration::from_secs(20),
     )
     .await;
@@ -396,7 +428,7 @@ async fn deployers_pause_resume_promote_and_abort(db: Db, blobs: Blobs) {
         "bot",
         1,
         &d1,
-        ("bench", "sha256:b1"),
+        ("bench", "1"),
         json!({"accuracy": 0.9}),
     )
     .await;
@@ -440,7 +472,7 @@ async fn deployers_pause_resume_promote_and_abort(db: Db, blobs: Blobs) {
         "bot",
         2,
         &d2,
-        ("bench", "sha256:b1"),
+        ("bench", "1"),
         json!({"accuracy": 0.9}),
     )
     .await;
@@ -466,11 +498,12 @@ backends!(deployers_pause_resume_promote_and_abort);
 
 async fn a_non_regression_gate_compares_with_the_stable_version(db: Db, blobs: Blobs) {
     let app = app(db, blobs).await;
+    app.suite("bench", "1", 10).await;
     let res = app
         .http
         .put(app.url("/api/v1/adapters/bot/gate"))
         .bearer_auth(&app.deployer)
-        .json(&json!({"rules": [{"suite": "bench", "metric": "accuracy", "op": ">=", "max_regression": 0.02}]}))
+        .json(&json!({"rules": [{"suite": "bench@1", "metric": "accuracy", "op": ">=", "max_regression": 0.02}]}))
         .send()
         .await
         .unwrap();
@@ -481,7 +514,7 @@ async fn a_non_regression_gate_compares_with_the_stable_version(db: Db, blobs: B
         "bot",
         1,
         &d1,
-        ("bench", "sha256:b1"),
+        ("bench", "1"),
         json!({"accuracy": 0.90}),
     )
     .await;
@@ -502,7 +535,7 @@ async fn a_non_regression_gate_compares_with_the_stable_version(db: Db, blobs: B
         "bot",
         2,
         &d2,
-        ("bench", "sha256:b1"),
+        ("bench", "1"),
         json!({"accuracy": 0.85}),
     )
     .await;
@@ -524,24 +557,20 @@ async fn a_non_regression_gate_compares_with_the_stable_version(db: Db, blobs: B
         "bot",
         2,
         &d2,
-        ("bench", "sha256:b2"),
+        ("bench", "2"),
         json!({"accuracy": 0.95}),
     )
     .await;
     let (s, e) = start(&app, "bot", FAST(2)).await;
     assert_eq!(s, 422);
-    assert!(
-        e["error"]["details"]["rules"][0]["note"]
-            .as_str()
-            .unwrap()
-            .contains("sha256:b2")
-    );
+    // bench@2 is another suite: the rule names bench@1, which v2 has evidence for (0.85).
+    assert_eq!(e["error"]["details"]["rules"][0]["observed"], 0.85);
     evidence(
         &app,
         "bot",
         2,
         &d2,
-        ("bench", "sha256:b1"),
+        ("bench", "1"),
         json!({"accuracy": 0.89}),
     )
     .await;
@@ -569,28 +598,49 @@ async fn observations_are_checked(db: Db, blobs: Blobs) {
     assert_eq!(post(app.viewer.clone(), ok.clone()).await.0, 403);
     let mut bad = ok.clone();
     bad["arms"][0]["arm"] = json!("blue");
-    let (s, e) = post(app.evaluator.clone(), bad).await;
+    let (s, e) = post(app.gateway.clone(), bad).await;
     assert_eq!((s, e["code"].as_str()), (422, Some("invalid_observations")));
     assert!(e["message"].as_str().unwrap().contains("blue"));
     let mut bad = ok.clone();
     bad["arms"][0]["adapter"] = json!("ghost");
     assert!(
-        post(app.evaluator.clone(), bad).await.1["message"]
+        post(app.gateway.clone(), bad).await.1["message"]
             .as_str()
             .unwrap()
             .contains("ghost")
     );
     let mut bad = ok.clone();
     bad["arms"][0]["errors"] = json!(4);
-    assert_eq!(post(app.evaluator.clone(), bad).await.0, 422);
+    assert_eq!(post(app.gateway.clone(), bad).await.0, 422);
     let mut bad = ok.clone();
     bad["arms"][0]["latency_ms_buckets"] = json!([[10.0, 3], [5.0, 3]]);
-    assert_eq!(post(app.evaluator.clone(), bad).await.0, 422);
+    assert_eq!(post(app.gateway.clone(), bad).await.0, 422);
     let mut bad = ok.clone();
     bad["window_start"] = json!(now + chrono::Duration::seconds(5));
-    assert_eq!(post(app.evaluator.clone(), bad).await.0, 422);
+    assert_eq!(post(app.gateway.clone(), bad).await.0, 422);
+    let mut bad = ok.clone();
+    bad["arms"][0]["users"] = json!([[3, 2, 0], [200, 1, 0]]);
+    assert_eq!(
+        post(app.gateway.clone(), bad).await.0,
+        422,
+        "group out of range"
+    );
+    let mut bad = ok.clone();
+    bad["arms"][0]["users"] = json!([[3, 2, 0]]);
+    assert_eq!(
+        post(app.gateway.clone(), bad).await.0,
+        422,
+        "groups must add up"
+    );
+    let mut bad = ok.clone();
+    bad["arms"][0]["requests"] = json!(u64::MAX);
+    assert_eq!(
+        post(app.gateway.clone(), bad).await.0,
+        422,
+        "bounded counters"
+    );
     let res = app
-        .post_json("/api/v1/routing/observations", &app.evaluator, &ok)
+        .post_json("/api/v1/routing/observations", &app.gateway, &ok)
         .await;
     assert_eq!(res.status(), 202);
     app.cleanup().await;

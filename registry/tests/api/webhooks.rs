@@ -134,12 +134,13 @@ async fn webhooks_are_signed_retried_and_survive_restarts(db: Db, blobs: Blobs) 
     // A replacement replica resumes the pending delivery from the database.
     let app = app.restart().await;
     rx.failing.store(false, Ordering::SeqCst);
+    let suite = app.suite("smoke", "1", 10).await;
     let res = app
         .post_json(
             "/api/v1/adapters/hooked/versions/1/evidence",
             &app.evaluator,
             &json!({
-                "adapter_digest": pushed["digest"], "suite": {"name": "smoke", "digest": "sha256:00"},
+                "adapter_digest": pushed["digest"], "suite": {"name": "smoke", "digest": suite},
                 "engine": {"engine": "mistral.rs", "engine_version": "0.8.1", "decoding": {}},
                 "metrics": {"pass_rate": 1.0}, "cases": 10,
                 "started_at": "2026-11-28T00:00:00Z", "finished_at": "2026-11-28T00:01:00Z"

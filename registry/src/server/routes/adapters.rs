@@ -41,7 +41,7 @@ pub async fn list(
     caller: Caller,
     q: web::Query<PageQuery>,
 ) -> Result<HttpResponse, ApiError> {
-    caller.require_read(&state)?;
+    caller.require_serving_read(&state)?;
     let limit = q.limit();
     let mut query = adapter::Entity::find()
         // An adapter becomes visible with its first version.
@@ -66,7 +66,7 @@ pub async fn show(
     caller: Caller,
     path: web::Path<String>,
 ) -> Result<HttpResponse, ApiError> {
-    caller.require_read(&state)?;
+    caller.require_serving_read(&state)?;
     let name = Name::parse(&path)?;
     let a = records::adapter_by_name(&state.db, name.as_str()).await?;
     if a.latest_version == 0 {
@@ -82,7 +82,7 @@ pub async fn versions(
     path: web::Path<String>,
     q: web::Query<PageQuery>,
 ) -> Result<HttpResponse, ApiError> {
-    caller.require_read(&state)?;
+    caller.require_serving_read(&state)?;
     let name = Name::parse(&path)?;
     let a = records::adapter_by_name(&state.db, name.as_str()).await?;
     let limit = q.limit();
@@ -116,7 +116,7 @@ pub async fn version(
     caller: Caller,
     path: web::Path<(String, String)>,
 ) -> Result<HttpResponse, ApiError> {
-    caller.require_read(&state)?;
+    caller.require_serving_read(&state)?;
     let (name, v) = path_version(&path)?;
     let a = records::adapter_by_name(&state.db, name.as_str()).await?;
     Ok(HttpResponse::Ok().json(records::load_version(&state.db, &a, v).await?))

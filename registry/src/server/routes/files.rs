@@ -83,7 +83,7 @@ pub async fn download(
     req: HttpRequest,
     path: web::Path<(String, String, String)>,
 ) -> Result<HttpResponse, ApiError> {
-    caller.require_read(&state)?;
+    caller.require_serving_read(&state)?;
     let (name, version, file) = path.into_inner();
     let (name, version) = path_version(&(name, version))?;
     let a = records::adapter_by_name(&state.db, name.as_str()).await?;

@@ -1,8 +1,10 @@
-//! `/adapters/{name}/gate`: the adapter's gate policy (`deployer` to change it). The adapter
-//! name `*` holds the default policy for adapters without their own.
+//! `/adapters/{name}/gate`: the adapter's gate policy (`deployer` to change it; `admin` for
+//! `*`, the default policy of adapters without their own). A policy names suites the registry
+//! holds, by digest or `NAME@VERSION`, and must have at least one rule or required suite.
+//! Every change is announced (webhook `gate.updated`).
 
 use actix_web::{HttpResponse, web};
-use sea_orm::{EntityTrait, Set, sea_query::OnConflict};
+use sea_orm::{EntityTrait, Set, TransactionTrait, sea_query::OnConflict};
 
 use crate::api::{Gate, GatePolicy, Name, Role};
 use crate::server::AppState;
@@ -20,7 +22,22 @@ fn scope(raw: &str) -> Result<String, ApiError> {
 }
 
 fn check(policy: &GatePolicy) -> Result<(), ApiError> {
+    if policy.rules.is_empty() && policy.required_suites.is_empty() {
+        return Err(ApiError::unprocessable(
+            "invalid_gate",
+            "an empty policy would pass every version: give it rules or required_suites",
+        ));
+    }
     for (i, r) in policy.rules.iter().enumerate() {
+        if r.vs.is_some() && r.max_regression.is_none() {
+            return Err(ApiError::unprocessable(
+                "invalid_gate",
+                format!(
+                    "rules[{i}] ({}/{}) names a baseline (vs) but no max_regression",
+                    r.suite, r.metric
+                ),
+            ));
+        }
         if r.threshold.is_none() && r.max_regression.is_none() {
             return Err(ApiError::unprocessable(
                 "invalid_gate",
@@ -59,10 +76,25 @@ pub async fn put(
     body: web::Json<GatePolicy>,
 ) -> Result<HttpResponse, ApiError> {
     let scope = scope(&path)?;
-    let who = caller.require(Role::Deployer, (scope != "*").then_some(scope.as_str()))?;
+    // The default policy governs every adapter without its own: only an admin sets it.
+    let who = if scope == "*" {
+        caller.require(Role::Admin, None)?
+    } else {
+        caller.require(Role::Deployer, Some(scope.as_str()))?
+    };
     let policy = body.into_inner();
     check(&policy)?;
+    let resolved = crate::server::gate::resolve_policy(&state.db, &policy).await?;
+    let mut names: Vec<&String> = resolved.keys().collect();
+    names.sort();
+    for name in names {
+        if let Err(why) = &resolved[name] {
+            return Err(ApiError::unprocessable("invalid_gate", why.clone())
+                .with_details(serde_json::json!({"suite": name})));
+        }
+    }
     let now = chrono::Utc::now();
+    let txn = state.db.begin().await?;
     gate::Entity::insert(gate::ActiveModel {
         scope: Set(scope.clone()),
         policy: Set(serde_json::to_value(&policy).expect("policy serialises")),
@@ -78,8 +110,20 @@ pub async fn put(
             ])
             .to_owned(),
     )
-    .exec_without_returning(&state.db)
+    .exec_without_returning(&txn)
     .await?;
+    state
+        .webhooks
+        .emit(
+            &txn,
+            "gate.updated",
+            serde_json::json!({"scope": scope, "policy": policy, "suites": resolved
+                .iter()
+                .filter_map(|(k, v)| v.as_ref().ok().map(|d| (k.clone(), d.clone())))
+                .collect::<std::collections::BTreeMap<_, _>>(), "updated_by": who.sub}),
+        )
+        .await?;
+    txn.commit().await?;
     Ok(HttpResponse::Ok().json(Gate {
         adapter: adapter_name(&scope),
         policy,

@@ -21,6 +21,14 @@ pub fn configure(cfg: &mut web::ServiceConfig) {
             web::scope("/api/v1")
                 .route("/base-models", web::get().to(base_models::list))
                 .route("/base-models", web::post().to(base_models::create))
+                .route(
+                    "/base-models/{name}/evidence",
+                    web::get().to(evidence::list_base),
+                )
+                .route(
+                    "/base-models/{name}/evidence",
+                    web::post().to(evidence::create_base),
+                )
                 .route("/adapters", web::get().to(adapters::list))
                 .route("/adapters/{name}", web::get().to(adapters::show))
                 .route(

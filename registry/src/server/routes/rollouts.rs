@@ -64,7 +64,7 @@ pub async fn current(
 }
 
 #[utoipa::path(post, path = "/api/v1/adapters/{name}/rollouts/current/{action}",
-    params(("action" = String, Path, description = "promote, pause, resume or abort")),
+    params(("action" = String, Path, description = "promote, pause, resume, abort, approve (a step awaiting approval), or rollback-promotion (the latest promotion: its previous stable version is stable again)")),
     responses((status = 200, body = RolloutStatus), (status = 409, body = crate::api::ErrorBody)))]
 pub async fn act(
     state: web::Data<AppState>,

@@ -2,21 +2,31 @@
 //! `POST /api/v1/routing/observations`: the per-arm counters gateways report back. With
 //! `since` equal to the current revision the request long-polls until the table changes or
 //! `wait` runs out; it reads the database, so every registry replica answers the same.
+//!
+//! Observations decide rollouts, so only `gateway` tokens (and admins) post them, each arm
+//! for an adapter the token may touch; a window may not end in the future (beyond a small
+//! clock skew) nor long ago, counters are bounded, and a retried report (same gateway and
+//! window) is stored once.
 
 use std::time::Duration;
 
 use actix_web::{HttpResponse, web};
-use sea_orm::{
-    ActiveModelTrait, ColumnTrait, ConnectionTrait, EntityTrait, QueryFilter, Set, TransactionTrait,
-};
+use sea_orm::{ColumnTrait, ConnectionTrait, EntityTrait, QueryFilter, Set, TransactionTrait};
+
+use sea_orm::sea_query::OnConflict;
+use sha2::{Digest, Sha256};
 
 use crate::api::{
-    AdapterRoute, Name, Observations, Role, RolloutState, RoutedVersion, RoutingTable,
+    AdapterRoute, Name, Observations, Role, RolloutSpec, RolloutState, RoutedVersion, RoutingTable,
+    USER_GROUPS,
 };
 use crate::server::AppState;
 use crate::server::caller::Caller;
-use crate::server::entities::{adapter, adapter_version, observation, rollout, routing_state};
+use crate::server::entities::{
+    adapter, adapter_version, gateway_seen, observation, rollout, routing_state,
+};
 use crate::server::error::ApiError;
+use crate::server::rollouts::controller::db_now;
 
 #[derive(Debug, serde::Deserialize, utoipa::IntoParams)]
 pub struct RoutingQuery {
@@ -68,9 +78,17 @@ pub async fn build(db: &impl ConnectionTrait) -> Result<RoutingTable, ApiError> 
             Some(v) => routed(v).await?,
             None => None,
         };
-        let (canary, weight) = match &active {
-            Some(r) => (routed(r.version).await?, r.weight),
-            None => (None, 0.0),
+        // In its shadow phase the candidate takes no users, only mirrored requests.
+        let (canary, weight, shadow, shadow_percent) = match &active {
+            Some(r) if r.canary_since.is_none() => {
+                let percent = serde_json::from_value::<RolloutSpec>(r.spec.clone())
+                    .ok()
+                    .and_then(|s| s.shadow)
+                    .map_or(0.0, |s| s.percent);
+                (None, 0.0, routed(r.version).await?, percent)
+            }
+            Some(r) => (routed(r.version).await?, r.weight, None, 0.0),
+            None => (None, 0.0, None, 0.0),
         };
         let name = |s: &str| Name::parse(s).map_err(|e| ApiError::internal(e.to_string()));
         routes.push(AdapterRoute {
@@ -79,6 +97,8 @@ pub async fn build(db: &impl ConnectionTrait) -> Result<RoutingTable, ApiError> 
             stable,
             canary,
             canary_weight: weight,
+            shadow,
+            shadow_percent,
         });
     }
     routes.sort_by(|x, y| x.adapter.cmp(&y.adapter));
@@ -94,7 +114,7 @@ pub async fn table(
     caller: Caller,
     q: web::Query<RoutingQuery>,
 ) -> Result<HttpResponse, ApiError> {
-    caller.require_read(&state)?;
+    caller.require_serving_read(&state)?;
     if let Some(since) = q.since {
         let deadline =
             tokio::time::Instant::now() + Duration::from_secs(q.wait.unwrap_or(30).min(60));
@@ -107,16 +127,31 @@ pub async fn table(
 
 /// Longest reporting window a gateway may send, so one report cannot span a whole rollout.
 const MAX_WINDOW: chrono::Duration = chrono::Duration::minutes(10);
+/// Most requests one arm may report in one window (far above what one gateway serves).
+const MAX_REQUESTS: u64 = 10_000_000;
+
+/// What makes a retried report the same report: the gateway and its window.
+fn report_id(o: &Observations) -> String {
+    let mut h = Sha256::new();
+    h.update(o.gateway.as_bytes());
+    h.update([0u8]);
+    h.update(o.window_start.to_rfc3339().as_bytes());
+    h.update([0u8]);
+    h.update(o.window_end.to_rfc3339().as_bytes());
+    hex::encode(&h.finalize()[..16])
+}
 
 #[utoipa::path(post, path = "/api/v1/routing/observations", request_body = Observations,
-    responses((status = 202, description = "stored for the rollout analysis"), (status = 422, body = crate::api::ErrorBody)))]
+    responses((status = 202, description = "stored for the rollout analysis (a retried report is stored once)"),
+        (status = 403, description = "not a gateway token, or an arm of an adapter the token may not touch", body = crate::api::ErrorBody),
+        (status = 422, body = crate::api::ErrorBody)))]
 pub async fn observe(
     state: web::Data<AppState>,
     caller: Caller,
     body: web::Json<Observations>,
 ) -> Result<HttpResponse, ApiError> {
-    // Live per-arm metrics decide rollouts, so they need a writing role: the evaluator's.
-    caller.require(Role::Evaluator, None)?;
+    // Live per-arm metrics decide rollouts: only the data plane's own role posts them.
+    let who = caller.require(Role::Gateway, None)?;
     let o = body.into_inner();
     let bad = |m: String| Err(ApiError::unprocessable("invalid_observations", m));
     if o.gateway.is_empty() || o.gateway.len() > 200 {
@@ -130,33 +165,107 @@ pub async fn observe(
             MAX_WINDOW.num_minutes()
         ));
     }
+    let settings = &state.settings.registry;
+    let now = db_now(&state.db).await?;
+    let skew = chrono::Duration::seconds(settings.observation_max_skew_secs.min(3600) as i64);
+    if o.window_end > now + skew {
+        return bad(format!(
+            "window_end {} is in the future (the registry's clock says {now}; {} s of skew allowed)",
+            o.window_end,
+            skew.num_seconds()
+        ));
+    }
+    let max_age = chrono::Duration::seconds(settings.observation_max_age_secs.min(86_400) as i64);
+    if o.window_end < now - max_age {
+        return bad(format!(
+            "window_end {} is more than {} s old: stale counts would be analysed as current",
+            o.window_end,
+            max_age.num_seconds()
+        ));
+    }
+    if let Some(j) = &o.judge
+        && (j.is_empty() || j.len() > 200)
+    {
+        return bad("judge must be a non-empty model name of at most 200 characters".into());
+    }
     // Check and resolve everything first; the transaction then only writes.
     let mut ids = std::collections::HashMap::new();
     for (i, arm) in o.arms.iter().enumerate() {
-        if !matches!(arm.arm.as_str(), "stable" | "canary" | "pinned") {
+        if !who.may_touch(arm.adapter.as_str()) {
+            return Err(ApiError::forbidden(format!(
+                "arms[{i}]: this token may not report for adapter {:?}",
+                arm.adapter.as_str()
+            )));
+        }
+        if !matches!(arm.arm.as_str(), "stable" | "canary" | "pinned" | "shadow") {
             return bad(format!(
-                "arms[{i}].arm {:?}: expected stable, canary or pinned",
+                "arms[{i}].arm {:?}: expected stable, canary, pinned or shadow",
                 arm.arm
             ));
         }
-        if arm.errors > arm.requests {
-            return bad(format!("arms[{i}] has more errors than requests"));
-        }
-        // Scores are in [0, 1]; a judged answer may land in a later window than its request.
-        let s = arm.judge_score_sum;
-        if !(s.is_finite() && s >= 0.0 && s <= arm.judge_scored as f64) {
+        if arm.requests > MAX_REQUESTS {
             return bad(format!(
-                "arms[{i}].judge_score_sum must be between 0 and judge_scored (scores are in [0, 1])"
+                "arms[{i}] reports {} requests; at most {MAX_REQUESTS} per window",
+                arm.requests
+            ));
+        }
+        if arm.errors > arm.requests || arm.answers > arm.requests {
+            return bad(format!(
+                "arms[{i}] has more errors or answers than requests"
+            ));
+        }
+        // Judged answers may land in a later window than their requests, but not in bulk.
+        if arm.judge_scored > MAX_REQUESTS || arm.agreement_scored > MAX_REQUESTS {
+            return bad(format!("arms[{i}] reports too many judged answers"));
+        }
+        // Scores are in [0, 1].
+        let in_unit = |sum: f64, sq: f64, n: u64| {
+            sum.is_finite()
+                && sq.is_finite()
+                && sum >= 0.0
+                && sum <= n as f64
+                && sq >= 0.0
+                && sq <= n as f64
+        };
+        if !in_unit(
+            arm.judge_score_sum,
+            arm.judge_score_sq_sum,
+            arm.judge_scored,
+        ) || !in_unit(arm.agreement_sum, 0.0, arm.agreement_scored)
+        {
+            return bad(format!(
+                "arms[{i}]: judge sums must be between 0 and the number scored (scores are in [0, 1])"
+            ));
+        }
+        if !(arm.tokens_sq_sum.is_finite() && arm.tokens_sq_sum >= 0.0) {
+            return bad(format!(
+                "arms[{i}].tokens_sq_sum must be a finite non-negative number"
             ));
         }
         let mut prev = (f64::NEG_INFINITY, 0u64);
         for &(le, c) in &arm.latency_ms_buckets {
-            if !(le.is_finite() && le > prev.0 && c >= prev.1 && c <= arm.requests) {
+            if !(le.is_finite() && le > prev.0 && le > 0.0 && c >= prev.1 && c <= arm.requests) {
                 return bad(format!(
-                    "arms[{i}].latency_ms_buckets must be cumulative counts at increasing bounds"
+                    "arms[{i}].latency_ms_buckets must be cumulative counts at increasing positive bounds"
                 ));
             }
             prev = (le, c);
+        }
+        let (mut in_groups, mut last) = (0u64, None);
+        for &(g, r, e) in &arm.users {
+            if g >= USER_GROUPS || e > r || last.is_some_and(|l| l >= g) {
+                return bad(format!(
+                    "arms[{i}].users must be [group, requests, errors] with increasing groups below {USER_GROUPS} and errors <= requests"
+                ));
+            }
+            in_groups = in_groups.saturating_add(r);
+            last = Some(g);
+        }
+        if !arm.users.is_empty() && in_groups != arm.requests {
+            return bad(format!(
+                "arms[{i}].users count {in_groups} requests, the arm {}",
+                arm.requests
+            ));
         }
         if !ids.contains_key(arm.adapter.as_str()) {
             let a = adapter::Entity::find()
@@ -172,28 +281,68 @@ pub async fn observe(
             ids.insert(arm.adapter.to_string(), a.id);
         }
     }
-    let now = chrono::Utc::now();
+    let report = report_id(&o);
+    let rows: Vec<observation::ActiveModel> =
+        o.arms
+            .iter()
+            .map(|arm| observation::ActiveModel {
+                gateway: Set(o.gateway.clone()),
+                adapter_id: Set(ids[arm.adapter.as_str()]),
+                version: Set(arm.version as i32),
+                arm: Set(arm.arm.clone()),
+                window_start: Set(o.window_start),
+                window_end: Set(o.window_end),
+                requests: Set(arm.requests as i64),
+                errors: Set(arm.errors as i64),
+                tokens: Set(arm.tokens.min(i64::MAX as u64) as i64),
+                latency: Set(serde_json::to_value(&arm.latency_ms_buckets).expect("buckets")),
+                received_at: Set(now),
+                judge_score_sum: Set(arm.judge_score_sum),
+                judge_scored: Set(arm.judge_scored as i64),
+                report_id: Set(report.clone()),
+                answers: Set(arm.answers as i64),
+                tokens_sq: Set(arm.tokens_sq_sum),
+                judge_score_sq: Set(arm.judge_score_sq_sum),
+                agreement_scored: Set(arm.agreement_scored as i64),
+                agreement_sum: Set(arm.agreement_sum),
+                users: Set((!arm.users.is_empty())
+                    .then(|| serde_json::to_value(&arm.users).expect("users"))),
+                ..Default::default()
+            })
+            .collect();
     let txn = state.db.begin().await?;
-    for arm in &o.arms {
-        observation::ActiveModel {
-            gateway: Set(o.gateway.clone()),
-            adapter_id: Set(ids[arm.adapter.as_str()]),
-            version: Set(arm.version as i32),
-            arm: Set(arm.arm.clone()),
-            window_start: Set(o.window_start),
-            window_end: Set(o.window_end),
-            requests: Set(arm.requests as i64),
-            errors: Set(arm.errors as i64),
-            tokens: Set(arm.tokens as i64),
-            latency: Set(serde_json::to_value(&arm.latency_ms_buckets).expect("buckets")),
-            received_at: Set(now),
-            judge_score_sum: Set(arm.judge_score_sum),
-            judge_scored: Set(arm.judge_scored as i64),
-            ..Default::default()
-        }
-        .insert(&txn)
-        .await?;
+    let mut stored = 0;
+    if !rows.is_empty() {
+        // A retry of a report already stored (its answer was lost) changes nothing.
+        stored = observation::Entity::insert_many(rows)
+            .on_conflict(
+                OnConflict::columns([
+                    observation::Column::ReportId,
+                    observation::Column::AdapterId,
+                    observation::Column::Version,
+                    observation::Column::Arm,
+                ])
+                .do_nothing()
+                .to_owned(),
+            )
+            .exec_without_returning(&txn)
+            .await?;
     }
+    gateway_seen::Entity::insert(gateway_seen::ActiveModel {
+        id: Set(o.gateway.clone()),
+        judge: Set(o.judge.clone()),
+        last_seen: Set(now),
+    })
+    .on_conflict(
+        OnConflict::column(gateway_seen::Column::Id)
+            .update_columns([gateway_seen::Column::Judge, gateway_seen::Column::LastSeen])
+            .to_owned(),
+    )
+    .exec_without_returning(&txn)
+    .await?;
     txn.commit().await?;
-    Ok(HttpResponse::Accepted().finish())
+    Ok(HttpResponse::Accepted().json(serde_json::json!({
+        "stored": stored,
+        "duplicate": stored == 0 && !o.arms.is_empty(),
+    })))
 }
