@@ -3,9 +3,10 @@
 # model and a generated ~100M-parameter one (gateway/examples/bench_serving.rs); prints one
 # table: single-stream decode vs mistral.rs merged, 32 streams over 32 adapters vs the base,
 # the batching gain, RSS with 1/10/100 adapters, NF4 vs f32, adapter load time, and the
-# inter-token p99 of 16 streams while a 2,000-token prompt arrives.
+# inter-token p99 of 16 streams while a 2,000-token prompt arrives, and json_schema-constrained
+# decode vs free (`constrained` runs only that).
 #
-#   bench/serving/run.sh [all|tiny|100m]
+#   bench/serving/run.sh [all|tiny|100m|constrained]
 # Models and adapters are generated once under $BENCH_SERVING_DIR (default /tmp).
 set -euo pipefail
 cd "$(dirname "$0")/../.."

@@ -3,7 +3,7 @@
 //! one, printing one table of the figures the native engine is held to. Memory is measured in
 //! child processes (this program re-run with `rss …`), one configuration each.
 //!
-//!     cargo run --example bench_serving -- [all|tiny|100m]
+//!     cargo run --example bench_serving -- [all|tiny|100m|constrained]
 
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -11,7 +11,7 @@ use std::time::{Duration, Instant};
 
 use futures_util::StreamExt;
 use loraops_engine::{
-    AdapterWeights, Engine, EngineOptions, Event, Quantize, Request, SamplingParams,
+    AdapterWeights, Constraint, Engine, EngineOptions, Event, Quantize, Request, SamplingParams,
 };
 use loraops_gateway::engine::mistral::{LoadSpec, MistralEngine};
 use loraops_gateway::engine::{Engine as _, GenerateRequest, Prompt, Sampling};
@@ -155,21 +155,47 @@ fn submit(
     adapter: Option<Arc<AdapterWeights>>,
     max_tokens: usize,
 ) -> tokio::sync::mpsc::UnboundedReceiver<Event> {
+    submit_constrained(e, prompt, adapter, max_tokens, None)
+}
+
+fn submit_constrained(
+    e: &Engine,
+    prompt: Vec<u32>,
+    adapter: Option<Arc<AdapterWeights>>,
+    max_tokens: usize,
+    constraint: Option<Constraint>,
+) -> tokio::sync::mpsc::UnboundedReceiver<Event> {
     e.generate(Request {
         prompt,
         adapter,
         sampling: greedy(e, max_tokens),
-        constraint: None,
+        constraint,
     })
     .unwrap()
 }
 
 /// Decode tokens/s of one stream: tokens after the first over the time they took.
 fn native_single(e: &Engine, adapter: Option<Arc<AdapterWeights>>) -> f64 {
+    native_single_constrained(e, adapter, None)
+}
+
+/// The same, the answer constrained (e.g. a `json_schema` response format).
+fn native_single_constrained(
+    e: &Engine,
+    adapter: Option<Arc<AdapterWeights>>,
+    constraint: Option<Constraint>,
+) -> f64 {
     let prompt = e.encode_text(PROMPT).unwrap();
     let mut best: f64 = 0.0;
     for _ in 0..3 {
-        let t = token_times(submit(e, prompt.clone(), adapter.clone(), DECODE));
+        let rx = submit_constrained(
+            e,
+            prompt.clone(),
+            adapter.clone(),
+            DECODE,
+            constraint.clone(),
+        );
+        let t = token_times(rx);
         let rate = (t.len() - 1) as f64 / (t[t.len() - 1] - t[0]).as_secs_f64();
         best = best.max(rate);
     }
@@ -294,6 +320,7 @@ async fn mistral_single(e: &MistralEngine) -> f64 {
                     last = now;
                 }
                 loraops_gateway::engine::Event::Done { usage, .. } => n = usage.completion_tokens,
+                loraops_gateway::engine::Event::Logprobs(_) => {}
             }
         }
         let rate = (n.saturating_sub(1)) as f64 / (last - first.unwrap()).as_secs_f64();
@@ -436,6 +463,7 @@ fn run(s: &Setup, rows: &mut Vec<Row>, rt: &tokio::runtime::Runtime) {
         ratio: String::new(),
         goal: "< 50 ms (100M)",
     });
+    constrained(&e, tag, rows);
     // (7) A 2,000-token prompt arriving while 16 streams decode.
     let quiet = inter_token_p99(&e, false);
     let busy = inter_token_p99(&e, true);
@@ -493,6 +521,35 @@ fn run(s: &Setup, rows: &mut Vec<Row>, rt: &tokio::runtime::Runtime) {
     let _ = &s.config;
 }
 
+/// The ~100M-parameter model.
+fn spec_100m() -> TinySpec {
+    TinySpec {
+        layers: 16,
+        hidden: 768,
+        heads: 12,
+        kv_heads: 4,
+        vocab: 512,
+        intermediate: Some(2048),
+        seed: 1,
+    }
+}
+
+/// (8) The cost of constrained decoding: one stream answering to a `json_schema` (a long
+/// string field, so that the whole answer is constrained JSON) vs unconstrained.
+fn constrained(e: &Engine, tag: &str, rows: &mut Vec<Row>) {
+    let schema = serde_json::json!({"type": "object",
+        "properties": {"story": {"type": "string", "minLength": 2000}}, "required": ["story"]});
+    let free = native_single(e, None);
+    let json = native_single_constrained(e, None, Some(Constraint::JsonSchema(schema)));
+    rows.push(Row {
+        figure: format!("{tag}: json_schema vs free decode, 1 stream tok/s"),
+        native: format!("{json:.1}"),
+        other: format!("{free:.1} (unconstrained)"),
+        ratio: format!("{:.2}x", json / free),
+        goal: ">= 0.9x",
+    });
+}
+
 fn main() {
     let args: Vec<String> = std::env::args().skip(1).collect();
     if args.first().map(String::as_str) == Some("rss") {
@@ -505,21 +562,18 @@ fn main() {
         .unwrap_or_else(|_| std::env::temp_dir().join("loraops-bench-serving"));
     let rt = tokio::runtime::Runtime::new().unwrap();
     let mut rows = Vec::new();
+    if which == "constrained" {
+        for (name, spec) in [("tiny", TinySpec::default()), ("100m", spec_100m())] {
+            let s = setup(&root, name, &spec, 1);
+            constrained(&native(&s.model, Quantize::None), name, &mut rows);
+        }
+    }
     if which == "all" || which == "tiny" {
         let s = setup(&root, "tiny", &TinySpec::default(), 100);
         run(&s, &mut rows, &rt);
     }
     if which == "all" || which == "100m" {
-        let spec = TinySpec {
-            layers: 16,
-            hidden: 768,
-            heads: 12,
-            kv_heads: 4,
-            vocab: 512,
-            intermediate: Some(2048),
-            seed: 1,
-        };
-        let s = setup(&root, "100m", &spec, 100);
+        let s = setup(&root, "100m", &spec_100m(), 100);
         run(&s, &mut rows, &rt);
     }
     println!(
