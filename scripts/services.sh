@@ -1,7 +1,8 @@
 # Services the tests need, started when missing. Sourced by scripts/test and the benchmarks.
 #   ensure_postgres: PostgreSQL on 127.0.0.1:5432 (exports LORAOPS_TEST_POSTGRES_URL)
 #   ensure_s3:       an S3-compatible server (moto) on loopback (exports LORAOPS_TEST_S3_ENDPOINT)
-#   ensure_openai:   a Python with the official `openai` client (exports LORAOPS_TEST_OPENAI_PYTHON)
+#   ensure_openai:   the official `openai` clients, Python and npm (exports
+#                    LORAOPS_TEST_OPENAI_PYTHON and LORAOPS_TEST_OPENAI_NODE_PATH)
 
 LORAOPS_CACHE="${LORAOPS_CACHE:-$HOME/.cache/loraops}"
 
@@ -38,12 +39,22 @@ ensure_s3() {
 }
 
 ensure_openai() {
-  if [ -n "${LORAOPS_TEST_OPENAI_PYTHON:-}" ]; then return; fi
-  local venv="$LORAOPS_CACHE/openai-venv"
-  if ! "$venv/bin/python" -c 'import openai' 2>/dev/null; then
-    echo "installing the openai Python client into $venv" >&2
-    python3 -m venv "$venv"
-    "$venv/bin/pip" install -q 'openai>=1.50,<3'
+  if [ -z "${LORAOPS_TEST_OPENAI_PYTHON:-}" ]; then
+    local venv="$LORAOPS_CACHE/openai-venv"
+    if ! "$venv/bin/python" -c 'import openai' 2>/dev/null; then
+      echo "installing the openai Python client into $venv" >&2
+      python3 -m venv "$venv"
+      "$venv/bin/pip" install -q 'openai>=1.50,<3'
+    fi
+    export LORAOPS_TEST_OPENAI_PYTHON="$venv/bin/python"
   fi
-  export LORAOPS_TEST_OPENAI_PYTHON="$venv/bin/python"
+  if [ -n "${LORAOPS_TEST_OPENAI_NODE_PATH:-}" ]; then return; fi
+  # The official npm client too (Node.js from the distribution).
+  local npm_dir="$LORAOPS_CACHE/openai-npm"
+  if [ ! -d "$npm_dir/node_modules/openai" ]; then
+    echo "installing the openai npm client into $npm_dir" >&2
+    mkdir -p "$npm_dir"
+    npm install --silent --no-audit --no-fund --prefix "$npm_dir" 'openai@^6' >&2
+  fi
+  export LORAOPS_TEST_OPENAI_NODE_PATH="$npm_dir/node_modules"
 }

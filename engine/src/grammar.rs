@@ -45,7 +45,7 @@ impl Grammars {
     pub fn matcher(&self, c: &Constraint) -> Result<Matcher, String> {
         let grammar = match c {
             Constraint::Regex(r) => TopLevelGrammar::from_regex(r),
-            Constraint::JsonSchema(s) => TopLevelGrammar::from_json_schema(s.clone()),
+            Constraint::JsonSchema(s) => TopLevelGrammar::from_json_schema(compact(s)),
             Constraint::Lark(l) => TopLevelGrammar::from_lark(l.clone()),
         };
         let parser = self
@@ -58,6 +58,22 @@ impl Grammars {
     pub fn trie(&self) -> &TokTrie {
         self.factory.tok_env().tok_trie()
     }
+}
+
+/// `schema`, asking for JSON without insignificant whitespace (unless it says otherwise): left
+/// free, a model can spend its whole `max_tokens` on spaces and newlines and never close the
+/// object.
+pub fn compact(schema: &serde_json::Value) -> serde_json::Value {
+    let mut s = schema.clone();
+    if let Some(o) = s.as_object_mut()
+        && !o.contains_key("x-guidance")
+    {
+        o.insert(
+            "x-guidance".into(),
+            serde_json::json!({"whitespace_flexible": false, "item_separator": ", ", "key_separator": ": "}),
+        );
+    }
+    s
 }
 
 /// Set every logit the matcher does not allow next to −∞. Returns an error when the grammar

@@ -255,6 +255,24 @@ impl Engine {
         self.encode_text(&text)
     }
 
+    /// Token ids of a chat in OpenAI's shape (tool calls, tool results) with the function
+    /// definitions `tools`, rendered by the model's template as transformers renders it.
+    pub fn encode_chat_json(
+        &self,
+        messages: &serde_json::Value,
+        tools: Option<&serde_json::Value>,
+    ) -> Result<Vec<u32>, loraops_model::Error> {
+        let text = self.tokenizer.render_chat(messages, tools, true)?;
+        self.encode_text(&text)
+    }
+
+    /// The bytes a token stands for (a byte-level token may be part of a character).
+    pub fn token_bytes(&self, id: u32) -> Vec<u8> {
+        let b = self.grammars.trie().token(id);
+        // Special tokens are kept as 0xFF followed by their text.
+        b.strip_prefix(&[0xFF]).unwrap_or(b).to_vec()
+    }
+
     /// Token ids of a raw prompt, with the BOS token where the tokenizer adds one.
     pub fn encode_text(&self, text: &str) -> Result<Vec<u32>, loraops_model::Error> {
         let mut ids = Vec::new();
@@ -279,6 +297,16 @@ impl Engine {
         if let Some(t) = request.prompt.iter().find(|&&t| t as usize >= vocab) {
             return Err(SubmitError::Rejected(format!(
                 "token id {t} is outside the model's vocabulary of {vocab}"
+            )));
+        }
+        if let Some((t, _)) = request
+            .sampling
+            .logit_bias
+            .iter()
+            .find(|(t, _)| *t as usize >= vocab)
+        {
+            return Err(SubmitError::Rejected(format!(
+                "logit_bias names token {t}, outside the model's vocabulary of {vocab}"
             )));
         }
         if n + max_tokens > self.context {

@@ -15,7 +15,7 @@ use loraops_registry::api::Name;
 use tokio::sync::Semaphore;
 
 use crate::dispatch::dispatch;
-use crate::engine::{ChatMessage, Event, GenerateRequest, Prompt, Sampling};
+use crate::engine::{ChatMessage, Constraint, Event, GenerateRequest, Prompt, Sampling};
 use crate::http::AppState;
 
 pub const DEFAULT_RUBRIC: &str = "You grade an AI assistant's response to a user's request. \
@@ -70,8 +70,9 @@ impl Judge {
 pub fn question(p: &Prompt) -> String {
     match p {
         Prompt::Text(t) => clip(t),
-        Prompt::Chat(ms) => clip(
-            &ms.iter()
+        Prompt::Chat { messages, .. } => clip(
+            &messages
+                .iter()
                 .map(|m| format!("{}: {}", m.role, m.content))
                 .collect::<Vec<_>>()
                 .join("\n"),
@@ -137,18 +138,15 @@ pub async fn agreement(
         return None;
     };
     let prompt = vec![
-        ChatMessage {
-            role: "system".into(),
-            content: AGREEMENT_RUBRIC.into(),
-        },
-        ChatMessage {
-            role: "user".into(),
-            content: format!(
+        ChatMessage::new("system", AGREEMENT_RUBRIC),
+        ChatMessage::new(
+            "user",
+            format!(
                 "Request:\n{question}\n\nResponse A:\n{}\n\nResponse B:\n{}\n\nAgreement (1-10):",
                 clip(stable),
                 clip(candidate)
             ),
-        },
+        ),
     ];
     Some(ask(state, &judge.settings, prompt).await)
 }
@@ -165,17 +163,17 @@ async fn score(
     answer: &str,
 ) -> Result<f64, String> {
     let prompt = vec![
-        ChatMessage {
-            role: "system".into(),
-            content: s.rubric.clone().unwrap_or_else(|| DEFAULT_RUBRIC.into()),
-        },
-        ChatMessage {
-            role: "user".into(),
-            content: format!(
+        ChatMessage::new(
+            "system",
+            s.rubric.clone().unwrap_or_else(|| DEFAULT_RUBRIC.into()),
+        ),
+        ChatMessage::new(
+            "user",
+            format!(
                 "Request:\n{question}\n\nResponse:\n{}\n\nScore (1-10):",
                 clip(answer)
             ),
-        },
+        ),
     ];
     ask(state, s, prompt).await
 }
@@ -191,12 +189,12 @@ async fn ask(state: &AppState, s: &JudgeSettings, prompt: Vec<ChatMessage>) -> R
         state,
         &target.key,
         GenerateRequest {
-            prompt: Prompt::Chat(prompt),
+            prompt: Prompt::chat(prompt),
             sampling: Sampling {
                 max_tokens: 3,
                 // Greedy: the same answer always gets the same score.
                 temperature: 0.0,
-                constraint: Some(SCORE_PATTERN.into()),
+                constraint: Some(Constraint::Regex(SCORE_PATTERN.into())),
                 ..Sampling::default()
             },
         },
@@ -208,6 +206,7 @@ async fn ask(state: &AppState, s: &JudgeSettings, prompt: Vec<ChatMessage>) -> R
     while let Some(ev) = events.next().await {
         match ev.map_err(|e| e.to_string())? {
             Event::Delta(d) => text.push_str(&d),
+            Event::Logprobs(_) => {}
             Event::Done { .. } => break,
         }
     }

@@ -24,6 +24,7 @@ pub mod openai;
 pub mod pool;
 pub mod report;
 pub mod residency;
+pub mod respond;
 pub mod routing;
 pub mod settings;
 pub mod shadow;

@@ -33,15 +33,48 @@ pub struct ContentPart {
     pub text: Option<String>,
 }
 
+/// A message as clients send it. Fields outside OpenAI's message shape are refused by name.
 #[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
 pub struct InMessage {
     pub role: String,
     #[serde(default)]
     pub content: Option<Content>,
+    /// A participant's name: accepted, not shown to the model (as with most chat templates).
+    #[serde(default)]
+    pub name: Option<String>,
+    /// The calls an assistant message made.
+    #[serde(default)]
+    pub tool_calls: Option<Vec<InToolCall>>,
+    /// The call a `tool` message answers.
+    #[serde(default)]
+    pub tool_call_id: Option<String>,
+    /// An assistant's refusal, echoed back by clients: accepted, not shown to the model.
+    #[serde(default)]
+    pub refusal: Option<String>,
 }
 
-/// Parameters shared by both endpoints. Unknown fields are ignored, as OpenAI's server does
-/// for fields a model does not use; known ones the engine cannot honour are rejected.
+#[derive(Debug, Clone, Deserialize)]
+pub struct InToolCall {
+    pub id: String,
+    #[serde(rename = "type", default = "function_type")]
+    pub kind: String,
+    pub function: InFunctionCall,
+}
+
+fn function_type() -> String {
+    "function".into()
+}
+
+#[derive(Debug, Clone, Deserialize)]
+pub struct InFunctionCall {
+    pub name: String,
+    /// JSON text, as OpenAI sends it.
+    pub arguments: String,
+}
+
+/// Parameters shared by both endpoints. Fields not named here are collected by the endpoint's
+/// request and refused by name (see [`crate::validate`]).
 #[derive(Debug, Clone, Default, Deserialize)]
 pub struct Common {
     pub model: String,
@@ -70,11 +103,20 @@ pub struct Common {
     #[serde(default)]
     pub frequency_penalty: Option<f64>,
     #[serde(default)]
-    pub logit_bias: Option<Value>,
+    pub logit_bias: Option<serde_json::Map<String, Value>>,
+    /// Chat: a boolean; completions: how many alternatives (0–5).
     #[serde(default)]
     pub logprobs: Option<Value>,
     #[serde(default)]
     pub top_logprobs: Option<u64>,
+    /// loraops extensions (as vLLM names them): the answer matches this regular expression,
+    /// Lark grammar (llguidance's dialect) or JSON schema.
+    #[serde(default)]
+    pub guided_regex: Option<String>,
+    #[serde(default)]
+    pub guided_grammar: Option<String>,
+    #[serde(default)]
+    pub guided_json: Option<Value>,
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -83,9 +125,35 @@ pub struct ChatCompletionRequest {
     pub common: Common,
     pub messages: Vec<InMessage>,
     #[serde(default)]
-    pub tools: Option<Value>,
+    pub tools: Option<Vec<InTool>>,
+    #[serde(default)]
+    pub tool_choice: Option<Value>,
+    #[serde(default)]
+    pub parallel_tool_calls: Option<bool>,
     #[serde(default)]
     pub response_format: Option<Value>,
+    /// Everything else the client sent.
+    #[serde(flatten)]
+    pub other: serde_json::Map<String, Value>,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+pub struct InTool {
+    #[serde(rename = "type")]
+    pub kind: String,
+    #[serde(default)]
+    pub function: Option<InFunction>,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+pub struct InFunction {
+    pub name: String,
+    #[serde(default)]
+    pub description: Option<String>,
+    #[serde(default)]
+    pub parameters: Option<Value>,
+    #[serde(default)]
+    pub strict: Option<bool>,
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -99,6 +167,8 @@ pub struct CompletionRequest {
     pub suffix: Option<String>,
     #[serde(default)]
     pub best_of: Option<u64>,
+    #[serde(flatten)]
+    pub other: serde_json::Map<String, Value>,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
@@ -121,7 +191,11 @@ impl From<crate::engine::TokenUsage> for Usage {
 #[derive(Debug, Clone, Serialize)]
 pub struct OutMessage {
     pub role: &'static str,
-    pub content: String,
+    /// `null` when the answer is only tool calls, as OpenAI sends it.
+    pub content: Option<String>,
+    pub refusal: Option<String>,
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub tool_calls: Vec<Value>,
 }
 
 #[derive(Debug, Clone, Serialize)]
@@ -148,6 +222,8 @@ pub struct Delta {
     pub role: Option<&'static str>,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub content: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub tool_calls: Option<Vec<Value>>,
 }
 
 #[derive(Debug, Clone, Serialize)]

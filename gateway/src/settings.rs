@@ -183,6 +183,16 @@ pub struct GatewayConfig {
     pub dtype: Option<String>,
     pub max_concurrent: Option<usize>,
     pub max_queued: Option<usize>,
+    /// Largest `max_tokens` a request may ask for (default 4096).
+    pub max_tokens: Option<u64>,
+    /// `max_tokens` of a request that gives none (default 256).
+    pub default_max_tokens: Option<u64>,
+    /// Largest prompt in bytes of text, 413 above (default 262144).
+    pub max_prompt_bytes: Option<usize>,
+    /// Largest prompt in tokens, 400 above (native engine; default 32768).
+    pub max_prompt_tokens: Option<usize>,
+    /// Largest `n`, answers per request (default 8).
+    pub max_n: Option<u64>,
     /// Require a JWT on inference (default true).
     pub require_auth: Option<bool>,
     /// remote: the OpenAI-compatible server (`…/v1`, where `model` names `BASE` or `NAME@V`)
@@ -246,6 +256,20 @@ impl GatewayConfig {
         s.dtype = self.dtype.clone().unwrap_or(s.dtype.clone());
         s.max_concurrent = self.max_concurrent.unwrap_or(s.max_concurrent);
         s.max_queued = self.max_queued.unwrap_or(s.max_queued);
+        let l = &mut s.limits;
+        l.max_tokens = self.max_tokens.unwrap_or(l.max_tokens);
+        l.default_max_tokens = self.default_max_tokens.unwrap_or(l.default_max_tokens);
+        l.max_prompt_bytes = self.max_prompt_bytes.unwrap_or(l.max_prompt_bytes);
+        l.max_prompt_tokens = self.max_prompt_tokens.unwrap_or(l.max_prompt_tokens);
+        l.max_n = self.max_n.unwrap_or(l.max_n);
+        if l.default_max_tokens > l.max_tokens {
+            return Err(format!(
+                "gateway.default_max_tokens {} is above gateway.max_tokens {}",
+                l.default_max_tokens, l.max_tokens
+            ));
+        }
+        // A body must be able to carry the largest prompt (JSON escaping included).
+        l.max_body_bytes = l.max_body_bytes.max(l.max_prompt_bytes * 2 + (64 << 10));
         s.judge = self
             .judge_model
             .clone()
@@ -286,6 +310,20 @@ impl GatewayConfig {
             return Err(
                 "gateway.judge_sample_rate and judge_rubric need gateway.judge_model".into(),
             );
+        }
+        for (key, v) in [
+            ("max_tokens", self.max_tokens),
+            ("default_max_tokens", self.default_max_tokens),
+            ("max_prompt_bytes", self.max_prompt_bytes.map(|v| v as u64)),
+            (
+                "max_prompt_tokens",
+                self.max_prompt_tokens.map(|v| v as u64),
+            ),
+            ("max_n", self.max_n),
+        ] {
+            if v == Some(0) {
+                return Err(format!("gateway.{key} must be at least 1"));
+            }
         }
         if self.memory_budget_mb == Some(0) {
             return Err("gateway.memory_budget_mb must be at least 1".into());

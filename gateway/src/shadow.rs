@@ -18,10 +18,10 @@ use loraops_registry::api::Name;
 use tokio::sync::Semaphore;
 
 use crate::dispatch::dispatch;
+use crate::engine::EngineKey;
 use crate::engine::{EngineError, Event, GenerateRequest};
 use crate::http::AppState;
 use crate::judge;
-use crate::engine::EngineKey;
 use crate::routing::{Arm, Target};
 
 /// Mirrored generations running at once.
@@ -105,6 +105,7 @@ pub fn spawn(state: web::Data<AppState>, job: Job, stable_answer: Option<String>
                 while let Some(ev) = events.next().await {
                     match ev {
                         Ok(Event::Delta(t)) => text.push_str(&t),
+                        Ok(Event::Logprobs(_)) => {}
                         Ok(Event::Done { usage, .. }) => {
                             out = (200, Some(usage.completion_tokens), Some(text));
                             break;

@@ -47,6 +47,15 @@ fn call_id() -> String {
     format!("call_{}", &uuid::Uuid::new_v4().simple().to_string()[..24])
 }
 
+/// A call written as the model writes it (what an upstream's parsed calls are turned back
+/// into, so that every engine's answer is read the same way).
+pub fn block(name: &str, arguments: &Value) -> String {
+    format!(
+        "{OPEN}\n{}\n{CLOSE}",
+        json!({"name": name, "arguments": arguments})
+    )
+}
+
 /// One `<tool_call>` block's JSON, if it is a call.
 fn parse_block(body: &str) -> Option<ToolCall> {
     let v: Value = serde_json::from_str(body.trim()).ok()?;
@@ -67,28 +76,23 @@ fn parse_block(body: &str) -> Option<ToolCall> {
     })
 }
 
-/// Split a whole answer into its text and its calls. Text that only looks like a call (a
-/// block that does not parse) stays text.
+/// Split a whole answer into its text and its calls, exactly as [`StreamParser`] releases a
+/// stream of it: a block that does not parse, or is cut off, stays text.
 pub fn parse(text: &str) -> (String, Vec<ToolCall>) {
-    let Some(first) = text.find(OPEN) else {
-        return (text.to_string(), Vec::new());
-    };
+    let mut p = StreamParser::default();
+    let mut content = String::new();
     let mut calls = Vec::new();
-    let mut rest = &text[first..];
-    while let Some(body) = rest.strip_prefix(OPEN) {
-        let Some(end) = body.find(CLOSE) else {
-            break;
-        };
-        match parse_block(&body[..end]) {
-            Some(c) => calls.push(c),
-            None => return (text.to_string(), Vec::new()),
+    for s in p.push(text) {
+        match s {
+            Streamed::Content(t) => content.push_str(&t),
+            Streamed::Call { call, .. } => calls.push(call),
         }
-        rest = body[end + CLOSE.len()..].trim_start();
     }
-    if calls.is_empty() || !rest.is_empty() {
-        return (text.to_string(), Vec::new());
+    content.extend(p.finish());
+    if !calls.is_empty() {
+        content = content.trim().to_string();
     }
-    (text[..first].trim_end().to_string(), calls)
+    (content, calls)
 }
 
 /// What a stream releases as text arrives.
@@ -190,11 +194,13 @@ pub fn grammar(functions: &[Function], choice: &ToolChoice, parallel: bool) -> O
     g.push_str(&format!("call: {}\n", names.join(" | ")));
     for (i, f) in allowed.iter().enumerate() {
         let head = format!("{OPEN}\n{{\"name\": {}, \"arguments\": ", json!(f.name));
-        let schema = if f.parameters.is_object() && f.parameters != json!({}) {
+        let schema = loraops_engine::grammar::compact(&if f.parameters.is_object()
+            && f.parameters != json!({})
+        {
             f.parameters.clone()
         } else {
             json!({"type": "object"})
-        };
+        });
         g.push_str(&format!(
             "call_{i}: {} %json {} {}\n",
             json!(head),
@@ -223,6 +229,12 @@ mod tests {
         // A block that is not a call stays text.
         let broken = "<tool_call>\nnot json\n</tool_call>";
         assert_eq!(parse(broken), (broken.to_string(), vec![]));
+        // Cut off by max_tokens after one whole call: the call, and the rest as text.
+        let (text, calls) = parse(
+            "<tool_call>\n{\"name\": \"time\", \"arguments\": {}}\n</tool_call>\n<tool_call>\n{\"na",
+        );
+        assert_eq!(calls.len(), 1);
+        assert_eq!(text, "<tool_call>\n{\"na");
     }
 
     #[test]

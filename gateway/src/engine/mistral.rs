@@ -24,7 +24,7 @@ use tokio::sync::mpsc;
 
 use super::{
     Backend, Engine, EngineError, EngineInfo, EngineKey, Event, EventStream, GenerateRequest,
-    Prompt, TokenUsage,
+    Logprob, Prompt, TokenUsage, TopLogprob,
 };
 use crate::adapters::AdapterStore;
 use crate::pool::{EngineLoader, EnginePool};
@@ -221,6 +221,10 @@ pub fn parse_dtype(s: &str) -> Option<ModelDType> {
 pub struct MistralEngine {
     model: Arc<Model>,
     identity: EngineInfo,
+    /// The base's tokenizer and chat template, for chats with tools or tool calls: loraops
+    /// renders those itself (as the native engine does) so that every engine parses the same
+    /// tool-call format.
+    tokenizer: Option<Arc<loraops_model::tokenizer::Tokenizer>>,
 }
 
 impl MistralEngine {
@@ -230,6 +234,9 @@ impl MistralEngine {
     /// makes every engine exactly its own base + adapter.
     pub async fn load(spec: LoadSpec) -> Result<Self, EngineError> {
         let identity = identity(spec.isq);
+        let tokenizer = loraops_model::tokenizer::Tokenizer::load(&spec.base_dir)
+            .ok()
+            .map(Arc::new);
         let what = match &spec.adapter_id {
             Some(id) => format!("{} + {id}", spec.base_dir.display()),
             None => spec.base_dir.display().to_string(),
@@ -261,6 +268,7 @@ impl MistralEngine {
         Ok(Self {
             model: Arc::new(model),
             identity,
+            tokenizer,
         })
     }
 }
@@ -293,8 +301,9 @@ impl Engine for MistralEngine {
     fn generate(&self, req: GenerateRequest) -> EventStream {
         let (tx, rx) = mpsc::channel(32);
         let model = self.model.clone();
+        let tokenizer = self.tokenizer.clone();
         tokio::spawn(async move {
-            if let Err(e) = run(&model, req, &tx).await {
+            if let Err(e) = run(&model, tokenizer.as_deref(), req, &tx).await {
                 let _ = tx.send(Err(e)).await;
             }
         });
@@ -319,7 +328,48 @@ fn sampling(req: &GenerateRequest) -> SamplingParams {
     if !s.stop.is_empty() {
         p.stop_toks = Some(StopTokens::Seqs(s.stop.clone()));
     }
+    if s.presence_penalty != 0.0 {
+        p.presence_penalty = Some(s.presence_penalty);
+    }
+    if s.frequency_penalty != 0.0 {
+        p.frequency_penalty = Some(s.frequency_penalty);
+    }
+    if !s.logit_bias.is_empty() {
+        p.logits_bias = Some(s.logit_bias.iter().copied().collect());
+    }
+    p.top_n_logprobs = s.logprobs.unwrap_or(0);
     p
+}
+
+fn constraint(c: Option<crate::engine::Constraint>) -> Constraint {
+    use crate::engine::Constraint as C;
+    match c {
+        Some(C::Regex(r)) => Constraint::Regex(r),
+        Some(C::JsonSchema(s)) => Constraint::JsonSchema(loraops_engine::grammar::compact(&s)),
+        Some(C::Lark(l)) => Constraint::Lark(l),
+        None => Constraint::None,
+    }
+}
+
+fn logprob(l: mistralrs::core::ResponseLogprob) -> Logprob {
+    let bytes = l.bytes.unwrap_or_else(|| l.token.as_bytes().to_vec());
+    Logprob {
+        token: l.token,
+        logprob: l.logprob,
+        bytes,
+        top: l
+            .top_logprobs
+            .into_iter()
+            .map(|t| {
+                let token = t.bytes.unwrap_or_default();
+                TopLogprob {
+                    bytes: token.as_bytes().to_vec(),
+                    token,
+                    logprob: t.logprob,
+                }
+            })
+            .collect(),
+    }
 }
 
 fn role(r: &str) -> TextMessageRole {
@@ -335,19 +385,33 @@ fn role(r: &str) -> TextMessageRole {
 /// non-streaming API response is the collected stream.
 async fn run(
     model: &Model,
+    tokenizer: Option<&loraops_model::tokenizer::Tokenizer>,
     req: GenerateRequest,
     tx: &mpsc::Sender<Result<Event, EngineError>>,
 ) -> Result<(), EngineError> {
     let sampling_params = sampling(&req);
+    let return_logprobs = req.sampling.logprobs.is_some();
     let max_tokens = req.sampling.max_tokens as u64;
-    let constraint = match req.sampling.constraint {
-        Some(re) => Constraint::Regex(re),
-        None => Constraint::None,
-    };
+    let constraint = constraint(req.sampling.constraint);
     let messages = match req.prompt {
-        Prompt::Chat(ms) => {
+        Prompt::Chat { messages, tools }
+            if tools.is_some()
+                || messages
+                    .iter()
+                    .any(|m| m.tool_calls.is_some() || m.tool_call_id.is_some()) =>
+        {
+            let tokenizer = tokenizer.ok_or_else(|| {
+                EngineError::Rejected("the base has no tokenizer.json to render tools with".into())
+            })?;
+            let messages: Vec<_> = messages.iter().map(|m| m.to_json()).collect();
+            let text = tokenizer
+                .render_chat(&serde_json::Value::Array(messages), tools.as_ref(), true)
+                .map_err(|e| EngineError::Rejected(e.to_string()))?;
+            Either::Right(text)
+        }
+        Prompt::Chat { messages, .. } => {
             let mut m = TextMessages::new();
-            for msg in ms {
+            for msg in messages {
                 m = m.add_message(role(&msg.role), msg.content);
             }
             Either::Left(m)
@@ -377,7 +441,7 @@ async fn run(
         messages,
         sampling_params,
         response: rtx,
-        return_logprobs: false,
+        return_logprobs,
         is_streaming: true,
         id: 0,
         constraint,
@@ -402,7 +466,7 @@ async fn run(
     let mut chunks = 0u64;
     let mut text = String::new();
     while let Some(resp) = rrx.recv().await {
-        let (delta, finish, usage) = match resp {
+        let (delta, lp, finish, usage) = match resp {
             Response::Chunk(c) => {
                 let choice = c.choices.into_iter().next();
                 let usage = c.usage.map(|u| TokenUsage {
@@ -410,13 +474,13 @@ async fn run(
                     completion_tokens: u.completion_tokens as u64,
                 });
                 match choice {
-                    Some(ch) => (ch.delta.content, ch.finish_reason, usage),
-                    None => (None, None, usage),
+                    Some(ch) => (ch.delta.content, ch.logprobs, ch.finish_reason, usage),
+                    None => (None, None, None, usage),
                 }
             }
             Response::CompletionChunk(c) => match c.choices.into_iter().next() {
-                Some(ch) => (Some(ch.text), ch.finish_reason, None),
-                None => (None, None, None),
+                Some(ch) => (Some(ch.text), ch.logprobs, ch.finish_reason, None),
+                None => (None, None, None, None),
             },
             Response::ValidationError(e) => return Err(EngineError::Rejected(e.to_string())),
             Response::InternalError(e) => return Err(EngineError::Internal(e.to_string())),
@@ -431,6 +495,14 @@ async fn run(
             }
         };
         chunks += 1;
+        if let Some(l) = lp
+            && tx
+                .send(Ok(Event::Logprobs(vec![logprob(l)])))
+                .await
+                .is_err()
+        {
+            return Ok(());
+        }
         if let Some(d) = delta.filter(|d| !d.is_empty()) {
             text.push_str(&d);
             if tx.send(Ok(Event::Delta(d))).await.is_err() {

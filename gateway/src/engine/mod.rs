@@ -19,19 +19,60 @@ use futures_util::future::BoxFuture;
 use futures_util::stream::BoxStream;
 use loraops_registry::api::Name;
 
-/// One chat message after validation (text content only).
-#[derive(Debug, Clone, PartialEq)]
+pub use loraops_engine::Constraint;
+
+/// One chat message after validation (text content only). Assistant messages may carry the
+/// calls they made and `tool` messages the call they answer, in OpenAI's JSON shape, which is
+/// what chat templates expect.
+#[derive(Debug, Clone, PartialEq, Default)]
 pub struct ChatMessage {
     pub role: String,
     pub content: String,
+    pub tool_calls: Option<serde_json::Value>,
+    pub tool_call_id: Option<String>,
+}
+
+impl ChatMessage {
+    pub fn new(role: &str, content: impl Into<String>) -> Self {
+        Self {
+            role: role.into(),
+            content: content.into(),
+            ..Default::default()
+        }
+    }
+
+    /// The message as a chat template reads it.
+    pub fn to_json(&self) -> serde_json::Value {
+        let mut m = serde_json::json!({"role": self.role, "content": self.content});
+        if let Some(c) = &self.tool_calls {
+            m["tool_calls"] = c.clone();
+        }
+        if let Some(id) = &self.tool_call_id {
+            m["tool_call_id"] = serde_json::json!(id);
+        }
+        m
+    }
 }
 
 #[derive(Debug, Clone, PartialEq)]
 pub enum Prompt {
-    /// Rendered with the model's chat template.
-    Chat(Vec<ChatMessage>),
+    /// Rendered with the model's chat template, with the function definitions `tools` (OpenAI's
+    /// `tools` array) when the request offers any.
+    Chat {
+        messages: Vec<ChatMessage>,
+        tools: Option<serde_json::Value>,
+    },
     /// Sent as is (`/v1/completions`).
     Text(String),
+}
+
+impl Prompt {
+    pub fn chat(messages: Vec<ChatMessage>) -> Self {
+        Self::Chat {
+            messages,
+            tools: None,
+        }
+    }
 }
 
 /// Decoding options the engine honours; anything else was rejected during validation.
@@ -44,9 +85,15 @@ pub struct Sampling {
     /// The same seed and request give the same tokens.
     pub seed: Option<u64>,
     pub stop: Vec<String>,
-    /// A regular expression the output must match (constrained decoding). Only the gateway's
-    /// own requests set it (the online judge's score); the OpenAI API does not expose it.
-    pub constraint: Option<String>,
+    pub presence_penalty: f32,
+    pub frequency_penalty: f32,
+    /// Added to the logits of these token ids.
+    pub logit_bias: Vec<(u32, f32)>,
+    /// Report each token's log-probability and this many most likely alternatives.
+    pub logprobs: Option<usize>,
+    /// What the answer must match (constrained decoding): `response_format`, a forced tool
+    /// call, the `guided_*` fields, or the online judge's score.
+    pub constraint: Option<Constraint>,
 }
 
 #[derive(Debug, Clone, PartialEq)]
@@ -61,9 +108,29 @@ pub struct TokenUsage {
     pub completion_tokens: u64,
 }
 
+/// One alternative at a position.
+#[derive(Debug, Clone, PartialEq)]
+pub struct TopLogprob {
+    pub token: String,
+    pub logprob: f32,
+    pub bytes: Vec<u8>,
+}
+
+/// The model's log-probability of one generated token, with its most likely alternatives.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Logprob {
+    pub token: String,
+    pub logprob: f32,
+    pub bytes: Vec<u8>,
+    pub top: Vec<TopLogprob>,
+}
+
 #[derive(Debug, Clone, PartialEq)]
 pub enum Event {
     Delta(String),
+    /// Log-probabilities of the tokens whose text the next `Delta` (or the `Done`) releases;
+    /// only when the request asked for them.
+    Logprobs(Vec<Logprob>),
     Done {
         finish_reason: String,
         usage: TokenUsage,

@@ -11,8 +11,8 @@ use loraops_engine::{AdapterWeights, Engine as NativeEngine, EngineOptions, Subm
 use loraops_model::tokenizer::Message;
 
 use super::{
-    Backend, EngineError, EngineInfo, EngineKey, Event, EventStream, GenerateRequest, Prompt,
-    TokenUsage,
+    Backend, EngineError, EngineInfo, EngineKey, Event, EventStream, GenerateRequest, Logprob,
+    Prompt, TokenUsage, TopLogprob,
 };
 use crate::adapters::AdapterStore;
 use crate::residency::Flights;
@@ -26,6 +26,8 @@ struct Inner {
     store: AdapterStore,
     flights: Flights<EngineKey, Arc<AdapterWeights>>,
     identity: EngineInfo,
+    /// Longest prompt accepted, in tokens (`[gateway] max_prompt_tokens`).
+    max_prompt_tokens: usize,
 }
 
 /// The engine slot id of a version.
@@ -35,7 +37,11 @@ fn slot_id(key: &EngineKey) -> String {
 
 impl NativeBackend {
     /// Load the base (blocking: call it off the async runtime's workers).
-    pub fn start(options: EngineOptions, store: AdapterStore) -> Result<Self, EngineError> {
+    pub fn start(
+        options: EngineOptions,
+        store: AdapterStore,
+        max_prompt_tokens: usize,
+    ) -> Result<Self, EngineError> {
         let quantization = options.quantize.as_str().to_string();
         let what = options.base_dir.display().to_string();
         let engine = NativeEngine::start(options).map_err(|e| EngineError::Load {
@@ -47,6 +53,7 @@ impl NativeBackend {
                 engine,
                 store,
                 flights: Flights::default(),
+                max_prompt_tokens,
                 identity: EngineInfo {
                     name: "loraops".into(),
                     version: env!("CARGO_PKG_VERSION").into(),
@@ -102,6 +109,79 @@ impl Inner {
     }
 }
 
+/// The engine's token events as gateway [`Event`]s: text deltas, each preceded by the
+/// log-probabilities of the tokens it releases when the request asked for them (a token's
+/// text can be held back, waiting for the rest of a character or a possible stop sequence).
+struct Tokens {
+    rx: tokio::sync::mpsc::UnboundedReceiver<loraops_engine::Event>,
+    inner: Arc<Inner>,
+    logprobs: Vec<Logprob>,
+    /// The event to send after the log-probabilities just sent.
+    queued: Option<Event>,
+}
+
+impl Tokens {
+    fn logprob(&self, id: u32, lp: loraops_engine::TokenLogprob) -> Logprob {
+        let e = &self.inner.engine;
+        let top = |t: u32, logprob: f32| {
+            let bytes = e.token_bytes(t);
+            TopLogprob {
+                token: String::from_utf8_lossy(&bytes).into_owned(),
+                logprob,
+                bytes,
+            }
+        };
+        let first = top(id, lp.logprob);
+        Logprob {
+            token: first.token,
+            logprob: first.logprob,
+            bytes: first.bytes,
+            top: lp.top.into_iter().map(|(t, l)| top(t, l)).collect(),
+        }
+    }
+
+    /// Release `ev`, after the log-probabilities gathered so far.
+    fn release(&mut self, ev: Event) -> Event {
+        if self.logprobs.is_empty() {
+            ev
+        } else {
+            self.queued = Some(ev);
+            Event::Logprobs(std::mem::take(&mut self.logprobs))
+        }
+    }
+
+    fn into_stream(self) -> EventStream {
+        Box::pin(futures_util::stream::unfold(self, |mut st| async move {
+            if let Some(ev) = st.queued.take() {
+                return Some((Ok(ev), st));
+            }
+            loop {
+                let ev = match st.rx.recv().await? {
+                    loraops_engine::Event::Token { id, text, logprob } => {
+                        if let (Some(id), Some(lp)) = (id, logprob) {
+                            let lp = st.logprob(id, lp);
+                            st.logprobs.push(lp);
+                        }
+                        if text.is_empty() {
+                            continue;
+                        }
+                        Ok(st.release(Event::Delta(text)))
+                    }
+                    loraops_engine::Event::Done { finish, usage } => Ok(st.release(Event::Done {
+                        finish_reason: finish.as_str().into(),
+                        usage: TokenUsage {
+                            prompt_tokens: usage.prompt_tokens as u64,
+                            completion_tokens: usage.completion_tokens as u64,
+                        },
+                    })),
+                    loraops_engine::Event::Error(m) => Err(EngineError::Internal(m)),
+                };
+                return Some((ev, st));
+            }
+        }))
+    }
+}
+
 impl Backend for NativeBackend {
     fn identity(&self) -> &EngineInfo {
         &self.inner.identity
@@ -120,8 +200,14 @@ impl Backend for NativeBackend {
             };
             let e = &inner.engine;
             let prompt = match &req.prompt {
-                Prompt::Chat(ms) => {
-                    let messages: Vec<Message> = ms
+                Prompt::Chat {
+                    messages,
+                    tools: None,
+                } if messages
+                    .iter()
+                    .all(|m| m.tool_calls.is_none() && m.tool_call_id.is_none()) =>
+                {
+                    let messages: Vec<Message> = messages
                         .iter()
                         .map(|m| Message {
                             role: m.role.clone(),
@@ -130,9 +216,20 @@ impl Backend for NativeBackend {
                         .collect();
                     e.encode_chat(&messages)
                 }
+                Prompt::Chat { messages, tools } => {
+                    let messages: Vec<_> = messages.iter().map(|m| m.to_json()).collect();
+                    e.encode_chat_json(&serde_json::Value::Array(messages), tools.as_ref())
+                }
                 Prompt::Text(t) => e.encode_text(t),
             }
             .map_err(|e| EngineError::Rejected(e.to_string()))?;
+            if prompt.len() > inner.max_prompt_tokens {
+                return Err(EngineError::Rejected(format!(
+                    "the prompt is {} tokens, more than this gateway's limit of {}",
+                    prompt.len(),
+                    inner.max_prompt_tokens
+                )));
+            }
             let s = &req.sampling;
             let sampling = loraops_engine::SamplingParams {
                 max_tokens: s.max_tokens,
@@ -140,38 +237,31 @@ impl Backend for NativeBackend {
                 top_p: s.top_p.unwrap_or(1.0) as f32,
                 seed: s.seed,
                 stop: s.stop.clone(),
-                ..Default::default()
+                presence_penalty: s.presence_penalty,
+                frequency_penalty: s.frequency_penalty,
+                logit_bias: s.logit_bias.clone(),
+                logprobs: s.logprobs,
             };
             let rx = e
                 .generate(loraops_engine::Request {
                     prompt,
                     adapter,
                     sampling,
-                    constraint: s.constraint.clone().map(loraops_engine::Constraint::Regex),
+                    constraint: s.constraint.clone(),
                 })
                 .map_err(|err| match err {
                     SubmitError::Rejected(m) => EngineError::Rejected(m),
                     SubmitError::Overloaded(_) => EngineError::Overloaded(err.to_string()),
                     SubmitError::Stopped => EngineError::Internal(err.to_string()),
                 })?;
-            let events = futures_util::stream::unfold(rx, |mut rx| async move {
-                loop {
-                    let ev = match rx.recv().await? {
-                        loraops_engine::Event::Token { text, .. } if text.is_empty() => continue,
-                        loraops_engine::Event::Token { text, .. } => Ok(Event::Delta(text)),
-                        loraops_engine::Event::Done { finish, usage } => Ok(Event::Done {
-                            finish_reason: finish.as_str().into(),
-                            usage: TokenUsage {
-                                prompt_tokens: usage.prompt_tokens as u64,
-                                completion_tokens: usage.completion_tokens as u64,
-                            },
-                        }),
-                        loraops_engine::Event::Error(m) => Err(EngineError::Internal(m)),
-                    };
-                    return Some((ev, rx));
-                }
-            });
-            Ok(Box::pin(events) as EventStream)
+            let events = Tokens {
+                rx,
+                inner: inner.clone(),
+                logprobs: Vec::new(),
+                queued: None,
+            }
+            .into_stream();
+            Ok(events)
         }
         .boxed()
     }

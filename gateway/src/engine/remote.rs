@@ -18,8 +18,8 @@ use futures_util::{FutureExt, StreamExt};
 use serde_json::{Value, json};
 
 use super::{
-    Backend, EngineError, EngineInfo, EngineKey, Event, EventStream, GenerateRequest, Prompt,
-    TokenUsage,
+    Backend, Constraint, EngineError, EngineInfo, EngineKey, Event, EventStream, GenerateRequest,
+    Logprob, Prompt, TokenUsage, TopLogprob,
 };
 use crate::residency::Flights;
 
@@ -300,23 +300,166 @@ fn body(model: &str, req: &GenerateRequest) -> (String, Value) {
     if !s.stop.is_empty() {
         b["stop"] = json!(s.stop);
     }
-    // Not OpenAI's API, but what vLLM and mistral.rs servers accept for constrained decoding.
-    if let Some(re) = &s.constraint {
-        b["guided_regex"] = json!(re);
-        b["grammar"] = json!({"type": "regex", "value": re});
+    if s.presence_penalty != 0.0 {
+        b["presence_penalty"] = json!(s.presence_penalty);
+    }
+    if s.frequency_penalty != 0.0 {
+        b["frequency_penalty"] = json!(s.frequency_penalty);
+    }
+    if !s.logit_bias.is_empty() {
+        let bias: serde_json::Map<String, Value> = s
+            .logit_bias
+            .iter()
+            .map(|(t, b)| (t.to_string(), json!(b)))
+            .collect();
+        b["logit_bias"] = Value::Object(bias);
+    }
+    // Regular expressions and Lark grammars are not OpenAI's API, but what vLLM and loraops
+    // gateways accept.
+    match &s.constraint {
+        Some(Constraint::Regex(re)) => {
+            b["guided_regex"] = json!(re);
+        }
+        Some(Constraint::Lark(g)) => {
+            b["guided_grammar"] = json!(g);
+        }
+        Some(Constraint::JsonSchema(schema)) => {
+            b["response_format"] = json!({"type": "json_schema",
+                "json_schema": {"name": "answer", "schema": schema, "strict": true}});
+        }
+        None => {}
     }
     match &req.prompt {
-        Prompt::Chat(ms) => {
-            b["messages"] = ms
-                .iter()
-                .map(|m| json!({"role": m.role, "content": m.content}))
-                .collect();
+        Prompt::Chat { messages, tools } => {
+            b["messages"] = messages.iter().map(|m| m.to_json()).collect();
+            if let Some(t) = tools {
+                b["tools"] = t.clone();
+            }
+            if let Some(n) = s.logprobs {
+                b["logprobs"] = json!(true);
+                b["top_logprobs"] = json!(n);
+            }
             ("/chat/completions".into(), b)
         }
         Prompt::Text(t) => {
             b["prompt"] = json!(t);
+            if let Some(n) = s.logprobs {
+                b["logprobs"] = json!(n);
+            }
             ("/completions".into(), b)
         }
+    }
+}
+
+/// Log-probabilities of one upstream chunk, chat (`logprobs.content`) or completions
+/// (`logprobs.tokens` / `token_logprobs` / `top_logprobs`) shaped.
+fn parse_logprobs(choice: &Value) -> Vec<Logprob> {
+    let lp = &choice["logprobs"];
+    let bytes = |v: &Value, token: &str| -> Vec<u8> {
+        v["bytes"]
+            .as_array()
+            .map(|a| {
+                a.iter()
+                    .filter_map(|b| b.as_u64().map(|b| b as u8))
+                    .collect()
+            })
+            .unwrap_or_else(|| token.as_bytes().to_vec())
+    };
+    if let Some(content) = lp["content"].as_array() {
+        return content
+            .iter()
+            .map(|e| {
+                let token = e["token"].as_str().unwrap_or_default().to_string();
+                Logprob {
+                    bytes: bytes(e, &token),
+                    logprob: e["logprob"].as_f64().unwrap_or(0.0) as f32,
+                    top: e["top_logprobs"]
+                        .as_array()
+                        .into_iter()
+                        .flatten()
+                        .map(|t| {
+                            let token = t["token"].as_str().unwrap_or_default().to_string();
+                            TopLogprob {
+                                bytes: bytes(t, &token),
+                                logprob: t["logprob"].as_f64().unwrap_or(0.0) as f32,
+                                token,
+                            }
+                        })
+                        .collect(),
+                    token,
+                }
+            })
+            .collect();
+    }
+    let Some(tokens) = lp["tokens"].as_array() else {
+        return Vec::new();
+    };
+    tokens
+        .iter()
+        .enumerate()
+        .map(|(i, t)| {
+            let token = t.as_str().unwrap_or_default().to_string();
+            let top = lp["top_logprobs"][i]
+                .as_object()
+                .into_iter()
+                .flatten()
+                .map(|(k, v)| TopLogprob {
+                    token: k.clone(),
+                    bytes: k.as_bytes().to_vec(),
+                    logprob: v.as_f64().unwrap_or(0.0) as f32,
+                })
+                .collect();
+            Logprob {
+                bytes: token.as_bytes().to_vec(),
+                logprob: lp["token_logprobs"][i].as_f64().unwrap_or(0.0) as f32,
+                top,
+                token,
+            }
+        })
+        .collect()
+}
+
+/// Tool calls an upstream streams in fragments, gathered whole and written back as the
+/// `<tool_call>` blocks the gateway parses for every engine.
+#[derive(Default)]
+struct UpstreamCalls {
+    calls: Vec<(String, String)>,
+}
+
+impl UpstreamCalls {
+    fn push(&mut self, choice: &Value) {
+        for c in choice["delta"]["tool_calls"]
+            .as_array()
+            .into_iter()
+            .flatten()
+        {
+            let i = c["index"].as_u64().unwrap_or(0) as usize;
+            if self.calls.len() <= i {
+                self.calls.resize(i + 1, Default::default());
+            }
+            let f = &c["function"];
+            if let Some(n) = f["name"].as_str() {
+                self.calls[i].0.push_str(n);
+            }
+            if let Some(a) = f["arguments"].as_str() {
+                self.calls[i].1.push_str(a);
+            }
+        }
+    }
+
+    fn take_text(&mut self) -> Option<String> {
+        if self.calls.is_empty() {
+            return None;
+        }
+        let text = std::mem::take(&mut self.calls)
+            .into_iter()
+            .map(|(name, args)| {
+                let args: Value = serde_json::from_str(&args).unwrap_or(Value::String(args));
+                crate::tools::block(&name, &args)
+            })
+            .collect::<Vec<_>>()
+            .join("\n");
+        Some(text)
     }
 }
 
@@ -350,6 +493,9 @@ fn events(
         finish: Option<String>,
         usage: TokenUsage,
         chunks: u64,
+        calls: UpstreamCalls,
+        /// Events decoded from one payload, not yet released.
+        queued: std::collections::VecDeque<Event>,
         done: bool,
     }
     let state = State {
@@ -357,13 +503,18 @@ fn events(
         finish: None,
         usage: TokenUsage::default(),
         chunks: 0,
+        calls: UpstreamCalls::default(),
+        queued: Default::default(),
         done: false,
     };
     futures_util::stream::unfold(state, |mut st| async move {
-        if st.done {
-            return None;
-        }
         loop {
+            if let Some(ev) = st.queued.pop_front() {
+                return Some((Ok(ev), st));
+            }
+            if st.done {
+                return None;
+            }
             let ev = match st.sse.next().await {
                 Some(Ok(ev)) => ev,
                 Some(Err(e)) => {
@@ -388,11 +539,14 @@ fn events(
                     st.usage.completion_tokens = st.chunks;
                 }
                 st.done = true;
-                let done = Event::Done {
+                if let Some(t) = st.calls.take_text() {
+                    st.queued.push_back(Event::Delta(t));
+                }
+                st.queued.push_back(Event::Done {
                     finish_reason: st.finish.take().unwrap_or_else(|| "stop".into()),
                     usage: st.usage,
-                };
-                return Some((Ok(done), st));
+                });
+                continue;
             }
             let Ok(v) = serde_json::from_str::<Value>(&ev.data) else {
                 continue;
@@ -411,9 +565,16 @@ fn events(
             if let Some(u) = u {
                 st.usage = u;
             }
+            if let Some(choice) = v["choices"].get(0) {
+                st.calls.push(choice);
+                let lps = parse_logprobs(choice);
+                if !lps.is_empty() {
+                    st.queued.push_back(Event::Logprobs(lps));
+                }
+            }
             if let Some(t) = text.filter(|t| !t.is_empty()) {
                 st.chunks += 1;
-                return Some((Ok(Event::Delta(t)), st));
+                st.queued.push_back(Event::Delta(t));
             }
         }
     })

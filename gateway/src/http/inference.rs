@@ -10,31 +10,22 @@ use actix_web::http::header::{HeaderName, HeaderValue};
 use actix_web::{HttpRequest, HttpResponse, web};
 use bytes::{Bytes, BytesMut};
 use futures_util::StreamExt;
+use futures_util::stream::BoxStream;
 use loraops_registry::api::{Name, Role};
 use loraops_registry::auth::Principal;
-use serde::Serialize;
 use serde::de::DeserializeOwned;
 use tokio::sync::mpsc;
 
 use super::{AppState, auth};
 use crate::dispatch::dispatch;
-use crate::engine::{EngineError, Event, EventStream, TokenUsage};
+use crate::engine::{EngineError, Event, TokenUsage};
 use crate::error::ApiError;
 use crate::judge;
 use crate::limiter::Permit;
-use crate::openai::{
-    ChatChoice, ChatChunk, ChatCompletion, ChunkChoice, Delta, OutMessage, TextChoice,
-    TextCompletion, Usage,
-};
+use crate::respond::{Choice, Kind, Shape};
 use crate::routing::{Arm, RouteError, Target};
 use crate::shadow;
 use crate::validate::{self, Validated};
-
-#[derive(Debug, Clone, Copy, PartialEq)]
-enum Kind {
-    Chat,
-    Text,
-}
 
 pub async fn chat_completions(
     state: web::Data<AppState>,
@@ -288,8 +279,7 @@ async fn serve(
         }
         _ => None,
     };
-    let keep_text = judge_job.is_some() || keep_answer;
-    let dispatched = match dispatch(&state, &target.key, v.request).await {
+    let dispatched = match answers(&state, &target.key, &v).await {
         Ok(d) => d,
         Err(e) => {
             let e = engine_error(e);
@@ -331,17 +321,19 @@ async fn serve(
         Kind::Chat => format!("chatcmpl-{}", uuid::Uuid::new_v4().simple()),
         Kind::Text => format!("cmpl-{}", uuid::Uuid::new_v4().simple()),
     };
-    let meta = Meta {
+    let shape = Shape {
         id,
         created: chrono::Utc::now().timestamp(),
         model: v.model,
         kind,
         include_usage: v.include_usage,
+        tools: v.tools,
+        logprobs: v.logprobs,
     };
     if v.stream {
         let (tx, rx) = mpsc::channel::<Result<Bytes, Infallible>>(32);
         tokio::spawn(stream_events(
-            events, meta, obs, permit, tx, judge_job, keep_text,
+            events, v.n, shape, obs, permit, tx, judge_job,
         ));
         let body = futures_util::stream::unfold(rx, |mut rx| async move {
             rx.recv().await.map(|item| (item, rx))
@@ -351,15 +343,15 @@ async fn serve(
             .insert_header(("cache-control", "no-cache"))
             .streaming(body))
     } else {
-        let out = collect(events, &meta, &mut obs, keep_text).await;
+        let out = collect(events, v.n, &shape, &mut obs).await;
         drop(permit);
         match out {
             Ok((body, usage, answer)) => {
                 if keep_answer {
-                    obs.answer = answer.clone();
+                    obs.answer = Some(answer.clone());
                 }
                 obs.finish(200, Some(usage));
-                if let (Some(job), Some(answer)) = (judge_job, answer) {
+                if let Some(job) = judge_job {
                     judge::spawn(state.clone(), job, answer);
                 }
                 Ok(res.content_type("application/json").body(body))
@@ -372,147 +364,76 @@ async fn serve(
     }
 }
 
-struct Meta {
-    id: String,
-    created: i64,
-    model: String,
-    kind: Kind,
-    include_usage: bool,
+/// Events of all `n` answers of a request, each tagged with its answer's index.
+type Tagged = BoxStream<'static, (usize, Result<Event, EngineError>)>;
+
+struct Answers {
+    events: Tagged,
+    identity: crate::engine::EngineInfo,
+    started: Instant,
 }
 
-/// OpenAI's finish reasons; the engine may say e.g. `eos` or `canceled`.
-fn finish_reason(r: &str) -> String {
-    match r {
-        "length" | "tool_calls" | "content_filter" => r.to_string(),
-        _ => "stop".to_string(),
+/// Start the request's `n` answers on `key`, each its own sequence in the engine's batch. With
+/// a seed, answer `i` draws from `seed + i`, so the whole response repeats.
+async fn answers(
+    state: &AppState,
+    key: &crate::engine::EngineKey,
+    v: &Validated,
+) -> Result<Answers, EngineError> {
+    let mut streams = Vec::with_capacity(v.n);
+    let mut first = None;
+    for i in 0..v.n {
+        let mut req = v.request.clone();
+        req.sampling.seed = req.sampling.seed.map(|s| s.wrapping_add(i as u64));
+        let d = dispatch(state, key, req).await?;
+        streams.push(d.events.map(move |e| (i, e)).boxed());
+        first.get_or_insert((d.identity, d.started));
     }
+    let (identity, started) = first.expect("n >= 1");
+    Ok(Answers {
+        events: futures_util::stream::select_all(streams).boxed(),
+        identity,
+        started,
+    })
 }
 
-/// The whole answer as one OpenAI response body; with `keep_text`, also its text.
+/// The whole response as one OpenAI body, its usage, and the first answer's text.
 async fn collect(
-    mut events: EventStream,
-    meta: &Meta,
+    mut events: Tagged,
+    n: usize,
+    shape: &Shape,
     obs: &mut Observer,
-    keep_text: bool,
-) -> Result<(Vec<u8>, TokenUsage, Option<String>), ApiError> {
-    let mut text = String::new();
-    while let Some(ev) = events.next().await {
+) -> Result<(Vec<u8>, TokenUsage, String), ApiError> {
+    let mut choices: Vec<Option<Choice>> = shape.choices(n).into_iter().map(Some).collect();
+    let mut finished: Vec<Option<(Choice, String)>> = (0..n).map(|_| None).collect();
+    let mut usage = TokenUsage::default();
+    while let Some((i, ev)) = events.next().await {
+        let Some(c) = choices[i].as_mut() else {
+            continue;
+        };
         match ev.map_err(engine_error)? {
             Event::Delta(d) => {
                 obs.token();
-                text.push_str(&d);
+                c.gather(&d);
             }
+            Event::Logprobs(lps) => c.gather_logprobs(lps),
             Event::Done {
-                finish_reason: reason,
-                usage,
+                finish_reason,
+                usage: u,
             } => {
-                let reason = finish_reason(&reason);
-                let kept = keep_text.then(|| text.clone());
-                let body = match meta.kind {
-                    Kind::Chat => serde_json::to_vec(&ChatCompletion {
-                        id: meta.id.clone(),
-                        object: "chat.completion",
-                        created: meta.created,
-                        model: meta.model.clone(),
-                        choices: vec![ChatChoice {
-                            index: 0,
-                            message: OutMessage {
-                                role: "assistant",
-                                content: text,
-                            },
-                            logprobs: None,
-                            finish_reason: reason,
-                        }],
-                        usage: usage.into(),
-                    }),
-                    Kind::Text => serde_json::to_vec(&TextCompletion {
-                        id: meta.id.clone(),
-                        object: "text_completion",
-                        created: meta.created,
-                        model: meta.model.clone(),
-                        choices: vec![TextChoice {
-                            index: 0,
-                            text,
-                            logprobs: None,
-                            finish_reason: Some(reason),
-                        }],
-                        usage: Some(Some(usage.into())),
-                    }),
+                usage.prompt_tokens = u.prompt_tokens;
+                usage.completion_tokens += u.completion_tokens;
+                let c = choices[i].take().expect("a running answer");
+                finished[i] = Some((c, finish_reason));
+                if finished.iter().all(Option::is_some) {
+                    let finished: Vec<_> = finished.into_iter().flatten().collect();
+                    let answer = finished[0].0.text.clone();
+                    return Ok((shape.body(finished, usage), usage, answer));
                 }
-                .map_err(|e| ApiError::internal(e.to_string()))?;
-                return Ok((body, usage, kept));
             }
         }
     }
     Err(ApiError::internal("the engine ended without finishing"))
-}
-
-fn sse<T: Serialize>(v: &T) -> Bytes {
-    let mut out = b"data: ".to_vec();
-    // Serialising our own plain structs cannot fail.
-    serde_json::to_writer(&mut out, v).expect("serialisable chunk");
-    out.extend_from_slice(b"\n\n");
-    Bytes::from(out)
-}
-
-impl Meta {
-    /// One chunk with an optional delta text, optional finish reason.
-    fn chunk(&self, text: Option<String>, role: bool, finish: Option<String>) -> Bytes {
-        let usage = self.include_usage.then_some(None);
-        match self.kind {
-            Kind::Chat => sse(&ChatChunk {
-                id: self.id.clone(),
-                object: "chat.completion.chunk",
-                created: self.created,
-                model: self.model.clone(),
-                choices: vec![ChunkChoice {
-                    index: 0,
-                    delta: Delta {
-                        role: role.then_some("assistant"),
-                        content: text,
-                    },
-                    logprobs: None,
-                    finish_reason: finish,
-                }],
-                usage,
-            }),
-            Kind::Text => sse(&TextCompletion {
-                id: self.id.clone(),
-                object: "text_completion",
-                created: self.created,
-                model: self.model.clone(),
-                choices: vec![TextChoice {
-                    index: 0,
-                    text: text.unwrap_or_default(),
-                    logprobs: None,
-                    finish_reason: finish,
-                }],
-                usage,
-            }),
-        }
-    }
-
-    /// The extra last chunk of `stream_options.include_usage`: no choices, the usage.
-    fn usage_chunk(&self, usage: Usage) -> Bytes {
-        match self.kind {
-            Kind::Chat => sse(&ChatChunk {
-                id: self.id.clone(),
-                object: "chat.completion.chunk",
-                created: self.created,
-                model: self.model.clone(),
-                choices: vec![],
-                usage: Some(Some(usage)),
-            }),
-            Kind::Text => sse(&TextCompletion {
-                id: self.id.clone(),
-                object: "text_completion",
-                created: self.created,
-                model: self.model.clone(),
-                choices: vec![],
-                usage: Some(Some(usage)),
-            }),
-        }
-    }
 }
 
 /// How long a stream may wait for its client to take a frame: a client that stops reading
@@ -539,70 +460,84 @@ async fn send_within(
 /// limit honest for streams; a client that left (or stopped reading) ends the stream, and
 /// dropping `events` stops generation.
 async fn stream_events(
-    mut events: EventStream,
-    meta: Meta,
+    mut events: Tagged,
+    n: usize,
+    shape: Shape,
     mut obs: Observer,
     permit: Permit,
     tx: mpsc::Sender<Result<Bytes, Infallible>>,
     judge_job: Option<judge::Job>,
-    keep_text: bool,
 ) {
     let _permit = permit;
-    let mut answer = keep_text.then(String::new);
-    if meta.kind == Kind::Chat && !send(&tx, meta.chunk(Some(String::new()), true, None)).await {
-        obs.finish(499, None);
-        return;
-    }
-    while let Some(ev) = events.next().await {
-        let frame = match ev {
-            Ok(Event::Delta(d)) => {
-                obs.token();
-                if let Some(a) = answer.as_mut() {
-                    a.push_str(&d);
-                }
-                meta.chunk(Some(d), false, None)
-            }
-            Ok(Event::Done {
-                finish_reason: reason,
-                usage,
-            }) => {
-                let mut frames = vec![meta.chunk(
-                    (meta.kind == Kind::Text).then(String::new),
-                    false,
-                    Some(finish_reason(&reason)),
-                )];
-                if meta.include_usage {
-                    frames.push(meta.usage_chunk(usage.into()));
-                }
-                frames.push(Bytes::from_static(b"data: [DONE]\n\n"));
-                for f in frames {
-                    if !send(&tx, f).await {
-                        break;
-                    }
-                }
-                if obs.shadow.as_ref().is_some_and(shadow::Job::wants_answer) {
-                    obs.answer = answer.clone();
-                }
-                obs.finish(200, Some(usage));
-                if let (Some(job), Some(answer)) = (judge_job, answer) {
-                    judge::spawn(obs.state.clone(), job, answer);
-                }
-                return;
-            }
-            Err(e) => {
-                // Headers are gone: report the failure in-band as OpenAI's stream does.
-                let err = engine_error(e);
-                send(&tx, sse(&err.body())).await;
-                obs.finish(err.status.as_u16(), None);
-                return;
-            }
-        };
-        if !send(&tx, frame).await {
+    let mut choices = shape.choices(n);
+    for c in &choices {
+        if let Some(f) = shape.role_chunk(c.index)
+            && !send(&tx, f).await
+        {
             obs.finish(499, None);
             return;
         }
     }
+    let mut usage = TokenUsage::default();
+    let mut running = n;
+    let mut frames = Vec::new();
+    while let Some((i, ev)) = events.next().await {
+        let c = &mut choices[i];
+        match ev {
+            Ok(Event::Delta(d)) => {
+                obs.token();
+                shape.delta(c, &d, &mut frames);
+            }
+            Ok(Event::Logprobs(lps)) => shape.logprobs(c, lps),
+            Ok(Event::Done {
+                finish_reason,
+                usage: u,
+            }) => {
+                usage.prompt_tokens = u.prompt_tokens;
+                usage.completion_tokens += u.completion_tokens;
+                shape.done(c, &finish_reason, &mut frames);
+                running -= 1;
+            }
+            Err(e) => {
+                // Headers are gone: report the failure in-band as OpenAI's stream does.
+                let err = engine_error(e);
+                send(&tx, sse_error(&err)).await;
+                obs.finish(err.status.as_u16(), None);
+                return;
+            }
+        }
+        if running == 0 {
+            if shape.include_usage {
+                frames.push(shape.usage_chunk(usage.into()));
+            }
+            frames.push(Bytes::from_static(b"data: [DONE]\n\n"));
+        }
+        for f in frames.drain(..) {
+            if !send(&tx, f).await {
+                obs.finish(499, None);
+                return;
+            }
+        }
+        if running == 0 {
+            let answer = std::mem::take(&mut choices[0].text);
+            if obs.shadow.as_ref().is_some_and(shadow::Job::wants_answer) {
+                obs.answer = Some(answer.clone());
+            }
+            obs.finish(200, Some(usage));
+            if let Some(job) = judge_job {
+                judge::spawn(obs.state.clone(), job, answer);
+            }
+            return;
+        }
+    }
     obs.finish(500, None);
+}
+
+fn sse_error(err: &ApiError) -> Bytes {
+    let mut out = b"data: ".to_vec();
+    serde_json::to_writer(&mut out, &err.body()).expect("serialisable error");
+    out.extend_from_slice(b"\n\n");
+    Bytes::from(out)
 }
 
 #[cfg(test)]

@@ -155,8 +155,10 @@ impl Application {
                     max_adapters: n.max_adapters.max(1),
                     max_bytes: (n.adapter_memory_mb as usize) << 20,
                 };
+                let max_prompt = settings.limits.max_prompt_tokens;
                 let started =
-                    tokio::task::spawn_blocking(move || NativeBackend::start(o, store)).await;
+                    tokio::task::spawn_blocking(move || NativeBackend::start(o, store, max_prompt))
+                        .await;
                 Arc::new(started.map_err(|e| {
                     StartError::Engine(EngineError::Internal(format!("engine start: {e}")))
                 })??)

@@ -5,7 +5,9 @@ use loraops_registry::api::Role;
 use loraops_registry::auth::{AuthSettings, Signer};
 use serde_json::{Value, json};
 
-use crate::helpers::{BASE, SECRET, spawn_gateway, spawn_gateway_with, spawn_registry, sse_events};
+use crate::helpers::{
+    BASE, SECRET, fixture, spawn_gateway, spawn_gateway_with, spawn_registry, sse_events,
+};
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn streaming_and_non_streaming_greedy_outputs_are_equal() {
@@ -109,9 +111,29 @@ async fn bad_requests_get_openai_errors_with_the_right_status() {
             Some("model"),
         ),
         (
-            json!({"model": BASE, "messages": msg, "n": 2}),
+            json!({"model": BASE, "messages": msg, "n": 99}),
             400,
             Some("n"),
+        ),
+        (
+            json!({"model": BASE, "messages": msg, "top_k": 5}),
+            400,
+            Some("top_k"),
+        ),
+        (
+            json!({"model": BASE, "messages": msg, "functions": [{"name": "f"}]}),
+            400,
+            Some("functions"),
+        ),
+        (
+            json!({"model": BASE, "messages": msg, "tool_choice": "required"}),
+            400,
+            Some("tool_choice"),
+        ),
+        (
+            json!({"model": BASE, "messages": msg, "guided_grammar": "start: \"a\" | ("}),
+            400,
+            None,
         ),
         (
             json!({"model": BASE, "messages": []}),
@@ -233,26 +255,60 @@ async fn beyond_the_concurrency_limit_requests_get_429() {
         s.max_queued = 0;
     })
     .await;
-    // The first request holds the only slot while its engine (bot@2) loads.
-    let slow_body =
-        json!({"model": "bot@2", "max_tokens": 2, "messages": [{"role": "user", "content": "hi"}]});
-    let slow = gw.post("/v1/chat/completions", &slow_body);
-    let fast = async {
-        tokio::time::sleep(std::time::Duration::from_millis(30)).await;
-        gw.post(
+    // A stream holds the only slot until its last token: once its headers are here, the
+    // slot is taken for the 1500 tokens that follow (the end-of-sequence token banned).
+    let config: Value =
+        serde_json::from_slice(&std::fs::read(fixture().base.join("config.json")).unwrap())
+            .unwrap();
+    let eos = config["eos_token_id"].to_string();
+    let mut slow = gw
+        .post(
+            "/v1/chat/completions",
+            &json!({"model": "bot@2", "temperature": 0, "max_tokens": 1500, "stream": true,
+                    "logit_bias": {eos: -100}, "messages": [{"role": "user", "content": "hi"}]}),
+        )
+        .await;
+    assert_eq!(slow.status(), 200);
+    let b = gw
+        .post(
             "/v1/chat/completions",
             &json!({"model": BASE, "max_tokens": 2, "messages": [{"role": "user", "content": "hi"}]}),
         )
-        .await
-    };
-    let (a, b) = tokio::join!(slow, fast);
-    assert_eq!(a.status(), 200);
+        .await;
     assert_eq!(b.status(), 429);
     assert!(b.headers().contains_key("retry-after"));
     assert_eq!(
         b.json::<Value>().await.unwrap()["error"]["type"],
         "rate_limit_error"
     );
+    // The stream that held the slot is unharmed, and the slot comes back after it.
+    let mut body = Vec::new();
+    while let Some(chunk) = slow.chunk().await.unwrap() {
+        body.extend_from_slice(&chunk);
+    }
+    assert!(
+        String::from_utf8(body)
+            .unwrap()
+            .trim_end()
+            .ends_with("data: [DONE]")
+    );
+    // The slot is released just after the last frame is written, so allow that moment.
+    let mut status = 0;
+    for _ in 0..50 {
+        status = gw
+            .post(
+                "/v1/chat/completions",
+                &json!({"model": BASE, "max_tokens": 2, "messages": [{"role": "user", "content": "hi"}]}),
+            )
+            .await
+            .status()
+            .as_u16();
+        if status != 429 {
+            break;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+    }
+    assert_eq!(status, 200);
 }
 
 /// The official `openai` Python client, unmodified, against a real gateway on each in-process
@@ -276,12 +332,12 @@ async fn openai_client_against(engine: EngineKind) {
     gw.wait_revision(rev).await;
     let script = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/openai_client.py");
     let url = format!("{}/v1", gw.url);
-    let out = tokio::process::Command::new(python)
-        .arg(script)
-        .args([url.as_str(), BASE, "bot"])
-        .output()
-        .await
-        .expect("run python");
+    let mut cmd = tokio::process::Command::new(python);
+    cmd.arg(script).args([url.as_str(), BASE, "bot"]);
+    if engine == EngineKind::Mistralrs {
+        cmd.arg("--no-seed");
+    }
+    let out = cmd.output().await.expect("run python");
     let stdout = String::from_utf8_lossy(&out.stdout);
     assert!(
         out.status.success(),
@@ -290,4 +346,29 @@ async fn openai_client_against(engine: EngineKind) {
     );
     assert!(stdout.contains("client: ok"), "{stdout}");
     assert!(stdout.contains("bot arm: stable"), "{stdout}");
+    if engine == EngineKind::Native {
+        openai_node_client(&url).await;
+    }
+}
+
+/// The official `openai` npm client, unmodified (gateway/tests/openai_client.cjs).
+async fn openai_node_client(url: &str) {
+    let modules = std::env::var("LORAOPS_TEST_OPENAI_NODE_PATH").expect(
+        "LORAOPS_TEST_OPENAI_NODE_PATH is not set: run the tests with scripts/test, which installs the openai npm client",
+    );
+    let script = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/openai_client.cjs");
+    let out = tokio::process::Command::new("node")
+        .arg(script)
+        .args([url, BASE, "bot"])
+        .env("NODE_PATH", modules)
+        .output()
+        .await
+        .expect("run node");
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "openai npm client failed:\n{stdout}\n{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(stdout.contains("client: ok"), "{stdout}");
 }

@@ -25,6 +25,7 @@ async fn greedy(e: &MistralEngine) -> String {
                 assert!(usage.completion_tokens > 0 && usage.prompt_tokens > 0);
                 return text;
             }
+            Event::Logprobs(_) => {}
         }
     }
     panic!("stream ended without Done");

@@ -77,6 +77,49 @@ async fn a_gateway_serves_through_a_native_upstream_placing_versions_on_it() {
         assert_eq!(direct.0, 200, "{model}: {}", direct.1);
         assert_eq!(through, direct, "{model}");
     }
+    // The OpenAI surface passes through: a forced tool call, a JSON schema, log-probabilities.
+    let tools = json!([{"type": "function", "function": {"name": "lookup",
+        "parameters": {"type": "object", "properties": {"q": {"type": "string", "maxLength": 8}},
+            "required": ["q"], "additionalProperties": false}}}]);
+    let v: Value = front
+        .post(
+            "/v1/chat/completions",
+            &json!({"model": "bot", "max_tokens": 150, "tools": tools, "tool_choice": "required",
+                "parallel_tool_calls": false, "messages": [{"role": "user", "content": "find it"}]}),
+        )
+        .await
+        .json()
+        .await
+        .unwrap();
+    let call = &v["choices"][0]["message"]["tool_calls"][0];
+    assert_eq!(call["function"]["name"], "lookup", "{v}");
+    let args: Value =
+        serde_json::from_str(call["function"]["arguments"].as_str().unwrap()).unwrap();
+    assert!(args["q"].is_string(), "{v}");
+    assert_eq!(v["choices"][0]["finish_reason"], "tool_calls", "{v}");
+    let schema = json!({"type": "object", "properties": {"n": {"type": "integer", "maximum": 999}}, "required": ["n"],
+        "additionalProperties": false});
+    let v: Value = front
+        .post(
+            "/v1/chat/completions",
+            &json!({"model": BASE, "max_tokens": 60, "logprobs": true, "top_logprobs": 2,
+                "response_format": {"type": "json_schema", "json_schema": {"name": "n", "schema": schema}},
+                "messages": [{"role": "user", "content": "a number"}]}),
+        )
+        .await
+        .json()
+        .await
+        .unwrap();
+    let answer: Value =
+        serde_json::from_str(v["choices"][0]["message"]["content"].as_str().unwrap()).unwrap();
+    assert!(answer["n"].is_i64(), "{v}");
+    let lps = v["choices"][0]["logprobs"]["content"].as_array().unwrap();
+    assert_eq!(
+        lps.len() as u64,
+        v["usage"]["completion_tokens"].as_u64().unwrap(),
+        "{v}"
+    );
+    assert_eq!(lps[0]["top_logprobs"].as_array().unwrap().len(), 2, "{v}");
     // The versions were placed on the upstream through its control endpoint.
     let listed: Value = upstream
         .http
