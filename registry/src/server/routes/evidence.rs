@@ -129,8 +129,8 @@ pub async fn list(
     caller: Caller,
     path: web::Path<(String, String)>,
 ) -> Result<HttpResponse, ApiError> {
-    caller.require_read(&state)?;
     let (name, version) = path_version(&path)?;
+    caller.require_read(&state, Some(name.as_str()))?;
     let a = records::adapter_by_name(&state.db, name.as_str()).await?;
     let v = records::version_row(&state.db, &a, version).await?;
     let rows = evidence::Entity::find()
@@ -214,7 +214,7 @@ pub async fn list_base(
     caller: Caller,
     path: web::Path<String>,
 ) -> Result<HttpResponse, ApiError> {
-    caller.require_read(&state)?;
+    caller.require_read(&state, None)?;
     let (name, _) = base_row(&state, &path).await?;
     let items = base_evidence::Entity::find()
         .filter(base_evidence::Column::BaseModel.eq(name.as_str()))

@@ -83,9 +83,9 @@ pub async fn download(
     req: HttpRequest,
     path: web::Path<(String, String, String)>,
 ) -> Result<HttpResponse, ApiError> {
-    caller.require_serving_read(&state)?;
     let (name, version, file) = path.into_inner();
     let (name, version) = path_version(&(name, version))?;
+    caller.require_serving_read(&state, Some(name.as_str()))?;
     let a = records::adapter_by_name(&state.db, name.as_str()).await?;
     let v = records::version_row(&state.db, &a, version).await?;
     let f = records::files_of(&state.db, v.id)

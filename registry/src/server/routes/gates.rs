@@ -143,8 +143,8 @@ pub async fn show(
     caller: Caller,
     path: web::Path<String>,
 ) -> Result<HttpResponse, ApiError> {
-    caller.require_read(&state)?;
     let scope = scope(&path)?;
+    caller.require_read(&state, (scope != "*").then_some(scope.as_str()))?;
     let row = gate::Entity::find_by_id(scope.clone())
         .one(&state.db)
         .await?

@@ -58,8 +58,8 @@ pub async fn current(
     caller: Caller,
     path: web::Path<String>,
 ) -> Result<HttpResponse, ApiError> {
-    caller.require_read(&state)?;
     let name = Name::parse(&path)?;
+    caller.require_read(&state, Some(name.as_str()))?;
     Ok(HttpResponse::Ok().json(status(&state, &name).await?))
 }
 

@@ -172,7 +172,7 @@ pub async fn list(
     caller: Caller,
     q: web::Query<SuiteQuery>,
 ) -> Result<HttpResponse, ApiError> {
-    caller.require_read(&state)?;
+    caller.require_read(&state, None)?;
     let page = crate::server::records::PageQuery {
         limit: q.limit,
         after: q.after.clone(),
@@ -222,7 +222,7 @@ pub async fn latest(
     caller: Caller,
     path: web::Path<String>,
 ) -> Result<HttpResponse, ApiError> {
-    caller.require_read(&state)?;
+    caller.require_read(&state, None)?;
     let row = find(&state, &path, None).await?;
     Ok(HttpResponse::Ok().json(to_api(row)?))
 }
@@ -233,7 +233,7 @@ pub async fn show(
     caller: Caller,
     path: web::Path<(String, String)>,
 ) -> Result<HttpResponse, ApiError> {
-    caller.require_read(&state)?;
+    caller.require_read(&state, None)?;
     let (name, version) = path.into_inner();
     let row = find(&state, &name, Some(&version)).await?;
     Ok(HttpResponse::Ok().json(to_api(row)?))
@@ -246,7 +246,7 @@ pub async fn cases(
     caller: Caller,
     path: web::Path<(String, String)>,
 ) -> Result<HttpResponse, ApiError> {
-    caller.require_read(&state)?;
+    caller.require_read(&state, None)?;
     let (name, version) = path.into_inner();
     let row = find(&state, &name, Some(&version)).await?;
     let bytes = state
