@@ -18,10 +18,10 @@ use loraops_registry::api::Name;
 use tokio::sync::Semaphore;
 
 use crate::dispatch::dispatch;
+use crate::engine::EngineKey;
 use crate::engine::{EngineError, Event, GenerateRequest};
 use crate::http::AppState;
 use crate::judge;
-use crate::engine::EngineKey;
 use crate::routing::{Arm, Target};
 
 /// Mirrored generations running at once.
