@@ -67,7 +67,7 @@ pub async fn list(
     Ok(HttpResponse::Ok().json(Page { items, next }))
 }
 
-#[utoipa::path(get, path = "/api/v1/adapters/{name}", responses((status = 200, body = Adapter), (status = 404, body = crate::api::ErrorBody)))]
+#[utoipa::path(get, path = "/api/v1/adapters/{name}", params(("name" = String, Path, description = "adapter, base model or suite name")), responses((status = 200, body = Adapter), (status = 404, body = crate::api::ErrorBody)))]
 pub async fn show(
     state: web::Data<AppState>,
     caller: Caller,
@@ -82,7 +82,7 @@ pub async fn show(
     Ok(HttpResponse::Ok().json(to_api(a)?))
 }
 
-#[utoipa::path(get, path = "/api/v1/adapters/{name}/versions", params(PageQuery), responses((status = 200, body = Page<AdapterVersion>)))]
+#[utoipa::path(get, path = "/api/v1/adapters/{name}/versions", params(("name" = String, Path, description = "adapter, base model or suite name"), PageQuery), responses((status = 200, body = Page<AdapterVersion>)))]
 pub async fn versions(
     state: web::Data<AppState>,
     caller: Caller,
@@ -118,7 +118,7 @@ pub async fn versions(
     Ok(HttpResponse::Ok().json(Page { items, next }))
 }
 
-#[utoipa::path(get, path = "/api/v1/adapters/{name}/versions/{version}", responses((status = 200, body = AdapterVersion), (status = 404, body = crate::api::ErrorBody)))]
+#[utoipa::path(get, path = "/api/v1/adapters/{name}/versions/{version}", params(("name" = String, Path, description = "adapter, base model or suite name"), ("version" = String, Path, description = "version")), responses((status = 200, body = AdapterVersion), (status = 404, body = crate::api::ErrorBody)))]
 pub async fn version(
     state: web::Data<AppState>,
     caller: Caller,

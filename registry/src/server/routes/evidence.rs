@@ -30,7 +30,7 @@ fn to_api(name: &crate::api::Name, version: u32, e: evidence::Model) -> Result<E
     })
 }
 
-#[utoipa::path(post, path = "/api/v1/adapters/{name}/versions/{version}/evidence", request_body = NewEvidence,
+#[utoipa::path(post, path = "/api/v1/adapters/{name}/versions/{version}/evidence", params(("name" = String, Path, description = "adapter, base model or suite name"), ("version" = String, Path, description = "version")), request_body = NewEvidence,
     responses((status = 201, body = Evidence), (status = 422, body = crate::api::ErrorBody)))]
 pub async fn create(
     state: web::Data<AppState>,
@@ -123,7 +123,7 @@ async fn check_body(state: &AppState, body: &NewEvidence) -> Result<(), ApiError
     Ok(())
 }
 
-#[utoipa::path(get, path = "/api/v1/adapters/{name}/versions/{version}/evidence", responses((status = 200, body = Vec<Evidence>)))]
+#[utoipa::path(get, path = "/api/v1/adapters/{name}/versions/{version}/evidence", params(("name" = String, Path, description = "adapter, base model or suite name"), ("version" = String, Path, description = "version")), responses((status = 200, body = Vec<Evidence>)))]
 pub async fn list(
     state: web::Data<AppState>,
     caller: Caller,
@@ -171,7 +171,7 @@ async fn base_row(state: &AppState, raw: &str) -> Result<(Name, base_model::Mode
     Ok((name, row))
 }
 
-#[utoipa::path(post, path = "/api/v1/base-models/{name}/evidence", request_body = NewEvidence,
+#[utoipa::path(post, path = "/api/v1/base-models/{name}/evidence", params(("name" = String, Path, description = "adapter, base model or suite name")), request_body = NewEvidence,
     responses((status = 201, body = BaseEvidence), (status = 422, body = crate::api::ErrorBody)))]
 pub async fn create_base(
     state: web::Data<AppState>,
@@ -208,7 +208,7 @@ pub async fn create_base(
     Ok(HttpResponse::Created().json(to_api_base(row)?))
 }
 
-#[utoipa::path(get, path = "/api/v1/base-models/{name}/evidence", responses((status = 200, body = Vec<BaseEvidence>)))]
+#[utoipa::path(get, path = "/api/v1/base-models/{name}/evidence", params(("name" = String, Path, description = "adapter, base model or suite name")), responses((status = 200, body = Vec<BaseEvidence>)))]
 pub async fn list_base(
     state: web::Data<AppState>,
     caller: Caller,

@@ -73,7 +73,7 @@ fn stream_body(
     })
 }
 
-#[utoipa::path(get, path = "/api/v1/adapters/{name}/versions/{version}/files/{file}",
+#[utoipa::path(get, path = "/api/v1/adapters/{name}/versions/{version}/files/{file}", params(("name" = String, Path, description = "adapter, base model or suite name"), ("version" = String, Path, description = "version"), ("file" = String, Path, description = "file name")),
     responses((status = 200, description = "The file"), (status = 206, description = "A byte range"),
         (status = 304, description = "Not modified"), (status = 404, body = crate::api::ErrorBody),
         (status = 416, body = crate::api::ErrorBody)))]

@@ -74,7 +74,7 @@ struct Received {
     weights_head: Vec<u8>,
 }
 
-#[utoipa::path(post, path = "/api/v1/adapters/{name}/versions", params(PushQuery),
+#[utoipa::path(post, path = "/api/v1/adapters/{name}/versions", params(("name" = String, Path, description = "adapter, base model or suite name"), PushQuery),
     request_body(content_type = "multipart/form-data", description = "adapter_config.json, adapter_model.safetensors, optional manifest.json and README.md"),
     responses(
         (status = 201, description = "New version", body = PushResponse),

@@ -216,7 +216,7 @@ async fn find(
         })
 }
 
-#[utoipa::path(get, path = "/api/v1/suites/{name}", responses((status = 200, body = Suite, description = "The latest uploaded version"), (status = 404, body = crate::api::ErrorBody)))]
+#[utoipa::path(get, path = "/api/v1/suites/{name}", params(("name" = String, Path, description = "adapter, base model or suite name")), responses((status = 200, body = Suite, description = "The latest uploaded version"), (status = 404, body = crate::api::ErrorBody)))]
 pub async fn latest(
     state: web::Data<AppState>,
     caller: Caller,
@@ -227,7 +227,7 @@ pub async fn latest(
     Ok(HttpResponse::Ok().json(to_api(row)?))
 }
 
-#[utoipa::path(get, path = "/api/v1/suites/{name}/versions/{version}", responses((status = 200, body = Suite), (status = 404, body = crate::api::ErrorBody)))]
+#[utoipa::path(get, path = "/api/v1/suites/{name}/versions/{version}", params(("name" = String, Path, description = "adapter, base model or suite name"), ("version" = String, Path, description = "version")), responses((status = 200, body = Suite), (status = 404, body = crate::api::ErrorBody)))]
 pub async fn show(
     state: web::Data<AppState>,
     caller: Caller,
@@ -239,7 +239,7 @@ pub async fn show(
     Ok(HttpResponse::Ok().json(to_api(row)?))
 }
 
-#[utoipa::path(get, path = "/api/v1/suites/{name}/versions/{version}/cases",
+#[utoipa::path(get, path = "/api/v1/suites/{name}/versions/{version}/cases", params(("name" = String, Path, description = "adapter, base model or suite name"), ("version" = String, Path, description = "version")),
     responses((status = 200, description = "The canonical cases (JSONL); ETag is the suite digest"), (status = 404, body = crate::api::ErrorBody)))]
 pub async fn cases(
     state: web::Data<AppState>,
