@@ -11,4 +11,5 @@ cd "$(dirname "$0")/../.."
 . scripts/services.sh
 ensure_postgres
 ensure_s3
-exec python3 bench/faults/faults.py "$@"
+# Not exec: the S3 server ensure_s3 started is stopped when this shell exits.
+python3 bench/faults/faults.py "$@"
