@@ -58,3 +58,14 @@ ensure_openai() {
   fi
   export LORAOPS_TEST_OPENAI_NODE_PATH="$npm_dir/node_modules"
 }
+
+ensure_schemathesis() {
+  if [ -n "${LORAOPS_SCHEMATHESIS:-}" ]; then return; fi
+  local venv="$LORAOPS_CACHE/schemathesis-venv"
+  if [ ! -x "$venv/bin/schemathesis" ]; then
+    echo "installing schemathesis (API fuzzing) into $venv" >&2
+    python3 -m venv "$venv"
+    "$venv/bin/pip" install -q 'schemathesis>=4,<5'
+  fi
+  export LORAOPS_SCHEMATHESIS="$venv/bin/schemathesis"
+}

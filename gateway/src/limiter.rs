@@ -34,8 +34,22 @@ impl Limiter {
             self.waiting.fetch_sub(1, Ordering::SeqCst);
             return None;
         }
-        let p = self.slots.clone().acquire_owned().await.ok();
-        self.waiting.fetch_sub(1, Ordering::SeqCst);
-        p.map(Permit)
+        // Leaves the queue however the wait ends, a dropped request (client reset) included:
+        // otherwise every cancelled wait would shrink the queue for good.
+        let _queued = Queued(&self.waiting);
+        self.slots.clone().acquire_owned().await.ok().map(Permit)
+    }
+
+    /// Requests waiting for a slot now.
+    pub fn waiting(&self) -> usize {
+        self.waiting.load(Ordering::SeqCst)
+    }
+}
+
+struct Queued<'a>(&'a AtomicUsize);
+
+impl Drop for Queued<'_> {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::SeqCst);
     }
 }

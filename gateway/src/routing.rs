@@ -118,12 +118,44 @@ pub fn wanted(table: &RoutingTable) -> Vec<EngineKey> {
     out
 }
 
+/// Which versions `NAME@V` may name.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum PinnedVersions {
+    /// Any version the registry has (evaluation pins versions before their rollout).
+    #[default]
+    Any,
+    /// Only versions the routing table serves now (stable, canary, shadow): rolled-back and
+    /// never-released versions are refused as unknown models.
+    Routed,
+}
+
+impl std::str::FromStr for PinnedVersions {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        match s {
+            "any" => Ok(Self::Any),
+            "routed" => Ok(Self::Routed),
+            _ => Err(format!("{s:?}: expected any or routed")),
+        }
+    }
+}
+
+/// How long a pinned version the registry does not have is answered 404 without asking again.
+const MISS_TTL: std::time::Duration = std::time::Duration::from_secs(30);
+/// Most misses remembered; beyond, the oldest half is forgotten.
+const MAX_MISSES: usize = 4096;
+
 pub struct Router {
     base_name: String,
     table: RwLock<Arc<RoutingTable>>,
     registry: Option<RegistryClient>,
     /// Digests of pinned versions not in the table; versions are immutable, so never stale.
     pinned: Mutex<HashMap<(Name, u32), String>>,
+    /// Pinned versions the registry said it does not have, and when: a stream of requests for
+    /// made-up versions costs one registry call per version per [`MISS_TTL`].
+    misses: Mutex<HashMap<(Name, u32), std::time::Instant>>,
+    pinned_versions: PinnedVersions,
 }
 
 impl Router {
@@ -136,7 +168,14 @@ impl Router {
             })),
             registry,
             pinned: Mutex::new(HashMap::new()),
+            misses: Mutex::new(HashMap::new()),
+            pinned_versions: PinnedVersions::Any,
         }
+    }
+
+    pub fn with_pinned_versions(mut self, p: PinnedVersions) -> Self {
+        self.pinned_versions = p;
+        self
     }
 
     pub fn base_name(&self) -> &str {
@@ -182,13 +221,16 @@ impl Router {
             }
             Some(version) => {
                 let routed = route.and_then(|x| {
-                    [&x.stable, &x.canary]
+                    [&x.stable, &x.canary, &x.shadow]
                         .into_iter()
                         .flatten()
                         .find(|v| v.version == version)
                 });
                 let digest = match routed {
                     Some(v) => v.digest.clone(),
+                    None if self.pinned_versions == PinnedVersions::Routed => {
+                        return Err(RouteError::UnknownModel(model.to_string()));
+                    }
                     None => self.pinned_digest(&r.name, version, model).await?,
                 };
                 Ok(Target {
@@ -255,6 +297,12 @@ impl Router {
             .registry
             .as_ref()
             .ok_or_else(|| RouteError::UnknownModel(model.to_string()))?;
+        let pin = (name.clone(), version);
+        if let Some(at) = self.misses.lock().expect("misses lock").get(&pin)
+            && at.elapsed() < MISS_TTL
+        {
+            return Err(RouteError::UnknownModel(model.to_string()));
+        }
         match client.version(name.as_str(), version).await {
             Ok(v) => {
                 self.pinned
@@ -264,6 +312,14 @@ impl Router {
                 Ok(v.digest)
             }
             Err(e) if e.status().is_some_and(|s| s == 404) => {
+                let mut misses = self.misses.lock().expect("misses lock");
+                if misses.len() >= MAX_MISSES {
+                    let mut ages: Vec<_> = misses.values().copied().collect();
+                    ages.sort();
+                    let cut = ages[ages.len() / 2];
+                    misses.retain(|_, at| *at > cut);
+                }
+                misses.insert(pin, std::time::Instant::now());
                 Err(RouteError::UnknownModel(model.to_string()))
             }
             Err(source) => Err(RouteError::Registry {

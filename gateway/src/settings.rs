@@ -74,6 +74,9 @@ pub struct GatewaySettings {
     /// Registry to follow; without one only the base model is served.
     pub registry_url: Option<String>,
     pub registry_token: Option<String>,
+    /// A file holding the registry token, re-read every few seconds so a rotated token is
+    /// picked up without a restart (takes precedence over `registry_token`).
+    pub registry_token_file: Option<PathBuf>,
     /// Adapter cache; must be the `HF_HUB_CACHE` the process was started with
     /// (see [`crate::adapters::set_hub_cache_env`]).
     pub cache_dir: PathBuf,
@@ -113,6 +116,8 @@ pub struct GatewaySettings {
     pub memory_budget_mb: Option<u64>,
     /// Score a sample of rollout answers with a judge model (see [`crate::judge`]).
     pub judge: Option<crate::judge::JudgeSettings>,
+    /// Which versions `NAME@V` may name.
+    pub pinned_versions: crate::routing::PinnedVersions,
 }
 
 impl GatewaySettings {
@@ -123,6 +128,8 @@ impl GatewaySettings {
             base_model_name: None,
             registry_url: None,
             registry_token: None,
+            registry_token_file: None,
+            pinned_versions: Default::default(),
             cache_dir,
             engine: EngineKind::Native,
             native: NativeSettings::default(),
@@ -195,6 +202,12 @@ pub struct GatewayConfig {
     pub max_n: Option<u64>,
     /// Require a JWT on inference (default true).
     pub require_auth: Option<bool>,
+    /// Which versions `NAME@V` may name: `any` (default; evaluation pins unreleased versions)
+    /// or `routed` (only what the routing table serves now).
+    pub pinned_versions: Option<crate::routing::PinnedVersions>,
+    /// A file holding the gateway's registry token (a `gateway`-role token minted elsewhere,
+    /// e.g. a mounted Secret); re-read every few seconds, so rotation needs no restart.
+    pub registry_token_file: Option<PathBuf>,
     /// remote: the OpenAI-compatible server (`…/v1`, where `model` names `BASE` or `NAME@V`)
     /// inference goes to; setting it alone selects the remote engine.
     pub upstream_url: Option<String>,
@@ -237,6 +250,12 @@ impl GatewayConfig {
         }
         if self.registry_url.is_some() {
             s.registry_url = self.registry_url.clone();
+        }
+        if self.registry_token_file.is_some() {
+            s.registry_token_file = self.registry_token_file.clone();
+        }
+        if let Some(p) = self.pinned_versions {
+            s.pinned_versions = p;
         }
         s.engine = self.engine_kind();
         let n = &mut s.native;

@@ -664,11 +664,19 @@ def check_smoke(res: Results, binary: Path, docs: list[dict]) -> None:
         res.add("smoke: registry pod command", "default", ok, detail + ("" if ok else " | " + tail(rbox)))
         if not ok:
             return
-        # The gateway's init container fills the model volume, then the container starts.
-        init = (gspec.get("initContainers") or [{}])[0]
-        if init.get("args", [])[:2] == ["model", "init-tiny"]:
-            subprocess.run([str(binary), *[gbox.move(a) for a in init["args"]]], env=gbox.env,
-                           capture_output=True, timeout=120, check=True)
+        # The gateway's init containers fill the model volume and mint its registry token
+        # (into the volume the gateway reads it from), then the container starts.
+        for init in gspec.get("initContainers") or []:
+            if init.get("args", [])[:2] == ["model", "init-tiny"]:
+                subprocess.run([str(binary), *[gbox.move(a) for a in init["args"]]], env=gbox.env,
+                               capture_output=True, timeout=120, check=True)
+            elif init.get("command", [])[:2] == ["/bin/sh", "-c"] and "token issue" in " ".join(init.get("args", [])):
+                script = gbox.move(" ".join(init.get("args", []))).replace("loraops ", f"{binary} ", 1)
+                env = dict(gbox.env)
+                for e in init.get("env", []):
+                    if "secretKeyRef" in e.get("valueFrom", {}):
+                        env[e["name"]] = dummy_secret(e["name"])
+                subprocess.run(script, shell=True, env=env, capture_output=True, timeout=60, check=True)
         gp = start(gbox, gc, {"LORAOPS_GATEWAY__LISTEN": f"127.0.0.1:{gport}",
                               "LORAOPS_GATEWAY__REGISTRY_URL": f"http://127.0.0.1:{rport}"})
         procs.append(gp)

@@ -1161,6 +1161,16 @@ pub enum Role {
     /// The data plane: reads routing, adapters, their versions and files and the base models,
     /// and posts observations; nothing else.
     Gateway,
+    /// End users of the gateway: inference only; reads nothing from the registry.
+    Inference,
+}
+
+impl Role {
+    /// Whether the role may read the registry (every role but `inference`; `gateway` only
+    /// what serving needs).
+    pub fn reads_registry(self) -> bool {
+        !matches!(self, Self::Inference)
+    }
 }
 
 impl FromStr for Role {
@@ -1173,9 +1183,10 @@ impl FromStr for Role {
             "deployer" => Self::Deployer,
             "admin" => Self::Admin,
             "gateway" => Self::Gateway,
+            "inference" => Self::Inference,
             _ => {
                 return Err(format!(
-                    "unknown role {s:?} (viewer, publisher, evaluator, deployer, admin, gateway)"
+                    "unknown role {s:?} (viewer, publisher, evaluator, deployer, admin, gateway, inference)"
                 ));
             }
         })
@@ -1191,6 +1202,7 @@ impl fmt::Display for Role {
             Self::Deployer => "deployer",
             Self::Admin => "admin",
             Self::Gateway => "gateway",
+            Self::Inference => "inference",
         })
     }
 }

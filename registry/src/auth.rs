@@ -1,10 +1,16 @@
 //! JWT auth: who is calling and with which roles. HS256 with a shared secret for embedded
-//! use (generated into the data dir on first start), RS256/ES256 public keys (PEM or a JWKS
-//! file) for production. The registry and the gateway verify with [`Verifier`];
-//! `loraops token issue` mints with [`Signer`].
+//! use (generated into the data dir on first start); for production, public keys: a PEM, a
+//! JWKS file, or an identity provider's JWKS URL (cached, refreshed when a token names an
+//! unknown `kid`, at most once per `jwks_min_refresh_secs`), with RS256, PS256, ES256 and
+//! EdDSA. `aud` may be a string or an array; roles come from a configurable claim path
+//! (`roles`, `realm_access.roles`, `groups`) through an optional mapping of IdP groups to
+//! loraops roles; tokens may live at most `max_token_lifetime_secs`. The registry and the
+//! gateway verify with [`Verifier`]; `loraops token issue` mints with [`Signer`].
 
 use std::collections::BTreeSet;
 use std::path::{Path, PathBuf};
+use std::sync::Mutex;
+use std::time::{Duration, Instant};
 
 use jsonwebtoken::{Algorithm, DecodingKey, EncodingKey, Header, Validation, jwk::JwkSet};
 use serde::{Deserialize, Serialize};
@@ -20,20 +26,36 @@ pub struct AuthSettings {
     /// HS256 shared secret file. Default: `<data_dir>/jwt-secret`, generated when missing and
     /// no public key is configured.
     pub hs256_secret_file: Option<PathBuf>,
-    /// PEM public key for RS256 or ES256 (see `public_key_alg`).
+    /// PEM public key (see `public_key_alg`).
     pub public_key_file: Option<PathBuf>,
-    /// `RS256` (default) or `ES256`.
+    /// `RS256` (default), `PS256`, `ES256` or `EdDSA`.
     pub public_key_alg: Option<String>,
-    /// JWKS file with RS256/ES256 public keys, selected by `kid`.
+    /// JWKS file with public keys, selected by `kid`.
     pub jwks_file: Option<PathBuf>,
     /// PEM private key used by `loraops token issue` with RS256/ES256.
     pub signing_key_file: Option<PathBuf>,
-    /// Required `aud` claim.
+    /// JWKS URL of an identity provider (e.g. Keycloak's `…/protocol/openid-connect/certs`).
+    pub jwks_url: Option<String>,
+    /// Keys fetched from `jwks_url` are used for this long before they are fetched again.
+    pub jwks_cache_secs: u64,
+    /// Fetch `jwks_url` at most this often, however many tokens name unknown keys.
+    pub jwks_min_refresh_secs: u64,
+    /// Required `aud` claim (the token's `aud` may be this string or an array holding it).
     pub audience: String,
     /// Required `iss` claim, when set.
     pub issuer: Option<String>,
     /// Clock skew allowed on `exp` and `nbf`, in seconds.
     pub leeway_secs: u64,
+    /// Where the roles are in the claims, as a dot path: `roles` (default),
+    /// `realm_access.roles` (Keycloak), `groups`. A list of strings, or one space-separated
+    /// string.
+    pub roles_claim: String,
+    /// IdP role or group names mapped to loraops roles (`"ml-platform" = ["deployer"]`).
+    /// Names not in the map are taken as loraops role names.
+    pub role_mapping: std::collections::BTreeMap<String, Vec<String>>,
+    /// Longest lifetime (`exp - iat`, or `exp - now` without `iat`) a token may have; longer
+    /// ones are refused, and `token issue` will not mint them. 0: no limit.
+    pub max_token_lifetime_secs: u64,
 }
 
 impl Default for AuthSettings {
@@ -45,9 +67,15 @@ impl Default for AuthSettings {
             public_key_alg: None,
             jwks_file: None,
             signing_key_file: None,
+            jwks_url: None,
+            jwks_cache_secs: 300,
+            jwks_min_refresh_secs: 30,
             audience: "loraops".into(),
             issuer: None,
             leeway_secs: 30,
+            roles_claim: "roles".into(),
+            role_mapping: Default::default(),
+            max_token_lifetime_secs: 0,
         }
     }
 }
@@ -176,9 +204,11 @@ fn write_private(path: &Path, bytes: &[u8]) -> std::io::Result<()> {
 fn public_alg(s: &AuthSettings) -> Result<Algorithm, AuthError> {
     match s.public_key_alg.as_deref().unwrap_or("RS256") {
         "RS256" => Ok(Algorithm::RS256),
+        "PS256" => Ok(Algorithm::PS256),
         "ES256" => Ok(Algorithm::ES256),
+        "EdDSA" => Ok(Algorithm::EdDSA),
         other => Err(AuthError::Config(format!(
-            "public_key_alg {other:?}: expected RS256 or ES256"
+            "public_key_alg {other:?}: expected RS256, PS256, ES256 or EdDSA"
         ))),
     }
 }
@@ -187,17 +217,137 @@ fn read(path: &Path) -> Result<Vec<u8>, AuthError> {
     std::fs::read(path).map_err(|e| AuthError::Config(format!("{}: {e}", path.display())))
 }
 
+type Key = (Option<String>, Algorithm, DecodingKey);
+
+/// The keys of a JWKS document, each with the algorithms it verifies: its own `alg` when it
+/// names one, else by key type (an RSA key serves RS256 and PS256).
+fn jwks_keys(set: &JwkSet, origin: &str) -> Result<Vec<Key>, AuthError> {
+    use jsonwebtoken::jwk::AlgorithmParameters as P;
+    let mut keys = Vec::new();
+    for jwk in &set.keys {
+        if matches!(
+            jwk.common.public_key_use,
+            Some(jsonwebtoken::jwk::PublicKeyUse::Encryption)
+        ) {
+            continue;
+        }
+        let algs: Vec<Algorithm> = match &jwk.common.key_algorithm {
+            Some(a) => match a.to_string().parse::<Algorithm>() {
+                Ok(alg) => vec![alg],
+                // An algorithm loraops does not verify with.
+                Err(_) => continue,
+            },
+            None => match &jwk.algorithm {
+                P::RSA(_) => vec![Algorithm::RS256, Algorithm::PS256],
+                P::EllipticCurve(_) => vec![Algorithm::ES256],
+                P::OctetKeyPair(_) => vec![Algorithm::EdDSA],
+                // Shared secrets are never taken from a key set.
+                _ => continue,
+            },
+        };
+        if algs.contains(&Algorithm::HS256) {
+            continue;
+        }
+        let key =
+            DecodingKey::from_jwk(jwk).map_err(|e| AuthError::Config(format!("{origin}: {e}")))?;
+        for alg in algs {
+            keys.push((jwk.common.key_id.clone(), alg, key.clone()));
+        }
+    }
+    Ok(keys)
+}
+
+/// Keys from an identity provider's JWKS URL.
+struct Remote {
+    url: String,
+    cache_for: Duration,
+    min_refresh: Duration,
+    state: Mutex<RemoteState>,
+}
+
+#[derive(Default)]
+struct RemoteState {
+    keys: Vec<Key>,
+    fetched: Option<Instant>,
+    tried: Option<Instant>,
+}
+
+impl Remote {
+    /// The keys, fetched again when stale or when `want_kid` is unknown, but never more often
+    /// than `min_refresh`; a failed fetch keeps the old keys.
+    fn keys(&self, want_kid: Option<&str>) -> Vec<Key> {
+        let mut st = self.state.lock().expect("jwks lock");
+        let stale = st.fetched.is_none_or(|t| t.elapsed() >= self.cache_for);
+        let unknown =
+            want_kid.is_some_and(|k| !st.keys.iter().any(|(kid, _, _)| kid.as_deref() == Some(k)));
+        let may = st.tried.is_none_or(|t| t.elapsed() >= self.min_refresh);
+        if (stale || unknown) && may {
+            st.tried = Some(Instant::now());
+            match fetch_jwks(&self.url) {
+                Ok(keys) => {
+                    st.keys = keys;
+                    st.fetched = Some(Instant::now());
+                }
+                Err(e) => {
+                    tracing::warn!(url = %self.url, error = %e, "cannot refresh the JWKS; keeping the keys in hand")
+                }
+            }
+        }
+        st.keys.clone()
+    }
+}
+
+/// Fetch and parse a JWKS document. Verification is synchronous (request extractors), so the
+/// fetch runs on its own thread and runtime, bounded by a timeout; it happens at most once
+/// per `jwks_min_refresh_secs`.
+fn fetch_jwks(url: &str) -> Result<Vec<Key>, AuthError> {
+    let url = url.to_string();
+    let fetched = std::thread::spawn(move || -> Result<Vec<u8>, String> {
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .map_err(|e| e.to_string())?;
+        rt.block_on(async {
+            let res = reqwest::Client::builder()
+                .timeout(Duration::from_secs(5))
+                .build()
+                .map_err(|e| e.to_string())?
+                .get(&url)
+                .send()
+                .await
+                .map_err(|e| e.to_string())?;
+            if !res.status().is_success() {
+                return Err(format!("answered {}", res.status()));
+            }
+            res.bytes()
+                .await
+                .map(|b| b.to_vec())
+                .map_err(|e| e.to_string())
+        })
+    })
+    .join()
+    .map_err(|_| AuthError::Config("JWKS fetch thread panicked".into()))?
+    .map_err(AuthError::Config)?;
+    let set: JwkSet =
+        serde_json::from_slice(&fetched).map_err(|e| AuthError::Config(format!("JWKS: {e}")))?;
+    jwks_keys(&set, "JWKS")
+}
+
 /// Verifies bearer tokens.
 pub struct Verifier {
-    keys: Vec<(Option<String>, Algorithm, DecodingKey)>,
+    keys: Vec<Key>,
+    remote: Option<Remote>,
     audience: String,
     issuer: Option<String>,
     leeway: u64,
+    roles_claim: Vec<String>,
+    role_mapping: std::collections::BTreeMap<String, Vec<String>>,
+    max_lifetime: Option<i64>,
 }
 
 impl Verifier {
-    /// Build from settings. With no public key or JWKS configured, uses HS256 and creates the
-    /// secret under `data_dir` when `create_secret` is set.
+    /// Build from settings. With no public key, JWKS file or URL configured, uses HS256 and
+    /// creates the secret under `data_dir` when `create_secret` is set.
     pub fn from_settings(
         s: &AuthSettings,
         data_dir: &Path,
@@ -207,48 +357,80 @@ impl Verifier {
         if let Some(p) = &s.jwks_file {
             let set: JwkSet = serde_json::from_slice(&read(p)?)
                 .map_err(|e| AuthError::Config(format!("{}: {e}", p.display())))?;
-            for jwk in &set.keys {
-                let key = DecodingKey::from_jwk(jwk)
-                    .map_err(|e| AuthError::Config(format!("{}: {e}", p.display())))?;
-                let alg = match jwk.common.key_algorithm.map(|a| a.to_string()).as_deref() {
-                    Some("ES256") => Algorithm::ES256,
-                    _ => match &jwk.algorithm {
-                        jsonwebtoken::jwk::AlgorithmParameters::EllipticCurve(_) => {
-                            Algorithm::ES256
-                        }
-                        _ => Algorithm::RS256,
-                    },
-                };
-                keys.push((jwk.common.key_id.clone(), alg, key));
-            }
+            keys.extend(jwks_keys(&set, &p.display().to_string())?);
         }
         if let Some(p) = &s.public_key_file {
             let alg = public_alg(s)?;
             let pem = read(p)?;
             let key = match alg {
                 Algorithm::ES256 => DecodingKey::from_ec_pem(&pem),
+                Algorithm::EdDSA => DecodingKey::from_ed_pem(&pem),
                 _ => DecodingKey::from_rsa_pem(&pem),
             }
             .map_err(|e| AuthError::Config(format!("{}: {e}", p.display())))?;
             keys.push((None, alg, key));
         }
-        if keys.is_empty() || s.hs256_secret.is_some() || s.hs256_secret_file.is_some() {
+        let remote = match &s.jwks_url {
+            None => None,
+            Some(u) => {
+                if !(u.starts_with("https://") || u.starts_with("http://")) {
+                    return Err(AuthError::Config(format!(
+                        "jwks_url {u:?}: expected an http(s) URL"
+                    )));
+                }
+                Some(Remote {
+                    url: u.clone(),
+                    cache_for: Duration::from_secs(s.jwks_cache_secs.max(1)),
+                    min_refresh: Duration::from_secs(s.jwks_min_refresh_secs),
+                    state: Mutex::default(),
+                })
+            }
+        };
+        if (keys.is_empty() && remote.is_none())
+            || s.hs256_secret.is_some()
+            || s.hs256_secret_file.is_some()
+        {
             let secret = hs256_secret(s, data_dir, create_secret)?;
             keys.push((None, Algorithm::HS256, DecodingKey::from_secret(&secret)));
         }
+        let roles_claim: Vec<String> = s
+            .roles_claim
+            .split('.')
+            .filter(|p| !p.is_empty())
+            .map(str::to_string)
+            .collect();
+        if roles_claim.is_empty() {
+            return Err(AuthError::Config("roles_claim must name a claim".into()));
+        }
+        for (from, to) in &s.role_mapping {
+            for r in to {
+                r.parse::<Role>()
+                    .map_err(|e| AuthError::Config(format!("role_mapping.{from}: {e}")))?;
+            }
+        }
         Ok(Self {
             keys,
+            remote,
             audience: s.audience.clone(),
             issuer: s.issuer.clone(),
             leeway: s.leeway_secs,
+            roles_claim,
+            role_mapping: s.role_mapping.clone(),
+            max_lifetime: (s.max_token_lifetime_secs > 0)
+                .then(|| i64::try_from(s.max_token_lifetime_secs).unwrap_or(i64::MAX)),
         })
     }
 
     pub fn verify(&self, token: &str) -> Result<Principal, AuthError> {
         let header =
             jsonwebtoken::decode_header(token).map_err(|e| AuthError::Invalid(e.to_string()))?;
+        let remote = self
+            .remote
+            .as_ref()
+            .map(|r| r.keys(header.kid.as_deref()))
+            .unwrap_or_default();
         let mut last = AuthError::Invalid(format!("no key accepts algorithm {:?}", header.alg));
-        for (kid, alg, key) in &self.keys {
+        for (kid, alg, key) in self.keys.iter().chain(remote.iter()) {
             if *alg != header.alg || (kid.is_some() && header.kid.is_some() && kid != &header.kid) {
                 continue;
             }
@@ -260,26 +442,61 @@ impl Verifier {
             v.validate_nbf = true;
             v.leeway = self.leeway;
             v.set_required_spec_claims(&["exp", "sub", "aud"]);
-            match jsonwebtoken::decode::<Claims>(token, key, &v) {
-                Ok(data) => return principal(data.claims),
+            match jsonwebtoken::decode::<serde_json::Value>(token, key, &v) {
+                Ok(data) => return self.principal(&data.claims),
                 Err(e) => last = AuthError::Invalid(e.to_string()),
             }
         }
         Err(last)
     }
-}
 
-fn principal(c: Claims) -> Result<Principal, AuthError> {
-    let roles = c
-        .roles
-        .iter()
-        .filter_map(|r| r.parse::<Role>().ok())
-        .collect::<BTreeSet<_>>();
-    Ok(Principal {
-        sub: c.sub,
-        roles,
-        adapters: c.adapters,
-    })
+    fn principal(&self, c: &serde_json::Value) -> Result<Principal, AuthError> {
+        let sub = c["sub"]
+            .as_str()
+            .ok_or_else(|| AuthError::Invalid("sub is not a string".into()))?
+            .to_string();
+        if let Some(max) = self.max_lifetime {
+            let exp = c["exp"].as_i64().unwrap_or(i64::MAX);
+            let from = c["iat"]
+                .as_i64()
+                .unwrap_or_else(|| chrono::Utc::now().timestamp());
+            let lifetime = exp.saturating_sub(from);
+            if lifetime > max.saturating_add(self.leeway as i64) {
+                return Err(AuthError::Invalid(format!(
+                    "token lifetime {lifetime} s exceeds the maximum of {max} s"
+                )));
+            }
+        }
+        let mut at = c;
+        for part in &self.roles_claim {
+            at = &at[part.as_str()];
+        }
+        let names: Vec<&str> = match at {
+            serde_json::Value::Array(a) => a.iter().filter_map(|v| v.as_str()).collect(),
+            serde_json::Value::String(s) => s.split_whitespace().collect(),
+            _ => Vec::new(),
+        };
+        let mut roles = BTreeSet::new();
+        for n in names {
+            match self.role_mapping.get(n) {
+                Some(mapped) => roles.extend(mapped.iter().filter_map(|r| r.parse::<Role>().ok())),
+                None => roles.extend(n.parse::<Role>().ok()),
+            }
+        }
+        let adapters = match &c["adapters"] {
+            serde_json::Value::Array(a) => Some(
+                a.iter()
+                    .filter_map(|v| v.as_str().map(str::to_string))
+                    .collect(),
+            ),
+            _ => None,
+        };
+        Ok(Principal {
+            sub,
+            roles,
+            adapters,
+        })
+    }
 }
 
 /// Mints tokens with the configured key.
@@ -288,6 +505,7 @@ pub struct Signer {
     key: EncodingKey,
     audience: String,
     issuer: Option<String>,
+    max_lifetime: u64,
 }
 
 impl Signer {
@@ -297,6 +515,7 @@ impl Signer {
             let pem = read(p)?;
             let key = match alg {
                 Algorithm::ES256 => EncodingKey::from_ec_pem(&pem),
+                Algorithm::EdDSA => EncodingKey::from_ed_pem(&pem),
                 _ => EncodingKey::from_rsa_pem(&pem),
             }
             .map_err(|e| AuthError::Config(format!("{}: {e}", p.display())))?;
@@ -312,6 +531,7 @@ impl Signer {
             key,
             audience: s.audience.clone(),
             issuer: s.issuer.clone(),
+            max_lifetime: s.max_token_lifetime_secs,
         })
     }
 
@@ -322,13 +542,22 @@ impl Signer {
         ttl_secs: i64,
         adapters: Option<Vec<String>>,
     ) -> Result<String, AuthError> {
+        if self.max_lifetime > 0 && ttl_secs > 0 && ttl_secs as u64 > self.max_lifetime {
+            return Err(AuthError::Config(format!(
+                "a lifetime of {ttl_secs} s exceeds max_token_lifetime_secs ({} s)",
+                self.max_lifetime
+            )));
+        }
         let now = chrono::Utc::now().timestamp();
+        let exp = now.checked_add(ttl_secs).ok_or_else(|| {
+            AuthError::Config(format!("a lifetime of {ttl_secs} s is out of range"))
+        })?;
         let claims = Claims {
             sub: sub.to_string(),
             roles: roles.iter().map(Role::to_string).collect(),
             aud: self.audience.clone(),
             iss: self.issuer.clone(),
-            exp: now + ttl_secs,
+            exp,
             iat: now,
             nbf: Some(now),
             adapters,

@@ -46,6 +46,8 @@ pub enum ClientError {
     },
     #[error("{0}")]
     Invalid(String),
+    #[error("download from the registry at {url} stalled: no data for {secs} s")]
+    Stalled { url: String, secs: u64 },
 }
 
 impl ClientError {
@@ -65,29 +67,118 @@ fn io(path: &Path) -> impl FnOnce(std::io::Error) -> ClientError + '_ {
     }
 }
 
+/// How long registry calls may take. A registry that accepts connections but never answers
+/// (stopped, partitioned, overloaded) must fail calls, not hang the caller forever.
+#[derive(Debug, Clone, Copy)]
+pub struct Timeouts {
+    /// Establishing the TCP (and TLS) connection.
+    pub connect: std::time::Duration,
+    /// A whole JSON call; a routing long-poll gets its wait on top.
+    pub request: std::time::Duration,
+    /// Longest silence while a file streams down.
+    pub idle: std::time::Duration,
+}
+
+impl Default for Timeouts {
+    fn default() -> Self {
+        Self {
+            connect: std::time::Duration::from_secs(5),
+            request: std::time::Duration::from_secs(30),
+            idle: std::time::Duration::from_secs(60),
+        }
+    }
+}
+
+/// Where the bearer token comes from.
+#[derive(Clone)]
+enum Token {
+    None,
+    Static(String),
+    /// Re-read when older than [`TOKEN_FILE_TTL`]: a token rotated by whoever mints it
+    /// (a Kubernetes Secret, `loraops up`) is picked up without a restart.
+    File {
+        path: PathBuf,
+        cache: Arc<std::sync::Mutex<Option<(std::time::Instant, String)>>>,
+    },
+}
+
+const TOKEN_FILE_TTL: std::time::Duration = std::time::Duration::from_secs(10);
+
 #[derive(Clone)]
 pub struct RegistryClient {
     base: String,
-    token: Option<String>,
+    token: Token,
     http: reqwest::Client,
+    timeouts: Timeouts,
 }
 
 impl RegistryClient {
     pub fn new(base_url: &str, token: Option<String>) -> Self {
+        Self::with_timeouts(base_url, token, Timeouts::default())
+    }
+
+    pub fn with_timeouts(base_url: &str, token: Option<String>, timeouts: Timeouts) -> Self {
         Self {
             base: base_url.trim_end_matches('/').to_string(),
-            token,
-            http: reqwest::Client::new(),
+            token: token.map_or(Token::None, Token::Static),
+            http: reqwest::Client::builder()
+                .connect_timeout(timeouts.connect)
+                .build()
+                .expect("http client"),
+            timeouts,
         }
+    }
+
+    /// Take the token from a file, re-read every few seconds (rotation without restarts).
+    pub fn with_token_file(mut self, path: PathBuf) -> Self {
+        self.token = Token::File {
+            path,
+            cache: Arc::default(),
+        };
+        self
     }
 
     pub fn base_url(&self) -> &str {
         &self.base
     }
 
-    fn request(&self, method: Method, path: &str) -> reqwest::RequestBuilder {
-        let rb = self.http.request(method, format!("{}{path}", self.base));
+    fn token(&self) -> Option<String> {
         match &self.token {
+            Token::None => None,
+            Token::Static(t) => Some(t.clone()),
+            Token::File { path, cache } => {
+                let mut c = cache.lock().expect("token cache");
+                if let Some((at, t)) = c.as_ref()
+                    && at.elapsed() < TOKEN_FILE_TTL
+                {
+                    return Some(t.clone());
+                }
+                match std::fs::read_to_string(path) {
+                    Ok(t) => {
+                        let t = t.trim().to_string();
+                        *c = Some((std::time::Instant::now(), t.clone()));
+                        Some(t)
+                    }
+                    // Keep the last token read: a file being replaced is briefly absent.
+                    Err(e) => {
+                        tracing::warn!(path = %path.display(), error = %e, "cannot read the registry token file");
+                        c.as_ref().map(|(_, t)| t.clone())
+                    }
+                }
+            }
+        }
+    }
+
+    /// A call with the whole-request timeout.
+    fn request(&self, method: Method, path: &str) -> reqwest::RequestBuilder {
+        self.streaming(method, path).timeout(self.timeouts.request)
+    }
+
+    /// A call that moves a body of any size: only the connect timeout (and, for downloads,
+    /// the idle timeout) applies.
+    fn streaming(&self, method: Method, path: &str) -> reqwest::RequestBuilder {
+        let rb = self.http.request(method, format!("{}{path}", self.base));
+        match self.token() {
             Some(t) => rb.bearer_auth(t),
             None => rb,
         }
@@ -242,7 +333,7 @@ impl RegistryClient {
         if let Some(b) = base_model {
             path.push_str(&format!("?base_model={b}"));
         }
-        self.json(self.request(Method::POST, &path).multipart(form))
+        self.json(self.streaming(Method::POST, &path).multipart(form))
             .await
     }
 
@@ -257,7 +348,7 @@ impl RegistryClient {
         progress: Progress,
     ) -> Result<(), ClientError> {
         let res = self
-            .send(self.request(
+            .send(self.streaming(
                 Method::GET,
                 &format!(
                     "/api/v1/adapters/{name}/versions/{version}/files/{}",
@@ -273,7 +364,19 @@ impl RegistryClient {
         );
         let mut hasher = Sha256::new();
         let mut stream = res.bytes_stream();
-        while let Some(chunk) = stream.next().await {
+        loop {
+            let next = match tokio::time::timeout(self.timeouts.idle, stream.next()).await {
+                Ok(n) => n,
+                Err(_) => {
+                    drop(out);
+                    let _ = tokio::fs::remove_file(&tmp).await;
+                    return Err(ClientError::Stalled {
+                        url: self.base.clone(),
+                        secs: self.timeouts.idle.as_secs(),
+                    });
+                }
+            };
+            let Some(chunk) = next else { break };
             let chunk = chunk.map_err(|source| ClientError::Connect {
                 url: self.base.clone(),
                 source,
@@ -369,8 +472,13 @@ impl RegistryClient {
     ) -> Result<RoutingTable, ClientError> {
         match since {
             Some(s) => {
-                self.get(&format!("/api/v1/routing?since={s}&wait={wait_secs}"))
-                    .await
+                let rb = self
+                    .request(
+                        Method::GET,
+                        &format!("/api/v1/routing?since={s}&wait={wait_secs}"),
+                    )
+                    .timeout(self.timeouts.request + std::time::Duration::from_secs(wait_secs));
+                self.json(rb).await
             }
             None => self.get("/api/v1/routing").await,
         }

@@ -322,7 +322,10 @@ pub struct SafetensorsHeader {
 }
 
 /// The longest header loraops accepts (the safetensors reference limit).
-pub const MAX_HEADER_LEN: u64 = 100 * 1024 * 1024;
+/// Largest safetensors header accepted. A LoRA's header is a few hundred bytes per tensor
+/// (a rank-64 adapter on every projection of an 80-layer model is about 200 KiB); the bound
+/// keeps a push from making the registry buffer and parse a huge header.
+pub const MAX_HEADER_LEN: u64 = 8 * 1024 * 1024;
 
 impl SafetensorsHeader {
     /// How many leading bytes of the file the header needs, from its first 8 bytes.

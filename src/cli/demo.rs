@@ -120,12 +120,10 @@ pub fn run(args: DemoArgs, global: &Global) -> anyhow::Result<()> {
         auth: cfg.auth.clone(),
         s3: cfg.s3.clone(),
     };
-    let token = Signer::from_settings(&cfg.auth, &data_dir)?.issue(
-        "loraops-demo",
-        &[Role::Admin],
-        3600,
-        None,
-    )?;
+    let signer = Signer::from_settings(&cfg.auth, &data_dir)?;
+    let token = signer.issue("loraops-demo", &[Role::Admin], 3600, None)?;
+    // The gateway's own token: the data plane never holds admin.
+    let gateway_token = signer.issue("loraops-demo-gateway", &[Role::Gateway], 3600, None)?;
     actix_web::rt::System::new().block_on(async move {
         let app = Application::build(settings).await?;
         let url = format!("http://127.0.0.1:{}", app.port());
@@ -195,7 +193,7 @@ pub fn run(args: DemoArgs, global: &Global) -> anyhow::Result<()> {
         gw.listen = "127.0.0.1:0".into();
         gw.base_model_name = Some(base.name.to_string());
         gw.registry_url = Some(url.clone());
-        gw.registry_token = Some(token.clone());
+        gw.registry_token = Some(gateway_token.clone());
         gw.data_dir = data_dir.clone();
         gw.report_interval = Duration::from_millis(500);
         let gateway = GatewayApp::build(gw).await?;

@@ -14,7 +14,8 @@ pub enum TokenCmd {
         /// Subject (who the token is for).
         #[arg(long)]
         sub: String,
-        /// Roles, comma-separated: viewer, publisher, evaluator, deployer, admin.
+        /// Roles, comma-separated: viewer, publisher, evaluator, deployer, admin, gateway,
+        /// inference (end users of the gateway: no registry access).
         #[arg(long = "role", value_delimiter = ',', required = true)]
         roles: Vec<String>,
         /// Lifetime, e.g. 3600, 90m, 12h, 30d.
@@ -35,8 +36,8 @@ pub fn parse_ttl(s: &str) -> Result<i64, UsageError> {
         Some('d') => (&s[..s.len() - 1], 86400),
         _ => (s, 1),
     };
-    match num.parse::<i64>() {
-        Ok(n) if n > 0 => Ok(n * mult),
+    match num.parse::<i64>().ok().and_then(|n| n.checked_mul(mult)) {
+        Some(n) if n > 0 => Ok(n),
         _ => Err(UsageError(format!(
             "--ttl {s:?}: expected a positive duration like 3600, 90m, 12h or 30d"
         ))),

@@ -3,6 +3,11 @@
 //! the base model and the registry's adapters with the native engine — with a base model
 //! registered and an admin token printed, so a newcomer can push an adapter and chat with it
 //! in minutes.
+//!
+//! The in-process gateway gets its own token with only the `gateway` role, written to
+//! `<data-dir>/gateway.token` and re-minted well before it expires (the gateway re-reads the
+//! file), so neither an expired token nor an admin one ever sits in the data plane. Inference
+//! is open only on a loopback listener unless `gateway.require_auth` says otherwise.
 
 use std::path::PathBuf;
 
@@ -52,12 +57,12 @@ pub fn run(args: UpArgs, global: &Global) -> anyhow::Result<()> {
     // Before any thread starts: the gateway's engine finds adapters through the environment.
     let cache = super::gateway::cache_dir(&data_dir, None)?;
     super::gateway::prepare_process(&cache);
-    let token = Signer::from_settings(&cfg.auth, &data_dir)?.issue(
-        "loraops-up",
-        &[Role::Admin],
-        12 * 3600,
-        None,
-    )?;
+    let signer = Signer::from_settings(&cfg.auth, &data_dir)?;
+    let token = signer.issue("loraops-up", &[Role::Admin], 12 * 3600, None)?;
+    let gateway_auth = gateway_auth(cfg.gateway.require_auth, &args.gateway_listen, &cfg.auth)
+        .map_err(|e| anyhow::Error::new(super::ConfigError(e)))?;
+    let token_file = data_dir.join("gateway.token");
+    write_gateway_token(&signer, &token_file)?;
     actix_web::rt::System::new().block_on(async move {
         let app = Application::build(settings).await?;
         let url = format!("http://127.0.0.1:{}", app.port());
@@ -79,10 +84,19 @@ pub fn run(args: UpArgs, global: &Global) -> anyhow::Result<()> {
         gw.listen = args.gateway_listen.clone();
         gw.base_model_name = Some(base.name.to_string());
         gw.registry_url = Some(url.clone());
-        gw.registry_token = Some(token.clone());
+        gw.registry_token = None;
+        gw.registry_token_file = Some(token_file.clone());
         gw.data_dir = data_dir.clone();
-        // Embedded use: inference is open on loopback; the registry still needs the token.
-        gw.auth = None;
+        gw.auth = gateway_auth;
+        // Re-mint the gateway's token long before it expires.
+        actix_web::rt::spawn(async move {
+            loop {
+                tokio::time::sleep(std::time::Duration::from_secs(GATEWAY_TOKEN_TTL / 4)).await;
+                if let Err(e) = write_gateway_token(&signer, &token_file) {
+                    tracing::error!(error = %e, "cannot renew the gateway's registry token");
+                }
+            }
+        });
         let gateway = GatewayApp::build(gw).await?;
         let gw_url = format!("http://127.0.0.1:{}", gateway.port());
         let gateway = actix_web::rt::spawn(gateway.run_until_stopped());
@@ -102,6 +116,64 @@ pub fn run(args: UpArgs, global: &Global) -> anyhow::Result<()> {
         }
         Ok(())
     })
+}
+
+/// Lifetime of the in-process gateway's token; renewed every quarter of it.
+const GATEWAY_TOKEN_TTL: u64 = 24 * 3600;
+
+/// Mint a `gateway`-only token into `path` (mode 0600), replacing the old one atomically.
+fn write_gateway_token(signer: &Signer, path: &std::path::Path) -> anyhow::Result<()> {
+    let t = signer.issue(
+        "loraops-up-gateway",
+        &[Role::Gateway],
+        GATEWAY_TOKEN_TTL as i64,
+        None,
+    )?;
+    let tmp = path.with_extension("token.tmp");
+    {
+        use std::io::Write;
+        let mut o = std::fs::OpenOptions::new();
+        o.write(true).create(true).truncate(true);
+        #[cfg(unix)]
+        {
+            use std::os::unix::fs::OpenOptionsExt;
+            o.mode(0o600);
+        }
+        let mut f = o.open(&tmp)?;
+        f.write_all(t.as_bytes())?;
+        f.sync_all()?;
+    }
+    std::fs::rename(&tmp, path)?;
+    Ok(())
+}
+
+/// Inference auth for the embedded gateway: `gateway.require_auth` when set; unset, open
+/// only on a loopback address (anything reachable from elsewhere must choose explicitly).
+pub fn gateway_auth(
+    require_auth: Option<bool>,
+    listen: &str,
+    auth: &loraops_registry::auth::AuthSettings,
+) -> Result<Option<loraops_registry::auth::AuthSettings>, String> {
+    match require_auth {
+        Some(true) => Ok(Some(auth.clone())),
+        Some(false) => Ok(None),
+        None if is_loopback(listen) => Ok(None),
+        None => Err(format!(
+            "--gateway-listen {listen} is not a loopback address: set gateway.require_auth \
+             (LORAOPS_GATEWAY__REQUIRE_AUTH=true to require tokens, false to serve openly)"
+        )),
+    }
+}
+
+fn is_loopback(listen: &str) -> bool {
+    let host = listen
+        .rsplit_once(':')
+        .map_or(listen, |(h, _)| h)
+        .trim_matches(['[', ']']);
+    host == "localhost"
+        || host
+            .parse::<std::net::IpAddr>()
+            .is_ok_and(|ip| ip.is_loopback())
 }
 
 /// The generated tiny model under the data dir, written on first use.

@@ -103,3 +103,78 @@ impl Stack {
         String::from_utf8(out.stdout).unwrap().trim().to_string()
     }
 }
+
+/// `loraops up` gives its gateway a `gateway`-only token (not the admin token it prints), kept
+/// in the data dir, and refuses to serve inference openly on a non-loopback address unless
+/// told to.
+#[test]
+fn up_gives_the_gateway_its_own_token_and_guards_open_listeners() {
+    let dir = tempfile::tempdir().unwrap();
+    let base = dir.path().join("tiny");
+    let init = Command::new(exe())
+        .args(["model", "init-tiny", base.to_str().unwrap()])
+        .output()
+        .unwrap();
+    assert!(init.status.success());
+
+    // A non-loopback gateway listener without gateway.require_auth: refused before starting.
+    let out = Command::new(exe())
+        .args([
+            "--data-dir",
+            dir.path().join("open").to_str().unwrap(),
+            "up",
+            "--listen",
+            &format!("127.0.0.1:{}", free_port()),
+            "--gateway-listen",
+            &format!("0.0.0.0:{}", free_port()),
+            "--base-model",
+            base.to_str().unwrap(),
+        ])
+        .env("LORAOPS_AUTH__HS256_SECRET", SECRET)
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("require_auth"),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+
+    let data = dir.path().join("data");
+    let up = Stack::up(&data, &base);
+    let token = std::fs::read_to_string(data.join("gateway.token")).unwrap();
+    let verifier = loraops_registry::auth::Verifier::from_settings(
+        &loraops_registry::auth::AuthSettings {
+            hs256_secret: Some(SECRET.into()),
+            ..Default::default()
+        },
+        dir.path(),
+        false,
+    )
+    .unwrap();
+    let p = verifier.verify(token.trim()).unwrap();
+    assert_eq!(
+        p.roles.into_iter().collect::<Vec<_>>(),
+        [loraops_registry::api::Role::Gateway]
+    );
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    rt.block_on(async {
+        let http = reqwest::Client::new();
+        let get = |path: &str| {
+            http.get(format!("{}{path}", up.registry))
+                .bearer_auth(token.trim())
+                .send()
+        };
+        // What serving needs, and nothing more.
+        assert_eq!(get("/api/v1/routing").await.unwrap().status(), 200);
+        assert_eq!(get("/api/v1/suites").await.unwrap().status(), 403);
+        let put = http
+            .put(format!("{}/api/v1/adapters/x/gate", up.registry))
+            .bearer_auth(token.trim())
+            .json(&serde_json::json!({"rules": []}))
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(put.status(), 403);
+    });
+}

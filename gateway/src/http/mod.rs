@@ -134,10 +134,13 @@ impl Application {
         })?;
         let cache_dir =
             std::fs::canonicalize(&settings.cache_dir).unwrap_or(settings.cache_dir.clone());
-        let registry = settings
-            .registry_url
-            .as_deref()
-            .map(|u| RegistryClient::new(u, settings.registry_token.clone()));
+        let registry = settings.registry_url.as_deref().map(|u| {
+            let c = RegistryClient::new(u, settings.registry_token.clone());
+            match &settings.registry_token_file {
+                Some(f) => c.with_token_file(f.clone()),
+                None => c,
+            }
+        });
         let metrics = Arc::new(Metrics::new());
         let store = AdapterStore::new(cache_dir.clone(), registry.clone());
         let backend: SharedBackend = match settings.engine {
@@ -177,7 +180,9 @@ impl Application {
                 Arc::new(RemoteBackend::new(r)?)
             }
         };
-        let router = Arc::new(Router::new(base_name, registry.clone()));
+        let router = Arc::new(
+            Router::new(base_name, registry.clone()).with_pinned_versions(settings.pinned_versions),
+        );
         let verifier = match &settings.auth {
             Some(a) => Some(Verifier::from_settings(a, &settings.data_dir, false)?),
             None => None,

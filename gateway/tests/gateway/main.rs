@@ -6,6 +6,7 @@ mod kit;
 
 mod api;
 mod engine;
+mod limits;
 mod native;
 mod remote;
 mod rollout;

@@ -7,7 +7,7 @@ use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 
 use serde_json::{Value, json};
 
-use crate::helpers::{BASE, TestGateway, spawn_gateway, spawn_registry};
+use crate::helpers::{BASE, TestGateway, spawn_gateway, spawn_gateway_with, spawn_registry};
 
 fn header(h: &reqwest::header::HeaderMap, name: &str) -> String {
     h.get(name)
@@ -210,4 +210,46 @@ async fn with_the_registry_down_the_last_table_keeps_serving() {
         )
         .await;
     assert_eq!(res.status(), 503);
+}
+
+/// `NAME@V` for a version the registry does not have costs one registry call per version
+/// and period, not one per request; with `pinned_versions = routed` only routed versions
+/// may be pinned.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn pinned_misses_are_cached_and_pinning_can_be_limited_to_routed_versions() {
+    let reg = spawn_registry().await;
+    reg.route("bot", Some(1), None).await;
+    let rev = reg.client().routing(None, 0).await.unwrap().revision;
+    let gw = spawn_gateway(Some(&reg)).await;
+    gw.wait_revision(rev).await;
+    let ask = |gw: &TestGateway, model: &str| {
+        let gw = gw.clone();
+        let model = model.to_string();
+        async move {
+            gw.post(
+                "/v1/chat/completions",
+                &json!({"model": model, "max_tokens": 2, "messages": [{"role": "user", "content": "hi"}]}),
+            )
+            .await
+            .status()
+            .as_u16()
+        }
+    };
+    for _ in 0..5 {
+        assert_eq!(ask(&gw, "bot@99").await, 404);
+    }
+    let m = reg.state.metrics.render();
+    assert!(
+        m.contains(r#"loraops_registry_http_requests_total{method="GET",route="/api/v1/adapters/{name}/versions/{version}",status="404"} 1"#),
+        "{m}"
+    );
+
+    let strict = spawn_gateway_with(Some(&reg), |s| {
+        s.pinned_versions = loraops_gateway::routing::PinnedVersions::Routed
+    })
+    .await;
+    strict.wait_revision(rev).await;
+    assert_eq!(ask(&strict, "bot@1").await, 200);
+    assert_eq!(ask(&strict, "bot@2").await, 404);
+    assert_eq!(ask(&gw, "bot@2").await, 200);
 }

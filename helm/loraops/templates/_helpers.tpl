@@ -111,7 +111,7 @@ app.kubernetes.io/part-of: loraops
 {{- fail "mode=embedded runs SQLite on one volume: registry.replicas must be 1 (use mode=production with PostgreSQL and S3 for more)" -}}
 {{- end -}}
 {{- end -}}
-{{- if and (ne .Values.auth.mode "hs256") (not .Values.auth.existingSecret) -}}
+{{- if and (ne .Values.auth.mode "hs256") (ne .Values.auth.mode "jwks-url") (not .Values.auth.existingSecret) -}}
 {{- fail (printf "auth.mode=%s needs auth.existingSecret: a Secret holding the %s" .Values.auth.mode (ternary "JWKS file (key auth.jwksKey)" "PEM public key (key auth.publicKeyKey)" (eq .Values.auth.mode "jwks"))) -}}
 {{- end -}}
 {{- if and .Values.gateway.enabled (ne .Values.auth.mode "hs256") (not .Values.gateway.registryToken.existingSecret) -}}
@@ -179,7 +179,7 @@ app.kubernetes.io/part-of: loraops
 
 {{/* Volumes for the auth key files (rs256/es256/jwks). */}}
 {{- define "loraops.volumes.auth" -}}
-{{- if ne .Values.auth.mode "hs256" }}
+{{- if has .Values.auth.mode (list "rs256" "es256" "jwks") }}
 - name: auth-keys
   secret:
     secretName: {{ .Values.auth.existingSecret }}
@@ -188,7 +188,7 @@ app.kubernetes.io/part-of: loraops
 {{- end -}}
 
 {{- define "loraops.mounts.auth" -}}
-{{- if ne .Values.auth.mode "hs256" }}
+{{- if has .Values.auth.mode (list "rs256" "es256" "jwks") }}
 - name: auth-keys
   mountPath: /etc/loraops/auth
   readOnly: true
@@ -205,6 +205,18 @@ audience = {{ .Values.auth.audience | toJson }}
 issuer = {{ . | toJson }}
 {{- end }}
 leeway_secs = {{ int64 .Values.auth.leewaySecs }}
+roles_claim = {{ .Values.auth.rolesClaim | toJson }}
+max_token_lifetime_secs = {{ int64 .Values.auth.maxTokenLifetimeSecs }}
+{{- if eq .Values.auth.mode "jwks-url" }}
+jwks_url = {{ required "auth.jwksUrl is required with auth.mode=jwks-url" .Values.auth.jwksUrl | toJson }}
+{{- end }}
+{{- with .Values.auth.roleMapping }}
+
+[auth.role_mapping]
+{{- range $k, $v := . }}
+{{ $k | toJson }} = {{ toJson $v }}
+{{- end }}
+{{- end }}
 {{- if or (eq .Values.auth.mode "rs256") (eq .Values.auth.mode "es256") }}
 public_key_file = {{ printf "/etc/loraops/auth/%s" .Values.auth.publicKeyKey | toJson }}
 public_key_alg = {{ upper .Values.auth.mode | toJson }}

@@ -88,7 +88,10 @@ pub fn version_prefix(adapter: &str, upload_id: &str) -> ObjectPath {
 /// A blob being written: bytes go to the store in parts while sha256 is computed over them,
 /// so memory stays flat whatever the size.
 pub struct HashingWriter {
-    writer: BufWriter,
+    /// `None` once finished or aborted; a writer dropped while still `Some` (its request was
+    /// cancelled) aborts its multipart upload, whose parts S3 would otherwise keep, invisible
+    /// to listings and so to the sweep.
+    writer: Option<BufWriter>,
     hasher: Sha256,
     pub len: u64,
     pub key: ObjectPath,
@@ -102,7 +105,7 @@ impl HashingWriter {
         let writer =
             BufWriter::with_capacity(store.clone(), key.clone(), PART).with_max_concurrency(2);
         Self {
-            writer,
+            writer: Some(writer),
             hasher: Sha256::new(),
             len: 0,
             key,
@@ -112,18 +115,41 @@ impl HashingWriter {
     pub async fn write(&mut self, chunk: &[u8]) -> std::io::Result<()> {
         self.hasher.update(chunk);
         self.len += chunk.len() as u64;
-        self.writer.write_all(chunk).await
+        self.writer
+            .as_mut()
+            .expect("writer in use")
+            .write_all(chunk)
+            .await
     }
 
     /// Complete the object; returns (sha256 hex, length).
     pub async fn finish(mut self) -> std::io::Result<(String, u64)> {
-        self.writer.shutdown().await?;
-        Ok((hex::encode(self.hasher.finalize()), self.len))
+        let mut w = self.writer.take().expect("writer in use");
+        if let Err(e) = w.shutdown().await {
+            let _ = w.abort().await;
+            return Err(e);
+        }
+        let hasher = std::mem::take(&mut self.hasher);
+        Ok((hex::encode(hasher.finalize()), self.len))
     }
 
     /// Give up: abort a multipart upload in progress.
     pub async fn abort(mut self) {
-        let _ = self.writer.abort().await;
+        if let Some(mut w) = self.writer.take() {
+            let _ = w.abort().await;
+        }
+    }
+}
+
+impl Drop for HashingWriter {
+    fn drop(&mut self) {
+        if let Some(mut w) = self.writer.take()
+            && let Ok(rt) = tokio::runtime::Handle::try_current()
+        {
+            rt.spawn(async move {
+                let _ = w.abort().await;
+            });
+        }
     }
 }
 

@@ -48,9 +48,12 @@ impl Caller {
             .unwrap_or("anonymous")
     }
 
-    /// Reads: open when configured, else any valid token (every role can view) except a
-    /// `gateway`-only one, which reads only what serving needs ([`Self::require_serving_read`]).
-    pub fn require_read(&self, state: &AppState) -> Result<(), ApiError> {
+    /// Reads: open without a token when configured; with one, it needs a role that reads the
+    /// registry (`viewer`, or `publisher`, `evaluator`, `deployer`, `admin`, which include it),
+    /// and a token limited to some adapters sees only those (`adapter`: what the read is of;
+    /// others answer 404 as if absent). A `gateway`-only token reads only what serving needs
+    /// ([`Self::require_serving_read`]); an `inference` token reads nothing.
+    pub fn require_read(&self, state: &AppState, adapter: Option<&str>) -> Result<(), ApiError> {
         if let Some(p) = &self.0
             && is_gateway_only(p)
         {
@@ -58,17 +61,44 @@ impl Caller {
                 "a gateway token reads only routing, adapters, their versions and files, and base models",
             ));
         }
-        self.require_serving_read(state)
+        self.require_serving_read(state, adapter)
     }
 
     /// Reads the data plane needs (routing, adapters and versions and their files, base
     /// models): like [`Self::require_read`], and open to `gateway` tokens too.
-    pub fn require_serving_read(&self, state: &AppState) -> Result<(), ApiError> {
-        if state.settings.registry.anonymous_reads || self.0.is_some() {
-            Ok(())
-        } else {
-            Err(AuthError::Missing.into())
+    pub fn require_serving_read(
+        &self,
+        state: &AppState,
+        adapter: Option<&str>,
+    ) -> Result<(), ApiError> {
+        let Some(p) = &self.0 else {
+            return if state.settings.registry.anonymous_reads {
+                Ok(())
+            } else {
+                Err(AuthError::Missing.into())
+            };
+        };
+        if !p.roles.iter().any(|r| r.reads_registry()) {
+            return Err(ApiError::forbidden(
+                "reading the registry needs the viewer role (or publisher, evaluator, deployer, admin, gateway)",
+            ));
         }
+        if let Some(a) = adapter
+            && !p.may_touch(a)
+        {
+            return Err(ApiError::not_found(format!("adapter {a:?} not found")));
+        }
+        Ok(())
+    }
+
+    /// Whether this caller may see `adapter` in a listing.
+    pub fn may_see(&self, adapter: &str) -> bool {
+        self.0.as_ref().is_none_or(|p| p.may_touch(adapter))
+    }
+
+    /// Whether the caller sees every adapter (no token, or one without adapter patterns).
+    pub fn sees_all(&self) -> bool {
+        self.0.as_ref().is_none_or(|p| p.adapters.is_none())
     }
 
     /// Writes: the role, and (when the token lists adapter patterns) the adapter.

@@ -22,6 +22,8 @@ pub struct Metrics {
     pub rollouts_rolled_back: IntCounterVec,
     /// Webhook delivery attempts by result (delivered, failed, gave_up).
     pub webhook_deliveries: IntCounterVec,
+    /// Rollout analyses that panicked (caught; the rollout is retried next tick).
+    pub rollout_panics: IntCounter,
 }
 
 impl Metrics {
@@ -81,8 +83,14 @@ impl Metrics {
             &["result"],
         )
         .expect("valid metric");
+        let rollout_panics = IntCounter::new(
+            "loraops_registry_rollout_analysis_panics_total",
+            "Rollout analyses that panicked and were retried",
+        )
+        .expect("valid metric");
         for c in [
             Box::new(requests.clone()) as Box<dyn prometheus::core::Collector>,
+            Box::new(rollout_panics.clone()),
             Box::new(rollout_transitions.clone()),
             Box::new(rollouts_rolled_back.clone()),
             Box::new(webhook_deliveries.clone()),
@@ -101,6 +109,7 @@ impl Metrics {
             rollout_transitions,
             rollouts_rolled_back,
             webhook_deliveries,
+            rollout_panics,
         }
     }
 
@@ -117,6 +126,26 @@ impl Default for Metrics {
     }
 }
 
+/// The method as a label: the standard methods by name, anything else as `other`, so a
+/// client inventing method tokens cannot create series without bound.
+fn method_label(m: &actix_web::http::Method) -> String {
+    use actix_web::http::Method;
+    let known = [
+        Method::GET,
+        Method::HEAD,
+        Method::POST,
+        Method::PUT,
+        Method::PATCH,
+        Method::DELETE,
+        Method::OPTIONS,
+    ];
+    if known.contains(m) {
+        m.as_str().to_string()
+    } else {
+        "other".to_string()
+    }
+}
+
 /// Middleware: count and time every request under its route pattern (not its raw path, so
 /// label cardinality stays bounded).
 pub async fn observe(
@@ -125,7 +154,7 @@ pub async fn observe(
 ) -> Result<ServiceResponse<impl MessageBody>, actix_web::Error> {
     let start = std::time::Instant::now();
     let route = req.match_pattern().unwrap_or_else(|| "unmatched".into());
-    let method = req.method().to_string();
+    let method = method_label(req.method());
     let state = req.app_data::<web::Data<AppState>>().cloned();
     let res = next.call(req).await?;
     if let Some(state) = state {

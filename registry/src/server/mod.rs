@@ -16,6 +16,7 @@ pub mod records;
 pub mod rollouts;
 pub mod routes;
 pub mod settings;
+pub mod supervisor;
 pub mod sweep;
 pub mod webhooks;
 
@@ -39,6 +40,10 @@ pub struct AppState {
     pub metrics: Metrics,
     pub webhooks: webhooks::Webhooks,
     pub settings: ServeSettings,
+    /// Heartbeats of the background loops (controller, webhooks, sweep).
+    pub supervisor: std::sync::Arc<supervisor::Supervisor>,
+    /// The routing revision as this replica's long-polls see it.
+    pub routing: routes::routing::RoutingWatch,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -51,6 +56,8 @@ pub enum StartError {
     Auth(#[from] AuthError),
     #[error(transparent)]
     Webhooks(#[from] webhooks::WebhookConfigError),
+    #[error("[registry] {0}")]
+    Settings(String),
     #[error("listen on {addr}: {source}")]
     Listen {
         addr: String,
@@ -108,6 +115,7 @@ pub fn redact(url: &str) -> String {
 
 impl AppState {
     pub async fn new(settings: ServeSettings) -> Result<Self, StartError> {
+        settings.registry.validate().map_err(StartError::Settings)?;
         let webhooks = webhooks::Webhooks::from_settings(&settings.registry.webhooks)?;
         let url = settings.registry.database_url(&settings.data_dir);
         let db = connect_and_migrate(&url, settings.registry.max_db_connections).await?;
@@ -116,13 +124,19 @@ impl AppState {
             &settings.s3,
         )?;
         let verifier = Verifier::from_settings(&settings.auth, &settings.data_dir, true)?;
+        let metrics = Metrics::new();
+        let supervisor = std::sync::Arc::new(supervisor::Supervisor::new(&metrics.registry));
         Ok(Self {
             db,
             store,
             verifier,
-            metrics: Metrics::new(),
+            metrics,
             webhooks,
+            routing: routes::routing::RoutingWatch::new(
+                settings.registry.max_routing_waiters_per_caller,
+            ),
             settings,
+            supervisor,
         })
     }
 }
@@ -147,6 +161,8 @@ pub struct Application {
     state: web::Data<AppState>,
     controller: tokio::task::JoinHandle<()>,
     webhooks: Option<tokio::task::JoinHandle<()>>,
+    sweep: tokio::task::JoinHandle<()>,
+    routing_watch: tokio::task::JoinHandle<()>,
 }
 
 impl Application {
@@ -179,8 +195,23 @@ impl Application {
             source,
         })?
         .run();
-        sweep::spawn_periodic(state.clone());
+        let sweep = sweep::spawn_periodic(state.clone());
         let controller = rollouts::spawn(state.clone());
+        let watch = state.clone();
+        let routing_watch = state.supervisor.spawn(
+            "routing_watch",
+            std::time::Duration::from_secs(60),
+            move || {
+                let state = watch.clone();
+                async move {
+                    state
+                        .routing
+                        .watch_once(&state.db)
+                        .await
+                        .map(supervisor::Pass::Sleep)
+                }
+            },
+        );
         let webhooks = webhooks::spawn(state.clone());
         Ok(Self {
             port,
@@ -188,6 +219,8 @@ impl Application {
             state,
             controller,
             webhooks,
+            sweep,
+            routing_watch,
         })
     }
 
@@ -210,6 +243,8 @@ impl Application {
     pub async fn run_until_stopped(self) -> std::io::Result<()> {
         let res = self.server.await;
         self.controller.abort();
+        self.sweep.abort();
+        self.routing_watch.abort();
         if let Some(w) = self.webhooks {
             w.abort();
         }

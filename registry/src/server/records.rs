@@ -103,7 +103,17 @@ impl PageQuery {
     /// Listings fetch `limit + 1` rows: cut the extra one off and return the key of the page's
     /// last row as `next` when it existed.
     pub fn cut<R>(&self, rows: &mut Vec<R>, key: impl Fn(&R) -> String) -> Option<String> {
-        let limit = self.limit() as usize;
+        self.cut_at(self.limit(), rows, key)
+    }
+
+    /// [`Self::cut`] for a listing with its own, lower, page limit.
+    pub fn cut_at<R>(
+        &self,
+        limit: u64,
+        rows: &mut Vec<R>,
+        key: impl Fn(&R) -> String,
+    ) -> Option<String> {
+        let limit = limit as usize;
         if rows.len() <= limit {
             return None;
         }

@@ -47,6 +47,10 @@ pub struct RegistrySettings {
     /// Reports whose window ended longer ago than this are refused: stale data would count as
     /// current (a gateway drops them after a long outage).
     pub observation_max_age_secs: u64,
+    /// Delivered and abandoned webhook deliveries are deleted this many hours after the event.
+    pub webhook_retention_hours: u64,
+    /// Concurrent routing long-polls (`GET /routing?wait=`) one caller may hold; more get 429.
+    pub max_routing_waiters_per_caller: u32,
 }
 
 /// One webhook endpoint (`[[registry.webhooks]]`).
@@ -90,11 +94,72 @@ impl Default for RegistrySettings {
             observation_retention_hours: 7 * 24,
             observation_max_skew_secs: 5,
             observation_max_age_secs: 900,
+            webhook_retention_hours: 7 * 24,
+            max_routing_waiters_per_caller: 16,
         }
     }
 }
 
+/// Longest duration a setting may name: a year (far from any overflow of dates or timers).
+const MAX_SETTING_SECS: u64 = 366 * 24 * 3600;
+
 impl RegistrySettings {
+    /// Refuse values that would misbehave rather than run: zero where a loop needs a period,
+    /// durations beyond a year (a sweep "disabled" with a huge grace must not become no grace).
+    pub fn validate(&self) -> Result<(), String> {
+        let secs = [
+            ("orphan_grace_secs", self.orphan_grace_secs, 1),
+            ("sweep_interval_secs", self.sweep_interval_secs, 1),
+            ("controller_lease_secs", self.controller_lease_secs, 1),
+            ("webhook_timeout_secs", self.webhook_timeout_secs, 1),
+            (
+                "observation_max_skew_secs",
+                self.observation_max_skew_secs,
+                0,
+            ),
+            ("observation_max_age_secs", self.observation_max_age_secs, 1),
+            ("controller_tick_ms/1000", self.controller_tick_ms / 1000, 0),
+            (
+                "webhook_retry_base_ms/1000",
+                self.webhook_retry_base_ms / 1000,
+                0,
+            ),
+            (
+                "observation_retention_hours*3600",
+                self.observation_retention_hours.saturating_mul(3600),
+                3600,
+            ),
+            (
+                "webhook_retention_hours*3600",
+                self.webhook_retention_hours.saturating_mul(3600),
+                3600,
+            ),
+        ];
+        for (name, v, min) in secs {
+            if !(min..=MAX_SETTING_SECS).contains(&v) {
+                return Err(format!(
+                    "{name} is {v} s; it must be between {min} s and {MAX_SETTING_SECS} s"
+                ));
+            }
+        }
+        if self.controller_tick_ms < 50 {
+            return Err(format!(
+                "controller_tick_ms is {}; it must be at least 50",
+                self.controller_tick_ms
+            ));
+        }
+        if self.max_db_connections == 0 {
+            return Err("max_db_connections must be at least 1".into());
+        }
+        if self.webhook_max_attempts == 0 {
+            return Err("webhook_max_attempts must be at least 1".into());
+        }
+        if self.max_routing_waiters_per_caller == 0 {
+            return Err("max_routing_waiters_per_caller must be at least 1".into());
+        }
+        Ok(())
+    }
+
     pub fn database_url(&self, data_dir: &Path) -> String {
         self.database_url.clone().unwrap_or_else(|| {
             format!(

@@ -18,10 +18,16 @@ use super::error::ApiError;
 pub struct SweepReport {
     pub uploads_removed: usize,
     pub blobs_deleted: usize,
+    /// Delivered or abandoned webhook rows past their retention.
+    pub webhook_rows_deleted: usize,
 }
 
 pub async fn sweep_orphans(state: &AppState, grace: Duration) -> Result<SweepReport, ApiError> {
-    let cutoff = chrono::Utc::now() - chrono::Duration::from_std(grace).unwrap_or_default();
+    // A grace too large for a date means "keep everything", never "keep nothing".
+    let cutoff = chrono::Duration::from_std(grace)
+        .ok()
+        .and_then(|g| chrono::Utc::now().checked_sub_signed(g))
+        .unwrap_or(chrono::DateTime::<chrono::Utc>::MIN_UTC);
     let mut report = SweepReport::default();
 
     let stale = upload::Entity::find()
@@ -55,22 +61,35 @@ pub async fn sweep_orphans(state: &AppState, grace: Duration) -> Result<SweepRep
                 blobs::delete_prefix(&state.store, &blobs::version_prefix(&adapter, &id)).await?;
         }
     }
+    let hours = state.settings.registry.webhook_retention_hours;
+    if let Some(before) = chrono::Duration::try_hours(hours.min(i64::MAX as u64) as i64)
+        .and_then(|h| chrono::Utc::now().checked_sub_signed(h))
+    {
+        report.webhook_rows_deleted = super::webhooks::prune(&state.db, before).await? as usize;
+    }
     if report != SweepReport::default() {
         tracing::info!(?report, "orphan sweep");
     }
     Ok(report)
 }
 
-/// Run the sweep now and then every `sweep_interval_secs`.
-pub fn spawn_periodic(state: web::Data<AppState>) {
+/// Run the sweep now and then every `sweep_interval_secs`, supervised.
+pub fn spawn_periodic(state: web::Data<AppState>) -> tokio::task::JoinHandle<()> {
     let every = Duration::from_secs(state.settings.registry.sweep_interval_secs.max(1));
     let grace = Duration::from_secs(state.settings.registry.orphan_grace_secs);
-    tokio::spawn(async move {
-        loop {
-            if let Err(e) = sweep_orphans(&state, grace).await {
-                tracing::warn!(error = %e, "orphan sweep failed");
-            }
-            tokio::time::sleep(every).await;
+    // A sweep of a large store may take a while: stalled only well past its interval.
+    let stale_after = every * 2 + Duration::from_secs(600);
+    let supervisor = state.supervisor.clone();
+    supervisor.spawn(SWEEP_TASK, stale_after, move || {
+        let state = state.clone();
+        async move {
+            sweep_orphans(&state, grace)
+                .await
+                .map(|_| super::supervisor::Pass::Sleep(every))
+                .map_err(|e| format!("orphan sweep failed: {e}"))
         }
-    });
+    })
 }
+
+/// The supervisor's name of the sweep loop.
+pub const SWEEP_TASK: &str = "orphan_sweep";

@@ -239,37 +239,96 @@ pub fn signature(secret: &[u8], timestamp: i64, body: &[u8]) -> String {
     format!("sha256={}", hex::encode(mac.finalize().into_bytes()))
 }
 
-/// Start the delivery task (none when no endpoint is configured).
+/// Start one supervised delivery loop per endpoint (none when no endpoint is configured):
+/// a slow or dead endpoint delays only its own events.
 pub fn spawn(state: web::Data<AppState>) -> Option<tokio::task::JoinHandle<()>> {
     if state.webhooks.is_empty() {
         return None;
     }
+    let timeout = Duration::from_secs(state.settings.registry.webhook_timeout_secs.max(1));
+    // Signed POSTs are never re-sent elsewhere: a redirect is a failed delivery.
     let http = reqwest::Client::builder()
-        .timeout(Duration::from_secs(
-            state.settings.registry.webhook_timeout_secs.max(1),
-        ))
+        .timeout(timeout)
+        .connect_timeout(timeout)
+        .redirect(reqwest::redirect::Policy::none())
         .build()
         .expect("http client");
+    // A pass sends at most BATCH rows one after another.
+    let stale_after = timeout * (BATCH as u32 + 2) + Duration::from_secs(30);
+    let urls: Vec<String> = state
+        .webhooks
+        .endpoints
+        .iter()
+        .map(|e| e.url.clone())
+        .collect();
+    let handles: Vec<_> = urls
+        .into_iter()
+        .enumerate()
+        .map(|(i, url)| {
+            let state = state.clone();
+            let http = http.clone();
+            let supervisor = state.supervisor.clone();
+            supervisor.spawn(format!("webhooks[{i}]"), stale_after, move || {
+                let state = state.clone();
+                let http = http.clone();
+                let url = url.clone();
+                async move {
+                    let n = deliver_due_to(&state, &http, Some(&url)).await?;
+                    Ok::<_, DbErr>(super::supervisor::Pass::Sleep(if n == 0 {
+                        POLL
+                    } else {
+                        Duration::ZERO
+                    }))
+                }
+            })
+        })
+        .collect();
     Some(tokio::spawn(async move {
-        loop {
-            match deliver_due(&state, &http).await {
-                Ok(0) => tokio::time::sleep(POLL).await,
-                Ok(_) => {}
-                Err(e) => {
-                    tracing::warn!(error = %e, "webhook delivery pass failed; retrying");
-                    tokio::time::sleep(POLL).await;
+        // Aborting this task stops every endpoint's loop.
+        struct AbortAll(Vec<tokio::task::JoinHandle<()>>);
+        impl Drop for AbortAll {
+            fn drop(&mut self) {
+                for h in &self.0 {
+                    h.abort();
                 }
             }
         }
+        let all = AbortAll(handles);
+        std::future::pending::<()>().await;
+        drop(all);
     }))
 }
 
-/// One pass: claim and send the due deliveries. Returns how many were attempted.
+/// One pass over every endpoint's due rows (tests and tools; the service runs
+/// [`deliver_due_to`] per endpoint).
 pub async fn deliver_due(state: &AppState, http: &reqwest::Client) -> Result<usize, DbErr> {
+    deliver_due_to(state, http, None).await
+}
+
+/// Delete delivered and abandoned rows created before `cutoff`; returns how many went.
+pub async fn prune(db: &impl ConnectionTrait, cutoff: chrono::DateTime<Utc>) -> Result<u64, DbErr> {
+    Ok(webhook_delivery::Entity::delete_many()
+        .filter(Column::NextAttemptAt.is_null())
+        .filter(Column::CreatedAt.lt(cutoff))
+        .exec(db)
+        .await?
+        .rows_affected)
+}
+
+/// One pass: claim and send the due deliveries (of one endpoint, or all). Returns how many
+/// were attempted.
+pub async fn deliver_due_to(
+    state: &AppState,
+    http: &reqwest::Client,
+    endpoint: Option<&str>,
+) -> Result<usize, DbErr> {
     let cfg = &state.settings.registry;
     let now = Utc::now();
-    let due = webhook_delivery::Entity::find()
-        .filter(Column::NextAttemptAt.lte(now))
+    let mut due = webhook_delivery::Entity::find().filter(Column::NextAttemptAt.lte(now));
+    if let Some(url) = endpoint {
+        due = due.filter(Column::Endpoint.eq(url));
+    }
+    let due = due
         .order_by_asc(Column::NextAttemptAt)
         .limit(BATCH)
         .all(&state.db)

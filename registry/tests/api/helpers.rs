@@ -88,6 +88,17 @@ async fn fresh_bucket() -> (String, S3Settings) {
     (format!("s3://{bucket}/registry"), s3)
 }
 
+/// The PostgreSQL URL tests create their databases from (it can see every test database).
+pub fn admin_postgres_url() -> String {
+    env_or_fail("LORAOPS_TEST_POSTGRES_URL")
+}
+
+/// A registry whose object store is the S3 test server reached through `via` (a proxy a test
+/// can cut); the bucket is created directly at the server.
+pub async fn spawn_s3_via(db: Db, via: &str) -> TestApp {
+    spawn_inner(db, Blobs::S3, Some(via.to_string()), |_| {}).await
+}
+
 pub async fn spawn_app(db: Db, blobs: Blobs) -> TestApp {
     spawn_with(db, blobs, |_| {}).await
 }
@@ -95,6 +106,15 @@ pub async fn spawn_app(db: Db, blobs: Blobs) -> TestApp {
 pub async fn spawn_with(
     db: Db,
     blobs: Blobs,
+    tweak: impl FnOnce(&mut RegistrySettings),
+) -> TestApp {
+    spawn_inner(db, blobs, None, tweak).await
+}
+
+async fn spawn_inner(
+    db: Db,
+    blobs: Blobs,
+    s3_via: Option<String>,
     tweak: impl FnOnce(&mut RegistrySettings),
 ) -> TestApp {
     let dir = tempfile::tempdir().unwrap();
@@ -108,7 +128,10 @@ pub async fn spawn_with(
     let (object_store_url, s3) = match blobs {
         Blobs::Local => (None, S3Settings::default()),
         Blobs::S3 => {
-            let (u, s) = fresh_bucket().await;
+            let (u, mut s) = fresh_bucket().await;
+            if let Some(via) = s3_via {
+                s.endpoint = Some(via);
+            }
             (Some(u), s)
         }
     };
@@ -160,6 +183,13 @@ pub async fn spawn_with(
 }
 
 impl TestApp {
+    /// A gateway token with its own subject (the fixed tokens all share `tester`).
+    pub fn gateway_other(&self) -> String {
+        self.signer
+            .issue("other-gateway", &[Role::Gateway], 3600, None)
+            .unwrap()
+    }
+
     pub fn url(&self, path: &str) -> String {
         format!("{}{path}", self.address)
     }
@@ -221,6 +251,11 @@ impl TestApp {
     pub async fn push(&self, name: &str, adapter: &Adapter) -> reqwest::Response {
         self.push_files(name, &adapter.files(), &self.publisher)
             .await
+    }
+
+    /// The name of this test's PostgreSQL database.
+    pub fn pg_database(&self) -> Option<&str> {
+        self.pg_database.as_deref()
     }
 
     /// Stop this registry and start a new one on the same database, object store and keys,

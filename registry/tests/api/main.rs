@@ -6,6 +6,7 @@ mod helpers;
 mod auth;
 mod canary;
 mod download;
+mod faults;
 mod ops;
 mod push;
 mod records;

@@ -313,3 +313,61 @@ async fn a_client_that_disconnects_mid_upload_leaves_nothing(db: Db, blobs: Blob
     app.cleanup().await;
 }
 backends!(a_client_that_disconnects_mid_upload_leaves_nothing, s3);
+
+/// A version whose blobs went missing (what a failed post-commit step used to leave behind) is
+/// repaired by pushing the same bytes again, not answered with the broken version.
+async fn a_version_with_missing_blobs_is_healed_by_a_repush(db: Db, blobs: Blobs) {
+    let app = spawn_app(db, blobs).await;
+    app.register_base().await;
+    let adapter = Adapter::new(7, 4, &["q_proj", "v_proj"]);
+    assert_eq!(app.push("healme", &adapter).await.status(), 201);
+    let file = "/api/v1/adapters/healme/versions/1/files/adapter_model.safetensors";
+
+    // Lose the weights blob of version 1.
+    use loraops_registry::server::entities::version_file;
+    use object_store::ObjectStoreExt;
+    use sea_orm::{ColumnTrait, EntityTrait, QueryFilter};
+    let row = version_file::Entity::find()
+        .filter(version_file::Column::Name.eq("adapter_model.safetensors"))
+        .one(&app.state.db)
+        .await
+        .unwrap()
+        .unwrap();
+    app.state
+        .store
+        .delete(&object_store::path::Path::from(row.blob_key.as_str()))
+        .await
+        .unwrap();
+    assert!(!app.get(file, &app.viewer).await.status().is_success());
+
+    // The same bytes again: still version 1, and now it downloads byte-exact.
+    let res = app.push("healme", &adapter).await;
+    assert_eq!(res.status(), 200);
+    let v: Value = res.json().await.unwrap();
+    assert_eq!(
+        (v["version"].as_u64(), v["created"].as_bool()),
+        (Some(1), Some(false))
+    );
+    let res = app.get(file, &app.viewer).await;
+    assert_eq!(res.status(), 200);
+    assert_eq!(res.bytes().await.unwrap().to_vec(), adapter.safetensors());
+    let list = app.get_json("/api/v1/adapters/healme/versions").await;
+    assert_eq!(list["items"].as_array().unwrap().len(), 1);
+
+    // The broken upload's remaining blobs are now orphans the sweep removes; the healed
+    // version keeps working.
+    loraops_registry::server::sweep::sweep_orphans(&app.state, std::time::Duration::ZERO)
+        .await
+        .unwrap();
+    let res = app.get(file, &app.viewer).await;
+    assert_eq!(res.status(), 200);
+    let cfg = app
+        .get(
+            "/api/v1/adapters/healme/versions/1/files/adapter_config.json",
+            &app.viewer,
+        )
+        .await;
+    assert_eq!(cfg.status(), 200);
+    app.cleanup().await;
+}
+backends!(a_version_with_missing_blobs_is_healed_by_a_repush, s3);

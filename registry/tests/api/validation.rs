@@ -252,3 +252,36 @@ async fn a_version_must_keep_its_base_model(db: Db, blobs: Blobs) {
     app.cleanup().await;
 }
 backends!(a_version_must_keep_its_base_model);
+
+/// What the registry stores and lists per version, and what it buffers to parse, is small:
+/// a config over 64 KiB is refused, and so is a safetensors header over 8 MiB (however
+/// valid), before anything is parsed.
+async fn oversized_configs_and_headers_are_refused(db: Db, blobs: Blobs) {
+    let app = spawn_app(db, blobs).await;
+    app.register_base().await;
+    let mut big = Adapter::new(31, 4, &["q_proj"]);
+    big.config["padding"] = serde_json::json!("x".repeat(100 << 10));
+    let (status, _) = error_of(app.push("big-config", &big).await).await;
+    assert_eq!(status, 413);
+
+    // A valid file whose header is padded (as the format allows) to 9 MiB.
+    let a = Adapter::new(32, 4, &["q_proj"]);
+    let file = a.safetensors();
+    let n = u64::from_le_bytes(file[..8].try_into().unwrap()) as usize;
+    let mut header = file[8..8 + n].to_vec();
+    header.resize(9 << 20, b' ');
+    let mut padded = (header.len() as u64).to_le_bytes().to_vec();
+    padded.extend_from_slice(&header);
+    padded.extend_from_slice(&file[8 + n..]);
+    let files = vec![
+        (
+            "adapter_config.json".to_string(),
+            serde_json::to_vec(&a.config).unwrap(),
+        ),
+        ("adapter_model.safetensors".to_string(), padded),
+    ];
+    let (status, err) = error_of(app.push_files("big-header", &files, &app.publisher).await).await;
+    assert_eq!(status, 422, "{err}");
+    app.cleanup().await;
+}
+backends!(oversized_configs_and_headers_are_refused);

@@ -220,3 +220,97 @@ async fn webhooks_are_signed_retried_and_survive_restarts(db: Db, blobs: Blobs) 
     app.cleanup().await;
 }
 backends!(webhooks_are_signed_retried_and_survive_restarts);
+
+/// A dead endpoint (accepts connections, never answers) delays only its own events; an
+/// endpoint that redirects gets no delivery elsewhere; delivered rows are pruned after their
+/// retention.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn endpoints_are_isolated_redirects_refused_and_rows_pruned() {
+    let rx = Receiver::default();
+    let healthy = spawn_receiver(rx.clone());
+    // Blackhole: accepts and holds connections.
+    let hole = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let dead = format!("http://{}/hook", hole.local_addr().unwrap());
+    tokio::spawn(async move {
+        let mut held = Vec::new();
+        while let Ok((s, _)) = hole.accept().await {
+            held.push(s);
+        }
+    });
+    // Redirects every POST to the healthy receiver.
+    let redirect_to = healthy.clone();
+    let server = HttpServer::new(move || {
+        let to = redirect_to.clone();
+        App::new().route(
+            "/hook",
+            web::post().to(move || {
+                let to = to.clone();
+                async move {
+                    HttpResponse::TemporaryRedirect()
+                        .insert_header(("location", to))
+                        .finish()
+                }
+            }),
+        )
+    })
+    .workers(1)
+    .bind("127.0.0.1:0")
+    .unwrap();
+    let bouncer = format!("http://127.0.0.1:{}/hook", server.addrs()[0].port());
+    tokio::spawn(server.run());
+    let hook = |url: &str, events: &[&str]| WebhookSettings {
+        url: url.into(),
+        secret: Some(SECRET.into()),
+        secret_env: None,
+        events: events.iter().map(|e| e.to_string()).collect(),
+    };
+    let app = spawn_with(Db::Sqlite, Blobs::Local, |r| {
+        r.webhook_timeout_secs = 5;
+        r.webhook_retry_base_ms = 60_000;
+        r.webhooks = vec![
+            hook(&dead, &["version.created"]),
+            hook(&bouncer, &["version.created"]),
+            hook(&healthy, &["version.created"]),
+        ];
+    })
+    .await;
+    app.register_base().await;
+    let t = Instant::now();
+    for i in 0..4 {
+        assert_eq!(
+            app.push(&format!("iso-{i}"), &Adapter::new(40 + i, 4, &["q_proj"]))
+                .await
+                .status(),
+            201
+        );
+    }
+    wait_for(&rx, "four deliveries to the healthy endpoint", |s| {
+        s.len() >= 4
+    })
+    .await;
+    // Behind a dead endpoint with a 5 s timeout, four events would take 20 s in one queue.
+    assert!(t.elapsed() < Duration::from_secs(4), "{:?}", t.elapsed());
+    // Give the bouncer time to be tried: nothing arrives through its redirect.
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    assert_eq!(rx.seen.lock().unwrap().len(), 4);
+
+    use loraops_registry::server::entities::webhook_delivery;
+    use sea_orm::{ColumnTrait, EntityTrait, PaginatorTrait, QueryFilter};
+    let delivered = || async {
+        webhook_delivery::Entity::find()
+            .filter(webhook_delivery::Column::DeliveredAt.is_not_null())
+            .count(&app.state.db)
+            .await
+            .unwrap()
+    };
+    assert_eq!(delivered().await, 4);
+    // Retention 0 h would be refused; prune as the sweep does with a cutoff in the future.
+    let gone = loraops_registry::server::webhooks::prune(
+        &app.state.db,
+        chrono::Utc::now() + chrono::Duration::hours(1),
+    )
+    .await
+    .unwrap();
+    assert!(gone >= 4, "{gone}");
+    assert_eq!(delivered().await, 0);
+}

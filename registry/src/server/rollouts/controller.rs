@@ -468,9 +468,22 @@ pub async fn tick(
     let n = active.len();
     futures_util::stream::iter(active)
         .for_each_concurrent(CONCURRENCY, |r| async move {
+            use futures_util::FutureExt;
             let id = r.id;
-            if let Err(e) = step(db, hooks, metrics, r, now).await {
-                tracing::warn!(rollout = id, error = %e, "rollout analysis failed; retrying next tick");
+            // One rollout whose analysis panics (a spec stored before today's bounds, a bug)
+            // must not stop the analysis, and so the rollbacks, of every other one.
+            match std::panic::AssertUnwindSafe(step(db, hooks, metrics, r, now))
+                .catch_unwind()
+                .await
+            {
+                Ok(Ok(())) => {}
+                Ok(Err(e)) => {
+                    tracing::warn!(rollout = id, error = %e, "rollout analysis failed; retrying next tick")
+                }
+                Err(_) => {
+                    metrics.rollout_panics.inc();
+                    tracing::error!(rollout = id, "rollout analysis panicked; retrying next tick")
+                }
             }
         })
         .await;
@@ -541,44 +554,58 @@ pub async fn hold_lease(
     Ok(renewed.rows_affected == 1)
 }
 
-/// Run the controller until the returned task is aborted.
+/// Run the controller until the returned task is aborted: one supervised pass per tick
+/// (renew the lease; if leading, analyse and now and then prune), so a pass that panics or
+/// fails is retried rather than ending the controller.
 pub fn spawn(state: web::Data<AppState>) -> tokio::task::JoinHandle<()> {
-    let every = Duration::from_millis(state.settings.registry.controller_tick_ms.max(50));
-    let ttl = Duration::from_secs(state.settings.registry.controller_lease_secs.max(1));
-    let retention = Duration::from_secs(
-        state
-            .settings
-            .registry
-            .observation_retention_hours
-            .saturating_mul(3600),
-    );
+    use std::sync::Arc;
+    use std::sync::atomic::{AtomicBool, Ordering};
+
+    use crate::server::supervisor::Pass;
+
+    let cfg = &state.settings.registry;
+    let every = Duration::from_millis(cfg.controller_tick_ms.max(50));
+    let ttl = Duration::from_secs(cfg.controller_lease_secs.max(1));
+    let retention = Duration::from_secs(cfg.observation_retention_hours.saturating_mul(3600));
     let holder = format!(
         "{}-{}",
         std::env::var("HOSTNAME").unwrap_or_else(|_| "registry".into()),
         uuid::Uuid::new_v4()
     );
-    tokio::spawn(async move {
-        let mut leading = false;
-        let mut pruned: Option<tokio::time::Instant> = None;
-        loop {
-            match hold_lease(&state.db, &holder, ttl).await {
-                Ok(now_leading) => {
-                    if now_leading != leading {
-                        tracing::info!(holder, leading = now_leading, "rollout controller lease");
-                    }
-                    leading = now_leading;
-                }
+    let leading = Arc::new(AtomicBool::new(false));
+    let pruned: Arc<std::sync::Mutex<Option<tokio::time::Instant>>> = Arc::default();
+    let supervisor = state.supervisor.clone();
+    supervisor.spawn(CONTROLLER_TASK, controller_stale_after(cfg), move || {
+        let state = state.clone();
+        let holder = holder.clone();
+        let leading = leading.clone();
+        let pruned = pruned.clone();
+        async move {
+            let was = leading.load(Ordering::Relaxed);
+            let now_leading = match hold_lease(&state.db, &holder, ttl).await {
+                Ok(l) => l,
                 Err(e) => {
-                    tracing::warn!(error = %e, "cannot renew the rollout controller lease");
-                    leading = false;
+                    leading.store(false, Ordering::Relaxed);
+                    return Err(format!("cannot renew the rollout controller lease: {e}"));
                 }
+            };
+            if now_leading != was {
+                tracing::info!(holder, leading = now_leading, "rollout controller lease");
             }
-            if leading {
+            leading.store(now_leading, Ordering::Relaxed);
+            if now_leading {
                 if let Err(e) = tick(&state.db, &state.webhooks, &state.metrics).await {
                     tracing::warn!(error = %e, "rollout controller tick failed");
                 }
-                if pruned.is_none_or(|t| t.elapsed() >= PRUNE_EVERY) {
-                    pruned = Some(tokio::time::Instant::now());
+                let due = {
+                    let mut p = pruned.lock().expect("prune lock");
+                    let due = p.is_none_or(|t| t.elapsed() >= PRUNE_EVERY);
+                    if due {
+                        *p = Some(tokio::time::Instant::now());
+                    }
+                    due
+                };
+                if due {
                     let res = match db_now(&state.db).await {
                         Ok(now) => prune_observations(&state.db, now, retention).await,
                         Err(e) => Err(e),
@@ -590,7 +617,18 @@ pub fn spawn(state: web::Data<AppState>) -> tokio::task::JoinHandle<()> {
                     }
                 }
             }
-            tokio::time::sleep(every).await;
+            Ok::<_, String>(Pass::Sleep(every))
         }
     })
+}
+
+/// The supervisor's name of the controller loop (a `/readyz` check).
+pub const CONTROLLER_TASK: &str = "rollout_controller";
+
+/// How long the controller may go without starting a pass before `/readyz` says it stopped:
+/// two lease periods (a replica that long without a pass has lost the lease anyway), and
+/// never less than ten ticks.
+pub fn controller_stale_after(cfg: &crate::server::RegistrySettings) -> Duration {
+    let tick = Duration::from_millis(cfg.controller_tick_ms.max(50));
+    (Duration::from_secs(cfg.controller_lease_secs.max(1)) * 2).max(tick * 10)
 }

@@ -21,7 +21,7 @@ use sea_orm::{
 };
 use serde_json::{Value, json};
 
-pub use controller::{hold_lease, prune_observations, spawn, tick};
+pub use controller::{CONTROLLER_TASK, hold_lease, prune_observations, spawn, tick};
 
 use super::entities::{adapter, evidence, gateway_seen, rollout, rollout_event, routing_state};
 use super::error::ApiError;

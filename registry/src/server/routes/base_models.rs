@@ -71,7 +71,7 @@ pub async fn list(
     caller: Caller,
     q: web::Query<PageQuery>,
 ) -> Result<HttpResponse, ApiError> {
-    caller.require_serving_read(&state)?;
+    caller.require_serving_read(&state, None)?;
     let limit = q.limit();
     let mut query = base_model::Entity::find()
         .order_by_asc(base_model::Column::Name)

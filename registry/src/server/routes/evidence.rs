@@ -30,7 +30,7 @@ fn to_api(name: &crate::api::Name, version: u32, e: evidence::Model) -> Result<E
     })
 }
 
-#[utoipa::path(post, path = "/api/v1/adapters/{name}/versions/{version}/evidence", request_body = NewEvidence,
+#[utoipa::path(post, path = "/api/v1/adapters/{name}/versions/{version}/evidence", params(("name" = String, Path, description = "adapter, base model or suite name"), ("version" = String, Path, description = "version")), request_body = NewEvidence,
     responses((status = 201, body = Evidence), (status = 422, body = crate::api::ErrorBody)))]
 pub async fn create(
     state: web::Data<AppState>,
@@ -123,14 +123,14 @@ async fn check_body(state: &AppState, body: &NewEvidence) -> Result<(), ApiError
     Ok(())
 }
 
-#[utoipa::path(get, path = "/api/v1/adapters/{name}/versions/{version}/evidence", responses((status = 200, body = Vec<Evidence>)))]
+#[utoipa::path(get, path = "/api/v1/adapters/{name}/versions/{version}/evidence", params(("name" = String, Path, description = "adapter, base model or suite name"), ("version" = String, Path, description = "version")), responses((status = 200, body = Vec<Evidence>)))]
 pub async fn list(
     state: web::Data<AppState>,
     caller: Caller,
     path: web::Path<(String, String)>,
 ) -> Result<HttpResponse, ApiError> {
-    caller.require_read(&state)?;
     let (name, version) = path_version(&path)?;
+    caller.require_read(&state, Some(name.as_str()))?;
     let a = records::adapter_by_name(&state.db, name.as_str()).await?;
     let v = records::version_row(&state.db, &a, version).await?;
     let rows = evidence::Entity::find()
@@ -171,7 +171,7 @@ async fn base_row(state: &AppState, raw: &str) -> Result<(Name, base_model::Mode
     Ok((name, row))
 }
 
-#[utoipa::path(post, path = "/api/v1/base-models/{name}/evidence", request_body = NewEvidence,
+#[utoipa::path(post, path = "/api/v1/base-models/{name}/evidence", params(("name" = String, Path, description = "adapter, base model or suite name")), request_body = NewEvidence,
     responses((status = 201, body = BaseEvidence), (status = 422, body = crate::api::ErrorBody)))]
 pub async fn create_base(
     state: web::Data<AppState>,
@@ -208,13 +208,13 @@ pub async fn create_base(
     Ok(HttpResponse::Created().json(to_api_base(row)?))
 }
 
-#[utoipa::path(get, path = "/api/v1/base-models/{name}/evidence", responses((status = 200, body = Vec<BaseEvidence>)))]
+#[utoipa::path(get, path = "/api/v1/base-models/{name}/evidence", params(("name" = String, Path, description = "adapter, base model or suite name")), responses((status = 200, body = Vec<BaseEvidence>)))]
 pub async fn list_base(
     state: web::Data<AppState>,
     caller: Caller,
     path: web::Path<String>,
 ) -> Result<HttpResponse, ApiError> {
-    caller.require_read(&state)?;
+    caller.require_read(&state, None)?;
     let (name, _) = base_row(&state, &path).await?;
     let items = base_evidence::Entity::find()
         .filter(base_evidence::Column::BaseModel.eq(name.as_str()))

@@ -73,7 +73,7 @@ fn stream_body(
     })
 }
 
-#[utoipa::path(get, path = "/api/v1/adapters/{name}/versions/{version}/files/{file}",
+#[utoipa::path(get, path = "/api/v1/adapters/{name}/versions/{version}/files/{file}", params(("name" = String, Path, description = "adapter, base model or suite name"), ("version" = String, Path, description = "version"), ("file" = String, Path, description = "file name")),
     responses((status = 200, description = "The file"), (status = 206, description = "A byte range"),
         (status = 304, description = "Not modified"), (status = 404, body = crate::api::ErrorBody),
         (status = 416, body = crate::api::ErrorBody)))]
@@ -83,9 +83,9 @@ pub async fn download(
     req: HttpRequest,
     path: web::Path<(String, String, String)>,
 ) -> Result<HttpResponse, ApiError> {
-    caller.require_serving_read(&state)?;
     let (name, version, file) = path.into_inner();
     let (name, version) = path_version(&(name, version))?;
+    caller.require_serving_read(&state, Some(name.as_str()))?;
     let a = records::adapter_by_name(&state.db, name.as_str()).await?;
     let v = records::version_row(&state.db, &a, version).await?;
     let f = records::files_of(&state.db, v.id)

@@ -68,7 +68,7 @@ fn check(policy: &GatePolicy) -> Result<(), ApiError> {
     Ok(())
 }
 
-#[utoipa::path(put, path = "/api/v1/adapters/{name}/gate", request_body = GatePolicy, responses((status = 200, body = Gate)))]
+#[utoipa::path(put, path = "/api/v1/adapters/{name}/gate", params(("name" = String, Path, description = "adapter, base model or suite name")), request_body = GatePolicy, responses((status = 200, body = Gate)))]
 pub async fn put(
     state: web::Data<AppState>,
     caller: Caller,
@@ -137,14 +137,14 @@ fn adapter_name(scope: &str) -> Name {
     Name::parse(scope).unwrap_or_else(|_| Name::parse("default").expect("valid"))
 }
 
-#[utoipa::path(get, path = "/api/v1/adapters/{name}/gate", responses((status = 200, body = Gate), (status = 404, body = crate::api::ErrorBody)))]
+#[utoipa::path(get, path = "/api/v1/adapters/{name}/gate", params(("name" = String, Path, description = "adapter, base model or suite name")), responses((status = 200, body = Gate), (status = 404, body = crate::api::ErrorBody)))]
 pub async fn show(
     state: web::Data<AppState>,
     caller: Caller,
     path: web::Path<String>,
 ) -> Result<HttpResponse, ApiError> {
-    caller.require_read(&state)?;
     let scope = scope(&path)?;
+    caller.require_read(&state, (scope != "*").then_some(scope.as_str()))?;
     let row = gate::Entity::find_by_id(scope.clone())
         .one(&state.db)
         .await?

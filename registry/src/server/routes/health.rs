@@ -34,7 +34,15 @@ pub async fn readyz(state: web::Data<AppState>) -> HttpResponse {
         Err(e) => e.to_string(),
     };
     checks.insert("object_store".to_string(), store);
-    let ready = checks.values().all(|v| v == "ok");
+    // Background loops: each reports "ok" or how long it has been silent. A stopped rollout
+    // controller makes the replica unready (it can neither advance nor roll back); a stalled
+    // sweep or webhook loop is reported but does not take the API out of service.
+    let background = state.supervisor.checks();
+    let ready = checks.values().all(|v| v == "ok")
+        && background
+            .get(crate::server::rollouts::CONTROLLER_TASK)
+            .is_none_or(|v| v == "ok");
+    checks.extend(background);
     let body = Readiness { ready, checks };
     if ready {
         HttpResponse::Ok().json(body)

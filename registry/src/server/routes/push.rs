@@ -7,8 +7,11 @@
 //! 3. One transaction makes the version visible (number = the adapter's next), or finds the
 //!    same bytes already registered and returns that version instead.
 //!
-//! Whatever fails, the upload's blobs are deleted; a crash in between leaves an `uploads` row
-//! that the sweep cleans up after the grace period. Nothing half-written is ever listed.
+//! Whatever fails before the commit is attempted, the upload's blobs are deleted; once it is
+//! attempted they are never deleted here (a commit whose answer was lost may have made them a
+//! version's): if it did not happen, the `uploads` row is still there and the sweep removes
+//! them after the grace period, as it does after a crash. Nothing half-written is ever listed.
+//! Identical bytes pushed again heal a version whose blobs went missing.
 
 use std::collections::BTreeMap;
 
@@ -21,6 +24,8 @@ use sea_orm::{
 };
 use serde_json::{Value, json};
 
+use object_store::ObjectStoreExt;
+
 use crate::api::{AdapterVersion, Name, PushResponse, Role, VersionFile, version_digest};
 use crate::auth::Principal;
 use crate::peft::{self, AdapterConfig, SafetensorsHeader};
@@ -31,8 +36,17 @@ use crate::server::entities::{adapter, adapter_version, base_model, upload, vers
 use crate::server::error::ApiError;
 use crate::server::records;
 
-/// Parts a push may carry, and the most bytes each small part may have.
-const SMALL_LIMIT: u64 = 1 << 20;
+/// The most bytes each small part may have. The config and the manifest are stored with the
+/// version and returned in listings, so they are kept small (real ones are a few KiB).
+fn small_limit(part: &str) -> u64 {
+    match part {
+        peft::CONFIG_FILE => 64 << 10,
+        peft::MANIFEST_FILE => 256 << 10,
+        _ => 1 << 20,
+    }
+}
+
+/// Parts a push may carry.
 const PARTS: [&str; 4] = [
     peft::CONFIG_FILE,
     peft::WEIGHTS_FILE,
@@ -60,7 +74,7 @@ struct Received {
     weights_head: Vec<u8>,
 }
 
-#[utoipa::path(post, path = "/api/v1/adapters/{name}/versions", params(PushQuery),
+#[utoipa::path(post, path = "/api/v1/adapters/{name}/versions", params(("name" = String, Path, description = "adapter, base model or suite name"), PushQuery),
     request_body(content_type = "multipart/form-data", description = "adapter_config.json, adapter_model.safetensors, optional manifest.json and README.md"),
     responses(
         (status = 201, description = "New version", body = PushResponse),
@@ -88,6 +102,8 @@ pub async fn push(
     .insert(&state.db)
     .await?;
 
+    // Set once this upload's blobs may belong to a version: from then on they stay.
+    let mut kept = false;
     let outcome = async {
         let received = receive(&state, &name, &upload_id, payload).await?;
         publish(
@@ -97,12 +113,13 @@ pub async fn push(
             &upload_id,
             received,
             query.base_model.as_deref(),
+            &mut kept,
         )
         .await
     }
     .await;
 
-    if !matches!(outcome, Ok((_, true))) {
+    if !kept {
         discard_upload(&state, &name, &upload_id).await;
     }
     let (version, created) = outcome?;
@@ -164,6 +181,14 @@ async fn receive(
         ApiError::bad_request(format!("malformed multipart body: {e}"))
     };
 
+    // `uploads.started_at` is the upload's last sign of life: touched while bytes arrive, so
+    // the sweep (which removes uploads silent for the grace period) never takes a live one.
+    let grace = std::time::Duration::from_secs(state.settings.registry.orphan_grace_secs);
+    let touch_every = (grace / 4).clamp(
+        std::time::Duration::from_millis(100),
+        std::time::Duration::from_secs(60),
+    );
+    let mut touched = std::time::Instant::now();
     while let Some(mut field) = payload.try_next().await.map_err(multipart_err)? {
         let part = part_name(&field)
             .ok_or_else(|| ApiError::bad_request("a multipart part has no name"))?;
@@ -191,13 +216,16 @@ async fn receive(
                     )));
                 }
                 state.metrics.upload_bytes.inc_by(chunk.len() as u64);
+                if touched.elapsed() >= touch_every {
+                    touched = std::time::Instant::now();
+                    touch_upload(state, upload_id).await?;
+                }
                 if is_weights {
                     capture_head(&mut out.weights_head, &mut head_needed, &chunk)?;
                 } else {
-                    if small.len() as u64 + chunk.len() as u64 > SMALL_LIMIT {
-                        return Err(ApiError::too_large(format!(
-                            "{part} exceeds {SMALL_LIMIT} bytes"
-                        )));
+                    let limit = small_limit(&part);
+                    if small.len() as u64 + chunk.len() as u64 > limit {
+                        return Err(ApiError::too_large(format!("{part} exceeds {limit} bytes")));
                     }
                     small.extend_from_slice(&chunk);
                 }
@@ -241,6 +269,21 @@ async fn receive(
         }
     }
     Ok(out)
+}
+
+/// Mark an upload alive; an upload the sweep already removed cannot come back.
+async fn touch_upload(state: &AppState, upload_id: &str) -> Result<(), ApiError> {
+    let res = upload::Entity::update_many()
+        .col_expr(upload::Column::StartedAt, Expr::value(chrono::Utc::now()))
+        .filter(upload::Column::Id.eq(upload_id))
+        .exec(&state.db)
+        .await?;
+    if res.rows_affected != 1 {
+        return Err(ApiError::conflict(
+            "this upload expired (silent past the orphan grace period); push again",
+        ));
+    }
+    Ok(())
 }
 
 /// Keep the file's first bytes until the whole safetensors header is in hand; reject a file
@@ -302,6 +345,7 @@ async fn publish(
     upload_id: &str,
     received: Received,
     explicit_base: Option<&str>,
+    kept: &mut bool,
 ) -> Result<(AdapterVersion, bool), ApiError> {
     let cfg = AdapterConfig::parse(&received.config)?;
     let header = SafetensorsHeader::parse(&received.weights_head)?;
@@ -366,10 +410,8 @@ async fn publish(
     }
     if let Some(existing) = version_by_digest(&txn, &a, &digest).await? {
         drop(txn);
-        return Ok((
-            records::load_version(&state.db, &a, existing.version as u32).await?,
-            false,
-        ));
+        let v = heal_or_keep(state, &a, existing, upload_id, &received, kept).await?;
+        return Ok((v, false));
     }
     adapter::Entity::update_many()
         .col_expr(
@@ -413,31 +455,35 @@ async fn publish(
                 .ok_or_else(|| {
                     ApiError::conflict("a concurrent push of this adapter conflicted; retry")
                 })?;
-            return Ok((
-                records::load_version(&state.db, &a, existing.version as u32).await?,
-                false,
-            ));
+            let v = heal_or_keep(state, &a, existing, upload_id, &received, kept).await?;
+            return Ok((v, false));
         }
         Err(e) => return Err(e.into()),
     };
-    let rows: Vec<version_file::ActiveModel> = received
-        .files
-        .values()
-        .map(|s| version_file::ActiveModel {
-            version_id: Set(v.id),
-            name: Set(s.file.name.clone()),
-            sha256: Set(s.file.sha256.clone()),
-            size: Set(s.file.size as i64),
-            blob_key: Set(s.key.clone()),
+    let rows: Vec<version_file::ActiveModel> = file_rows(&received, v.id)
+        .into_iter()
+        .map(|f| version_file::ActiveModel {
+            version_id: Set(f.version_id),
+            name: Set(f.name),
+            sha256: Set(f.sha256),
+            size: Set(f.size),
+            blob_key: Set(f.blob_key),
             ..Default::default()
         })
         .collect();
     version_file::Entity::insert_many(rows)
         .exec_without_returning(&txn)
         .await?;
-    upload::Entity::delete_by_id(upload_id.to_string())
+    let claimed = upload::Entity::delete_by_id(upload_id.to_string())
         .exec(&txn)
         .await?;
+    if claimed.rows_affected != 1 {
+        // The sweep took this upload (it fell silent past the grace period) and may have
+        // deleted blobs: never make a version of it.
+        return Err(ApiError::conflict(
+            "this upload expired before it completed (silent past the orphan grace period); push again",
+        ));
+    }
     state
         .webhooks
         .emit(
@@ -447,13 +493,97 @@ async fn publish(
                 "base_model": base.name, "size_bytes": size_bytes, "created_by": who.sub}),
         )
         .await?;
+    // Whatever the commit answers, it may have happened (a lost acknowledgement): the blobs
+    // stay. If it did not, the `uploads` row remains and the sweep removes them later.
+    *kept = true;
     txn.commit().await?;
     state.metrics.versions_created.inc();
     tracing::info!(adapter = %name, version = number, %digest, "published adapter version");
+    // The answer is built from what is in hand: a read that fails now must not turn a
+    // committed version into an error the client retries.
     Ok((
-        records::load_version(&state.db, &a, number as u32).await?,
+        records::to_api_version(&a, v, file_rows(&received, 0))?,
         true,
     ))
+}
+
+/// The version-file rows of what was received (ordered by name, as reads order them).
+fn file_rows(received: &Received, version_id: i32) -> Vec<version_file::Model> {
+    received
+        .files
+        .values()
+        .map(|s| version_file::Model {
+            id: 0,
+            version_id,
+            name: s.file.name.clone(),
+            sha256: s.file.sha256.clone(),
+            size: s.file.size as i64,
+            blob_key: s.key.clone(),
+        })
+        .collect()
+}
+
+/// The same bytes are already a version. If any of its blobs is missing from the store (lost
+/// to an outage or a bug), point the version at this upload's identical blobs instead, so a
+/// re-push repairs it; otherwise this upload is redundant.
+async fn heal_or_keep(
+    state: &AppState,
+    a: &adapter::Model,
+    existing: adapter_version::Model,
+    upload_id: &str,
+    received: &Received,
+    kept: &mut bool,
+) -> Result<AdapterVersion, ApiError> {
+    let files = records::files_of(&state.db, existing.id).await?;
+    let mut missing = false;
+    for f in &files {
+        match state
+            .store
+            .head(&object_store::path::Path::from(f.blob_key.as_str()))
+            .await
+        {
+            Ok(_) => {}
+            Err(object_store::Error::NotFound { .. }) => missing = true,
+            Err(e) => return Err(e.into()),
+        }
+    }
+    if !missing {
+        return records::to_api_version(a, existing, files);
+    }
+    tracing::warn!(adapter = %a.name, version = existing.version, "a version's blobs were missing; repaired from an identical push");
+    let txn = state.db.begin().await?;
+    for f in &files {
+        let Some(s) = received.files.get(&f.name) else {
+            return Err(ApiError::internal(format!(
+                "{}@{}: file {} is not in an upload with the same digest",
+                a.name, existing.version, f.name
+            )));
+        };
+        version_file::Entity::update_many()
+            .col_expr(version_file::Column::BlobKey, Expr::value(s.key.clone()))
+            .filter(version_file::Column::Id.eq(f.id))
+            .exec(&txn)
+            .await?;
+    }
+    adapter_version::Entity::update_many()
+        .col_expr(
+            adapter_version::Column::UploadId,
+            Expr::value(upload_id.to_string()),
+        )
+        .filter(adapter_version::Column::Id.eq(existing.id))
+        .exec(&txn)
+        .await?;
+    let claimed = upload::Entity::delete_by_id(upload_id.to_string())
+        .exec(&txn)
+        .await?;
+    if claimed.rows_affected != 1 {
+        return Err(ApiError::conflict(
+            "this upload expired before it completed (silent past the orphan grace period); push again",
+        ));
+    }
+    *kept = true;
+    txn.commit().await?;
+    records::load_version(&state.db, a, existing.version as u32).await
 }
 
 async fn version_by_digest(

@@ -11,7 +11,7 @@ use crate::server::error::ApiError;
 use crate::server::records;
 use crate::server::rollouts::{self, Action};
 
-#[utoipa::path(post, path = "/api/v1/adapters/{name}/rollouts", request_body = StartRollout,
+#[utoipa::path(post, path = "/api/v1/adapters/{name}/rollouts", params(("name" = String, Path, description = "adapter, base model or suite name")), request_body = StartRollout,
     responses((status = 201, body = RolloutStatus), (status = 409, body = crate::api::ErrorBody),
         (status = 422, description = "invalid spec, or the gate failed (details: the per-rule report)", body = crate::api::ErrorBody)))]
 pub async fn start(
@@ -51,20 +51,20 @@ async fn status(state: &AppState, name: &Name) -> Result<RolloutStatus, ApiError
     })
 }
 
-#[utoipa::path(get, path = "/api/v1/adapters/{name}/rollouts/current",
+#[utoipa::path(get, path = "/api/v1/adapters/{name}/rollouts/current", params(("name" = String, Path, description = "adapter, base model or suite name")),
     responses((status = 200, description = "the active rollout, else the latest", body = RolloutStatus), (status = 404, body = crate::api::ErrorBody)))]
 pub async fn current(
     state: web::Data<AppState>,
     caller: Caller,
     path: web::Path<String>,
 ) -> Result<HttpResponse, ApiError> {
-    caller.require_read(&state)?;
     let name = Name::parse(&path)?;
+    caller.require_read(&state, Some(name.as_str()))?;
     Ok(HttpResponse::Ok().json(status(&state, &name).await?))
 }
 
 #[utoipa::path(post, path = "/api/v1/adapters/{name}/rollouts/current/{action}",
-    params(("action" = String, Path, description = "promote, pause, resume, abort, approve (a step awaiting approval), or rollback-promotion (the latest promotion: its previous stable version is stable again)")),
+    params(("name" = String, Path, description = "adapter, base model or suite name"), ("action" = String, Path, description = "promote, pause, resume, abort, approve (a step awaiting approval), or rollback-promotion (the latest promotion: its previous stable version is stable again)")),
     responses((status = 200, body = RolloutStatus), (status = 409, body = crate::api::ErrorBody)))]
 pub async fn act(
     state: web::Data<AppState>,

@@ -2,6 +2,9 @@
 //! `POST /api/v1/routing/observations`: the per-arm counters gateways report back. With
 //! `since` equal to the current revision the request long-polls until the table changes or
 //! `wait` runs out; it reads the database, so every registry replica answers the same.
+//! Waiters do not poll the database each: one watcher per replica reads the revision while
+//! anyone waits and wakes them all, the built table is cached per revision, and one caller
+//! may hold only a few long-polls at once (429 beyond).
 //!
 //! Observations decide rollouts, so only `gateway` tokens (and admins) post them, each arm
 //! for an adapter the token may touch; a window may not end in the future (beyond a small
@@ -108,21 +111,126 @@ pub async fn build(db: &impl ConnectionTrait) -> Result<RoutingTable, ApiError> 
     })
 }
 
-#[utoipa::path(get, path = "/api/v1/routing", params(RoutingQuery), responses((status = 200, body = RoutingTable)))]
+/// The replica's view of the routing revision, shared by every long-poll.
+pub struct RoutingWatch {
+    rev: tokio::sync::watch::Sender<i64>,
+    cache: tokio::sync::Mutex<Option<(i64, RoutingTable)>>,
+    waiters: std::sync::Mutex<std::collections::HashMap<String, u32>>,
+    max_per_caller: u32,
+}
+
+/// How often the watcher reads the revision while someone waits.
+const WATCH_EVERY: Duration = Duration::from_millis(250);
+
+impl RoutingWatch {
+    pub fn new(max_per_caller: u32) -> Self {
+        Self {
+            rev: tokio::sync::watch::channel(-1).0,
+            cache: tokio::sync::Mutex::new(None),
+            waiters: Default::default(),
+            max_per_caller: max_per_caller.max(1),
+        }
+    }
+
+    /// One pass of the watcher: read the revision if anyone waits. Returns the pause until
+    /// the next pass.
+    pub async fn watch_once(&self, db: &impl ConnectionTrait) -> Result<Duration, ApiError> {
+        if self.rev.receiver_count() > 0 {
+            let r = revision(db).await?;
+            self.rev.send_if_modified(|old| {
+                let changed = *old != r;
+                *old = r;
+                changed
+            });
+        }
+        Ok(WATCH_EVERY)
+    }
+
+    /// The table at the current revision, built once per revision.
+    async fn table(&self, db: &impl ConnectionTrait) -> Result<RoutingTable, ApiError> {
+        let rev = revision(db).await?;
+        let mut cache = self.cache.lock().await;
+        if let Some((r, t)) = cache.as_ref()
+            && *r == rev
+        {
+            return Ok(t.clone());
+        }
+        let t = build(db).await?;
+        *cache = Some((t.revision, t.clone()));
+        Ok(t)
+    }
+}
+
+/// A long-poll's place in its caller's quota, given back on drop.
+struct WaitSlot<'a> {
+    watch: &'a RoutingWatch,
+    who: String,
+}
+
+impl<'a> WaitSlot<'a> {
+    fn take(watch: &'a RoutingWatch, who: &str) -> Result<Self, ApiError> {
+        let mut w = watch.waiters.lock().expect("waiters lock");
+        let n = w.entry(who.to_string()).or_insert(0);
+        if *n >= watch.max_per_caller {
+            return Err(ApiError::new(
+                actix_web::http::StatusCode::TOO_MANY_REQUESTS,
+                "too_many_waiters",
+                format!(
+                    "{who} already holds {} routing long-polls; wait for one to return",
+                    watch.max_per_caller
+                ),
+            ));
+        }
+        *n += 1;
+        Ok(Self {
+            watch,
+            who: who.to_string(),
+        })
+    }
+}
+
+impl Drop for WaitSlot<'_> {
+    fn drop(&mut self) {
+        let mut w = self.watch.waiters.lock().expect("waiters lock");
+        if let Some(n) = w.get_mut(&self.who) {
+            *n -= 1;
+            if *n == 0 {
+                w.remove(&self.who);
+            }
+        }
+    }
+}
+
+#[utoipa::path(get, path = "/api/v1/routing", params(RoutingQuery), responses((status = 200, body = RoutingTable), (status = 429, body = crate::api::ErrorBody)))]
 pub async fn table(
     state: web::Data<AppState>,
     caller: Caller,
     q: web::Query<RoutingQuery>,
 ) -> Result<HttpResponse, ApiError> {
-    caller.require_serving_read(&state)?;
+    caller.require_serving_read(&state, None)?;
+    let watch = &state.routing;
     if let Some(since) = q.since {
+        let _slot = WaitSlot::take(watch, caller.sub())?;
+        let mut rx = watch.rev.subscribe();
         let deadline =
             tokio::time::Instant::now() + Duration::from_secs(q.wait.unwrap_or(30).min(60));
-        while revision(&state.db).await? <= since && tokio::time::Instant::now() < deadline {
-            tokio::time::sleep(Duration::from_millis(250)).await;
+        if revision(&state.db).await? <= since {
+            loop {
+                tokio::select! {
+                    changed = rx.changed() => {
+                        if changed.is_err() || *rx.borrow_and_update() > since {
+                            break;
+                        }
+                    }
+                    _ = tokio::time::sleep_until(deadline) => break,
+                }
+            }
         }
     }
-    Ok(HttpResponse::Ok().json(build(&state.db).await?))
+    let mut table = watch.table(&state.db).await?;
+    // A token limited to some adapters sees only their routes.
+    table.routes.retain(|r| caller.may_see(r.adapter.as_str()));
+    Ok(HttpResponse::Ok().json(table))
 }
 
 /// Longest reporting window a gateway may send, so one report cannot span a whole rollout.

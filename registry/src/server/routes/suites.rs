@@ -172,7 +172,7 @@ pub async fn list(
     caller: Caller,
     q: web::Query<SuiteQuery>,
 ) -> Result<HttpResponse, ApiError> {
-    caller.require_read(&state)?;
+    caller.require_read(&state, None)?;
     let page = crate::server::records::PageQuery {
         limit: q.limit,
         after: q.after.clone(),
@@ -216,37 +216,37 @@ async fn find(
         })
 }
 
-#[utoipa::path(get, path = "/api/v1/suites/{name}", responses((status = 200, body = Suite, description = "The latest uploaded version"), (status = 404, body = crate::api::ErrorBody)))]
+#[utoipa::path(get, path = "/api/v1/suites/{name}", params(("name" = String, Path, description = "adapter, base model or suite name")), responses((status = 200, body = Suite, description = "The latest uploaded version"), (status = 404, body = crate::api::ErrorBody)))]
 pub async fn latest(
     state: web::Data<AppState>,
     caller: Caller,
     path: web::Path<String>,
 ) -> Result<HttpResponse, ApiError> {
-    caller.require_read(&state)?;
+    caller.require_read(&state, None)?;
     let row = find(&state, &path, None).await?;
     Ok(HttpResponse::Ok().json(to_api(row)?))
 }
 
-#[utoipa::path(get, path = "/api/v1/suites/{name}/versions/{version}", responses((status = 200, body = Suite), (status = 404, body = crate::api::ErrorBody)))]
+#[utoipa::path(get, path = "/api/v1/suites/{name}/versions/{version}", params(("name" = String, Path, description = "adapter, base model or suite name"), ("version" = String, Path, description = "version")), responses((status = 200, body = Suite), (status = 404, body = crate::api::ErrorBody)))]
 pub async fn show(
     state: web::Data<AppState>,
     caller: Caller,
     path: web::Path<(String, String)>,
 ) -> Result<HttpResponse, ApiError> {
-    caller.require_read(&state)?;
+    caller.require_read(&state, None)?;
     let (name, version) = path.into_inner();
     let row = find(&state, &name, Some(&version)).await?;
     Ok(HttpResponse::Ok().json(to_api(row)?))
 }
 
-#[utoipa::path(get, path = "/api/v1/suites/{name}/versions/{version}/cases",
+#[utoipa::path(get, path = "/api/v1/suites/{name}/versions/{version}/cases", params(("name" = String, Path, description = "adapter, base model or suite name"), ("version" = String, Path, description = "version")),
     responses((status = 200, description = "The canonical cases (JSONL); ETag is the suite digest"), (status = 404, body = crate::api::ErrorBody)))]
 pub async fn cases(
     state: web::Data<AppState>,
     caller: Caller,
     path: web::Path<(String, String)>,
 ) -> Result<HttpResponse, ApiError> {
-    caller.require_read(&state)?;
+    caller.require_read(&state, None)?;
     let (name, version) = path.into_inner();
     let row = find(&state, &name, Some(&version)).await?;
     let bytes = state
