@@ -309,6 +309,8 @@ def main():
     ap.add_argument("--workers", type=int, default=4)
     ap.add_argument("--skip-pg-restart", action="store_true",
                     help="leave PostgreSQL alone (it is shared with other work)")
+    ap.add_argument("--check", action="store_true",
+                    help="exit 1 unless every phase lost no request and no version (the test suite's use)")
     args = ap.parse_args()
     stack = Stack(args)
     rows = []
@@ -374,7 +376,7 @@ def main():
         # 4. PostgreSQL restarted under load, pushes running.
         if args.skip_pg_restart:
             load.stop.set()
-            return print_table(rows)
+            return finish(rows, args.check)
         results = []
         pusher = threading.Thread(target=lambda: results.extend(stack.push("bot", 100 + i) for i in range(10)), daemon=True)
         pusher.start()
@@ -389,7 +391,20 @@ def main():
         load.stop.set()
     finally:
         stack.close()
+    finish(rows, args.check)
+
+
+def finish(rows, check):
     print_table(rows)
+    if not check:
+        return
+    def lost(r):
+        leftover = (r[7] or "").startswith("pending uploads") and not r[7].endswith(": 0")
+        return r[2] != 0 or not (r[4] == r[5] == r[6]) or leftover
+    bad = [r[0] for r in rows if lost(r)]
+    if bad:
+        raise SystemExit(f"faults: requests or versions lost in: {', '.join(bad)}")
+    print("faults: no request failed, every pushed version visible and byte-exact")
 
 
 def print_table(rows):

@@ -3,7 +3,8 @@
 # why, versions pushed vs visible vs downloadable byte-exact after each phase, and the time a
 # gateway takes to follow the routing table after the registry returns.
 #
-#   bench/faults/run.sh [--down SECS] [--workers N]
+#   bench/faults/run.sh [--down SECS] [--workers N] [--skip-pg-restart] [--check]
+# With --check (scripts/test runs it so) it exits 1 when any phase lost a request or a version.
 # Builds the binary with cargo unless BENCH_LORAOPS_BIN names one. Restarts the local
 # PostgreSQL cluster (phase 4): run it on a machine where that is fine.
 set -euo pipefail
