@@ -360,6 +360,12 @@ impl Engine {
         Ok(w)
     }
 
+    /// Read a PEFT adapter directory without making it resident: the caller holds the only
+    /// reference (a request served while every slot holds a pinned adapter). Blocking.
+    pub fn read_adapter(&self, id: &str, dir: &Path) -> Result<Arc<AdapterWeights>, EngineError> {
+        Ok(Arc::new(AdapterWeights::read(id, dir, &self.base.config)?))
+    }
+
     /// The resident adapter `id`, marked as used.
     pub fn adapter(&self, id: &str) -> Option<Arc<AdapterWeights>> {
         self.slots.lock().expect("slots lock").get(id)

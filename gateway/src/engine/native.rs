@@ -96,7 +96,7 @@ impl Inner {
                     .await
                     .map_err(|e| e.to_string())?;
                 let id = format!("{name}@{version}");
-                tokio::task::spawn_blocking(move || me.engine.load_adapter(&id, &dir))
+                tokio::task::spawn_blocking(move || load_or_read(&me.engine, &id, &dir))
                     .await
                     .map_err(|e| format!("the adapter load panicked: {e}"))?
                     .map_err(|e| e.to_string())
@@ -179,6 +179,23 @@ impl Tokens {
                 return Some((ev, st));
             }
         }))
+    }
+}
+
+/// Make `id` resident; when every slot holds a version the routing table serves, read a copy
+/// the request alone holds instead (a version pinned by name, or a request racing a routing
+/// change), rather than failing until the pins change.
+fn load_or_read(
+    engine: &NativeEngine,
+    id: &str,
+    dir: &std::path::Path,
+) -> Result<Arc<AdapterWeights>, loraops_engine::EngineError> {
+    match engine.load_adapter(id, dir) {
+        Err(loraops_engine::EngineError::Slots(loraops_engine::SlotError::NoRoom { .. })) => {
+            tracing::debug!(adapter = %id, "every adapter slot is pinned; serving a transient copy");
+            engine.read_adapter(id, dir)
+        }
+        other => other,
     }
 }
 
@@ -272,6 +289,13 @@ impl Backend for NativeBackend {
             if key != EngineKey::Base {
                 inner.flights.forget_failure(&key);
                 inner.adapter(&key).await?;
+                if !inner.engine.has_adapter(&slot_id(&key)) {
+                    return Err(EngineError::Load {
+                        what: key.to_string(),
+                        message: "no adapter slot is free: every slot holds a routed version"
+                            .into(),
+                    });
+                }
             }
             Ok(())
         }

@@ -275,6 +275,31 @@ async fn a_failed_load_answers_503_with_its_cause_and_is_not_retried_per_request
     greedy(&gw, BASE).await;
 }
 
+/// With every adapter slot holding a routed version, a version named by `NAME@V` is still
+/// served (from a copy only its request holds), and stays out of the slots.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_pinned_request_is_served_when_every_slot_holds_a_routed_version() {
+    let reg = spawn_registry().await;
+    reg.route("bot", Some(1), None).await;
+    let rev = reg.client().routing(None, 0).await.unwrap().revision;
+    let gw = spawn_gateway_with(Some(&reg), |s| s.native.max_adapters = 1).await;
+    gw.wait_revision(rev).await;
+    for _ in 0..2 {
+        let res = gw
+            .post(
+                "/v1/chat/completions",
+                &json!({"model": "bot@2", "max_tokens": 4, "temperature": 0,
+                    "messages": [{"role": "user", "content": "hi"}]}),
+            )
+            .await;
+        assert_eq!(res.status(), 200, "{}", res.text().await.unwrap());
+        assert_eq!(header(res.headers(), "x-loraops-version"), "2");
+    }
+    let ready: Value = gw.get("/readyz").await.json().await.unwrap();
+    let adapters = ready["checks"]["adapters"].as_str().unwrap_or_default();
+    assert!(!adapters.contains("bot@2"), "{ready}");
+}
+
 /// Not ready until the first routing table arrives: before it, every adapter name would 404.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn readiness_waits_for_the_first_routing_table() {
