@@ -32,6 +32,22 @@ impl Drop for Registry {
     }
 }
 
+/// Whether `GET /healthz` on the port answers 200.
+fn answers_health(port: u16) -> bool {
+    use std::io::{Read, Write};
+    let Ok(mut s) = std::net::TcpStream::connect(("127.0.0.1", port)) else {
+        return false;
+    };
+    let _ = s.set_read_timeout(Some(Duration::from_secs(2)));
+    if s.write_all(b"GET /healthz HTTP/1.0\r\nHost: localhost\r\n\r\n")
+        .is_err()
+    {
+        return false;
+    }
+    let mut head = [0u8; 12];
+    s.read_exact(&mut head).is_ok() && head.ends_with(b"200")
+}
+
 fn free_port() -> u16 {
     std::net::TcpListener::bind("127.0.0.1:0")
         .unwrap()
@@ -41,30 +57,45 @@ fn free_port() -> u16 {
 }
 
 impl Registry {
+    /// A registry on a free port. Another test's server may take the port between picking it
+    /// and binding it: then this one exits, and it is started again on another port.
     fn start() -> Self {
         let data = tempfile::tempdir().unwrap();
-        let port = free_port();
-        let child = Command::new(exe())
-            .args([
-                "--data-dir",
-                data.path().to_str().unwrap(),
-                "registry",
-                "serve",
-                "--listen",
-                &format!("127.0.0.1:{port}"),
-            ])
-            .env("LORAOPS_AUTH__HS256_SECRET", SECRET)
-            .env("RUST_LOG", "warn")
-            .stdout(Stdio::null())
-            .spawn()
-            .unwrap();
-        let url = format!("http://127.0.0.1:{port}");
-        let deadline = Instant::now() + Duration::from_secs(30);
-        while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
-            assert!(Instant::now() < deadline, "registry did not start");
-            std::thread::sleep(Duration::from_millis(100));
+        for _ in 0..5 {
+            let port = free_port();
+            let mut child = Command::new(exe())
+                .args([
+                    "--data-dir",
+                    data.path().to_str().unwrap(),
+                    "registry",
+                    "serve",
+                    "--listen",
+                    &format!("127.0.0.1:{port}"),
+                ])
+                .env("LORAOPS_AUTH__HS256_SECRET", SECRET)
+                .env("RUST_LOG", "warn")
+                .stdout(Stdio::null())
+                .spawn()
+                .unwrap();
+            let url = format!("http://127.0.0.1:{port}");
+            let deadline = Instant::now() + Duration::from_secs(30);
+            loop {
+                if child.try_wait().unwrap().is_some() {
+                    break;
+                }
+                // Up when the port answers and the process that answers is still ours.
+                if answers_health(port) {
+                    std::thread::sleep(Duration::from_millis(50));
+                    if child.try_wait().unwrap().is_none() {
+                        return Self { child, url, data };
+                    }
+                    break;
+                }
+                assert!(Instant::now() < deadline, "registry did not start");
+                std::thread::sleep(Duration::from_millis(100));
+            }
         }
-        Self { child, url, data }
+        panic!("the registry could not bind a port in five tries");
     }
 
     fn cli(&self, token: Option<&str>, args: &[&str]) -> Output {
