@@ -24,7 +24,9 @@ use super::{Global, base_model, rollout::report_table, up::ensure_tiny_model};
 #[derive(Debug, Args)]
 pub struct DemoArgs {
     /// Optimizer steps of the demo fine-tune.
-    #[arg(long, default_value_t = 30)]
+    /// (At 30 steps the tiny model has learnt only that spaces are frequent, and answers with
+    /// nothing else; by 120 it answers with words of the training answers.)
+    #[arg(long, default_value_t = 120)]
     pub steps: usize,
 }
 
@@ -188,7 +190,6 @@ pub fn run(args: DemoArgs, global: &Global) -> anyhow::Result<()> {
             );
         }
 
-        println!("6/8 gateway (mistral.rs, in-process)");
         let mut gw = GatewaySettings::new(base_dir.clone(), cache);
         gw.listen = "127.0.0.1:0".into();
         gw.base_model_name = Some(base.name.to_string());
@@ -197,6 +198,11 @@ pub fn run(args: DemoArgs, global: &Global) -> anyhow::Result<()> {
         gw.data_dir = data_dir.clone();
         gw.report_interval = Duration::from_millis(500);
         let gateway = GatewayApp::build(gw).await?;
+        let engine = gateway.state().backend.identity().clone();
+        println!(
+            "6/8 gateway ({} {} engine, in-process)",
+            engine.name, engine.version
+        );
         let gw_url = format!("http://127.0.0.1:{}/v1", gateway.port());
         let gw_handle = gateway.handle();
         actix_web::rt::spawn(gateway.run_until_stopped());
@@ -265,6 +271,7 @@ pub fn run(args: DemoArgs, global: &Global) -> anyhow::Result<()> {
         let evidence = evaluate(
             &http,
             &gw_url,
+            &engine,
             &pinned,
             &pushed.version.digest,
             SuiteRef {
@@ -401,6 +408,7 @@ fn regression_suite() -> NewSuite {
 async fn evaluate(
     http: &reqwest::Client,
     gw: &str,
+    engine: &loraops_gateway::engine::EngineInfo,
     model: &str,
     digest: &str,
     suite: SuiteRef,
@@ -417,8 +425,8 @@ async fn evaluate(
         adapter_digest: digest.to_string(),
         suite,
         engine: EngineIdentity {
-            engine: "mistral.rs".into(),
-            engine_version: "0.8.1".into(),
+            engine: engine.name.clone(),
+            engine_version: engine.version.clone(),
             model_digest: None,
             decoding: json!({"temperature": 0, "max_tokens": 24}),
         },

@@ -569,9 +569,8 @@ fn the_demo_runs_the_whole_lifecycle() {
         .args([
             "--data-dir",
             data.path().to_str().unwrap(),
+            // The default, as the README runs it.
             "demo",
-            "--steps",
-            "10",
         ])
         .env("RUST_LOG", "warn")
         .output()
