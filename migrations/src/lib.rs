@@ -8,6 +8,7 @@ mod m20261128_000002_suites;
 mod m20261128_000003_webhooks;
 mod m20261128_000004_judge_scores;
 mod m20261210_000001_rollout_analysis;
+mod m20261211_000001_training_runs;
 
 pub struct Migrator;
 
@@ -19,6 +20,7 @@ impl MigratorTrait for Migrator {
             Box::new(m20261128_000003_webhooks::Migration),
             Box::new(m20261128_000004_judge_scores::Migration),
             Box::new(m20261210_000001_rollout_analysis::Migration),
+            Box::new(m20261211_000001_training_runs::Migration),
         ]
     }
 }

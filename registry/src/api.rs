@@ -210,6 +210,9 @@ pub struct AdapterVersion {
     /// The training manifest, when the push carried one.
     #[schema(value_type = Object)]
     pub lineage: Option<Value>,
+    /// The training run that produced it (`GET /runs/{id}`), when its manifest named one.
+    #[serde(default)]
+    pub run: Option<String>,
     pub size_bytes: u64,
     pub created_by: String,
     pub created_at: DateTime<Utc>,
@@ -275,6 +278,138 @@ pub struct TrainingManifest {
     #[serde(flatten)]
     #[schema(value_type = Object)]
     pub extra: BTreeMap<String, Value>,
+}
+
+// ---------------------------------------------------------------------------------------------
+// Training runs: created by `loraops train --registry`, metrics streamed as it trains.
+
+/// Where a run stands. `running` until the trainer reports its end.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+#[serde(rename_all = "snake_case")]
+pub enum RunStatus {
+    Running,
+    Succeeded,
+    Failed,
+    /// Stopped by a signal (Ctrl-C) before its last step.
+    Interrupted,
+}
+
+impl RunStatus {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Running => "running",
+            Self::Succeeded => "succeeded",
+            Self::Failed => "failed",
+            Self::Interrupted => "interrupted",
+        }
+    }
+}
+
+impl FromStr for RunStatus {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        Ok(match s {
+            "running" => Self::Running,
+            "succeeded" => Self::Succeeded,
+            "failed" => Self::Failed,
+            "interrupted" => Self::Interrupted,
+            _ => return Err(format!("unknown run status {s:?}")),
+        })
+    }
+}
+
+/// `POST /runs`: a run as the trainer starts it. The trainer picks the id, so a create that is
+/// retried (or sent late, after the registry was unreachable) is the same run.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, ToSchema)]
+pub struct NewRun {
+    #[schema(value_type = String)]
+    pub id: uuid::Uuid,
+    /// The adapter the run trains: it is listed under it, and a token limited to some
+    /// adapters sees only their runs.
+    #[serde(default)]
+    pub adapter: Option<Name>,
+    /// `sft`, `dpo`, `orpo` or `kto`.
+    pub method: String,
+    pub base_model: String,
+    /// The effective training configuration (hyperparameters).
+    #[schema(value_type = Object)]
+    pub config: Value,
+    #[serde(default)]
+    pub datasets: Vec<DatasetRef>,
+    pub total_steps: u64,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, ToSchema)]
+pub struct VersionRef {
+    pub adapter: Name,
+    pub version: u32,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, ToSchema)]
+pub struct Run {
+    pub id: String,
+    pub adapter: Option<Name>,
+    pub method: String,
+    pub base_model: String,
+    pub status: RunStatus,
+    #[schema(value_type = Object)]
+    pub config: Value,
+    pub datasets: Vec<DatasetRef>,
+    pub total_steps: u64,
+    /// The highest step a metric was recorded for.
+    pub last_step: u64,
+    /// What the trainer reported at the end (final loss, best validation loss, tokens, …).
+    #[schema(value_type = Object)]
+    pub summary: Option<Value>,
+    pub created_by: String,
+    pub created_at: DateTime<Utc>,
+    pub updated_at: DateTime<Utc>,
+    pub ended_at: Option<DateTime<Utc>>,
+    /// Versions pushed from this run's adapter (`GET /runs/{id}` only).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub versions: Vec<VersionRef>,
+}
+
+/// One metric value at one optimizer step.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, ToSchema)]
+pub struct RunPoint {
+    pub step: u64,
+    /// `loss`, `val_loss`, `lr`, `grad_norm`, `tokens_per_s`, `memory_bytes`, or a
+    /// method's own (`rewards/margins`, …): 1–64 characters of `[A-Za-z0-9._/-]`.
+    pub name: String,
+    pub value: f64,
+}
+
+/// `POST /runs/{id}/metrics`: a batch of points. A point already stored (same step and name)
+/// is ignored, so a batch can be resent after a failure.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, ToSchema)]
+pub struct RunPoints {
+    pub points: Vec<RunPoint>,
+}
+
+/// `POST /runs/{id}/end`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, ToSchema)]
+pub struct EndRun {
+    pub status: RunStatus,
+    #[serde(default)]
+    #[schema(value_type = Object)]
+    pub summary: Option<Value>,
+}
+
+/// `GET /runs/{id}/metrics`: each metric as `[step, value]` pairs in step order.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, ToSchema)]
+pub struct RunMetrics {
+    pub run: String,
+    pub series: BTreeMap<String, Vec<(u64, f64)>>,
+}
+
+/// `GET /me`: who the token is, as the registry sees it.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, ToSchema)]
+pub struct Me {
+    pub sub: String,
+    pub roles: Vec<Role>,
+    /// Adapter name patterns the token is limited to; `null`: every adapter.
+    pub adapters: Option<Vec<String>>,
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -998,6 +1133,22 @@ pub struct RolloutEvent {
 pub struct RolloutStatus {
     pub rollout: Rollout,
     pub events: Vec<RolloutEvent>,
+}
+
+/// One time bucket of a rollout's live per-arm metrics.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, ToSchema)]
+pub struct SeriesPoint {
+    /// The bucket's end (reports are placed by the time the registry received them).
+    pub at: DateTime<Utc>,
+    pub arms: Vec<ArmMetrics>,
+}
+
+/// `GET /adapters/{name}/rollouts/current/series`: the rollout's reports over time.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, ToSchema)]
+pub struct RolloutSeries {
+    pub rollout: i64,
+    pub bucket_secs: u64,
+    pub points: Vec<SeriesPoint>,
 }
 
 // ---------------------------------------------------------------------------------------------

@@ -526,6 +526,51 @@ impl RegistryClient {
         .await?;
         Ok(())
     }
+    /// Start a training run (the same id again is the same run).
+    pub async fn create_run(&self, r: &crate::api::NewRun) -> Result<crate::api::Run, ClientError> {
+        self.send_json(Method::POST, "/api/v1/runs", r).await
+    }
+
+    /// Add metric points to a run (points already stored are ignored).
+    pub async fn post_run_metrics(
+        &self,
+        id: &str,
+        points: &crate::api::RunPoints,
+    ) -> Result<(), ClientError> {
+        self.send(
+            self.request(Method::POST, &format!("/api/v1/runs/{id}/metrics"))
+                .json(points),
+        )
+        .await?;
+        Ok(())
+    }
+
+    /// Record how a run ended.
+    pub async fn end_run(
+        &self,
+        id: &str,
+        end: &crate::api::EndRun,
+    ) -> Result<crate::api::Run, ClientError> {
+        self.send_json(Method::POST, &format!("/api/v1/runs/{id}/end"), end)
+            .await
+    }
+
+    /// Runs, newest first (of one adapter, when given).
+    pub async fn runs(&self, adapter: Option<&str>) -> Result<Vec<crate::api::Run>, ClientError> {
+        match adapter {
+            Some(a) => self.all_pages(&format!("/api/v1/runs?adapter={a}")).await,
+            None => self.all_pages("/api/v1/runs").await,
+        }
+    }
+
+    pub async fn run(&self, id: &str) -> Result<crate::api::Run, ClientError> {
+        self.get(&format!("/api/v1/runs/{id}")).await
+    }
+
+    pub async fn run_metrics(&self, id: &str) -> Result<crate::api::RunMetrics, ClientError> {
+        self.get(&format!("/api/v1/runs/{id}/metrics")).await
+    }
+
     /// Upload a suite (a manifest and its JSONL cases); the same content again is a no-op.
     pub async fn push_suite(
         &self,

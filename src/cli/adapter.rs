@@ -68,13 +68,16 @@ pub fn run(cmd: AdapterCmd, global: &Global) -> anyhow::Result<()> {
             .filter_map(|f| std::fs::metadata(dir.join(f)).ok())
             .map(|m| m.len())
             .sum();
+            let c = client.client();
+            // The run that trained this adapter, if its metrics are still waiting here: the
+            // version will link to it, so deliver them first (a failure does not stop the push).
+            if dir.join(crate::run_report::PENDING_FILE).exists()
+                && let Err(e) = rt.block_on(crate::run_report::sync(&dir, &c))
+            {
+                eprintln!("warning: the training run's pending metrics were not delivered: {e:#}");
+            }
             let (bar, progress) = transfer_bar(total, &format!("push {name}"), json);
-            let res = rt.block_on(client.client().push_dir(
-                &dir,
-                name.as_str(),
-                base_model.as_deref(),
-                progress,
-            ));
+            let res = rt.block_on(c.push_dir(&dir, name.as_str(), base_model.as_deref(), progress));
             bar.finish_and_clear();
             let res = res?;
             emit(json, &res, || {

@@ -11,6 +11,7 @@ pub mod gateway;
 pub mod model;
 pub mod registry;
 pub mod rollout;
+pub mod run;
 pub mod token;
 pub mod train;
 pub mod up;
@@ -133,6 +134,9 @@ pub enum Command {
     /// Fine-tune a LoRA / QLoRA adapter.
     #[command(subcommand)]
     Train(train::TrainCmd),
+    /// Training runs recorded in the registry (`train --registry`).
+    #[command(subcommand)]
+    Run(run::RunCmd),
     /// Curate datasets (validate, mask PII, deduplicate, filter, balance, split JSONL) and
     /// generate synthetic rows through the gateway.
     #[command(subcommand)]
@@ -153,6 +157,7 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Token(cmd) => token::run(cmd, &cli.global),
         Command::Model(cmd) => model::run(cmd, &cli.global),
         Command::Train(cmd) => train::run(cmd, &cli.global),
+        Command::Run(cmd) => run::run(cmd, &cli.global),
         Command::Data(cmd) => data::run(cmd, &cli.global),
     }
 }

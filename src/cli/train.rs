@@ -6,16 +6,23 @@ use std::path::PathBuf;
 use anyhow::Context as _;
 use clap::{Args, Subcommand};
 use indicatif::{ProgressBar, ProgressStyle};
+use loraops_registry::api::{DatasetRef, NewRun, RunPoint, RunStatus};
 use loraops_trainer::preference::{Method, PreferenceConfig, train_preference};
 use loraops_trainer::sft::{Event, SftConfig, SftOutcome, read_config_table, train_sft};
 use serde_json::{Map, Value, json};
 
 use super::Global;
+use crate::run_report::{self, RunReporter};
 
 #[derive(Debug, Subcommand)]
 pub enum TrainCmd {
     /// Supervised fine-tuning on chat, prompt/completion or Alpaca JSONL.
-    Sft(SftArgs),
+    Sft {
+        #[command(flatten)]
+        args: SftArgs,
+        #[command(flatten)]
+        report: ReportArgs,
+    },
     /// Direct preference optimisation on {"prompt","chosen","rejected"} JSONL (sigmoid,
     /// conservative, robust or IPO loss; the reference is the base with the adapter switched off).
     Dpo(PreferenceArgs),
@@ -30,6 +37,8 @@ pub enum TrainCmd {
 pub struct PreferenceArgs {
     #[command(flatten)]
     common: SftArgs,
+    #[command(flatten)]
+    report: ReportArgs,
     /// DPO and KTO: beta; ORPO: lambda, the weight of the odds-ratio term.
     #[arg(long)]
     beta: Option<f64>,
@@ -45,6 +54,25 @@ pub struct PreferenceArgs {
     /// KTO: weight of undesirable (label false) examples.
     #[arg(long)]
     undesirable_weight: Option<f64>,
+}
+
+/// Where the run is reported (as MLflow tracks runs): nothing is sent without a registry.
+#[derive(Debug, Args)]
+pub struct ReportArgs {
+    /// Registry to record the run in: hyperparameters, datasets, metrics as it trains, its
+    /// end; the pushed version links to it. Token from LORAOPS_TOKEN (publisher role).
+    #[arg(long = "registry", env = "LORAOPS_REGISTRY_URL")]
+    registry: Option<String>,
+    #[arg(long, env = "LORAOPS_TOKEN", hide_env_values = true)]
+    token: Option<String>,
+    /// The adapter this run trains (the name it will be pushed under): the run is listed with
+    /// it, and tokens limited to that adapter see it.
+    #[arg(long)]
+    name: Option<String>,
+    /// At the end, how long to keep trying an unreachable registry before leaving the
+    /// undelivered metrics in OUT/run-pending.json (`loraops run sync OUT` sends them).
+    #[arg(long, default_value_t = 60)]
+    registry_wait_secs: u64,
 }
 
 #[derive(Debug, Args)]
@@ -139,22 +167,28 @@ pub struct SftArgs {
 
 pub fn run(cmd: TrainCmd, global: &Global) -> anyhow::Result<()> {
     match cmd {
-        TrainCmd::Sft(args) => sft(args, global),
+        TrainCmd::Sft { args, report } => sft(args, report, global),
         TrainCmd::Dpo(args) => preference(Method::Dpo, args, global),
         TrainCmd::Orpo(args) => preference(Method::Orpo, args, global),
         TrainCmd::Kto(args) => preference(Method::Kto, args, global),
     }
 }
 
-fn sft(a: SftArgs, global: &Global) -> anyhow::Result<()> {
-    let m = table(a, global, "sft")?;
+fn sft(a: SftArgs, report: ReportArgs, global: &Global) -> anyhow::Result<()> {
+    let mut m = table(a, global, "sft")?;
+    let tracking = Tracking::start(report, &mut m)?;
     let cfg: SftConfig =
-        serde_json::from_value(Value::Object(m)).context("training configuration")?;
+        serde_json::from_value(Value::Object(m.clone())).context("training configuration")?;
     let device = loraops_model::select_device(&cfg.device)?;
     let progress = Progress::new(global.json);
-    let outcome = train_sft(&cfg, &device, &mut |e| progress.on(e))?;
-    progress.done(&outcome);
-    Ok(())
+    let run = tracking.as_ref().map(|t| t.describe("sft", &cfg, &m));
+    let result = train_sft(&cfg, &device, &mut |e| {
+        if let Some(t) = &tracking {
+            t.on(e, run.as_ref());
+        }
+        progress.on(e)
+    });
+    finish(tracking, &progress, result)
 }
 
 fn preference(method: Method, a: PreferenceArgs, global: &Global) -> anyhow::Result<()> {
@@ -172,12 +206,154 @@ fn preference(method: Method, a: PreferenceArgs, global: &Global) -> anyhow::Res
     );
     set("desirable_weight", a.desirable_weight.map(|x| json!(x)));
     set("undesirable_weight", a.undesirable_weight.map(|x| json!(x)));
-    let cfg = PreferenceConfig::from_table(method, m).context("training configuration")?;
+    let tracking = Tracking::start(a.report, &mut m)?;
+    let cfg = PreferenceConfig::from_table(method, m.clone()).context("training configuration")?;
     let device = loraops_model::select_device(&cfg.train.device)?;
     let progress = Progress::new(global.json);
-    let outcome = train_preference(&cfg, &device, &mut |e| progress.on(e))?;
+    let run = tracking
+        .as_ref()
+        .map(|t| t.describe(method.name(), &cfg.train, &m));
+    let result = train_preference(&cfg, &device, &mut |e| {
+        if let Some(t) = &tracking {
+            t.on(e, run.as_ref());
+        }
+        progress.on(e)
+    });
+    finish(tracking, &progress, result)
+}
+
+/// The run's end: the outcome (or the error) to the registry, then to the user.
+fn finish(
+    tracking: Option<Tracking>,
+    progress: &Progress,
+    result: loraops_trainer::Result<SftOutcome>,
+) -> anyhow::Result<()> {
+    if let Some(t) = tracking {
+        let (status, summary) = match &result {
+            Ok(o) => (
+                RunStatus::Succeeded,
+                json!({"steps": o.steps_done, "final_loss": o.final_loss,
+                    "best_val_loss": o.best_val_loss, "tokens": o.tokens, "seconds": o.seconds,
+                    "peak_gpu_bytes": o.peak_gpu_bytes}),
+            ),
+            Err(e) => (RunStatus::Failed, json!({"error": e.to_string()})),
+        };
+        progress.bar.suspend(|| {
+            if !progress.json {
+                eprintln!("reporting run {} to {} …", t.reporter.id(), t.registry);
+            }
+        });
+        let d = t.reporter.finish(status, Some(summary));
+        progress.delivered(&d);
+    }
+    let outcome = result?;
     progress.done(&outcome);
     Ok(())
+}
+
+/// A run recorded in the registry while it trains.
+struct Tracking {
+    reporter: RunReporter,
+    registry: String,
+    adapter: Option<loraops_registry::api::Name>,
+}
+
+impl Tracking {
+    /// With `--registry`: the run's id goes into the configuration (and so the manifest).
+    fn start(args: ReportArgs, m: &mut Map<String, Value>) -> anyhow::Result<Option<Self>> {
+        let Some(registry) = args.registry else {
+            return Ok(None);
+        };
+        let adapter = args
+            .name
+            .as_deref()
+            .map(loraops_registry::api::Name::parse)
+            .transpose()
+            .context("--name")?;
+        let out = m
+            .get("out")
+            .and_then(Value::as_str)
+            .map(std::path::PathBuf::from)
+            .context("--out is required")?;
+        let client = loraops_registry::client::RegistryClient::new(&registry, args.token);
+        let reporter = RunReporter::start(
+            &out,
+            client,
+            std::time::Duration::from_secs(args.registry_wait_secs),
+        )
+        .with_context(|| format!("{}: run file", out.display()))?;
+        m.insert("run_id".into(), json!(reporter.id()));
+        Ok(Some(Self {
+            reporter,
+            registry,
+            adapter,
+        }))
+    }
+
+    /// The run as the registry records it (its datasets' digests are computed once, here).
+    fn describe(&self, method: &str, cfg: &SftConfig, table: &Map<String, Value>) -> NewRun {
+        let dataset = |role: &str, path: &std::path::Path| DatasetRef {
+            role: role.into(),
+            path: path.display().to_string(),
+            digest: loraops_trainer::data::file_digest(path).unwrap_or_default(),
+            rows: 0,
+        };
+        let mut datasets = vec![dataset("train", &cfg.data)];
+        if let Some(v) = &cfg.val_data {
+            datasets.push(dataset("val", v));
+        }
+        let mut config = table.clone();
+        config.remove("run_id");
+        NewRun {
+            id: self.reporter.id().parse().expect("a UUID"),
+            adapter: self.adapter.clone(),
+            method: method.into(),
+            base_model: cfg
+                .base_model_name
+                .clone()
+                .unwrap_or_else(|| cfg.model.display().to_string()),
+            config: Value::Object(config),
+            datasets,
+            total_steps: cfg.steps as u64,
+        }
+    }
+
+    fn on(&self, e: Event, run: Option<&NewRun>) {
+        let point = |step: usize, name: &str, value: f64| RunPoint {
+            step: step as u64,
+            name: name.into(),
+            value,
+        };
+        match e {
+            Event::Start { stats, .. } => {
+                if let Some(r) = run {
+                    let mut r = r.clone();
+                    if let Some(d) = r.datasets.first_mut() {
+                        d.rows = stats.rows as u64;
+                    }
+                    self.reporter.create(r);
+                }
+            }
+            Event::Step(m) => {
+                let mut pts = vec![
+                    point(m.step, "loss", m.loss),
+                    point(m.step, "lr", m.lr),
+                    point(m.step, "grad_norm", m.grad_norm),
+                    point(m.step, "tokens_per_s", m.tokens_per_s),
+                ];
+                if let Some(rss) = run_report::resident_bytes() {
+                    pts.push(point(m.step, "memory_bytes", rss));
+                }
+                pts.extend(m.metrics.iter().map(|(k, v)| point(m.step, k, *v)));
+                self.reporter.points(pts);
+            }
+            Event::Eval { step, val_loss } => {
+                self.reporter
+                    .points(vec![point(step, "val_loss", val_loss)]);
+            }
+            Event::EarlyStop { .. } | Event::Checkpoint { .. } => {}
+        }
+    }
 }
 
 /// The configuration table of `method`: the file's, then the flags over it.
@@ -308,6 +484,31 @@ impl Progress {
                 }
             }
             Event::Checkpoint { .. } => {}
+        }
+    }
+
+    /// What reached the registry.
+    fn delivered(&self, d: &run_report::Delivery) {
+        if self.json {
+            println!("{}", json!({"event": "run", "delivery": d}));
+            return;
+        }
+        match (&d.refused, &d.pending_file) {
+            (Some(why), _) => eprintln!(
+                "run {} was not recorded: the registry refused it ({why})",
+                d.run
+            ),
+            (None, Some(f)) => eprintln!(
+                "the registry at {} is unreachable: {} metric points of run {} kept in {}; `loraops run sync {}` sends them",
+                d.registry,
+                d.pending_points,
+                d.run,
+                f.display(),
+                f.parent()
+                    .map(|p| p.display().to_string())
+                    .unwrap_or_default()
+            ),
+            (None, None) => eprintln!("run {} recorded in {}", d.run, d.registry),
         }
     }
 

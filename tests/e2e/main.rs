@@ -11,6 +11,7 @@ use serde_json::{Value, json};
 
 mod data;
 mod eval;
+mod runs;
 mod stack;
 
 const SECRET: &str = "e2e-secret-0123456789abcdef";
@@ -96,6 +97,46 @@ impl Registry {
             }
         }
         panic!("the registry could not bind a port in five tries");
+    }
+
+    /// Kill the registry (as a crash or an outage would).
+    fn kill(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+
+    /// Start it again on the same port and data dir.
+    fn restart(&mut self) {
+        self.kill();
+        let port: u16 = self.url.rsplit(':').next().unwrap().parse().unwrap();
+        let deadline = Instant::now() + Duration::from_secs(30);
+        loop {
+            self.child = Command::new(exe())
+                .args([
+                    "--data-dir",
+                    self.data.path().to_str().unwrap(),
+                    "registry",
+                    "serve",
+                    "--listen",
+                    &format!("127.0.0.1:{port}"),
+                ])
+                .env("LORAOPS_AUTH__HS256_SECRET", SECRET)
+                .env("RUST_LOG", "warn")
+                .stdout(Stdio::null())
+                .spawn()
+                .unwrap();
+            while self.child.try_wait().unwrap().is_none() {
+                if answers_health(port) {
+                    return;
+                }
+                std::thread::sleep(Duration::from_millis(100));
+            }
+            assert!(
+                Instant::now() < deadline,
+                "the registry did not restart on port {port}"
+            );
+            std::thread::sleep(Duration::from_millis(500));
+        }
     }
 
     fn cli(&self, token: Option<&str>, args: &[&str]) -> Output {

@@ -84,6 +84,9 @@ pub struct SftConfig {
     pub activation_checkpointing: bool,
     /// Pack several examples into each row of `max_len` tokens (each attends only to itself).
     pub packing: bool,
+    /// The registry's training run this is (`train --registry`), recorded in the manifest as
+    /// `run_id` so the pushed version links to it.
+    pub run_id: Option<String>,
 }
 
 impl Default for SftConfig {
@@ -95,6 +98,7 @@ impl Default for SftConfig {
             val_data: None,
             out: PathBuf::new(),
             base_model_name: None,
+            run_id: None,
             steps: 100,
             quantize: "none".into(),
             base_dtype: "f32".into(),
@@ -297,6 +301,7 @@ pub struct StepMetrics {
 }
 
 /// What the loop reports as it goes (for progress bars and logs).
+#[derive(Clone, Copy)]
 pub enum Event<'a> {
     Start {
         total_steps: usize,
@@ -898,6 +903,9 @@ fn manifest(
         "dataset_stats".to_string(),
         serde_json::to_value(&o.stats).expect("serialisable"),
     );
+    if let Some(id) = &cfg.run_id {
+        extra.insert("run_id".to_string(), serde_json::Value::String(id.clone()));
+    }
     extra.insert(
         "stopped_early".to_string(),
         serde_json::Value::Bool(stopped_early),

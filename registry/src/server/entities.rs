@@ -72,6 +72,8 @@ pub mod adapter_version {
         pub upload_id: String,
         pub created_by: String,
         pub created_at: DateTimeUtc,
+        /// The training run that produced it (`run_id` of the pushed manifest).
+        pub run_id: Option<String>,
     }
     no_relations!();
 }
@@ -346,6 +348,50 @@ pub mod webhook_delivery {
         #[sea_orm(column_type = "Text", nullable)]
         pub last_error: Option<String>,
         pub created_at: DateTimeUtc,
+    }
+    no_relations!();
+}
+
+pub mod run {
+    use sea_orm::entity::prelude::*;
+
+    #[derive(Clone, Debug, PartialEq, DeriveEntityModel)]
+    #[sea_orm(table_name = "runs")]
+    pub struct Model {
+        #[sea_orm(primary_key, auto_increment = false)]
+        pub id: String,
+        pub adapter: Option<String>,
+        pub method: String,
+        pub base_model: String,
+        pub status: String,
+        #[sea_orm(column_type = "JsonBinary")]
+        pub config: Json,
+        #[sea_orm(column_type = "JsonBinary")]
+        pub datasets: Json,
+        pub total_steps: i64,
+        pub last_step: i64,
+        #[sea_orm(column_type = "JsonBinary", nullable)]
+        pub summary: Option<Json>,
+        pub created_by: String,
+        pub created_at: DateTimeUtc,
+        pub updated_at: DateTimeUtc,
+        pub ended_at: Option<DateTimeUtc>,
+    }
+    no_relations!();
+}
+
+pub mod run_metric {
+    use sea_orm::entity::prelude::*;
+
+    #[derive(Clone, Debug, PartialEq, DeriveEntityModel)]
+    #[sea_orm(table_name = "run_metrics")]
+    pub struct Model {
+        #[sea_orm(primary_key)]
+        pub id: i32,
+        pub run_id: String,
+        pub name: String,
+        pub step: i64,
+        pub value: f64,
     }
     no_relations!();
 }

@@ -18,6 +18,7 @@ pub mod routes;
 pub mod settings;
 pub mod supervisor;
 pub mod sweep;
+pub mod ui;
 pub mod webhooks;
 
 use std::net::TcpListener;
@@ -151,6 +152,7 @@ pub fn configure(cfg: &mut web::ServiceConfig) {
     .app_data(web::PathConfig::default().error_handler(|e, _| error::extractor_error(e)))
     .app_data(web::QueryConfig::default().error_handler(|e, _| error::extractor_error(e)))
     .configure(routes::configure)
+    .configure(ui::configure)
     .route("/openapi.json", web::get().to(openapi::serve));
 }
 

@@ -70,6 +70,7 @@ pub fn to_api_version(
         summary: serde_json::from_value(v.summary).map_err(|e| bad("summary", e))?,
         config: v.config,
         lineage: v.lineage,
+        run: v.run_id,
         size_bytes: v.size_bytes as u64,
         created_by: v.created_by,
         created_at: v.created_at,

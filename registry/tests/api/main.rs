@@ -11,6 +11,7 @@ mod ops;
 mod push;
 mod records;
 mod rollouts;
+mod runs;
 mod suites;
 mod validation;
 mod webhooks;

@@ -7,6 +7,7 @@
 //! and the lease compares one clock, so neither a gateway's nor a replica's clock skew moves
 //! data between intervals or hands the lease to two replicas.
 
+use std::collections::BTreeMap;
 use std::time::Duration;
 
 use actix_web::web;
@@ -19,11 +20,11 @@ use sea_orm::{
 };
 use serde_json::json;
 
-use super::analysis::{self, Arms, Decision, Next, Phase, Progress, Verdict};
+use super::analysis::{self, ArmSample, Arms, Decision, Next, Phase, Progress, Verdict};
 use super::{CONTROLLER, Change, go, record, transition};
 use crate::api::{
-    ArmObservation, EngineIdentity, Name, NewEvidence, RolloutSpec, RolloutState, SuiteRef,
-    TimeoutPolicy,
+    ArmObservation, EngineIdentity, Name, NewEvidence, RolloutSpec, RolloutState, SeriesPoint,
+    SuiteRef, TimeoutPolicy,
 };
 use crate::server::AppState;
 use crate::server::entities::{
@@ -130,6 +131,63 @@ fn verdict_str(v: &Verdict) -> &'static str {
         Verdict::Pass => "pass",
         Verdict::Fail(_) => "fail",
     }
+}
+
+/// Buckets of a live series at most: a chart has no use for more points than pixels.
+const MAX_SERIES_POINTS: i64 = 2000;
+
+/// The rollout's reports from its start to `until`, summed per arm in buckets of
+/// `bucket_secs` by receive time (the analysis's clock): what a live chart draws. The bucket
+/// is widened when the span would need more than [`MAX_SERIES_POINTS`].
+pub async fn series(
+    db: &impl ConnectionTrait,
+    r: &rollout::Model,
+    until: DateTime<Utc>,
+    bucket_secs: u64,
+) -> Result<(u64, Vec<SeriesPoint>), ApiError> {
+    let start = r.created_at;
+    let span = (until - start).num_seconds().max(1);
+    let bucket = (bucket_secs.clamp(1, 86_400) as i64)
+        .max((span + MAX_SERIES_POINTS - 1) / MAX_SERIES_POINTS);
+    let rows = interval_query(r.adapter_id, start, until)
+        .order_by_asc(observation::Column::ReceivedAt)
+        .all(db)
+        .await?;
+    let stable = r.from_version.unwrap_or(0);
+    let name = Name::parse("observed").expect("valid name");
+    // bucket index → (candidate arm, candidate, stable)
+    let mut buckets: BTreeMap<i64, (&str, ArmSample, ArmSample)> = BTreeMap::new();
+    for o in &rows {
+        let i = (o.received_at - start).num_seconds().max(0) / bucket;
+        let b = buckets
+            .entry(i)
+            .or_insert_with(|| ("canary", ArmSample::default(), ArmSample::default()));
+        if (o.arm == "canary" || o.arm == "shadow") && o.version == r.version {
+            b.0 = if o.arm == "shadow" {
+                "shadow"
+            } else {
+                "canary"
+            };
+            b.1.add(&to_observation(o, &name));
+        } else if o.arm == "stable" && o.version == stable {
+            b.2.add(&to_observation(o, &name));
+        }
+    }
+    let points = buckets
+        .into_iter()
+        .filter(|(_, (_, c, s))| c.requests + s.requests > 0)
+        .map(|(i, (arm, c, s))| {
+            let total = c.requests + s.requests;
+            SeriesPoint {
+                at: (start + chrono::Duration::seconds((i + 1) * bucket)).min(until),
+                arms: vec![
+                    c.metrics(arm, r.version as u32, total),
+                    s.metrics("stable", stable as u32, total),
+                ],
+            }
+        })
+        .collect();
+    Ok((bucket as u64, points))
 }
 
 /// The shadow phase's analysis, stored as evidence of the version (suite `shadow`, digest

@@ -6,11 +6,13 @@
 use actix_web::{HttpResponse, web};
 use sea_orm::{EntityTrait, Set, TransactionTrait, sea_query::OnConflict};
 
-use crate::api::{Gate, GatePolicy, Name, Role};
+use crate::api::{Gate, GatePolicy, GateReport, Name, Role};
 use crate::server::AppState;
 use crate::server::caller::Caller;
 use crate::server::entities::gate;
 use crate::server::error::ApiError;
+use crate::server::records;
+use crate::server::routes::adapters::path_version;
 
 /// `*` (the default policy) or a valid adapter name.
 fn scope(raw: &str) -> Result<String, ApiError> {
@@ -157,4 +159,20 @@ pub async fn show(
         updated_by: row.updated_by,
         updated_at: row.updated_at,
     }))
+}
+
+#[utoipa::path(get, path = "/api/v1/adapters/{name}/versions/{version}/gate-report",
+    params(("name" = String, Path, description = "adapter name"), ("version" = String, Path, description = "version")),
+    responses((status = 200, description = "the adapter's gate evaluated now for this version; nothing changes", body = GateReport),
+        (status = 404, body = crate::api::ErrorBody)))]
+pub async fn report(
+    state: web::Data<AppState>,
+    caller: Caller,
+    path: web::Path<(String, String)>,
+) -> Result<HttpResponse, ApiError> {
+    let (name, version) = path_version(&path)?;
+    caller.require_read(&state, Some(name.as_str()))?;
+    let a = records::adapter_by_name(&state.db, name.as_str()).await?;
+    let v = records::version_row(&state.db, &a, version).await?;
+    Ok(HttpResponse::Ok().json(crate::server::gate::report(&state.db, &a, &v).await?))
 }

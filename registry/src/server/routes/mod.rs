@@ -6,9 +6,11 @@ pub mod evidence;
 pub mod files;
 pub mod gates;
 pub mod health;
+pub mod me;
 pub mod push;
 pub mod rollouts;
 pub mod routing;
+pub mod runs;
 pub mod suites;
 
 use actix_web::web;
@@ -19,6 +21,7 @@ pub fn configure(cfg: &mut web::ServiceConfig) {
         .route("/metrics", web::get().to(health::metrics))
         .service(
             web::scope("/api/v1")
+                .route("/me", web::get().to(me::me))
                 .route("/base-models", web::get().to(base_models::list))
                 .route("/base-models", web::post().to(base_models::create))
                 .route(
@@ -52,6 +55,10 @@ pub fn configure(cfg: &mut web::ServiceConfig) {
                     "/adapters/{name}/versions/{version}/evidence",
                     web::post().to(evidence::create),
                 )
+                .route(
+                    "/adapters/{name}/versions/{version}/gate-report",
+                    web::get().to(gates::report),
+                )
                 .route("/adapters/{name}/gate", web::get().to(gates::show))
                 .route("/adapters/{name}/gate", web::put().to(gates::put))
                 .route("/adapters/{name}/rollouts", web::post().to(rollouts::start))
@@ -60,9 +67,20 @@ pub fn configure(cfg: &mut web::ServiceConfig) {
                     web::get().to(rollouts::current),
                 )
                 .route(
+                    "/adapters/{name}/rollouts/current/series",
+                    web::get().to(rollouts::series),
+                )
+                .route(
                     "/adapters/{name}/rollouts/current/{action}",
                     web::post().to(rollouts::act),
                 )
+                .route("/rollouts", web::get().to(rollouts::list))
+                .route("/runs", web::get().to(runs::list))
+                .route("/runs", web::post().to(runs::create))
+                .route("/runs/{id}", web::get().to(runs::show))
+                .route("/runs/{id}/metrics", web::get().to(runs::metrics))
+                .route("/runs/{id}/metrics", web::post().to(runs::post_metrics))
+                .route("/runs/{id}/end", web::post().to(runs::end))
                 .route("/suites", web::get().to(suites::list))
                 .route("/suites", web::post().to(suites::create))
                 .route("/suites/{name}", web::get().to(suites::latest))

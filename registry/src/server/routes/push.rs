@@ -378,6 +378,14 @@ async fn publish(
             }
         },
     };
+    // A manifest written by `train --registry` names its run (a UUID); anything else is not
+    // a link to follow.
+    let run_id = lineage
+        .as_ref()
+        .and_then(|l| l.get("run_id"))
+        .and_then(Value::as_str)
+        .and_then(|s| uuid::Uuid::parse_str(s).ok())
+        .map(|u| u.to_string());
     let base = resolve_base(&state.db, &cfg, explicit_base).await?;
     let dims = serde_json::from_value(base.dims.clone()).unwrap_or_default();
     let summary = peft::check_tensors(&cfg, &header, Some(&dims))?;
@@ -432,6 +440,7 @@ async fn publish(
         config: Set(serde_json::to_value(&cfg).expect("config serialises")),
         summary: Set(serde_json::to_value(&summary).expect("summary serialises")),
         lineage: Set(lineage),
+        run_id: Set(run_id),
         size_bytes: Set(size_bytes as i64),
         upload_id: Set(upload_id.to_string()),
         created_by: Set(who.sub.clone()),
