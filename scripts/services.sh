@@ -3,6 +3,8 @@
 #   ensure_s3:       an S3-compatible server (moto) on loopback (exports LORAOPS_TEST_S3_ENDPOINT)
 #   ensure_openai:   the official `openai` clients, Python and npm (exports
 #                    LORAOPS_TEST_OPENAI_PYTHON and LORAOPS_TEST_OPENAI_NODE_PATH)
+#   ensure_browser:  Chromium (Debian's package) and playwright-core for the console's browser
+#                    test (exports LORAOPS_TEST_CHROMIUM and LORAOPS_TEST_PLAYWRIGHT_NODE_PATH)
 
 LORAOPS_CACHE="${LORAOPS_CACHE:-$HOME/.cache/loraops}"
 
@@ -57,6 +59,28 @@ ensure_openai() {
     npm install --silent --no-audit --no-fund --prefix "$npm_dir" 'openai@^6' >&2
   fi
   export LORAOPS_TEST_OPENAI_NODE_PATH="$npm_dir/node_modules"
+}
+
+ensure_browser() {
+  if [ -z "${LORAOPS_TEST_CHROMIUM:-}" ]; then
+    if [ ! -x /usr/bin/chromium ]; then
+      echo "installing chromium with apt-get" >&2
+      if ! apt-cache show chromium >/dev/null 2>&1; then
+        apt-get update -qq >&2
+      fi
+      DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends chromium >/dev/null
+    fi
+    export LORAOPS_TEST_CHROMIUM=/usr/bin/chromium
+  fi
+  if [ -n "${LORAOPS_TEST_PLAYWRIGHT_NODE_PATH:-}" ]; then return; fi
+  # playwright-core only: it drives the system Chromium and downloads no browser of its own.
+  local npm_dir="$LORAOPS_CACHE/console-npm"
+  if [ ! -d "$npm_dir/node_modules/playwright-core" ]; then
+    echo "installing playwright-core into $npm_dir" >&2
+    mkdir -p "$npm_dir"
+    npm install --silent --no-audit --no-fund --prefix "$npm_dir" 'playwright-core@^1.50' >&2
+  fi
+  export LORAOPS_TEST_PLAYWRIGHT_NODE_PATH="$npm_dir/node_modules"
 }
 
 ensure_schemathesis() {

@@ -4,9 +4,15 @@
 //! through the gateway, show the gate refusing a canary without evidence, evaluate it through
 //! the gateway and post the evidence, then canary it under simulated users until the
 //! controller promotes it.
+//!
+//! Everything lives under `<data-dir>/demo`, emptied when the demo starts, so a second run, or
+//! one after Ctrl-C, starts clean; the generated base model is kept beside it. The registry is
+//! always the embedded one (SQLite and local blobs there), whatever the configuration names.
 
-use std::time::Duration;
+use std::cell::RefCell;
+use std::time::{Duration, Instant};
 
+use anyhow::Context as _;
 use clap::Args;
 use loraops_gateway::{Application as GatewayApp, GatewaySettings};
 use loraops_registry::api::{
@@ -28,6 +34,80 @@ pub struct DemoArgs {
     /// nothing else; by 120 it answers with words of the training answers.)
     #[arg(long, default_value_t = 120)]
     pub steps: usize,
+    /// After the story, keep the registry (and its web console) and the gateway serving
+    /// until Ctrl-C.
+    #[arg(long)]
+    pub keep: bool,
+}
+
+/// What the demo tells: a numbered line per step and how long it took, or (`--json`) one
+/// event per step with what it established.
+struct Story {
+    json: bool,
+    total: usize,
+    current: RefCell<Option<(usize, String, Instant, Vec<String>)>>,
+    done: RefCell<usize>,
+}
+
+impl Story {
+    fn new(json: bool, total: usize) -> Self {
+        Self {
+            json,
+            total,
+            current: RefCell::new(None),
+            done: RefCell::new(0),
+        }
+    }
+
+    fn begin(&self, name: impl Into<String>) {
+        let n = *self.done.borrow() + 1;
+        let name = name.into();
+        if !self.json {
+            println!("[{n}/{}] {name}", self.total);
+        }
+        *self.current.borrow_mut() = Some((n, name, Instant::now(), Vec::new()));
+    }
+
+    /// A line of what the step found.
+    fn say(&self, line: impl Into<String>) {
+        let line = line.into();
+        if !self.json {
+            println!("      {line}");
+        }
+        if let Some(c) = self.current.borrow_mut().as_mut() {
+            c.3.push(line);
+        }
+    }
+
+    fn end(&self, details: Value) {
+        let Some((n, name, at, lines)) = self.current.borrow_mut().take() else {
+            return;
+        };
+        let secs = at.elapsed().as_secs_f64();
+        *self.done.borrow_mut() = n;
+        if self.json {
+            println!(
+                "{}",
+                json!({"event": "step", "index": n, "total": self.total, "name": name, "ok": true,
+                    "seconds": secs, "details": details, "lines": lines})
+            );
+        } else {
+            println!("      ({secs:.1} s)");
+        }
+    }
+
+    /// The step that was running when the demo failed.
+    fn failed(&self, e: &anyhow::Error) {
+        if let Some((n, name, at, lines)) = self.current.borrow_mut().take()
+            && self.json
+        {
+            println!(
+                "{}",
+                json!({"event": "step", "index": n, "total": self.total, "name": name, "ok": false,
+                    "seconds": at.elapsed().as_secs_f64(), "error": format!("{e:#}"), "lines": lines})
+            );
+        }
+    }
 }
 
 const PAIRS: [(&str, &str); 6] = [
@@ -74,21 +154,42 @@ fn dataset() -> String {
 }
 
 pub fn run(args: DemoArgs, global: &Global) -> anyhow::Result<()> {
+    let story = Story::new(global.json, 8);
+    let res = tell(&args, global, &story);
+    if let Err(e) = &res {
+        story.failed(e);
+    }
+    res
+}
+
+fn tell(args: &DemoArgs, global: &Global, story: &Story) -> anyhow::Result<()> {
     let cfg = global.load_config(&[])?;
     let data_dir = cfg
         .data_dir
         .clone()
         .unwrap_or_else(|| global.data_dir.clone());
-    let work = data_dir.join("demo");
+    // The demo's own corner of the data dir, emptied first: a run after another one, or after
+    // Ctrl-C at any step, starts from nothing.
+    let root = data_dir.join("demo");
+    if root.exists() {
+        std::fs::remove_dir_all(&root)
+            .with_context(|| format!("emptying {} for a fresh run", root.display()))?;
+    }
+    let work = root.join("work");
     std::fs::create_dir_all(&work)?;
     // Before any thread starts: the gateway's engine finds adapters through the environment.
-    let cache = super::gateway::cache_dir(&data_dir, None)?;
+    let cache = super::gateway::cache_dir(&root, None)?;
     super::gateway::prepare_process(&cache);
 
-    println!("1/8 base model");
+    story.begin("base model");
     let base_dir = ensure_tiny_model(&data_dir.join("models").join("tiny-llama"))?;
+    story.say(format!(
+        "generated tiny Llama-layout model in {}",
+        base_dir.display()
+    ));
+    story.end(json!({"dir": base_dir}));
 
-    println!("2/8 fine-tune a LoRA adapter ({} steps)", args.steps);
+    story.begin(format!("fine-tune a LoRA adapter ({} steps)", args.steps));
     let data = work.join("train.jsonl");
     std::fs::write(&data, dataset())?;
     let adapter = work.join("adapter");
@@ -102,27 +203,34 @@ pub fn run(args: DemoArgs, global: &Global) -> anyhow::Result<()> {
             first.get_or_insert(m.loss);
         }
     })?;
-    println!(
-        "    loss {:.3} -> {:.3}, adapter in {}",
+    story.say(format!(
+        "loss {:.3} -> {:.3}, adapter in {}",
         first.unwrap_or(f64::NAN),
         outcome.final_loss,
         outcome.adapter_dir.display()
+    ));
+    story.end(
+        json!({"first_loss": first, "final_loss": outcome.final_loss,
+        "steps": outcome.steps_done, "adapter": outcome.adapter_dir}),
     );
 
-    println!(
-        "3/8 registry (SQLite + local blobs under {})",
-        data_dir.display()
-    );
+    story.begin(format!(
+        "registry (SQLite + local blobs under {})",
+        root.display()
+    ));
+    // Always the embedded registry: a demo never writes to a configured production database.
     let settings = ServeSettings {
-        data_dir: data_dir.clone(),
+        data_dir: root.clone(),
         registry: RegistrySettings {
             listen: "127.0.0.1:0".into(),
+            database_url: None,
+            object_store_url: None,
             ..cfg.registry.clone()
         },
         auth: cfg.auth.clone(),
         s3: cfg.s3.clone(),
     };
-    let signer = Signer::from_settings(&cfg.auth, &data_dir)?;
+    let signer = Signer::from_settings(&cfg.auth, &root)?;
     let token = signer.issue("loraops-demo", &[Role::Admin], 3600, None)?;
     // The gateway's own token: the data plane never holds admin.
     let gateway_token = signer.issue("loraops-demo-gateway", &[Role::Gateway], 3600, None)?;
@@ -131,6 +239,12 @@ pub fn run(args: DemoArgs, global: &Global) -> anyhow::Result<()> {
         let url = format!("http://127.0.0.1:{}", app.port());
         let handle = app.handle();
         actix_web::rt::spawn(app.run_until_stopped());
+        let token_file = root.join("admin.token");
+        std::fs::write(&token_file, &token)?;
+        story.say(format!("web console: {url}/ui/ (log in with the token in {})", token_file.display()));
+        if global.json {
+            println!("{}", json!({"event": "console", "url": format!("{url}/ui/"), "token_file": token_file}));
+        }
         let client = RegistryClient::new(&url, Some(token.clone()));
         let base = base_model::describe(&base_dir, None)?;
         if !client
@@ -141,15 +255,17 @@ pub fn run(args: DemoArgs, global: &Global) -> anyhow::Result<()> {
         {
             client.create_base_model(&base).await?;
         }
+        story.say(format!("base model {} registered", base.name));
+        story.end(json!({"url": url, "console": format!("{url}/ui/"), "base_model": base.name}));
 
-        println!("4/8 push {}", adapter.display());
+        story.begin(format!("push {}", adapter.display()));
         let pushed = client
             .push_dir(&adapter, "demo-support", None, no_progress())
             .await?;
-        println!(
-            "    demo-support@{} {} (new: {})",
+        story.say(format!(
+            "demo-support@{} {} (new: {})",
             pushed.version.version, pushed.version.digest, pushed.created
-        );
+        ));
         let again = client
             .push_dir(&adapter, "demo-support", None, no_progress())
             .await?;
@@ -157,12 +273,14 @@ pub fn run(args: DemoArgs, global: &Global) -> anyhow::Result<()> {
             !again.created && again.version.version == pushed.version.version,
             "re-push made a new version"
         );
-        println!(
-            "    pushing the same bytes again returns @{} (new: {})",
+        story.say(format!(
+            "pushing the same bytes again returns @{} (new: {})",
             again.version.version, again.created
-        );
+        ));
+        story.end(json!({"adapter": "demo-support", "version": pushed.version.version,
+            "digest": pushed.version.digest, "repush_created": again.created}));
 
-        println!("5/8 pull and verify");
+        story.begin("pull and verify");
         let pulled = work.join("pulled");
         let v = client
             .pull(
@@ -179,30 +297,32 @@ pub fn run(args: DemoArgs, global: &Global) -> anyhow::Result<()> {
                 f.name
             );
         }
-        println!(
-            "    {} files, sha256 verified, identical to what was trained",
+        story.say(format!(
+            "{} files, sha256 verified, identical to what was trained",
             v.files.len()
-        );
+        ));
         if let Some(lineage) = &v.lineage {
-            println!(
-                "    lineage: method {}, base {}",
+            story.say(format!(
+                "lineage: method {}, base {}",
                 lineage["method"], lineage["base_model"]
-            );
+            ));
         }
+        story.end(json!({"files": v.files.len(), "verified": true}));
 
+        story.begin("gateway");
         let mut gw = GatewaySettings::new(base_dir.clone(), cache);
         gw.listen = "127.0.0.1:0".into();
         gw.base_model_name = Some(base.name.to_string());
         gw.registry_url = Some(url.clone());
         gw.registry_token = Some(gateway_token.clone());
-        gw.data_dir = data_dir.clone();
+        gw.data_dir = root.clone();
         gw.report_interval = Duration::from_millis(500);
         let gateway = GatewayApp::build(gw).await?;
         let engine = gateway.state().backend.identity().clone();
-        println!(
-            "6/8 gateway ({} {} engine, in-process)",
+        story.say(format!(
+            "{} {} engine, in-process",
             engine.name, engine.version
-        );
+        ));
         let gw_url = format!("http://127.0.0.1:{}/v1", gateway.port());
         let gw_handle = gateway.handle();
         actix_web::rt::spawn(gateway.run_until_stopped());
@@ -210,12 +330,16 @@ pub fn run(args: DemoArgs, global: &Global) -> anyhow::Result<()> {
         let version = pushed.version.version;
         let pinned = format!("demo-support@{version}");
         let question = PAIRS[0].0;
+        let mut answers = serde_json::Map::new();
         for model in [base.name.as_str(), pinned.as_str()] {
             let (answer, _) = chat(&http, &gw_url, model, question, "demo").await?;
-            println!("    {model:<16} {question:?} -> {answer:?}");
+            story.say(format!("{model:<16} {question:?} -> {answer:?}"));
+            answers.insert(model.to_string(), json!(answer));
         }
+        story.end(json!({"url": gw_url, "engine": engine.name, "engine_version": engine.version,
+            "question": question, "answers": answers}));
 
-        println!("7/8 gate and evidence");
+        story.begin("gate and evidence");
         let suite = client.push_suite(&regression_suite()).await?.suite;
         let named = format!("{}@{}", suite.name, suite.version);
         let policy = GatePolicy {
@@ -261,9 +385,9 @@ pub fn run(args: DemoArgs, global: &Global) -> anyhow::Result<()> {
         match client.start_rollout("demo-support", &spec).await {
             Err(ClientError::Api { status, body }) if body.error.code == "gate_failed" => {
                 let report: GateReport = serde_json::from_value(body.error.details)?;
-                println!("    without evidence the canary is refused ({status}):");
+                story.say(format!("without evidence the canary is refused ({status}):"));
                 for line in report_table(&report).lines() {
-                    println!("    {line}");
+                    story.say(line);
                 }
             }
             other => anyhow::bail!("expected the gate to refuse the canary, got {other:?}"),
@@ -281,20 +405,22 @@ pub fn run(args: DemoArgs, global: &Global) -> anyhow::Result<()> {
             },
         )
         .await?;
-        println!(
-            "    evaluated {pinned} through the gateway: {} cases, answered {:.2}, token F1 {:.2}",
+        story.say(format!(
+            "evaluated {pinned} through the gateway: {} cases, answered {:.2}, token F1 {:.2}",
             evidence.cases, evidence.metrics["answered"], evidence.metrics["token_f1"]
-        );
-        client
+        ));
+        let posted = client
             .post_evidence("demo-support", version, &evidence)
             .await?;
+        story.end(json!({"refused_without_evidence": true, "evidence_id": posted.id,
+            "metrics": evidence.metrics}));
 
-        println!("8/8 canary rollout under simulated users");
+        story.begin("canary rollout under simulated users");
         let started = client.start_rollout("demo-support", &spec).await?;
-        println!(
-            "    gate passed; canary {pinned} at {}% (the stable arm is the base model: first version)",
+        story.say(format!(
+            "gate passed; canary {pinned} at {}% (the stable arm is the base model: first version)",
             started.rollout.weight
-        );
+        ));
         let traffic = tokio::spawn(simulate_users(http.clone(), gw_url.clone()));
         let deadline = tokio::time::Instant::now() + Duration::from_secs(120);
         let status = loop {
@@ -306,22 +432,40 @@ pub fn run(args: DemoArgs, global: &Global) -> anyhow::Result<()> {
         };
         traffic.abort();
         for e in status.events.iter().filter(|e| e.action != "hold") {
-            println!(
-                "    {} {:<10} {:>5}%  {}",
+            story.say(format!(
+                "{} {:<10} {:>5}%  {}",
                 e.at.format("%H:%M:%S"),
                 e.action,
                 e.weight,
                 e.reason
-            );
+            ));
         }
         anyhow::ensure!(
             status.rollout.state == loraops_registry::api::RolloutState::Promoted,
             "the rollout ended {:?}",
             status.rollout.state
         );
+        story.end(json!({"state": status.rollout.state, "weight": status.rollout.weight,
+            "events": status.events.iter().filter(|e| e.action != "hold").map(|e| &e.action).collect::<Vec<_>>()}));
+        if args.keep {
+            let msg = format!(
+                "serving until Ctrl-C: web console {url}/ui/ (token in {}), gateway {gw_url}",
+                root.join("admin.token").display()
+            );
+            if global.json {
+                println!("{}", json!({"event": "serving", "console": format!("{url}/ui/"), "gateway": gw_url}));
+            } else {
+                println!("{msg}");
+            }
+            tokio::signal::ctrl_c().await?;
+        }
         gw_handle.stop(true).await;
         handle.stop(true).await;
-        println!("done. `loraops up` keeps a registry and a gateway running; see README.md.");
+        if global.json {
+            println!("{}", json!({"event": "done", "ok": true}));
+        } else {
+            println!("done. `loraops up` keeps a registry and a gateway running; see README.md.");
+        }
         Ok(())
     })
 }

@@ -9,6 +9,7 @@ use std::time::{Duration, Instant};
 use safetensors::tensor::{Dtype, TensorView};
 use serde_json::{Value, json};
 
+mod console;
 mod data;
 mod eval;
 mod runs;
@@ -23,7 +24,9 @@ fn exe() -> &'static str {
 struct Registry {
     child: Child,
     url: String,
-    data: tempfile::TempDir,
+    data: PathBuf,
+    /// Deleted with the registry, when the registry made its own data dir.
+    _owned: Option<tempfile::TempDir>,
 }
 
 impl Drop for Registry {
@@ -61,13 +64,22 @@ impl Registry {
     /// A registry on a free port. Another test's server may take the port between picking it
     /// and binding it: then this one exits, and it is started again on another port.
     fn start() -> Self {
-        let data = tempfile::tempdir().unwrap();
+        let tmp = tempfile::tempdir().unwrap();
+        Self::start_with(tmp.path().to_path_buf(), Some(tmp))
+    }
+
+    /// A registry over an existing data dir (which the caller owns).
+    fn start_in(dir: &Path) -> Self {
+        Self::start_with(dir.to_path_buf(), None)
+    }
+
+    fn start_with(data: PathBuf, owned: Option<tempfile::TempDir>) -> Self {
         for _ in 0..5 {
             let port = free_port();
             let mut child = Command::new(exe())
                 .args([
                     "--data-dir",
-                    data.path().to_str().unwrap(),
+                    data.to_str().unwrap(),
                     "registry",
                     "serve",
                     "--listen",
@@ -88,7 +100,12 @@ impl Registry {
                 if answers_health(port) {
                     std::thread::sleep(Duration::from_millis(50));
                     if child.try_wait().unwrap().is_none() {
-                        return Self { child, url, data };
+                        return Self {
+                            child,
+                            url,
+                            data,
+                            _owned: owned,
+                        };
                     }
                     break;
                 }
@@ -114,7 +131,7 @@ impl Registry {
             self.child = Command::new(exe())
                 .args([
                     "--data-dir",
-                    self.data.path().to_str().unwrap(),
+                    self.data.to_str().unwrap(),
                     "registry",
                     "serve",
                     "--listen",
@@ -141,7 +158,7 @@ impl Registry {
 
     fn cli(&self, token: Option<&str>, args: &[&str]) -> Output {
         let mut c = Command::new(exe());
-        c.args(["--data-dir", self.data.path().to_str().unwrap()])
+        c.args(["--data-dir", self.data.to_str().unwrap()])
             .args(args)
             .env("LORAOPS_AUTH__HS256_SECRET", SECRET)
             .env("LORAOPS_REGISTRY_URL", &self.url)
@@ -602,27 +619,87 @@ fn gate_and_rollout_through_the_cli() {
     assert!(String::from_utf8_lossy(&out.stderr).contains("first version"));
 }
 
-/// The README's first command: the whole lifecycle on a generated tiny model.
+/// The README's first command: the whole lifecycle on a generated tiny model. Each step's
+/// claim is checked from the outside in the registry it leaves behind, and a second run
+/// starts clean.
 #[test]
 fn the_demo_runs_the_whole_lifecycle() {
     let data = tempfile::tempdir().unwrap();
-    let out = Command::new(exe())
-        .args([
-            "--data-dir",
-            data.path().to_str().unwrap(),
-            // The default, as the README runs it.
-            "demo",
-        ])
-        .env("RUST_LOG", "warn")
-        .output()
-        .unwrap();
+    let demo = |json: bool| {
+        let mut c = Command::new(exe());
+        c.args(["--data-dir", data.path().to_str().unwrap()]);
+        if json {
+            c.arg("--json");
+        }
+        // The default, as the README runs it.
+        c.arg("demo").env("RUST_LOG", "warn").output().unwrap()
+    };
+    let out = demo(true);
     let stdout = String::from_utf8_lossy(&out.stdout);
     assert!(
         out.status.success(),
         "{stdout}\n{}",
         String::from_utf8_lossy(&out.stderr)
     );
-    for step in ["8/8", "refused (422", "promote", "done."] {
-        assert!(stdout.contains(step), "missing {step:?}:\n{stdout}");
+    let events: Vec<Value> = stdout
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap_or_else(|e| panic!("{e}: {l}")))
+        .collect();
+    let steps: Vec<&Value> = events.iter().filter(|e| e["event"] == "step").collect();
+    assert_eq!(steps.len(), 8, "{stdout}");
+    assert!(
+        steps
+            .iter()
+            .all(|s| s["ok"] == true && s["seconds"].is_f64())
+    );
+    let step = |name: &str| {
+        *steps
+            .iter()
+            .find(|s| s["name"].as_str().unwrap().starts_with(name))
+            .unwrap_or_else(|| panic!("no step {name}: {stdout}"))
+    };
+    assert_eq!(step("push")["details"]["repush_created"], false);
+    assert_eq!(step("gate and")["details"]["refused_without_evidence"], true);
+    assert_eq!(step("canary")["details"]["state"], "promoted");
+    assert!(events.iter().any(|e| e["event"] == "console"));
+    assert_eq!(events.last().unwrap()["event"], "done");
+
+    // The registry it leaves behind holds what the steps claimed.
+    let root = data.path().join("demo");
+    let reg = Registry::start_in(&root);
+    let viewer = reg.token("viewer");
+    let status = ok_json(reg.cli(
+        Some(&viewer),
+        &["--json", "rollout", "status", "demo-support"],
+    ));
+    assert_eq!(status["rollout"]["state"], "promoted");
+    assert_eq!(status["rollout"]["version"], 1);
+    let actions: Vec<&str> = status["events"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|e| e["action"].as_str().unwrap())
+        .collect();
+    assert!(
+        actions.contains(&"start") && actions.contains(&"promote"),
+        "{actions:?}"
+    );
+    let shown = ok_json(reg.cli(
+        Some(&viewer),
+        &["--json", "adapter", "show", "demo-support"],
+    ));
+    assert_eq!(shown["adapter"]["stable_version"], 1, "{shown}");
+    drop(reg);
+
+    // A second run (and so a run after an interrupted one) starts from a clean slate.
+    let again = demo(false);
+    let text = String::from_utf8_lossy(&again.stdout);
+    assert!(
+        again.status.success(),
+        "{text}\n{}",
+        String::from_utf8_lossy(&again.stderr)
+    );
+    for step in ["[8/8]", "refused (422", "promote", "/ui/", "done."] {
+        assert!(text.contains(step), "missing {step:?}:\n{text}");
     }
 }
