@@ -381,6 +381,10 @@ async function route() {
   }
   if (page.dead) return;
   ready(page, name);
+  // Chart pages opened later need uPlot: parse it while the user reads this one.
+  if (!uplotLoading && !window.uPlot && window.requestIdleCallback) {
+    requestIdleCallback(() => { loadUPlot().catch(() => {}); }, { timeout: 3000 });
+  }
   if (!firstRoute) {
     main.focus({ preventScroll: true });
     window.scrollTo(0, 0);
@@ -540,7 +544,8 @@ ${bases.ok ? table('Base models', ['Name', 'Architecture', 'Layers', 'Hidden siz
       tr.hidden = !hit;
       if (hit) shown++;
     }
-    count.textContent = needle ? `${shown} of ${total} adapters` : `${total} adapters${next ? ' loaded' : ''}`;
+    const noun = (n) => `${n} adapter${n === 1 ? '' : 's'}`;
+    count.textContent = needle ? `${shown} of ${noun(total)}` : `${noun(total)}${next ? ' loaded' : ''}`;
     empty.hidden = shown > 0;
     empty.textContent = total === 0
       ? 'No adapters yet. Push one with loraops adapter push DIR --name NAME.'
@@ -952,12 +957,12 @@ const Y_RANGES = {
  * A chart in `el` (a .chart element); `series`: [{label, color, points}], x is time (unix
  * seconds) or step. A lone x value is padded so the chart still has a span to draw in.
  */
-function makeChart(page, el, { series, time, yFormat, yRange = 'auto', height = 220 }) {
+function makeChart(page, el, { series, time, yFormat, yRange = 'auto', height = 220, width, data }) {
   if (!window.uPlot) {
     el.textContent = 'Charts unavailable: the chart library did not load.';
     return null;
   }
-  const width = Math.max(240, el.clientWidth || 600);
+  width = Math.max(240, width || el.clientWidth || 600);
   const fmtY = yFormat || ((v) => fmtNum(v, 4));
   const pad = time ? 30 : 1;
   const y = { auto: true };
@@ -981,7 +986,7 @@ function makeChart(page, el, { series, time, yFormat, yRange = 'auto', height = 
         label: s.label,
         stroke: s.color || PALETTE[i % PALETTE.length],
         width: 2,
-        spanGaps: true,
+        spanGaps: s.spanGaps ?? true,
         // Points where the data is sparse (uPlot's default), always for sparse series.
         points: s.points ? { show: true, size: 6 } : { size: 6 },
         value: (u, v) => (v === null || v === undefined ? '—' : fmtY(v)),
@@ -992,8 +997,7 @@ function makeChart(page, el, { series, time, yFormat, yRange = 'auto', height = 
       { size: axisSize, values: (u, ticks) => ticks.map((t) => fmtY(t)) },
     ],
   };
-  const data = [[], ...series.map(() => [])];
-  const chart = new window.uPlot(opts, data, el);
+  const chart = new window.uPlot(opts, data || [[], ...series.map(() => [])], el);
   page.charts.push(chart);
   const entry = { chart, el, height };
   if (!page.resize) {
@@ -1129,21 +1133,25 @@ ${table('Datasets', ['Role', 'Path', 'Digest', 'Rows'], (r.datasets || []).map((
     page.charts = page.charts.filter((c) => !charts.some((x) => x.chart === c));
     if (page.resize) page.resize.length = 0;
     charts.length = 0;
-    for (const d of defs) {
-      const el = main.querySelector(`[data-chart="${d.id}"]`);
-      const chart = makeChart(page, el, {
+    // Every width first, then every chart: one layout, not one per chart.
+    const els = defs.map((d) => main.querySelector(`[data-chart="${d.id}"]`));
+    const widths = els.map((el) => el.clientWidth);
+    defs.forEach((d, i) => {
+      const chart = makeChart(page, els[i], {
         time: false,
         yFormat: d.yFormat,
-        series: d.keys.map(([k, label], i) => ({ label, color: COLORS[k] || PALETTE[i], points: d.points && k === 'val_loss' })),
+        width: widths[i],
+        data: dataOf(d),
+        series: d.keys.map(([k, label], j) => ({ label, color: COLORS[k] || PALETTE[j], points: d.points && k === 'val_loss' })),
       });
       if (chart) charts.push({ chart, def: d });
-    }
+    });
   };
+  const dataOf = (d) => align(d.keys.map(([k]) => series.get(k) || []));
   const update = () => {
-    for (const c of charts) c.chart.setData(align(c.def.keys.map(([k]) => series.get(k) || [])));
+    for (const c of charts) c.chart.setData(dataOf(c.def));
   };
   build();
-  update();
 
   if (r.status !== 'running') return;
   const stop = page.every(RUN_POLL_MS, async () => {
@@ -1166,7 +1174,6 @@ ${table('Datasets', ['Role', 'Path', 'Digest', 'Rows'], (r.datasets || []).map((
       defs = newDefs;
       document.getElementById('run-charts').innerHTML = part(chartHtml(defs));
       build();
-      update();
     } else if (added) {
       update();
     }
@@ -1360,6 +1367,27 @@ ${ser.ok ? '' : html`<p class="error">Live metrics unavailable: ${ser.error.mess
   const liveEl = main.querySelector('[data-live-status]');
   let charts = [];
   let layout = '';
+  /** [times, one series per arm] of one metric; a bucket without reports breaks the lines. */
+  const dataOf = (d, arms) => {
+    const xs = [];
+    const ys = arms.map(() => []);
+    let prev = null;
+    for (const p of points) {
+      const t = Date.parse(p.at) / 1000;
+      if (prev !== null && bucket && t - prev > 1.5 * bucket) {
+        xs.push(prev + bucket);
+        for (const y of ys) y.push(null);
+      }
+      xs.push(t);
+      arms.forEach((arm, i) => {
+        const a = p.arms.find((x) => x.arm === arm);
+        const v = a ? a[d.field] : null;
+        ys[i].push(v === undefined ? null : v);
+      });
+      prev = t;
+    }
+    return [xs, ...ys];
+  };
   const draw = () => {
     const arms = armsOf(points);
     const hasJudge = points.some((p) => p.arms.some((a) => a.judge_score !== null && a.judge_score !== undefined));
@@ -1374,25 +1402,25 @@ ${ser.ok ? '' : html`<p class="error">Live metrics unavailable: ${ser.error.mess
       chartsEl.innerHTML = part(defs.map((c) => html`<figure class="chart-box">
 <figcaption id="cap-${c.id}">${c.title}</figcaption>
 <div class="chart" data-chart="${c.id}" role="img" aria-labelledby="cap-${c.id}"></div></figure>`));
-      for (const d of defs) {
-        const chart = makeChart(page, chartsEl.querySelector(`[data-chart="${d.id}"]`), {
+      const shown = arms.length ? arms : ['canary', 'stable'];
+      const els = defs.map((d) => chartsEl.querySelector(`[data-chart="${d.id}"]`));
+      const widths = els.map((el) => el.clientWidth);
+      defs.forEach((d, i) => {
+        const chart = makeChart(page, els[i], {
           time: true,
           yFormat: d.yFormat,
           yRange: d.yRange,
           height: 180,
-          series: (arms.length ? arms : ['canary', 'stable']).map((arm) => ({ label: arm, color: COLORS[arm] })),
+          width: widths[i],
+          data: dataOf(d, shown),
+          series: shown.map((arm) => ({ label: arm, color: COLORS[arm], spanGaps: false })),
         });
-        if (chart) charts.push({ chart, def: d, arms: arms.length ? arms : ['canary', 'stable'] });
-      }
+        if (chart) charts.push({ chart, def: d, arms: shown, fresh: true });
+      });
     }
-    const xs = points.map((p) => Date.parse(p.at) / 1000);
     for (const c of charts) {
-      const ys = c.arms.map((arm) => points.map((p) => {
-        const a = p.arms.find((x) => x.arm === arm);
-        const v = a ? a[c.def.field] : null;
-        return v === undefined ? null : v;
-      }));
-      c.chart.setData([xs, ...ys]);
+      if (c.fresh) c.fresh = false;
+      else c.chart.setData(dataOf(c.def, c.arms));
     }
     armsEl.innerHTML = part(armTable(points, arms));
   };

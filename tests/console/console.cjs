@@ -176,6 +176,7 @@ async function main() {
       await page.goto(UI);
       await ready(page, 'login');
       check(page.url().includes('#/login'), `an anonymous visit lands on the login page (${page.url()})`);
+      check(!(await page.locator('#logout').isVisible()), 'no Log out button before signing in');
       await screenshot(page, 'login');
     });
 
