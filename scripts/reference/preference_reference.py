@@ -13,6 +13,10 @@ is called here unbound, on a stand-in for the trainer object that carries the se
 - the tiny model (the trainer's `init-tiny`, same bytes on both sides) with a PEFT LoRA adapter
   and TRL's fused LM head: TRL's whole path, the reference by disabling the adapter, KTO's KL
   sequences under no_grad; loss, TRL's logged metrics and the LoRA gradients.
+- DPO continuing from an adapter: the PeftModel's adapter is the one training starts from, and
+  TRL's DPOTrainer copies it into a frozen "ref" adapter (its `__init__` does so; the same lines
+  here), which is then the reference. Recorded at the first step (policy = reference) and after
+  the policy has moved; loraops' reference is the base with that adapter, frozen.
 ORPO (TRL's experimental ORPOTrainer) uses its `odds_ratio_loss` and `get_batch_logps`; its NLL
 term is the cross-entropy of the chosen completion tokens (TRL's ORPOTrainer also counts the
 prompt tokens there; loraops masks prompts in every method). Conservative DPO (sigmoid with
@@ -362,6 +366,31 @@ def tiny(tensors, meta, model_dir):
     grads("kto")
     keys = ["rewards/chosen", "rewards/rejected", "rewards/margins", "logps/chosen", "logps/rejected", "kl"]
     out["kto"] = dict(options=c, loss=loss.item(), metrics={k: m[k] for k in keys})
+
+    # DPO continuing from an adapter (last: with a "ref" adapter present, TRL's DPO and KTO
+    # take it as the reference). The adapter training starts from is the one above; TRL's
+    # DPOTrainer.__init__ copies it into "ref" like this.
+    model.add_adapter("ref", model.peft_config["default"])
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            if ".default." in name:
+                model.get_parameter(name.replace(".default.", ".ref.")).copy_(param.data)
+    c = CASES["dpo_sigmoid"]
+    # The first step: the policy is its reference (loss ln 2, rewards 0).
+    loss, m = trl_dpo(model, pair_inputs, c, precompute=False)
+    loss.backward()
+    grads("dpo_from_adapter_start")
+    out["dpo_from_adapter_start"] = dict(options=c, loss=loss.item(), metrics={k: m[k] for k in names})
+    # Later: the policy has moved away from the frozen reference.
+    gm = torch.Generator().manual_seed(41)
+    with torch.no_grad():
+        for k, p in params.items():
+            p.add_(torch.randn(p.shape, generator=gm) * 0.05)
+            tensors["dpo_from_adapter.policy." + k] = p.detach().clone().contiguous()
+    loss, m = trl_dpo(model, pair_inputs, c, precompute=False)
+    loss.backward()
+    grads("dpo_from_adapter")
+    out["dpo_from_adapter"] = dict(options=c, loss=loss.item(), metrics={k: m[k] for k in names})
     meta["model"] = out
 
 

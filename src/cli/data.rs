@@ -70,6 +70,24 @@ pub struct CurateArgs {
     /// general:domain ratio of the mix, e.g. 1:3 (`mix.ratio`).
     #[arg(long, value_name = "G:D")]
     mix_ratio: Option<String>,
+    /// Score every kept row with an LLM judge: this model behind an OpenAI-compatible API
+    /// (`judge.model`; enables the judge). Bearer token from LORAOPS_TOKEN.
+    #[arg(long, value_name = "MODEL")]
+    judge_model: Option<String>,
+    /// The judge's API base, e.g. a gateway's http://HOST:PORT/v1 (`judge.url`).
+    #[arg(long, value_name = "URL")]
+    judge_url: Option<String>,
+    /// Rows the judge scores below this (1 to 10) are dropped (`judge.threshold`, default 6).
+    #[arg(long, value_name = "SCORE")]
+    judge_threshold: Option<f64>,
+    /// Rows scoring at least --judge-threshold but below this are kept, down-weighted instead
+    /// of dropped: their "weight" (the factor of their loss in training) is multiplied by
+    /// --judge-weight (`judge.weight_below`).
+    #[arg(long, value_name = "SCORE")]
+    judge_weight_below: Option<f64>,
+    /// The factor for rows under --judge-weight-below, in [0, 1] (`judge.weight`, default 0.5).
+    #[arg(long, value_name = "W")]
+    judge_weight: Option<f64>,
 }
 
 #[derive(Debug, Args)]
@@ -240,6 +258,27 @@ fn apply_curate_flags(a: &CurateArgs, cfg: &mut CurateConfig) -> Result<(), Usag
     }
     if let Some(r) = &a.mix_ratio {
         cfg.mix.ratio = Some(r.clone());
+    }
+    if let Some(m) = &a.judge_model {
+        cfg.judge.enabled = true;
+        cfg.judge.model = m.clone();
+        if cfg.judge.api_key_env.is_none() {
+            cfg.judge.api_key = std::env::var("LORAOPS_TOKEN")
+                .ok()
+                .filter(|t| !t.is_empty());
+        }
+    }
+    if let Some(u) = &a.judge_url {
+        cfg.judge.url = api_base(u);
+    }
+    if let Some(t) = a.judge_threshold {
+        cfg.judge.threshold = t;
+    }
+    if let Some(t) = a.judge_weight_below {
+        cfg.judge.weight_below = Some(t);
+    }
+    if let Some(w) = a.judge_weight {
+        cfg.judge.weight = w;
     }
     Ok(())
 }
@@ -468,6 +507,35 @@ mod tests {
         apply_curate_flags(&a, &mut cfg).unwrap();
         assert_eq!((cfg.select.train_rows, cfg.select.lambda), (Some(5), 0.2));
         assert!(cfg.balance.proportions.is_empty() && cfg.mix.general.is_empty());
+        assert!(!cfg.judge.enabled);
+        let DataCmd::Curate(a) = parse(&[
+            "curate",
+            "in.jsonl",
+            "--out",
+            "o",
+            "--judge-model",
+            "judge@2",
+            "--judge-url",
+            "http://gw:8500",
+            "--judge-threshold",
+            "3",
+            "--judge-weight-below",
+            "7",
+            "--judge-weight",
+            "0.25",
+        ]) else {
+            panic!("curate")
+        };
+        let mut cfg = file.clone();
+        apply_curate_flags(&a, &mut cfg).unwrap();
+        assert!(cfg.judge.enabled);
+        assert_eq!(cfg.judge.model, "judge@2");
+        assert_eq!(cfg.judge.url, "http://gw:8500/v1");
+        assert_eq!(cfg.judge.threshold, 3.0);
+        assert_eq!(
+            (cfg.judge.weight_below, cfg.judge.weight),
+            (Some(7.0), 0.25)
+        );
     }
 
     #[test]

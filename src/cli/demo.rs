@@ -45,9 +45,12 @@ pub struct DemoArgs {
 struct Story {
     json: bool,
     total: usize,
-    current: RefCell<Option<(usize, String, Instant, Vec<String>)>>,
+    current: RefCell<Option<Step>>,
     done: RefCell<usize>,
 }
+
+/// The step being told: its number, name, start and the lines said so far.
+struct Step(usize, String, Instant, Vec<String>);
 
 impl Story {
     fn new(json: bool, total: usize) -> Self {
@@ -65,7 +68,7 @@ impl Story {
         if !self.json {
             println!("[{n}/{}] {name}", self.total);
         }
-        *self.current.borrow_mut() = Some((n, name, Instant::now(), Vec::new()));
+        *self.current.borrow_mut() = Some(Step(n, name, Instant::now(), Vec::new()));
     }
 
     /// A line of what the step found.
@@ -80,7 +83,7 @@ impl Story {
     }
 
     fn end(&self, details: Value) {
-        let Some((n, name, at, lines)) = self.current.borrow_mut().take() else {
+        let Some(Step(n, name, at, lines)) = self.current.borrow_mut().take() else {
             return;
         };
         let secs = at.elapsed().as_secs_f64();
@@ -98,7 +101,7 @@ impl Story {
 
     /// The step that was running when the demo failed.
     fn failed(&self, e: &anyhow::Error) {
-        if let Some((n, name, at, lines)) = self.current.borrow_mut().take()
+        if let Some(Step(n, name, at, lines)) = self.current.borrow_mut().take()
             && self.json
         {
             println!(

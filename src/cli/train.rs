@@ -1,22 +1,29 @@
 //! `loraops train …`: fine-tune an adapter. Flags override the TOML file given with
 //! `--config` (its `[train.<method>]` table, else `[<method>]`, else the whole file).
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 
 use anyhow::Context as _;
 use clap::{Args, Subcommand};
 use indicatif::{ProgressBar, ProgressStyle};
 use loraops_registry::api::{DatasetRef, NewRun, RunPoint, RunStatus};
+use loraops_trainer::init::{InitAdapter, fill_lora_settings};
 use loraops_trainer::preference::{Method, PreferenceConfig, train_preference};
 use loraops_trainer::sft::{Event, SftConfig, SftOutcome, read_config_table, train_sft};
 use serde_json::{Map, Value, json};
 
-use super::Global;
+use super::{Global, UsageError};
 use crate::run_report::{self, RunReporter};
+
+/// What every train command's help ends with: the optional fields of a data row.
+const ROW_FIELDS: &str = "Every row may carry \"weight\": a non-negative number that multiplies the \
+row's loss (default 1; 0 leaves the row out of the gradient), as `loraops data curate \
+--judge-weight-below` sets it for rows the judge doubts.";
 
 #[derive(Debug, Subcommand)]
 pub enum TrainCmd {
     /// Supervised fine-tuning on chat, prompt/completion or Alpaca JSONL.
+    #[command(after_help = ROW_FIELDS)]
     Sft {
         #[command(flatten)]
         args: SftArgs,
@@ -24,12 +31,17 @@ pub enum TrainCmd {
         report: ReportArgs,
     },
     /// Direct preference optimisation on {"prompt","chosen","rejected"} JSONL (sigmoid,
-    /// conservative, robust or IPO loss; the reference is the base with the adapter switched off).
+    /// conservative, robust or IPO loss; the reference is the base with the adapter switched
+    /// off, or with --init-adapter that adapter, frozen).
+    #[command(after_help = ROW_FIELDS)]
     Dpo(PreferenceArgs),
     /// Odds-ratio preference optimisation: NLL on chosen + beta (lambda) x odds-ratio term; no
     /// reference model.
+    #[command(after_help = ROW_FIELDS)]
     Orpo(PreferenceArgs),
-    /// Kahneman-Tversky optimisation on unpaired {"prompt","completion","label"} JSONL.
+    /// Kahneman-Tversky optimisation on unpaired {"prompt","completion","label"} JSONL (the
+    /// reference as for DPO).
+    #[command(after_help = ROW_FIELDS)]
     Kto(PreferenceArgs),
 }
 
@@ -95,11 +107,13 @@ pub struct SftArgs {
     /// Frozen base weights: nf4 (QLoRA) or none.
     #[arg(long, value_parser = ["nf4", "none"])]
     quantize: Option<String>,
-    /// Storage of a non-quantised base: f32 or bf16.
-    #[arg(long, value_parser = ["f32", "bf16"])]
+    /// Storage of a non-quantised base: f32, bf16, or auto (bf16 on a GPU, f32 on the CPU)
+    /// [default: auto].
+    #[arg(long, value_parser = ["auto", "f32", "bf16"])]
     base_dtype: Option<String>,
-    /// Activations: f32, or bf16 on a GPU (mixed precision: LoRA weights, norms, loss in f32).
-    #[arg(long, value_parser = ["f32", "bf16"])]
+    /// Activations: f32, bf16 on a GPU (mixed precision: LoRA weights, norms, loss in f32), or
+    /// auto (bf16 on a GPU, f32 on the CPU) [default: auto].
+    #[arg(long, value_parser = ["auto", "f32", "bf16"])]
     compute_dtype: Option<String>,
     /// auto (the first GPU when built with cuda, else the CPU), cpu, cuda or cuda:N.
     #[arg(long)]
@@ -119,13 +133,36 @@ pub struct SftArgs {
     /// Scale by alpha/sqrt(r) (rsLoRA).
     #[arg(long)]
     rslora: bool,
+    /// Continue from an adapter: a directory, or NAME@V pulled from --registry (token
+    /// LORAOPS_TOKEN) into DATA_DIR/cache and verified. Its r, alpha, rsLoRA and targets are
+    /// taken (flags that differ are refused); for DPO and KTO the reference model is the base
+    /// with this adapter, frozen. The manifest records it as the parent.
+    #[arg(long, value_name = "DIR|NAME@V")]
+    init_adapter: Option<String>,
     /// Comma-separated modules (q_proj,…,down_proj) or all-linear.
     #[arg(long, value_delimiter = ',')]
     targets: Option<Vec<String>>,
+    /// Peak learning rate [default: 2e-4].
     #[arg(long)]
     lr: Option<f64>,
+    /// Learning-rate schedule, as transformers names them [default: cosine].
+    #[arg(long, value_parser = [
+        "constant", "constant_with_warmup", "linear", "cosine", "cosine_with_min_lr"
+    ])]
+    lr_scheduler: Option<String>,
+    /// Updates of linear warm-up from 0 [default: 0].
     #[arg(long)]
     warmup_steps: Option<usize>,
+    /// cosine_with_min_lr: the final learning rate as a share of --lr.
+    #[arg(long)]
+    min_lr_rate: Option<f64>,
+    /// AdamW beta1 [default: 0.9].
+    #[arg(long)]
+    adam_beta1: Option<f64>,
+    /// AdamW beta2 [default: 0.95, the recipe's].
+    #[arg(long)]
+    adam_beta2: Option<f64>,
+    /// AdamW decoupled weight decay [default: 0.1, the recipe's].
     #[arg(long)]
     weight_decay: Option<f64>,
     #[arg(long)]
@@ -145,9 +182,13 @@ pub struct SftArgs {
     /// Validate every N steps.
     #[arg(long)]
     eval_every: Option<usize>,
-    /// Early stopping: validations without improvement before stopping.
+    /// Early stopping: validations without improvement before stopping (needs --val-data).
     #[arg(long)]
     patience: Option<usize>,
+    /// The adapter to write: eval_loss (the one with the lowest validation loss; its step is
+    /// the manifest's best_step) or last. Default: eval_loss with --val-data, else last.
+    #[arg(long, value_parser = ["eval_loss", "last"])]
+    save_best: Option<String>,
     /// Write a resumable checkpoint every N steps.
     #[arg(long)]
     checkpoint_every: Option<usize>,
@@ -176,12 +217,17 @@ pub fn run(cmd: TrainCmd, global: &Global) -> anyhow::Result<()> {
 
 fn sft(a: SftArgs, report: ReportArgs, global: &Global) -> anyhow::Result<()> {
     let mut m = table(a, global, "sft")?;
+    let init = resolve_init(&mut m, &report, global)?;
     let tracking = Tracking::start(report, &mut m)?;
-    let cfg: SftConfig =
+    let mut cfg: SftConfig =
         serde_json::from_value(Value::Object(m.clone())).context("training configuration")?;
+    cfg.init = init;
     let device = loraops_model::select_device(&cfg.device)?;
     let progress = Progress::new(global.json);
-    let run = tracking.as_ref().map(|t| t.describe("sft", &cfg, &m));
+    let effective = serde_json::to_value(&cfg).context("training configuration")?;
+    let run = tracking
+        .as_ref()
+        .map(|t| t.describe("sft", &cfg, effective));
     let result = train_sft(&cfg, &device, &mut |e| {
         if let Some(t) = &tracking {
             t.on(e, run.as_ref());
@@ -206,13 +252,16 @@ fn preference(method: Method, a: PreferenceArgs, global: &Global) -> anyhow::Res
     );
     set("desirable_weight", a.desirable_weight.map(|x| json!(x)));
     set("undesirable_weight", a.undesirable_weight.map(|x| json!(x)));
+    let init = resolve_init(&mut m, &a.report, global)?;
     let tracking = Tracking::start(a.report, &mut m)?;
-    let cfg = PreferenceConfig::from_table(method, m.clone()).context("training configuration")?;
+    let mut cfg =
+        PreferenceConfig::from_table(method, m.clone()).context("training configuration")?;
+    cfg.train.init = init;
     let device = loraops_model::select_device(&cfg.train.device)?;
     let progress = Progress::new(global.json);
     let run = tracking
         .as_ref()
-        .map(|t| t.describe(method.name(), &cfg.train, &m));
+        .map(|t| t.describe(method.name(), &cfg.train, cfg.to_value()));
     let result = train_preference(&cfg, &device, &mut |e| {
         if let Some(t) = &tracking {
             t.on(e, run.as_ref());
@@ -290,8 +339,9 @@ impl Tracking {
         }))
     }
 
-    /// The run as the registry records it (its datasets' digests are computed once, here).
-    fn describe(&self, method: &str, cfg: &SftConfig, table: &Map<String, Value>) -> NewRun {
+    /// The run as the registry records it: the effective configuration (defaults included),
+    /// and its datasets' digests, computed once here.
+    fn describe(&self, method: &str, cfg: &SftConfig, effective: Value) -> NewRun {
         let dataset = |role: &str, path: &std::path::Path| DatasetRef {
             role: role.into(),
             path: path.display().to_string(),
@@ -302,7 +352,10 @@ impl Tracking {
         if let Some(v) = &cfg.val_data {
             datasets.push(dataset("val", v));
         }
-        let mut config = table.clone();
+        let mut config = match effective {
+            Value::Object(m) => m,
+            _ => Map::new(),
+        };
         config.remove("run_id");
         NewRun {
             id: self.reporter.id().parse().expect("a UUID"),
@@ -356,6 +409,85 @@ impl Tracking {
     }
 }
 
+/// `init_adapter` (flag or file): a directory as it is; `NAME@V` pulled from the registry into
+/// DATA_DIR/cache/init-adapters/NAME/V, every file's sha256 checked (a copy there whose files
+/// still match the version's is used again). The adapter's LoRA settings fill the keys the
+/// table leaves out; the trainer refuses those it sets differently.
+fn resolve_init(
+    m: &mut Map<String, Value>,
+    report: &ReportArgs,
+    global: &Global,
+) -> anyhow::Result<Option<InitAdapter>> {
+    let Some(spec) = m.get("init_adapter").and_then(Value::as_str) else {
+        return Ok(None);
+    };
+    let spec = spec.to_string();
+    let init = if Path::new(&spec).is_dir() {
+        InitAdapter::from_dir(Path::new(&spec))?
+    } else {
+        let r: loraops_registry::api::AdapterRef = spec.parse().map_err(|e| {
+            UsageError(format!(
+                "--init-adapter {spec:?}: no such directory, and not NAME@V ({e})"
+            ))
+        })?;
+        let Some(version) = r.version else {
+            return Err(UsageError(format!(
+                "--init-adapter {spec:?}: no such directory; a registry adapter needs its version, NAME@V"
+            ))
+            .into());
+        };
+        let Some(registry) = report.registry.as_deref() else {
+            return Err(UsageError(format!(
+                "--init-adapter {spec}: pulling a registry version needs --registry (or LORAOPS_REGISTRY_URL)"
+            ))
+            .into());
+        };
+        let client = loraops_registry::client::RegistryClient::new(registry, report.token.clone());
+        let name = r.name.as_str();
+        let dir = global
+            .data_dir
+            .join("cache")
+            .join("init-adapters")
+            .join(name)
+            .join(version.to_string());
+        let rt = super::runtime()?;
+        let v = rt
+            .block_on(client.version(name, version))
+            .with_context(|| format!("--init-adapter {spec}"))?;
+        if loraops_registry::api::version_digest(&v.files) != v.digest {
+            anyhow::bail!(
+                "--init-adapter {spec}: the registry's file list does not give its digest {}",
+                v.digest
+            );
+        }
+        if !cached(&dir, &v.files) {
+            // Into a fresh directory, renamed when complete: a cache entry is whole or absent.
+            let partial = dir.with_extension("partial");
+            let _ = std::fs::remove_dir_all(&partial);
+            rt.block_on(client.pull(
+                name,
+                version,
+                &partial,
+                loraops_registry::client::no_progress(),
+            ))
+            .with_context(|| format!("--init-adapter {spec}: pull"))?;
+            let _ = std::fs::remove_dir_all(&dir);
+            std::fs::rename(&partial, &dir).with_context(|| format!("{}: cache", dir.display()))?;
+        }
+        InitAdapter::from_registry(&dir, name, version, &v.digest)
+    };
+    fill_lora_settings(m, &init.dir)?;
+    Ok(Some(init))
+}
+
+/// Whether `dir` holds exactly the bytes of `files` (by sha256).
+fn cached(dir: &Path, files: &[loraops_registry::api::VersionFile]) -> bool {
+    use sha2::{Digest, Sha256};
+    files.iter().all(|f| {
+        std::fs::read(dir.join(&f.name)).is_ok_and(|b| hex::encode(Sha256::digest(&b)) == f.sha256)
+    })
+}
+
 /// The configuration table of `method`: the file's, then the flags over it.
 fn table(a: SftArgs, global: &Global, method: &str) -> anyhow::Result<Map<String, Value>> {
     let mut m = match &global.config {
@@ -384,9 +516,14 @@ fn table(a: SftArgs, global: &Global, method: &str) -> anyhow::Result<Map<String
     set("alpha", a.alpha.map(|x| json!(x)));
     set("dropout", a.dropout.map(|x| json!(x)));
     set("use_rslora", a.rslora.then_some(json!(true)));
+    set("init_adapter", a.init_adapter.map(|x| json!(x)));
     set("targets", a.targets.map(|x| json!(x)));
     set("lr", a.lr.map(|x| json!(x)));
+    set("lr_scheduler", a.lr_scheduler.map(|x| json!(x)));
     set("warmup_steps", a.warmup_steps.map(|x| json!(x)));
+    set("min_lr_rate", a.min_lr_rate.map(|x| json!(x)));
+    set("beta1", a.adam_beta1.map(|x| json!(x)));
+    set("beta2", a.adam_beta2.map(|x| json!(x)));
     set("weight_decay", a.weight_decay.map(|x| json!(x)));
     set("batch_size", a.batch_size.map(|x| json!(x)));
     set("grad_accum", a.grad_accum.map(|x| json!(x)));
@@ -396,6 +533,7 @@ fn table(a: SftArgs, global: &Global, method: &str) -> anyhow::Result<Map<String
     set("seed", a.seed.map(|x| json!(x)));
     set("eval_every", a.eval_every.map(|x| json!(x)));
     set("patience", a.patience.map(|x| json!(x)));
+    set("save_best", a.save_best.map(|x| json!(x)));
     set("checkpoint_every", a.checkpoint_every.map(|x| json!(x)));
     set("resume", a.resume.then_some(json!(true)));
     set("packing", a.packing.then_some(json!(true)));

@@ -12,6 +12,7 @@ use serde_json::{Value, json};
 mod console;
 mod data;
 mod eval;
+mod pipeline;
 mod runs;
 mod stack;
 
@@ -659,7 +660,10 @@ fn the_demo_runs_the_whole_lifecycle() {
             .unwrap_or_else(|| panic!("no step {name}: {stdout}"))
     };
     assert_eq!(step("push")["details"]["repush_created"], false);
-    assert_eq!(step("gate and")["details"]["refused_without_evidence"], true);
+    assert_eq!(
+        step("gate and")["details"]["refused_without_evidence"],
+        true
+    );
     assert_eq!(step("canary")["details"]["state"], "promoted");
     assert!(events.iter().any(|e| e["event"] == "console"));
     assert_eq!(events.last().unwrap()["event"], "done");

@@ -168,19 +168,26 @@ pub fn encode_segments(
     Ok((ids, labels))
 }
 
+/// A row's optional `"weight"` (default 1): a non-negative number that multiplies the row's
+/// loss (SFT, DPO, ORPO and KTO rows alike); 0 leaves the row out of the gradient.
+pub fn row_weight(v: &Value) -> std::result::Result<f32, String> {
+    match v.get("weight") {
+        None | Some(Value::Null) => Ok(1.0),
+        Some(w) => w
+            .as_f64()
+            .filter(|w| w.is_finite() && *w >= 0.0)
+            .map(|w| w as f32)
+            .ok_or_else(|| "\"weight\" must be a non-negative number".to_string()),
+    }
+}
+
 /// Tokenise one JSON row.
 pub fn tokenize_row(
     v: &Value,
     tok: &Tokenizer,
     max_len: usize,
 ) -> std::result::Result<(Example, bool), String> {
-    let weight = match v.get("weight") {
-        None | Some(Value::Null) => 1.0,
-        Some(w) => w
-            .as_f64()
-            .filter(|w| w.is_finite() && *w >= 0.0)
-            .ok_or("\"weight\" must be a non-negative number")? as f32,
-    };
+    let weight = row_weight(v)?;
     let (mut ids, mut labels) = encode_segments(&segments(v, tok)?, tok)?;
     let truncated = ids.len() > max_len;
     ids.truncate(max_len);

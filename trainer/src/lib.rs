@@ -2,7 +2,8 @@
 //! supervised fine-tuning and preference objectives on one loop, PEFT-format adapter output.
 //!
 //! - `data`: SFT rows, completion-only labels, batches, packing
-//! - `optim`: AdamW, warm-up + cosine, clipping; `sft`: loss and training loop; `resume`: checkpoints
+//! - `optim`: AdamW, learning-rate schedules, clipping; `sft`: loss and training loop; `resume`: checkpoints
+//! - `init`: continuing from an adapter (its settings, weights, lineage, the frozen reference)
 //! - `checkpoint`: per-layer recompute, installed on the model as its layer step
 //! - `preference`: DPO (sigmoid, IPO, label-smoothed), ORPO and KTO on the SFT loop; TRL's formulas
 //! - `curate`: data curation (validation, PII masking, exact + MinHash dedup, filters, splits)
@@ -11,6 +12,7 @@ pub mod checkpoint;
 pub mod curate;
 pub mod data;
 pub mod error;
+pub mod init;
 pub mod optim;
 pub mod preference;
 pub mod resume;

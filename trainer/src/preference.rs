@@ -2,7 +2,10 @@
 //! KTO, with TRL's formulas and metric names, on the SFT training loop ([`run_training`]).
 //!
 //! - The reference model of DPO and KTO is the base with the adapter switched off
-//!   ([`without_adapter`]): the same frozen weights, no second copy. Its log-probabilities can be
+//!   ([`without_adapter`]): the same frozen weights, no second copy. When training continues
+//!   from an adapter (`init_adapter`), it is the base with that adapter, frozen
+//!   ([`crate::init::frozen_copy`]): at the first step the policy is the reference, as in TRL
+//!   with the adapter loaded a second time as `ref_adapter_name`. Its log-probabilities can be
 //!   computed once per dataset before training (`precompute_ref_log_probs`); those of the
 //!   validation set are always computed once.
 //! - Sequence log-probabilities are sums over completion tokens (prompt tokens are masked), or
@@ -11,7 +14,9 @@
 //!   rejected for DPO and ORPO; for KTO the completion, and, for the KL estimate, the row's
 //!   prompt with the previous row's completion (a mismatched pair, fixed when the data loads).
 //! - Losses are averaged over the rows (pairs) of the whole accumulated batch, ORPO's NLL over
-//!   its chosen completion tokens, so gradient accumulation equals one large batch. (TRL's
+//!   its chosen completion tokens, so gradient accumulation equals one large batch. A row's
+//!   `weight` (default 1) multiplies its loss, as in SFT; a row of weight 0 adds nothing (KTO's
+//!   KL estimate is the weighted mean over the batch). (TRL's
 //!   ORPOTrainer also counts the prompt tokens in the NLL; here prompts are masked in every
 //!   method. KTO's KL estimate is per micro-batch, as TRL's is per device batch.)
 //! - Checked against TRL 1.16 (scripts/reference/preference_reference.py): losses, gradients
@@ -26,7 +31,7 @@ use serde_json::Value;
 
 use crate::data::{
     Batch, DatasetStats, Example, IGNORE, chat_segments, encode_segments, make_batch,
-    parse_messages, segments,
+    parse_messages, row_weight, segments,
 };
 use crate::error::{Error, Result};
 use crate::sft::{
@@ -209,10 +214,13 @@ impl PreferenceConfig {
 // ---------------------------------------------------------------------------------------
 // Losses, as TRL computes them (on per-sequence log-probabilities).
 
-/// log σ(x), stably: min(x, 0) − log(1 + e^{−|x|}).
+/// log σ(x), stably: min(x, 0) − log(1 + e^{−|x|}), with min(x, 0) written (x − |x|) / 2 so
+/// the gradient at x = 0 is σ(0) = 1/2 whatever subgradient |x| takes there (candle's
+/// `minimum` and `abs` gave 1: twice TRL's gradient at the first DPO step, where the policy is
+/// the reference and every margin is exactly 0).
 fn log_sigmoid(x: &Tensor) -> candle_core::Result<Tensor> {
-    let zero = x.zeros_like()?;
-    x.minimum(&zero)? - (x.abs()?.neg()?.exp()? + 1.0)?.log()?
+    let abs = x.abs()?;
+    ((x - &abs)? * 0.5)? - (abs.neg()?.exp()? + 1.0)?.log()?
 }
 
 /// σ(x) = 1 / (1 + e^{−x}).
@@ -292,6 +300,20 @@ pub fn kto_kl(policy_kl: &Tensor, ref_kl: &Tensor) -> candle_core::Result<f64> {
     Ok(kl.max(0.0))
 }
 
+/// [`kto_kl`] with row weights: the weighted mean, so a row of weight 0 does not count.
+fn kto_kl_weighted(policy_kl: &Tensor, ref_kl: &Tensor, weights: &[f64]) -> Result<f64> {
+    if weights.iter().all(|&w| w == 1.0) {
+        return Ok(kto_kl(policy_kl, ref_kl)?);
+    }
+    let d = values(&(policy_kl - ref_kl)?)?;
+    let total: f64 = weights.iter().sum();
+    if total == 0.0 {
+        return Ok(0.0);
+    }
+    let kl = d.iter().zip(weights).map(|(d, w)| d * w).sum::<f64>() / total;
+    Ok(kl.max(0.0))
+}
+
 /// TRL's `kto_loss`: per-row losses (weighted) and rewards β·(π − ref) (detached).
 /// `desirable` is 1 for a desirable row, 0 for an undesirable one (same dtype as the log-probs).
 pub fn kto_losses(
@@ -323,6 +345,8 @@ pub fn kto_losses(
 pub struct PreferenceRow {
     pub seqs: [Example; 2],
     pub desirable: bool,
+    /// The row's `weight` (default 1): its loss is multiplied by it.
+    pub weight: f64,
     /// Line number in the JSONL file.
     pub line: usize,
 }
@@ -502,6 +526,7 @@ pub fn load_pairs(
             Some(p) => Some(p),
             None => implicit_prompt(&mut chosen, &mut rejected),
         };
+        let weight = row_weight(&v).map_err(data_err)?;
         let c = tokenise(prompt.as_ref(), &chosen, "chosen", tok).map_err(data_err)?;
         let r = tokenise(prompt.as_ref(), &rejected, "rejected", tok).map_err(data_err)?;
         if c.completion == r.completion {
@@ -523,6 +548,7 @@ pub fn load_pairs(
         out.push(PreferenceRow {
             seqs: [ce, re],
             desirable: true,
+            weight: f64::from(weight),
             line,
         });
     }
@@ -547,7 +573,7 @@ pub fn load_kto(
     need_both_labels: bool,
 ) -> Result<(Vec<PreferenceRow>, DatasetStats)> {
     let mut stats = DatasetStats::default();
-    let mut kept: Vec<(Tokenised, bool, usize)> = Vec::new();
+    let mut kept: Vec<(Tokenised, bool, usize, f32)> = Vec::new();
     for (line, v) in read_rows(path)? {
         let data_err = |message: String| Error::Data {
             path: path.to_path_buf(),
@@ -564,6 +590,7 @@ pub fn load_kto(
         let label = v.get("label").and_then(Value::as_bool).ok_or_else(|| {
             data_err("\"label\" must be true (desirable) or false (undesirable)".into())
         })?;
+        let weight = row_weight(&v).map_err(data_err)?;
         let prompt = text_field(&v, "prompt").map_err(data_err)?;
         let t = tokenise(prompt.as_ref(), &completion, "completion", tok).map_err(data_err)?;
         let (e, truncated) = Tokenised::join(&t.prompt, &t, max_len);
@@ -574,7 +601,7 @@ pub fn load_kto(
         }
         stats.kept += 1;
         count(&mut stats, &e);
-        kept.push((t, label, line));
+        kept.push((t, label, line, weight));
     }
     if kept.is_empty() {
         return Err(Error::NoTrainableRows {
@@ -597,13 +624,14 @@ pub fn load_kto(
     let n = kept.len();
     let out = (0..n)
         .map(|i| {
-            let (t, label, line) = &kept[i];
+            let (t, label, line, weight) = &kept[i];
             let prev = &kept[(i + n - 1) % n].0;
             let (e, _) = Tokenised::join(&t.prompt, t, max_len);
             let (kl, _) = Tokenised::join(&t.prompt, prev, max_len);
             PreferenceRow {
                 seqs: [e, kl],
                 desirable: *label,
+                weight: f64::from(*weight),
                 line: *line,
             }
         })
@@ -694,6 +722,7 @@ struct PreferenceObjective {
     opts: PreferenceOptions,
     train: Split,
     val: Option<Split>,
+    /// The frozen reference of DPO and KTO, built in `prepare` (or on first use).
     reference: Option<Llama>,
     pad_id: u32,
     batch_size: usize,
@@ -771,6 +800,8 @@ impl PreferenceObjective {
             .iter()
             .map(|&i| f64::from(u8::from(split.rows[i].desirable)))
             .collect();
+        let weights: Vec<f64> = rows.iter().map(|&i| split.rows[i].weight).collect();
+        let w = Tensor::from_vec(weights.clone(), b, &device)?;
         let mut t = Tally::new();
         let denom = total_rows.max(1) as f64;
 
@@ -827,16 +858,16 @@ impl PreferenceObjective {
                 tally(&mut t, "rewards/margins", margins, n);
                 tally(&mut t, "logps/chosen", sum(&values(&pc)?), n);
                 tally(&mut t, "logps/rejected", sum(&values(&pr)?), n);
-                (losses.sum_all()? / denom)?
+                ((losses * &w)?.sum_all()? / denom)?
             }
             Method::Orpo => {
                 let c = counts_tensor(&counts, &device)?;
                 let mean = policy.div(&c)?;
                 let (pc, pr) = (mean.narrow(0, 0, b)?, mean.narrow(0, b, b)?);
                 let (or_losses, ratio, log_odds) = orpo_odds_ratio(&pc, &pr, o.beta)?;
-                // NLL on the chosen completions: minus their summed log-probs, per chosen token
-                // of the whole accumulated batch.
-                let chosen_sum = policy.narrow(0, 0, b)?.sum_all()?;
+                // NLL on the chosen completions: minus their summed log-probs (weighted by row),
+                // per chosen token of the whole accumulated batch.
+                let chosen_sum = (policy.narrow(0, 0, b)? * &w)?.sum_all()?;
                 let chosen_tokens: usize = counts[..b].iter().sum();
                 let nll = (chosen_sum.neg()? / total_tokens.max(1) as f64)?;
                 let (pcv, prv) = (values(&pc)?, values(&pr)?);
@@ -854,12 +885,12 @@ impl PreferenceObjective {
                 tally(&mut t, "nll_loss", nll_sum, chosen_tokens as f64);
                 tally(&mut t, "log_odds_ratio", sum(&values(&ratio)?), n);
                 tally(&mut t, "log_odds_chosen", sum(&values(&log_odds)?), n);
-                (nll + (or_losses.sum_all()? / denom)?)?
+                (nll + ((or_losses * &w)?.sum_all()? / denom)?)?
             }
             Method::Kto => {
                 let reference = reference.expect("KTO has a reference");
                 let (rp, rkl) = (reference.narrow(0, 0, b)?, reference.narrow(0, b, b)?);
-                let kl = kto_kl(policy_kl.as_ref().expect("KTO"), &rkl)?;
+                let kl = kto_kl_weighted(policy_kl.as_ref().expect("KTO"), &rkl, &weights)?;
                 let d = Tensor::from_vec(desirable.clone(), b, &device)?;
                 let (losses, rewards) = kto_losses(
                     &policy,
@@ -886,7 +917,7 @@ impl PreferenceObjective {
                 tally(&mut t, "kl", kl, 1.0);
                 tally(&mut t, "count/chosen", nd, 1.0);
                 tally(&mut t, "count/rejected", b as f64 - nd, 1.0);
-                (losses.sum_all()? / denom)?
+                ((losses * &w)?.sum_all()? / denom)?
             }
         };
         Ok(MicroLoss {
@@ -918,7 +949,14 @@ impl Objective for PreferenceObjective {
     fn val_stats(&self) -> Option<&DatasetStats> {
         self.val.as_ref().map(|v| &v.stats)
     }
-    fn prepare(&mut self, model: &Llama) -> Result<()> {
+    fn prepare(&mut self, model: &Llama, init: bool) -> Result<()> {
+        if self.uses_reference() {
+            self.reference = Some(if init {
+                crate::init::frozen_copy(model)?
+            } else {
+                without_adapter(model)
+            });
+        }
         if self.opts.precompute_ref_log_probs && self.uses_reference() {
             self.precompute(model, Which::Train)?;
         }
@@ -978,9 +1016,23 @@ impl Objective for PreferenceObjective {
 }
 
 /// The loss of `rows` as one batch (no dropout), with the metrics logged for it: the same
-/// computation a training step does, for checks against reference implementations.
+/// computation a training step does, for checks against reference implementations. The
+/// reference model is the base without the adapter.
 pub fn batch_loss(
     model: &Llama,
+    method: Method,
+    opts: &PreferenceOptions,
+    rows: Vec<PreferenceRow>,
+    pad_id: u32,
+) -> Result<(Tensor, BTreeMap<String, f64>)> {
+    batch_loss_against(model, None, method, opts, rows, pad_id)
+}
+
+/// [`batch_loss`] against a given reference model (`None`: the base without the adapter), such
+/// as [`crate::init::frozen_copy`] of the adapter training continues from.
+pub fn batch_loss_against(
+    model: &Llama,
+    reference: Option<Llama>,
     method: Method,
     opts: &PreferenceOptions,
     rows: Vec<PreferenceRow>,
@@ -996,7 +1048,7 @@ pub fn batch_loss(
             reference: None,
         },
         val: None,
-        reference: None,
+        reference,
         pad_id,
         batch_size: n.max(1),
     };
@@ -1068,6 +1120,27 @@ pub fn read_config(path: &Path, method: Method) -> Result<PreferenceConfig> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn log_sigmoid_has_the_gradient_of_sigma_everywhere_and_at_zero() {
+        let x = candle_core::Var::new(&[-800.0f64, -3.0, 0.0, 2.0, 800.0], &Device::Cpu).unwrap();
+        let y = log_sigmoid(x.as_tensor()).unwrap();
+        let g = y.sum_all().unwrap().backward().unwrap();
+        let g: Vec<f64> = g.get(x.as_tensor()).unwrap().to_vec1().unwrap();
+        let want = |x: f64| 1.0 / (1.0 + x.exp()); // σ(−x)
+        for (i, &xv) in [-800.0, -3.0, 0.0, 2.0, 800.0].iter().enumerate() {
+            assert!(
+                (g[i] - want(xv)).abs() < 1e-12,
+                "at {xv}: {} vs {}",
+                g[i],
+                want(xv)
+            );
+        }
+        let v: Vec<f64> = y.to_vec1().unwrap();
+        assert_eq!(v[0], -800.0);
+        assert_eq!(v[2], -std::f64::consts::LN_2);
+        assert!(v[4].abs() < 1e-300);
+    }
 
     #[test]
     fn config_splits_preference_keys_from_training_keys() {

@@ -1,5 +1,6 @@
-//! Resumable checkpoints: adapter weights, AdamW moments, step and loop state. The data order
-//! and dropout masks derive from (seed, step), so a resumed run continues exactly.
+//! Resumable checkpoints: adapter weights, AdamW moments, step and loop state, and the best
+//! adapter so far by validation loss. The data order and dropout masks derive from
+//! (seed, step), so a resumed run continues exactly.
 
 use std::collections::BTreeMap;
 use std::path::Path;
@@ -14,7 +15,15 @@ use loraops_model::adapter::save_safetensors;
 const TENSORS: &str = "trainer_state.safetensors";
 const STATE: &str = "trainer_state.json";
 
-pub fn save(dir: &Path, named: &[(String, Var)], opt: &AdamW, state: &LoopState) -> Result<()> {
+/// Write a checkpoint; `best` is the adapter with the best validation loss so far, in the
+/// order of `named`.
+pub fn save(
+    dir: &Path,
+    named: &[(String, Var)],
+    opt: &AdamW,
+    state: &LoopState,
+    best: Option<&[Tensor]>,
+) -> Result<()> {
     // Write next to the old checkpoint and swap, so a crash never leaves half a checkpoint.
     let tmp = dir.with_extension("tmp");
     if tmp.exists() {
@@ -26,6 +35,9 @@ pub fn save(dir: &Path, named: &[(String, Var)], opt: &AdamW, state: &LoopState)
         t.insert(format!("param.{k}"), v.as_tensor().clone());
         t.insert(format!("exp_avg.{k}"), opt.m[i].clone());
         t.insert(format!("exp_avg_sq.{k}"), opt.v[i].clone());
+        if let Some(b) = best {
+            t.insert(format!("best.{k}"), b[i].clone());
+        }
     }
     save_safetensors(&tmp.join(TENSORS), &t)?;
     let json = serde_json::json!({"loop": state, "optimizer_step": opt.step});
@@ -39,7 +51,13 @@ pub fn save(dir: &Path, named: &[(String, Var)], opt: &AdamW, state: &LoopState)
     std::fs::rename(&tmp, dir).map_err(|e| Error::io(dir, e))
 }
 
-pub fn load(dir: &Path, named: &[(String, Var)], opt: &mut AdamW) -> Result<LoopState> {
+/// Restore a checkpoint into the parameters and the optimiser: the loop state, and the best
+/// adapter so far when the checkpoint has one.
+pub fn load(
+    dir: &Path,
+    named: &[(String, Var)],
+    opt: &mut AdamW,
+) -> Result<(LoopState, Option<Vec<Tensor>>)> {
     let bad = |m: String| Error::Checkpoint {
         path: dir.to_path_buf(),
         message: m,
@@ -77,5 +95,18 @@ pub fn load(dir: &Path, named: &[(String, Var)], opt: &mut AdamW) -> Result<Loop
     opt.step = json["optimizer_step"]
         .as_u64()
         .ok_or_else(|| bad("optimizer_step is missing".into()))? as usize;
-    Ok(state)
+    let best = if named
+        .iter()
+        .all(|(k, _)| t.contains_key(&format!("best.{k}")))
+    {
+        Some(
+            named
+                .iter()
+                .map(|(k, _)| get(&format!("best.{k}")).cloned())
+                .collect::<Result<Vec<_>>>()?,
+        )
+    } else {
+        None
+    };
+    Ok((state, best))
 }

@@ -1,5 +1,6 @@
 //! Supervised fine-tuning: the loss, the training loop (gradient accumulation, clipping,
-//! warm-up + cosine, validation, early stopping, checkpoints) and the adapter output.
+//! learning-rate schedules, validation, best-adapter selection, early stopping, checkpoints,
+//! continuing from an adapter) and the adapter output.
 
 use std::collections::BTreeMap;
 use std::io::Write;
@@ -16,7 +17,8 @@ use crate::data::{
     pack,
 };
 use crate::error::{Error, Result};
-use crate::optim::{AdamW, AdamWConfig, clip_grad_norm, cosine_with_warmup};
+use crate::init::InitAdapter;
+use crate::optim::{AdamW, AdamWConfig, LrScheduler, clip_grad_norm};
 use crate::resume;
 use loraops_model::adapter::{merge_into, save_adapter, save_manifest};
 use loraops_model::linear::lora::{DropoutRng, LoraConfig, derived_rng};
@@ -41,10 +43,12 @@ pub struct SftConfig {
     pub steps: usize,
     /// `nf4` or `none`.
     pub quantize: String,
-    /// Storage of non-quantised frozen weights: `f32` or `bf16`.
+    /// Storage of non-quantised frozen weights: `f32`, `bf16`, or `auto` (bf16 on a GPU, f32
+    /// on the CPU).
     pub base_dtype: String,
-    /// The activations' dtype: `f32`, or `bf16` for mixed precision on a GPU (LoRA weights,
-    /// optimiser state, norms, softmax and the loss stay f32).
+    /// The activations' dtype: `f32`, `bf16` for mixed precision on a GPU (LoRA weights,
+    /// optimiser state, norms, softmax and the loss stay f32), or `auto` (bf16 on a GPU, f32
+    /// on the CPU).
     pub compute_dtype: String,
     /// Where the CLI trains: `auto` (the first GPU when built with `cuda`, else the CPU),
     /// `cpu`, `cuda` or `cuda:N`. Library callers pass the device themselves.
@@ -56,7 +60,11 @@ pub struct SftConfig {
     pub use_rslora: bool,
     pub targets: Vec<String>,
     pub lr: f64,
+    /// The learning-rate schedule (transformers' names); warm-up is linear from 0.
+    pub lr_scheduler: LrScheduler,
     pub warmup_steps: usize,
+    /// `cosine_with_min_lr`: the lowest learning rate, as a share of `lr`.
+    pub min_lr_rate: Option<f64>,
     pub beta1: f64,
     pub beta2: f64,
     pub eps: f64,
@@ -71,6 +79,17 @@ pub struct SftConfig {
     pub eval_every: usize,
     /// Stop after this many validations without improvement (0: never).
     pub patience: usize,
+    /// Which adapter to write: `eval_loss` (the one with the lowest validation loss) or `last`.
+    /// Unset: `eval_loss` when there is validation data, else `last`.
+    pub save_best: Option<SaveBest>,
+    /// Continue from this adapter: a directory, or `NAME@V` (pulled from the registry by
+    /// `loraops train`). Its r, alpha, rsLoRA and targets are the run's; DPO's and KTO's
+    /// reference model is then the base with this adapter, frozen.
+    pub init_adapter: Option<String>,
+    /// `init_adapter` resolved: its directory and the parent the manifest records. Set by the
+    /// caller that resolved `NAME@V`; a directory is resolved when training starts.
+    #[serde(skip)]
+    pub init: Option<InitAdapter>,
     /// Write a resumable checkpoint every N steps (0: never).
     pub checkpoint_every: usize,
     /// Continue from `OUT/checkpoint` if it exists.
@@ -89,6 +108,17 @@ pub struct SftConfig {
     pub run_id: Option<String>,
 }
 
+/// Which adapter a run writes (`save_best`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum SaveBest {
+    /// The adapter of the validation with the lowest loss (transformers'
+    /// `load_best_model_at_end` with `metric_for_best_model="eval_loss"`).
+    EvalLoss,
+    /// The adapter of the last update.
+    Last,
+}
+
 impl Default for SftConfig {
     fn default() -> Self {
         let opt = AdamWConfig::default();
@@ -101,8 +131,8 @@ impl Default for SftConfig {
             run_id: None,
             steps: 100,
             quantize: "none".into(),
-            base_dtype: "f32".into(),
-            compute_dtype: "f32".into(),
+            base_dtype: "auto".into(),
+            compute_dtype: "auto".into(),
             device: "auto".into(),
             double_quant: true,
             r: 16,
@@ -111,7 +141,9 @@ impl Default for SftConfig {
             use_rslora: false,
             targets: vec!["all-linear".into()],
             lr: opt.lr,
+            lr_scheduler: LrScheduler::default(),
             warmup_steps: 0,
+            min_lr_rate: None,
             beta1: opt.beta1,
             beta2: opt.beta2,
             eps: opt.eps,
@@ -124,6 +156,9 @@ impl Default for SftConfig {
             seed: 42,
             eval_every: 0,
             patience: 0,
+            save_best: None,
+            init_adapter: None,
+            init: None,
             checkpoint_every: 0,
             resume: false,
             stop_after: None,
@@ -159,17 +194,62 @@ impl SftConfig {
         if !(0.0..1.0).contains(&self.dropout) || !(0.0..1.0).contains(&self.label_smoothing) {
             return bad("dropout and label_smoothing must be in [0, 1)");
         }
+        match (self.lr_scheduler, self.min_lr_rate) {
+            (LrScheduler::CosineWithMinLr, None) => {
+                return bad("lr_scheduler cosine_with_min_lr needs min_lr_rate (--min-lr-rate)");
+            }
+            (LrScheduler::CosineWithMinLr, Some(r)) if !(0.0..=1.0).contains(&r) => {
+                return bad("min_lr_rate must be in [0, 1]");
+            }
+            (LrScheduler::CosineWithMinLr, Some(_)) | (_, None) => {}
+            (s, Some(_)) => {
+                let name = serde_json::to_value(s).expect("serialisable");
+                return Err(Error::Config(format!(
+                    "min_lr_rate applies to lr_scheduler cosine_with_min_lr, not {}",
+                    name.as_str().unwrap_or_default()
+                )));
+            }
+        }
+        if self.lr_scheduler == LrScheduler::Constant && self.warmup_steps > 0 {
+            return bad(
+                "lr_scheduler constant has no warm-up; use constant_with_warmup with warmup_steps",
+            );
+        }
+        let validating = self.val_data.is_some();
+        if self.save_best == Some(SaveBest::EvalLoss) && !validating {
+            return bad("save_best eval_loss needs validation data (--val-data)");
+        }
+        if self.patience > 0 && !validating {
+            return bad("patience (early stopping) needs validation data (--val-data)");
+        }
         self.base_format()?;
         self.compute_dtype()?;
         Ok(())
     }
 
+    /// `auto` dtypes made concrete for `device`: bf16 on a GPU (the recipe's mixed precision,
+    /// shared/seed-finetuning-adaptation.md 3.2 "혼합정밀: bf16/fp16"), f32 on the CPU, whose
+    /// matmul has no bf16.
+    pub fn for_device(&self, device: &Device) -> Self {
+        let pick = |v: &str| match v {
+            "auto" if device.is_cpu() => "f32".to_string(),
+            "auto" => "bf16".to_string(),
+            other => other.to_string(),
+        };
+        Self {
+            base_dtype: pick(&self.base_dtype),
+            compute_dtype: pick(&self.compute_dtype),
+            ..self.clone()
+        }
+    }
+
     pub fn compute_dtype(&self) -> Result<candle_core::DType> {
         match self.compute_dtype.as_str() {
-            "f32" => Ok(candle_core::DType::F32),
+            // Before `for_device`: what the CPU would use.
+            "f32" | "auto" => Ok(candle_core::DType::F32),
             "bf16" => Ok(candle_core::DType::BF16),
             other => Err(Error::Config(format!(
-                "compute_dtype {other:?}: expected f32 or bf16"
+                "compute_dtype {other:?}: expected auto, f32 or bf16"
             ))),
         }
     }
@@ -177,11 +257,33 @@ impl SftConfig {
     pub fn base_format(&self) -> Result<BaseFormat> {
         match (self.quantize.as_str(), self.base_dtype.as_str()) {
             ("nf4", _) => Ok(BaseFormat::Nf4),
+            ("none", "auto") => Ok(BaseFormat::F32),
             ("none", d) => Ok(d.parse()?),
             (q, _) => Err(Error::Config(format!(
                 "quantize {q:?}: expected nf4 or none"
             ))),
         }
+    }
+
+    /// The adapter to continue from, if any.
+    pub fn init_adapter(&self) -> Result<Option<InitAdapter>> {
+        if let Some(i) = &self.init {
+            return Ok(Some(i.clone()));
+        }
+        let Some(s) = &self.init_adapter else {
+            return Ok(None);
+        };
+        let dir = Path::new(s);
+        if dir.is_dir() {
+            return InitAdapter::from_dir(dir).map(Some);
+        }
+        Err(Error::Config(if s.contains('@') {
+            format!(
+                "init_adapter {s:?}: a registry version is pulled by `loraops train` (--registry); here it must be a directory"
+            )
+        } else {
+            format!("init_adapter {s:?}: no such directory (expected DIR or NAME@V)")
+        }))
     }
 
     pub fn lora(&self) -> Result<LoraConfig> {
@@ -345,6 +447,9 @@ pub struct SftOutcome {
 pub struct LoopState {
     pub step: usize,
     pub best_val_loss: Option<f64>,
+    /// The update after which the best validation loss was measured.
+    #[serde(default)]
+    pub best_step: Option<usize>,
     pub bad_evals: usize,
     pub tokens: usize,
     pub last_loss: f64,
@@ -443,8 +548,9 @@ pub trait Objective: Send {
     fn stats(&self) -> &DatasetStats;
     /// Statistics of the validation set; `None` without one.
     fn val_stats(&self) -> Option<&DatasetStats>;
-    /// Called once, after the model and its fresh adapter are loaded and before the first update.
-    fn prepare(&mut self, _model: &Llama) -> Result<()> {
+    /// Called once, after the model is loaded with the adapter training starts from (fresh, or
+    /// `init_adapter`'s weights: then `init` is true) and before a checkpoint is restored.
+    fn prepare(&mut self, _model: &Llama, _init: bool) -> Result<()> {
         Ok(())
     }
     /// The loss of micro-batch `micro` of an update whose rows are `step_rows` (one slice per
@@ -577,10 +683,11 @@ fn retain_freed_memory() {
 }
 
 /// The training loop every method shares: load the base (f32, bf16 or NF4) and attach a fresh
-/// adapter, then per update sample rows, accumulate micro-batch gradients, clip, step AdamW on
-/// the warm-up + cosine schedule; validate, stop early, checkpoint and resume; finally write
-/// the PEFT adapter (the best one by validation loss, when validating), the merged model on
-/// request, `metrics.jsonl` and the manifest. `config` is recorded in the manifest.
+/// adapter (or the one `init_adapter` names), then per update sample rows, accumulate
+/// micro-batch gradients, clip, step AdamW on the learning-rate schedule; validate, stop early,
+/// checkpoint and resume; finally write the PEFT adapter (by `save_best`: the best one by
+/// validation loss, or the last), the merged model on request, `metrics.jsonl` and the
+/// manifest. `config` is recorded in the manifest.
 pub fn run_training(
     cfg: &SftConfig,
     config: serde_json::Value,
@@ -604,7 +711,14 @@ fn train_loop(
     obj: &mut dyn Objective,
     on_event: &mut (dyn FnMut(Event) + Send),
 ) -> Result<SftOutcome> {
+    let resolved = cfg.for_device(device);
+    let cfg = &resolved;
+    let config = resolved_config(config, cfg);
     let lora_cfg = cfg.lora()?;
+    let init = cfg.init_adapter()?;
+    if let Some(i) = &init {
+        crate::init::check_matches(&i.dir, &lora_cfg)?;
+    }
     let stats = obj.stats().clone();
     let opts = LoadOptions {
         format: cfg.base_format()?,
@@ -626,17 +740,29 @@ fn train_loop(
         ));
     }
     model.add_lora(&lora_cfg, &mut derived_rng(cfg.seed, RNG_LORA_INIT, 0))?;
+    if let Some(i) = &init {
+        crate::init::load_weights(&i.dir, &mut model)?;
+    }
     let named = model.lora_params();
     let params: Vec<candle_core::Var> = named.iter().map(|(_, v)| v.clone()).collect();
     let mut opt = AdamW::new(params.clone(), cfg.adamw())?;
+    // Before a checkpoint is restored: a reference model is the adapter training started from.
+    obj.prepare(&model, init.is_some())?;
 
     std::fs::create_dir_all(&cfg.out).map_err(|e| Error::io(&cfg.out, e))?;
     let ckpt_dir = cfg.out.join("checkpoint");
     let mut state = LoopState::default();
+    let mut best_params: Option<Vec<Tensor>> = None;
     if cfg.resume && ckpt_dir.exists() {
-        state = resume::load(&ckpt_dir, &named, &mut opt)?;
+        let (s, best) = resume::load(&ckpt_dir, &named, &mut opt)?;
+        state = s;
+        best_params = best;
     }
-    obj.prepare(&model)?;
+    let keep_best = match cfg.save_best {
+        Some(SaveBest::EvalLoss) => true,
+        Some(SaveBest::Last) => false,
+        None => obj.val_stats().is_some(),
+    };
     let metrics_path = cfg.out.join("metrics.jsonl");
     let mut metrics = std::fs::OpenOptions::new()
         .create(true)
@@ -645,7 +771,6 @@ fn train_loop(
         .truncate(state.step == 0)
         .open(&metrics_path)
         .map_err(|e| Error::io(&metrics_path, e))?;
-    let mut best_params: Option<Vec<Tensor>> = None;
 
     on_event(Event::Start {
         total_steps: cfg.steps,
@@ -664,7 +789,13 @@ fn train_loop(
     while state.step < cfg.steps {
         let step = state.step;
         let t0 = Instant::now();
-        let lr = cfg.lr * cosine_with_warmup(step, cfg.warmup_steps, cfg.steps);
+        let lr = cfg.lr
+            * cfg.lr_scheduler.factor(
+                step,
+                cfg.warmup_steps,
+                cfg.steps,
+                cfg.min_lr_rate.unwrap_or(0.0),
+            );
         let per_step = cfg.batch_size * cfg.grad_accum;
         let idx = sampler.indices(step * per_step, per_step);
         let step_rows: Vec<&[usize]> = idx.chunks(cfg.batch_size).collect();
@@ -707,13 +838,16 @@ fn train_loop(
             });
             if state.best_val_loss.is_none_or(|b| vl < b) {
                 state.best_val_loss = Some(vl);
+                state.best_step = Some(state.step);
                 state.bad_evals = 0;
-                best_params = Some(
-                    params
-                        .iter()
-                        .map(|p| p.as_tensor().copy())
-                        .collect::<candle_core::Result<_>>()?,
-                );
+                if keep_best {
+                    best_params = Some(
+                        params
+                            .iter()
+                            .map(|p| p.as_tensor().copy())
+                            .collect::<candle_core::Result<_>>()?,
+                    );
+                }
             } else {
                 state.bad_evals += 1;
             }
@@ -726,11 +860,11 @@ fn train_loop(
         .map_err(|e| Error::io(&metrics_path, e))?;
         on_event(Event::Step(&m));
         if cfg.checkpoint_every > 0 && state.step % cfg.checkpoint_every == 0 {
-            resume::save(&ckpt_dir, &named, &opt, &state)?;
+            resume::save(&ckpt_dir, &named, &opt, &state, best_params.as_deref())?;
             on_event(Event::Checkpoint { step: state.step });
         }
         if cfg.stop_after.is_some_and(|n| state.step >= n) && state.step < cfg.steps {
-            resume::save(&ckpt_dir, &named, &opt, &state)?;
+            resume::save(&ckpt_dir, &named, &opt, &state, best_params.as_deref())?;
             on_event(Event::Checkpoint { step: state.step });
             break;
         }
@@ -743,7 +877,7 @@ fn train_loop(
             break;
         }
     }
-    // With validation, the adapter written is the one with the best validation loss.
+    // `save_best eval_loss`: the adapter written is the one with the best validation loss.
     if let Some(best) = &best_params {
         for (p, b) in params.iter().zip(best) {
             p.set(b)?;
@@ -773,14 +907,18 @@ fn train_loop(
         nf4_bytes_per_param: model.nf4_bytes_per_param(),
         peak_gpu_bytes: peak_gpu_bytes(device),
     };
+    let selected = Selected {
+        stopped_early,
+        best_step: best_params.as_ref().and(state.best_step),
+        parent: init.map(|i| i.parent),
+    };
     let manifest = manifest(
         cfg,
         obj.method(),
         config,
         &outcome,
         obj.val_stats(),
-        stopped_early,
-        best_params.is_some(),
+        selected,
     )?;
     save_manifest(&cfg.out, &manifest)?;
     Ok(outcome)
@@ -856,14 +994,37 @@ fn update(
     })
 }
 
+/// The configuration the manifest records, with `auto` dtypes as they were resolved.
+fn resolved_config(mut config: serde_json::Value, cfg: &SftConfig) -> serde_json::Value {
+    if let Some(m) = config.as_object_mut() {
+        for (k, v) in [
+            ("base_dtype", &cfg.base_dtype),
+            ("compute_dtype", &cfg.compute_dtype),
+        ] {
+            if m.contains_key(k) {
+                m.insert(k.into(), serde_json::Value::String(v.clone()));
+            }
+        }
+    }
+    config
+}
+
+/// What the manifest says of the adapter written and where it came from.
+struct Selected {
+    stopped_early: bool,
+    /// The update whose adapter was written, when it is the best by validation loss.
+    best_step: Option<usize>,
+    /// The adapter training continued from.
+    parent: Option<serde_json::Value>,
+}
+
 fn manifest(
     cfg: &SftConfig,
     method: &str,
     config: serde_json::Value,
     o: &SftOutcome,
     val_stats: Option<&DatasetStats>,
-    stopped_early: bool,
-    best: bool,
+    selected: Selected,
 ) -> Result<TrainingManifest> {
     let mut datasets = vec![DatasetRef {
         role: "train".into(),
@@ -908,12 +1069,25 @@ fn manifest(
     }
     extra.insert(
         "stopped_early".to_string(),
-        serde_json::Value::Bool(stopped_early),
+        serde_json::Value::Bool(selected.stopped_early),
     );
     extra.insert(
         "adapter_selected".to_string(),
-        serde_json::Value::String(if best { "best_val_loss" } else { "final" }.into()),
+        serde_json::Value::String(
+            if selected.best_step.is_some() {
+                "best_val_loss"
+            } else {
+                "final"
+            }
+            .into(),
+        ),
     );
+    if let Some(step) = selected.best_step {
+        extra.insert("best_step".to_string(), serde_json::json!(step));
+    }
+    if let Some(p) = selected.parent {
+        extra.insert("parent".to_string(), p);
+    }
     Ok(TrainingManifest {
         format: MANIFEST_FORMAT.into(),
         method: method.into(),

@@ -222,6 +222,8 @@ pub fn validate(v: Value) -> Result<Row, String> {
     let license = opt("license")?.filter(|s| !s.is_empty());
     let source = opt("source")?.filter(|s| !s.is_empty());
     let label = obj.get("label").and_then(Value::as_bool);
+    // The trainer refuses a bad weight; refuse it here, before it reaches a split.
+    crate::data::row_weight(&Value::Object(obj.clone()))?;
     Ok(Row {
         family,
         obj,

@@ -21,6 +21,11 @@ pub struct JudgeConfig {
     pub rubric: String,
     /// Rows scoring below this are rejected.
     pub threshold: f64,
+    /// Rows scoring at least `threshold` but below this are kept, down-weighted: their
+    /// `weight` (default 1) is multiplied by `weight`. Unset: no row is down-weighted.
+    pub weight_below: Option<f64>,
+    /// The factor for the rows under `weight_below` (0 keeps them out of the gradient).
+    pub weight: f64,
     /// Environment variable holding a bearer token (e.g. LORAOPS_TOKEN), if any.
     pub api_key_env: Option<String>,
     /// A bearer token given on the command line (never read from or written to a file).
@@ -43,6 +48,8 @@ impl Default for JudgeConfig {
             model: String::new(),
             rubric: "The response is correct, helpful, safe and follows the instruction.".into(),
             threshold: 6.0,
+            weight_below: None,
+            weight: 0.5,
             api_key_env: None,
             api_key: None,
             concurrency: 8,
@@ -155,6 +162,14 @@ impl Judge {
 
     pub fn threshold(&self) -> f64 {
         self.cfg.threshold
+    }
+
+    /// The weight factor for a row scoring `score` that was not rejected (1: unchanged).
+    pub fn weight_for(&self, score: f64) -> f64 {
+        match self.cfg.weight_below {
+            Some(t) if score < t => self.cfg.weight,
+            _ => 1.0,
+        }
     }
 }
 

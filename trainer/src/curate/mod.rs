@@ -64,7 +64,9 @@
 //! url = "http://127.0.0.1:8080/v1"
 //! model = "base-model-or-adapter"
 //! rubric = "The response is correct, helpful, safe and follows the instruction."
-//! threshold = 6.0
+//! threshold = 6.0              # rows scoring below are dropped
+//! weight_below = 8.0           # optional: rows scoring below are kept with their "weight"
+//! weight = 0.5                 #   multiplied by this (the loss of a row is weighted by it)
 //! [curate.select]
 //! train_rows = 5000            # MMR-select a diverse train subset
 //! lambda = 0.5
@@ -232,6 +234,23 @@ impl CurateConfig {
         }
         if !(0.0..=1.0).contains(&self.select.lambda) {
             return Err(Error::Config("select: lambda must be in [0, 1]".into()));
+        }
+        let j = &self.judge;
+        if let Some(t) = j.weight_below {
+            if !j.enabled {
+                return Err(Error::Config(
+                    "judge: weight_below needs the judge (judge.enabled, --judge-model)".into(),
+                ));
+            }
+            if t <= j.threshold {
+                return Err(Error::Config(format!(
+                    "judge: weight_below ({t}) must be above threshold ({}); rows under the threshold are dropped, lower it to keep them down-weighted",
+                    j.threshold
+                )));
+            }
+            if !(0.0..=1.0).contains(&j.weight) {
+                return Err(Error::Config("judge: weight must be in [0, 1]".into()));
+            }
         }
         Ok(())
     }
@@ -783,6 +802,14 @@ fn stream_file(
                     run.issue(file, line, "judge", detail, true)?;
                     continue;
                 }
+                let factor = j.weight_for(v.score);
+                if factor != 1.0 {
+                    run.report.judge.weighted += 1;
+                    let mut k = k;
+                    k.line = reweighted(&k.line, factor);
+                    run.emit(*k, file, line, pinned)?;
+                    continue;
+                }
             }
             run.emit(*k, file, line, pinned)?;
         }
@@ -794,6 +821,14 @@ fn stream_file(
         bytes,
         sha256: hex::encode(hash.finalize()),
     })
+}
+
+/// The row `line` with its `weight` (1 when it has none) multiplied by `factor`.
+fn reweighted(line: &str, factor: f64) -> String {
+    let mut v: Value = serde_json::from_str(line).expect("a row written by this run");
+    let w = v.get("weight").and_then(Value::as_f64).unwrap_or(1.0) * factor;
+    v["weight"] = Value::from(w);
+    serde_json::to_string(&v).expect("JSON serialises")
 }
 
 /// Curate `inputs` into `out`: `train.jsonl`, `val.jsonl`, `holdout.jsonl`,
@@ -893,6 +928,10 @@ pub fn curate(
     if cfg.judge.enabled {
         run.report.judge.model = Some(cfg.judge.model.clone());
         run.report.judge.threshold = Some(cfg.judge.threshold);
+        run.report.judge.weight_below = cfg.judge.weight_below;
+        if cfg.judge.weight_below.is_some() {
+            run.report.judge.weight = Some(cfg.judge.weight);
+        }
     }
 
     let mut done = 0u64;

@@ -160,8 +160,15 @@ pub struct MixReport {
 pub struct JudgeReport {
     pub model: Option<String>,
     pub threshold: Option<f64>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub weight_below: Option<f64>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub weight: Option<f64>,
     pub scored: u64,
     pub rejected: u64,
+    /// Rows kept with their weight multiplied by `weight` (scored under `weight_below`).
+    #[serde(default)]
+    pub weighted: u64,
     pub mean_score: Option<f64>,
 }
 
@@ -269,6 +276,13 @@ impl Report {
                 self.judge.rejected,
                 self.judge.mean_score.unwrap_or(0.0)
             );
+            if let (Some(below), Some(w)) = (self.judge.weight_below, self.judge.weight) {
+                let _ = writeln!(
+                    s,
+                    "judge: {} rows below {below} kept with weight x{w}",
+                    self.judge.weighted
+                );
+            }
         }
         if let Some(b) = &self.balance {
             let v: Vec<String> = b

@@ -236,6 +236,9 @@ impl SynthJudge {
             model: self.model.clone().unwrap_or_else(|| cfg.model.clone()),
             rubric: self.rubric.clone(),
             threshold: self.threshold,
+            // Synthetic rows the judge doubts are dropped, never kept down-weighted.
+            weight_below: None,
+            weight: 1.0,
             api_key_env: self.api_key_env.clone(),
             // Another endpoint gets the generator's token only when nothing else is named.
             api_key: if self.api_key_env.is_none() {

@@ -652,6 +652,113 @@ fn the_llm_judge_rejects_rows_below_its_threshold() {
 }
 
 #[test]
+fn the_llm_judge_down_weights_rows_it_doubts_instead_of_dropping_them() {
+    let tmp = tempfile::tempdir().unwrap();
+    let (url, _) = judge_server();
+    let mut rows: Vec<String> = (0..8)
+        .map(|i| pc(&sentence(i), &format!("A fine reply {}", sentence(i + 40))))
+        .collect();
+    rows[2] = pc(&sentence(2), &format!("bad answer {}", sentence(200)));
+    // A row that already has a weight: the judge's factor multiplies it.
+    rows[5] = json!({"prompt": sentence(5), "completion": format!("bad answer {}", sentence(201)),
+        "weight": 2.0})
+    .to_string();
+    let input = write_jsonl(tmp.path(), "in.jsonl", &rows);
+    let mut cfg = CurateConfig::default();
+    cfg.splits.train = 1.0;
+    cfg.splits.val = 0.0;
+    cfg.splits.holdout = 0.0;
+    cfg.judge.enabled = true;
+    cfg.judge.url = url;
+    cfg.judge.model = "judge-model".into();
+    cfg.judge.threshold = 1.0;
+    cfg.judge.weight_below = Some(5.0);
+    cfg.judge.weight = 0.25;
+    let out = tmp.path().join("out");
+    let r = run(std::slice::from_ref(&input), &out, &cfg).unwrap();
+    assert_eq!(
+        (r.judge.scored, r.judge.rejected, r.judge.weighted),
+        (8, 0, 2)
+    );
+    assert_eq!(r.counts.kept, 8);
+    assert_eq!(
+        (r.judge.weight_below, r.judge.weight),
+        (Some(5.0), Some(0.25))
+    );
+    assert!(
+        r.summary()
+            .contains("2 rows below 5 kept with weight x0.25"),
+        "{}",
+        r.summary()
+    );
+    let weights: std::collections::BTreeMap<String, Option<f64>> = split_rows(&out, "train")
+        .iter()
+        .map(|v| {
+            (
+                v["prompt"].as_str().unwrap().to_string(),
+                v.get("weight").and_then(Value::as_f64),
+            )
+        })
+        .collect();
+    assert_eq!(weights[&sentence(2)], Some(0.25));
+    assert_eq!(weights[&sentence(5)], Some(0.5));
+    assert_eq!(
+        weights[&sentence(0)],
+        None,
+        "rows the judge trusts are unchanged"
+    );
+
+    // The trainer reads the weights curation wrote.
+    let (_t, dir) = crate::common::tiny_model(&loraops_model::tiny::TinySpec::default());
+    let tok = loraops_model::tokenizer::Tokenizer::load(&dir).unwrap();
+    let (examples, _) =
+        loraops_trainer::data::load_sft(&out.join("train.jsonl"), &tok, 128).unwrap();
+    let mut w: Vec<f32> = examples.iter().map(|e| e.weight).collect();
+    w.sort_by(f32::total_cmp);
+    assert_eq!(w, [0.25, 0.5, 1.0, 1.0, 1.0, 1.0, 1.0, 1.0]);
+
+    // Settings that cannot work are refused before any row is read.
+    for (below, threshold, weight, want) in [
+        (5.0, 6.0, 0.5, "must be above threshold"),
+        (5.0, 1.0, 1.5, "weight must be in [0, 1]"),
+    ] {
+        let mut c = cfg.clone();
+        c.judge.weight_below = Some(below);
+        c.judge.threshold = threshold;
+        c.judge.weight = weight;
+        let e = run(std::slice::from_ref(&input), &tmp.path().join("o2"), &c)
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains(want), "{e}");
+    }
+    let mut c = cfg.clone();
+    c.judge.enabled = false;
+    let e = run(&[input], &tmp.path().join("o3"), &c)
+        .unwrap_err()
+        .to_string();
+    assert!(e.contains("needs the judge"), "{e}");
+
+    // A row whose weight the trainer would refuse is invalid here already.
+    let bad = write_jsonl(
+        tmp.path(),
+        "bad.jsonl",
+        &[
+            pc(&sentence(1), "ok"),
+            json!({"prompt": sentence(2), "completion": "x", "weight": -1}).to_string(),
+        ],
+    );
+    let r = run(&[bad], &tmp.path().join("o4"), &CurateConfig::default()).unwrap();
+    assert_eq!(r.counts.invalid, 1);
+    assert!(
+        r.invalid.iter().any(|i| i
+            .detail
+            .contains("\"weight\" must be a non-negative number")),
+        "{:?}",
+        r.invalid
+    );
+}
+
+#[test]
 fn mmr_selection_keeps_a_diverse_train_subset() {
     let tmp = tempfile::tempdir().unwrap();
     let topics = [

@@ -93,6 +93,7 @@ impl Reference {
             .map(|(i, (x, y))| PreferenceRow {
                 seqs: [x, y],
                 desirable: labels.as_ref().is_none_or(|l| l[i]),
+                weight: 1.0,
                 line: i + 1,
             })
             .collect()
@@ -798,4 +799,142 @@ fn the_base_format_and_targets_of_sft_apply() {
     )
     .unwrap();
     assert!(model.lora_params().is_empty());
+}
+
+#[test]
+fn a_row_of_weight_zero_adds_nothing_to_the_loss_or_gradients() {
+    let r = reference();
+    let spec = r.spec();
+    let (_tmp, dir) = tiny_model(&spec);
+    let model = fixture_model(&r, &dir);
+    let params: Vec<Var> = model.lora_params().into_iter().map(|(_, v)| v).collect();
+    let labels: Vec<bool> = r.meta["kto_labels"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|x| x.as_bool().unwrap())
+        .collect();
+    // Other tokens, same lengths and masks: every normaliser stays the same.
+    let scramble = |row: &mut PreferenceRow| {
+        for s in &mut row.seqs {
+            for (id, l) in s.ids.iter_mut().zip(s.labels.iter_mut()) {
+                *id = 3 + (*id - 3 + 1) % (spec.vocab as u32 - 3);
+                if *l != IGNORE {
+                    *l = *id as i64;
+                }
+            }
+        }
+    };
+    for (method, rows) in [
+        (Method::Dpo, r.rows("model.chosen", "model.rejected", None)),
+        (Method::Orpo, r.rows("model.chosen", "model.rejected", None)),
+        (
+            Method::Kto,
+            r.rows("model.kto.completion", "model.kto.kl", Some(labels.clone())),
+        ),
+    ] {
+        let opts = PreferenceOptions::default();
+        let run = |weight: f64, scrambled: bool| -> (f64, Vec<Tensor>) {
+            let mut rows = rows.clone();
+            rows[1].weight = weight;
+            if scrambled {
+                scramble(&mut rows[1]);
+            }
+            let (loss, _) = batch_loss(&model, method, &opts, rows, 0).unwrap();
+            let g = collect_grads(&model, &loss, &params).unwrap();
+            (scalar(&loss), g)
+        };
+        let grad_diff = |a: &[Tensor], b: &[Tensor]| {
+            a.iter()
+                .zip(b)
+                .map(|(x, y)| max_abs_diff(x, y))
+                .fold(0f32, f32::max)
+        };
+        let name = method.name();
+        let (l0, g0) = run(0.0, false);
+        let (l0s, g0s) = run(0.0, true);
+        assert!((l0 - l0s).abs() < 1e-9, "{name}: {l0} vs {l0s}");
+        assert!(grad_diff(&g0, &g0s) < 1e-9, "{name}");
+        // At weight 1 the row counts: its tokens change the loss.
+        let (l1, g1) = run(1.0, false);
+        let (l1s, _) = run(1.0, true);
+        assert!((l1 - l1s).abs() > 1e-4, "{name}: {l1} vs {l1s}");
+        if method != Method::Kto {
+            // The row's share is linear in its weight (KTO's KL estimate is weighted too).
+            let (l2, g2) = run(2.0, false);
+            assert!(((l2 - l1) - (l1 - l0)).abs() < 1e-6, "{name}");
+            let second: Vec<Tensor> = g2.iter().zip(&g1).map(|(a, b)| (a - b).unwrap()).collect();
+            let first: Vec<Tensor> = g1.iter().zip(&g0).map(|(a, b)| (a - b).unwrap()).collect();
+            assert!(grad_diff(&second, &first) < 1e-6, "{name}");
+        }
+    }
+}
+
+#[test]
+fn dpo_from_an_adapter_matches_trl_with_a_peft_model() {
+    // TRL's DPOTrainer, given a PeftModel whose adapter is the starting point, copies it into
+    // a frozen "ref" adapter: the reference is the base with that adapter. Here the starting
+    // adapter is the fixture's LoRA and the reference its frozen copy.
+    let r = reference();
+    let (_tmp, dir) = tiny_model(&r.spec());
+    let model = fixture_model(&r, &dir);
+    let reference = loraops_trainer::init::frozen_copy(&model).unwrap();
+    let named = model.lora_params();
+    let params: Vec<Var> = named.iter().map(|(_, v)| v.clone()).collect();
+    let mut report = Vec::new();
+    for case in ["dpo_from_adapter_start", "dpo_from_adapter"] {
+        if case == "dpo_from_adapter" {
+            // The policy after some training; the reference stays where it started.
+            for (k, v) in &named {
+                v.set(r.get(&format!("dpo_from_adapter.policy.{k}")))
+                    .unwrap();
+            }
+        }
+        let m = &r.meta["model"][case];
+        let opts: PreferenceOptions = serde_json::from_value(m["options"].clone()).unwrap();
+        let rows = r.rows("model.chosen", "model.rejected", None);
+        let (loss, metrics) = loraops_trainer::preference::batch_loss_against(
+            &model,
+            Some(reference.clone()),
+            Method::Dpo,
+            &opts,
+            rows,
+            0,
+        )
+        .unwrap();
+        let dl = (scalar(&loss) - m["loss"].as_f64().unwrap()).abs();
+        let grads = collect_grads(&model, &loss, &params).unwrap();
+        let (mut dg, mut gmax) = (0f32, 0f32);
+        for ((k, _), g) in named.iter().zip(&grads) {
+            let want = r.get(&format!("model.{case}.grad.{k}"));
+            dg = dg.max(max_abs_diff(g, want));
+            gmax = gmax.max(
+                want.abs()
+                    .unwrap()
+                    .max_all()
+                    .unwrap()
+                    .to_scalar::<f32>()
+                    .unwrap(),
+            );
+        }
+        let mut dm = 0f64;
+        for (k, want) in m["metrics"].as_object().unwrap() {
+            dm = dm.max((metrics[k] - want.as_f64().unwrap()).abs());
+        }
+        report.push(format!(
+            "{case}: loss {:.6} diff {dl:e}, grad diff {dg:e} (largest {gmax:e}), metrics diff {dm:e}",
+            scalar(&loss)
+        ));
+        assert!(
+            gmax > 1e-4,
+            "{case}: the fixture's gradients are not trivial"
+        );
+        assert!(dl <= LOSS_TOL, "{case}: loss differs by {dl}");
+        assert!(dg <= GRAD_TOL, "{case}: gradients differ by {dg}");
+        assert!(dm <= 5e-6, "{case}: metrics differ by {dm}");
+        if case == "dpo_from_adapter_start" {
+            assert!((scalar(&loss) - std::f64::consts::LN_2).abs() < 1e-7);
+        }
+    }
+    eprintln!("DPO from an adapter vs TRL:\n  {}", report.join("\n  "));
 }
