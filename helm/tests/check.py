@@ -403,6 +403,10 @@ def find_workload(docs: list[dict], kind: str, suffix: str) -> dict | None:
     return None
 
 
+# A token minted in a container's script (the chart's loraops.mintToken).
+MINT = r'LORAOPS_TOKEN="\$\(loraops [^)]*token issue[^)]*\)" && export LORAOPS_TOKEN'
+
+
 def check_config(res: Results, case: str, binary: Path, docs: list[dict]) -> None:
     # Registry and gateway: the container's own command line with --check-config.
     for suffix, label in (("-registry", "registry serve --check-config"),
@@ -449,23 +453,31 @@ def check_config(res: Results, case: str, binary: Path, docs: list[dict]) -> Non
             res.add("migrate Job env (registry --check-config)", case, p.returncode == 0, detail)
         finally:
             box.close()
-    # Minted tokens (training push): the token command must print a token.
+    # Minted tokens (the training Job's train and push containers): each token command alone
+    # must print a token.
     train = None
     for d in docs:
         if d["kind"] == "Job" and "-train-" in d["metadata"]["name"]:
             train = d
     if train is not None:
         spec = pod_spec(train)
-        push = spec["containers"][0]
-        if push.get("command", [])[:2] == ["/bin/sh", "-c"] and "token issue" in " ".join(push.get("args", [])):
-            box = Sandbox(binary, docs, spec, push)
+        for c in spec.get("initContainers", []) + spec["containers"]:
+            if c.get("command", [])[:2] != ["/bin/sh", "-c"]:
+                continue
+            mints = re.findall(MINT, " ".join(c["command"][2:] + c.get("args", [])))
+            if not mints:
+                continue
+            box = Sandbox(binary, docs, spec, c)
             try:
-                script = box.move(" ".join(push["args"]))
-                script = script.split(" && exec ")[0] + ' && test -n "$LORAOPS_TOKEN" && echo "$LORAOPS_TOKEN"'
-                p = box.run([script], shell=True)
-                ok = p.returncode == 0 and p.stdout.count(".") == 2
-                res.add("training push: token minted", case, ok,
-                        f"exit {p.returncode}" + ("" if ok else " | " + p.stderr.strip()[:300]))
+                fails = []
+                for m in mints:
+                    p = box.run([box.move(m) + ' && test -n "$LORAOPS_TOKEN" && echo "$LORAOPS_TOKEN"'],
+                                shell=True)
+                    if p.returncode != 0 or p.stdout.count(".") != 2:
+                        fails.append(f"exit {p.returncode} | {p.stderr.strip()[:200]}")
+                roles = ", ".join(re.findall(r"--role (\S+)", " ".join(mints)))
+                res.add(f"training {c['name']}: token minted", case, not fails,
+                        "; ".join(fails) if fails else f"{len(mints)} token(s): {roles}")
             finally:
                 box.close()
 
@@ -708,6 +720,126 @@ def check_smoke(res: Results, binary: Path, docs: list[dict]) -> None:
         gbox.close()
 
 
+def pod_sandbox(binary: Path, docs: list[dict], spec: dict) -> "Sandbox":
+    """One sandbox for all containers of a pod, so the volumes they share are one directory."""
+    mounts: dict[str, dict] = {}
+    env: list[dict] = []
+    for c in spec.get("initContainers", []) + spec["containers"]:
+        for m in c.get("volumeMounts", []):
+            mounts.setdefault(m["mountPath"], m)
+        env += c.get("env", [])
+    return Sandbox(binary, docs, spec, {"volumeMounts": list(mounts.values()), "env": env})
+
+
+def run_job(box: "Sandbox", spec: dict, registry: str) -> list[tuple[str, int, str]]:
+    """Run a Job's init containers then its containers in the pod sandbox, as the kubelet would,
+    the in-cluster registry URL moved to `registry`. (name, exit code, output) of each."""
+    out = []
+    box.key_files()
+    for c in spec.get("initContainers", []) + spec["containers"]:
+        if c.get("command", [])[:2] == ["/bin/sh", "-c"]:
+            script = box.move(" ".join(c["command"][2:] + c.get("args", [])))
+            argv: list[str] = ["/bin/sh", "-c", script]
+        else:
+            argv = [str(box.binary), *[box.move(a) for a in c.get("args", [])]]
+        cluster = re.findall(r"http://[-a-z0-9.]+\.svc[-a-z0-9.]*:\d+", " ".join(argv))
+        for u in set(cluster):
+            argv = [a.replace(u, registry) for a in argv]
+        p = subprocess.run(argv, env=box.env, cwd=box.root, capture_output=True, text=True, timeout=300)
+        out.append((c["name"], p.returncode, (p.stdout + p.stderr).strip()))
+        if p.returncode != 0:
+            break
+    return out
+
+
+def check_training(res: Results, binary: Path, chart: "helm.Chart") -> None:
+    """The training Job run here against a registry started from the same release: SFT, then
+    DPO from the version it pushed (`training.initAdapter`). Each run registers the base model
+    when missing (409 the second time), reports itself and pushes; the DPO version's lineage
+    names the SFT version as its parent."""
+    import time
+
+    base = {"training": {"enabled": True, "gpu": {"enabled": False}, "steps": 3,
+                         "extraArgs": ["--max-len", "64", "--batch-size", "2"],
+                         "data": {"existingClaim": "data"}}}
+    sft = deep_merge(base, {"training": {"runName": "sft-1", "data": {"file": "train.jsonl",
+                                                                       "valFile": "val.jsonl"}}})
+    dpo = deep_merge(base, {"training": {"runName": "dpo-1", "method": "dpo",
+                                         "initAdapter": "my-adapter@1",
+                                         "data": {"file": "prefs.jsonl"}}})
+    docs = render(chart, sft)
+    reg = find_workload(docs, "Deployment", "-registry")
+    rspec = pod_spec(reg)
+    rc = rspec["containers"][0]
+    rbox = Sandbox(binary, docs, rspec, rc)
+    proc = None
+    try:
+        rport = free_port()
+        proc = start(rbox, rc, {"LORAOPS_REGISTRY__LISTEN": f"127.0.0.1:{rport}"})
+        url = f"http://127.0.0.1:{rport}"
+        ok, why = wait_ready(f"{url}/readyz", proc, 60)
+        if not ok:
+            res.add("training Job runs", "sft then dpo", False, f"registry: {why} | {tail(rbox)}")
+            return
+        token = subprocess.run(
+            [str(binary), "--config", str(rbox.root / "etc/loraops/registry.toml"), "--data-dir",
+             str(rbox.root / "tmp/check"), "token", "issue", "--sub", "check", "--role", "admin"],
+            env=rbox.env, capture_output=True, text=True, timeout=60).stdout.strip()
+        rows = {
+            "train.jsonl": [{"prompt": f"Where is order {i}?", "completion": " It ships in two days."}
+                            for i in range(8)],
+            "val.jsonl": [{"prompt": "Where is order 99?", "completion": " It ships in two days."}],
+            "prefs.jsonl": [{"prompt": f"Where is order {i}?", "chosen": " It ships in two days.",
+                             "rejected": " No idea."} for i in range(6)],
+        }
+        details = []
+        for label, values in (("sft", sft), ("dpo", dpo)):
+            jdocs = render(chart, values)
+            job = next(d for d in jdocs if d["kind"] == "Job" and "-train-" in d["metadata"]["name"])
+            spec = pod_spec(job)
+            box = pod_sandbox(binary, jdocs, spec)
+            try:
+                for name, r in rows.items():
+                    (box.root / "data" / name).write_text("".join(json.dumps(x) + "\n" for x in r))
+                steps = run_job(box, spec, url)
+            finally:
+                box.close()
+            failed = [s for s in steps if s[1] != 0]
+            if failed:
+                name, code, text = failed[0]
+                res.add("training Job runs", label, False, f"{name} exit {code} | {' '.join(text.split())[-300:]}")
+                return
+            push_log = steps[-1][2]
+            details.append(f"{label}: {', '.join(s[0] for s in steps)}"
+                           + (" (base registered already)" if "registered already" in push_log else ""))
+        time.sleep(0.2)
+        _, vtext, _ = http(f"{url}/api/v1/adapters/my-adapter/versions", token)
+        versions = {v["version"]: v for v in json.loads(vtext)["items"]} if vtext.startswith("{") else {}
+        v1, v2 = versions.get(1), versions.get(2)
+        _, btext, _ = http(f"{url}/api/v1/base-models", token)
+        problems = []
+        if not (v1 and v2):
+            problems.append(f"versions: {vtext[:200]}")
+        else:
+            if not v1.get("run") or not v2.get("run"):
+                problems.append("a version links to no run (was the run reported?)")
+            lin = v2.get("lineage") or {}
+            want = {"adapter": "my-adapter", "version": 1, "digest": v1["digest"]}
+            if lin.get("method") != "dpo" or lin.get("parent") != want:
+                problems.append(f"v2 lineage method {lin.get('method')!r}, parent {lin.get('parent')!r}")
+            if (v1.get("lineage") or {}).get("best_step") is None:
+                problems.append("the SFT run validated but its manifest names no best_step")
+        if '"base"' not in btext:
+            problems.append(f"base model not registered: {btext[:200]}")
+        res.add("training Job runs", "sft then dpo", not problems,
+                "; ".join(problems) if problems else
+                "; ".join(details) + "; v2's parent is v1, both link to their runs")
+    finally:
+        if proc is not None:
+            stop(proc)
+        rbox.close()
+
+
 # ---------------------------------------------------------------------------------------------
 # Metrics named in alerts and the dashboard
 
@@ -827,6 +959,11 @@ INVALID = [
      "gateway.registryToken.existingSecret"),
     ("model pvc without claim", {"model": {"source": "pvc"}}, "model.existingClaim"),
     ("training without data", {"training": {"enabled": True}}, "training.data.existingClaim"),
+    ("bad enum: training.method", {"training": {"method": "ppo"}}, "/training/method"),
+    ("training.initAdapter not NAME@V", {"training": {"initAdapter": "my-adapter"}}, "/training/initAdapter"),
+    ("registerBase without an admin token",
+     {"training": {"enabled": True, "data": {"existingClaim": "d"}, "publisherToken": {"existingSecret": "pub"}}},
+     "training.adminToken.existingSecret"),
 ]
 
 
@@ -938,6 +1075,8 @@ def main() -> int:
             msg = " ".join(str(e).split())
             res.add("rejects invalid values", label, expect in msg, msg[:160])
 
+    if have_binary:
+        check_training(res, binary, chart)
     check_dockerfile(res, repo, chart.values)
     check_values_documented(res, chart_dir, chart_dir.parent / "README.md")
     check_metrics(res, repo, rendered.get("embedded-full", []) + rendered.get("production", []),

@@ -117,8 +117,8 @@ app.kubernetes.io/part-of: loraops
 {{- if and .Values.gateway.enabled (ne .Values.auth.mode "hs256") (not .Values.gateway.registryToken.existingSecret) -}}
 {{- fail "the gateway needs a registry token: set gateway.registryToken.existingSecret (a JWT with the gateway role: it reads routing and adapters and reports per-arm observations); the chart can only mint one itself with auth.mode=hs256" -}}
 {{- end -}}
-{{- if and .Values.training.enabled .Values.training.push (ne .Values.auth.mode "hs256") (not .Values.training.publisherToken.existingSecret) -}}
-{{- fail "training.push needs a publisher token: set training.publisherToken.existingSecret; the chart can only mint one itself with auth.mode=hs256" -}}
+{{- if and .Values.training.enabled (ne .Values.auth.mode "hs256") (not .Values.training.publisherToken.existingSecret) -}}
+{{- fail "training needs a publisher token (it reports the run to the registry, pulls training.initAdapter and pushes the adapter): set training.publisherToken.existingSecret; the chart can only mint one itself with auth.mode=hs256" -}}
 {{- end -}}
 {{- if and (eq .Values.model.source "pvc") (not .Values.model.existingClaim) (or .Values.gateway.enabled .Values.training.enabled) -}}
 {{- fail "model.source=pvc needs model.existingClaim: a PersistentVolumeClaim holding the base model directory" -}}
@@ -127,6 +127,9 @@ app.kubernetes.io/part-of: loraops
 {{- fail "model.source=download needs model.url (e.g. s3://bucket/models/NAME)" -}}
 {{- end -}}
 {{- if .Values.training.enabled -}}
+{{- if and .Values.training.push .Values.training.registerBase .Values.training.publisherToken.existingSecret (not .Values.training.adminToken.existingSecret) -}}
+{{- fail "training.registerBase registers the base model before the push, which takes the admin role: set training.adminToken.existingSecret (a JWT with the admin role), or training.registerBase=false when the base model is registered already" -}}
+{{- end -}}
 {{- if and (eq .Values.training.data.source "pvc") (not .Values.training.data.existingClaim) -}}
 {{- fail "training.data.source=pvc needs training.data.existingClaim: a PersistentVolumeClaim holding training.data.file" -}}
 {{- end -}}
