@@ -192,29 +192,37 @@ fn tell(args: &DemoArgs, global: &Global, story: &Story) -> anyhow::Result<()> {
     ));
     story.end(json!({"dir": base_dir}));
 
-    story.begin(format!("fine-tune a LoRA adapter ({} steps)", args.steps));
+    story.begin(format!(
+        "fine-tune LoRA adapters: a first try ({FIRST_TRY_STEPS} steps) and the real one ({} steps)",
+        args.steps
+    ));
     let data = work.join("train.jsonl");
     std::fs::write(&data, dataset())?;
+    let train = |out: &std::path::Path, steps: usize| -> anyhow::Result<(f64, f64)> {
+        let sft: SftConfig = serde_json::from_value(json!({
+            "model": base_dir, "data": data, "out": out, "steps": steps, "lr": 2e-3, "r": 8,
+            "alpha": 16.0, "batch_size": 4, "seed": 1,
+        }))?;
+        let mut first = None;
+        let outcome = train_sft(&sft, &loraops_model::default_device(), &mut |e| {
+            if let Event::Step(m) = e {
+                first.get_or_insert(m.loss);
+            }
+        })?;
+        Ok((first.unwrap_or(f64::NAN), outcome.final_loss))
+    };
+    let first_try = work.join("adapter-first-try");
+    let (f0, f1) = train(&first_try, FIRST_TRY_STEPS)?;
+    story.say(format!("first try: loss {f0:.3} -> {f1:.3}"));
     let adapter = work.join("adapter");
-    let sft: SftConfig = serde_json::from_value(json!({
-        "model": base_dir, "data": data, "out": adapter, "steps": args.steps, "lr": 2e-3, "r": 8, "alpha": 16.0,
-        "batch_size": 4, "seed": 1,
-    }))?;
-    let mut first = None;
-    let outcome = train_sft(&sft, &loraops_model::default_device(), &mut |e| {
-        if let Event::Step(m) = e {
-            first.get_or_insert(m.loss);
-        }
-    })?;
+    let (a0, a1) = train(&adapter, args.steps)?;
     story.say(format!(
-        "loss {:.3} -> {:.3}, adapter in {}",
-        first.unwrap_or(f64::NAN),
-        outcome.final_loss,
-        outcome.adapter_dir.display()
+        "real one:  loss {a0:.3} -> {a1:.3}, adapter in {}",
+        adapter.display()
     ));
     story.end(
-        json!({"first_loss": first, "final_loss": outcome.final_loss,
-        "steps": outcome.steps_done, "adapter": outcome.adapter_dir}),
+        json!({"first_try": {"steps": FIRST_TRY_STEPS, "first_loss": f0, "final_loss": f1},
+        "adapter": {"steps": args.steps, "first_loss": a0, "final_loss": a1, "dir": adapter}}),
     );
 
     story.begin(format!(
@@ -261,13 +269,20 @@ fn tell(args: &DemoArgs, global: &Global, story: &Story) -> anyhow::Result<()> {
         story.say(format!("base model {} registered", base.name));
         story.end(json!({"url": url, "console": format!("{url}/ui/"), "base_model": base.name}));
 
-        story.begin(format!("push {}", adapter.display()));
+        story.begin("push both (the same bytes again: the same version)");
+        let tried = client
+            .push_dir(&first_try, "demo-support", None, no_progress())
+            .await?;
+        story.say(format!(
+            "first try  demo-support@{} {}",
+            tried.version.version, tried.version.digest
+        ));
         let pushed = client
             .push_dir(&adapter, "demo-support", None, no_progress())
             .await?;
         story.say(format!(
-            "demo-support@{} {} (new: {})",
-            pushed.version.version, pushed.version.digest, pushed.created
+            "real one   demo-support@{} {}",
+            pushed.version.version, pushed.version.digest
         ));
         let again = client
             .push_dir(&adapter, "demo-support", None, no_progress())
@@ -280,8 +295,9 @@ fn tell(args: &DemoArgs, global: &Global, story: &Story) -> anyhow::Result<()> {
             "pushing the same bytes again returns @{} (new: {})",
             again.version.version, again.created
         ));
-        story.end(json!({"adapter": "demo-support", "version": pushed.version.version,
-            "digest": pushed.version.digest, "repush_created": again.created}));
+        story.end(json!({"adapter": "demo-support", "first_try": tried.version.version,
+            "version": pushed.version.version, "digest": pushed.version.digest,
+            "repush_created": again.created}));
 
         story.begin("pull and verify");
         let pulled = work.join("pulled");
@@ -332,9 +348,10 @@ fn tell(args: &DemoArgs, global: &Global, story: &Story) -> anyhow::Result<()> {
         let http = reqwest::Client::new();
         let version = pushed.version.version;
         let pinned = format!("demo-support@{version}");
+        let tried_pinned = format!("demo-support@{}", tried.version.version);
         let question = PAIRS[0].0;
         let mut answers = serde_json::Map::new();
-        for model in [base.name.as_str(), pinned.as_str()] {
+        for model in [base.name.as_str(), tried_pinned.as_str(), pinned.as_str()] {
             let (answer, _) = chat(&http, &gw_url, model, question, "demo").await?;
             story.say(format!("{model:<16} {question:?} -> {answer:?}"));
             answers.insert(model.to_string(), json!(answer));
@@ -342,25 +359,65 @@ fn tell(args: &DemoArgs, global: &Global, story: &Story) -> anyhow::Result<()> {
         story.end(json!({"url": gw_url, "engine": engine.name, "engine_version": engine.version,
             "question": question, "answers": answers}));
 
-        story.begin("gate and evidence");
+        story.begin("evidence and the gate");
         let suite = client.push_suite(&regression_suite()).await?.suite;
         let named = format!("{}@{}", suite.name, suite.version);
+        let suite_ref = SuiteRef {
+            name: suite.name.to_string(),
+            version: Some(suite.version.clone()),
+            digest: suite.digest.clone(),
+        };
+        // Every question answered, and answers that share words with the house answers.
+        let rule = |metric: &str, threshold: f64| GateRule {
+            suite: named.clone(),
+            metric: metric.into(),
+            op: Comparison::Ge,
+            threshold: Some(threshold),
+            max_regression: None,
+            vs: None,
+        };
         let policy = GatePolicy {
             required_suites: vec![named.clone()],
-            rules: vec![GateRule {
-                suite: named,
-                metric: "answered".into(),
-                op: Comparison::Ge,
-                threshold: Some(1.0),
-                max_regression: None,
-                vs: None,
-            }],
+            rules: vec![rule("answered", 0.9), rule("token_f1", 0.1)],
             max_evidence_age_hours: Some(24.0),
         };
         client.put_gate("demo-support", &policy).await?;
-        // The stable arm is the base model (a first version), whose answers differ in length:
-        // the demo compares error rates only (its canary answers a handful of questions).
-        let spec = StartRollout {
+        story.say(format!("gate: {named} answered >= 0.9 and token_f1 >= 0.1"));
+        // The same suite through the gateway for the base, the first try and the real one;
+        // the adapters' results are their evidence.
+        let mut scores = serde_json::Map::new();
+        for (model, digest) in [
+            (base.name.to_string(), None),
+            (tried_pinned.clone(), Some((tried.version.version, &tried.version.digest))),
+            (pinned.clone(), Some((version, &pushed.version.digest))),
+        ] {
+            let e = evaluate(
+                &http,
+                &gw_url,
+                &engine,
+                &model,
+                digest.map(|d| d.1.as_str()).unwrap_or_default(),
+                suite_ref.clone(),
+            )
+            .await?;
+            story.say(format!(
+                "{model:<16} answered {:.2}, token F1 {:.2}",
+                e.metrics["answered"], e.metrics["token_f1"]
+            ));
+            scores.insert(model.clone(), json!(e.metrics));
+            if let Some((v, _)) = digest {
+                client.post_evidence("demo-support", v, &e).await?;
+            }
+        }
+        let f1 = |m: &str| scores[m]["token_f1"].as_f64().unwrap_or(0.0);
+        let margin = f1(&pinned) - f1(base.name.as_str());
+        story.say(format!(
+            "the adapter beats the base by {margin:.2} token F1 on the demo's questions"
+        ));
+        // The adapter's first rollout: its stable arm is the base model, whose answers differ
+        // in length, so the demo compares error rates only (its canary answers a handful of
+        // questions).
+        let spec = |version: u32| StartRollout {
             version,
             spec: RolloutSpec {
                 steps: vec![50.0, 100.0],
@@ -385,43 +442,27 @@ fn tell(args: &DemoArgs, global: &Global, story: &Story) -> anyhow::Result<()> {
                 ..RolloutSpec::default()
             },
         };
-        match client.start_rollout("demo-support", &spec).await {
+        match client
+            .start_rollout("demo-support", &spec(tried.version.version))
+            .await
+        {
             Err(ClientError::Api { status, body }) if body.error.code == "gate_failed" => {
                 let report: GateReport = serde_json::from_value(body.error.details)?;
-                story.say(format!("without evidence the canary is refused ({status}):"));
+                story.say(format!(
+                    "a canary of the first try {tried_pinned} is refused ({status}):"
+                ));
                 for line in report_table(&report).lines() {
                     story.say(line);
                 }
             }
-            other => anyhow::bail!("expected the gate to refuse the canary, got {other:?}"),
+            other => anyhow::bail!("expected the gate to refuse {tried_pinned}, got {other:?}"),
         }
-        let evidence = evaluate(
-            &http,
-            &gw_url,
-            &engine,
-            &pinned,
-            &pushed.version.digest,
-            SuiteRef {
-                name: suite.name.to_string(),
-                version: Some(suite.version.clone()),
-                digest: suite.digest.clone(),
-            },
-        )
-        .await?;
-        story.say(format!(
-            "evaluated {pinned} through the gateway: {} cases, answered {:.2}, token F1 {:.2}",
-            evidence.cases, evidence.metrics["answered"], evidence.metrics["token_f1"]
-        ));
-        let posted = client
-            .post_evidence("demo-support", version, &evidence)
-            .await?;
-        story.end(json!({"refused_without_evidence": true, "evidence_id": posted.id,
-            "metrics": evidence.metrics}));
+        story.end(json!({"first_try_refused": true, "scores": scores, "margin_token_f1": margin}));
 
         story.begin("canary rollout under simulated users");
-        let started = client.start_rollout("demo-support", &spec).await?;
+        let started = client.start_rollout("demo-support", &spec(version)).await?;
         story.say(format!(
-            "gate passed; canary {pinned} at {}% (the stable arm is the base model: first version)",
+            "gate passed; canary {pinned} at {}% (the stable arm is the base model: no version is stable yet)",
             started.rollout.weight
         ));
         let traffic = tokio::spawn(simulate_users(http.clone(), gw_url.clone()));
@@ -530,6 +571,10 @@ fn token_f1(answer: &str, reference: &str) -> f64 {
     let rec = common as f64 / r.len() as f64;
     2.0 * p * rec / (p + rec)
 }
+
+/// Steps of the demo's first try: the tiny model has then learnt only that spaces are frequent,
+/// so its answers are empty and the gate refuses it.
+const FIRST_TRY_STEPS: usize = 30;
 
 /// The demo's regression suite: the training questions and their answers.
 fn regression_suite() -> NewSuite {
