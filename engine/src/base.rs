@@ -215,6 +215,9 @@ pub const DOWN: usize = 6;
 pub struct Layer {
     pub input_norm: Vec<f32>,
     pub post_norm: Vec<f32>,
+    /// Per-head norms of q and k before RoPE (Qwen3).
+    pub q_norm: Option<Vec<f32>>,
+    pub k_norm: Option<Vec<f32>>,
     /// q, k, v, o, gate, up, down.
     pub linears: [Linear; 7],
 }
@@ -231,6 +234,37 @@ pub struct Base {
     /// RoPE's inverse frequencies (head_dim / 2), scalings applied.
     pub inv_freq: Vec<f32>,
     pub quantize: Quantize,
+}
+
+/// The engine computes Llama, Mistral, Qwen2 and Qwen3; an architecture needing pieces its
+/// forward pass lacks is refused by name rather than served wrong.
+pub fn refuse_unsupported(c: &ModelConfig) -> Result<(), EngineError> {
+    let mut missing = Vec::new();
+    if c.gemma {
+        missing.push("Gemma's (1 + w) norms around attention and MLP, GeGLU, scaled embeddings");
+    }
+    if c.attn_logit_softcapping.is_some() {
+        missing.push("attention logit soft-capping");
+    }
+    if c.final_logit_softcapping.is_some() {
+        missing.push("final logit soft-capping");
+    }
+    if c.query_pre_attn_scalar.is_some() {
+        missing.push("query_pre_attn_scalar");
+    }
+    if c.sliding_layers.contains(&true) {
+        missing.push("sliding-window attention");
+    }
+    if c.local_rope_theta.is_some() {
+        missing.push("local RoPE bases");
+    }
+    if missing.is_empty() {
+        return Ok(());
+    }
+    Err(EngineError::UnsupportedArchitecture {
+        architecture: format!("{:?}", c.architecture),
+        missing: missing.join(", "),
+    })
 }
 
 fn values(t: &candle_core::Tensor) -> Result<Vec<f32>, EngineError> {
@@ -250,6 +284,8 @@ impl Base {
             double_quant: true,
             ..Default::default()
         };
+        let config = loraops_model::config::ModelConfig::from_file(&dir.join("config.json"))?;
+        refuse_unsupported(&config)?;
         let Llama {
             config,
             embed_tokens,
@@ -276,6 +312,8 @@ impl Base {
             };
             let (a, m) = (l.self_attn, l.mlp);
             out.push(Layer {
+                q_norm: l.q_norm.as_ref().map(values).transpose()?,
+                k_norm: l.k_norm.as_ref().map(values).transpose()?,
                 input_norm: values(&l.input_layernorm)?,
                 post_norm: values(&l.post_attention_layernorm)?,
                 linears: [

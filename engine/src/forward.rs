@@ -62,6 +62,13 @@ pub fn step(base: &Base, segs: &mut [Segment]) -> Vec<Vec<f32>> {
         };
         let h = rms_norm(&x, &layer.input_norm, c.rms_norm_eps);
         let [mut q, mut k, v] = [Q, K, V].map(|m| project(layer, m, &h, rows, &lora));
+        // Per-head norms: rms_norm normalises each head_dim-long chunk.
+        if let Some(w) = &layer.q_norm {
+            q = rms_norm(&q, w, c.rms_norm_eps);
+        }
+        if let Some(w) = &layer.k_norm {
+            k = rms_norm(&k, w, c.rms_norm_eps);
+        }
         rope.apply(&mut q, c.num_attention_heads, c.head_dim);
         rope.apply(&mut k, c.num_key_value_heads, c.head_dim);
         let kv_width = c.num_key_value_heads * c.head_dim;

@@ -48,6 +48,11 @@ pub enum EngineError {
     Config(String),
     #[error(transparent)]
     Slots(#[from] SlotError),
+    #[error("the native engine cannot serve {architecture}: it lacks {missing}")]
+    UnsupportedArchitecture {
+        architecture: String,
+        missing: String,
+    },
 }
 
 /// Why a request was not accepted.

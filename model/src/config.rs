@@ -1,4 +1,5 @@
-//! The Hugging Face `config.json` of a Llama-family model (Llama, Mistral, Qwen2).
+//! The Hugging Face `config.json` of a Llama-family model (Llama, Mistral, Qwen2, Qwen3,
+//! Gemma 2, Gemma 3 text).
 
 use std::path::Path;
 
@@ -7,12 +8,16 @@ use serde_json::Value;
 
 use crate::error::{Error, Result};
 
-/// Which layout the weights follow; they differ only in biases and defaults.
+/// Which layout the weights follow: Llama, Mistral and Qwen2 differ only in biases and
+/// defaults; Qwen3 adds q/k norms; Gemma 2/3 add the pieces [`ModelConfig`] names.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 pub enum Architecture {
     Llama,
     Mistral,
     Qwen2,
+    Qwen3,
+    Gemma2,
+    Gemma3,
 }
 
 impl Architecture {
@@ -21,6 +26,9 @@ impl Architecture {
             "LlamaForCausalLM" | "llama" => Ok(Self::Llama),
             "MistralForCausalLM" | "mistral" => Ok(Self::Mistral),
             "Qwen2ForCausalLM" | "qwen2" => Ok(Self::Qwen2),
+            "Qwen3ForCausalLM" | "qwen3" => Ok(Self::Qwen3),
+            "Gemma2ForCausalLM" | "gemma2" => Ok(Self::Gemma2),
+            "Gemma3ForCausalLM" | "gemma3_text" => Ok(Self::Gemma3),
             other => Err(Error::UnknownArchitecture(other.to_string())),
         }
     }
@@ -69,6 +77,24 @@ pub struct ModelConfig {
     pub mlp_bias: bool,
     pub bos_token_id: Option<u32>,
     pub eos_token_id: Option<u32>,
+    /// Per-head RMSNorm on q and k before RoPE (Qwen3, Gemma 3).
+    pub qk_norm: bool,
+    /// Gemma: RMSNorm scales by (1 + w), the embeddings by √hidden, the MLP is GeGLU (tanh
+    /// GELU), and attention and MLP outputs are normed before the residual add.
+    pub gemma: bool,
+    /// tanh soft-capping of the attention scores (Gemma 2).
+    pub attn_logit_softcapping: Option<f64>,
+    /// tanh soft-capping of the final logits (Gemma 2).
+    pub final_logit_softcapping: Option<f64>,
+    /// Attention scores scale by 1/√this (Gemma); otherwise 1/√head_dim.
+    pub query_pre_attn_scalar: Option<f64>,
+    /// Tokens a sliding-window layer sees (itself included).
+    pub sliding_window: Option<usize>,
+    /// Per layer: whether it attends within `sliding_window` only (empty: none does).
+    pub sliding_layers: Vec<bool>,
+    /// RoPE base of the sliding-window layers when it differs from `rope_theta` (Gemma 3's
+    /// local base, unscaled).
+    pub local_rope_theta: Option<f64>,
 }
 
 impl ModelConfig {
@@ -102,8 +128,22 @@ impl ModelConfig {
         let opt_bool = |k: &str| v.get(k).and_then(Value::as_bool);
         let hidden_size = req("hidden_size")?;
         let num_attention_heads = req("num_attention_heads")?;
-        // transformers 5.x moves rope_theta (and the scaling) under `rope_parameters`.
-        let rope_params = v.get("rope_parameters").filter(|p| p.is_object());
+        // transformers 5.x moves rope_theta (and the scaling) under `rope_parameters`; Gemma 3
+        // keeps one set per layer type there.
+        let by_type = v
+            .get("rope_parameters")
+            .and_then(|p| p.get("full_attention"))
+            .is_some();
+        let rope_params = if by_type {
+            v.get("rope_parameters")
+                .and_then(|p| p.get("full_attention"))
+        } else {
+            v.get("rope_parameters")
+        }
+        .filter(|p| p.is_object());
+        let local_params = v
+            .get("rope_parameters")
+            .and_then(|p| p.get("sliding_attention"));
         let rope_theta = opt_f64("rope_theta")
             .or_else(|| {
                 rope_params
@@ -123,11 +163,55 @@ impl ModelConfig {
             None => None,
         };
         let attention_bias = opt_bool("attention_bias").unwrap_or(false);
+        let num_hidden_layers = req("num_hidden_layers")?;
+        let gemma = matches!(architecture, Architecture::Gemma2 | Architecture::Gemma3);
+        // Only Gemma's windows are applied; the others' are ignored as before.
+        let sliding_window = opt_usize("sliding_window").filter(|_| gemma);
+        let sliding_layers = sliding_layers(v, architecture, num_hidden_layers, sliding_window)?;
+        let local_rope_theta = match local_params {
+            Some(p) => {
+                let kind = p
+                    .get("rope_type")
+                    .and_then(Value::as_str)
+                    .unwrap_or("default");
+                if kind != "default" {
+                    return Err(Error::Unsupported(format!(
+                        "rope scaling {kind:?} on sliding-window layers"
+                    )));
+                }
+                p.get("rope_theta").and_then(Value::as_f64)
+            }
+            None if architecture == Architecture::Gemma3 => {
+                Some(opt_f64("rope_local_base_freq").unwrap_or(10_000.0))
+            }
+            None => None,
+        };
+        if gemma {
+            let act = v
+                .get("hidden_activation")
+                .or_else(|| v.get("hidden_act"))
+                .and_then(Value::as_str)
+                .unwrap_or("gelu_pytorch_tanh");
+            if act != "gelu_pytorch_tanh" {
+                return Err(Error::Unsupported(format!(
+                    "Gemma hidden activation {act:?} (supported: gelu_pytorch_tanh)"
+                )));
+            }
+        }
+        let (attn_logit_softcapping, final_logit_softcapping, query_pre_attn_scalar) = if gemma {
+            (
+                opt_f64("attn_logit_softcapping"),
+                opt_f64("final_logit_softcapping"),
+                Some(opt_f64("query_pre_attn_scalar").unwrap_or(256.0)),
+            )
+        } else {
+            (None, None, None)
+        };
         Ok(Self {
             architecture,
             hidden_size,
             intermediate_size: req("intermediate_size")?,
-            num_hidden_layers: req("num_hidden_layers")?,
+            num_hidden_layers,
             num_attention_heads,
             num_key_value_heads: opt_usize("num_key_value_heads").unwrap_or(num_attention_heads),
             head_dim: opt_usize("head_dim").unwrap_or(hidden_size / num_attention_heads),
@@ -136,12 +220,38 @@ impl ModelConfig {
             rope_theta,
             rope_scaling,
             max_position_embeddings,
-            tie_word_embeddings: opt_bool("tie_word_embeddings").unwrap_or(false),
+            // Gemma ties by default (its configs often leave the key out).
+            tie_word_embeddings: opt_bool("tie_word_embeddings").unwrap_or(gemma),
             qkv_bias: architecture == Architecture::Qwen2 || attention_bias,
             o_bias: architecture != Architecture::Qwen2 && attention_bias,
             mlp_bias: opt_bool("mlp_bias").unwrap_or(false),
             bos_token_id: opt_usize("bos_token_id").map(|x| x as u32),
             eos_token_id: eos.map(|x| x as u32),
+            qk_norm: matches!(architecture, Architecture::Qwen3 | Architecture::Gemma3),
+            gemma,
+            attn_logit_softcapping,
+            final_logit_softcapping,
+            query_pre_attn_scalar,
+            sliding_window,
+            sliding_layers,
+            local_rope_theta,
+        })
+    }
+
+    /// Whether layer `i` attends within the sliding window only.
+    pub fn is_sliding(&self, i: usize) -> bool {
+        self.sliding_layers.get(i).copied().unwrap_or(false)
+    }
+
+    /// The RoPE inverse frequencies of the sliding-window layers, when they differ.
+    pub fn local_inv_freq(&self) -> Option<Vec<f32>> {
+        self.local_rope_theta.map(|theta| {
+            ModelConfig {
+                rope_theta: theta,
+                rope_scaling: RopeScaling::Default,
+                ..self.clone()
+            }
+            .inv_freq()
         })
     }
 
@@ -217,6 +327,48 @@ impl ModelConfig {
     }
 }
 
+/// Which layers use sliding-window attention: `layer_types` when given, else each
+/// architecture's default pattern.
+fn sliding_layers(
+    v: &Value,
+    arch: Architecture,
+    n: usize,
+    window: Option<usize>,
+) -> Result<Vec<bool>> {
+    if window.is_none() {
+        return Ok(Vec::new());
+    }
+    if let Some(types) = v.get("layer_types").and_then(Value::as_array) {
+        if types.len() != n {
+            return Err(Error::Config(format!(
+                "\"layer_types\" has {} entries for {n} layers",
+                types.len()
+            )));
+        }
+        return types
+            .iter()
+            .map(|t| match t.as_str() {
+                Some("sliding_attention") => Ok(true),
+                Some("full_attention") => Ok(false),
+                other => Err(Error::Unsupported(format!("layer type {other:?}"))),
+            })
+            .collect();
+    }
+    Ok(match arch {
+        // transformers' Gemma 2: even layers slide.
+        Architecture::Gemma2 => (0..n).map(|i| i % 2 == 0).collect(),
+        Architecture::Gemma3 => {
+            let pattern = v
+                .get("sliding_window_pattern")
+                .or_else(|| v.get("_sliding_window_pattern"))
+                .and_then(Value::as_u64)
+                .unwrap_or(6) as usize;
+            (0..n).map(|i| (i + 1) % pattern.max(1) != 0).collect()
+        }
+        _ => Vec::new(),
+    })
+}
+
 fn parse_rope_scaling(s: Option<&Value>, max_pos: usize) -> Result<RopeScaling> {
     let Some(s) = s else {
         return Ok(RopeScaling::Default);
@@ -272,6 +424,42 @@ mod tests {
         assert_eq!(c.rope_scaling, RopeScaling::Default);
         assert!(c.qkv_bias && !c.o_bias);
         assert_eq!(c.head_dim, 16);
+    }
+
+    #[test]
+    fn gemma3_before_layer_types_uses_its_pattern_and_local_base() {
+        let v = serde_json::json!({
+            "architectures": ["Gemma3ForCausalLM"], "hidden_size": 64, "intermediate_size": 128,
+            "num_hidden_layers": 7, "num_attention_heads": 4, "num_key_value_heads": 1,
+            "head_dim": 32, "vocab_size": 300, "rope_theta": 1000000.0,
+            "rope_local_base_freq": 10000.0, "sliding_window": 512, "sliding_window_pattern": 6,
+            "rope_scaling": {"rope_type": "linear", "factor": 8.0}
+        });
+        let c = ModelConfig::from_json(&v).unwrap();
+        assert!(c.gemma && c.qk_norm && c.tie_word_embeddings);
+        assert_eq!(
+            c.sliding_layers,
+            [true, true, true, true, true, false, true]
+        );
+        assert_eq!(c.local_rope_theta, Some(1e4));
+        assert_eq!(c.rope_scaling, RopeScaling::Linear { factor: 8.0 });
+        assert_eq!(c.query_pre_attn_scalar, Some(256.0));
+        // The local tables are unscaled, at the local base.
+        assert_eq!(
+            c.local_inv_freq().unwrap()[1],
+            1.0 / 10000f32.powf(2.0 / 32.0)
+        );
+    }
+
+    #[test]
+    fn gemma_with_another_activation_is_refused() {
+        let v = serde_json::json!({
+            "architectures": ["Gemma2ForCausalLM"], "hidden_size": 64, "intermediate_size": 128,
+            "num_hidden_layers": 2, "num_attention_heads": 4, "vocab_size": 300,
+            "hidden_activation": "gelu"
+        });
+        let e = ModelConfig::from_json(&v).unwrap_err().to_string();
+        assert!(e.contains("\"gelu\""), "{e}");
     }
 
     #[test]

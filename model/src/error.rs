@@ -16,7 +16,7 @@ pub enum Error {
     #[error("model directory {}: no tokenizer.json (loraops needs the base model's tokenizer)", dir.display())]
     MissingTokenizer { dir: PathBuf },
     #[error(
-        "unknown architecture {0:?}; supported: LlamaForCausalLM, MistralForCausalLM, Qwen2ForCausalLM"
+        "unknown architecture {0:?}; supported: LlamaForCausalLM, MistralForCausalLM, Qwen2ForCausalLM, Qwen3ForCausalLM, Gemma2ForCausalLM, Gemma3ForCausalLM"
     )]
     UnknownArchitecture(String),
     #[error("target module {module:?} not found in the model; it has: {available}")]

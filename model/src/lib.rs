@@ -1,6 +1,7 @@
 //! loraops model: the Llama-family decoder that training, serving and evaluation share.
 //!
-//! - `config`: Hugging Face config.json (Llama, Mistral, Qwen2; rope_parameters; RoPE scalings)
+//! - `config`: Hugging Face config.json (Llama, Mistral, Qwen2, Qwen3, Gemma 2, Gemma 3 text;
+//!   rope_parameters; RoPE scalings)
 //! - `tokenizer`: tokenizer.json and the chat template (minijinja, as transformers renders it)
 //! - `llama`: the differentiable decoder, built only from ops that have a backward; weight
 //!   loading; a per-layer step a caller may wrap (`LayerStep`)

@@ -1,5 +1,6 @@
-//! A differentiable Llama-family decoder (Llama, Mistral, Qwen2): GQA attention with RoPE,
-//! RMSNorm, SwiGLU, tied or untied embeddings, optional q/k/v biases.
+//! A differentiable Llama-family decoder (Llama, Mistral, Qwen2, Qwen3, Gemma 2, Gemma 3
+//! text): GQA attention with RoPE, RMSNorm, SwiGLU or GeGLU, tied or untied embeddings,
+//! optional q/k/v biases, q/k norms, Gemma's extra norms, soft-capping and sliding windows.
 //!
 //! Every op here has a backward in candle: candle-nn's fused softmax, rms_norm and rope
 //! kernels have none and would cut the graph silently, so they are composed from basic ops,
@@ -90,8 +91,17 @@ pub struct Mlp {
 pub struct DecoderLayer {
     pub input_layernorm: Tensor,
     pub self_attn: Attention,
+    /// Before the MLP; in Gemma's layout, on the attention's output before the residual add.
     pub post_attention_layernorm: Tensor,
     pub mlp: Mlp,
+    /// Per-head norms of q and k before RoPE (Qwen3, Gemma 3).
+    pub q_norm: Option<Tensor>,
+    pub k_norm: Option<Tensor>,
+    /// Gemma: before the MLP, and on its output before the residual add.
+    pub pre_feedforward_layernorm: Option<Tensor>,
+    pub post_feedforward_layernorm: Option<Tensor>,
+    /// Attends within the configured sliding window only, with the local RoPE tables.
+    pub sliding: bool,
 }
 
 impl DecoderLayer {
@@ -130,6 +140,25 @@ pub struct Context {
     pub sin: Tensor,
     /// Additive attention mask (B, 1, T, T): 0 where allowed, f32::MIN elsewhere.
     pub mask: Tensor,
+    /// RoPE tables of the sliding-window layers, when their base differs.
+    pub local_rope: Option<(Tensor, Tensor)>,
+    /// The mask of the sliding-window layers, when the model has any.
+    pub local_mask: Option<Tensor>,
+}
+
+impl Context {
+    /// (cos, sin, mask) for a layer.
+    fn for_layer(&self, sliding: bool) -> (&Tensor, &Tensor, &Tensor) {
+        let (cos, sin) = match (&self.local_rope, sliding) {
+            (Some((c, s)), true) => (c, s),
+            _ => (&self.cos, &self.sin),
+        };
+        let mask = match (&self.local_mask, sliding) {
+            (Some(m), true) => m,
+            _ => &self.mask,
+        };
+        (cos, sin, mask)
+    }
 }
 
 #[derive(Debug, Clone)]
@@ -195,6 +224,8 @@ pub fn weight_files(dir: &Path) -> Result<Vec<PathBuf>> {
 struct Weights {
     st: MmapedSafetensors,
     opts: LoadOptions,
+    /// Gemma's RMSNorm scales by (1 + w): stored as such, so the norm itself is shared.
+    norm_plus_one: bool,
 }
 
 impl Weights {
@@ -211,6 +242,12 @@ impl Weights {
     /// Small tensors (norms, biases) always compute in f32.
     fn small(&self, name: &str) -> Result<Tensor> {
         Ok(self.get(name)?.to_dtype(DType::F32)?)
+    }
+
+    /// A norm's weight, as the shared RMSNorm multiplies by it (in f32, as transformers adds).
+    fn norm(&self, name: &str) -> Result<Tensor> {
+        let w = self.small(name)?;
+        Ok(if self.norm_plus_one { (w + 1.0)? } else { w })
     }
 
     /// Whether weights that are not quantised are held in bf16.
@@ -265,13 +302,23 @@ impl Llama {
         let w = Weights {
             st,
             opts: opts.clone(),
+            norm_plus_one: config.gemma,
         };
         let c = &config;
         let mut layers = Vec::with_capacity(c.num_hidden_layers);
         for i in 0..c.num_hidden_layers {
             let p = format!("model.layers.{i}");
+            let opt_norm = |on: bool, name: &str| -> Result<Option<Tensor>> {
+                on.then(|| w.norm(&format!("{p}.{name}.weight")))
+                    .transpose()
+            };
             layers.push(DecoderLayer {
-                input_layernorm: w.small(&format!("{p}.input_layernorm.weight"))?,
+                q_norm: opt_norm(c.qk_norm, "self_attn.q_norm")?,
+                k_norm: opt_norm(c.qk_norm, "self_attn.k_norm")?,
+                pre_feedforward_layernorm: opt_norm(c.gemma, "pre_feedforward_layernorm")?,
+                post_feedforward_layernorm: opt_norm(c.gemma, "post_feedforward_layernorm")?,
+                sliding: c.is_sliding(i),
+                input_layernorm: w.norm(&format!("{p}.input_layernorm.weight"))?,
                 self_attn: Attention {
                     q_proj: w.linear(&format!("{p}.self_attn.q_proj"), c.qkv_bias)?,
                     k_proj: w.linear(&format!("{p}.self_attn.k_proj"), c.qkv_bias)?,
@@ -279,7 +326,7 @@ impl Llama {
                     o_proj: w.linear(&format!("{p}.self_attn.o_proj"), c.o_bias)?,
                 },
                 post_attention_layernorm: w
-                    .small(&format!("{p}.post_attention_layernorm.weight"))?,
+                    .norm(&format!("{p}.post_attention_layernorm.weight"))?,
                 mlp: Mlp {
                     gate_proj: w.linear(&format!("{p}.mlp.gate_proj"), c.mlp_bias)?,
                     up_proj: w.linear(&format!("{p}.mlp.up_proj"), c.mlp_bias)?,
@@ -301,7 +348,7 @@ impl Llama {
         };
         let lm_head = FrozenMatmul::new(w.frozen(head, false)?);
         Ok(Self {
-            norm: w.small("model.norm.weight")?,
+            norm: w.norm("model.norm.weight")?,
             config,
             embed_tokens,
             layers,
@@ -399,50 +446,98 @@ impl Llama {
             )));
         }
         let seg = |bi: usize, j: usize| attention_mask.map_or(1, |m| m[bi][j]);
-        let inv = self.config.inv_freq();
-        let d = 2 * inv.len();
-        let mut cos = Vec::with_capacity(b * t * d);
-        let mut sin = Vec::with_capacity(b * t * d);
+        let mut pos = Vec::with_capacity(b * t);
+        let window = self
+            .config
+            .sliding_window
+            .filter(|_| self.config.sliding_layers.contains(&true));
         let mut mask = vec![0f32; b * t * t];
+        let mut local_mask = window.map(|_| vec![0f32; b * t * t]);
         for bi in 0..b {
             let mut start = 0;
             for i in 0..t {
                 if i > 0 && seg(bi, i) != seg(bi, i - 1) && seg(bi, i) != 0 {
                     start = i;
                 }
-                let pos = (i - start) as f32;
-                // cat(freqs, freqs), as transformers builds `emb`.
-                for _ in 0..2 {
-                    for &f in &inv {
-                        let a = pos * f;
-                        cos.push(a.cos());
-                        sin.push(a.sin());
-                    }
-                }
+                pos.push((i - start) as f32);
                 for j in 0..t {
                     let (si, sj) = (seg(bi, i), seg(bi, j));
+                    let at = (bi * t + i) * t + j;
                     if j > i || sj == 0 || (si != 0 && si != sj) {
-                        mask[(bi * t + i) * t + j] = f32::MIN;
+                        mask[at] = f32::MIN;
+                    }
+                    if let (Some(w), Some(local)) = (window, local_mask.as_mut())
+                        && (mask[at] != 0.0 || i - j >= w)
+                    {
+                        local[at] = f32::MIN;
                     }
                 }
             }
         }
-        let cos =
-            Tensor::from_vec(cos, (b, 1, t, d), &self.device)?.to_dtype(self.compute_dtype)?;
-        let sin =
-            Tensor::from_vec(sin, (b, 1, t, d), &self.device)?.to_dtype(self.compute_dtype)?;
+        let tables = |inv: &[f32]| -> Result<(Tensor, Tensor)> {
+            let d = 2 * inv.len();
+            let mut cos = Vec::with_capacity(b * t * d);
+            let mut sin = Vec::with_capacity(b * t * d);
+            for &p in &pos {
+                // cat(freqs, freqs), as transformers builds `emb`.
+                for _ in 0..2 {
+                    for &f in inv {
+                        let a = p * f;
+                        cos.push(a.cos());
+                        sin.push(a.sin());
+                    }
+                }
+            }
+            let dt = self.compute_dtype;
+            Ok((
+                Tensor::from_vec(cos, (b, 1, t, d), &self.device)?.to_dtype(dt)?,
+                Tensor::from_vec(sin, (b, 1, t, d), &self.device)?.to_dtype(dt)?,
+            ))
+        };
+        let (cos, sin) = tables(&self.config.inv_freq())?;
+        let local_rope = self
+            .config
+            .local_inv_freq()
+            .map(|inv| tables(&inv))
+            .transpose()?;
         let mask = Tensor::from_vec(mask, (b, 1, t, t), &self.device)?;
-        Ok(Context { cos, sin, mask })
+        let local_mask = local_mask
+            .map(|m| Tensor::from_vec(m, (b, 1, t, t), &self.device))
+            .transpose()?;
+        Ok(Context {
+            cos,
+            sin,
+            mask,
+            local_rope,
+            local_mask,
+        })
     }
 
     pub fn embed(&self, input_ids: &Tensor) -> Result<Tensor> {
         let (b, t) = input_ids.dims2()?;
         let flat = input_ids.flatten_all()?;
-        Ok(self
+        let x = self
             .embed_tokens
             .index_select(&flat, 0)?
             .to_dtype(self.compute_dtype)?
-            .reshape((b, t, ()))?)
+            .reshape((b, t, ()))?;
+        Ok(if self.config.gemma {
+            // Gemma scales by √hidden rounded to the activations' dtype, as transformers does.
+            let s = (self.config.hidden_size as f64).sqrt();
+            let s = Tensor::new(s as f32, &self.device)?.to_dtype(self.compute_dtype)?;
+            x.broadcast_mul(&s)?
+        } else {
+            x
+        })
+    }
+
+    /// Logits (…, vocab) in f32 from final hidden states, soft-capped where configured.
+    pub fn head(&self, h: &Tensor) -> Result<Tensor> {
+        let logits = self.lm_head.forward(h)?.to_dtype(DType::F32)?;
+        Ok(match self.config.final_logit_softcapping {
+            Some(cap) => soft_cap(&logits, cap)?,
+            None => logits,
+        })
     }
 
     /// Final hidden states (B, T, hidden), after the last norm.
@@ -471,7 +566,7 @@ impl Llama {
         let (b, t) = input_ids.dims2()?;
         let ctx = self.context(b, t, attention_mask)?;
         let h = self.hidden(input_ids, &ctx, &mut None)?;
-        Ok(self.lm_head.forward(&h)?.to_dtype(DType::F32)?)
+        self.head(&h)
     }
 }
 
@@ -483,20 +578,48 @@ pub fn layer_forward(
     ctx: &Context,
     rng: &mut DropoutRng,
 ) -> candle_core::Result<Tensor> {
-    let h = rms_norm(x, &layer.input_layernorm, c.rms_norm_eps)?;
-    let h = attention(&layer.self_attn, c, &h, ctx, rng)?;
+    let eps = c.rms_norm_eps;
+    let h = rms_norm(x, &layer.input_layernorm, eps)?;
+    let h = attention(layer, c, &h, ctx, rng)?;
+    if let (Some(pre), Some(post)) = (
+        &layer.pre_feedforward_layernorm,
+        &layer.post_feedforward_layernorm,
+    ) {
+        // Gemma: each block's output is normed before its residual add.
+        let x = (x + rms_norm(&h, &layer.post_attention_layernorm, eps)?)?;
+        let h = mlp(&layer.mlp, c, &rms_norm(&x, pre, eps)?, rng)?;
+        return x + rms_norm(&h, post, eps)?;
+    }
     let x = (x + h)?;
-    let h = rms_norm(&x, &layer.post_attention_layernorm, c.rms_norm_eps)?;
-    let m = &layer.mlp;
-    let g = m.gate_proj.forward(&h, rng)?;
-    let u = m.up_proj.forward(&h, rng)?;
-    let gu = if fused::applies(&g) {
+    let h = rms_norm(&x, &layer.post_attention_layernorm, eps)?;
+    let h = mlp(&layer.mlp, c, &h, rng)?;
+    x + h
+}
+
+/// down(act(gate(x)) · up(x)): SwiGLU, or GeGLU with the tanh GELU for Gemma.
+fn mlp(m: &Mlp, c: &ModelConfig, h: &Tensor, rng: &mut DropoutRng) -> candle_core::Result<Tensor> {
+    let g = m.gate_proj.forward(h, rng)?;
+    let u = m.up_proj.forward(h, rng)?;
+    let gu = if c.gemma {
+        (g.gelu()? * u)?
+    } else if fused::applies(&g) {
         fused::swiglu(&g, &u)?
     } else {
         (g.silu()? * u)?
     };
-    let h = m.down_proj.forward(&gu, rng)?;
-    x + h
+    m.down_proj.forward(&gu, rng)
+}
+
+/// cap · tanh(x / cap).
+fn soft_cap(x: &Tensor, cap: f64) -> candle_core::Result<Tensor> {
+    (x / cap)?.tanh()? * cap
+}
+
+/// Per-head RMSNorm of projections (B, T, heads · dim) over each head's dim.
+fn head_norm(x: &Tensor, w: &Tensor, heads: usize, eps: f64) -> candle_core::Result<Tensor> {
+    let (b, t, n) = x.dims3()?;
+    let d = n / heads;
+    rms_norm(&x.reshape((b, t * heads, d))?, w, eps)?.reshape((b, t, n))
 }
 
 /// RMSNorm in f32: x / √(mean(x²) + ε) · w, returned in x's dtype.
@@ -569,28 +692,36 @@ fn repeat_kv(x: Tensor, n_rep: usize) -> candle_core::Result<Tensor> {
 }
 
 fn attention(
-    a: &Attention,
+    layer: &DecoderLayer,
     c: &ModelConfig,
     x: &Tensor,
     ctx: &Context,
     rng: &mut DropoutRng,
 ) -> candle_core::Result<Tensor> {
+    let a = &layer.self_attn;
     let heads = Heads {
         q: c.num_attention_heads,
         kv: c.num_key_value_heads,
         dim: c.head_dim,
     };
-    let q = a.q_proj.forward(x, rng)?;
-    let k = a.k_proj.forward(x, rng)?;
+    let mut q = a.q_proj.forward(x, rng)?;
+    let mut k = a.k_proj.forward(x, rng)?;
     let v = a.v_proj.forward(x, rng)?;
-    let scale = 1.0 / (heads.dim as f64).sqrt();
+    if let (Some(qn), Some(kn)) = (&layer.q_norm, &layer.k_norm) {
+        q = head_norm(&q, qn, heads.q, c.rms_norm_eps)?;
+        k = head_norm(&k, kn, heads.kv, c.rms_norm_eps)?;
+    }
+    let scale = 1.0 / c.query_pre_attn_scalar.unwrap_or(heads.dim as f64).sqrt();
     let qkv = (&q, &k, &v);
-    let rope = (&ctx.cos, &ctx.sin);
-    let y = if fused::applies(x) {
-        // The mask is always causal (a token never sees later ones).
-        causal_attention(qkv, rope, &ctx.mask, heads, scale)?
+    let (cos, sin, mask) = ctx.for_layer(layer.sliding);
+    let rope = (cos, sin);
+    let softcap = c.attn_logit_softcapping;
+    let y = if fused::applies(x) && softcap.is_none() {
+        // The mask is always causal (a token never sees later ones); a sliding window only
+        // masks more below the diagonal.
+        causal_attention(qkv, rope, mask, heads, scale)?
     } else {
-        attend_composed(qkv, rope, &ctx.mask, heads, scale)?
+        attend_composed(qkv, rope, mask, heads, scale, softcap)?
     };
     a.o_proj.forward(&y, rng)
 }
@@ -603,6 +734,7 @@ pub(crate) fn attend_composed(
     mask: &Tensor,
     heads: Heads,
     scale: f64,
+    softcap: Option<f64>,
 ) -> candle_core::Result<Tensor> {
     let (b, t, _) = q.dims3()?;
     let n_rep = heads.q / heads.kv;
@@ -610,7 +742,10 @@ pub(crate) fn attend_composed(
     let q = rope(&split(q, heads.q)?, cos, sin)?;
     let k = repeat_kv(rope(&split(k, heads.kv)?, cos, sin)?, n_rep)?;
     let v = repeat_kv(split(v, heads.kv)?.contiguous()?, n_rep)?;
-    let scores = (q.contiguous()?.matmul(&k.t()?)? * scale)?;
+    let mut scores = (q.contiguous()?.matmul(&k.t()?)? * scale)?;
+    if let Some(cap) = softcap {
+        scores = soft_cap(&scores, cap)?;
+    }
     let p = masked_softmax(&scores, mask)?.to_dtype(v.dtype())?;
     p.matmul(&v.contiguous()?)?
         .transpose(1, 2)?
@@ -621,5 +756,5 @@ pub(crate) fn attend_composed(
 pub fn head_rows(model: &Llama, hidden: &Tensor, rows: &Tensor) -> Result<Tensor> {
     let hsz = hidden.dim(D::Minus1)?;
     let h = hidden.reshape(((), hsz))?.index_select(rows, 0)?;
-    Ok(model.lm_head.forward(&h)?.to_dtype(DType::F32)?)
+    model.head(&h)
 }

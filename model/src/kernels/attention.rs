@@ -528,7 +528,8 @@ mod tests {
         let scale = 0.3;
         let ours = causal_attention((&q, &k, &v), (&cos, &sin), &mask, heads, scale).unwrap();
         let composed =
-            crate::llama::attend_composed((&q, &k, &v), (&cos, &sin), &mask, heads, scale).unwrap();
+            crate::llama::attend_composed((&q, &k, &v), (&cos, &sin), &mask, heads, scale, None)
+                .unwrap();
         let close = |a: &Tensor, b: &Tensor, what: &str| {
             let d = crate::kernels::fused::max_abs_diff(a, b);
             assert!(d < 1e-5, "{what} differs by {d}");

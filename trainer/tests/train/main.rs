@@ -3,6 +3,7 @@
 //! on a generated tiny model, and the workflows built on it (continuing from an adapter,
 //! schedules, best adapters, row weights).
 
+mod architectures;
 mod common;
 mod curate;
 mod pipeline;
