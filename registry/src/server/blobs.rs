@@ -125,10 +125,11 @@ impl HashingWriter {
     /// Complete the object; returns (sha256 hex, length).
     pub async fn finish(mut self) -> std::io::Result<(String, u64)> {
         let mut w = self.writer.take().expect("writer in use");
-        if let Err(e) = w.shutdown().await {
-            let _ = w.abort().await;
-            return Err(e);
-        }
+        // A shutdown that fails leaves the writer shut: object_store's `abort` would panic
+        // ("Already shut down") and take the request's worker with it. The parts of an
+        // incomplete multipart upload are never a visible object (and the sweep decides by
+        // the upload's row), so the error alone is the answer.
+        w.shutdown().await?;
         let hasher = std::mem::take(&mut self.hasher);
         Ok((hex::encode(hasher.finalize()), self.len))
     }
