@@ -10,8 +10,8 @@ use std::process::Command;
 
 use serde_json::{Value, json};
 
-use super::exe;
 use super::stack::Stack;
+use super::{chat_data, exe, init_tiny};
 
 fn run_ok(cmd: &mut Command) -> std::process::Output {
     let out = cmd.output().unwrap();
@@ -86,18 +86,13 @@ fn the_console_in_a_browser() {
         "LORAOPS_TEST_CHROMIUM is not set: run the tests with scripts/test, which installs Chromium",
     );
     let dir = tempfile::tempdir().unwrap();
-    let base = dir.path().join("console-tiny");
-    run_ok(Command::new(exe()).args(["model", "init-tiny", base.to_str().unwrap()]));
-    let data = dir.path().join("train.jsonl");
-    let rows: String = (0..8)
-        .map(|i| {
-            json!({"messages": [{"role": "user", "content": format!("ticket {i}: password reset?")},
-                {"role": "assistant", "content": "Settings, then Security, then Reset password."}]})
-            .to_string()
-                + "\n"
-        })
-        .collect();
-    std::fs::write(&data, rows).unwrap();
+    let base = init_tiny(&dir.path().join("console-tiny"));
+    let data = chat_data(
+        &dir.path().join("train.jsonl"),
+        8,
+        |i| format!("ticket {i}: password reset?"),
+        "Settings, then Security, then Reset password.",
+    );
 
     let stack = Stack::up(&dir.path().join("data"), &base);
     let admin = stack.token("console-admin", "admin");

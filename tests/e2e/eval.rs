@@ -9,7 +9,7 @@ use serde_json::{Value, json};
 use sha2::{Digest, Sha256};
 
 use super::stack::Stack;
-use super::{exe, ok_json};
+use super::{chat_data, exe, init_tiny, ok_json};
 
 fn run_ok(cmd: &mut Command) {
     let out = cmd.output().unwrap();
@@ -38,18 +38,13 @@ fn get_json(url: &str, token: &str) -> Value {
 #[test]
 fn eval_run_posts_evidence_bound_to_the_served_version() {
     let dir = tempfile::tempdir().unwrap();
-    let base = dir.path().join("e2e-tiny");
-    run_ok(Command::new(exe()).args(["model", "init-tiny", base.to_str().unwrap()]));
-    let train = dir.path().join("train.jsonl");
-    let rows: String = (0..8)
-        .map(|i| {
-            json!({"messages": [{"role": "user", "content": format!("ticket {i}: password reset?")},
-                {"role": "assistant", "content": "Settings, then Security, then Reset password."}]})
-            .to_string()
-                + "\n"
-        })
-        .collect();
-    std::fs::write(&train, rows).unwrap();
+    let base = init_tiny(&dir.path().join("e2e-tiny"));
+    let train = chat_data(
+        &dir.path().join("train.jsonl"),
+        8,
+        |i| format!("ticket {i}: password reset?"),
+        "Settings, then Security, then Reset password.",
+    );
     let adapter = dir.path().join("adapter");
     run_ok(Command::new(exe()).args([
         "train",

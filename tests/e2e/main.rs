@@ -186,6 +186,34 @@ impl Registry {
     }
 }
 
+/// `loraops model init-tiny DIR`: a generated tiny model for a test.
+fn init_tiny(dir: &Path) -> PathBuf {
+    let out = Command::new(exe())
+        .args(["model", "init-tiny", dir.to_str().unwrap()])
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    dir.to_path_buf()
+}
+
+/// `rows` SFT chat rows at `path`: the question `ask(i)`, always answered with `answer`.
+fn chat_data(path: &Path, rows: usize, ask: impl Fn(usize) -> String, answer: &str) -> PathBuf {
+    let text: String = (0..rows)
+        .map(|i| {
+            json!({"messages": [{"role": "user", "content": ask(i)},
+                {"role": "assistant", "content": answer}]})
+            .to_string()
+                + "\n"
+        })
+        .collect();
+    std::fs::write(path, text).unwrap();
+    path.to_path_buf()
+}
+
 fn ok_json(out: Output) -> Value {
     assert!(
         out.status.success(),

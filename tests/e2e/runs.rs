@@ -7,7 +7,7 @@ use std::time::{Duration, Instant};
 
 use serde_json::{Value, json};
 
-use super::{Registry, exe, ok_json};
+use super::{Registry, chat_data, exe, init_tiny, ok_json};
 
 fn get(url: &str, token: &str) -> Option<Value> {
     let rt = tokio::runtime::Runtime::new().unwrap();
@@ -30,22 +30,13 @@ fn get(url: &str, token: &str) -> Option<Value> {
 fn a_run_survives_a_registry_outage_and_its_metrics_arrive() {
     let mut reg = Registry::start();
     let dir = tempfile::tempdir().unwrap();
-    let base = dir.path().join("tiny");
-    let out = Command::new(exe())
-        .args(["model", "init-tiny", base.to_str().unwrap()])
-        .output()
-        .unwrap();
-    assert!(out.status.success());
-    let data = dir.path().join("train.jsonl");
-    let rows: String = (0..16)
-        .map(|i| {
-            json!({"messages": [{"role": "user", "content": format!("order {i}: where is it?")},
-                {"role": "assistant", "content": "It ships within two days."}]})
-            .to_string()
-                + "\n"
-        })
-        .collect();
-    std::fs::write(&data, rows).unwrap();
+    let base = init_tiny(&dir.path().join("tiny"));
+    let data = chat_data(
+        &dir.path().join("train.jsonl"),
+        16,
+        |i| format!("order {i}: where is it?"),
+        "It ships within two days.",
+    );
     let adapter = dir.path().join("adapter");
     let publisher = reg.token("publisher");
     // Long enough (seconds on the tiny model) for the outage to fall in the middle of the run.
@@ -172,14 +163,7 @@ fn a_run_survives_a_registry_outage_and_its_metrics_arrive() {
 fn a_run_whose_registry_stays_away_is_kept_and_synced_later() {
     let mut reg = Registry::start();
     let dir = tempfile::tempdir().unwrap();
-    let base = dir.path().join("tiny");
-    assert!(
-        Command::new(exe())
-            .args(["model", "init-tiny", base.to_str().unwrap()])
-            .status()
-            .unwrap()
-            .success()
-    );
+    let base = init_tiny(&dir.path().join("tiny"));
     let data = dir.path().join("train.jsonl");
     std::fs::write(
         &data,
