@@ -220,7 +220,7 @@ fn sft(a: SftArgs, report: ReportArgs, global: &Global) -> anyhow::Result<()> {
     let init = resolve_init(&mut m, &report, global)?;
     let tracking = Tracking::start(report, &mut m)?;
     let mut cfg: SftConfig =
-        serde_json::from_value(Value::Object(m.clone())).context("training configuration")?;
+        serde_json::from_value(Value::Object(m)).context("training configuration")?;
     cfg.init = init;
     let device = loraops_model::select_device(&cfg.device)?;
     let progress = Progress::new(global.json);
@@ -254,8 +254,7 @@ fn preference(method: Method, a: PreferenceArgs, global: &Global) -> anyhow::Res
     set("undesirable_weight", a.undesirable_weight.map(|x| json!(x)));
     let init = resolve_init(&mut m, &a.report, global)?;
     let tracking = Tracking::start(a.report, &mut m)?;
-    let mut cfg =
-        PreferenceConfig::from_table(method, m.clone()).context("training configuration")?;
+    let mut cfg = PreferenceConfig::from_table(method, m).context("training configuration")?;
     cfg.train.init = init;
     let device = loraops_model::select_device(&cfg.train.device)?;
     let progress = Progress::new(global.json);

@@ -11,27 +11,7 @@ use std::process::Command;
 use serde_json::{Value, json};
 
 use super::stack::Stack;
-use super::{chat_data, exe, init_tiny};
-
-fn run_ok(cmd: &mut Command) -> std::process::Output {
-    let out = cmd.output().unwrap();
-    assert!(
-        out.status.success(),
-        "{:?}: {}",
-        cmd,
-        String::from_utf8_lossy(&out.stderr)
-    );
-    out
-}
-
-fn ok(out: std::process::Output) -> Value {
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    serde_json::from_slice(&out.stdout).unwrap_or(Value::Null)
-}
+use super::{chat_data, exe, init_tiny, ok_json as ok, run_ok};
 
 fn post(url: &str, token: &str, body: &Value) -> Value {
     let rt = tokio::runtime::Runtime::new().unwrap();

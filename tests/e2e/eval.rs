@@ -9,17 +9,7 @@ use serde_json::{Value, json};
 use sha2::{Digest, Sha256};
 
 use super::stack::Stack;
-use super::{chat_data, exe, init_tiny, ok_json};
-
-fn run_ok(cmd: &mut Command) {
-    let out = cmd.output().unwrap();
-    assert!(
-        out.status.success(),
-        "{:?}: {}",
-        cmd,
-        String::from_utf8_lossy(&out.stderr)
-    );
-}
+use super::{chat_data, exe, init_tiny, ok_json, run_ok};
 
 fn get_json(url: &str, token: &str) -> Value {
     let rt = tokio::runtime::Runtime::new().unwrap();

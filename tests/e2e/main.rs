@@ -186,6 +186,18 @@ impl Registry {
     }
 }
 
+/// Run a command that must succeed; its output.
+fn run_ok(cmd: &mut Command) -> Output {
+    let out = cmd.output().unwrap();
+    assert!(
+        out.status.success(),
+        "{:?}: {}",
+        cmd,
+        String::from_utf8_lossy(&out.stderr)
+    );
+    out
+}
+
 /// `loraops model init-tiny DIR`: a generated tiny model for a test.
 fn init_tiny(dir: &Path) -> PathBuf {
     let out = Command::new(exe())
