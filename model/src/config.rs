@@ -95,6 +95,8 @@ pub struct ModelConfig {
     /// RoPE base of the sliding-window layers when it differs from `rope_theta` (Gemma 3's
     /// local base, unscaled).
     pub local_rope_theta: Option<f64>,
+    /// A bitsandbytes 4-bit checkpoint: its decoder linears are stored as NF4 codes.
+    pub quantization: Option<crate::bnb::Bnb4bit>,
 }
 
 impl ModelConfig {
@@ -235,6 +237,7 @@ impl ModelConfig {
             sliding_window,
             sliding_layers,
             local_rope_theta,
+            quantization: crate::bnb::Bnb4bit::from_config(v)?,
         })
     }
 

@@ -10,12 +10,14 @@
 //! - `kernels`: what makes it fast: one-pass CPU kernels with their own backward (RMSNorm,
 //!   SwiGLU, log-softmax, causal attention), CPU products on gemm, vectorised exp and sums, and
 //!   (feature `cuda`) the GPU kernels
+//! - `bnb`: bitsandbytes-serialised 4-bit checkpoints (`*-bnb-4bit`), read and written
 //! - `adapter`: PEFT adapter directories, both ways, and merging; `tiny`: `model init-tiny`
 //!
 //! The model knows nothing of optimisers, data or serving: the trainer wraps it for training
 //! (checkpointing through `LayerStep`), the engine reads its weights for serving.
 
 pub mod adapter;
+pub mod bnb;
 pub mod config;
 pub mod error;
 pub mod kernels;

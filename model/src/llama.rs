@@ -226,6 +226,8 @@ struct Weights {
     opts: LoadOptions,
     /// Gemma's RMSNorm scales by (1 + w): stored as such, so the norm itself is shared.
     norm_plus_one: bool,
+    /// A bitsandbytes 4-bit checkpoint (see [`crate::bnb`]).
+    prequantized: bool,
 }
 
 impl Weights {
@@ -273,19 +275,32 @@ impl Weights {
 
     fn linear(&self, prefix: &str, bias: bool) -> Result<Linear> {
         let name = format!("{prefix}.weight");
-        // NF4 codes are computed on the host: only the quantised bytes go to the device.
-        let w = if self.opts.format == BaseFormat::Nf4 {
-            self.get_on(&name, &Device::Cpu)?
-        } else {
-            self.get(&name)?
-        };
         let bias = if bias {
             Some(self.small(&format!("{prefix}.bias"))?)
         } else {
             None
         };
+        // A pre-quantised checkpoint's linears are held exactly as stored, whatever the
+        // format asked: an adapter then trains against the very weights it will serve on.
+        let stored = if self.prequantized {
+            crate::bnb::read_nf4(&self.st, &name, &self.opts.device)?
+        } else {
+            None
+        };
+        let weight = match stored {
+            Some(q) => FrozenWeight::Nf4(Arc::new(q)),
+            None => {
+                // NF4 codes are computed on the host: only the quantised bytes go to the device.
+                let w = if self.opts.format == BaseFormat::Nf4 {
+                    self.get_on(&name, &Device::Cpu)?
+                } else {
+                    self.get(&name)?
+                };
+                self.frozen(w, true)?
+            }
+        };
         Ok(Linear {
-            base: FrozenMatmul::new(self.frozen(w, true)?),
+            base: FrozenMatmul::new(weight),
             bias,
             lora: None,
         })
@@ -303,6 +318,7 @@ impl Llama {
             st,
             opts: opts.clone(),
             norm_plus_one: config.gemma,
+            prequantized: config.quantization.is_some(),
         };
         let c = &config;
         let mut layers = Vec::with_capacity(c.num_hidden_layers);

@@ -43,22 +43,28 @@ pub const ABSMAX_BLOCK: usize = 256;
 /// reciprocal of the block's absmax (the last, partial block divides), clamp to [-1, 1], and
 /// count the code-book midpoints below the value (`torch.bucketize`), so a value exactly on a
 /// midpoint takes the lower code.
+/// Blocks are independent: they are coded on all threads.
 fn quantize_nf4_codes(data: &[f32]) -> (Vec<u8>, Vec<f32>) {
+    use rayon::prelude::*;
     let mids: Vec<f32> = NF4_CODE.windows(2).map(|w| (w[0] + w[1]) / 2.0).collect();
     let full = data.len() - data.len() % NF4_BLOCK;
-    let mut idx = Vec::with_capacity(data.len());
-    let mut absmax = Vec::with_capacity(data.len().div_ceil(NF4_BLOCK));
-    for (b, chunk) in data.chunks(NF4_BLOCK).enumerate() {
-        let m = chunk.iter().fold(0f32, |m, v| m.max(v.abs()));
-        absmax.push(m);
-        let m = m.max(1e-38);
-        let partial = b * NF4_BLOCK >= full;
-        let inv = 1.0 / m;
-        for &v in chunk {
-            let scaled = if partial { v / m } else { v * inv }.clamp(-1.0, 1.0);
-            idx.push(mids.iter().filter(|&&mid| mid < scaled).count() as u8);
-        }
-    }
+    let mut idx = vec![0u8; data.len()];
+    let absmax = idx
+        .par_chunks_mut(NF4_BLOCK)
+        .zip(data.par_chunks(NF4_BLOCK))
+        .enumerate()
+        .map(|(b, (codes, chunk))| {
+            let m = chunk.iter().fold(0f32, |m, v| m.max(v.abs()));
+            let safe = m.max(1e-38);
+            let partial = b * NF4_BLOCK >= full;
+            let inv = 1.0 / safe;
+            for (c, &v) in codes.iter_mut().zip(chunk) {
+                let scaled = if partial { v / safe } else { v * inv }.clamp(-1.0, 1.0);
+                *c = mids.iter().filter(|&&mid| mid < scaled).count() as u8;
+            }
+            m
+        })
+        .collect();
     (idx, absmax)
 }
 
@@ -212,13 +218,23 @@ impl Nf4Tensor {
         } else {
             Absmax::F32(absmax)
         };
+        Self::from_parts([out_f, in_f], packed, absmax, device)
+    }
+
+    /// An NF4 weight from its stored parts (codes checked by the caller), held on `device`.
+    pub fn from_parts(
+        shape: [usize; 2],
+        packed: Vec<u8>,
+        absmax: Absmax,
+        device: &Device,
+    ) -> candle_core::Result<Self> {
         let resident = if device.is_cpu() {
             None
         } else {
             Some(Nf4Resident::upload(&packed, &absmax, device)?)
         };
         Ok(Self {
-            shape: [out_f, in_f],
+            shape,
             packed,
             absmax,
             device: device.clone(),
@@ -344,9 +360,10 @@ impl Nf4Tensor {
 
 /// NF4-quantise a flat f32 array in blocks of 64: (packed bytes, absmax per block).
 pub fn quantize_nf4(data: &[f32]) -> (Vec<u8>, Vec<f32>) {
+    use rayon::prelude::*;
     let (idx, absmax) = quantize_nf4_codes(data);
     let packed = idx
-        .chunks(2)
+        .par_chunks(2)
         .map(|p| (p[0] << 4) | p.get(1).copied().unwrap_or(0))
         .collect();
     (packed, absmax)
