@@ -104,7 +104,8 @@ pub struct SftArgs {
     /// Optimizer updates.
     #[arg(long)]
     steps: Option<usize>,
-    /// Frozen base weights: nf4 (QLoRA) or none.
+    /// Frozen base weights: nf4 (QLoRA) or none. A bitsandbytes 4-bit base (`*-bnb-4bit`, or
+    /// `loraops model quantize` output) is NF4 as stored whatever this says.
     #[arg(long, value_parser = ["nf4", "none"])]
     quantize: Option<String>,
     /// Storage of a non-quantised base: f32, bf16, or auto (bf16 on a GPU, f32 on the CPU)

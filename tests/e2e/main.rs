@@ -13,6 +13,7 @@ mod console;
 mod data;
 mod eval;
 mod pipeline;
+mod quantized;
 mod runs;
 mod stack;
 

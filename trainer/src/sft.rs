@@ -711,7 +711,13 @@ fn train_loop(
     obj: &mut dyn Objective,
     on_event: &mut (dyn FnMut(Event) + Send),
 ) -> Result<SftOutcome> {
-    let resolved = cfg.for_device(device);
+    let mut resolved = cfg.for_device(device);
+    // A bitsandbytes 4-bit base is held as stored, in NF4: the manifest says so.
+    let base = loraops_model::config::ModelConfig::from_file(&cfg.model.join("config.json"))?;
+    if let Some(q) = &base.quantization {
+        resolved.quantize = "nf4".into();
+        resolved.double_quant = q.double_quant;
+    }
     let cfg = &resolved;
     let config = resolved_config(config, cfg);
     let lora_cfg = cfg.lora()?;
@@ -1000,10 +1006,14 @@ fn resolved_config(mut config: serde_json::Value, cfg: &SftConfig) -> serde_json
         for (k, v) in [
             ("base_dtype", &cfg.base_dtype),
             ("compute_dtype", &cfg.compute_dtype),
+            ("quantize", &cfg.quantize),
         ] {
             if m.contains_key(k) {
                 m.insert(k.into(), serde_json::Value::String(v.clone()));
             }
+        }
+        if m.contains_key("double_quant") {
+            m.insert("double_quant".into(), cfg.double_quant.into());
         }
     }
     config
