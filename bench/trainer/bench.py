@@ -1,6 +1,8 @@
 #!/usr/bin/env python3
 """Training throughput and peak memory: loraops-trainer (candle) vs PyTorch + PEFT, on CPU,
-same model, same LoRA, same threads, f32 and NF4 bases, side by side.
+same model, same LoRA, same threads, f32 and NF4 bases, side by side. PyTorch runs with
+transformers' default attention (SDPA), the comparison users get; eager attention is a second
+column.
 
     /var/tmp/loraops-py/bin/python bench/trainer/bench.py [--threads 2] [--steps 20] [--repeat 4]
 
@@ -20,7 +22,7 @@ import tempfile
 import time
 
 ROOT = os.path.abspath(os.path.join(os.path.dirname(__file__), "..", ".."))
-TARGET = os.environ.get("CARGO_TARGET_DIR", "/var/tmp/loraops-target-trainer")
+TARGET = os.environ.get("CARGO_TARGET_DIR", "/var/tmp/loraops-target")
 SPEC = dict(layers=4, hidden=512, heads=8, kv_heads=4, vocab=2048, seed=1)
 BATCH, SEQ, R, ALPHA = 2, 256, 16, 32.0
 
@@ -43,14 +45,14 @@ def run_measured(cmd, env):
     return [l for l in lines if not l.startswith("PEAK_RSS_KB")], rss
 
 
-def torch_worker(model_dir, quantize, steps, threads):
+def torch_worker(model_dir, quantize, attn, steps, threads):
     import torch
     import peft
     import transformers
     from transformers import AutoModelForCausalLM
 
     torch.set_num_threads(threads)
-    kw = dict(dtype=torch.float32, attn_implementation="eager")
+    kw = dict(dtype=torch.float32, attn_implementation=attn)
     if quantize == "nf4":
         kw["quantization_config"] = transformers.BitsAndBytesConfig(
             load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True, bnb_4bit_compute_dtype=torch.float32)
@@ -82,17 +84,18 @@ def main():
     ap.add_argument("--worker", nargs=3)
     a = ap.parse_args()
     if a.worker:
-        return torch_worker(a.worker[0], a.worker[1], a.steps, a.threads)
+        return torch_worker(a.worker[0], a.worker[1], a.worker[2], a.steps, a.threads)
 
     env = dict(os.environ, CARGO_TARGET_DIR=TARGET, RAYON_NUM_THREADS=str(a.threads), OMP_NUM_THREADS=str(a.threads))
-    subprocess.run(["cargo", "build", "-q", "-p", "loraops-trainer", "--example", "trainer"], cwd=ROOT, env=env, check=True)
+    # The workspace's own feature set, so the test build's dependencies are reused.
+    subprocess.run(["cargo", "build", "-q", "--workspace", "--examples"], cwd=ROOT, env=env, check=True)
     exe = os.path.join(TARGET, "debug", "examples", "trainer")
     work = tempfile.mkdtemp(prefix="loraops-bench-")
     model = os.path.join(work, "model")
     subprocess.run([exe, "init-tiny", model, *sum([[f"--{k.replace('_', '-')}", str(v)] for k, v in SPEC.items()], [])], check=True)
     # Rows long enough to fill SEQ tokens, with (almost) every token a completion token, so
     # both sides compute the loss over the whole sequence.
-    words = open(os.path.join(ROOT, "trainer", "src", "tiny.rs")).read().split()
+    words = open(os.path.join(ROOT, "model", "src", "tiny.rs")).read().split()
     data = os.path.join(work, "data.jsonl")
     with open(data, "w") as f:
         for i in range(16):
@@ -106,29 +109,32 @@ def main():
         with open(conf, "w") as f:
             f.write(f'model = "{model}"\ndata = "{data}"\nout = "{out}"\nsteps = {a.steps}\nquantize = "{quantize}"\n'
                     f"r = {R}\nalpha = {ALPHA}\ndropout = 0.0\nbatch_size = {BATCH}\nmax_len = {SEQ}\nlr = 1e-4\n")
-        tps_c = tps_t = 0.0
-        rss_c = rss_t = float("inf")
-        # Alternate the two sides and keep each one's best run: on a shared machine, other
-        # load only ever slows a run down.
+        tps = {"loraops": 0.0, "sdpa": 0.0, "eager": 0.0}
+        rss = {k: float("inf") for k in tps}
+        # Alternate the sides and keep each one's best run: on a shared machine, other load
+        # only ever slows a run down.
         for _ in range(a.repeat):
-            lines, rss = run_measured([exe, "sft", conf], env)
+            lines, peak = run_measured([exe, "sft", conf], env)
             steps = [json.loads(l) for l in lines if l.startswith("{")]
             tok = sum(s["tokens"] for s in steps[2:])
             secs = sum(s["tokens"] / s["tokens_per_s"] for s in steps[2:])
-            tps_c, rss_c = max(tps_c, tok / secs), min(rss_c, rss)
-            lines, rss = run_measured([sys.executable, __file__, "--worker", model, quantize, "x",
-                                       "--steps", str(a.steps), "--threads", str(a.threads)], env)
-            tps = json.loads([l for l in lines if l.startswith("{")][-1])["tokens_per_s"]
-            tps_t, rss_t = max(tps_t, tps), min(rss_t, rss)
-        rows.append((quantize, tps_c, tps_t, rss_c, rss_t))
+            tps["loraops"], rss["loraops"] = max(tps["loraops"], tok / secs), min(rss["loraops"], peak)
+            for attn in ("sdpa", "eager"):
+                lines, peak = run_measured([sys.executable, __file__, "--worker", model, quantize, attn,
+                                            "--steps", str(a.steps), "--threads", str(a.threads)], env)
+                t = json.loads([l for l in lines if l.startswith("{")][-1])["tokens_per_s"]
+                tps[attn], rss[attn] = max(tps[attn], t), min(rss[attn], peak)
+        rows.append((quantize, tps, rss))
 
     print(f"\nCPU, {a.threads} threads, hidden 512 x 4 layers, vocab 2048, batch {BATCH}x{SEQ}, LoRA r={R} all-linear\n")
-    print("| base | loraops tok/s | PyTorch+PEFT tok/s | speed ratio | loraops peak RSS MiB | PyTorch peak RSS MiB | memory ratio |")
-    print("|---|---|---|---|---|---|---|")
-    for q, tc, tt, rc, rt in rows:
+    print("| base | loraops tok/s | PyTorch+PEFT SDPA tok/s | ratio | PyTorch+PEFT eager tok/s | ratio "
+          "| loraops peak RSS MiB | PyTorch SDPA peak RSS MiB | memory ratio |")
+    print("|---|---|---|---|---|---|---|---|---|")
+    for q, t, m in rows:
         name = "f32" if q == "none" else "NF4"
-        print(f"| {name} | {tc:.0f} | {tt:.0f} | {tc / tt:.2f}x | {rc:.0f} | {rt:.0f} | {rc / rt:.2f}x |")
-
+        print(f"| {name} | {t['loraops']:.0f} | {t['sdpa']:.0f} | {t['loraops'] / t['sdpa']:.2f}x "
+              f"| {t['eager']:.0f} | {t['loraops'] / t['eager']:.2f}x "
+              f"| {m['loraops']:.0f} | {m['sdpa']:.0f} | {m['loraops'] / m['sdpa']:.2f}x |")
 
 if __name__ == "__main__":
     main()
