@@ -4,7 +4,9 @@
 //! unknown `kid`, at most once per `jwks_min_refresh_secs`), with RS256, PS256, ES256 and
 //! EdDSA. `aud` may be a string or an array; roles come from a configurable claim path
 //! (`roles`, `realm_access.roles`, `groups`) through an optional mapping of IdP groups to
-//! loraops roles; tokens may live at most `max_token_lifetime_secs`. The registry and the
+//! loraops roles; tokens may live at most `max_token_lifetime_secs`. Minted tokens carry a
+//! `jti` that `revoked_tokens_file` can revoke everywhere; an HS256 secret rotates through
+//! `hs256_previous_secret_files`, which verify but never sign. The registry and the
 //! gateway verify with [`Verifier`]; `loraops token issue` mints with [`Signer`].
 
 use std::collections::BTreeSet;
@@ -26,6 +28,14 @@ pub struct AuthSettings {
     /// HS256 shared secret file. Default: `<data_dir>/jwt-secret`, generated when missing and
     /// no public key is configured.
     pub hs256_secret_file: Option<PathBuf>,
+    /// HS256 secrets that still verify but no longer sign, one file each: during a rotation,
+    /// the old secret goes here and the new one in `hs256_secret_file`, so tokens minted
+    /// before it keep working until they expire or the old file is dropped.
+    pub hs256_previous_secret_files: Vec<PathBuf>,
+    /// Revoked tokens: a file of `jti` values, one per line (`#` starts a comment). Read
+    /// again when it changes (checked at most once a second), so a revocation reaches every
+    /// registry and gateway replica that mounts it without a restart.
+    pub revoked_tokens_file: Option<PathBuf>,
     /// PEM public key (see `public_key_alg`).
     pub public_key_file: Option<PathBuf>,
     /// `RS256` (default), `PS256`, `ES256` or `EdDSA`.
@@ -63,6 +73,8 @@ impl Default for AuthSettings {
         Self {
             hs256_secret: None,
             hs256_secret_file: None,
+            hs256_previous_secret_files: Vec::new(),
+            revoked_tokens_file: None,
             public_key_file: None,
             public_key_alg: None,
             jwks_file: None,
@@ -96,6 +108,9 @@ pub struct Claims {
     /// Optional adapter-name patterns (`*` wildcard) the token's writes are limited to.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub adapters: Option<Vec<String>>,
+    /// The token's own id, which `revoked_tokens_file` names to revoke it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub jti: Option<String>,
 }
 
 /// A verified caller.
@@ -167,16 +182,7 @@ fn hs256_secret(s: &AuthSettings, data_dir: &Path, create: bool) -> Result<Vec<u
         .clone()
         .unwrap_or_else(|| data_dir.join("jwt-secret"));
     match std::fs::read_to_string(&path) {
-        Ok(text) => {
-            let t = text.trim();
-            if t.len() < 16 {
-                return Err(AuthError::Config(format!(
-                    "{}: secret must be at least 16 bytes",
-                    path.display()
-                )));
-            }
-            Ok(t.as_bytes().to_vec())
-        }
+        Ok(text) => secret_text(&path, &text),
         Err(e) if e.kind() == std::io::ErrorKind::NotFound && create => {
             let secret: [u8; 32] = rand::random();
             let text = hex::encode(secret);
@@ -189,6 +195,76 @@ fn hs256_secret(s: &AuthSettings, data_dir: &Path, create: bool) -> Result<Vec<u
             Ok(text.into_bytes())
         }
         Err(e) => Err(AuthError::Config(format!("{}: {e}", path.display()))),
+    }
+}
+
+fn secret_text(path: &Path, text: &str) -> Result<Vec<u8>, AuthError> {
+    let t = text.trim();
+    if t.len() < 16 {
+        return Err(AuthError::Config(format!(
+            "{}: secret must be at least 16 bytes",
+            path.display()
+        )));
+    }
+    Ok(t.as_bytes().to_vec())
+}
+
+/// The revoked token ids of `revoked_tokens_file`, read again when the file changes.
+struct Revoked {
+    path: PathBuf,
+    state: Mutex<RevokedState>,
+}
+
+#[derive(Default)]
+struct RevokedState {
+    ids: std::collections::HashSet<String>,
+    /// The file's modification time and length when `ids` was read.
+    seen: Option<(std::time::SystemTime, u64)>,
+    checked: Option<Instant>,
+}
+
+impl Revoked {
+    fn load(path: &Path) -> Result<Self, AuthError> {
+        let r = Self {
+            path: path.to_path_buf(),
+            state: Mutex::default(),
+        };
+        // A file that cannot be read at start is a configuration error; later, the last list
+        // read stays in force.
+        r.refresh(&mut r.state.lock().expect("revoked lock"))?;
+        Ok(r)
+    }
+
+    fn refresh(&self, st: &mut RevokedState) -> Result<(), AuthError> {
+        let err = |e: std::io::Error| AuthError::Config(format!("{}: {e}", self.path.display()));
+        let meta = std::fs::metadata(&self.path).map_err(err)?;
+        let stamp = (meta.modified().map_err(err)?, meta.len());
+        st.checked = Some(Instant::now());
+        if st.seen == Some(stamp) {
+            return Ok(());
+        }
+        let text = std::fs::read_to_string(&self.path).map_err(err)?;
+        st.ids = text
+            .lines()
+            .map(|l| l.split('#').next().unwrap_or("").trim())
+            .filter(|l| !l.is_empty())
+            .map(str::to_string)
+            .collect();
+        st.seen = Some(stamp);
+        Ok(())
+    }
+
+    fn contains(&self, jti: &str) -> bool {
+        let mut st = self.state.lock().expect("revoked lock");
+        if st
+            .checked
+            .is_none_or(|t| t.elapsed() >= Duration::from_secs(1))
+        {
+            if let Err(e) = self.refresh(&mut st) {
+                tracing::warn!(error = %e, "revoked tokens file; keeping the last list read");
+            }
+        }
+        st.ids.contains(jti)
     }
 }
 
@@ -337,6 +413,7 @@ fn fetch_jwks(url: &str) -> Result<Vec<Key>, AuthError> {
 pub struct Verifier {
     keys: Vec<Key>,
     remote: Option<Remote>,
+    revoked: Option<Revoked>,
     audience: String,
     issuer: Option<String>,
     leeway: u64,
@@ -393,6 +470,17 @@ impl Verifier {
             let secret = hs256_secret(s, data_dir, create_secret)?;
             keys.push((None, Algorithm::HS256, DecodingKey::from_secret(&secret)));
         }
+        for p in &s.hs256_previous_secret_files {
+            let text = std::fs::read_to_string(p)
+                .map_err(|e| AuthError::Config(format!("{}: {e}", p.display())))?;
+            let secret = secret_text(p, &text)?;
+            keys.push((None, Algorithm::HS256, DecodingKey::from_secret(&secret)));
+        }
+        let revoked = s
+            .revoked_tokens_file
+            .as_deref()
+            .map(Revoked::load)
+            .transpose()?;
         let roles_claim: Vec<String> = s
             .roles_claim
             .split('.')
@@ -411,6 +499,7 @@ impl Verifier {
         Ok(Self {
             keys,
             remote,
+            revoked,
             audience: s.audience.clone(),
             issuer: s.issuer.clone(),
             leeway: s.leeway_secs,
@@ -455,6 +544,11 @@ impl Verifier {
             .as_str()
             .ok_or_else(|| AuthError::Invalid("sub is not a string".into()))?
             .to_string();
+        if let (Some(revoked), Some(jti)) = (&self.revoked, c["jti"].as_str())
+            && revoked.contains(jti)
+        {
+            return Err(AuthError::Invalid(format!("token {jti} is revoked")));
+        }
         if let Some(max) = self.max_lifetime {
             let exp = c["exp"].as_i64().unwrap_or(i64::MAX);
             let from = c["iat"]
@@ -542,6 +636,17 @@ impl Signer {
         ttl_secs: i64,
         adapters: Option<Vec<String>>,
     ) -> Result<String, AuthError> {
+        Ok(self.issue_claims(sub, roles, ttl_secs, adapters)?.0)
+    }
+
+    /// A token and the claims it carries (its `jti`, to revoke it later).
+    pub fn issue_claims(
+        &self,
+        sub: &str,
+        roles: &[Role],
+        ttl_secs: i64,
+        adapters: Option<Vec<String>>,
+    ) -> Result<(String, Claims), AuthError> {
         if self.max_lifetime > 0 && ttl_secs > 0 && ttl_secs as u64 > self.max_lifetime {
             return Err(AuthError::Config(format!(
                 "a lifetime of {ttl_secs} s exceeds max_token_lifetime_secs ({} s)",
@@ -561,9 +666,11 @@ impl Signer {
             iat: now,
             nbf: Some(now),
             adapters,
+            jti: Some(uuid::Uuid::new_v4().to_string()),
         };
-        jsonwebtoken::encode(&Header::new(self.alg), &claims, &self.key)
-            .map_err(|e| AuthError::Config(e.to_string()))
+        let token = jsonwebtoken::encode(&Header::new(self.alg), &claims, &self.key)
+            .map_err(|e| AuthError::Config(e.to_string()))?;
+        Ok((token, claims))
     }
 }
 
@@ -580,6 +687,97 @@ mod tests {
         assert!(!glob_match("a*c*e", "abde"));
         assert!(glob_match("exact", "exact"));
         assert!(!glob_match("exact", "exactly"));
+    }
+
+    /// A rotation: tokens of the previous secret verify while it is listed, new tokens are
+    /// signed with the current one, and a secret that was never configured verifies nothing.
+    #[test]
+    fn hs256_secrets_rotate_without_breaking_live_tokens() {
+        let dir = tempfile::tempdir().unwrap();
+        let old_file = dir.path().join("old-secret");
+        let new_file = dir.path().join("new-secret");
+        std::fs::write(&old_file, "old-secret-0123456789abcdef\n").unwrap();
+        std::fs::write(&new_file, "new-secret-0123456789abcdef\n").unwrap();
+        let before = AuthSettings {
+            hs256_secret_file: Some(old_file.clone()),
+            ..Default::default()
+        };
+        let during = AuthSettings {
+            hs256_secret_file: Some(new_file.clone()),
+            hs256_previous_secret_files: vec![old_file.clone()],
+            ..Default::default()
+        };
+        let after = AuthSettings {
+            hs256_secret_file: Some(new_file),
+            ..Default::default()
+        };
+        let old_token = Signer::from_settings(&before, dir.path())
+            .unwrap()
+            .issue("ci", &[Role::Publisher], 600, None)
+            .unwrap();
+        let new_token = Signer::from_settings(&during, dir.path())
+            .unwrap()
+            .issue("ci", &[Role::Publisher], 600, None)
+            .unwrap();
+        let v = Verifier::from_settings(&during, dir.path(), false).unwrap();
+        assert!(v.verify(&old_token).is_ok() && v.verify(&new_token).is_ok());
+        let v = Verifier::from_settings(&after, dir.path(), false).unwrap();
+        assert!(v.verify(&old_token).is_err() && v.verify(&new_token).is_ok());
+        // The new token was signed with the new secret, not the previous one.
+        let v = Verifier::from_settings(&before, dir.path(), false).unwrap();
+        assert!(v.verify(&new_token).is_err());
+        // A previous secret that is missing or too short is a configuration error.
+        let short = dir.path().join("short");
+        std::fs::write(&short, "tiny").unwrap();
+        for bad in [dir.path().join("missing"), short] {
+            let s = AuthSettings {
+                hs256_previous_secret_files: vec![bad],
+                ..during.clone()
+            };
+            assert!(matches!(
+                Verifier::from_settings(&s, dir.path(), false),
+                Err(AuthError::Config(_))
+            ));
+        }
+    }
+
+    /// Revocation by `jti`: refused as soon as the file names it (after at most a second),
+    /// the others unaffected; tokens without a `jti` are not affected either.
+    #[test]
+    fn revoked_tokens_are_refused_once_the_file_names_them() {
+        let dir = tempfile::tempdir().unwrap();
+        let list = dir.path().join("revoked");
+        std::fs::write(&list, "# revoked tokens\n").unwrap();
+        let s = AuthSettings {
+            revoked_tokens_file: Some(list.clone()),
+            ..Default::default()
+        };
+        let signer = Signer::from_settings(&s, dir.path()).unwrap();
+        let v = Verifier::from_settings(&s, dir.path(), false).unwrap();
+        let (leaked, claims) = signer
+            .issue_claims("ci", &[Role::Admin], 600, None)
+            .unwrap();
+        let kept = signer.issue("ci", &[Role::Admin], 600, None).unwrap();
+        assert!(v.verify(&leaked).is_ok());
+        let jti = claims.jti.unwrap();
+        std::fs::write(
+            &list,
+            format!("# revoked tokens\n{jti}  # leaked in a CI log\n"),
+        )
+        .unwrap();
+        std::thread::sleep(Duration::from_millis(1100));
+        let err = v.verify(&leaked).unwrap_err().to_string();
+        assert!(err.contains(&jti) && err.contains("revoked"), "{err}");
+        assert!(v.verify(&kept).is_ok());
+        // A list that later cannot be read keeps the last one in force.
+        std::fs::remove_file(&list).unwrap();
+        std::thread::sleep(Duration::from_millis(1100));
+        assert!(v.verify(&leaked).is_err() && v.verify(&kept).is_ok());
+        // A list that cannot be read at start is a configuration error.
+        assert!(matches!(
+            Verifier::from_settings(&s, dir.path(), false),
+            Err(AuthError::Config(_))
+        ));
     }
 
     #[test]

@@ -9,7 +9,8 @@ use super::{Global, UsageError};
 
 #[derive(Debug, Subcommand)]
 pub enum TokenCmd {
-    /// Mint a token.
+    /// Mint a token. It carries a `jti` (printed with `--json`): listing it in `[auth]
+    /// revoked_tokens_file` revokes the token on every registry and gateway reading that file.
     Issue {
         /// Subject (who the token is for).
         #[arg(long)]
@@ -62,10 +63,16 @@ pub fn run(cmd: TokenCmd, global: &Global) -> anyhow::Result<()> {
                 .clone()
                 .unwrap_or_else(|| global.data_dir.clone());
             let signer = Signer::from_settings(&cfg.auth, &data_dir)?;
-            println!(
-                "{}",
-                signer.issue(&sub, &roles, parse_ttl(&ttl)?, adapters)?
-            );
+            let (token, claims) = signer.issue_claims(&sub, &roles, parse_ttl(&ttl)?, adapters)?;
+            if global.json {
+                // The jti is what `[auth] revoked_tokens_file` names to revoke this token.
+                println!(
+                    "{}",
+                    serde_json::json!({"token": token, "jti": claims.jti, "exp": claims.exp})
+                );
+            } else {
+                println!("{token}");
+            }
             Ok(())
         }
     }

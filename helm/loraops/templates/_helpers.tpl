@@ -180,7 +180,7 @@ app.kubernetes.io/part-of: loraops
 {{- end }}
 {{- end -}}
 
-{{/* Volumes for the auth key files (rs256/es256/jwks). */}}
+{{/* Volumes for the auth key files (rs256/es256/jwks) and the revoked-token list. */}}
 {{- define "loraops.volumes.auth" -}}
 {{- if has .Values.auth.mode (list "rs256" "es256" "jwks") }}
 - name: auth-keys
@@ -188,6 +188,9 @@ app.kubernetes.io/part-of: loraops
     secretName: {{ .Values.auth.existingSecret }}
     defaultMode: 0440
 {{- end }}
+- name: revoked-tokens
+  configMap:
+    name: {{ include "loraops.fullname" . }}-revoked-tokens
 {{- end -}}
 
 {{- define "loraops.mounts.auth" -}}
@@ -196,6 +199,10 @@ app.kubernetes.io/part-of: loraops
   mountPath: /etc/loraops/auth
   readOnly: true
 {{- end }}
+{{- /* A directory mount, not subPath: only those see the ConfigMap's updates. */}}
+- name: revoked-tokens
+  mountPath: /etc/loraops/revoked
+  readOnly: true
 {{- end -}}
 
 {{/* Config sections --------------------------------------------------------------------- */}}
@@ -210,6 +217,7 @@ issuer = {{ . | toJson }}
 leeway_secs = {{ int64 .Values.auth.leewaySecs }}
 roles_claim = {{ .Values.auth.rolesClaim | toJson }}
 max_token_lifetime_secs = {{ int64 .Values.auth.maxTokenLifetimeSecs }}
+revoked_tokens_file = "/etc/loraops/revoked/revoked-tokens"
 {{- if eq .Values.auth.mode "jwks-url" }}
 jwks_url = {{ required "auth.jwksUrl is required with auth.mode=jwks-url" .Values.auth.jwksUrl | toJson }}
 {{- end }}
