@@ -203,7 +203,7 @@ async fn score(
 async fn ask(state: &AppState, s: &JudgeSettings, prompt: Vec<ChatMessage>) -> Result<f64, String> {
     let target = state
         .router
-        .resolve(&s.model, "loraops-judge")
+        .resolve(&s.model, "loraops-judge", true)
         .await
         .map_err(|e| e.to_string())?;
     let mut events = dispatch(

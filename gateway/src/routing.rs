@@ -126,7 +126,9 @@ pub enum PinnedVersions {
     #[default]
     Any,
     /// Only versions the routing table serves now (stable, canary, shadow): rolled-back and
-    /// never-released versions are refused as unknown models.
+    /// never-released versions are refused as unknown models, except to callers whose token
+    /// holds the evaluator or deployer role for the adapter (evaluation and smoke tests pin
+    /// versions before their rollout).
     Routed,
 }
 
@@ -190,7 +192,14 @@ impl Router {
         *self.table.write().expect("routing lock") = Arc::new(t);
     }
 
-    pub async fn resolve(&self, model: &str, sticky_key: &str) -> Result<Target, RouteError> {
+    /// The engine for `model`. `may_pin_any`: whether the caller may name versions the
+    /// routing table does not serve (see [`PinnedVersions`]).
+    pub async fn resolve(
+        &self,
+        model: &str,
+        sticky_key: &str,
+        may_pin_any: bool,
+    ) -> Result<Target, RouteError> {
         if model == self.base_name {
             return Ok(Target {
                 key: EngineKey::Base,
@@ -228,7 +237,7 @@ impl Router {
                 });
                 let digest = match routed {
                     Some(v) => v.digest.clone(),
-                    None if self.pinned_versions == PinnedVersions::Routed => {
+                    None if self.pinned_versions == PinnedVersions::Routed && !may_pin_any => {
                         return Err(RouteError::UnknownModel(model.to_string()));
                     }
                     None => self.pinned_digest(&r.name, version, model).await?,

@@ -52,7 +52,7 @@ async fn version_key(state: &AppState, body: &LoraRequest) -> Result<EngineKey, 
     }
     let target = state
         .router
-        .resolve(&body.lora_name, "loraops-control")
+        .resolve(&body.lora_name, "loraops-control", true)
         .await
         .map_err(|e| match e {
             RouteError::UnknownModel(_) | RouteError::NoCanary(_) => {

@@ -209,6 +209,13 @@ impl Observer {
     }
 }
 
+/// Whether the caller may pin versions outside the routing table: an evaluator or deployer
+/// of that adapter (`pinned_versions = routed`).
+fn may_pin_any(p: Option<&Principal>, model: &str) -> bool {
+    let adapter = model.split('@').next().unwrap_or(model);
+    p.is_some_and(|p| (p.has(Role::Evaluator) || p.has(Role::Deployer)) && p.may_touch(adapter))
+}
+
 async fn serve(
     state: web::Data<AppState>,
     req: HttpRequest,
@@ -236,7 +243,7 @@ async fn serve(
     } else {
         state
             .router
-            .resolve(&v.model, &sticky)
+            .resolve(&v.model, &sticky, may_pin_any(principal.as_ref(), &v.model))
             .await
             .map_err(|e| route_error(e, &v.model))?
     };

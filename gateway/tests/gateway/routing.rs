@@ -253,3 +253,55 @@ async fn pinned_misses_are_cached_and_pinning_can_be_limited_to_routed_versions(
     assert_eq!(ask(&strict, "bot@2").await, 404);
     assert_eq!(ask(&gw, "bot@2").await, 200);
 }
+
+/// With `pinned_versions = routed`, only an evaluator or deployer of the adapter may pin a
+/// version outside the routing table (to evaluate or smoke-test it before its rollout);
+/// every other caller, and one scoped to other adapters, gets 404 as for an unknown model.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn only_evaluators_and_deployers_pin_versions_outside_the_routing_table() {
+    use loraops_registry::api::Role;
+    use loraops_registry::auth::AuthSettings;
+
+    let reg = spawn_registry().await;
+    reg.route("bot", Some(1), None).await;
+    let rev = reg.client().routing(None, 0).await.unwrap().revision;
+    let gw = spawn_gateway_with(Some(&reg), |s| {
+        s.pinned_versions = loraops_gateway::routing::PinnedVersions::Routed;
+        s.auth = Some(AuthSettings {
+            hs256_secret: Some(crate::helpers::SECRET.into()),
+            ..AuthSettings::default()
+        });
+    })
+    .await;
+    gw.wait_revision(rev).await;
+    let ask = |roles: &[Role], adapters: Option<Vec<String>>, model: &str| {
+        let token = reg.signer.issue("pin", roles, 600, adapters).unwrap();
+        let gw = gw.clone();
+        let model = model.to_string();
+        async move {
+            gw.http
+                .post(format!("{}/v1/chat/completions", gw.url))
+                .bearer_auth(token)
+                .json(&json!({"model": model, "max_tokens": 2,
+                    "messages": [{"role": "user", "content": "hi"}]}))
+                .send()
+                .await
+                .unwrap()
+                .status()
+                .as_u16()
+        }
+    };
+    let bot = Some(vec!["bot".to_string()]);
+    // The routed version: anyone who may use the gateway.
+    assert_eq!(ask(&[Role::Inference], None, "bot@1").await, 200);
+    // A version the table does not serve.
+    assert_eq!(ask(&[Role::Inference], None, "bot@2").await, 404);
+    assert_eq!(ask(&[Role::Viewer], None, "bot@2").await, 404);
+    assert_eq!(ask(&[Role::Evaluator], bot.clone(), "bot@2").await, 200);
+    assert_eq!(ask(&[Role::Deployer], bot, "bot@2").await, 200);
+    assert_eq!(ask(&[Role::Admin], None, "bot@2").await, 200);
+    assert_eq!(
+        ask(&[Role::Evaluator], Some(vec!["other-*".into()]), "bot@2").await,
+        404
+    );
+}
