@@ -5,9 +5,13 @@
 //! The judge answers under a regular-expression constraint (an integer from 1 to 10), so any
 //! model gives a parseable score; a score of `s` is reported as `s / 10`. Judging runs after
 //! the answer was sent, off the request path, at most [`MAX_IN_FLIGHT`] at a time: a sample
-//! that finds the judge busy is skipped rather than queued.
+//! that finds the judge busy is skipped rather than queued. Each user's answers are judged at
+//! most `max_per_user_per_hour` times an hour, so one user cannot fill the sample (and sway
+//! `judge_score`) by sending many requests.
 
-use std::sync::Arc;
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
 
 use actix_web::web;
 use futures_util::StreamExt;
@@ -53,12 +57,21 @@ pub struct JudgeSettings {
     pub sample_rate: f64,
     /// The system prompt (default [`DEFAULT_RUBRIC`]).
     pub rubric: Option<String>,
+    /// Most answers judged per user (the sticky key: `user`, the token's subject or the
+    /// address) per hour, so no one user's requests can make up the judged sample.
+    pub max_per_user_per_hour: u32,
 }
 
 pub struct Judge {
     settings: JudgeSettings,
     slots: Arc<Semaphore>,
+    /// Per user: the start of the current hour's window and the answers judged in it.
+    per_user: Mutex<HashMap<String, (Instant, u32)>>,
 }
+
+/// The per-user window, and how many users are remembered before expired windows are dropped.
+const USER_WINDOW: Duration = Duration::from_secs(3600);
+const MAX_USERS: usize = 100_000;
 
 /// One answer to judge, and the arm it is reported for.
 pub struct Job {
@@ -73,12 +86,37 @@ impl Judge {
         Self {
             settings,
             slots: Arc::new(Semaphore::new(MAX_IN_FLIGHT)),
+            per_user: Mutex::new(HashMap::new()),
         }
     }
 
-    /// Whether to judge the next answer.
-    pub fn sample(&self) -> bool {
-        self.settings.sample_rate >= 1.0 || rand::random::<f64>() < self.settings.sample_rate
+    /// Whether to judge the next answer, to `user`: sampled at the configured rate, and only
+    /// while that user is under their hourly cap.
+    pub fn sample(&self, user: &str) -> bool {
+        let sampled =
+            self.settings.sample_rate >= 1.0 || rand::random::<f64>() < self.settings.sample_rate;
+        sampled && self.within_cap(user, Instant::now())
+    }
+
+    /// Whether `user` is under the hourly cap at `now`, counting this answer if so.
+    fn within_cap(&self, user: &str, now: Instant) -> bool {
+        let mut users = self.per_user.lock().expect("judge users lock");
+        if users.len() >= MAX_USERS && !users.contains_key(user) {
+            users.retain(|_, (start, _)| now.duration_since(*start) < USER_WINDOW);
+            if users.len() >= MAX_USERS {
+                // Full of live windows: no new user is judged until some expire.
+                return false;
+            }
+        }
+        let entry = users.entry(user.to_string()).or_insert((now, 0));
+        if now.duration_since(entry.0) >= USER_WINDOW {
+            *entry = (now, 0);
+        }
+        if entry.1 >= self.settings.max_per_user_per_hour {
+            return false;
+        }
+        entry.1 += 1;
+        true
     }
 }
 
@@ -237,6 +275,24 @@ async fn ask(state: &AppState, s: &JudgeSettings, prompt: Vec<ChatMessage>) -> R
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// However many requests one user sends, at most the cap of their answers is judged per
+    /// hour; other users are unaffected.
+    #[test]
+    fn each_user_is_judged_at_most_the_cap_per_hour() {
+        let j = Judge::new(JudgeSettings {
+            model: "base".into(),
+            sample_rate: 1.0,
+            rubric: None,
+            max_per_user_per_hour: 3,
+        });
+        let flood = (0..100).filter(|_| j.sample("mallory")).count();
+        assert_eq!(flood, 3);
+        assert!(j.sample("alice"));
+        // A new window starts an hour after the first judged answer.
+        let later = Instant::now() + USER_WINDOW;
+        assert!(j.within_cap("mallory", later));
+    }
 
     #[test]
     fn scores_parse_from_the_constrained_answer() {

@@ -226,6 +226,8 @@ pub struct GatewayConfig {
     pub judge_sample_rate: Option<f64>,
     /// The judge's system prompt.
     pub judge_rubric: Option<String>,
+    /// Most answers judged per user per hour (default 20).
+    pub judge_max_per_user_per_hour: Option<u32>,
 }
 
 impl GatewayConfig {
@@ -296,6 +298,7 @@ impl GatewayConfig {
                 model,
                 sample_rate: self.judge_sample_rate.unwrap_or(0.05),
                 rubric: self.judge_rubric.clone(),
+                max_per_user_per_hour: self.judge_max_per_user_per_hour.unwrap_or(20),
             });
         Ok(())
     }
@@ -324,10 +327,14 @@ impl GatewayConfig {
             ));
         }
         if self.judge_model.is_none()
-            && (self.judge_sample_rate.is_some() || self.judge_rubric.is_some())
+            && (self.judge_sample_rate.is_some()
+                || self.judge_rubric.is_some()
+                || self.judge_max_per_user_per_hour.is_some())
         {
             return Err(
-                "gateway.judge_sample_rate and judge_rubric need gateway.judge_model".into(),
+                "gateway.judge_sample_rate, judge_rubric and judge_max_per_user_per_hour need \
+                 gateway.judge_model"
+                    .into(),
             );
         }
         for (key, v) in [

@@ -72,7 +72,7 @@ pub fn pick(state: &AppState, target: &Target, user: &str, req: &GenerateRequest
     let question = state
         .judge
         .as_ref()
-        .filter(|j| j.sample())
+        .filter(|j| j.sample(user))
         .map(|_| judge::question(&req.prompt));
     Some(Job {
         route: route.clone(),

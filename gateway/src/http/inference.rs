@@ -276,7 +276,7 @@ async fn serve(
     };
     // A sample of what an adapter's rollout arms answer goes to the online judge.
     let judge_job = match (&state.judge, &obs.route) {
-        (Some(j), Some(route)) if matches!(obs.arm, "stable" | "canary") && j.sample() => {
+        (Some(j), Some(route)) if matches!(obs.arm, "stable" | "canary") && j.sample(&obs.user) => {
             Some(judge::Job {
                 route: route.clone(),
                 version: obs.labels.refs()[1].parse().unwrap_or(0),

@@ -247,6 +247,7 @@ async fn the_online_judge_scores_answers_for_rollout_rules() {
             model: BASE.into(),
             sample_rate: 1.0,
             rubric: None,
+            max_per_user_per_hour: u32::MAX,
         });
     })
     .await;
@@ -345,6 +346,7 @@ async fn a_shadow_phase_records_evidence_unseen_and_the_next_step_waits_for_appr
             model: BASE.into(),
             sample_rate: 1.0,
             rubric: None,
+            max_per_user_per_hour: u32::MAX,
         });
     })
     .await;
