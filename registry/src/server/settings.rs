@@ -19,6 +19,10 @@ pub struct RegistrySettings {
     pub object_store_url: Option<String>,
     /// Largest accepted upload, all files together, in bytes.
     pub max_upload_bytes: u64,
+    /// Storage quota per adapter: the bytes of all its versions together (0: none). A push
+    /// that would pass it is refused with 507 and `quota_exceeded`; a re-push of an existing
+    /// version is not counted.
+    pub max_adapter_bytes: u64,
     /// Whether reads (GET) work without a token; otherwise they need the `viewer` role.
     pub anonymous_reads: bool,
     /// Blobs of uploads that never became a version are deleted after this many seconds.
@@ -81,6 +85,7 @@ impl Default for RegistrySettings {
             database_url: None,
             object_store_url: None,
             max_upload_bytes: 8 << 30,
+            max_adapter_bytes: 0,
             anonymous_reads: false,
             orphan_grace_secs: 6 * 3600,
             sweep_interval_secs: 600,

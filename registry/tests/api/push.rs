@@ -371,3 +371,46 @@ async fn a_version_with_missing_blobs_is_healed_by_a_repush(db: Db, blobs: Blobs
     app.cleanup().await;
 }
 backends!(a_version_with_missing_blobs_is_healed_by_a_repush, s3);
+
+/// `registry.max_adapter_bytes`: a version that would take an adapter past its quota is
+/// refused with 507 and leaves nothing; re-pushing a version it holds, and other adapters,
+/// are not affected.
+async fn a_push_past_the_adapters_quota_is_refused(db: Db, blobs: Blobs) {
+    let first = Adapter::new(11, 4, &["q_proj", "v_proj"]);
+    let second = Adapter::new(12, 4, &["q_proj", "v_proj"]);
+    let weights = first.safetensors().len() as u64;
+    // Room for one version (its weights and small JSON files), not two.
+    let app = spawn_with(db, blobs, |r| r.max_adapter_bytes = weights * 3 / 2).await;
+    app.register_base().await;
+    assert_eq!(app.push("quota", &first).await.status(), 201);
+    let res = app.push("quota", &second).await;
+    assert_eq!(res.status(), 507);
+    let body: Value = res.json().await.unwrap();
+    assert_eq!(body["error"]["code"], "quota_exceeded", "{body}");
+    assert!(
+        body["error"]["message"]
+            .as_str()
+            .unwrap()
+            .contains("max_adapter_bytes"),
+        "{body}"
+    );
+    let list = app.get_json("/api/v1/adapters/quota/versions").await;
+    assert_eq!(list["items"].as_array().unwrap().len(), 1, "{list}");
+    // The same bytes again are the version it has: not counted twice.
+    assert_eq!(app.push("quota", &first).await.status(), 200);
+    // The quota is per adapter.
+    assert_eq!(app.push("other", &second).await.status(), 201);
+    // The refused upload's blobs are gone (or left to the sweep, which finds nothing to keep).
+    loraops_registry::server::sweep::sweep_orphans(&app.state, std::time::Duration::ZERO)
+        .await
+        .unwrap();
+    let res = app
+        .get(
+            "/api/v1/adapters/quota/versions/1/files/adapter_model.safetensors",
+            &app.viewer,
+        )
+        .await;
+    assert_eq!(res.bytes().await.unwrap().to_vec(), first.safetensors());
+    app.cleanup().await;
+}
+backends!(a_push_past_the_adapters_quota_is_refused);

@@ -20,7 +20,8 @@ use actix_web::{HttpResponse, web};
 use futures_util::TryStreamExt;
 use sea_orm::sea_query::{Expr, ExprTrait};
 use sea_orm::{
-    ActiveModelTrait, ColumnTrait, ConnectionTrait, EntityTrait, QueryFilter, Set, TransactionTrait,
+    ActiveModelTrait, ColumnTrait, ConnectionTrait, EntityTrait, QueryFilter, QuerySelect, Set,
+    TransactionTrait,
 };
 use serde_json::{Value, json};
 
@@ -81,7 +82,8 @@ struct Received {
         (status = 200, description = "Identical bytes already registered: that version", body = PushResponse),
         (status = 400, body = crate::api::ErrorBody), (status = 401, body = crate::api::ErrorBody),
         (status = 403, body = crate::api::ErrorBody), (status = 413, body = crate::api::ErrorBody),
-        (status = 422, body = crate::api::ErrorBody)))]
+        (status = 422, body = crate::api::ErrorBody),
+        (status = 507, description = "The adapter's storage quota (registry.max_adapter_bytes) would be passed", body = crate::api::ErrorBody)))]
 pub async fn push(
     state: web::Data<AppState>,
     caller: Caller,
@@ -429,6 +431,9 @@ async fn publish(
         .filter(adapter::Column::Id.eq(a.id))
         .exec(&txn)
         .await?;
+    // Checked while this transaction holds the adapter's row (the update above), so concurrent
+    // pushes of one adapter cannot pass it together.
+    check_quota(state, &txn, name, a.id, size_bytes).await?;
     let number = records::adapter_by_name(&txn, name.as_str())
         .await?
         .latest_version;
@@ -514,6 +519,43 @@ async fn publish(
         records::to_api_version(&a, v, file_rows(&received, 0))?,
         true,
     ))
+}
+
+/// `registry.max_adapter_bytes`: the adapter's versions together, with this one, must fit.
+async fn check_quota(
+    state: &AppState,
+    db: &impl ConnectionTrait,
+    name: &Name,
+    adapter_id: i32,
+    size_bytes: u64,
+) -> Result<(), ApiError> {
+    let quota = state.settings.registry.max_adapter_bytes;
+    if quota == 0 {
+        return Ok(());
+    }
+    let sizes: Vec<i64> = adapter_version::Entity::find()
+        .select_only()
+        .column(adapter_version::Column::SizeBytes)
+        .filter(adapter_version::Column::AdapterId.eq(adapter_id))
+        .into_tuple()
+        .all(db)
+        .await?;
+    let used: u64 = sizes.iter().map(|&s| u64::try_from(s).unwrap_or(0)).sum();
+    if used.saturating_add(size_bytes) > quota {
+        return Err(ApiError::new(
+            actix_web::http::StatusCode::INSUFFICIENT_STORAGE,
+            "quota_exceeded",
+            format!(
+                "adapter {name:?} holds {used} bytes in {} versions; this version's {size_bytes} \
+                 bytes would pass its quota of {quota} bytes (registry.max_adapter_bytes)",
+                sizes.len()
+            ),
+        )
+        .with_details(
+            json!({"used_bytes": used, "version_bytes": size_bytes, "quota_bytes": quota}),
+        ));
+    }
+    Ok(())
 }
 
 /// The version-file rows of what was received (ordered by name, as reads order them).
