@@ -259,10 +259,9 @@ impl Revoked {
         if st
             .checked
             .is_none_or(|t| t.elapsed() >= Duration::from_secs(1))
+            && let Err(e) = self.refresh(&mut st)
         {
-            if let Err(e) = self.refresh(&mut st) {
-                tracing::warn!(error = %e, "revoked tokens file; keeping the last list read");
-            }
+            tracing::warn!(error = %e, "revoked tokens file; keeping the last list read");
         }
         st.ids.contains(jti)
     }
