@@ -21,6 +21,7 @@ use crate::peft;
         routes::adapters::show,
         routes::adapters::versions,
         routes::adapters::version,
+        routes::retention::delete_version,
         routes::push::push,
         routes::files::download,
         routes::evidence::create,

@@ -32,6 +32,7 @@ use super::settings::WebhookSettings;
 /// Every event type the registry emits.
 pub const EVENT_TYPES: &[&str] = &[
     "version.created",
+    "version.deleted",
     "evidence.created",
     "rollout.start",
     "rollout.hold",

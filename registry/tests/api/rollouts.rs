@@ -646,3 +646,97 @@ async fn observations_are_checked(db: Db, blobs: Blobs) {
     app.cleanup().await;
 }
 backends!(observations_are_checked);
+
+/// Retention: an admin deletes versions the adapter no longer needs (row, files, evidence and
+/// blobs), never the stable version nor an active rollout's candidate, and numbers are not
+/// reused.
+async fn admins_delete_old_versions_but_not_what_is_served(db: Db, blobs: Blobs) {
+    let app = app(db, blobs).await;
+    let delete = |v: u32, token: String| {
+        let http = app.http.clone();
+        let url = app.url(&format!("/api/v1/adapters/bot/versions/{v}"));
+        async move {
+            let res = http.delete(url).bearer_auth(token).send().await.unwrap();
+            let status = res.status().as_u16();
+            (status, res.text().await.unwrap())
+        }
+    };
+    let d1 = push(&app, "bot", 1).await;
+    push(&app, "bot", 2).await;
+    let d3 = push(&app, "bot", 3).await;
+    evidence(
+        &app,
+        "bot",
+        1,
+        &d1,
+        ("bench", "1"),
+        json!({"accuracy": 0.9}),
+    )
+    .await;
+    evidence(
+        &app,
+        "bot",
+        3,
+        &d3,
+        ("bench", "1"),
+        json!({"accuracy": 0.9}),
+    )
+    .await;
+    assert_eq!(start(&app, "bot", FAST(1)).await.0, 201);
+
+    // The active rollout's candidate.
+    let (s, e) = delete(1, app.admin.clone()).await;
+    assert_eq!(s, 409, "{e}");
+    assert!(e.contains("active rollout"), "{e}");
+    let res = app
+        .post_json(
+            "/api/v1/adapters/bot/rollouts/current/promote",
+            &app.deployer,
+            &json!({}),
+        )
+        .await;
+    assert_eq!(res.status(), 200);
+    // Now the stable version.
+    let (s, e) = delete(1, app.admin.clone()).await;
+    assert_eq!(s, 409, "{e}");
+    assert!(e.contains("stable version"), "{e}");
+
+    // Only an admin deletes.
+    assert_eq!(delete(2, app.publisher.clone()).await.0, 403);
+    assert_eq!(delete(2, app.deployer.clone()).await.0, 403);
+    let file = "/api/v1/adapters/bot/versions/2/files/adapter_model.safetensors";
+    assert_eq!(app.get(file, &app.viewer).await.status(), 200);
+    let (s, e) = delete(2, app.admin.clone()).await;
+    assert_eq!(s, 204, "{e}");
+    assert_eq!(delete(2, app.admin.clone()).await.0, 404);
+    assert_eq!(
+        app.get("/api/v1/adapters/bot/versions/2", &app.viewer)
+            .await
+            .status(),
+        404
+    );
+    assert_eq!(app.get(file, &app.viewer).await.status(), 404);
+    // Version 3 and its evidence are untouched, and serving is unchanged.
+    let v3 = app
+        .get_json("/api/v1/adapters/bot/versions/3/evidence")
+        .await;
+    assert_eq!(v3.as_array().map(Vec::len), Some(1), "{v3}");
+    assert_eq!(route(&app, "bot").await.unwrap()["stable"]["version"], 1);
+    // The blobs are gone: nothing for the sweep to find under version 2's upload.
+    let report =
+        loraops_registry::server::sweep::sweep_orphans(&app.state, std::time::Duration::ZERO)
+            .await
+            .unwrap();
+    assert_eq!(report.blobs_deleted, 0, "{report:?}");
+    // Numbers are never reused.
+    push(&app, "bot", 4).await;
+    let versions: Vec<u64> = app.get_json("/api/v1/adapters/bot/versions").await["items"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|v| v["version"].as_u64().unwrap())
+        .collect();
+    assert_eq!(versions, [1, 3, 4]);
+    app.cleanup().await;
+}
+backends!(admins_delete_old_versions_but_not_what_is_served, s3);

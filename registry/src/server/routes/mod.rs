@@ -8,6 +8,7 @@ pub mod gates;
 pub mod health;
 pub mod me;
 pub mod push;
+pub mod retention;
 pub mod rollouts;
 pub mod routing;
 pub mod runs;
@@ -42,6 +43,10 @@ pub fn configure(cfg: &mut web::ServiceConfig) {
                 .route(
                     "/adapters/{name}/versions/{version}",
                     web::get().to(adapters::version),
+                )
+                .route(
+                    "/adapters/{name}/versions/{version}",
+                    web::delete().to(retention::delete_version),
                 )
                 .route(
                     "/adapters/{name}/versions/{version}/files/{file}",
