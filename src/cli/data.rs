@@ -1,14 +1,15 @@
 //! `loraops data …`: dataset curation and synthetic data. The pipelines live in
-//! `loraops_trainer::curate`; this module maps flags onto their configuration (the file's
-//! `[curate]` / `[synth]` table < flags) and prints.
+//! `loraops_data` (`curate`, `synth`); this module maps flags onto their configuration (the
+//! file's `[curate]` / `[synth]` table < flags) and prints.
 
 use std::collections::BTreeMap;
 use std::path::PathBuf;
 
 use clap::{Args, Subcommand};
 use indicatif::{ProgressBar, ProgressDrawTarget, ProgressStyle};
-use loraops_trainer::curate::synth::{SynthConfig, SynthEvent, synth};
-use loraops_trainer::curate::{CurateConfig, Event, curate, format::FormatChoice};
+use loraops_data::curate::{CurateConfig, Progress, curate};
+use loraops_data::format::FormatChoice;
+use loraops_data::synth::{Round, SynthConfig, synth};
 
 use super::{ConfigError, Global, UsageError};
 
@@ -185,23 +186,20 @@ pub fn parse_proportions(pairs: &[String]) -> Result<BTreeMap<String, f64>, Usag
     Ok(out)
 }
 
-/// Map a trainer error onto the CLI's exit codes: 2 for configuration and bad input (an input
-/// file that cannot be read, a request the gateway refuses), 1 for the rest (an unwritable
-/// output, an unreachable endpoint).
-fn cli_error(e: loraops_trainer::Error, inputs: &[PathBuf]) -> anyhow::Error {
-    use loraops_trainer::Error as E;
+/// Map a curation error onto the CLI's exit codes: 2 for configuration and bad input (an
+/// input file that cannot be read, a request the endpoint refuses, nothing left to keep), 1
+/// for the rest (an unwritable output, an unreachable endpoint).
+fn cli_error(e: loraops_data::Error, inputs: &[PathBuf]) -> anyhow::Error {
+    use loraops_data::Error as E;
     match e {
         E::Config(_) => anyhow::Error::new(ConfigError(e.to_string())),
-        E::Parse { .. } | E::Data { .. } => anyhow::Error::new(UsageError(e.to_string())),
+        E::Parse { .. } | E::NothingKept { .. } => anyhow::Error::new(UsageError(e.to_string())),
         E::Io { ref path, .. } if inputs.contains(path) => {
             anyhow::Error::new(UsageError(e.to_string()))
         }
-        E::Io { ref source, .. } if source.kind() == std::io::ErrorKind::InvalidInput => {
-            anyhow::Error::new(UsageError(e.to_string()))
-        }
+        ref e if e.refused() => anyhow::Error::new(UsageError(e.to_string())),
         // The message already ends with its cause; a chain would print the cause twice.
-        e @ E::Io { .. } => anyhow::Error::msg(e.to_string()),
-        e => anyhow::Error::new(e),
+        e @ (E::Io { .. } | E::Endpoint { .. }) => anyhow::Error::msg(e.to_string()),
     }
 }
 
@@ -306,12 +304,10 @@ fn curate_cmd(a: CurateArgs, global: &Global) -> anyhow::Result<()> {
     let mut inputs = a.inputs.clone();
     inputs.extend(cfg.splits.regression_file.clone());
     inputs.extend(cfg.mix.general.iter().cloned());
-    let result = curate(&a.inputs, &a.out, &cfg, &mut |e| match e {
-        Event::Progress { bytes, total, rows } => {
-            bar.set_length(total);
-            bar.set_position(bytes);
-            bar.set_message(format!("{rows} rows"));
-        }
+    let result = curate(&a.inputs, &a.out, &cfg, &mut |p: Progress| {
+        bar.set_length(p.total);
+        bar.set_position(p.bytes);
+        bar.set_message(format!("{} rows", p.rows));
     });
     bar.finish_and_clear();
     let report = result.map_err(|e| cli_error(e, &inputs))?;
@@ -411,23 +407,15 @@ fn synth_cmd(a: SynthArgs, global: &Global) -> anyhow::Result<()> {
         );
         b
     };
-    let result = synth(&a.seeds, &a.out, &cfg, &mut |e| match e {
-        SynthEvent::Round {
-            round,
-            generated,
-            accepted,
-            target,
-        } => {
-            bar.set_length(target as u64);
-            bar.set_position(accepted.min(target) as u64);
-            bar.set_message(format!("round {round}, {generated} generated"));
-        }
+    let result = synth(&a.seeds, &a.out, &cfg, &mut |r: Round| {
+        bar.set_length(r.target as u64);
+        bar.set_position(r.accepted.min(r.target) as u64);
+        bar.set_message(format!("round {}, {} generated", r.round, r.generated));
     });
     bar.finish_and_clear();
     let report = result.map_err(|e| {
-        // Errors of the generator or the judge are I/O errors on their URL.
-        let remote = matches!(&e, loraops_trainer::Error::Io { path, .. }
-            if path.to_string_lossy().starts_with("http"));
+        // Errors of the generator or the judge name their endpoint.
+        let remote = matches!(&e, loraops_data::Error::Endpoint { .. });
         let e = cli_error(e, &a.seeds);
         if remote {
             e.context(format!("data synth through the gateway at {}", cfg.url))
@@ -464,7 +452,7 @@ mod tests {
     #[test]
     fn curate_flags_override_the_file() {
         let file = CurateConfig {
-            select: loraops_trainer::curate::SelectConfig {
+            select: loraops_data::curate::SelectConfig {
                 train_rows: Some(5),
                 lambda: 0.9,
                 relevance_field: None,

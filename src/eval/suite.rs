@@ -6,6 +6,7 @@
 use std::path::Path;
 
 use anyhow::Context;
+use loraops_data::row::Sft;
 use loraops_registry::api::{NewSuite, SuiteManifest, canonical_cases, suite_digest};
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
@@ -286,23 +287,33 @@ fn row_id(row: &Value, index: usize) -> String {
 /// The regression suite of a curation split: each SFT row (`messages`, `prompt`+`completion`,
 /// `instruction`+`input`+`output`) becomes a case whose expected answer is the last assistant
 /// turn or the completion, prompted exactly as the trainer formats the row (chat rows through
-/// the chat API, prompt/completion and Alpaca rows as raw text through `/v1/completions`).
+/// the chat API, prompt/completion and Alpaca rows as raw text through `/v1/completions`),
+/// read through the same typed row ([`loraops_data::row::Sft`]) the trainer reads.
 pub fn regression_cases(jsonl: &str) -> anyhow::Result<Vec<Case>> {
-    const ALPACA_WITH_INPUT: &str = "Below is an instruction that describes a task, paired with an input that provides further context. Write a response that appropriately completes the request.\n\n### Instruction:\n{instruction}\n\n### Input:\n{input}\n\n### Response:\n";
-    const ALPACA_NO_INPUT: &str = "Below is an instruction that describes a task. Write a response that appropriately completes the request.\n\n### Instruction:\n{instruction}\n\n### Response:\n";
     let mut out = Vec::new();
     for r in split_rows(jsonl) {
         let (i, row) = r?;
-        let s = |k: &str| row.get(k).and_then(Value::as_str);
         let id = row_id(&row, i);
         let mut case = Case {
             id: Some(id),
-            category: s("source").map(str::to_string),
+            category: row
+                .get("source")
+                .and_then(Value::as_str)
+                .map(str::to_string),
             ..Case::default()
         };
-        if let Some(msgs) = row.get("messages") {
-            let msgs: Vec<Message> = serde_json::from_value(msgs.clone())
-                .with_context(|| format!("line {}: \"messages\"", i + 1))?;
+        let sft = Sft::from_json(&row).map_err(|e| anyhow::anyhow!("line {}: {e}", i + 1))?;
+        if let Sft::Chat(msgs) = &sft {
+            let msgs: Vec<Message> = msgs
+                .iter()
+                .map(|m| {
+                    Ok(Message {
+                        role: m.role.clone(),
+                        content: m.text()?.to_string(),
+                    })
+                })
+                .collect::<Result<_, String>>()
+                .map_err(|e| anyhow::anyhow!("line {}: \"messages\": {e}", i + 1))?;
             let last = msgs
                 .iter()
                 .rposition(|m| m.role == "assistant")
@@ -315,24 +326,13 @@ pub fn regression_cases(jsonl: &str) -> anyhow::Result<Vec<Case>> {
             }
             case.expected = OneOrMany::One(msgs[last].content.clone());
             case.messages = Some(msgs[..last].to_vec());
-        } else if let (Some(p), Some(c)) = (s("prompt"), s("completion")) {
-            case.text = Some(p.to_string());
-            case.expected = OneOrMany::One(c.to_string());
-        } else if let (Some(ins), Some(o)) = (s("instruction"), s("output")) {
-            let input = s("input").unwrap_or("");
-            case.text = Some(if input.is_empty() {
-                ALPACA_NO_INPUT.replace("{instruction}", ins)
-            } else {
-                ALPACA_WITH_INPUT
-                    .replace("{instruction}", ins)
-                    .replace("{input}", input)
-            });
-            case.expected = OneOrMany::One(o.to_string());
         } else {
-            anyhow::bail!(
-                "line {}: not an SFT row (expected \"messages\", \"prompt\"+\"completion\" or \"instruction\"+\"output\")",
-                i + 1
-            );
+            // Prompted exactly as the trainer prompts the row (the Alpaca template included).
+            let (prompt, completion) = sft
+                .text_pair()
+                .ok_or_else(|| anyhow::anyhow!("line {}: {}", i + 1, loraops_data::row::NOT_SFT))?;
+            case.text = Some(prompt);
+            case.expected = OneOrMany::One(completion.to_string());
         }
         out.push(case);
     }

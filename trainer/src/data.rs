@@ -1,5 +1,6 @@
-//! SFT datasets: JSONL rows in the chat, prompt/completion or Alpaca format, tokenised with
-//! labels only on completion (assistant) tokens, and padded batches with masks.
+//! SFT datasets: JSONL rows in the chat, prompt/completion or Alpaca format (read as
+//! [`loraops_data::row`] types), tokenised with labels only on completion (assistant) tokens,
+//! and padded batches with masks.
 
 use std::path::Path;
 
@@ -9,13 +10,13 @@ use serde_json::Value;
 use sha2::{Digest, Sha256};
 
 use crate::error::{Error, Result};
+use loraops_data::row::{self, Sft};
 use loraops_model::tokenizer::{Message, Tokenizer};
+
+pub use loraops_data::row::weight as row_weight;
 
 /// Label of a position that does not count in the loss (PyTorch's ignore_index).
 pub const IGNORE: i64 = -100;
-
-const ALPACA_WITH_INPUT: &str = "Below is an instruction that describes a task, paired with an input that provides further context. Write a response that appropriately completes the request.\n\n### Instruction:\n{instruction}\n\n### Input:\n{input}\n\n### Response:\n";
-const ALPACA_NO_INPUT: &str = "Below is an instruction that describes a task. Write a response that appropriately completes the request.\n\n### Instruction:\n{instruction}\n\n### Response:\n";
 
 /// One tokenised training row.
 #[derive(Debug, Clone, PartialEq)]
@@ -53,23 +54,13 @@ pub fn file_digest(path: &Path) -> Result<String> {
     Ok(format!("sha256:{}", hex::encode(Sha256::digest(&bytes))))
 }
 
-/// The messages of a `[{"role","content"}…]` list.
-pub fn parse_messages(v: &Value) -> std::result::Result<Vec<Message>, String> {
-    v.as_array()
-        .ok_or("messages are not an array")?
-        .iter()
+/// The chat-template messages of a row's message list (every content must be text).
+pub fn chat_messages(msgs: &[row::Message]) -> std::result::Result<Vec<Message>, String> {
+    msgs.iter()
         .map(|m| {
-            let role = m
-                .get("role")
-                .and_then(Value::as_str)
-                .ok_or("a message has no \"role\"")?;
-            let content = m
-                .get("content")
-                .and_then(Value::as_str)
-                .ok_or("a message has no string \"content\"")?;
             Ok(Message {
-                role: role.into(),
-                content: content.into(),
+                role: m.role.clone(),
+                content: m.text()?.to_string(),
             })
         })
         .collect()
@@ -117,30 +108,15 @@ pub fn chat_segments(
     Ok(out)
 }
 
-/// Text segments of a row, each flagged trainable or not.
+/// Text segments of an SFT row, each flagged trainable or not.
 pub fn segments(v: &Value, tok: &Tokenizer) -> std::result::Result<Vec<(String, bool)>, String> {
-    let s = |k: &str| v.get(k).and_then(Value::as_str);
-    if let Some(msgs) = v.get("messages") {
-        let messages =
-            parse_messages(msgs).map_err(|e| e.replace("messages are", "\"messages\" is"))?;
-        return chat_segments(&messages, tok, 0);
+    let sft = Sft::from_json(v)?;
+    if let Sft::Chat(msgs) = &sft {
+        return chat_segments(&chat_messages(msgs)?, tok, 0);
     }
+    let (prompt, completion) = sft.text_pair().ok_or(row::NOT_SFT)?;
     let eos = tok.eos_token.clone().unwrap_or_default();
-    if let (Some(p), Some(c)) = (s("prompt"), s("completion")) {
-        return Ok(vec![(p.to_string(), false), (format!("{c}{eos}"), true)]);
-    }
-    if let (Some(ins), Some(o)) = (s("instruction"), s("output")) {
-        let input = s("input").unwrap_or("");
-        let prompt = if input.is_empty() {
-            ALPACA_NO_INPUT.replace("{instruction}", ins)
-        } else {
-            ALPACA_WITH_INPUT
-                .replace("{instruction}", ins)
-                .replace("{input}", input)
-        };
-        return Ok(vec![(prompt, false), (format!("{o}{eos}"), true)]);
-    }
-    Err("not an SFT row: expected \"messages\", \"prompt\"+\"completion\" or \"instruction\"+\"output\"".into())
+    Ok(vec![(prompt, false), (format!("{completion}{eos}"), true)])
 }
 
 /// Token ids and labels of text segments (BOS first where the tokenizer adds one).
@@ -166,19 +142,6 @@ pub fn encode_segments(
         ids.extend(piece);
     }
     Ok((ids, labels))
-}
-
-/// A row's optional `"weight"` (default 1): a non-negative number that multiplies the row's
-/// loss (SFT, DPO, ORPO and KTO rows alike); 0 leaves the row out of the gradient.
-pub fn row_weight(v: &Value) -> std::result::Result<f32, String> {
-    match v.get("weight") {
-        None | Some(Value::Null) => Ok(1.0),
-        Some(w) => w
-            .as_f64()
-            .filter(|w| w.is_finite() && *w >= 0.0)
-            .map(|w| w as f32)
-            .ok_or_else(|| "\"weight\" must be a non-negative number".to_string()),
-    }
 }
 
 /// Tokenise one JSON row.

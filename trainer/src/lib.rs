@@ -1,15 +1,14 @@
 //! loraops trainer: LoRA and NF4 QLoRA training on the shared model (`loraops-model`):
 //! supervised fine-tuning and preference objectives on one loop, PEFT-format adapter output.
 //!
-//! - `data`: SFT rows, completion-only labels, batches, packing
+//! - `data`: SFT rows (read as `loraops_data::row` types), completion-only labels, batches,
+//!   packing
 //! - `optim`: AdamW, learning-rate schedules, clipping; `sft`: loss and training loop; `resume`: checkpoints
 //! - `init`: continuing from an adapter (its settings, weights, lineage, the frozen reference)
 //! - `checkpoint`: per-layer recompute, installed on the model as its layer step
 //! - `preference`: DPO (sigmoid, IPO, label-smoothed), ORPO and KTO on the SFT loop; TRL's formulas
-//! - `curate`: data curation (validation, PII masking, exact + MinHash dedup, filters, splits)
 
 pub mod checkpoint;
-pub mod curate;
 pub mod data;
 pub mod error;
 pub mod init;

@@ -30,17 +30,18 @@ use serde::{Deserialize, Serialize};
 use serde_json::Value;
 
 use crate::data::{
-    Batch, DatasetStats, Example, IGNORE, chat_segments, encode_segments, make_batch,
-    parse_messages, row_weight, segments,
+    Batch, DatasetStats, Example, IGNORE, chat_messages, chat_segments, encode_segments,
+    make_batch, row_weight, segments,
 };
 use crate::error::{Error, Result};
 use crate::sft::{
     Event, MicroLoss, Objective, SftConfig, SftOutcome, Tally, position_log_probs, run_training,
     tally,
 };
+use loraops_data::row::{self, Kto, Text};
 use loraops_model::linear::lora::DropoutRng;
 use loraops_model::llama::Llama;
-use loraops_model::tokenizer::{Message, Tokenizer};
+use loraops_model::tokenizer::Tokenizer;
 
 /// The preference method.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
@@ -381,23 +382,6 @@ impl Tokenised {
     }
 }
 
-/// A field that is a string or a message list.
-enum Text {
-    Plain(String),
-    Chat(Vec<Message>),
-}
-
-fn text_field(v: &Value, key: &str) -> std::result::Result<Option<Text>, String> {
-    match v.get(key) {
-        None | Some(Value::Null) => Ok(None),
-        Some(Value::String(s)) => Ok(Some(Text::Plain(s.clone()))),
-        Some(m @ Value::Array(_)) => Ok(Some(Text::Chat(
-            parse_messages(m).map_err(|e| format!("\"{key}\": {e}"))?,
-        ))),
-        Some(_) => Err(format!("\"{key}\" must be a string or a message list")),
-    }
-}
-
 /// Tokenise prompt + completion as SFT does (chat template for message lists; the completion
 /// text plus EOS for strings), split where the completion starts.
 fn tokenise(
@@ -416,7 +400,7 @@ fn tokenise(
         (p, Text::Chat(c)) => {
             let mut msgs = match p {
                 None => vec![],
-                Some(Text::Chat(p)) => p.clone(),
+                Some(Text::Chat(p)) => chat_messages(p)?,
                 Some(Text::Plain(_)) => {
                     return Err(format!(
                         "\"prompt\" is a string but \"{key}\" is a message list; use both strings or both message lists"
@@ -427,7 +411,7 @@ fn tokenise(
             if !c.iter().any(|m| m.role == "assistant") {
                 return Err(format!("\"{key}\" has no assistant message"));
             }
-            msgs.extend(c.iter().cloned());
+            msgs.extend(chat_messages(c)?);
             chat_segments(&msgs, tok, from)?
         }
         (Some(Text::Chat(_)), Text::Plain(_)) => {
@@ -458,7 +442,7 @@ fn implicit_prompt(chosen: &mut Text, rejected: &mut Text) -> Option<Text> {
     if k == 0 {
         return None;
     }
-    let prompt: Vec<Message> = c.drain(..k).collect();
+    let prompt: Vec<row::Message> = c.drain(..k).collect();
     r.drain(..k);
     Some(Text::Chat(prompt))
 }
@@ -516,13 +500,12 @@ pub fn load_pairs(
                     .into(),
             ));
         }
-        let field = |k: &str| -> Result<Text> {
-            text_field(&v, k)
-                .map_err(data_err)?
-                .ok_or_else(|| data_err(format!("not a preference row: \"{k}\" is missing (expected \"prompt\", \"chosen\", \"rejected\")")))
-        };
-        let (mut chosen, mut rejected) = (field("chosen")?, field("rejected")?);
-        let prompt = match text_field(&v, "prompt").map_err(data_err)? {
+        let row::Preference {
+            prompt,
+            mut chosen,
+            mut rejected,
+        } = row::Preference::from_json(&v).map_err(data_err)?;
+        let prompt = match prompt {
             Some(p) => Some(p),
             None => implicit_prompt(&mut chosen, &mut rejected),
         };
@@ -581,17 +564,12 @@ pub fn load_kto(
             message,
         };
         stats.rows += 1;
-        let completion = text_field(&v, "completion").map_err(data_err)?.ok_or_else(|| {
-            data_err(
-                "not a KTO row: \"completion\" is missing (expected \"prompt\", \"completion\", \"label\")"
-                    .into(),
-            )
-        })?;
-        let label = v.get("label").and_then(Value::as_bool).ok_or_else(|| {
-            data_err("\"label\" must be true (desirable) or false (undesirable)".into())
-        })?;
+        let Kto {
+            prompt,
+            completion,
+            label,
+        } = Kto::from_json(&v).map_err(data_err)?;
         let weight = row_weight(&v).map_err(data_err)?;
-        let prompt = text_field(&v, "prompt").map_err(data_err)?;
         let t = tokenise(prompt.as_ref(), &completion, "completion", tok).map_err(data_err)?;
         let (e, truncated) = Tokenised::join(&t.prompt, &t, max_len);
         stats.truncated += usize::from(truncated);

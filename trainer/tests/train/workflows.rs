@@ -549,6 +549,26 @@ fn write_rows(dir: &Path, name: &str, rows: &[Value]) -> std::path::PathBuf {
     p
 }
 
+/// The weights `loraops data curate` writes (its judge's down-weighting) are what an SFT run
+/// trains with.
+#[test]
+fn sft_rows_read_the_weight_curation_writes() {
+    let (tmp, dir) = tiny_model(&TinySpec::default());
+    let tok = Tokenizer::load(&dir).unwrap();
+    let p = write_rows(
+        tmp.path(),
+        "train.jsonl",
+        &[
+            json!({"prompt": "a b", "completion": " c", "weight": 0.25}),
+            json!({"instruction": "a", "output": "b", "weight": 0.5}),
+            json!({"messages": [{"role": "user", "content": "a"}, {"role": "assistant", "content": "b"}]}),
+        ],
+    );
+    let (examples, _) = load_sft(&p, &tok, 128).unwrap();
+    let w: Vec<f32> = examples.iter().map(|e| e.weight).collect();
+    assert_eq!(w, [0.25, 0.5, 1.0]);
+}
+
 #[test]
 fn preference_and_kto_rows_read_their_weight() {
     let (tmp, dir) = tiny_model(&TinySpec::default());

@@ -1,32 +1,13 @@
-//! Row formats, schema validation and normalisation.
-//!
-//! SFT: `{"messages":[{"role","content"}…]}`, `{"prompt","completion"}` or Alpaca
-//! `{"instruction","input","output"}`; preference: `{"prompt","chosen","rejected"}` (strings or
-//! message lists); KTO: `{"prompt","completion","label":bool}`. Optional `source`, `license`,
-//! `split`.
+//! Curation's view of a row: the schema checks on top of [`crate::row`]'s shapes (no empty
+//! texts, known roles, an assistant turn in a conversation), normalisation, and the text
+//! dedup and the filters look at. Optional `source`, `license`, `split` fields.
 
 use serde::{Deserialize, Serialize};
 use serde_json::{Map, Value};
 use unicode_normalization::UnicodeNormalization;
 
-/// The dataset family a row belongs to; one run curates one family.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(rename_all = "lowercase")]
-pub enum Family {
-    Sft,
-    Preference,
-    Kto,
-}
-
-impl Family {
-    pub fn describe(self) -> &'static str {
-        match self {
-            Family::Sft => "SFT (messages, prompt/completion or instruction/output)",
-            Family::Preference => "preference (prompt/chosen/rejected)",
-            Family::Kto => "KTO (prompt/completion/label)",
-        }
-    }
-}
+pub use crate::row::Family;
+use crate::row::{self, Row};
 
 /// `format` in the configuration: fix the family or take the first valid row's.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
@@ -91,9 +72,10 @@ impl Split {
     }
 }
 
-/// A validated row.
+/// A row as curation holds it: its JSON object (written back as it came, normalised and
+/// masked) and the fields curation reads.
 #[derive(Debug, Clone)]
-pub struct Row {
+pub struct Record {
     pub family: Family,
     pub obj: Map<String, Value>,
     pub split: Option<Split>,
@@ -166,46 +148,50 @@ fn check_text_or_messages(o: &Map<String, Value>, k: &str) -> Result<(), String>
 }
 
 /// Validate a parsed JSON value as a row of one of the supported formats.
-pub fn validate(v: Value) -> Result<Row, String> {
+pub fn validate(v: Value) -> Result<Record, String> {
     let Value::Object(obj) = v else {
         return Err(format!("expected a JSON object, got {}", kind(&v)));
     };
-    let family = if obj.contains_key("chosen") || obj.contains_key("rejected") {
-        check_text_or_messages(&obj, "prompt")?;
-        check_text_or_messages(&obj, "chosen")?;
-        check_text_or_messages(&obj, "rejected")?;
-        Family::Preference
-    } else if obj.contains_key("label") {
-        check_text_or_messages(&obj, "prompt")?;
-        check_text_or_messages(&obj, "completion")?;
-        if !obj["label"].is_boolean() {
+    let family = Family::of(&obj);
+    match family {
+        Some(Family::Preference) => {
+            check_text_or_messages(&obj, "prompt")?;
+            check_text_or_messages(&obj, "chosen")?;
+            check_text_or_messages(&obj, "rejected")?;
+        }
+        Some(Family::Kto) => {
+            check_text_or_messages(&obj, "prompt")?;
+            check_text_or_messages(&obj, "completion")?;
+            if !obj["label"].is_boolean() {
+                return Err(format!(
+                    "\"label\" must be true or false, got {}",
+                    kind(&obj["label"])
+                ));
+            }
+        }
+        Some(Family::Sft) if obj.contains_key("messages") => {
+            check_messages(&obj["messages"], "messages", true)?;
+        }
+        Some(Family::Sft) if obj.contains_key("instruction") || obj.contains_key("output") => {
+            nonempty_str(&obj, "instruction")?;
+            nonempty_str(&obj, "output")?;
+            match obj.get("input") {
+                None | Some(Value::String(_)) | Some(Value::Null) => {}
+                Some(v) => return Err(format!("\"input\" must be a string, got {}", kind(v))),
+            }
+        }
+        Some(Family::Sft) => {
+            check_text_or_messages(&obj, "prompt")?;
+            check_text_or_messages(&obj, "completion")?;
+        }
+        None => {
+            let keys: Vec<&str> = obj.keys().map(String::as_str).collect();
             return Err(format!(
-                "\"label\" must be true or false, got {}",
-                kind(&obj["label"])
+                "unknown row format (keys {keys:?}); expected messages, prompt/completion, instruction/output, prompt/chosen/rejected or prompt/completion/label"
             ));
         }
-        Family::Kto
-    } else if obj.contains_key("messages") {
-        check_messages(&obj["messages"], "messages", true)?;
-        Family::Sft
-    } else if obj.contains_key("instruction") || obj.contains_key("output") {
-        nonempty_str(&obj, "instruction")?;
-        nonempty_str(&obj, "output")?;
-        match obj.get("input") {
-            None | Some(Value::String(_)) | Some(Value::Null) => {}
-            Some(v) => return Err(format!("\"input\" must be a string, got {}", kind(v))),
-        }
-        Family::Sft
-    } else if obj.contains_key("prompt") || obj.contains_key("completion") {
-        check_text_or_messages(&obj, "prompt")?;
-        check_text_or_messages(&obj, "completion")?;
-        Family::Sft
-    } else {
-        let keys: Vec<&str> = obj.keys().map(String::as_str).collect();
-        return Err(format!(
-            "unknown row format (keys {keys:?}); expected messages, prompt/completion, instruction/output, prompt/chosen/rejected or prompt/completion/label"
-        ));
-    };
+    }
+    let family = family.expect("checked above");
     let opt = |k: &str| -> Result<Option<String>, String> {
         match obj.get(k) {
             None | Some(Value::Null) => Ok(None),
@@ -223,8 +209,10 @@ pub fn validate(v: Value) -> Result<Row, String> {
     let source = opt("source")?.filter(|s| !s.is_empty());
     let label = obj.get("label").and_then(Value::as_bool);
     // The trainer refuses a bad weight; refuse it here, before it reaches a split.
-    crate::data::row_weight(&Value::Object(obj.clone()))?;
-    Ok(Row {
+    if obj.contains_key("weight") {
+        row::weight(&Value::Object(obj.clone()))?;
+    }
+    Ok(Record {
         family,
         obj,
         split,
@@ -232,6 +220,18 @@ pub fn validate(v: Value) -> Result<Row, String> {
         source,
         label,
     })
+}
+
+impl Record {
+    /// The typed row (see [`crate::row`]).
+    pub fn row(&self) -> Result<Row, String> {
+        let v = Value::Object(self.obj.clone());
+        match self.family {
+            Family::Sft => row::Sft::from_json(&v).map(Row::Sft),
+            Family::Preference => row::Preference::from_json(&v).map(Row::Preference),
+            Family::Kto => row::Kto::from_json(&v).map(Row::Kto),
+        }
+    }
 }
 
 /// Normalise one string: Unicode form, CRLF → LF, control characters other than tab and
@@ -334,7 +334,7 @@ fn text_of(v: &Value, out: &mut String) {
 }
 
 /// The row's content as one text (what dedup and the filters look at).
-pub fn content_text(row: &Row) -> String {
+pub fn content_text(row: &Record) -> String {
     let keys: &[&str] = match row.family {
         Family::Preference => &["prompt", "chosen", "rejected"],
         Family::Kto => &["prompt", "completion"],
@@ -357,7 +357,7 @@ pub fn content_text(row: &Row) -> String {
 }
 
 /// Whether a preference row's chosen and rejected answers are identical.
-pub fn chosen_equals_rejected(row: &Row) -> bool {
+pub fn chosen_equals_rejected(row: &Record) -> bool {
     row.family == Family::Preference && row.obj.get("chosen") == row.obj.get("rejected")
 }
 

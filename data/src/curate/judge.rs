@@ -1,11 +1,12 @@
-//! The optional LLM judge: each kept row is scored against a rubric by a model served behind
-//! an OpenAI-compatible chat endpoint (the loraops gateway, or any other), and rows scoring
-//! under the threshold are rejected with the judge's score and reason.
+//! The curation judge ([`RowJudge`], optional): each kept row is scored against a rubric by
+//! a model served behind an OpenAI-compatible chat endpoint (the loraops gateway, or any
+//! other), and rows scoring under the threshold are rejected with the judge's score and
+//! reason. `loraops data synth` judges its candidates with it too.
 
 use serde::{Deserialize, Serialize};
 use serde_json::{Value, json};
 
-use super::chat::{ChatClient, ChatError, ChatSettings, resolve_token};
+use crate::chat::{ChatClient, ChatError, ChatSettings, resolve_token};
 
 /// `[curate.judge]`.
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -60,9 +61,9 @@ impl Default for JudgeConfig {
     }
 }
 
-/// The judge's verdict on one row.
+/// The curation judge's score of one row, and its reason.
 #[derive(Debug, Clone, PartialEq)]
-pub struct Verdict {
+pub struct RowScore {
     pub score: f64,
     pub reason: String,
 }
@@ -77,20 +78,21 @@ pub enum JudgeError {
 }
 
 impl JudgeError {
-    /// As the trainer's error, naming the endpoint.
+    /// As this crate's error, naming the endpoint.
     pub fn into_error(self) -> crate::Error {
         match self {
             JudgeError::Chat(e) => e.into_error(),
-            JudgeError::NoScore { url, answer } => crate::Error::io(
+            JudgeError::NoScore { url, answer } => crate::Error::Endpoint {
                 url,
-                std::io::Error::other(format!("judge: no score in answer {answer:?}")),
-            ),
+                status: None,
+                detail: format!("judge: no score in answer {answer:?}"),
+            },
         }
     }
 }
 
-/// A judge client.
-pub struct Judge {
+/// The curation judge: a client of its endpoint, scoring rows concurrently.
+pub struct RowJudge {
     cfg: JudgeConfig,
     chat: ChatClient,
     pool: rayon::ThreadPool,
@@ -98,7 +100,7 @@ pub struct Judge {
 
 const SYSTEM: &str = "You grade training examples for fine-tuning a language model. Score the example from 1 (unusable) to 10 (excellent) against the rubric. Answer with JSON only: {\"score\": <1-10>, \"reason\": \"<one sentence>\"}.";
 
-impl Judge {
+impl RowJudge {
     pub fn new(cfg: &JudgeConfig) -> Result<Self, String> {
         if cfg.model.is_empty() {
             return Err("judge: `model` is required".into());
@@ -125,19 +127,19 @@ impl Judge {
     }
 
     /// Score many rows' texts concurrently; the result is in input order.
-    pub fn score_all(&self, texts: &[&str]) -> Result<Vec<Verdict>, JudgeError> {
+    pub fn score_all(&self, texts: &[&str]) -> Result<Vec<RowScore>, JudgeError> {
         self.score_each(texts).into_iter().collect()
     }
 
     /// Score many rows' texts concurrently, one result per row, in input order.
-    pub fn score_each(&self, texts: &[&str]) -> Vec<Result<Verdict, JudgeError>> {
+    pub fn score_each(&self, texts: &[&str]) -> Vec<Result<RowScore, JudgeError>> {
         use rayon::prelude::*;
         self.pool
             .install(|| texts.par_iter().map(|t| self.score(t)).collect())
     }
 
     /// Score one row's text.
-    pub fn score(&self, text: &str) -> Result<Verdict, JudgeError> {
+    pub fn score(&self, text: &str) -> Result<RowScore, JudgeError> {
         let text: String = text.chars().take(self.cfg.max_chars).collect();
         let body = json!({
             "model": self.cfg.model,
@@ -149,7 +151,7 @@ impl Judge {
             ],
         });
         let content = self.chat.complete(&body)?;
-        parse_verdict(&content).ok_or_else(|| JudgeError::NoScore {
+        parse_score(&content).ok_or_else(|| JudgeError::NoScore {
             url: self.chat.url().to_string(),
             answer: content.chars().take(200).collect(),
         })
@@ -175,7 +177,7 @@ impl Judge {
 
 /// The score and reason from a judge answer: JSON `{"score", "reason"}` (possibly inside
 /// other text or a code fence), else the first number in the answer.
-pub fn parse_verdict(content: &str) -> Option<Verdict> {
+pub fn parse_score(content: &str) -> Option<RowScore> {
     if let (Some(a), Some(b)) = (content.find('{'), content.rfind('}'))
         && a < b
         && let Ok(v) = serde_json::from_str::<Value>(&content[a..=b])
@@ -189,14 +191,14 @@ pub fn parse_verdict(content: &str) -> Option<Verdict> {
             .and_then(Value::as_str)
             .unwrap_or("")
             .to_string();
-        return Some(Verdict { score, reason });
+        return Some(RowScore { score, reason });
     }
     let num: String = content
         .chars()
         .skip_while(|c| !c.is_ascii_digit())
         .take_while(|c| c.is_ascii_digit() || *c == '.')
         .collect();
-    num.parse().ok().map(|score| Verdict {
+    num.parse().ok().map(|score| RowScore {
         score,
         reason: content.trim().chars().take(200).collect(),
     })
@@ -209,14 +211,14 @@ mod tests {
     #[test]
     fn verdicts_are_parsed_from_json_or_text() {
         assert_eq!(
-            parse_verdict("```json\n{\"score\": 8, \"reason\": \"clear\"}\n```"),
-            Some(Verdict {
+            parse_score("```json\n{\"score\": 8, \"reason\": \"clear\"}\n```"),
+            Some(RowScore {
                 score: 8.0,
                 reason: "clear".into()
             })
         );
-        assert_eq!(parse_verdict("{\"score\": \"3\"}").unwrap().score, 3.0);
-        assert_eq!(parse_verdict("Score: 7/10").unwrap().score, 7.0);
-        assert_eq!(parse_verdict("no idea"), None);
+        assert_eq!(parse_score("{\"score\": \"3\"}").unwrap().score, 3.0);
+        assert_eq!(parse_score("Score: 7/10").unwrap().score, 7.0);
+        assert_eq!(parse_score("no idea"), None);
     }
 }

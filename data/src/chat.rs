@@ -1,5 +1,5 @@
 //! A small blocking client for an OpenAI-compatible `/chat/completions` endpoint (the loraops
-//! gateway, or any other), shared by the judge and by synthetic data generation.
+//! gateway, or any other), shared by the curation judge and by synthetic data generation.
 
 use std::time::Duration;
 
@@ -33,26 +33,22 @@ impl ChatError {
         }
     }
 
-    /// As the trainer's error: an I/O error on the endpoint's URL (so messages name it once),
-    /// or a configuration error.
+    /// As this crate's error: [`crate::Error::Endpoint`] naming the URL and the status, or a
+    /// configuration error.
     pub fn into_error(self) -> crate::Error {
-        // The kind tells callers a refused request (bad input: model, token, limits) from an
-        // endpoint that is down.
-        let kind = match &self {
-            ChatError::Unreachable { .. } => std::io::ErrorKind::ConnectionRefused,
-            ChatError::Status { status, .. } if (400..500).contains(status) && *status != 429 => {
-                std::io::ErrorKind::InvalidInput
+        let (status, detail) = match &self {
+            ChatError::Unreachable { message, .. } => (None, format!("cannot reach it: {message}")),
+            ChatError::Status { status, body, .. } => {
+                (Some(*status), format!("HTTP {status}: {body}"))
             }
-            _ => std::io::ErrorKind::Other,
-        };
-        let detail = match &self {
-            ChatError::Unreachable { message, .. } => format!("cannot reach it: {message}"),
-            ChatError::Status { status, body, .. } => format!("HTTP {status}: {body}"),
-            ChatError::Answer { message, .. } => format!("unreadable answer: {message}"),
+            ChatError::Answer { message, .. } => (None, format!("unreadable answer: {message}")),
             ChatError::Setup(m) => return crate::Error::Config(m.clone()),
         };
-        let url = self.url().unwrap_or_default().to_string();
-        crate::Error::io(url, std::io::Error::new(kind, detail))
+        crate::Error::Endpoint {
+            url: self.url().unwrap_or_default().to_string(),
+            status,
+            detail,
+        }
     }
 }
 

@@ -345,6 +345,75 @@ impl NearIndex {
     }
 }
 
+/// What [`Index::check`] found for a row.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub enum Seen {
+    /// Its exact key is representative `rep`'s.
+    Exact { rep: u32 },
+    /// A near duplicate of representative `rep`, with the estimated Jaccard similarity.
+    Near { rep: u32, jaccard: f64 },
+    /// A new row; it is representative `rep` when some later lookup can find it (exact
+    /// dedup on, or a signature given), else None.
+    New { rep: Option<u32> },
+}
+
+/// Exact and MinHash near dedup over the representatives kept so far, numbered 0, 1, … in
+/// the order they came: curation's rows (pinned regression rows first) and synth's seeds and
+/// candidates go through the same index.
+pub struct Index {
+    exact: IdMap<u64, u32>,
+    near: NearIndex,
+    reps: u32,
+}
+
+impl Index {
+    pub fn new(cfg: &DedupConfig) -> Self {
+        Self {
+            exact: IdMap::default(),
+            near: NearIndex::new(cfg),
+            reps: 0,
+        }
+    }
+
+    /// Representatives so far.
+    pub fn len(&self) -> u32 {
+        self.reps
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.reps == 0
+    }
+
+    /// Room for `n` more representatives (and their signatures when `near`).
+    pub fn reserve(&mut self, n: usize, near: bool) {
+        self.exact.reserve(n);
+        if near {
+            self.near.reserve(n);
+        }
+    }
+
+    /// Look a row up by its exact `key` (when `exact`), then by its signature (when given);
+    /// a row that is neither becomes a representative.
+    pub fn check(&mut self, key: u64, sig: Option<&[u32]>, exact: bool) -> Seen {
+        if exact && let Some(&rep) = self.exact.get(&key) {
+            return Seen::Exact { rep };
+        }
+        if let Some(sig) = sig {
+            match self.near.query_insert(sig) {
+                NearResult::Dup { rep, jaccard } => return Seen::Near { rep, jaccard },
+                NearResult::New(id) => debug_assert_eq!(id, self.reps),
+            }
+        }
+        if !exact && sig.is_none() {
+            return Seen::New { rep: None };
+        }
+        let rep = self.reps;
+        self.exact.insert(key, rep);
+        self.reps += 1;
+        Seen::New { rep: Some(rep) }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -3,6 +3,8 @@
 use regex::Regex;
 use serde::{Deserialize, Serialize};
 
+use super::report::Reason;
+
 /// What to do with a row that has no `license` field.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
 #[serde(rename_all = "lowercase")]
@@ -116,18 +118,18 @@ impl Filters {
         Ok(Self { cfg, banned, langs })
     }
 
-    /// `Err((reason code, detail))` when the text fails a filter.
-    pub fn check(&self, text: &str) -> Result<(), (&'static str, String)> {
+    /// `Err((reason, detail))` when the text fails a filter.
+    pub fn check(&self, text: &str) -> Result<(), (Reason, String)> {
         let n = text.chars().count();
         if n < self.cfg.min_chars {
             return Err((
-                "too_short",
+                Reason::TooShort,
                 format!("{n} characters < min_chars {}", self.cfg.min_chars),
             ));
         }
         if n > self.cfg.max_chars {
             return Err((
-                "too_long",
+                Reason::TooLong,
                 format!("{n} characters > max_chars {}", self.cfg.max_chars),
             ));
         }
@@ -137,7 +139,10 @@ impl Filters {
             if Some(c) == prev && !c.is_whitespace() {
                 run += 1;
                 if run >= self.cfg.max_char_run {
-                    return Err(("char_run", format!("{c:?} repeated {run} times in a row")));
+                    return Err((
+                        Reason::CharRun,
+                        format!("{c:?} repeated {run} times in a row"),
+                    ));
                 }
             } else {
                 run = 1;
@@ -147,7 +152,7 @@ impl Filters {
         let frac = repeated_ngram_fraction(text);
         if frac > self.cfg.max_repeated_ngram_fraction {
             return Err((
-                "repetition",
+                Reason::Repetition,
                 format!("{:.0}% of word 3-grams are repeats", frac * 100.0),
             ));
         }
@@ -155,7 +160,7 @@ impl Filters {
             && let Some(m) = re.find(text)
         {
             return Err((
-                "banned_term",
+                Reason::BannedTerm,
                 format!("contains banned term {:?}", m.as_str().trim()),
             ));
         }
@@ -166,7 +171,7 @@ impl Filters {
                 && !self.langs.contains(&info.lang())
             {
                 return Err((
-                    "language",
+                    Reason::Language,
                     format!(
                         "language {} not in {:?}",
                         info.lang().code(),

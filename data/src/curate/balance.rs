@@ -13,11 +13,18 @@
 //! - Mixing (`[curate.mix]`) adds general rows to the domain rows at `general:domain`: every
 //!   domain row stays (it is what is being curated) and general rows are sampled to the ratio;
 //!   when there are too few, all are kept and the report says which ratio was reached.
+//!
+//! `apply` is curation's stage after the streaming pass; the rest is its arithmetic.
 
 use std::collections::BTreeMap;
 use std::path::PathBuf;
 
 use serde::{Deserialize, Serialize};
+
+use super::report::{BalanceReport, MixReport, Reason, ValueShare};
+use super::run::Run;
+use crate::Error;
+use crate::format::Split;
 
 use super::dedup::mix64;
 
@@ -245,6 +252,194 @@ pub fn keep_lowest(ranks: &[u64], k: usize) -> Vec<bool> {
         keep[i] = true;
     }
     keep
+}
+
+/// Why the sampling pass dropped a row.
+#[derive(Clone, Copy, PartialEq)]
+enum Sampled {
+    Keep,
+    Proportion,
+    Unlisted,
+    Mix,
+}
+
+/// The stage after streaming: apply `balance.proportions` to the domain rows, then mix
+/// general rows in at the ratio, by rewriting the split files.
+pub(super) fn apply(run: &mut Run<'_>) -> crate::Result<()> {
+    let Some(s) = run.sampling.take() else {
+        return Ok(());
+    };
+    let cfg = run.cfg;
+    let mut verdict: BTreeMap<Split, Vec<Sampled>> = s
+        .tags
+        .iter()
+        .map(|(k, v)| (*k, vec![Sampled::Keep; v.len()]))
+        .collect();
+    // (split, index in its tags, rank) of the rows of each group.
+    let mut groups: Vec<Vec<(Split, usize, u64)>> = vec![Vec::new(); s.names.len()];
+    let mut general: Vec<(Split, usize, u64)> = Vec::new();
+    for (sp, tags) in &s.tags {
+        for (i, t) in tags.iter().enumerate() {
+            if t.general {
+                general.push((*sp, i, t.rank));
+            } else {
+                groups[t.value as usize].push((*sp, i, t.rank));
+            }
+        }
+    }
+    let mut domain_rows: u64 = groups.iter().map(|g| g.len() as u64).sum();
+    let props = &cfg.balance.proportions;
+    if !props.is_empty() {
+        let available: BTreeMap<String, u64> = s
+            .names
+            .iter()
+            .zip(&groups)
+            .filter(|(_, g)| !g.is_empty())
+            .map(|(n, g)| (n.clone(), g.len() as u64))
+            .collect();
+        let targets =
+            proportion_targets(props, &available, cfg.balance.total).map_err(Error::Config)?;
+        let mut rep = BalanceReport {
+            field: cfg.balance.field.clone(),
+            requested_total: cfg.balance.total,
+            sampled: targets.total,
+            limited_by: targets.limited_by.clone(),
+            ..Default::default()
+        };
+        for (name, g) in s.names.iter().zip(&groups) {
+            if g.is_empty() {
+                continue;
+            }
+            let listed = props.contains_key(name);
+            let k = targets.keep.get(name).copied().unwrap_or(0);
+            let ranks: Vec<u64> = g.iter().map(|x| x.2).collect();
+            for ((sp, i, _), keep) in g.iter().zip(keep_lowest(&ranks, k as usize)) {
+                if !keep {
+                    verdict.get_mut(sp).expect("split")[*i] = if listed {
+                        Sampled::Proportion
+                    } else {
+                        Sampled::Unlisted
+                    };
+                }
+            }
+            if !listed {
+                rep.unlisted.insert(name.clone(), g.len() as u64);
+            }
+        }
+        for (name, share) in props {
+            let kept = targets.keep.get(name).copied().unwrap_or(0);
+            let requested = cfg
+                .balance
+                .total
+                .map(|t| (share * t as f64 / props.values().sum::<f64>()).round() as u64);
+            rep.values.insert(
+                name.clone(),
+                ValueShare {
+                    target: *share,
+                    available: available.get(name).copied().unwrap_or(0),
+                    kept,
+                    achieved: kept as f64 / targets.total.max(1) as f64,
+                    requested,
+                    shortfall: requested.map_or(0, |r| r.saturating_sub(kept)),
+                },
+            );
+        }
+        if let Some(t) = cfg.balance.total
+            && targets.total < t
+        {
+            run.report.warnings.push(format!(
+                "balance: {} rows meet the proportions, {t} were asked for (short by {}); limited by {}",
+                targets.total,
+                t - targets.total,
+                targets.limited_by.join(", ")
+            ));
+        }
+        if !rep.unlisted.is_empty() {
+            let u: Vec<String> = rep
+                .unlisted
+                .iter()
+                .map(|(k, n)| format!("{k} ({n})"))
+                .collect();
+            run.report.warnings.push(format!(
+                "balance: rows whose {} has no proportion were dropped: {}",
+                cfg.balance.field,
+                u.join(", ")
+            ));
+        }
+        domain_rows = targets.total;
+        run.report.balance = Some(rep);
+    }
+    if let Some((a, b)) = cfg.mix.parts().map_err(Error::Config)? {
+        let available = general.len() as u64;
+        let want = general_target(domain_rows, (a, b), u64::MAX);
+        let k = want.min(available);
+        let ranks: Vec<u64> = general.iter().map(|x| x.2).collect();
+        for ((sp, i, _), keep) in general.iter().zip(keep_lowest(&ranks, k as usize)) {
+            if !keep {
+                verdict.get_mut(sp).expect("split")[*i] = Sampled::Mix;
+            }
+        }
+        let achieved = format_ratio(a, k, domain_rows);
+        if k < want {
+            run.report.warnings.push(format!(
+                "mix: {want} general rows wanted at {} for {domain_rows} domain rows, only {available} available; achieved {achieved}",
+                cfg.mix.ratio.as_deref().unwrap_or_default()
+            ));
+        }
+        run.report.mix = Some(MixReport {
+            ratio: cfg.mix.ratio.clone().unwrap_or_default(),
+            target_general_share: a / (a + b),
+            domain_rows,
+            general_available: available,
+            general_kept: k,
+            achieved_ratio: achieved,
+            achieved_general_share: k as f64 / (k + domain_rows).max(1) as f64,
+            origin_field: cfg.mix.origin_field.clone(),
+        });
+    }
+    for (sp, tags) in &s.tags {
+        let v = &verdict[sp];
+        if v.iter().all(|d| *d == Sampled::Keep) {
+            continue;
+        }
+        let rows = run.writers[sp].rows as usize;
+        let mut keep = vec![true; rows];
+        for (t, d) in tags.iter().zip(v) {
+            let (reason, detail) = match d {
+                Sampled::Keep => continue,
+                Sampled::Proportion => (
+                    Reason::Proportions,
+                    format!(
+                        "{} {:?}: not in the sample meeting balance.proportions",
+                        cfg.balance.field, s.names[t.value as usize]
+                    ),
+                ),
+                Sampled::Unlisted => (
+                    Reason::Proportions,
+                    format!(
+                        "{} {:?} has no share in balance.proportions",
+                        cfg.balance.field, s.names[t.value as usize]
+                    ),
+                ),
+                Sampled::Mix => (Reason::Mix, "general row over the mix ratio".to_string()),
+            };
+            keep[t.pos as usize] = false;
+            if *d == Sampled::Mix {
+                run.report.counts.mix_dropped += 1;
+            } else {
+                run.report.counts.proportion_dropped += 1;
+            }
+            run.report.counts.kept -= 1;
+            run.count_reason(reason);
+            if let Some(n) = run.report.sources.get_mut(&s.names[t.value as usize]) {
+                *n -= 1;
+            }
+            run.issue(t.file, t.line as u64, reason, detail, false)?;
+        }
+        run.rewrite_split(*sp, &keep)?;
+    }
+    run.report.sources.retain(|_, n| *n > 0);
+    Ok(())
 }
 
 #[cfg(test)]

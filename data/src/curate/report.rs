@@ -7,7 +7,76 @@ use std::path::PathBuf;
 use serde::{Deserialize, Serialize};
 
 use super::filters::MissingLicense;
-use super::format::Family;
+use crate::row::Family;
+
+/// Why a row, or a synthetic candidate, was not kept: the `reason` of `rejected.jsonl` and of
+/// report.json, which names it in snake case (`exact_duplicate`, `too_short`, …).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Reason {
+    /// Not a row of a supported format (or of the run's family).
+    Invalid,
+    /// Its license is not allowed, or it has none and the policy drops such rows.
+    License,
+    // The quality filters (`filters.rs`).
+    TooShort,
+    TooLong,
+    CharRun,
+    Repetition,
+    BannedTerm,
+    Language,
+    ExactDuplicate,
+    NearDuplicate,
+    /// The judge scored it below the threshold (or, in synth, gave no score).
+    Judge,
+    /// Over its `balance` cap.
+    Balance,
+    /// Outside the sample meeting `balance.proportions`.
+    Proportions,
+    /// A general row over the mix ratio.
+    Mix,
+    // Synthetic candidates only.
+    GenerationError,
+    EmptyInstruction,
+    EmptyAnswer,
+}
+
+impl Reason {
+    /// The name report.json uses.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Reason::Invalid => "invalid",
+            Reason::License => "license",
+            Reason::TooShort => "too_short",
+            Reason::TooLong => "too_long",
+            Reason::CharRun => "char_run",
+            Reason::Repetition => "repetition",
+            Reason::BannedTerm => "banned_term",
+            Reason::Language => "language",
+            Reason::ExactDuplicate => "exact_duplicate",
+            Reason::NearDuplicate => "near_duplicate",
+            Reason::Judge => "judge",
+            Reason::Balance => "balance",
+            Reason::Proportions => "proportions",
+            Reason::Mix => "mix",
+            Reason::GenerationError => "generation_error",
+            Reason::EmptyInstruction => "empty_instruction",
+            Reason::EmptyAnswer => "empty_answer",
+        }
+    }
+}
+
+impl std::fmt::Display for Reason {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+impl PartialEq<&str> for Reason {
+    fn eq(&self, other: &&str) -> bool {
+        self.as_str() == *other
+    }
+}
 
 /// A row's place in the input.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -21,9 +90,7 @@ pub struct Loc {
 pub struct RowIssue {
     pub file: String,
     pub line: u64,
-    /// `invalid`, `license`, a filter code (`too_short`, `repetition`, …), `balance`,
-    /// `exact_duplicate` or `near_duplicate`.
-    pub reason: String,
+    pub reason: Reason,
     pub detail: String,
 }
 
@@ -322,7 +389,7 @@ impl Report {
             let _ = writeln!(s, "PII masked in {} rows: {}", self.pii_rows, p.join(", "));
         }
         let _ = writeln!(s, "{:<11} {:>9}  sha256", "split", "rows");
-        let order = super::format::Split::ALL.map(|s| s.name());
+        let order = crate::format::Split::ALL.map(|s| s.name());
         let mut splits: Vec<(&String, &SplitReport)> = self.splits.iter().collect();
         splits.sort_by_key(|(n, _)| order.iter().position(|o| o == n));
         for (name, r) in splits {
@@ -336,5 +403,36 @@ impl Report {
             let _ = writeln!(s, "warning: {w}");
         }
         s
+    }
+}
+
+impl Report {
+    /// Why no row was kept, for the error of a run that kept none.
+    pub fn why_nothing_kept(&self) -> String {
+        let c = &self.counts;
+        let why = if c.read == 0 {
+            "the inputs have no rows".to_string()
+        } else if c.invalid == c.read {
+            let first = self
+                .invalid
+                .first()
+                .map(|i| format!("; first: {}:{}: {}", i.file, i.line, i.detail))
+                .unwrap_or_default();
+            format!("all {} rows are invalid (wrong format?){first}", c.read)
+        } else {
+            format!(
+                "{} rows read: {} invalid, {} license-rejected, {} filtered, {} judged below threshold, {} duplicates, {} over balance caps, {} outside the proportions, {} general rows over the mix ratio",
+                c.read,
+                c.invalid,
+                c.license_rejected,
+                c.filtered,
+                c.judge_rejected,
+                c.exact_duplicates + c.near_duplicates,
+                c.balance_dropped,
+                c.proportion_dropped,
+                c.mix_dropped
+            )
+        };
+        format!("no rows left after curation: {why}")
     }
 }

@@ -1,10 +1,11 @@
-//! Data curation end to end: validation with line numbers, PII masking, exact and near dedup
-//! on planted rows, license and quality filters, reproducible splits, pinned regression rows,
-//! and the bad-input cases.
+//! Data curation and synthesis end to end: validation with line numbers, PII masking, exact
+//! and near dedup on planted rows, license and quality filters, reproducible splits, pinned
+//! regression rows, the judge and synth against a scripted endpoint, and the bad-input cases.
+//! None of it links the model or the trainer.
 
 use std::path::{Path, PathBuf};
 
-use loraops_trainer::curate::{CurateConfig, curate, report::Report};
+use loraops_data::curate::{CurateConfig, curate, report::Report};
 use serde_json::{Value, json};
 
 fn write_jsonl(dir: &Path, name: &str, rows: &[String]) -> PathBuf {
@@ -13,7 +14,7 @@ fn write_jsonl(dir: &Path, name: &str, rows: &[String]) -> PathBuf {
     p
 }
 
-fn run(inputs: &[PathBuf], out: &Path, cfg: &CurateConfig) -> loraops_trainer::Result<Report> {
+fn run(inputs: &[PathBuf], out: &Path, cfg: &CurateConfig) -> loraops_data::Result<Report> {
     curate(inputs, out, cfg, &mut |_| {})
 }
 
@@ -100,10 +101,7 @@ fn sft_rows_are_validated_masked_deduplicated_and_split() {
     assert_eq!(c.exact_duplicates, 1);
     assert_eq!(c.near_duplicates, 1);
     assert_eq!(c.kept, 49 - 3 - 2);
-    assert_eq!(
-        report.format,
-        Some(loraops_trainer::curate::format::Family::Sft)
-    );
+    assert_eq!(report.format, Some(loraops_data::format::Family::Sft));
 
     // Invalid rows carry their line numbers and reasons.
     let inv: Vec<(u64, &str)> = report
@@ -395,7 +393,7 @@ holdout = 0.0
 
     // Policy drop: the unlicensed row goes too.
     let mut cfg2 = cfg.clone();
-    cfg2.license.missing = loraops_trainer::curate::filters::MissingLicense::Drop;
+    cfg2.license.missing = loraops_data::curate::filters::MissingLicense::Drop;
     let r2 = run(&[input], &tmp.path().join("out2"), &cfg2).unwrap();
     assert_eq!(r2.counts.license_rejected, 3); // lines 2, 3 and 4 (4 has no license either)
     assert_eq!(r2.counts.kept, 2);
@@ -436,7 +434,7 @@ fn bad_input_fails_loudly_or_is_counted() {
     // Wrong family for the configured format.
     let sft = write_jsonl(tmp.path(), "sft.jsonl", &[pc("a", "b"), pc("c", "d")]);
     let mut pref = cfg.clone();
-    pref.format = loraops_trainer::curate::format::FormatChoice::Preference;
+    pref.format = loraops_data::format::FormatChoice::Preference;
     let e = run(&[sft], &tmp.path().join("o3"), &pref)
         .unwrap_err()
         .to_string();
@@ -489,7 +487,7 @@ fn bad_input_fails_loudly_or_is_counted() {
             .collect::<Vec<_>>(),
     );
     let r = run(&[kto], &tmp.path().join("o6"), &cfg).unwrap();
-    assert_eq!(r.format, Some(loraops_trainer::curate::format::Family::Kto));
+    assert_eq!(r.format, Some(loraops_data::format::Family::Kto));
     assert!(
         r.warnings
             .iter()
@@ -548,10 +546,7 @@ fn a_shared_configuration_file_is_read_for_its_curation_keys() {
     )
     .unwrap();
     let cfg = CurateConfig::from_toml_file(&p).unwrap();
-    assert_eq!(
-        cfg.format,
-        loraops_trainer::curate::format::FormatChoice::Kto
-    );
+    assert_eq!(cfg.format, loraops_data::format::FormatChoice::Kto);
     assert!(!cfg.pii.email && cfg.pii.phone);
 }
 
@@ -708,12 +703,12 @@ fn the_llm_judge_down_weights_rows_it_doubts_instead_of_dropping_them() {
         "rows the judge trusts are unchanged"
     );
 
-    // The trainer reads the weights curation wrote.
-    let (_t, dir) = crate::common::tiny_model(&loraops_model::tiny::TinySpec::default());
-    let tok = loraops_model::tokenizer::Tokenizer::load(&dir).unwrap();
-    let (examples, _) =
-        loraops_trainer::data::load_sft(&out.join("train.jsonl"), &tok, 128).unwrap();
-    let mut w: Vec<f32> = examples.iter().map(|e| e.weight).collect();
+    // The trainer reads the weights curation wrote (it reads them through `row::weight`;
+    // trainer/tests/train/workflows.rs trains on such rows).
+    let mut w: Vec<f32> = split_rows(&out, "train")
+        .iter()
+        .map(|v| loraops_data::row::weight(v).unwrap())
+        .collect();
     w.sort_by(f32::total_cmp);
     assert_eq!(w, [0.25, 0.5, 1.0, 1.0, 1.0, 1.0, 1.0, 1.0]);
 
@@ -1080,7 +1075,7 @@ fn chat_server(handler: std::sync::Arc<Handler>) -> String {
 
 #[test]
 fn synth_filters_deduplicates_judges_and_selects_with_provenance() {
-    use loraops_trainer::curate::synth::{SynthConfig, synth};
+    use loraops_data::synth::{SynthConfig, synth};
     use std::sync::atomic::{AtomicUsize, Ordering};
     let tmp = tempfile::tempdir().unwrap();
     let seed_rows: Vec<String> = (0..6)
@@ -1156,7 +1151,7 @@ fn synth_filters_deduplicates_judges_and_selects_with_provenance() {
         concurrency: 3,
         pool_factor: 100.0,
         retries: 0,
-        judge: loraops_trainer::curate::synth::SynthJudge {
+        judge: loraops_data::synth::SynthJudge {
             enabled: true,
             threshold: 5.0,
             ..Default::default()
@@ -1225,7 +1220,7 @@ fn synth_filters_deduplicates_judges_and_selects_with_provenance() {
 
 #[test]
 fn synth_fails_loudly_without_usable_output() {
-    use loraops_trainer::curate::synth::{SynthConfig, synth};
+    use loraops_data::synth::{SynthConfig, synth};
     let tmp = tempfile::tempdir().unwrap();
     let seeds = write_jsonl(
         tmp.path(),

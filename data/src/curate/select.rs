@@ -5,7 +5,17 @@
 //! similarity is the Jaccard estimate of two MinHash signatures. Each step updates every
 //! candidate's similarity to the newest pick only, so the cost is O(rows × n × signature).
 
+use std::fs::File;
+use std::io::{BufRead, BufReader};
+
+use serde_json::Value;
+
 use super::dedup::{DedupConfig, MinHasher, dedup_text};
+use super::report::SelectionReport;
+use super::run::Run;
+use super::screen::Screen;
+use crate::format::{self, Split};
+use crate::{Error, Result};
 
 /// Indices of the `n` rows MMR selects, in selection order. `relevance` (same length as
 /// `texts`, higher is better) defaults to 1 for every row, which makes the selection
@@ -56,6 +66,53 @@ pub fn mmr_select_signatures(
         }
     }
     out
+}
+
+/// The stage after balancing: replace train.jsonl by the `n` rows MMR selects from it (kept
+/// in their order), holding signatures, not texts.
+pub(super) fn apply(run: &mut Run<'_>, screen: &Screen, n: usize) -> Result<()> {
+    let path = run.writers[&Split::Train].path.clone();
+    let from = run.writers[&Split::Train].rows;
+    run.writers
+        .get_mut(&Split::Train)
+        .expect("train split open")
+        .flush()?;
+    let mut sigs = Vec::with_capacity(from as usize);
+    let mut rel = Vec::with_capacity(from as usize);
+    let cfg: &super::SelectConfig = &run.cfg.select;
+    let field = cfg.relevance_field.as_deref();
+    {
+        let f = File::open(&path).map_err(|e| Error::io(&path, e))?;
+        for l in BufReader::new(f).lines() {
+            let l = l.map_err(|e| Error::io(&path, e))?;
+            let v: Value = serde_json::from_str(&l).map_err(|e| Error::parse(&path, e))?;
+            rel.push(
+                field
+                    .and_then(|k| v.get(k))
+                    .and_then(Value::as_f64)
+                    .unwrap_or(1.0),
+            );
+            let row = format::validate(v).map_err(|e| Error::parse(&path, e))?;
+            sigs.push(screen.signature(&format::content_text(&row)));
+        }
+    }
+    let picks = mmr_select_signatures(&sigs, n, cfg.lambda, Some(&rel));
+    drop(sigs);
+    let mut keep = vec![false; from as usize];
+    for p in &picks {
+        keep[*p] = true;
+    }
+    run.rewrite_split(Split::Train, &keep)?;
+    let selected = run.writers[&Split::Train].rows;
+    run.report.counts.kept -= from - selected;
+    run.report.counts.not_selected = from - selected;
+    run.report.selection = Some(SelectionReport {
+        split: "train".into(),
+        from,
+        selected,
+        lambda: run.cfg.select.lambda,
+    });
+    Ok(())
 }
 
 #[cfg(test)]

@@ -9,7 +9,7 @@ use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
 
 use super::dedup::mix64;
-use super::format::Split;
+use crate::format::Split;
 use crate::{Error, Result};
 
 /// `[curate.splits]`: fractions (normalised by their sum) and an optional pinned regression set.

@@ -2,13 +2,15 @@
 //! gateway.
 //!
 //! Each candidate shows the model `few_shot` seed rows (seeded draw) and asks for one new
-//! instruction, then asks the same model to answer it. Candidates go through what curation
-//! does to input rows: normalisation, PII masking, the quality filters, exact and MinHash near
-//! dedup (against the seeds, indexed first, and against earlier candidates), then the optional
-//! judge (an answer without a score rejects the candidate rather than the run). Rounds of `per_round` candidates run `concurrency` at a time until the accepted pool
-//! holds `pool_factor × rows` candidates, `max_rounds` rounds have run or `max_candidates` were
-//! generated; then maximal marginal relevance picks `rows` of the pool (relevance: the judge's
-//! score when there is one). Every written row carries its provenance.
+//! instruction, then asks the same model to answer it. Candidates go through curation's
+//! screening ([`Screen`]: normalisation, PII masking, the quality filters) and its dedup
+//! [`Index`] (exact and MinHash near, against the seeds, indexed first, and against earlier
+//! candidates), then the optional curation judge (an answer without a score rejects the
+//! candidate rather than the run). Rounds of `per_round` candidates run `concurrency` at a
+//! time until the accepted pool holds `pool_factor × rows` candidates, `max_rounds` rounds
+//! have run or `max_candidates` were generated; then maximal marginal relevance picks `rows`
+//! of the pool (relevance: the judge's score when there is one). Every written row carries
+//! its provenance.
 //!
 //! Output: `synthetic.jsonl`, `rejected.jsonl` (each rejected candidate with its reason and
 //! text) and `report.json`. No accepted candidate at all is an error (after writing the
@@ -36,7 +38,7 @@
 //! [synth.filters]   # as [curate.filters]; also [synth.pii], [synth.dedup], [synth.judge]
 //! ```
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::BTreeMap;
 use std::fs::File;
 use std::io::{BufRead, BufReader};
 use std::path::{Path, PathBuf};
@@ -49,15 +51,17 @@ use serde::{Deserialize, Serialize};
 use serde_json::{Map, Value, json};
 use sha2::{Digest, Sha256};
 
-use super::chat::{ChatClient, ChatError, ChatSettings, resolve_token};
-use super::dedup::{self, DedupConfig, MinHasher, NearIndex, NearResult, mix64};
-use super::filters::{FilterConfig, Filters};
-use super::format::{self, Family, UnicodeForm};
-use super::judge::{Judge, JudgeConfig, JudgeError};
-use super::pii::{Masker, PiiConfig, PiiCounts, PiiKind};
-use super::report::{InputReport, JudgeReport, SelectionReport, SplitReport};
-use super::select;
-use super::splits::SplitWriter;
+use crate::chat::{ChatClient, ChatError, ChatSettings, resolve_token};
+use crate::curate::dedup::{DedupConfig, Index, Seen, mix64};
+use crate::curate::filters::FilterConfig;
+use crate::curate::judge::{JudgeConfig, JudgeError, RowJudge};
+use crate::curate::pii::{PiiConfig, PiiCounts, PiiKind};
+use crate::curate::report::{InputReport, JudgeReport, Reason, SelectionReport, SplitReport};
+use crate::curate::screen::Screen;
+use crate::curate::select;
+use crate::curate::splits::SplitWriter;
+use crate::format::{self, Family, Record, UnicodeForm};
+use crate::row::{Row, Sft};
 use crate::{Error, Result};
 
 /// `[synth]`.
@@ -198,7 +202,7 @@ impl SynthConfig {
     }
 }
 
-/// `[synth.judge]`: the judge of [`super::judge`] on the candidates.
+/// `[synth.judge]`: the curation judge ([`RowJudge`]) on the candidates.
 #[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(default, deny_unknown_fields)]
 pub struct SynthJudge {
@@ -254,16 +258,14 @@ impl SynthJudge {
     }
 }
 
-/// Progress of a run.
+/// Progress of a run, after each round: candidates generated and accepted so far, and the
+/// pool wanted.
 #[derive(Debug, Clone, Copy)]
-pub enum SynthEvent {
-    /// After each round: candidates generated and accepted so far, and the pool wanted.
-    Round {
-        round: usize,
-        generated: usize,
-        accepted: usize,
-        target: usize,
-    },
+pub struct Round {
+    pub round: usize,
+    pub generated: usize,
+    pub accepted: usize,
+    pub target: usize,
 }
 
 /// A seed row as an example: its instruction and its answer.
@@ -276,47 +278,40 @@ pub struct Example {
 
 /// The instruction and answer of an SFT row: the first user turn (after the system prompt)
 /// and the last assistant turn, `prompt`/`completion`, or `instruction` (+ `input`)/`output`.
-pub fn example_of(row: &format::Row) -> Option<(String, String)> {
-    let o = &row.obj;
-    let text = |v: &Value| -> Option<String> {
-        match v {
-            Value::String(s) => Some(s.clone()),
-            Value::Array(a) => {
-                let parts: Vec<&str> = a
-                    .iter()
-                    .filter_map(|m| m.get("content").and_then(Value::as_str))
-                    .collect();
-                Some(parts.join("\n"))
-            }
-            _ => None,
-        }
-    };
-    if let Some(Value::Array(msgs)) = o.get("messages") {
-        let role_text = |want: &str, last: bool| {
-            let mut it = msgs
-                .iter()
-                .filter(|m| m.get("role").and_then(Value::as_str) == Some(want));
-            let m = if last { it.next_back() } else { it.next() };
-            m.and_then(|m| m.get("content").and_then(Value::as_str))
-                .map(str::to_string)
-        };
-        return Some((role_text("user", false)?, role_text("assistant", true)?));
+pub fn example_of(rec: &Record) -> Option<(String, String)> {
+    match rec.row().ok()? {
+        Row::Sft(sft) => instruction_and_answer(&sft),
+        _ => None,
     }
-    if let (Some(i), Some(out)) = (o.get("instruction"), o.get("output")) {
-        let mut instr = text(i)?;
-        if let Some(inp) = o.get("input").and_then(Value::as_str)
-            && !inp.trim().is_empty()
-        {
-            instr = format!("{instr}\n\n{inp}");
+}
+
+/// [`example_of`] for a typed SFT row.
+pub fn instruction_and_answer(row: &Sft) -> Option<(String, String)> {
+    match row {
+        Sft::Chat(msgs) => {
+            let first_user = msgs.iter().find(|m| m.role == "user")?;
+            let last_answer = msgs.iter().rev().find(|m| m.role == "assistant")?;
+            Some((first_user.content.clone()?, last_answer.content.clone()?))
         }
-        return Some((instr, text(out)?));
+        Sft::Alpaca {
+            instruction,
+            input,
+            output,
+        } => {
+            let instruction = if input.trim().is_empty() {
+                instruction.clone()
+            } else {
+                format!("{instruction}\n\n{input}")
+            };
+            Some((instruction, output.clone()))
+        }
+        Sft::Completion { prompt, completion } => Some((prompt.joined(), completion.joined())),
     }
-    Some((text(o.get("prompt")?)?, text(o.get("completion")?)?))
 }
 
 /// The text dedup compares for an instruction and its answer, whatever the row format.
 fn pair_text(instruction: &str, answer: &str) -> String {
-    dedup::dedup_text(&format!("{instruction}\n{answer}"))
+    format!("{instruction}\n{answer}")
 }
 
 /// Tidy a generated instruction: drop a leading label (`Task:`, `Instruction:`, `New task:`),
@@ -420,9 +415,9 @@ pub fn synthetic_row(instruction: &str, answer: &str, p: &Provenance) -> Value {
 pub struct Rejection {
     pub round: usize,
     pub index: usize,
-    /// `generation_error`, `empty_instruction`, `empty_answer`, `invalid`, a filter code,
+    /// `generation_error`, `empty_instruction`, `empty_answer`, `invalid`, a filter's reason,
     /// `exact_duplicate`, `near_duplicate` or `judge`.
-    pub reason: String,
+    pub reason: Reason,
     pub detail: String,
     pub instruction: String,
     pub answer: String,
@@ -454,6 +449,35 @@ pub struct SeedReport {
     pub invalid_listed: Vec<String>,
 }
 
+/// Why generation stopped; report.json names it in snake case.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Stopped {
+    /// `max_rounds` rounds ran.
+    #[default]
+    MaxRounds,
+    /// `max_candidates` candidates were generated.
+    MaxCandidates,
+    /// The pool of accepted candidates reached `pool_factor × rows`.
+    PoolFull,
+}
+
+impl Stopped {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Stopped::MaxRounds => "max_rounds",
+            Stopped::MaxCandidates => "max_candidates",
+            Stopped::PoolFull => "pool_full",
+        }
+    }
+}
+
+impl std::fmt::Display for Stopped {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
 /// Everything a synth run did.
 #[derive(Debug, Clone, Default, Serialize, Deserialize)]
 pub struct SynthReport {
@@ -462,8 +486,8 @@ pub struct SynthReport {
     pub seed: u64,
     pub seeds: SeedReport,
     pub rounds: usize,
-    /// Why generation stopped: `pool_full`, `max_rounds` or `max_candidates`.
-    pub stopped: String,
+    /// Why generation stopped.
+    pub stopped: Stopped,
     pub counts: SynthCounts,
     pub rejected_by_reason: BTreeMap<String, u64>,
     /// The first `listed_limit` rejected candidates (all are in rejected.jsonl).
@@ -528,7 +552,7 @@ struct Generated {
     result: std::result::Result<(String, String), ChatError>,
 }
 
-/// A candidate that passed the filters and dedup, before the judge.
+/// A candidate that passed screening and dedup, before the judge.
 struct Survivor {
     index: usize,
     instruction: String,
@@ -558,7 +582,7 @@ fn fatal(e: &ChatError) -> bool {
 fn read_seeds(
     paths: &[PathBuf],
     cfg: &SynthConfig,
-    masker: &Masker,
+    screen: &Screen,
     report: &mut SeedReport,
 ) -> Result<Vec<Example>> {
     let mut out = Vec::new();
@@ -604,10 +628,7 @@ fn read_seeds(
                 });
             match parsed {
                 Ok((id, (instruction, answer))) => {
-                    let clean = |s: &str| {
-                        let n = format::normalize_str(s, cfg.unicode);
-                        masker.mask(&n, &mut PiiCounts::default()).unwrap_or(n)
-                    };
+                    let clean = |s: &str| screen.clean_str(s, &mut PiiCounts::default());
                     let id = match id {
                         Some(Value::String(s)) => s,
                         Some(Value::Number(n)) => n.to_string(),
@@ -640,27 +661,386 @@ fn read_seeds(
     Ok(out)
 }
 
+/// The generator: a chat client and the threads its requests run on.
+struct Generator<'a> {
+    cfg: &'a SynthConfig,
+    chat: ChatClient,
+    threads: rayon::ThreadPool,
+}
+
+impl<'a> Generator<'a> {
+    fn new(cfg: &'a SynthConfig, token: Option<String>) -> Result<Self> {
+        let chat = ChatClient::new(&ChatSettings {
+            url: cfg.url.clone(),
+            token,
+            timeout_s: cfg.timeout_s,
+            retries: cfg.retries,
+        })
+        .map_err(ChatError::into_error)?;
+        let threads = rayon::ThreadPoolBuilder::new()
+            .num_threads(cfg.concurrency.max(1))
+            .thread_name(|i| format!("synth-{i}"))
+            .build()
+            .map_err(|e| Error::Config(format!("synth: {e}")))?;
+        Ok(Self { cfg, chat, threads })
+    }
+
+    /// Candidate `index` of `round`: a new instruction, asked for with a seeded draw of
+    /// examples, then its answer.
+    fn one(&self, round: usize, index: usize, examples: &[Example]) -> Generated {
+        let cfg = self.cfg;
+        let picks = draw_examples(cfg.seed, round, index, examples.len(), cfg.few_shot);
+        let shown: Vec<&Example> = picks.iter().map(|&p| &examples[p]).collect();
+        let ask = json!({
+            "model": cfg.model,
+            "temperature": cfg.temperature,
+            "max_tokens": cfg.instruction_max_tokens,
+            "messages": [{"role": "user", "content": instruction_prompt(&shown, cfg.example_max_chars)}],
+        });
+        let result = self.chat.complete(&ask).and_then(|raw| {
+            let instruction = clean_instruction(&raw);
+            if instruction.is_empty() {
+                return Ok((instruction, String::new()));
+            }
+            let answer = self.chat.complete(&json!({
+                "model": cfg.model,
+                "temperature": cfg.temperature,
+                "max_tokens": cfg.answer_max_tokens,
+                "messages": [{"role": "user", "content": instruction}],
+            }))?;
+            Ok((instruction, answer))
+        });
+        Generated {
+            examples: picks,
+            result,
+        }
+    }
+
+    /// `n` candidates of `round`, `concurrency` at a time, in candidate order.
+    fn round(&self, round: usize, n: usize, examples: &[Example]) -> Vec<Generated> {
+        self.threads.install(|| {
+            (0..n)
+                .into_par_iter()
+                .map(|i| self.one(round, i, examples))
+                .collect()
+        })
+    }
+}
+
+/// The candidates accepted so far, and the dedup index new ones are checked against (the
+/// seeds' instructions and answers first, so a copy of a seed is a duplicate).
+struct Pool<'a> {
+    cfg: &'a SynthConfig,
+    screen: &'a Screen,
+    index: Index,
+    /// What each representative is, for the rejection's detail.
+    reps: Vec<String>,
+    /// Representatives below this are seed rows.
+    n_seed_reps: u32,
+    accepted: Vec<Accepted>,
+    /// Masked values in the accepted candidates.
+    pii: PiiCounts,
+    judge_sum: f64,
+}
+
+impl<'a> Pool<'a> {
+    fn new(cfg: &'a SynthConfig, screen: &'a Screen, examples: &[Example]) -> Self {
+        let mut pool = Pool {
+            cfg,
+            screen,
+            index: Index::new(&cfg.dedup),
+            reps: Vec::new(),
+            n_seed_reps: 0,
+            accepted: Vec::new(),
+            pii: PiiCounts::default(),
+            judge_sum: 0.0,
+        };
+        for e in examples {
+            let (key, sig) =
+                screen.fingerprint(&pair_text(&e.instruction, &e.answer), cfg.dedup.near);
+            if let Seen::New { rep: Some(_) } = pool.index.check(key, sig.as_deref(), true) {
+                pool.reps.push(format!("seed {}", e.id));
+            }
+        }
+        pool.n_seed_reps = pool.index.len();
+        pool
+    }
+
+    /// One generated candidate through what curation does to an input row: normalisation,
+    /// PII masking, the schema, the quality filters, exact and near dedup. A request the
+    /// endpoint refuses, or an endpoint that is down, stops the run.
+    fn screen(
+        &mut self,
+        round: usize,
+        index: usize,
+        g: Generated,
+        report: &mut SynthReport,
+    ) -> Result<std::result::Result<Survivor, Rejection>> {
+        let reject = |reason: Reason, detail: String, i: &str, a: &str| {
+            Ok(Err(Rejection {
+                round,
+                index,
+                reason,
+                detail,
+                instruction: i.into(),
+                answer: a.into(),
+            }))
+        };
+        let (instruction, answer) = match g.result {
+            Ok(x) => x,
+            Err(e) if fatal(&e) => return Err(e.into_error()),
+            Err(e) => return reject(Reason::GenerationError, e.to_string(), "", ""),
+        };
+        if instruction.trim().is_empty() {
+            let detail = "the model wrote no instruction".into();
+            return reject(Reason::EmptyInstruction, detail, &instruction, &answer);
+        }
+        if answer.trim().is_empty() {
+            let detail = "the model wrote no answer".into();
+            return reject(Reason::EmptyAnswer, detail, &instruction, &answer);
+        }
+        let mut obj = Map::new();
+        obj.insert(
+            "messages".into(),
+            json!([{"role": "user", "content": instruction}, {"role": "assistant", "content": answer}]),
+        );
+        let mut pii = PiiCounts::default();
+        self.screen.clean(&mut obj, &mut pii);
+        let row = match format::validate(Value::Object(obj)) {
+            Ok(r) => r,
+            Err(e) => return reject(Reason::Invalid, e, &instruction, &answer),
+        };
+        let (mi, ma) = example_of(&row).expect("a chat row has both turns");
+        if let Err((reason, detail)) = self.screen.filter(&format::content_text(&row)) {
+            return reject(reason, detail, &mi, &ma);
+        }
+        let (key, sig) = self.screen.fingerprint(&pair_text(&mi, &ma), true);
+        let sig = sig.expect("asked for");
+        let near = self.cfg.dedup.near.then_some(sig.as_slice());
+        let dup = match self.index.check(key, near, self.cfg.dedup.exact) {
+            Seen::Exact { rep } => Some((Reason::ExactDuplicate, rep, 1.0)),
+            Seen::Near { rep, jaccard } => Some((Reason::NearDuplicate, rep, jaccard)),
+            Seen::New { rep } => {
+                if rep.is_some() {
+                    self.reps.push(format!("candidate {round}-{index}"));
+                }
+                None
+            }
+        };
+        if let Some((reason, rep, j)) = dup {
+            if reason == Reason::ExactDuplicate {
+                report.counts.exact_duplicates += 1;
+            } else {
+                report.counts.near_duplicates += 1;
+            }
+            if rep < self.n_seed_reps {
+                report.counts.duplicates_of_seeds += 1;
+            }
+            let detail = format!(
+                "duplicate of {} (estimated Jaccard {j:.2})",
+                self.reps[rep as usize]
+            );
+            return reject(reason, detail, &mi, &ma);
+        }
+        Ok(Ok(Survivor {
+            index,
+            instruction: mi,
+            answer: ma,
+            sig,
+            shown: g.examples,
+            pii,
+        }))
+    }
+
+    /// The judge's stage (it sees only candidates that passed everything else), then the
+    /// survivors join the pool with their provenance.
+    #[allow(clippy::too_many_arguments)]
+    fn judge_and_accept(
+        &mut self,
+        round: usize,
+        survivors: Vec<Survivor>,
+        judge: Option<&RowJudge>,
+        examples: &[Example],
+        report: &mut SynthReport,
+        rejects: &mut Vec<Rejection>,
+    ) -> Result<()> {
+        let scores: Vec<Option<std::result::Result<_, JudgeError>>> = match judge {
+            Some(j) => {
+                let texts: Vec<String> = survivors
+                    .iter()
+                    .map(|s| format!("user: {}\nassistant: {}", s.instruction, s.answer))
+                    .collect();
+                let refs: Vec<&str> = texts.iter().map(String::as_str).collect();
+                j.score_each(&refs).into_iter().map(Some).collect()
+            }
+            None => survivors.iter().map(|_| None).collect(),
+        };
+        let now = chrono::Utc::now().to_rfc3339_opts(chrono::SecondsFormat::Secs, true);
+        for (sv, s) in survivors.into_iter().zip(scores) {
+            let (index, i, a) = (sv.index, &sv.instruction, &sv.answer);
+            let reject = |detail: String| Rejection {
+                round,
+                index,
+                reason: Reason::Judge,
+                detail,
+                instruction: i.clone(),
+                answer: a.clone(),
+            };
+            let score = match s {
+                None => None,
+                Some(Ok(s)) => {
+                    report.judge.scored += 1;
+                    self.judge_sum += s.score;
+                    let th = self.cfg.judge.threshold;
+                    if s.score < th {
+                        report.judge.rejected += 1;
+                        report.counts.judge_rejected += 1;
+                        rejects.push(reject(format!(
+                            "judge score {} < {th}: {}",
+                            s.score, s.reason
+                        )));
+                        continue;
+                    }
+                    Some(s.score)
+                }
+                // A judge that answers without a score is a verdict against the candidate.
+                Some(Err(JudgeError::NoScore { answer, .. })) => {
+                    report.judge.rejected += 1;
+                    report.counts.judge_rejected += 1;
+                    rejects.push(reject(format!(
+                        "judge answered without a score: {answer:?}"
+                    )));
+                    continue;
+                }
+                Some(Err(JudgeError::Chat(e))) => return Err(e.into_error()),
+            };
+            let prov = Provenance {
+                synthetic: true,
+                generator: self.cfg.model.clone(),
+                seed_ids: sv.shown.iter().map(|&s| examples[s].id.clone()).collect(),
+                round,
+                judge_score: score,
+                created_at: now.clone(),
+            };
+            self.pii.add(&sv.pii);
+            self.accepted.push(Accepted {
+                row: synthetic_row(i, a, &prov),
+                sig: sv.sig,
+                relevance: score.map_or(1.0, |s| s / 10.0),
+            });
+        }
+        Ok(())
+    }
+
+    /// MMR's pick of `rows` of the pool (relevance: the judge's score when there is one),
+    /// written to `synthetic.jsonl` in the order they were accepted.
+    fn write_selection(&self, out: &Path, report: &mut SynthReport) -> Result<u64> {
+        let sigs: Vec<Vec<u32>> = self.accepted.iter().map(|a| a.sig.clone()).collect();
+        let rel: Vec<f64> = self.accepted.iter().map(|a| a.relevance).collect();
+        let mut picks =
+            select::mmr_select_signatures(&sigs, self.cfg.rows, self.cfg.lambda, Some(&rel));
+        picks.sort_unstable();
+        let path = out.join("synthetic.jsonl");
+        let mut w = SplitWriter::create(&path)?;
+        for &p in &picks {
+            w.write_line(&serde_json::to_string(&self.accepted[p].row).expect("JSON"))?;
+        }
+        let rows = w.rows;
+        report.output = SplitReport {
+            path: PathBuf::from("synthetic.jsonl"),
+            rows,
+            sha256: w.finish()?,
+            desirable: None,
+            undesirable: None,
+        };
+        report.counts.selected = rows;
+        report.counts.not_selected = self.accepted.len() as u64 - rows;
+        report.selection = SelectionReport {
+            split: "synthetic".into(),
+            from: self.accepted.len() as u64,
+            selected: rows,
+            lambda: self.cfg.lambda,
+        };
+        for k in PiiKind::ALL {
+            if self.pii.get(k) > 0 {
+                report.pii.insert(k.name().to_string(), self.pii.get(k));
+            }
+        }
+        Ok(rows)
+    }
+}
+
+/// A round's rejected candidates, in candidate order, into the report and rejected.jsonl.
+fn record_rejections(
+    mut rejects: Vec<Rejection>,
+    report: &mut SynthReport,
+    w: &mut SplitWriter,
+    listed_limit: usize,
+) -> Result<()> {
+    rejects.sort_by_key(|r| r.index);
+    for r in rejects {
+        report.counts.rejected += 1;
+        *report
+            .rejected_by_reason
+            .entry(r.reason.as_str().into())
+            .or_default() += 1;
+        w.write_line(&serde_json::to_string(&r).expect("JSON"))?;
+        if report.rejected.len() < listed_limit {
+            report.rejected.push(r);
+        }
+    }
+    Ok(())
+}
+
+impl SynthReport {
+    /// Why no candidate was accepted, for the error of such a run.
+    fn why_nothing_accepted(&self) -> String {
+        let reasons: Vec<String> = self
+            .rejected_by_reason
+            .iter()
+            .map(|(k, v)| format!("{k} {v}"))
+            .collect();
+        let first = self
+            .rejected
+            .first()
+            .map(|r| {
+                let d: String = r.detail.chars().take(160).collect();
+                format!("; first: {}: {d:?}", r.reason)
+            })
+            .unwrap_or_default();
+        format!(
+            "synth accepted no candidate: {} generated in {} rounds, rejected: {}{first}",
+            self.counts.generated,
+            self.rounds,
+            if reasons.is_empty() {
+                "none".into()
+            } else {
+                reasons.join(", ")
+            }
+        )
+    }
+}
+
 /// Generate synthetic rows from `seeds` into `out` (see the module docs).
 pub fn synth(
     seeds: &[PathBuf],
     out: &Path,
     cfg: &SynthConfig,
-    on: &mut dyn FnMut(SynthEvent),
+    on: &mut dyn FnMut(Round),
 ) -> Result<SynthReport> {
     let started = Instant::now();
     cfg.check()?;
     if seeds.is_empty() {
         return Err(Error::Config("synth: no seed files".into()));
     }
-    let masker = Masker::new(cfg.pii.clone());
-    let filters = Filters::new(cfg.filters.clone()).map_err(Error::Config)?;
+    let screen = Screen::new(cfg.unicode, &cfg.pii, &cfg.filters, &cfg.dedup)?;
     let mut report = SynthReport {
         generator: cfg.model.clone(),
         url: cfg.url.clone(),
         seed: cfg.seed,
         ..Default::default()
     };
-    let examples = read_seeds(seeds, cfg, &masker, &mut report.seeds)?;
+    let examples = read_seeds(seeds, cfg, &screen, &mut report.seeds)?;
     if examples.is_empty() {
         let first = report
             .seeds
@@ -678,317 +1058,73 @@ pub fn synth(
     }
     let token = resolve_token(cfg.api_key.as_deref(), cfg.api_key_env.as_deref(), "synth")
         .map_err(ChatError::into_error)?;
-    let chat = ChatClient::new(&ChatSettings {
-        url: cfg.url.clone(),
-        token: token.clone(),
-        timeout_s: cfg.timeout_s,
-        retries: cfg.retries,
-    })
-    .map_err(ChatError::into_error)?;
+    let generator = Generator::new(cfg, token.clone())?;
     let judge = if cfg.judge.enabled {
         let j = cfg.judge.resolve(cfg, token);
         report.judge.model = Some(j.model.clone());
         report.judge.threshold = Some(j.threshold);
-        Some(Judge::new(&j).map_err(Error::Config)?)
+        Some(RowJudge::new(&j).map_err(Error::Config)?)
     } else {
         None
     };
-    let pool = rayon::ThreadPoolBuilder::new()
-        .num_threads(cfg.concurrency.max(1))
-        .thread_name(|i| format!("synth-{i}"))
-        .build()
-        .map_err(|e| Error::Config(format!("synth: {e}")))?;
-
     std::fs::create_dir_all(out).map_err(|e| Error::io(out, e))?;
     let mut rejected_w = SplitWriter::create(&out.join("rejected.jsonl"))?;
-    let hasher = MinHasher::new(&cfg.dedup);
-    let mut near = NearIndex::new(&cfg.dedup);
-    // Exact key → representative; representatives below `n_seed_reps` are seed rows.
-    let mut exact: HashMap<u64, usize> = HashMap::new();
-    let mut reps: Vec<String> = Vec::new();
-    for e in &examples {
-        let t = pair_text(&e.instruction, &e.answer);
-        let key = dedup::exact_key(&t);
-        if exact.contains_key(&key) {
-            continue;
-        }
-        if cfg.dedup.near
-            && let NearResult::Dup { .. } = near.query_insert(&hasher.signature(&t))
-        {
-            continue;
-        }
-        exact.insert(key, reps.len());
-        reps.push(format!("seed {}", e.id));
-    }
-    let n_seed_reps = reps.len();
+    let mut pool = Pool::new(cfg, &screen, &examples);
 
+    // Rounds until the pool is full, or the rounds or candidates run out.
     let target = ((cfg.rows as f64) * cfg.pool_factor).ceil() as usize;
     let limit = cfg.candidate_limit();
-    let mut accepted: Vec<Accepted> = Vec::new();
-    let mut pii = PiiCounts::default();
-    let mut judge_sum = 0.0;
     let mut round = 0;
-    report.stopped = "max_rounds".into();
+    report.stopped = Stopped::MaxRounds;
     while round < cfg.max_rounds {
         let n = cfg.per_round.min(limit - report.counts.generated as usize);
         if n == 0 {
-            report.stopped = "max_candidates".into();
+            report.stopped = Stopped::MaxCandidates;
             break;
         }
         round += 1;
-        let gen_one = |i: usize| -> Generated {
-            let picks = draw_examples(cfg.seed, round, i, examples.len(), cfg.few_shot);
-            let shown: Vec<&Example> = picks.iter().map(|&p| &examples[p]).collect();
-            let ask = json!({
-                "model": cfg.model,
-                "temperature": cfg.temperature,
-                "max_tokens": cfg.instruction_max_tokens,
-                "messages": [{"role": "user", "content": instruction_prompt(&shown, cfg.example_max_chars)}],
-            });
-            let result = chat.complete(&ask).and_then(|raw| {
-                let instruction = clean_instruction(&raw);
-                if instruction.is_empty() {
-                    return Ok((instruction, String::new()));
-                }
-                let answer = chat.complete(&json!({
-                    "model": cfg.model,
-                    "temperature": cfg.temperature,
-                    "max_tokens": cfg.answer_max_tokens,
-                    "messages": [{"role": "user", "content": instruction}],
-                }))?;
-                Ok((instruction, answer))
-            });
-            Generated {
-                examples: picks,
-                result,
-            }
-        };
-        let batch: Vec<Generated> = pool.install(|| (0..n).into_par_iter().map(gen_one).collect());
+        let batch = generator.round(round, n, &examples);
         report.counts.generated += n as u64;
-
         // In candidate order, so that a run is reproducible whatever finished first.
-        let mut survivors: Vec<Survivor> = Vec::new();
-        let mut rejects: Vec<Rejection> = Vec::new();
-        let reject = |index: usize, reason: &str, detail: String, i: &str, a: &str| Rejection {
-            round,
-            index,
-            reason: reason.into(),
-            detail,
-            instruction: i.into(),
-            answer: a.into(),
-        };
+        let (mut survivors, mut rejects) = (Vec::new(), Vec::new());
         for (index, g) in batch.into_iter().enumerate() {
-            let (instruction, answer) = match g.result {
-                Ok(x) => x,
-                Err(e) if fatal(&e) => return Err(e.into_error()),
-                Err(e) => {
-                    rejects.push(reject(index, "generation_error", e.to_string(), "", ""));
-                    continue;
-                }
-            };
-            if instruction.trim().is_empty() {
-                rejects.push(reject(
-                    index,
-                    "empty_instruction",
-                    "the model wrote no instruction".into(),
-                    &instruction,
-                    &answer,
-                ));
-                continue;
-            }
-            if answer.trim().is_empty() {
-                rejects.push(reject(
-                    index,
-                    "empty_answer",
-                    "the model wrote no answer".into(),
-                    &instruction,
-                    &answer,
-                ));
-                continue;
-            }
-            let mut obj = Map::new();
-            obj.insert(
-                "messages".into(),
-                json!([{"role": "user", "content": instruction}, {"role": "assistant", "content": answer}]),
-            );
-            let mut counts = PiiCounts::default();
-            format::map_text(&mut obj, &mut |s: &mut String| {
-                let n = format::normalize_str(s, cfg.unicode);
-                *s = masker.mask(&n, &mut counts).unwrap_or(n);
-            });
-            let row = match format::validate(Value::Object(obj)) {
-                Ok(r) => r,
-                Err(e) => {
-                    rejects.push(reject(index, "invalid", e, &instruction, &answer));
-                    continue;
-                }
-            };
-            let (mi, ma) = example_of(&row).expect("a chat row has both turns");
-            if let Err((reason, detail)) = filters.check(&format::content_text(&row)) {
-                rejects.push(reject(index, reason, detail, &mi, &ma));
-                continue;
-            }
-            let t = pair_text(&mi, &ma);
-            let key = dedup::exact_key(&t);
-            let sig = hasher.signature(&t);
-            let dup = if let Some(&r) = exact.get(&key).filter(|_| cfg.dedup.exact) {
-                Some(("exact_duplicate", r, 1.0))
-            } else if cfg.dedup.near {
-                match near.query_insert(&sig) {
-                    NearResult::Dup { rep, jaccard } => {
-                        Some(("near_duplicate", rep as usize, jaccard))
-                    }
-                    NearResult::New(id) => {
-                        debug_assert_eq!(id as usize, reps.len());
-                        None
-                    }
-                }
-            } else {
-                None
-            };
-            if let Some((reason, rep, j)) = dup {
-                if reason == "exact_duplicate" {
-                    report.counts.exact_duplicates += 1;
-                } else {
-                    report.counts.near_duplicates += 1;
-                }
-                if rep < n_seed_reps {
-                    report.counts.duplicates_of_seeds += 1;
-                }
-                let detail = format!("duplicate of {} (estimated Jaccard {j:.2})", reps[rep]);
-                rejects.push(reject(index, reason, detail, &mi, &ma));
-                continue;
-            }
-            exact.insert(key, reps.len());
-            reps.push(format!("candidate {round}-{index}"));
-            survivors.push(Survivor {
-                index,
-                instruction: mi,
-                answer: ma,
-                sig,
-                shown: g.examples,
-                pii: counts,
-            });
-        }
-        // The judge sees only candidates that passed everything else.
-        let verdicts: Vec<Option<std::result::Result<_, JudgeError>>> = match &judge {
-            Some(j) => {
-                let texts: Vec<String> = survivors
-                    .iter()
-                    .map(|s| format!("user: {}\nassistant: {}", s.instruction, s.answer))
-                    .collect();
-                let refs: Vec<&str> = texts.iter().map(String::as_str).collect();
-                j.score_each(&refs).into_iter().map(Some).collect()
-            }
-            None => survivors.iter().map(|_| None).collect(),
-        };
-        let now = chrono::Utc::now().to_rfc3339_opts(chrono::SecondsFormat::Secs, true);
-        for (sv, v) in survivors.into_iter().zip(verdicts) {
-            let (index, i, a) = (sv.index, &sv.instruction, &sv.answer);
-            let score = match v {
-                None => None,
-                Some(Ok(v)) => {
-                    report.judge.scored += 1;
-                    judge_sum += v.score;
-                    let th = cfg.judge.threshold;
-                    if v.score < th {
-                        report.judge.rejected += 1;
-                        report.counts.judge_rejected += 1;
-                        let detail = format!("judge score {} < {th}: {}", v.score, v.reason);
-                        rejects.push(reject(index, "judge", detail, i, a));
-                        continue;
-                    }
-                    Some(v.score)
-                }
-                // A judge that answers without a score is a verdict against the candidate.
-                Some(Err(JudgeError::NoScore { answer, .. })) => {
-                    report.judge.rejected += 1;
-                    report.counts.judge_rejected += 1;
-                    let detail = format!("judge answered without a score: {answer:?}");
-                    rejects.push(reject(index, "judge", detail, i, a));
-                    continue;
-                }
-                Some(Err(JudgeError::Chat(e))) => return Err(e.into_error()),
-            };
-            let prov = Provenance {
-                synthetic: true,
-                generator: cfg.model.clone(),
-                seed_ids: sv.shown.iter().map(|&s| examples[s].id.clone()).collect(),
-                round,
-                judge_score: score,
-                created_at: now.clone(),
-            };
-            pii.add(&sv.pii);
-            accepted.push(Accepted {
-                row: synthetic_row(i, a, &prov),
-                sig: sv.sig,
-                relevance: score.map_or(1.0, |s| s / 10.0),
-            });
-        }
-        rejects.sort_by_key(|r| r.index);
-        for r in rejects {
-            report.counts.rejected += 1;
-            *report
-                .rejected_by_reason
-                .entry(r.reason.clone())
-                .or_default() += 1;
-            rejected_w.write_line(&serde_json::to_string(&r).expect("JSON"))?;
-            if report.rejected.len() < cfg.listed_limit {
-                report.rejected.push(r);
+            match pool.screen(round, index, g, &mut report)? {
+                Ok(s) => survivors.push(s),
+                Err(r) => rejects.push(r),
             }
         }
-        report.counts.accepted = accepted.len() as u64;
-        on(SynthEvent::Round {
+        pool.judge_and_accept(
+            round,
+            survivors,
+            judge.as_ref(),
+            &examples,
+            &mut report,
+            &mut rejects,
+        )?;
+        record_rejections(rejects, &mut report, &mut rejected_w, cfg.listed_limit)?;
+        report.counts.accepted = pool.accepted.len() as u64;
+        on(Round {
             round,
             generated: report.counts.generated as usize,
-            accepted: accepted.len(),
+            accepted: pool.accepted.len(),
             target,
         });
-        if accepted.len() >= target {
-            report.stopped = "pool_full".into();
+        if pool.accepted.len() >= target {
+            report.stopped = Stopped::PoolFull;
             break;
         }
         if report.counts.generated as usize >= limit {
-            report.stopped = "max_candidates".into();
+            report.stopped = Stopped::MaxCandidates;
             break;
         }
     }
     report.rounds = round;
     rejected_w.finish()?;
     if report.judge.scored > 0 {
-        report.judge.mean_score = Some(judge_sum / report.judge.scored as f64);
+        report.judge.mean_score = Some(pool.judge_sum / report.judge.scored as f64);
     }
 
-    let sigs: Vec<Vec<u32>> = accepted.iter().map(|a| a.sig.clone()).collect();
-    let rel: Vec<f64> = accepted.iter().map(|a| a.relevance).collect();
-    let mut picks = select::mmr_select_signatures(&sigs, cfg.rows, cfg.lambda, Some(&rel));
-    picks.sort_unstable();
-    let path = out.join("synthetic.jsonl");
-    let mut w = SplitWriter::create(&path)?;
-    for &p in &picks {
-        w.write_line(&serde_json::to_string(&accepted[p].row).expect("JSON"))?;
-    }
-    let rows = w.rows;
-    report.output = SplitReport {
-        path: PathBuf::from("synthetic.jsonl"),
-        rows,
-        sha256: w.finish()?,
-        desirable: None,
-        undesirable: None,
-    };
-    report.counts.selected = rows;
-    report.counts.not_selected = accepted.len() as u64 - rows;
-    report.selection = SelectionReport {
-        split: "synthetic".into(),
-        from: accepted.len() as u64,
-        selected: rows,
-        lambda: cfg.lambda,
-    };
-    for k in PiiKind::ALL {
-        if pii.get(k) > 0 {
-            report.pii.insert(k.name().to_string(), pii.get(k));
-        }
-    }
+    let rows = pool.write_selection(out, &mut report)?;
     if report.seeds.invalid > 0 {
         report.warnings.push(format!(
             "{} seed rows are not usable SFT rows (report.json seeds.invalid_listed)",
@@ -1002,35 +1138,14 @@ pub fn synth(
         ));
     }
     report.elapsed_s = started.elapsed().as_secs_f64();
+    let path = out.join("report.json");
     let json = serde_json::to_vec_pretty(&report).expect("report serialises");
-    crate::error::write(&out.join("report.json"), json)?;
+    crate::error::write(&path, json)?;
     if rows == 0 {
-        let reasons: Vec<String> = report
-            .rejected_by_reason
-            .iter()
-            .map(|(k, v)| format!("{k} {v}"))
-            .collect();
-        let first = report
-            .rejected
-            .first()
-            .map(|r| {
-                let d: String = r.detail.chars().take(160).collect();
-                format!("; first: {}: {d:?}", r.reason)
-            })
-            .unwrap_or_default();
-        return Err(Error::parse(
-            out.join("report.json"),
-            format!(
-                "synth accepted no candidate: {} generated in {} rounds, rejected: {}{first}",
-                report.counts.generated,
-                report.rounds,
-                if reasons.is_empty() {
-                    "none".into()
-                } else {
-                    reasons.join(", ")
-                }
-            ),
-        ));
+        return Err(Error::NothingKept {
+            report: path,
+            why: report.why_nothing_accepted(),
+        });
     }
     Ok(report)
 }
