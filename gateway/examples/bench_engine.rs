@@ -27,6 +27,8 @@ use serde_json::{Value, json};
 #[path = "../tests/gateway/kit.rs"]
 mod kit;
 
+use loraops_testkit::{Lora, PeftAdapter, Shapes};
+
 const PROMPT: &str = "Once upon a time, in a land far away,";
 const MAX_TOKENS: usize = 64;
 
@@ -177,15 +179,16 @@ async fn main() {
             let dir = root
                 .path()
                 .join(format!("adapter-{}-{seed}", m.spec.hidden));
-            let a = kit::RandomAdapter {
+            let a = Lora {
                 base_model: "bench-base",
+                targets: &["q_proj", "v_proj"],
                 seed,
                 r: 8,
                 alpha: 16.0,
                 amplitude: 0.1,
                 dora: false,
             };
-            kit::write_random_adapter(&dir, &cfg, &a);
+            PeftAdapter::random(&a, &Shapes::of_config(&cfg)).write(&dir);
             c.push_dir(&dir, "bot", Some("bench-base"), no_progress())
                 .await
                 .unwrap();

@@ -25,6 +25,8 @@ use serde_json::{Value, json};
 #[path = "../tests/gateway/kit.rs"]
 mod kit;
 
+use loraops_testkit::{Lora, PeftAdapter, Shapes};
+
 async fn start(c: &RegistryClient, version: u32, interval: u64) {
     kit::post_evidence(c, "bot", version, "bench_rollout").await;
     let spec = RolloutSpec {
@@ -85,15 +87,16 @@ async fn main() {
     .unwrap();
     for (seed, dora) in [(1, false), (2, false), (3, true)] {
         let dir = root.path().join(format!("adapter-{seed}"));
-        let a = kit::RandomAdapter {
+        let a = Lora {
             base_model: "bench-base",
+            targets: &["q_proj", "v_proj"],
             seed,
             r: 4,
             alpha: 8.0,
             amplitude: 0.1,
             dora,
         };
-        kit::write_random_adapter(&dir, &cfg, &a);
+        PeftAdapter::random(&a, &Shapes::of_config(&cfg)).write(&dir);
         c.push_dir(&dir, "bot", Some("bench-base"), no_progress())
             .await
             .unwrap();

@@ -13,7 +13,8 @@ use loraops_registry::peft::ModelDims;
 use loraops_registry::server::{Application as Registry, RegistrySettings, ServeSettings};
 use serde_json::Value;
 
-use crate::kit::{RandomAdapter, post_evidence, write_random_adapter};
+use crate::kit::post_evidence;
+use loraops_testkit::{Lora, PeftAdapter, Shapes};
 
 pub const SECRET: &str = "gateway-test-secret-0123456789";
 pub const BASE: &str = "tiny-llama";
@@ -47,15 +48,16 @@ pub fn fixture() -> &'static Fixture {
         let dora = root.join("dora");
         // Large weights, so that merging an adapter changes the tiny model's greedy tokens.
         for (dir, seed, dora) in [(&v1, 1, false), (&v2, 2, false), (&dora, 3, true)] {
-            let a = RandomAdapter {
+            let a = Lora {
                 base_model: BASE,
+                targets: &["q_proj", "v_proj"],
                 seed,
                 r: 4,
                 alpha: 16.0,
                 amplitude: 1.6,
                 dora,
             };
-            write_random_adapter(dir, &cfg, &a);
+            PeftAdapter::random(&a, &Shapes::of_config(&cfg)).write(dir);
         }
         Fixture {
             base,

@@ -1,79 +1,12 @@
 //! Test data shared by the gateway's tests and its benchmark programs (`examples/` include this
-//! file with `#[path]`): random PEFT adapters for a base model, and evidence that passes the
-//! default gate.
-
-use std::collections::BTreeMap;
-use std::path::Path;
+//! file with `#[path]`): evidence that passes the default gate. Random PEFT adapters come from
+//! the shared test kit (`loraops-testkit`), as the registry's and the end-to-end tests' do.
 
 use loraops_registry::api::{
     Comparison, EngineIdentity, Name, NewEvidence, NewSuite, SuiteManifest, SuiteRef,
 };
 use loraops_registry::client::RegistryClient;
-use loraops_registry::peft::AdapterConfig;
-use safetensors::tensor::{Dtype, TensorView};
 use serde_json::Value;
-
-/// A LoRA adapter with uniform random A and B in ±`amplitude`/2 on q_proj and v_proj.
-pub struct RandomAdapter<'a> {
-    pub base_model: &'a str,
-    pub seed: u64,
-    pub r: usize,
-    pub alpha: f64,
-    pub amplitude: f32,
-    pub dora: bool,
-}
-
-/// Write `a` into `dir` for the base whose `config.json` is `cfg`.
-pub fn write_random_adapter(dir: &Path, cfg: &Value, a: &RandomAdapter<'_>) {
-    std::fs::create_dir_all(dir).unwrap();
-    let dim = |k: &str| cfg[k].as_u64().unwrap() as usize;
-    let (hidden, layers) = (dim("hidden_size"), dim("num_hidden_layers"));
-    let (heads, kv) = (dim("num_attention_heads"), dim("num_key_value_heads"));
-    let head_dim = hidden / heads;
-    // xorshift: the same bytes for a seed on every machine, without a rand dependency.
-    let mut state = a.seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1;
-    let mut next = move || {
-        state ^= state << 13;
-        state ^= state >> 7;
-        state ^= state << 17;
-        ((state >> 40) as f32 / (1u64 << 24) as f32 - 0.5) * a.amplitude
-    };
-    let mut tensors: BTreeMap<String, (Vec<usize>, Vec<u8>)> = BTreeMap::new();
-    for l in 0..layers {
-        for (m, out) in [("q_proj", heads * head_dim), ("v_proj", kv * head_dim)] {
-            for (ab, shape) in [("A", vec![a.r, hidden]), ("B", vec![out, a.r])] {
-                let n: usize = shape.iter().product();
-                let bytes: Vec<u8> = (0..n).flat_map(|_| next().to_le_bytes()).collect();
-                tensors.insert(
-                    format!("base_model.model.model.layers.{l}.self_attn.{m}.lora_{ab}.weight"),
-                    (shape, bytes),
-                );
-            }
-        }
-    }
-    let views: Vec<(String, TensorView<'_>)> = tensors
-        .iter()
-        .map(|(k, (s, b))| {
-            (
-                k.clone(),
-                TensorView::new(Dtype::F32, s.clone(), b).unwrap(),
-            )
-        })
-        .collect();
-    safetensors::serialize_to_file(views, None, &dir.join("adapter_model.safetensors")).unwrap();
-    let mut c = AdapterConfig::new_lora(
-        a.base_model,
-        a.r,
-        a.alpha,
-        vec!["q_proj".into(), "v_proj".into()],
-    );
-    c.use_dora = a.dora;
-    std::fs::write(
-        dir.join("adapter_config.json"),
-        serde_json::to_vec_pretty(&c).unwrap(),
-    )
-    .unwrap();
-}
 
 /// The one-case smoke suite evidence cites (the registry must hold a suite to take evidence).
 pub async fn smoke_suite(c: &RegistryClient) -> SuiteRef {

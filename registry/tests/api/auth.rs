@@ -5,10 +5,10 @@ use loraops_registry::auth::{AuthSettings, Signer};
 use serde_json::json;
 
 use crate::backends;
-use crate::helpers::{Adapter, Blobs, Db, TestApp, error_of, spawn_app, spawn_with};
+use crate::helpers::{Blobs, Db, TestApp, adapter, error_of, spawn_app, spawn_with};
 
 async fn push_status(app: &TestApp, name: &str, token: Option<&str>) -> u16 {
-    let files = Adapter::new(1, 4, &["q_proj"]).files();
+    let files = adapter(1, 4, &["q_proj"]).files();
     let mut form = reqwest::multipart::Form::new();
     for (n, b) in files {
         form = form.part(n.clone(), reqwest::multipart::Part::bytes(b).file_name(n));
@@ -223,10 +223,10 @@ backends!(reads_can_be_open);
 async fn reads_are_scoped_to_the_tokens_adapters(db: Db, blobs: Blobs) {
     let app = spawn_app(db, blobs).await;
     app.register_base().await;
-    let a = Adapter::new(21, 4, &["q_proj"]);
+    let a = adapter(21, 4, &["q_proj"]);
     assert_eq!(app.push("team-a-bot", &a).await.status(), 201);
     assert_eq!(
-        app.push("team-b-bot", &Adapter::new(22, 4, &["q_proj"]))
+        app.push("team-b-bot", &adapter(22, 4, &["q_proj"]))
             .await
             .status(),
         201

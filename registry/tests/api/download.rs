@@ -3,12 +3,12 @@
 use sha2::{Digest, Sha256};
 
 use crate::backends;
-use crate::helpers::{Adapter, Blobs, Db, error_of, spawn_app};
+use crate::helpers::{Blobs, Db, adapter, error_of, spawn_app};
 
 async fn downloads_stream_with_etag_and_ranges(db: Db, blobs: Blobs) {
     let app = spawn_app(db, blobs).await;
     app.register_base().await;
-    let a = Adapter::new(9, 8, &["q_proj", "k_proj", "v_proj", "o_proj"]);
+    let a = adapter(9, 8, &["q_proj", "k_proj", "v_proj", "o_proj"]);
     let bytes = a.safetensors();
     assert_eq!(app.push("dl", &a).await.status(), 201);
     let path = "/api/v1/adapters/dl/versions/1/files/adapter_model.safetensors";
@@ -90,7 +90,7 @@ backends!(downloads_stream_with_etag_and_ranges, s3);
 async fn the_client_pulls_and_verifies(db: Db, blobs: Blobs) {
     let app = spawn_app(db, blobs).await;
     app.register_base().await;
-    let a = Adapter::new(11, 4, &["gate_proj", "up_proj", "down_proj"]);
+    let a = adapter(11, 4, &["gate_proj", "up_proj", "down_proj"]);
     let dir = tempfile::tempdir().unwrap();
     for (n, b) in a.files() {
         std::fs::write(dir.path().join(n), b).unwrap();

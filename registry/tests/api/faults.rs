@@ -4,7 +4,7 @@
 use std::time::{Duration, Instant};
 
 use crate::backends;
-use crate::helpers::{Adapter, Blobs, Db, spawn_with};
+use crate::helpers::{Adapter, Blobs, Db, adapter, spawn_with};
 
 /// The multipart body of a push (config first, then weights), and its boundary.
 pub fn multipart_body(a: &Adapter) -> (String, Vec<u8>) {
@@ -30,7 +30,7 @@ pub fn multipart_body(a: &Adapter) -> (String, Vec<u8>) {
 async fn a_slow_push_outlives_the_sweep(db: Db, blobs: Blobs) {
     let app = spawn_with(db, blobs, |r| r.orphan_grace_secs = 1).await;
     app.register_base().await;
-    let a = Adapter::new(11, 8, &["q_proj", "k_proj", "v_proj", "o_proj"]);
+    let a = adapter(11, 8, &["q_proj", "k_proj", "v_proj", "o_proj"]);
     let (boundary, body) = multipart_body(&a);
     // The config arrives at once; the weights trickle in over ~3 s.
     let split = body.len() - a.safetensors().len();
@@ -91,7 +91,7 @@ backends!(a_slow_push_outlives_the_sweep, s3);
 async fn a_swept_upload_is_refused_at_publish(db: Db, blobs: Blobs) {
     let app = spawn_with(db, blobs, |r| r.orphan_grace_secs = 3600).await;
     app.register_base().await;
-    let a = Adapter::new(12, 4, &["q_proj"]);
+    let a = adapter(12, 4, &["q_proj"]);
     let (boundary, body) = multipart_body(&a);
     let split = body.len() - 64;
     let (head, tail) = (body[..split].to_vec(), body[split..].to_vec());
@@ -342,7 +342,7 @@ async fn database_connections_dropped_during_pushes(db: Db, blobs: Blobs) {
     let mut acknowledged = Vec::new();
     let mut failed = Vec::new();
     for seed in 0..24u32 {
-        let a = Adapter::new(500 + seed, 4, &["q_proj", "v_proj"]);
+        let a = adapter(500 + seed, 4, &["q_proj", "v_proj"]);
         let res = app.push("flaky", &a).await;
         if res.status().is_success() {
             let v: serde_json::Value = res.json().await.unwrap();
@@ -445,7 +445,7 @@ async fn the_object_store_failing_mid_upload_and_mid_download() {
     app.register_base().await;
     // ~12 MB of weights (more than one multipart part), sent slowly so the store fails while
     // the upload is in progress.
-    let big = Adapter::new(
+    let big = adapter(
         600,
         1536,
         &[

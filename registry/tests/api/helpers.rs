@@ -1,8 +1,6 @@
 //! `spawn_app`: a real registry on port 0 over a real database (SQLite file or a fresh
 //! PostgreSQL database) and a real object store (temp dir or the S3-compatible test server),
-//! plus fixtures: PEFT adapters built with the safetensors crate.
-
-use std::collections::HashMap;
+//! plus fixtures: PEFT adapters from the shared test kit (`loraops-testkit`).
 
 use actix_web::web;
 use loraops_registry::api::Role;
@@ -10,8 +8,8 @@ use loraops_registry::auth::{AuthSettings, Signer};
 use loraops_registry::server::{
     AppState, Application, RegistrySettings, S3Settings, ServeSettings,
 };
+use loraops_testkit::{Lora, PeftAdapter, Shapes};
 use reqwest::multipart;
-use safetensors::tensor::{Dtype, TensorView};
 use serde_json::{Value, json};
 
 #[derive(Debug, Clone, Copy, PartialEq)]
@@ -330,106 +328,23 @@ impl TestApp {
     }
 }
 
-/// A PEFT LoRA adapter for the `tiny-llama` base (hidden 64, 4 heads, 2 KV heads of 16).
-#[derive(Clone)]
-pub struct Adapter {
-    pub config: Value,
-    pub tensors: Vec<(String, Vec<usize>, Vec<f32>)>,
-    pub manifest: Option<Value>,
-}
+/// A PEFT LoRA adapter (the shared test kit's).
+pub type Adapter = PeftAdapter;
 
-pub fn out_features(module: &str) -> usize {
-    match module {
-        "q_proj" | "o_proj" | "down_proj" => 64,
-        "k_proj" | "v_proj" => 32,
-        _ => 128,
-    }
-}
-
-impl Adapter {
-    pub fn new(seed: u32, r: usize, targets: &[&str]) -> Self {
-        let mut tensors = Vec::new();
-        let mut x = seed.wrapping_mul(2654435761).max(1);
-        let mut next = move || {
-            x ^= x << 13;
-            x ^= x >> 17;
-            x ^= x << 5;
-            (x as f32 / u32::MAX as f32) - 0.5
-        };
-        for layer in 0..2 {
-            for m in targets {
-                let block =
-                    if m.ends_with("proj") && ["gate_proj", "up_proj", "down_proj"].contains(m) {
-                        "mlp"
-                    } else {
-                        "self_attn"
-                    };
-                let in_f = if *m == "down_proj" { 128 } else { 64 };
-                let key = |ab: &str| {
-                    format!("base_model.model.model.layers.{layer}.{block}.{m}.lora_{ab}.weight")
-                };
-                tensors.push((
-                    key("A"),
-                    vec![r, in_f],
-                    (0..r * in_f).map(|_| next()).collect(),
-                ));
-                let out = out_features(m);
-                tensors.push((
-                    key("B"),
-                    vec![out, r],
-                    (0..out * r).map(|_| next()).collect(),
-                ));
-            }
-        }
-        let config = json!({
-            "peft_type": "LORA", "task_type": "CAUSAL_LM", "r": r, "lora_alpha": 2 * r, "lora_dropout": 0.05,
-            "target_modules": targets, "base_model_name_or_path": format!("/models/{BASE}"), "bias": "none",
-            "use_rslora": false, "use_dora": false, "fan_in_fan_out": false, "inference_mode": true
-        });
-        Self {
-            config,
-            tensors,
-            manifest: None,
-        }
-    }
-
-    pub fn safetensors(&self) -> Vec<u8> {
-        let bytes: Vec<(String, Vec<usize>, Vec<u8>)> = self
-            .tensors
-            .iter()
-            .map(|(n, s, v)| {
-                (
-                    n.clone(),
-                    s.clone(),
-                    v.iter().flat_map(|f| f.to_le_bytes()).collect(),
-                )
-            })
-            .collect();
-        let views: HashMap<String, TensorView> = bytes
-            .iter()
-            .map(|(n, s, b)| {
-                (
-                    n.clone(),
-                    TensorView::new(Dtype::F32, s.clone(), b).unwrap(),
-                )
-            })
-            .collect();
-        safetensors::serialize(views, None).unwrap()
-    }
-
-    pub fn files(&self) -> Vec<(String, Vec<u8>)> {
-        let mut f = vec![
-            (
-                "adapter_config.json".to_string(),
-                serde_json::to_vec_pretty(&self.config).unwrap(),
-            ),
-            ("adapter_model.safetensors".to_string(), self.safetensors()),
-        ];
-        if let Some(m) = &self.manifest {
-            f.push(("manifest.json".to_string(), serde_json::to_vec(m).unwrap()));
-        }
-        f
-    }
+/// A seeded random adapter on `targets` for the `tiny-llama` base (the default tiny model's
+/// shapes: hidden 64, 4 heads and 2 KV heads of 16, intermediate 128, 2 layers).
+pub fn adapter(seed: u32, r: usize, targets: &[&str]) -> Adapter {
+    let base = format!("/models/{BASE}");
+    let lora = Lora {
+        base_model: &base,
+        targets,
+        r,
+        alpha: 2.0 * r as f64,
+        seed: seed.into(),
+        amplitude: 1.0,
+        dora: false,
+    };
+    PeftAdapter::random(&lora, &Shapes::tiny())
 }
 
 /// The `{"error":{…}}` body of a failed response, with its status.

@@ -2,7 +2,7 @@
 
 use serde_json::Value;
 
-use crate::helpers::{Adapter, Blobs, Db, spawn_app};
+use crate::helpers::{Blobs, Db, adapter, spawn_app};
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn health_ready_metrics_and_openapi() {
@@ -29,7 +29,7 @@ async fn health_ready_metrics_and_openapi() {
     );
 
     app.register_base().await;
-    let a = Adapter::new(1, 4, &["q_proj"]);
+    let a = adapter(1, 4, &["q_proj"]);
     let size: usize = a.files().iter().map(|(_, b)| b.len()).sum();
     assert_eq!(app.push("m", &a).await.status(), 201);
     let m = app.metrics().await;

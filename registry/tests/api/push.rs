@@ -3,12 +3,12 @@
 use serde_json::Value;
 
 use crate::backends;
-use crate::helpers::{Adapter, Blobs, Db, error_of, spawn_app, spawn_with};
+use crate::helpers::{Blobs, Db, adapter, error_of, spawn_app, spawn_with};
 
 async fn versions_are_numbered_and_identical_bytes_return_the_same_version(db: Db, blobs: Blobs) {
     let app = spawn_app(db, blobs).await;
     app.register_base().await;
-    let a1 = Adapter::new(1, 4, &["q_proj", "v_proj"]);
+    let a1 = adapter(1, 4, &["q_proj", "v_proj"]);
     let res = app.push("support-bot", &a1).await;
     assert_eq!(res.status(), 201);
     let v1: Value = res.json().await.unwrap();
@@ -25,7 +25,7 @@ async fn versions_are_numbered_and_identical_bytes_return_the_same_version(db: D
     );
 
     let res = app
-        .push("support-bot", &Adapter::new(2, 4, &["q_proj", "v_proj"]))
+        .push("support-bot", &adapter(2, 4, &["q_proj", "v_proj"]))
         .await;
     assert_eq!(res.status(), 201);
     let v2: Value = res.json().await.unwrap();
@@ -64,10 +64,7 @@ async fn concurrent_pushes_get_distinct_versions(db: Db, blobs: Blobs) {
     app.register_base().await;
     let pushes = (0..6).map(|i| {
         let app = &app;
-        async move {
-            app.push("racer", &Adapter::new(100 + i, 4, &["q_proj"]))
-                .await
-        }
+        async move { app.push("racer", &adapter(100 + i, 4, &["q_proj"])).await }
     });
     let results = futures_util::future::join_all(pushes).await;
     let mut versions = Vec::new();
@@ -87,7 +84,7 @@ backends!(concurrent_pushes_get_distinct_versions, s3);
 async fn concurrent_identical_pushes_make_one_version(db: Db, blobs: Blobs) {
     let app = spawn_app(db, blobs).await;
     app.register_base().await;
-    let a = Adapter::new(7, 4, &["q_proj", "k_proj"]);
+    let a = adapter(7, 4, &["q_proj", "k_proj"]);
     let pushes = (0..4).map(|_| app.push("twin", &a));
     let results = futures_util::future::join_all(pushes).await;
     let mut created = 0;
@@ -112,7 +109,7 @@ async fn a_failed_push_leaves_nothing_behind(db: Db, blobs: Blobs) {
     let app = spawn_app(db, blobs).await;
     app.register_base().await;
     // Valid files, but the tensors disagree with r: rejected after the blobs were written.
-    let mut bad = Adapter::new(3, 4, &["q_proj"]);
+    let mut bad = adapter(3, 4, &["q_proj"]);
     bad.config["r"] = serde_json::json!(8);
     let (status, err) = error_of(app.push("ghost", &bad).await).await;
     assert_eq!(status, 422);
@@ -144,7 +141,7 @@ backends!(a_failed_push_leaves_nothing_behind, s3);
 async fn an_interrupted_upload_is_swept(db: Db, blobs: Blobs) {
     let app = spawn_app(db, blobs).await;
     app.register_base().await;
-    let ok = app.push("keep", &Adapter::new(1, 4, &["q_proj"])).await;
+    let ok = app.push("keep", &adapter(1, 4, &["q_proj"])).await;
     assert_eq!(ok.status(), 201);
 
     // Simulate a registry that died mid-upload: a pending row and blobs, no version.
@@ -205,7 +202,7 @@ async fn oversize_uploads_are_rejected(db: Db, blobs: Blobs) {
     let app = spawn_with(db, blobs, |r| r.max_upload_bytes = 2000).await;
     app.register_base().await;
     let (status, err) = error_of(
-        app.push("big", &Adapter::new(1, 8, &["q_proj", "v_proj", "o_proj"]))
+        app.push("big", &adapter(1, 8, &["q_proj", "v_proj", "o_proj"]))
             .await,
     )
     .await;
@@ -224,7 +221,7 @@ backends!(oversize_uploads_are_rejected);
 async fn lineage_from_the_manifest_is_kept(db: Db, blobs: Blobs) {
     let app = spawn_app(db, blobs).await;
     app.register_base().await;
-    let mut a = Adapter::new(5, 4, &["q_proj"]);
+    let mut a = adapter(5, 4, &["q_proj"]);
     a.manifest = Some(
         serde_json::json!({"format": "loraops.training/v1", "method": "sft", "datasets": [{"role": "train", "digest": "sha256:ab"}]}),
     );
@@ -241,7 +238,7 @@ async fn a_client_that_disconnects_mid_upload_leaves_nothing(db: Db, blobs: Blob
     use tokio::io::AsyncWriteExt;
     let app = spawn_app(db, blobs).await;
     app.register_base().await;
-    let a = Adapter::new(4, 8, &["q_proj", "k_proj", "v_proj", "o_proj"]);
+    let a = adapter(4, 8, &["q_proj", "k_proj", "v_proj", "o_proj"]);
     let weights = a.safetensors();
     let boundary = "loraopsboundary";
     let mut body = Vec::new();
@@ -319,7 +316,7 @@ backends!(a_client_that_disconnects_mid_upload_leaves_nothing, s3);
 async fn a_version_with_missing_blobs_is_healed_by_a_repush(db: Db, blobs: Blobs) {
     let app = spawn_app(db, blobs).await;
     app.register_base().await;
-    let adapter = Adapter::new(7, 4, &["q_proj", "v_proj"]);
+    let adapter = adapter(7, 4, &["q_proj", "v_proj"]);
     assert_eq!(app.push("healme", &adapter).await.status(), 201);
     let file = "/api/v1/adapters/healme/versions/1/files/adapter_model.safetensors";
 

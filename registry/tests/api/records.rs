@@ -3,14 +3,14 @@
 use serde_json::{Value, json};
 
 use crate::backends;
-use crate::helpers::{Adapter, Blobs, Db, error_of, spawn_app};
+use crate::helpers::{Blobs, Db, adapter, error_of, spawn_app};
 
 async fn listings_paginate(db: Db, blobs: Blobs) {
     let app = spawn_app(db, blobs).await;
     app.register_base().await;
     for i in 0..5 {
         assert_eq!(
-            app.push(&format!("a{i}"), &Adapter::new(i, 4, &["q_proj"]))
+            app.push(&format!("a{i}"), &adapter(i, 4, &["q_proj"]))
                 .await
                 .status(),
             201
@@ -18,7 +18,7 @@ async fn listings_paginate(db: Db, blobs: Blobs) {
     }
     for i in 0..3 {
         assert_eq!(
-            app.push("a0", &Adapter::new(50 + i, 4, &["q_proj"]))
+            app.push("a0", &adapter(50 + i, 4, &["q_proj"]))
                 .await
                 .status(),
             201
@@ -68,7 +68,7 @@ async fn evidence_binds_to_the_version_digest(db: Db, blobs: Blobs) {
     let app = spawn_app(db, blobs).await;
     app.register_base().await;
     let v: Value = app
-        .push("ev", &Adapter::new(1, 4, &["q_proj"]))
+        .push("ev", &adapter(1, 4, &["q_proj"]))
         .await
         .json()
         .await

@@ -9,7 +9,7 @@ use std::time::Duration;
 use serde_json::{Value, json};
 
 use crate::backends;
-use crate::helpers::{Adapter, Blobs, Db, TestApp, error_of, spawn_with};
+use crate::helpers::{Blobs, Db, TestApp, adapter, error_of, spawn_with};
 
 pub async fn app(db: Db, blobs: Blobs) -> TestApp {
     let app = spawn_with(db, blobs, |r| r.controller_tick_ms = 50).await;
@@ -19,7 +19,7 @@ pub async fn app(db: Db, blobs: Blobs) -> TestApp {
 
 /// Push a version and return its digest.
 pub async fn push(app: &TestApp, name: &str, seed: u32) -> String {
-    let res = app.push(name, &Adapter::new(seed, 4, &["q_proj"])).await;
+    let res = app.push(name, &adapter(seed, 4, &["q_proj"])).await;
     assert!(res.status().is_success(), "push: {}", res.status());
     let v: Value = res.json().await.unwrap();
     v["digest"].as_str().unwrap().to_string()

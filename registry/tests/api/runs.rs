@@ -5,7 +5,7 @@ use loraops_registry::api::Role;
 use serde_json::{Value, json};
 
 use crate::backends;
-use crate::helpers::{Adapter, Blobs, Db, error_of};
+use crate::helpers::{Blobs, Db, adapter, error_of};
 use crate::rollouts::{app, evidence, observe, push, start};
 
 fn new_run(id: &str, adapter: &str) -> Value {
@@ -183,7 +183,7 @@ async fn runs_are_recorded_idempotently_and_scoped(db: Db, blobs: Blobs) {
     assert_eq!(app.get("/api/v1/runs", &inference).await.status(), 403);
 
     // A version pushed with the run's manifest links both ways.
-    let mut adapter = Adapter::new(7, 4, &["q_proj"]);
+    let mut adapter = adapter(7, 4, &["q_proj"]);
     adapter.manifest = Some(json!({"format": "loraops.training/v1", "method": "sft",
         "trainer_version": "t", "base_model": "tiny-llama", "config": {},
         "created_at": "2026-12-06T00:00:00Z", "run_id": id}));

@@ -3,7 +3,7 @@
 use serde_json::{Value, json};
 
 use crate::backends;
-use crate::helpers::{Adapter, Blobs, Db, TestApp, error_of, spawn_app};
+use crate::helpers::{Blobs, Db, TestApp, adapter, error_of, spawn_app};
 
 async fn rejected(app: &TestApp, name: &str, files: Vec<(String, Vec<u8>)>) -> (u16, Value) {
     error_of(app.push_files(name, &files, &app.publisher).await).await
@@ -25,7 +25,7 @@ fn with(files: &[(String, Vec<u8>)], name: &str, bytes: Vec<u8>) -> Vec<(String,
 async fn bad_adapters_are_rejected_with_the_reason(db: Db, blobs: Blobs) {
     let app = spawn_app(db, blobs).await;
     app.register_base().await;
-    let good = Adapter::new(1, 4, &["q_proj", "v_proj"]);
+    let good = adapter(1, 4, &["q_proj", "v_proj"]);
     let files = good.files();
 
     // Missing part.
@@ -191,7 +191,7 @@ backends!(bad_adapters_are_rejected_with_the_reason);
 async fn names_with_separators_are_rejected(db: Db, blobs: Blobs) {
     let app = spawn_app(db, blobs).await;
     app.register_base().await;
-    let files = Adapter::new(1, 4, &["q_proj"]).files();
+    let files = adapter(1, 4, &["q_proj"]).files();
     for bad in ["a..b", "-lead", "a%2Fb", "a%5Cb", "a%2F..%2Fb", "x@2"] {
         let (s, e) = error_of(app.push_files(bad, &files, &app.publisher).await).await;
         assert_eq!(s, 400, "{bad}: {e}");
@@ -219,12 +219,12 @@ async fn a_version_must_keep_its_base_model(db: Db, blobs: Blobs) {
         .unwrap();
     assert_eq!(res.status(), 201);
     assert_eq!(
-        app.push("pinned", &Adapter::new(1, 4, &["q_proj"]))
+        app.push("pinned", &adapter(1, 4, &["q_proj"]))
             .await
             .status(),
         201
     );
-    let mut other = Adapter::new(2, 4, &["q_proj"]);
+    let mut other = adapter(2, 4, &["q_proj"]);
     other.config["base_model_name_or_path"] = json!("other-base");
     let (s, e) = error_of(app.push("pinned", &other).await).await;
     assert_eq!((s, e["code"].as_str()), (422, Some("base_model_mismatch")));
@@ -259,13 +259,13 @@ backends!(a_version_must_keep_its_base_model);
 async fn oversized_configs_and_headers_are_refused(db: Db, blobs: Blobs) {
     let app = spawn_app(db, blobs).await;
     app.register_base().await;
-    let mut big = Adapter::new(31, 4, &["q_proj"]);
+    let mut big = adapter(31, 4, &["q_proj"]);
     big.config["padding"] = serde_json::json!("x".repeat(100 << 10));
     let (status, _) = error_of(app.push("big-config", &big).await).await;
     assert_eq!(status, 413);
 
     // A valid file whose header is padded (as the format allows) to 9 MiB.
-    let a = Adapter::new(32, 4, &["q_proj"]);
+    let a = adapter(32, 4, &["q_proj"]);
     let file = a.safetensors();
     let n = u64::from_le_bytes(file[..8].try_into().unwrap()) as usize;
     let mut header = file[8..8 + n].to_vec();

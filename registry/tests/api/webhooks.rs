@@ -13,7 +13,7 @@ use serde_json::{Value, json};
 use sha2::Sha256;
 
 use crate::backends;
-use crate::helpers::{Adapter, Blobs, Db, spawn_with};
+use crate::helpers::{Blobs, Db, adapter, spawn_with};
 
 const SECRET: &str = "whsec-loraops-test";
 
@@ -123,10 +123,10 @@ async fn webhooks_are_signed_retried_and_survive_restarts(db: Db, blobs: Blobs) 
     app.register_base().await;
 
     // A refused push makes no event; an accepted one does, retried while the receiver fails.
-    let mut bad = Adapter::new(1, 4, &["q_proj"]);
+    let mut bad = adapter(1, 4, &["q_proj"]);
     bad.config["peft_type"] = json!("IA3");
     assert_eq!(app.push("hooked", &bad).await.status(), 422);
-    let res = app.push("hooked", &Adapter::new(1, 4, &["q_proj"])).await;
+    let res = app.push("hooked", &adapter(1, 4, &["q_proj"])).await;
     assert_eq!(res.status(), 201);
     let pushed: Value = res.json().await.unwrap();
     wait_for(&rx, "two failed attempts", |s| s.len() >= 2).await;
@@ -278,7 +278,7 @@ async fn endpoints_are_isolated_redirects_refused_and_rows_pruned() {
     let t = Instant::now();
     for i in 0..4 {
         assert_eq!(
-            app.push(&format!("iso-{i}"), &Adapter::new(40 + i, 4, &["q_proj"]))
+            app.push(&format!("iso-{i}"), &adapter(40 + i, 4, &["q_proj"]))
                 .await
                 .status(),
             201
