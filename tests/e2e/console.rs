@@ -10,8 +10,8 @@ use std::process::Command;
 
 use serde_json::{Value, json};
 
-use super::stack::Stack;
-use super::{chat_data, exe, init_tiny, ok_json as ok, run_ok};
+use crate::helpers::{chat_data, exe, init_tiny, ok_json as ok, run_ok};
+use crate::stack::Stack;
 
 fn post(url: &str, token: &str, body: &Value) -> Value {
     let rt = tokio::runtime::Runtime::new().unwrap();
@@ -85,7 +85,7 @@ fn the_console_in_a_browser() {
             c.args(["--data-dir", stack.data.to_str().unwrap()])
                 .args(["token", "issue", "--sub", "other-team", "--role", "viewer"])
                 .args(["--adapters", "billing-*", "--ttl", "30m"])
-                .env("LORAOPS_AUTH__HS256_SECRET", super::SECRET);
+                .env("LORAOPS_AUTH__HS256_SECRET", crate::helpers::SECRET);
             c
         })
         .stdout,

@@ -8,8 +8,8 @@ use std::process::{Command, Output};
 
 use serde_json::{Value, json};
 
-use super::stack::Stack;
-use super::{exe, ok_json};
+use crate::helpers::{exe, ok_json};
+use crate::stack::Stack;
 
 /// `loraops ARGS` with the gateway's token (or none), without inherited loraops settings.
 fn loraops(token: Option<&str>, args: &[&str]) -> Output {

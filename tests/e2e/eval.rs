@@ -8,8 +8,8 @@ use std::process::Command;
 use serde_json::{Value, json};
 use sha2::{Digest, Sha256};
 
-use super::stack::Stack;
-use super::{chat_data, exe, init_tiny, ok_json, run_ok};
+use crate::helpers::{chat_data, exe, init_tiny, ok_json, run_ok};
+use crate::stack::Stack;
 
 fn get_json(url: &str, token: &str) -> Value {
     let rt = tokio::runtime::Runtime::new().unwrap();

@@ -6,7 +6,7 @@ use std::path::Path;
 
 use serde_json::{Value, json};
 
-use super::{Registry, ok_json};
+use crate::helpers::{Registry, ok_json};
 
 fn write_jsonl(path: &Path, rows: &[Value]) {
     let text: String = rows.iter().map(|r| r.to_string() + "\n").collect();
@@ -22,7 +22,7 @@ fn first_step(out: &Path) -> Value {
 fn dpo_continues_from_the_pushed_sft_version_and_its_lineage_names_it() {
     let reg = Registry::start();
     let dir = tempfile::tempdir().unwrap();
-    let base = super::init_tiny(&dir.path().join("tiny"));
+    let base = crate::helpers::init_tiny(&dir.path().join("tiny"));
     let sft_data = dir.path().join("sft.jsonl");
     write_jsonl(
         &sft_data,

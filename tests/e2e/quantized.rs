@@ -6,7 +6,7 @@ use std::process::Command;
 
 use serde_json::Value;
 
-use crate::{chat_data, exe, init_tiny, run_ok};
+use crate::helpers::{chat_data, exe, init_tiny, run_ok};
 
 #[test]
 fn qlora_trains_on_a_base_quantised_by_model_quantize() {

@@ -7,7 +7,7 @@ use std::time::{Duration, Instant};
 
 use serde_json::{Value, json};
 
-use super::{Registry, chat_data, exe, init_tiny, ok_json};
+use crate::helpers::{Registry, chat_data, exe, init_tiny, ok_json};
 
 fn get(url: &str, token: &str) -> Option<Value> {
     let rt = tokio::runtime::Runtime::new().unwrap();

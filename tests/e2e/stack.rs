@@ -5,7 +5,7 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Output, Stdio};
 use std::time::{Duration, Instant};
 
-use super::{SECRET, exe, free_port};
+use crate::helpers::{SECRET, exe, free_port};
 
 pub struct Stack {
     child: Child,
