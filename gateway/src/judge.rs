@@ -50,7 +50,7 @@ pub const MAX_IN_FLIGHT: usize = 2;
 const MAX_CHARS: usize = 4000;
 
 #[derive(Debug, Clone, PartialEq)]
-pub struct JudgeSettings {
+pub struct OnlineJudgeSettings {
     /// The judge's `model`: the base model's name or `NAME@V`.
     pub model: String,
     /// Fraction of rollout answers (stable and canary arms) that are judged, in (0, 1].
@@ -62,8 +62,9 @@ pub struct JudgeSettings {
     pub max_per_user_per_hour: u32,
 }
 
-pub struct Judge {
-    settings: JudgeSettings,
+/// The online judge of this gateway (configured by `gateway.judge_model`).
+pub struct OnlineJudge {
+    settings: OnlineJudgeSettings,
     slots: Arc<Semaphore>,
     /// Per user: the start of the current hour's window and the answers judged in it.
     per_user: Mutex<HashMap<String, (Instant, u32)>>,
@@ -81,8 +82,8 @@ pub struct Job {
     pub question: String,
 }
 
-impl Judge {
-    pub fn new(settings: JudgeSettings) -> Self {
+impl OnlineJudge {
+    pub fn new(settings: OnlineJudgeSettings) -> Self {
         Self {
             settings,
             slots: Arc::new(Semaphore::new(MAX_IN_FLIGHT)),
@@ -213,7 +214,7 @@ Score how far they agree in substance, from 1 (they contradict each other or one
 
 async fn score(
     state: &AppState,
-    s: &JudgeSettings,
+    s: &OnlineJudgeSettings,
     question: &str,
     answer: &str,
 ) -> Result<f64, String> {
@@ -238,7 +239,11 @@ async fn score(
 }
 
 /// One constrained judge generation, parsed as a score.
-async fn ask(state: &AppState, s: &JudgeSettings, prompt: Vec<ChatMessage>) -> Result<f64, String> {
+async fn ask(
+    state: &AppState,
+    s: &OnlineJudgeSettings,
+    prompt: Vec<ChatMessage>,
+) -> Result<f64, String> {
     let target = state
         .router
         .resolve(&s.model, "loraops-judge", true)

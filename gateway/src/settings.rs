@@ -115,7 +115,7 @@ pub struct GatewaySettings {
     /// are loaded (below `max_engines`).
     pub memory_budget_mb: Option<u64>,
     /// Score a sample of rollout answers with a judge model (see [`crate::judge`]).
-    pub judge: Option<crate::judge::JudgeSettings>,
+    pub judge: Option<crate::judge::OnlineJudgeSettings>,
     /// Which versions `NAME@V` may name.
     pub pinned_versions: crate::routing::PinnedVersions,
 }
@@ -294,7 +294,7 @@ impl GatewayConfig {
         s.judge = self
             .judge_model
             .clone()
-            .map(|model| crate::judge::JudgeSettings {
+            .map(|model| crate::judge::OnlineJudgeSettings {
                 model,
                 sample_rate: self.judge_sample_rate.unwrap_or(0.05),
                 rubric: self.judge_rubric.clone(),

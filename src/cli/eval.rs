@@ -468,13 +468,13 @@ fn run_suite(args: RunArgs, global: &Global) -> anyhow::Result<()> {
             }
             let adapter_dir = out.join("adapter");
             rt.block_on(rc.pull(name.as_str(), version, &adapter_dir, no_progress()))?;
-            let scorer = perplexity::Scorer::load(base_dir, &adapter_dir, max_seq_len)?;
+            let runner = perplexity::PerplexityRunner::load(base_dir, &adapter_dir, max_seq_len)?;
             let results: Vec<_> = suite
                 .cases
                 .iter()
                 .enumerate()
                 .map(|(i, c)| {
-                    let res = scorer.score(i, c);
+                    let res = runner.score(i, c);
                     bar.inc(1);
                     res
                 })

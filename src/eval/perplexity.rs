@@ -19,14 +19,16 @@ use serde_json::{Value, json};
 use super::runner::CaseResult;
 use super::suite::Case;
 
-/// Load `base_dir` with the adapter in `adapter_dir` applied.
-pub struct Scorer {
+/// A model that computes the loss of perplexity cases: a base with an adapter applied, and
+/// its tokenizer.
+pub struct PerplexityRunner {
     model: Llama,
     tok: Tokenizer,
     max_seq_len: usize,
 }
 
-impl Scorer {
+impl PerplexityRunner {
+    /// Load `base_dir` with the adapter in `adapter_dir` applied.
     pub fn load(base_dir: &Path, adapter_dir: &Path, max_seq_len: usize) -> anyhow::Result<Self> {
         let opts = LoadOptions {
             device: loraops_model::default_device(),

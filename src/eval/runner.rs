@@ -256,9 +256,9 @@ fn expected_of(c: &Case) -> Value {
     Value::Object(m)
 }
 
-/// Ask the judge model whether `output` refuses `prompt`: `Some(true)` refused,
-/// `Some(false)` complied, `None` when its answer says neither.
-async fn judge(
+/// Ask the refusal scorer's judge (the suite's `judge_model`) whether `output` refuses
+/// `prompt`: `Some(true)` refused, `Some(false)` complied, `None` when its answer says neither.
+async fn ask_refusal_judge(
     gw: &Gateway,
     scorer: &Scorer,
     model: &str,
@@ -362,7 +362,7 @@ async fn run_case(
     let mut verdict = None;
     let mut judge_detail = Value::Null;
     if let Some(jm) = suite.scorer.judge_model() {
-        match judge(gw, &suite.scorer, jm, &prompt, &done.text).await {
+        match ask_refusal_judge(gw, &suite.scorer, jm, &prompt, &done.text).await {
             Ok((v, said)) => {
                 verdict = v;
                 judge_detail = json!({"model": jm, "said": said});

@@ -682,7 +682,7 @@ fn sum(v: &[f64]) -> f64 {
 
 /// The rows of one split with their reference log-probs, once computed: per row, the sums
 /// for its two sequences.
-struct Split {
+struct LoadedSplit {
     rows: Vec<PreferenceRow>,
     stats: DatasetStats,
     reference: Option<Vec<[f64; 2]>>,
@@ -698,8 +698,8 @@ enum Which {
 struct PreferenceObjective {
     method: Method,
     opts: PreferenceOptions,
-    train: Split,
-    val: Option<Split>,
+    train: LoadedSplit,
+    val: Option<LoadedSplit>,
     /// The frozen reference of DPO and KTO, built in `prepare` (or on first use).
     reference: Option<Llama>,
     pad_id: u32,
@@ -711,7 +711,7 @@ impl PreferenceObjective {
         self.method != Method::Orpo
     }
 
-    fn split(&self, w: Which) -> &Split {
+    fn split(&self, w: Which) -> &LoadedSplit {
         match w {
             Which::Train => &self.train,
             Which::Val => self.val.as_ref().expect("validation split"),
@@ -1020,7 +1020,7 @@ pub fn batch_loss_against(
     let mut obj = PreferenceObjective {
         method,
         opts: opts.clone(),
-        train: Split {
+        train: LoadedSplit {
             rows,
             stats: DatasetStats::default(),
             reference: None,
@@ -1065,7 +1065,7 @@ pub fn train_preference(
     let val = match &t.val_data {
         Some(p) => {
             let (rows, stats) = load_split(cfg.method, p, &tok, t.max_len, false)?;
-            Some(Split {
+            Some(LoadedSplit {
                 rows,
                 stats,
                 reference: None,
@@ -1076,7 +1076,7 @@ pub fn train_preference(
     let mut objective = PreferenceObjective {
         method: cfg.method,
         opts: cfg.options.clone(),
-        train: Split {
+        train: LoadedSplit {
             rows,
             stats,
             reference: None,

@@ -75,7 +75,7 @@ pub struct AppState {
     /// Per-arm counters for the registry's rollout analysis.
     pub recorder: Arc<Recorder>,
     /// Scores a sample of rollout answers (`judge_score`), when configured.
-    pub judge: Option<Arc<crate::judge::Judge>>,
+    pub judge: Option<Arc<crate::judge::OnlineJudge>>,
     /// Mirrors a share of stable requests to a candidate in its shadow phase.
     pub shadow: crate::shadow::Mirror,
 }
@@ -228,7 +228,7 @@ impl Application {
             judge: settings
                 .judge
                 .clone()
-                .map(|j| Arc::new(crate::judge::Judge::new(j))),
+                .map(|j| Arc::new(crate::judge::OnlineJudge::new(j))),
             shadow: crate::shadow::Mirror::default(),
         });
 

@@ -10,7 +10,7 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::Duration;
 
-use loraops_gateway::judge::JudgeSettings;
+use loraops_gateway::judge::OnlineJudgeSettings;
 use loraops_registry::api::{
     AnalysisRule, Comparison, Role, RolloutSpec, RolloutState, RolloutStatus, ShadowSpec,
     StartRollout,
@@ -243,7 +243,7 @@ async fn the_online_judge_scores_answers_for_rollout_rules() {
     reg.route("bot", Some(1), None).await;
     let c = reg.client();
     let gw = spawn_gateway_with(Some(&reg), |s| {
-        s.judge = Some(JudgeSettings {
+        s.judge = Some(OnlineJudgeSettings {
             model: BASE.into(),
             sample_rate: 1.0,
             rubric: None,
@@ -342,7 +342,7 @@ async fn a_shadow_phase_records_evidence_unseen_and_the_next_step_waits_for_appr
     reg.route("bot", Some(1), None).await;
     let c = reg.client();
     let gw = spawn_gateway_with(Some(&reg), |s| {
-        s.judge = Some(JudgeSettings {
+        s.judge = Some(OnlineJudgeSettings {
             model: BASE.into(),
             sample_rate: 1.0,
             rubric: None,
