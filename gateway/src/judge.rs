@@ -285,7 +285,7 @@ mod tests {
     /// hour; other users are unaffected.
     #[test]
     fn each_user_is_judged_at_most_the_cap_per_hour() {
-        let j = Judge::new(JudgeSettings {
+        let j = OnlineJudge::new(OnlineJudgeSettings {
             model: "base".into(),
             sample_rate: 1.0,
             rubric: None,

@@ -373,8 +373,8 @@ backends!(a_version_with_missing_blobs_is_healed_by_a_repush, s3);
 /// refused with 507 and leaves nothing; re-pushing a version it holds, and other adapters,
 /// are not affected.
 async fn a_push_past_the_adapters_quota_is_refused(db: Db, blobs: Blobs) {
-    let first = Adapter::new(11, 4, &["q_proj", "v_proj"]);
-    let second = Adapter::new(12, 4, &["q_proj", "v_proj"]);
+    let first = adapter(11, 4, &["q_proj", "v_proj"]);
+    let second = adapter(12, 4, &["q_proj", "v_proj"]);
     let weights = first.safetensors().len() as u64;
     // Room for one version (its weights and small JSON files), not two.
     let app = spawn_with(db, blobs, |r| r.max_adapter_bytes = weights * 3 / 2).await;
