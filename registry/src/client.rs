@@ -262,6 +262,13 @@ impl RegistryClient {
             .await
     }
 
+    /// Delete `name@version` (admin; not the stable version nor an active rollout's candidate).
+    pub async fn delete_version(&self, name: &str, version: u32) -> Result<(), ClientError> {
+        let path = format!("/api/v1/adapters/{name}/versions/{version}");
+        self.send(self.request(Method::DELETE, &path)).await?;
+        Ok(())
+    }
+
     pub async fn version(&self, name: &str, version: u32) -> Result<AdapterVersion, ClientError> {
         self.get(&format!("/api/v1/adapters/{name}/versions/{version}"))
             .await

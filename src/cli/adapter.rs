@@ -40,6 +40,13 @@ pub enum AdapterCmd {
         #[command(flatten)]
         client: ClientArgs,
     },
+    /// Delete `NAME@V` for good: its files, evidence and blobs (admin token). The stable
+    /// version and an active rollout's candidate are refused; numbers are never reused.
+    Delete {
+        adapter: String,
+        #[command(flatten)]
+        client: ClientArgs,
+    },
 }
 
 fn parse_ref(s: &str) -> Result<AdapterRef, UsageError> {
@@ -185,6 +192,15 @@ pub fn run(cmd: AdapterCmd, global: &Global) -> anyhow::Result<()> {
                     dir.display()
                 )
             });
+        }
+        AdapterCmd::Delete { adapter, client } => {
+            let r = parse_ref(&adapter)?;
+            let v = r.version.ok_or_else(|| {
+                UsageError(format!("{adapter:?}: delete needs a version, NAME@V"))
+            })?;
+            rt.block_on(client.client().delete_version(r.name.as_str(), v))?;
+            let done = serde_json::json!({"adapter": r.name, "version": v, "deleted": true});
+            emit(json, &done, || format!("deleted {}@{v}", r.name));
         }
     }
     Ok(())

@@ -85,6 +85,16 @@ fn push_list_show_pull_through_the_cli() {
             "{f}"
         );
     }
+
+    // Deleting a version takes an admin; afterwards it is gone for good.
+    let denied = reg.cli(Some(&viewer), &["adapter", "delete", "helpdesk@1"]);
+    assert!(!denied.status.success());
+    assert!(String::from_utf8_lossy(&denied.stderr).contains("admin"));
+    let admin = reg.token("admin");
+    let deleted = ok_json(reg.cli(Some(&admin), &["--json", "adapter", "delete", "helpdesk@1"]));
+    assert_eq!(deleted["deleted"], true, "{deleted}");
+    let gone = reg.cli(Some(&viewer), &["adapter", "show", "helpdesk@1"]);
+    assert!(!gone.status.success());
 }
 
 #[test]
