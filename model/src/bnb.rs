@@ -289,7 +289,8 @@ fn torch_dtype(d: Dtype) -> &'static str {
 }
 
 /// The tensors bitsandbytes stores for one quantised weight.
-fn nf4_tensors(name: &str, q: &Nf4Tensor, dtype: Dtype) -> Vec<(String, OutTensor<'static>)> {
+fn nf4_tensors(name: &str, q: Nf4Tensor, dtype: Dtype) -> Vec<(String, OutTensor<'static>)> {
+    let packed_len = q.packed.len();
     let mut state = QuantState {
         quant_type: "nf4".into(),
         blocksize: NF4_BLOCK,
@@ -302,12 +303,12 @@ fn nf4_tensors(name: &str, q: &Nf4Tensor, dtype: Dtype) -> Vec<(String, OutTenso
     let mut out = vec![
         (
             name.to_string(),
-            OutTensor::u8(q.packed.clone(), vec![q.packed.len(), 1]),
+            OutTensor::u8(q.packed, vec![packed_len, 1]),
         ),
         (format!("{name}.quant_map"), OutTensor::f32(&NF4_CODE)),
     ];
-    match &q.absmax {
-        Absmax::F32(a) => out.push((format!("{name}.absmax"), OutTensor::f32(a))),
+    match q.absmax {
+        Absmax::F32(a) => out.push((format!("{name}.absmax"), OutTensor::f32(&a))),
         Absmax::Double {
             q: codes,
             absmax2,
@@ -315,55 +316,23 @@ fn nf4_tensors(name: &str, q: &Nf4Tensor, dtype: Dtype) -> Vec<(String, OutTenso
         } => {
             state.nested_blocksize = Some(ABSMAX_BLOCK);
             state.nested_dtype = Some("float32".into());
-            state.nested_offset = Some(*offset as f64);
-            out.push((
-                format!("{name}.absmax"),
-                OutTensor::u8(codes.clone(), vec![codes.len()]),
-            ));
-            out.push((format!("{name}.nested_absmax"), OutTensor::f32(absmax2)));
+            state.nested_offset = Some(offset as f64);
+            let len = codes.len();
+            out.push((format!("{name}.absmax"), OutTensor::u8(codes, vec![len])));
+            out.push((format!("{name}.nested_absmax"), OutTensor::f32(&absmax2)));
             out.push((
                 format!("{name}.nested_quant_map"),
                 OutTensor::f32(&dynamic_map()),
             ));
         }
     }
-    let bytes = python_json(&state);
+    // bitsandbytes reads the state back with json.loads.
+    let bytes = serde_json::to_vec(&state).expect("plain struct");
     let len = bytes.len();
     out.push((
         format!("{name}{STATE_SUFFIX}"),
         OutTensor::u8(bytes, vec![len]),
     ));
-    out
-}
-
-/// JSON as Python's `json.dumps` writes it (", " and ": "), as bitsandbytes packs the state.
-fn python_json(value: &impl Serialize) -> Vec<u8> {
-    struct Python;
-    impl serde_json::ser::Formatter for Python {
-        fn begin_array_value<W: ?Sized + std::io::Write>(
-            &mut self,
-            w: &mut W,
-            first: bool,
-        ) -> std::io::Result<()> {
-            if first { Ok(()) } else { w.write_all(b", ") }
-        }
-        fn begin_object_key<W: ?Sized + std::io::Write>(
-            &mut self,
-            w: &mut W,
-            first: bool,
-        ) -> std::io::Result<()> {
-            if first { Ok(()) } else { w.write_all(b", ") }
-        }
-        fn begin_object_value<W: ?Sized + std::io::Write>(
-            &mut self,
-            w: &mut W,
-        ) -> std::io::Result<()> {
-            w.write_all(b": ")
-        }
-    }
-    let mut out = Vec::new();
-    let mut ser = serde_json::Serializer::with_formatter(&mut out, Python);
-    value.serialize(&mut ser).expect("plain struct");
     out
 }
 
@@ -443,7 +412,7 @@ pub fn quantize_dir(
             let q = Nf4Tensor::quantize(&w, double_quant)?;
             quantized += 1;
             quantized_params += q.shape[0] * q.shape[1];
-            tensors.extend(nf4_tensors(&name, &q, view.dtype()));
+            tensors.extend(nf4_tensors(&name, q, view.dtype()));
         } else {
             kept += 1;
             tensors.push((name, OutTensor::Kept(view)));
@@ -519,7 +488,8 @@ fn write_shards(
     // Group by weight: a quantised weight's state travels with its codes.
     let mut groups: BTreeMap<&str, Vec<&(String, OutTensor)>> = BTreeMap::new();
     for t in tensors {
-        let key = t.0.split(".weight.").next().unwrap_or(&t.0);
+        // `P.weight` and its `P.weight.absmax`, `P.weight.quant_map`, … share the key `P`.
+        let key = t.0.split_once(".weight").map_or(t.0.as_str(), |(p, _)| p);
         groups.entry(key).or_default().push(t);
     }
     let mut shards: Vec<Vec<&(String, OutTensor)>> = vec![Vec::new()];
