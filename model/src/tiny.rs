@@ -123,11 +123,13 @@ pub fn bytes_to_unicode() -> Vec<char> {
     table
 }
 
-/// Learn up to `n_merges` BPE merges from the corpus; ties go to the smaller pair.
-fn learn_merges(n_merges: usize) -> Vec<(String, String)> {
+/// Learn up to `n_merges` BPE merges from the corpus (and `extra` text, whitespace-separated);
+/// ties go to the smaller pair.
+fn learn_merges(n_merges: usize, extra: &str) -> Vec<(String, String)> {
     let table = bytes_to_unicode();
     let mut words: BTreeMap<Vec<String>, usize> = BTreeMap::new();
-    for (i, w) in CORPUS.split(' ').filter(|w| !w.is_empty()).enumerate() {
+    let text = CORPUS.split(' ').chain(extra.split_whitespace());
+    for (i, w) in text.filter(|w| !w.is_empty()).enumerate() {
         let text = if i == 0 {
             w.to_string()
         } else {
@@ -182,6 +184,11 @@ fn learn_merges(n_merges: usize) -> Vec<(String, String)> {
 
 /// tokenizer.json of a byte-level BPE with `vocab` entries at most (special tokens included).
 pub fn tokenizer_json(vocab: usize) -> Result<(Value, usize)> {
+    tokenizer_json_with(vocab, "")
+}
+
+/// The same, its merges learned from the built-in text and `extra`.
+fn tokenizer_json_with(vocab: usize, extra: &str) -> Result<(Value, usize)> {
     if vocab < 256 + SPECIAL_TOKENS.len() {
         return Err(Error::Config(format!(
             "--vocab must be at least {}",
@@ -190,7 +197,7 @@ pub fn tokenizer_json(vocab: usize) -> Result<(Value, usize)> {
     }
     let table = bytes_to_unicode();
     let mut ids: Vec<String> = (0..256).map(|b| table[b].to_string()).collect();
-    let merges = learn_merges(vocab - 256 - SPECIAL_TOKENS.len());
+    let merges = learn_merges(vocab - 256 - SPECIAL_TOKENS.len(), extra);
     for (l, r) in &merges {
         ids.push(format!("{l}{r}"));
     }
@@ -226,8 +233,14 @@ pub fn tokenizer_json(vocab: usize) -> Result<(Value, usize)> {
     Ok((tok, ids.len() + SPECIAL_TOKENS.len()))
 }
 
-/// Write the model directory; returns the ids of the special tokens.
+/// Write the model directory.
 pub fn init_tiny(dir: &Path, spec: &TinySpec) -> Result<()> {
+    init_tiny_with_corpus(dir, spec, "")
+}
+
+/// Write the model directory, its tokenizer's merges learned from the built-in text and
+/// `corpus` (so that a model for one domain reads its words as tokens, not bytes).
+pub fn init_tiny_with_corpus(dir: &Path, spec: &TinySpec, corpus: &str) -> Result<()> {
     let TinySpec {
         layers,
         hidden,
@@ -253,7 +266,7 @@ pub fn init_tiny(dir: &Path, spec: &TinySpec) -> Result<()> {
         .unwrap_or((8 * hidden / 3).div_ceil(32) * 32);
     std::fs::create_dir_all(dir).map_err(|e| Error::io(dir, e))?;
 
-    let (tok, tok_len) = tokenizer_json(vocab)?;
+    let (tok, tok_len) = tokenizer_json_with(vocab, corpus)?;
     let special_id = |name: &str| {
         tok_len - SPECIAL_TOKENS.len()
             + SPECIAL_TOKENS
@@ -407,8 +420,8 @@ mod tests {
 
     #[test]
     fn merges_are_deterministic_and_frequent_first() {
-        let a = learn_merges(50);
-        assert_eq!(a, learn_merges(50));
+        let a = learn_merges(50, "");
+        assert_eq!(a, learn_merges(50, ""));
         assert_eq!(a.len(), 50);
         // " t" / "th" / "he" are among the most frequent pairs of English text.
         assert!(
