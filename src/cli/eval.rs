@@ -181,35 +181,7 @@ fn suite_cmd(cmd: SuiteCmd, global: &Global) -> anyhow::Result<()> {
             push,
             client,
         } => {
-            let name = Name::parse(&name).map_err(|e| UsageError(format!("--name: {e}")))?;
-            let text =
-                std::fs::read_to_string(&file).with_context(|| format!("{}", file.display()))?;
-            let cases = if scorer == "perplexity" {
-                perplexity_cases(&text)
-            } else {
-                regression_cases(&text)
-            }
-            .map_err(|e| UsageError(format!("{}: {e:#}", file.display())))?;
-            let manifest = SuiteManifest {
-                name,
-                version,
-                description: Some(format!(
-                    "{} cases from {}",
-                    if scorer == "perplexity" {
-                        "Perplexity"
-                    } else {
-                        "Regression"
-                    },
-                    file.file_name()
-                        .map(|f| f.to_string_lossy().to_string())
-                        .unwrap_or_default()
-                )),
-                scorer: json!({"type": scorer}),
-                thresholds: vec![],
-                decoding: Value::Null,
-            };
-            let s = LoadedSuite::new(manifest, &cases_jsonl(&cases))
-                .map_err(|e| UsageError(format!("{e:#}")))?;
+            let s = suite_from_split(&file, &name, &version, &scorer)?;
             s.write_dir(&out)?;
             let pushed = if push {
                 Some(runtime()?.block_on(client.client().push_suite(&s.to_upload()))?)
@@ -238,6 +210,44 @@ fn suite_cmd(cmd: SuiteCmd, global: &Global) -> anyhow::Result<()> {
         }
     }
     Ok(())
+}
+
+/// `eval suite from-split`: a regression suite (`exact` / `contains`) or a `perplexity` suite
+/// from a curation split.
+pub fn suite_from_split(
+    file: &Path,
+    name: &str,
+    version: &str,
+    scorer: &str,
+) -> anyhow::Result<LoadedSuite> {
+    let name = Name::parse(name).map_err(|e| UsageError(format!("--name: {e}")))?;
+    let text = std::fs::read_to_string(file).with_context(|| format!("{}", file.display()))?;
+    let cases = if scorer == "perplexity" {
+        perplexity_cases(&text)
+    } else {
+        regression_cases(&text)
+    }
+    .map_err(|e| UsageError(format!("{}: {e:#}", file.display())))?;
+    let manifest = SuiteManifest {
+        name,
+        version: version.to_string(),
+        description: Some(format!(
+            "{} cases from {}",
+            if scorer == "perplexity" {
+                "Perplexity"
+            } else {
+                "Regression"
+            },
+            file.file_name()
+                .map(|f| f.to_string_lossy().to_string())
+                .unwrap_or_default()
+        )),
+        scorer: json!({"type": scorer}),
+        thresholds: vec![],
+        decoding: Value::Null,
+    };
+    Ok(LoadedSuite::new(manifest, &cases_jsonl(&cases))
+        .map_err(|e| UsageError(format!("{e:#}")))?)
 }
 
 /// A suite directory, else `NAME[@VERSION]` from the registry (cases verified by digest).
@@ -369,6 +379,107 @@ enum Subject {
 
 fn run_suite(args: RunArgs, global: &Global) -> anyhow::Result<()> {
     let json = global.json;
+    let bar = if json {
+        ProgressBar::hidden()
+    } else {
+        ProgressBar::new(0)
+    };
+    let Evaluation {
+        model,
+        suite,
+        results,
+        metrics,
+        thresholds,
+        cases_digest,
+        results_path,
+        posted,
+        bound_digest,
+        summary,
+    } = evaluate(args, bar)?;
+    emit(json, &summary, || {
+        let errors = metrics.get("errors").copied().unwrap_or(0.0);
+        let mut s = format!(
+            "{}@{} ({}) on {model}: {} cases, {errors} errors\n",
+            suite.manifest.name,
+            suite.manifest.version,
+            suite.digest,
+            results.len()
+        );
+        for (k, v) in &metrics {
+            if !k.contains('/') {
+                s.push_str(&format!("  {k:<24} {v:.4}\n"));
+            }
+        }
+        for t in &thresholds {
+            s.push_str(&format!(
+                "  threshold {} {} {}: {} (observed {})\n",
+                t["metric"].as_str().unwrap_or_default(),
+                t["op"].as_str().unwrap_or_default(),
+                t["value"],
+                if t["passed"] == true { "pass" } else { "FAIL" },
+                t["observed"]
+            ));
+        }
+        s.push_str(&format!(
+            "  results {} ({cases_digest})\n",
+            results_path.display()
+        ));
+        match &posted {
+            Some((id, of)) => s.push_str(&format!(
+                "  evidence #{id} posted for {of} ({bound_digest})"
+            )),
+            None => s.push_str("  evidence not posted (--no-post)"),
+        }
+        s
+    });
+    let missed: Vec<String> = thresholds
+        .iter()
+        .filter(|t| t["passed"] != true)
+        .map(|t| {
+            format!(
+                "{} {} {} (observed {})",
+                t["metric"].as_str().unwrap_or_default(),
+                t["op"].as_str().unwrap_or_default(),
+                t["value"],
+                t["observed"]
+            )
+        })
+        .collect();
+    if !missed.is_empty() {
+        return Err(ThresholdsMissed(format!(
+            "{model} misses {} of suite {}@{}'s thresholds: {}",
+            missed.len(),
+            suite.manifest.name,
+            suite.manifest.version,
+            missed.join("; ")
+        ))
+        .into());
+    }
+    Ok(())
+}
+
+/// A finished `eval run`: what it wrote and posted.
+pub struct Evaluation {
+    /// `NAME@V`, or the base model's name.
+    pub model: String,
+    pub suite: LoadedSuite,
+    pub results: Vec<CaseResult>,
+    pub metrics: BTreeMap<String, f64>,
+    /// The suite's thresholds with what was observed: `{metric, op, value, observed, passed}`.
+    pub thresholds: Vec<Value>,
+    pub cases_digest: String,
+    pub results_path: PathBuf,
+    /// The evidence's id and what it was posted for (None with `--no-post`).
+    pub posted: Option<(i64, String)>,
+    pub bound_digest: String,
+    /// What `summary.json` holds.
+    pub summary: Value,
+}
+
+/// `eval run` without the printing: run the suite, write results.jsonl, evidence.json and
+/// summary.json, and post the evidence (`loraops demo` evaluates through this too). Must not
+/// be called from inside an async runtime: it runs its own.
+pub fn evaluate(args: RunArgs, bar: ProgressBar) -> anyhow::Result<Evaluation> {
     let subject = match (&args.adapter, &args.base) {
         (Some(a), _) => {
             let r: AdapterRef = a.parse().map_err(UsageError)?;
@@ -426,11 +537,7 @@ fn run_suite(args: RunArgs, global: &Global) -> anyhow::Result<()> {
         ))
     });
     std::fs::create_dir_all(&out).with_context(|| format!("{}", out.display()))?;
-    let bar = if json {
-        ProgressBar::hidden()
-    } else {
-        ProgressBar::new(suite.cases.len() as u64)
-    };
+    bar.set_length(suite.cases.len() as u64);
     bar.set_style(
         ProgressStyle::with_template("{msg} [{bar:30}] {pos}/{len} cases {per_sec} eta {eta}")
             .expect("valid template")
@@ -569,64 +676,16 @@ fn run_suite(args: RunArgs, global: &Global) -> anyhow::Result<()> {
         out.join("summary.json"),
         serde_json::to_string_pretty(&summary)? + "\n",
     )?;
-    emit(json, &summary, || {
-        let errors = metrics.get("errors").copied().unwrap_or(0.0);
-        let mut s = format!(
-            "{}@{} ({}) on {model}: {} cases, {errors} errors\n",
-            suite.manifest.name,
-            suite.manifest.version,
-            suite.digest,
-            results.len()
-        );
-        for (k, v) in &metrics {
-            if !k.contains('/') {
-                s.push_str(&format!("  {k:<24} {v:.4}\n"));
-            }
-        }
-        for t in &thresholds {
-            s.push_str(&format!(
-                "  threshold {} {} {}: {} (observed {})\n",
-                t["metric"].as_str().unwrap_or_default(),
-                t["op"].as_str().unwrap_or_default(),
-                t["value"],
-                if t["passed"] == true { "pass" } else { "FAIL" },
-                t["observed"]
-            ));
-        }
-        s.push_str(&format!(
-            "  results {} ({cases_digest})\n",
-            results_path.display()
-        ));
-        match &posted {
-            Some((id, of)) => s.push_str(&format!(
-                "  evidence #{id} posted for {of} ({bound_digest})"
-            )),
-            None => s.push_str("  evidence not posted (--no-post)"),
-        }
-        s
-    });
-    let missed: Vec<String> = thresholds
-        .iter()
-        .filter(|t| t["passed"] != true)
-        .map(|t| {
-            format!(
-                "{} {} {} (observed {})",
-                t["metric"].as_str().unwrap_or_default(),
-                t["op"].as_str().unwrap_or_default(),
-                t["value"],
-                t["observed"]
-            )
-        })
-        .collect();
-    if !missed.is_empty() {
-        return Err(ThresholdsMissed(format!(
-            "{model} misses {} of suite {}@{}'s thresholds: {}",
-            missed.len(),
-            suite.manifest.name,
-            suite.manifest.version,
-            missed.join("; ")
-        ))
-        .into());
-    }
-    Ok(())
+    Ok(Evaluation {
+        model,
+        suite,
+        results,
+        metrics,
+        thresholds,
+        cases_digest,
+        results_path,
+        posted,
+        bound_digest,
+        summary,
+    })
 }
