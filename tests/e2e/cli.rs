@@ -1,5 +1,5 @@
 //! The registry's commands through the CLI: push, list, show and pull; bad input and
-//! configuration; migrations; gates and rollouts; and the demo's whole lifecycle.
+//! configuration; migrations; gates and rollouts.
 
 use std::process::Command;
 
@@ -384,95 +384,4 @@ fn gate_and_rollout_through_the_cli() {
     );
     assert_eq!(out.status.code(), Some(2));
     assert!(String::from_utf8_lossy(&out.stderr).contains("first version"));
-}
-
-/// The README's first command: the whole lifecycle on a generated tiny model. Each step's
-/// claim is checked from the outside in the registry it leaves behind, and a second run
-/// starts clean.
-#[test]
-fn the_demo_runs_the_whole_lifecycle() {
-    let data = tempfile::tempdir().unwrap();
-    let demo = |json: bool| {
-        let mut c = Command::new(exe());
-        c.args(["--data-dir", data.path().to_str().unwrap()]);
-        if json {
-            c.arg("--json");
-        }
-        // The default, as the README runs it.
-        c.arg("demo").env("RUST_LOG", "warn").output().unwrap()
-    };
-    let out = demo(true);
-    let stdout = String::from_utf8_lossy(&out.stdout);
-    assert!(
-        out.status.success(),
-        "{stdout}\n{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    let events: Vec<Value> = stdout
-        .lines()
-        .map(|l| serde_json::from_str(l).unwrap_or_else(|e| panic!("{e}: {l}")))
-        .collect();
-    let steps: Vec<&Value> = events.iter().filter(|e| e["event"] == "step").collect();
-    assert_eq!(steps.len(), 8, "{stdout}");
-    assert!(
-        steps
-            .iter()
-            .all(|s| s["ok"] == true && s["seconds"].is_f64())
-    );
-    let step = |name: &str| {
-        *steps
-            .iter()
-            .find(|s| s["name"].as_str().unwrap().starts_with(name))
-            .unwrap_or_else(|| panic!("no step {name}: {stdout}"))
-    };
-    assert_eq!(step("push")["details"]["repush_created"], false);
-    let evidence = &step("evidence and")["details"];
-    assert_eq!(evidence["first_try_refused"], true, "{evidence}");
-    // The adapter wins over the base model on the demo's questions.
-    assert!(
-        evidence["margin_token_f1"].as_f64().unwrap() > 0.05,
-        "{evidence}"
-    );
-    assert_eq!(step("canary")["details"]["state"], "promoted");
-    assert!(events.iter().any(|e| e["event"] == "console"));
-    assert_eq!(events.last().unwrap()["event"], "done");
-
-    // The registry it leaves behind holds what the steps claimed.
-    let root = data.path().join("demo");
-    let reg = Registry::start_in(&root);
-    let viewer = reg.token("viewer");
-    let status = ok_json(reg.cli(
-        Some(&viewer),
-        &["--json", "rollout", "status", "demo-support"],
-    ));
-    assert_eq!(status["rollout"]["state"], "promoted");
-    assert_eq!(status["rollout"]["version"], 2);
-    let actions: Vec<&str> = status["events"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .map(|e| e["action"].as_str().unwrap())
-        .collect();
-    assert!(
-        actions.contains(&"start") && actions.contains(&"promote"),
-        "{actions:?}"
-    );
-    let shown = ok_json(reg.cli(
-        Some(&viewer),
-        &["--json", "adapter", "show", "demo-support"],
-    ));
-    assert_eq!(shown["adapter"]["stable_version"], 2, "{shown}");
-    drop(reg);
-
-    // A second run (and so a run after an interrupted one) starts from a clean slate.
-    let again = demo(false);
-    let text = String::from_utf8_lossy(&again.stdout);
-    assert!(
-        again.status.success(),
-        "{text}\n{}",
-        String::from_utf8_lossy(&again.stderr)
-    );
-    for step in ["[8/8]", "refused (422", "promote", "/ui/", "done."] {
-        assert!(text.contains(step), "missing {step:?}:\n{text}");
-    }
 }

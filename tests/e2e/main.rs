@@ -4,6 +4,7 @@
 mod cli;
 mod console;
 mod data;
+mod demo;
 mod eval;
 mod helpers;
 mod pipeline;
