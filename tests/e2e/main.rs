@@ -10,3 +10,4 @@ mod pipeline;
 mod quantized;
 mod runs;
 mod stack;
+mod walkthrough;
