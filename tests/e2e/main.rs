@@ -11,3 +11,4 @@ mod pipeline;
 mod quantized;
 mod runs;
 mod stack;
+mod walkthrough;
