@@ -110,7 +110,7 @@ fn the_demo_tells_the_whole_story() {
     assert_eq!(v2["lineage"]["method"], "dpo", "{v2}");
     for v in 1..=3 {
         let evidence = get(&format!("/adapters/demo-support/versions/{v}/evidence"));
-        let suites: Vec<&str> = evidence["items"]
+        let suites: Vec<&str> = evidence
             .as_array()
             .unwrap_or_else(|| panic!("{evidence}"))
             .iter()
