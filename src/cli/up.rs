@@ -22,20 +22,32 @@ use super::{Global, base_model, init_logging};
 
 #[derive(Debug, Args)]
 pub struct UpArgs {
-    /// HOST:PORT of the registry.
-    #[arg(long, default_value = "127.0.0.1:8400")]
-    pub listen: String,
+    /// HOST:PORT of the registry [default: 127.0.0.1:8400; config registry.listen].
+    #[arg(long)]
+    pub listen: Option<String>,
     /// Base model directory to register (Hugging Face layout). Without it, a tiny model is
     /// generated under the data dir on first start.
     #[arg(long)]
     pub base_model: Option<PathBuf>,
-    /// HOST:PORT of the gateway (OpenAI API).
-    #[arg(long, default_value = "127.0.0.1:8500")]
-    pub gateway_listen: String,
+    /// HOST:PORT of the gateway (OpenAI API) [default: 127.0.0.1:8500; config gateway.listen].
+    #[arg(long)]
+    pub gateway_listen: Option<String>,
 }
 
 pub fn run(args: UpArgs, global: &Global) -> anyhow::Result<()> {
-    let cfg = global.load_config(&[("registry.listen", args.listen.clone())])?;
+    // A flag overrides the configuration (file or LORAOPS_* variables), which overrides the
+    // defaults.
+    let overrides: Vec<(&str, String)> = args
+        .listen
+        .iter()
+        .map(|l| ("registry.listen", l.clone()))
+        .collect();
+    let cfg = global.load_config(&overrides)?;
+    let gateway_listen = args
+        .gateway_listen
+        .clone()
+        .or_else(|| cfg.gateway.listen.clone())
+        .unwrap_or_else(|| "127.0.0.1:8500".into());
     cfg.gateway
         .validate()
         .map_err(|e| anyhow::Error::new(super::ConfigError(e)))?;
@@ -59,7 +71,7 @@ pub fn run(args: UpArgs, global: &Global) -> anyhow::Result<()> {
     super::gateway::prepare_process(&cache);
     let signer = Signer::from_settings(&cfg.auth, &data_dir)?;
     let token = signer.issue("loraops-up", &[Role::Admin], 12 * 3600, None)?;
-    let gateway_auth = gateway_auth(cfg.gateway.require_auth, &args.gateway_listen, &cfg.auth)
+    let gateway_auth = gateway_auth(cfg.gateway.require_auth, &gateway_listen, &cfg.auth)
         .map_err(|e| anyhow::Error::new(super::ConfigError(e)))?;
     let token_file = data_dir.join("gateway.token");
     write_gateway_token(&signer, &token_file)?;
@@ -81,7 +93,7 @@ pub fn run(args: UpArgs, global: &Global) -> anyhow::Result<()> {
         cfg.gateway
             .apply_to(&mut gw)
             .map_err(|e| anyhow::Error::new(super::ConfigError(e)))?;
-        gw.listen = args.gateway_listen.clone();
+        gw.listen = gateway_listen;
         gw.base_model_name = Some(base.name.to_string());
         gw.registry_url = Some(url.clone());
         gw.registry_token = None;

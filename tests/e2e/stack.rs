@@ -30,13 +30,12 @@ impl Stack {
                 "--data-dir",
                 data.to_str().unwrap(),
                 "up",
-                "--listen",
-                &format!("127.0.0.1:{rp}"),
-                "--gateway-listen",
-                &format!("127.0.0.1:{gp}"),
                 "--base-model",
                 base.to_str().unwrap(),
             ])
+            // Listeners from the configuration (the README's walkthrough uses the flags).
+            .env("LORAOPS_REGISTRY__LISTEN", format!("127.0.0.1:{rp}"))
+            .env("LORAOPS_GATEWAY__LISTEN", format!("127.0.0.1:{gp}"))
             .env("LORAOPS_AUTH__HS256_SECRET", SECRET)
             .env("RUST_LOG", "warn")
             .stdout(Stdio::null())
