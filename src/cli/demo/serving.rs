@@ -58,7 +58,7 @@ impl Serving {
         format!("http://127.0.0.1:{}", self.port)
     }
 
-    /// Stop gracefully and wait for the thread.
+    /// Stop and wait for the thread.
     pub fn stop(mut self) {
         self.shutdown();
     }
@@ -66,9 +66,11 @@ impl Serving {
     fn shutdown(&mut self) {
         if let Some(t) = self.thread.take() {
             let handle = self.handle.clone();
-            // The handle only sends a message; any executor can await it.
+            // Not gracefully: the story is over, and a graceful stop would wait out the
+            // keep-alive connections of its clients (30 s). The handle only sends a message;
+            // any executor can await it.
             if let Ok(rt) = tokio::runtime::Builder::new_current_thread().build() {
-                rt.block_on(handle.stop(true));
+                rt.block_on(handle.stop(false));
             }
             let _ = t.join();
         }
