@@ -294,7 +294,7 @@ fn lines(rows: impl IntoIterator<Item = Value>) -> String {
     rows.into_iter().map(|r| r.to_string() + "\n").collect()
 }
 
-/// The base model's pretraining corpus, as chat rows.
+/// The base model's pretraining corpus, as chat rows (each question three times).
 pub fn general_rows() -> String {
     let system = "You are a helpful assistant.";
     lines((0..3).flat_map(|_| GENERAL.iter().map(|(q, a)| chat(system, q, a))))

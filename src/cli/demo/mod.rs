@@ -218,7 +218,8 @@ fn tell(args: &DemoArgs, global: &Global, story: &Story) -> anyhow::Result<()> {
     let safety = work.join("safety-sft.jsonl");
     // The support rows twice: refusing must not crowd out answering.
     let support = std::fs::read_to_string(&train)?;
-    std::fs::write(&safety, support.repeat(2) + &content::safety_rows())?;
+    let safety_rows = content::safety_rows();
+    std::fs::write(&safety, support.repeat(2) + &safety_rows)?;
     let v2_sft = work.join("v2-sft");
     let (s0, s1, secs) = run_sft(
         &sft_config(&base_dir, &safety, &v2_sft, SAFETY_STEPS, SFT_LR, Some(&v1)),
@@ -226,10 +227,11 @@ fn tell(args: &DemoArgs, global: &Global, story: &Story) -> anyhow::Result<()> {
     )?;
     story.say(format!(
         "SFT with the safety set ({} refusals): {SAFETY_STEPS} steps, loss {s0:.3} -> {s1:.3} in {secs:.1} s",
-        content::safety_rows().lines().count()
+        safety_rows.lines().count()
     ));
     let prefs = work.join("preferences.jsonl");
-    std::fs::write(&prefs, content::preference_rows())?;
+    let pairs = content::preference_rows();
+    std::fs::write(&prefs, &pairs)?;
     let v2 = work.join("v2-dpo");
     let dpo = PreferenceConfig {
         method: Method::Dpo,
@@ -239,10 +241,10 @@ fn tell(args: &DemoArgs, global: &Global, story: &Story) -> anyhow::Result<()> {
             ..PreferenceOptions::default()
         },
     };
-    let (d0, d1, secs) = run_dpo(&dpo, &device)?;
+    let (d0, d1, secs) = measured(|on| train_preference(&dpo, &device, on))?;
     story.say(format!(
         "DPO on {} pairs (refuse rather than comply, answer rather than refuse): {DPO_STEPS} steps, loss {d0:.3} -> {d1:.3} in {secs:.1} s",
-        content::preference_rows().lines().count()
+        pairs.lines().count()
     ));
     story.end(
         json!({"dir": v2, "sft": {"steps": SAFETY_STEPS, "first_loss": s0, "final_loss": s1},
@@ -684,11 +686,15 @@ fn sft_config(
     }
 }
 
-/// Train; the first and last losses and the seconds it took.
-fn run_sft(cfg: &SftConfig, device: &candle_core::Device) -> anyhow::Result<(f64, f64, f64)> {
+/// A training run's first and last losses and the seconds it took.
+fn measured(
+    train: impl FnOnce(
+        &mut (dyn FnMut(Event) + Send),
+    ) -> loraops_trainer::Result<loraops_trainer::sft::SftOutcome>,
+) -> anyhow::Result<(f64, f64, f64)> {
     let mut first = None;
     let started = Instant::now();
-    let outcome = train_sft(cfg, device, &mut |e| {
+    let outcome = train(&mut |e| {
         if let Event::Step(m) = e {
             first.get_or_insert(m.loss);
         }
@@ -700,22 +706,8 @@ fn run_sft(cfg: &SftConfig, device: &candle_core::Device) -> anyhow::Result<(f64
     ))
 }
 
-fn run_dpo(
-    cfg: &PreferenceConfig,
-    device: &candle_core::Device,
-) -> anyhow::Result<(f64, f64, f64)> {
-    let mut first = None;
-    let started = Instant::now();
-    let outcome = train_preference(cfg, device, &mut |e| {
-        if let Event::Step(m) = e {
-            first.get_or_insert(m.loss);
-        }
-    })?;
-    Ok((
-        first.unwrap_or(f64::NAN),
-        outcome.final_loss,
-        started.elapsed().as_secs_f64(),
-    ))
+fn run_sft(cfg: &SftConfig, device: &candle_core::Device) -> anyhow::Result<(f64, f64, f64)> {
+    measured(|on| train_sft(cfg, device, on))
 }
 
 /// The demo's model: small enough to pretrain in a minute on two cores; its tokenizer's
@@ -760,6 +752,7 @@ fn pretrained_base(models: &Path, work: &Path, story: &Story) -> anyhow::Result<
         spec.layers, spec.hidden, spec.vocab
     ));
     let data = work.join("general-chat.jsonl");
+    let corpus_rows = corpus.lines().count();
     std::fs::write(&data, corpus)?;
     std::fs::create_dir_all(models)?;
     let partial = models.join(format!("{BASE}.partial"));
@@ -791,7 +784,7 @@ fn pretrained_base(models: &Path, work: &Path, story: &Story) -> anyhow::Result<
     std::fs::rename(&partial, &dir)?;
     story.say(format!(
         "pretrained on {} general chat rows: {PRETRAIN_STEPS} steps, loss {l0:.3} -> {l1:.3} in {secs:.1} s",
-        content::GENERAL.len() * 3
+        corpus_rows
     ));
     story.say(format!("base model in {}", dir.display()));
     Ok(dir)
