@@ -44,7 +44,7 @@ use super::{ClientArgs, Global, base_model, rollout::report_table};
 use crate::eval::redteam;
 use crate::eval::suite::LoadedSuite;
 use content::{INTENTS, Planted};
-use serving::{Run, chat, serve, simulate_users};
+use serving::{Run, chat, gateway_applied, serve, simulate_users};
 
 #[derive(Debug, Args)]
 pub struct DemoArgs {
@@ -848,7 +848,8 @@ fn guarded_canary(version: u32) -> StartRollout {
     s
 }
 
-/// Simulated users until the active rollout ends (or two minutes pass); its events are told.
+/// Simulated users until the active rollout ends (or two minutes pass) and the gateway serves
+/// its outcome; its events are told.
 fn canary(
     rt: &tokio::runtime::Runtime,
     client: &RegistryClient,
@@ -878,6 +879,10 @@ fn canary(
         }
     })?;
     traffic.abort();
+    rt.block_on(async {
+        let revision = client.routing(None, 0).await?.revision;
+        gateway_applied(http, gateway, revision).await
+    })?;
     for e in status.events.iter().filter(|e| e.action != "hold") {
         story.say(format!(
             "{} {:<10} {:>5}%  {}",

@@ -139,3 +139,33 @@ pub async fn simulate_users(
     });
     futures_util::future::join_all(users).await;
 }
+
+/// Wait until the gateway serves routing revision `revision` (or a later one): a rollout's
+/// end is the registry's decision, and the gateway applies it when its feed next answers.
+pub async fn gateway_applied(
+    http: &reqwest::Client,
+    gateway: &str,
+    revision: i64,
+) -> anyhow::Result<()> {
+    const GAUGE: &str = "loraops_gateway_routing_revision";
+    let deadline = tokio::time::Instant::now() + std::time::Duration::from_secs(30);
+    loop {
+        let text = http
+            .get(format!("{gateway}/metrics"))
+            .send()
+            .await?
+            .text()
+            .await?;
+        let served = text
+            .lines()
+            .find_map(|l| l.strip_prefix(GAUGE)?.trim().parse::<i64>().ok());
+        if served.is_some_and(|r| r >= revision) {
+            return Ok(());
+        }
+        anyhow::ensure!(
+            tokio::time::Instant::now() < deadline,
+            "the gateway still serves routing revision {served:?}, 30 s after the registry moved to {revision}"
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+    }
+}
