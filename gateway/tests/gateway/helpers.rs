@@ -285,6 +285,20 @@ impl TestGateway {
         }
         panic!("routing revision {rev} never applied");
     }
+
+    /// Wait until `/readyz` lists adapter `id` (`NAME@V`) as resident: a routing table applies
+    /// at once, and its versions load in the background.
+    pub async fn wait_resident(&self, id: &str) {
+        for _ in 0..200 {
+            let v: Value = self.get("/readyz").await.json().await.unwrap();
+            let adapters = v["checks"]["adapters"].as_str().unwrap_or("");
+            if adapters.split(", ").any(|a| a == id) {
+                return;
+            }
+            tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+        }
+        panic!("adapter {id} never became resident");
+    }
 }
 
 /// Parse an SSE body into its `data:` payloads.

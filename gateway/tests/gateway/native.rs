@@ -284,6 +284,9 @@ async fn a_pinned_request_is_served_when_every_slot_holds_a_routed_version() {
     let rev = reg.client().routing(None, 0).await.unwrap().revision;
     let gw = spawn_gateway_with(Some(&reg), |s| s.native.max_adapters = 1).await;
     gw.wait_revision(rev).await;
+    // The routed version fills the one slot before bot@2 is asked for (else bot@2 would take
+    // the free slot, and lose it only once bot@1 arrives).
+    gw.wait_resident("bot@1").await;
     for _ in 0..2 {
         let res = gw
             .post(
