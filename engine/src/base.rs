@@ -54,6 +54,13 @@ const NF4_TILE: usize = 32;
 /// packing as multiplying.
 const SMALL_BATCH: usize = 8;
 
+/// A dense weight this large (values: 1 MiB of f32, twice a core's L2) comes from memory
+/// whatever the kernel, and gemm's packing adds a second trip through it (half of gemm's time
+/// at 32 rows of the 100M-parameter model), so the row kernels serve it up to `LARGE_BATCH`
+/// rows. Smaller weights stay in cache, where packing is cheap and gemm's blocking wins.
+const LARGE_WEIGHT: usize = 1 << 18;
+const LARGE_BATCH: usize = 32;
+
 /// Output rows per task of the small-batch products.
 const ROWS_PER_TASK: usize = 16;
 
@@ -102,7 +109,9 @@ impl Weight {
     /// so a decode step reads its 4 bits per weight from memory, not 32.
     pub fn forward(&self, x: &[f32], rows: usize) -> Vec<f32> {
         match self {
-            Self::F32 { w, out_f, in_f } if rows <= SMALL_BATCH => {
+            Self::F32 { w, out_f, in_f }
+                if rows <= SMALL_BATCH || (rows <= LARGE_BATCH && w.len() >= LARGE_WEIGHT) =>
+            {
                 dense_small_batch(w, x, rows, *in_f, *out_f)
             }
             Self::F32 { w, out_f, in_f } => matmul::linear(x, w, rows, *in_f, *out_f),
@@ -147,9 +156,16 @@ fn dense_small_batch(w: &[f32], x: &[f32], rows: usize, in_f: usize, out_f: usiz
     yt.par_chunks_mut(ROWS_PER_TASK * rows)
         .enumerate()
         .for_each(|(t, block)| {
-            for (i, out) in block.chunks_exact_mut(rows).enumerate() {
-                let o = t * ROWS_PER_TASK + i;
-                dots::dense_row(&w[o * in_f..(o + 1) * in_f], x, out);
+            // One row alone: the single-row kernel, whose partial sums hide FMA latency.
+            let step = if rows > 1 { 2 } else { 1 };
+            for (i, out) in block.chunks_mut(step * rows).enumerate() {
+                let o = t * ROWS_PER_TASK + i * step;
+                let w0 = &w[o * in_f..(o + 1) * in_f];
+                if out.len() == 2 * rows {
+                    dots::dense_pair(w0, &w[(o + 1) * in_f..(o + 2) * in_f], x, out);
+                } else {
+                    dots::dense_row(w0, x, out);
+                }
             }
         });
     transpose(&yt, out_f, rows)
@@ -158,13 +174,13 @@ fn dense_small_batch(w: &[f32], x: &[f32], rows: usize, in_f: usize, out_f: usiz
 /// NF4 for a few rows: the same, each weight row expanded in registers as it is multiplied.
 fn nf4_small_batch(q: &Nf4Tensor, x: &[f32], rows: usize) -> Vec<f32> {
     let out_f = q.shape[0];
-    let (xe, xo): (Vec<f32>, Vec<f32>) = x.chunks_exact(2).map(|p| (p[0], p[1])).unzip();
+    let xp = dots::nf4_layout(x, q.shape[1]);
     let mut yt = vec![0f32; out_f * rows];
     yt.par_chunks_mut(ROWS_PER_TASK * rows)
         .enumerate()
         .for_each(|(t, block)| {
             for (i, out) in block.chunks_exact_mut(rows).enumerate() {
-                dots::nf4_row(q, t * ROWS_PER_TASK + i, &xe, &xo, out);
+                dots::nf4_row(q, t * ROWS_PER_TASK + i, &xp, out);
             }
         });
     transpose(&yt, out_f, rows)

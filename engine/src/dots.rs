@@ -1,9 +1,15 @@
 //! The small-batch product at the heart of decoding: one weight row against a few input rows.
 //! A decode step multiplies every weight by only as many rows as sequences are decoding, so
 //! the weight's trip from memory is the cost; each weight value is loaded once into a register
-//! and multiplied with up to eight input rows from cache. NF4 rows are expanded eight bytes at
-//! a time in registers (two permutes and a blend per eight codes) and never written out.
-//! Compiled for AVX2 and FMA where the CPU has them, with a plain loop elsewhere.
+//! and multiplied with up to four input rows from cache. Each 64 values are summed apart and
+//! then added, so that a row's product is not one chain of dependent FMAs.
+//!
+//! NF4 rows are expanded in registers and never written out, 32 bytes (a block) at a time: the
+//! four bytes of each code book value's f32 bits are looked up by `vpshufb` (a 16-entry table,
+//! one nibble per byte) and interleaved into f32s, exactly the book's values; the block's
+//! absmax scales its sum once. The input is put in the order the interleaving yields
+//! ([`nf4_layout`]), once per product. Compiled for AVX2 and FMA where the CPU has them, with
+//! a plain loop elsewhere.
 
 use loraops_model::linear::nf4::{NF4_BLOCK, NF4_CODE, Nf4Tensor};
 
@@ -28,36 +34,102 @@ pub fn dense_row(w: &[f32], x: &[f32], out: &mut [f32]) {
     }
 }
 
-/// `out[r] = W[row] · x[r]` for an NF4 weight whose rows are whole blocks; `xe` and `xo` hold
-/// the input rows' even- and odd-indexed values (rows × in/2 each).
-pub fn nf4_row(q: &Nf4Tensor, row: usize, xe: &[f32], xo: &[f32], out: &mut [f32]) {
+/// `out[r] = w0 · x[r]` and `out[rows + r] = w1 · x[r]` (rows of `w0.len()` values): two weight
+/// rows at once, so that each input value loaded is used twice. With many rows, the input is
+/// read from the L2 cache, and one load per FMA would bound the product at half the FMA rate.
+pub fn dense_pair(w0: &[f32], w1: &[f32], x: &[f32], out: &mut [f32]) {
+    assert_eq!(w0.len(), w1.len(), "dense pair product: rows of one length");
+    let rows = out.len() / 2;
+    #[cfg(target_arch = "x86_64")]
+    if avx2() {
+        // SAFETY: the CPU has AVX2 and FMA; lengths are checked inside.
+        unsafe { x86::dense_pair(w0, w1, x, out) };
+        return;
+    }
+    let (o0, o1) = out.split_at_mut(rows);
+    dense_row(w0, x, o0);
+    dense_row(w1, x, o1);
+}
+
+/// Where each value of an NF4 block's input sits in [`nf4_layout`]: the block's 32 bytes are
+/// expanded in the order the AVX2 kernel's in-lane unpacks produce (positions 0-3 and 16-19,
+/// then 4-7 and 20-23, ...), so the input is put in that order once per product instead of
+/// the weights being put back in order for every row.
+const NF4_ORDER: [usize; 32] = {
+    let mut order = [0; 32];
+    let mut t = 0;
+    while t < 32 {
+        // Quarter q of 8 outputs: positions 4q..4q+4 of the low lane, then of the high lane.
+        let (q, i) = (t / 8, t % 8);
+        order[t] = if i < 4 { 4 * q + i } else { 16 + 4 * q + i - 4 };
+        t += 1;
+    }
+    order
+};
+
+/// Input rows (of `in_f` values, whole NF4 blocks) in the order [`nf4_row`] reads them: per
+/// block of 64, the values that meet high nibbles (even indices) in [`NF4_ORDER`], then those
+/// that meet low nibbles (odd indices).
+pub fn nf4_layout(x: &[f32], in_f: usize) -> Vec<f32> {
+    assert!(
+        in_f.is_multiple_of(NF4_BLOCK),
+        "NF4 row product: rows of whole blocks"
+    );
+    let mut out = vec![0f32; x.len()];
+    for (src, dst) in x
+        .chunks_exact(NF4_BLOCK)
+        .zip(out.chunks_exact_mut(NF4_BLOCK))
+    {
+        for (t, &p) in NF4_ORDER.iter().enumerate() {
+            dst[t] = src[2 * p];
+            dst[32 + t] = src[2 * p + 1];
+        }
+    }
+    out
+}
+
+/// `out[r] = W[row] · x[r]` for an NF4 weight whose rows are whole blocks; `xp` holds the
+/// input rows as [`nf4_layout`] orders them.
+pub fn nf4_row(q: &Nf4Tensor, row: usize, xp: &[f32], out: &mut [f32]) {
     let in_f = q.shape[1];
     assert!(
         in_f.is_multiple_of(NF4_BLOCK),
         "NF4 row product: rows of whole blocks"
     );
-    let half = in_f / 2;
-    assert!(xe.len() >= out.len() * half && xo.len() >= out.len() * half);
-    let bytes = &q.packed[row * half..(row + 1) * half];
+    assert!(
+        xp.len() >= out.len() * in_f,
+        "NF4 row product: input too short"
+    );
+    let bytes = &q.packed[row * in_f / 2..(row + 1) * in_f / 2];
     let first = row * in_f / NF4_BLOCK;
+    let absmax = |b| q.block_absmax(first + b);
     #[cfg(target_arch = "x86_64")]
     if avx2() {
         // SAFETY: the CPU has AVX2 and FMA; lengths are checked above.
-        unsafe { x86::nf4_row(bytes, |b| q.block_absmax(first + b), xe, xo, out) };
+        unsafe { x86::nf4_row(bytes, absmax, xp, out) };
         return;
     }
-    out.fill(0.0);
-    for (b, bytes) in bytes.chunks_exact(NF4_BLOCK / 2).enumerate() {
-        let m = q.block_absmax(first + b);
-        for (k, &byte) in bytes.iter().enumerate() {
-            let (hi, lo) = (
-                NF4_CODE[(byte >> 4) as usize] * m,
-                NF4_CODE[(byte & 15) as usize] * m,
-            );
-            let at = b * NF4_BLOCK / 2 + k;
-            for (r, o) in out.iter_mut().enumerate() {
-                *o += hi * xe[r * half + at] + lo * xo[r * half + at];
+    nf4_row_plain(bytes, absmax, xp, out);
+}
+
+/// The portable NF4 row product (and the reference the AVX2 kernel is tested against).
+fn nf4_row_plain(bytes: &[u8], absmax: impl Fn(usize) -> f32, xp: &[f32], out: &mut [f32]) {
+    let in_f = 2 * bytes.len();
+    for (r, o) in out.iter_mut().enumerate() {
+        let x = &xp[r * in_f..(r + 1) * in_f];
+        *o = 0.0;
+        for (b, (bytes, x)) in bytes
+            .chunks_exact(NF4_BLOCK / 2)
+            .zip(x.chunks_exact(NF4_BLOCK))
+            .enumerate()
+        {
+            let mut sum = 0.0;
+            for (t, &p) in NF4_ORDER.iter().enumerate() {
+                let byte = bytes[p];
+                sum += NF4_CODE[(byte >> 4) as usize] * x[t]
+                    + NF4_CODE[(byte & 15) as usize] * x[32 + t];
             }
+            *o += sum * absmax(b);
         }
     }
 }
@@ -72,6 +144,9 @@ mod x86 {
     use std::arch::x86_64::*;
 
     use super::{GROUP, NF4_BLOCK, NF4_CODE};
+
+    /// Values of a dense row summed into one partial sum (a block of NF4's length).
+    const SPAN: usize = 64;
 
     /// Sum of the eight lanes.
     #[target_feature(enable = "avx2,fma")]
@@ -116,12 +191,31 @@ mod x86 {
     #[inline]
     unsafe fn dense_group<const R: usize>(r0: usize, out: &mut [f32], w: &[f32], x: &[f32]) {
         let n = w.len();
+        let blocks = n - n % SPAN;
         let full = n - n % 8;
         let mut acc = [_mm256_setzero_ps(); R];
         // SAFETY: rows r0 .. r0 + R lie inside x (the caller's contract).
         let rows: [*const f32; R] =
             std::array::from_fn(|r| unsafe { x.as_ptr().add((r0 + r) * n) });
-        for k in (0..full).step_by(8) {
+        // A span's products go into a fresh partial sum, added to the row's total once: the
+        // only dependency from one span to the next is that add, so spans overlap in the
+        // core instead of waiting on one FMA chain (latency bound: half the speed).
+        for k0 in (0..blocks).step_by(SPAN) {
+            // SAFETY: k0 + SPAN <= n, inside w and inside each row.
+            unsafe {
+                let mut part = [_mm256_setzero_ps(); R];
+                for k in (k0..k0 + SPAN).step_by(8) {
+                    let wv = _mm256_loadu_ps(w.as_ptr().add(k));
+                    for (p, row) in part.iter_mut().zip(rows) {
+                        *p = _mm256_fmadd_ps(wv, _mm256_loadu_ps(row.add(k)), *p);
+                    }
+                }
+                for (a, p) in acc.iter_mut().zip(part) {
+                    *a = _mm256_add_ps(*a, p);
+                }
+            }
+        }
+        for k in (blocks..full).step_by(8) {
             // SAFETY: k + 8 <= n, inside w and inside each row.
             unsafe {
                 let wv = _mm256_loadu_ps(w.as_ptr().add(k));
@@ -138,22 +232,108 @@ mod x86 {
     }
 
     /// # Safety
-    /// AVX2 and FMA must be present; `bytes` must be whole blocks, and `xe` / `xo` hold
-    /// `out.len()` rows of one value per byte each.
+    /// AVX2 and FMA must be present.
+    #[target_feature(enable = "avx2,fma")]
+    pub unsafe fn dense_pair(w0: &[f32], w1: &[f32], x: &[f32], out: &mut [f32]) {
+        let rows = out.len() / 2;
+        assert!(
+            x.len() >= rows * w0.len(),
+            "dense pair product: input too short"
+        );
+        let (o0, o1) = out.split_at_mut(rows);
+        for (g, (a, b)) in o0.chunks_mut(GROUP).zip(o1.chunks_mut(GROUP)).enumerate() {
+            let r0 = g * GROUP;
+            // SAFETY: AVX2 and FMA are present; x holds every row the groups read.
+            unsafe {
+                match a.len() {
+                    4 => dense_pair_group::<4>(r0, a, b, w0, w1, x),
+                    3 => dense_pair_group::<3>(r0, a, b, w0, w1, x),
+                    2 => dense_pair_group::<2>(r0, a, b, w0, w1, x),
+                    _ => dense_pair_group::<1>(r0, a, b, w0, w1, x),
+                }
+            }
+        }
+    }
+
+    /// # Safety
+    /// AVX2 and FMA must be present, and x must hold rows r0 .. r0 + R of w0.len() values.
+    #[target_feature(enable = "avx2,fma")]
+    #[inline]
+    unsafe fn dense_pair_group<const R: usize>(
+        r0: usize,
+        out0: &mut [f32],
+        out1: &mut [f32],
+        w0: &[f32],
+        w1: &[f32],
+        x: &[f32],
+    ) {
+        let n = w0.len();
+        let full = n - n % 8;
+        let (mut acc0, mut acc1) = ([_mm256_setzero_ps(); R], [_mm256_setzero_ps(); R]);
+        // SAFETY: rows r0 .. r0 + R lie inside x (the caller's contract).
+        let rows: [*const f32; R] =
+            std::array::from_fn(|r| unsafe { x.as_ptr().add((r0 + r) * n) });
+        for k in (0..full).step_by(8) {
+            // SAFETY: k + 8 <= n, inside both weight rows and inside each input row.
+            unsafe {
+                let a = _mm256_loadu_ps(w0.as_ptr().add(k));
+                let b = _mm256_loadu_ps(w1.as_ptr().add(k));
+                for r in 0..R {
+                    let xv = _mm256_loadu_ps(rows[r].add(k));
+                    acc0[r] = _mm256_fmadd_ps(a, xv, acc0[r]);
+                    acc1[r] = _mm256_fmadd_ps(b, xv, acc1[r]);
+                }
+            }
+        }
+        for r in 0..R {
+            let xr = &x[(r0 + r) * n + full..(r0 + r + 1) * n];
+            let tail = |w: &[f32]| -> f32 { w[full..].iter().zip(xr).map(|(a, b)| a * b).sum() };
+            out0[r] = hsum(acc0[r]) + tail(w0);
+            out1[r] = hsum(acc1[r]) + tail(w1);
+        }
+    }
+
+    /// # Safety
+    /// AVX2 and FMA must be present; `bytes` must be whole blocks, and `xp` hold `out.len()`
+    /// rows of `2 * bytes.len()` values in `nf4_layout`'s order.
     #[target_feature(enable = "avx2,fma")]
     pub unsafe fn nf4_row(
         bytes: &[u8],
         absmax: impl Fn(usize) -> f32,
-        xe: &[f32],
-        xo: &[f32],
+        xp: &[f32],
         out: &mut [f32],
     ) {
         // SAFETY: AVX2 and FMA are present; the caller's contract covers the rows.
-        unsafe { by_groups!(out, nf4_group, bytes, &absmax, xe, xo) }
+        unsafe { by_groups!(out, nf4_group, bytes, &absmax, xp) }
+    }
+
+    /// Byte `j` of each code book value's f32 bits, in both 128-bit lanes: `vpshufb` looks up
+    /// sixteen entries by the low four bits of each byte, which is exactly a nibble.
+    #[target_feature(enable = "avx2")]
+    fn book_bytes(j: usize) -> __m256i {
+        let bytes: [u8; 16] = std::array::from_fn(|i| (NF4_CODE[i].to_bits() >> (8 * j)) as u8);
+        // SAFETY: 16 bytes are read from a 16-byte array.
+        _mm256_broadcastsi128_si256(unsafe { _mm_loadu_si128(bytes.as_ptr() as *const __m128i) })
+    }
+
+    /// The code book values of 32 nibbles (one per byte of `idx`), as four vectors of f32 in
+    /// the order of `NF4_ORDER`: four byte lookups, interleaved into words and then dwords.
+    #[target_feature(enable = "avx2")]
+    #[inline]
+    fn expand(idx: __m256i, book: &[__m256i; 4]) -> [__m256; 4] {
+        let [b0, b1, b2, b3] = book.map(|t| _mm256_shuffle_epi8(t, idx));
+        let (l01, h01) = (_mm256_unpacklo_epi8(b0, b1), _mm256_unpackhi_epi8(b0, b1));
+        let (l23, h23) = (_mm256_unpacklo_epi8(b2, b3), _mm256_unpackhi_epi8(b2, b3));
+        [
+            _mm256_castsi256_ps(_mm256_unpacklo_epi16(l01, l23)),
+            _mm256_castsi256_ps(_mm256_unpackhi_epi16(l01, l23)),
+            _mm256_castsi256_ps(_mm256_unpacklo_epi16(h01, h23)),
+            _mm256_castsi256_ps(_mm256_unpackhi_epi16(h01, h23)),
+        ]
     }
 
     /// # Safety
-    /// AVX2 and FMA must be present; `bytes` whole blocks; xe / xo hold rows r0 .. r0 + R.
+    /// AVX2 and FMA must be present; `bytes` whole blocks; xp holds rows r0 .. r0 + R.
     #[target_feature(enable = "avx2,fma")]
     #[inline]
     unsafe fn nf4_group<const R: usize>(
@@ -161,43 +341,35 @@ mod x86 {
         out: &mut [f32],
         bytes: &[u8],
         absmax: &impl Fn(usize) -> f32,
-        xe: &[f32],
-        xo: &[f32],
+        xp: &[f32],
     ) {
-        let half = bytes.len();
-        // SAFETY: every load reads 8 bytes of `bytes` or 8 values of a row of xe / xo inside
-        // its half-row, by the caller's contract and the loop bounds.
+        let in_f = 2 * bytes.len();
+        let book = [book_bytes(0), book_bytes(1), book_bytes(2), book_bytes(3)];
+        let nibble = _mm256_set1_epi8(0x0f);
+        let mut acc = [_mm256_setzero_ps(); R];
+        // SAFETY: rows r0 .. r0 + R of xp lie inside it (the caller's contract); every load
+        // below reads 32 bytes of a block of `bytes`, or 8 values of a block of a row.
         unsafe {
-            let low = _mm256_loadu_ps(NF4_CODE.as_ptr());
-            let high = _mm256_loadu_ps(NF4_CODE.as_ptr().add(8));
-            let nibble = _mm256_set1_epi32(0x0f);
-            let mut acc = [_mm256_setzero_ps(); R];
-            let even: [*const f32; R] = std::array::from_fn(|r| xe.as_ptr().add((r0 + r) * half));
-            let odd: [*const f32; R] = std::array::from_fn(|r| xo.as_ptr().add((r0 + r) * half));
-            for (b, start) in (0..half).step_by(NF4_BLOCK / 2).enumerate() {
+            let rows: [*const f32; R] = std::array::from_fn(|r| xp.as_ptr().add((r0 + r) * in_f));
+            for b in 0..bytes.len() / (NF4_BLOCK / 2) {
+                let v = _mm256_loadu_si256(bytes.as_ptr().add(b * NF4_BLOCK / 2) as *const __m256i);
+                let hi = expand(_mm256_and_si256(_mm256_srli_epi16(v, 4), nibble), &book);
+                let lo = expand(_mm256_and_si256(v, nibble), &book);
                 let m = _mm256_set1_ps(absmax(b));
-                for k in (start..start + NF4_BLOCK / 2).step_by(8) {
-                    let v = _mm_loadl_epi64(bytes.as_ptr().add(k) as *const __m128i);
-                    let w = _mm256_cvtepu8_epi32(v);
-                    let hi_idx = _mm256_srli_epi32(w, 4);
-                    let lo_idx = _mm256_and_si256(w, nibble);
-                    // Bit 3 of an index, moved to the sign bit, picks the upper half of the book.
-                    let hi = _mm256_blendv_ps(
-                        _mm256_permutevar8x32_ps(low, hi_idx),
-                        _mm256_permutevar8x32_ps(high, hi_idx),
-                        _mm256_castsi256_ps(_mm256_slli_epi32(hi_idx, 28)),
-                    );
-                    let lo = _mm256_blendv_ps(
-                        _mm256_permutevar8x32_ps(low, lo_idx),
-                        _mm256_permutevar8x32_ps(high, lo_idx),
-                        _mm256_castsi256_ps(_mm256_slli_epi32(lo_idx, 28)),
-                    );
-                    let (hi, lo) = (_mm256_mul_ps(hi, m), _mm256_mul_ps(lo, m));
-                    for ((a, e), o) in acc.iter_mut().zip(even).zip(odd) {
-                        let e = _mm256_loadu_ps(e.add(k));
-                        let o = _mm256_loadu_ps(o.add(k));
-                        *a = _mm256_fmadd_ps(lo, o, _mm256_fmadd_ps(hi, e, *a));
-                    }
+                for (a, row) in acc.iter_mut().zip(rows) {
+                    let x = row.add(b * NF4_BLOCK);
+                    let ld = |i: usize| _mm256_loadu_ps(x.add(8 * i));
+                    // Two chains, so the eight products don't wait on one another.
+                    let mut p0 = _mm256_mul_ps(hi[0], ld(0));
+                    let mut p1 = _mm256_mul_ps(hi[1], ld(1));
+                    p0 = _mm256_fmadd_ps(hi[2], ld(2), p0);
+                    p1 = _mm256_fmadd_ps(hi[3], ld(3), p1);
+                    p0 = _mm256_fmadd_ps(lo[0], ld(4), p0);
+                    p1 = _mm256_fmadd_ps(lo[1], ld(5), p1);
+                    p0 = _mm256_fmadd_ps(lo[2], ld(6), p0);
+                    p1 = _mm256_fmadd_ps(lo[3], ld(7), p1);
+                    // The block's absmax scales its sum once.
+                    *a = _mm256_fmadd_ps(_mm256_add_ps(p0, p1), m, *a);
                 }
             }
             for (r, o) in out.iter_mut().enumerate() {
@@ -211,6 +383,33 @@ mod x86 {
 mod tests {
     use super::*;
     use candle_core::{Device, Tensor};
+
+    #[test]
+    fn dense_rows_and_pairs_of_any_width_match_the_plain_sum() {
+        for n in [5, 8, 64, 72, 203] {
+            let rows = 5;
+            let w: Vec<f32> = (0..n).map(|i| ((i * 7) % 13) as f32 / 6.0 - 1.0).collect();
+            let x: Vec<f32> = (0..rows * n)
+                .map(|i| ((i * 5) % 11) as f32 / 5.0 - 1.0)
+                .collect();
+            let w1: Vec<f32> = w.iter().map(|v| 0.5 - v).collect();
+            let mut out = vec![0f32; rows];
+            dense_row(&w, &x, &mut out);
+            let mut pair = vec![0f32; 2 * rows];
+            dense_pair(&w, &w1, &x, &mut pair);
+            for r in 0..rows {
+                let dot =
+                    |w: &[f32]| -> f32 { w.iter().zip(&x[r * n..]).map(|(a, b)| a * b).sum() };
+                let (want, want1) = (dot(&w), dot(&w1));
+                assert!((out[r] - want).abs() < 1e-4, "width {n}, row {r}");
+                assert!((pair[r] - want).abs() < 1e-4, "pair, width {n}, row {r}");
+                assert!(
+                    (pair[rows + r] - want1).abs() < 1e-4,
+                    "pair, width {n}, row {r}"
+                );
+            }
+        }
+    }
 
     #[test]
     fn row_products_match_the_expanded_weights() {
@@ -227,12 +426,21 @@ mod tests {
         )
         .unwrap();
         let wq = q.dequantize_vec();
-        let (xe, xo): (Vec<f32>, Vec<f32>) = x.chunks_exact(2).map(|p| (p[0], p[1])).unzip();
+        let xp = nf4_layout(&x, in_f);
         for o in 0..out_f {
             let mut dense = vec![0f32; rows];
             dense_row(&w[o * in_f..(o + 1) * in_f], &x, &mut dense);
             let mut nf4 = vec![0f32; rows];
-            nf4_row(&q, o, &xe, &xo, &mut nf4);
+            nf4_row(&q, o, &xp, &mut nf4);
+            // The portable loop too, where the AVX2 kernel is the one chosen.
+            let mut plain = vec![0f32; rows];
+            let bytes = &q.packed[o * in_f / 2..(o + 1) * in_f / 2];
+            nf4_row_plain(
+                bytes,
+                |b| q.block_absmax(o * in_f / NF4_BLOCK + b),
+                &xp,
+                &mut plain,
+            );
             for r in 0..rows {
                 let xr = &x[r * in_f..(r + 1) * in_f];
                 let want: f32 = w[o * in_f..(o + 1) * in_f]
@@ -247,6 +455,7 @@ mod tests {
                     .sum();
                 assert!((dense[r] - want).abs() < 1e-4, "dense {o},{r}");
                 assert!((nf4[r] - want_q).abs() < 1e-4, "nf4 {o},{r}");
+                assert!((plain[r] - want_q).abs() < 1e-4, "plain nf4 {o},{r}");
             }
         }
     }
