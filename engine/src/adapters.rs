@@ -13,10 +13,11 @@ use loraops_registry::peft::LINEAR_MODULES;
 
 use crate::EngineError;
 
-/// One adapted module: A (r × in) and B (out × r), row-major, and the scale.
+/// One adapted module: A (r × in) and B transposed (r × out), row-major, and the scale. Bᵀ
+/// is kept so that a row's term is r scaled rows of Bᵀ added up, each read once in order.
 pub struct Pair {
     pub a: Vec<f32>,
-    pub b: Vec<f32>,
+    pub bt: Vec<f32>,
     pub r: usize,
     pub scale: f32,
 }
@@ -49,10 +50,10 @@ impl AdapterWeights {
             let pair = Pair {
                 r: p.a.dim(0)?,
                 a: flat(&p.a)?,
-                b: flat(&p.b)?,
+                bt: flat(&p.b.t()?)?,
                 scale: p.scale as f32,
             };
-            bytes += 4 * (pair.a.len() + pair.b.len());
+            bytes += 4 * (pair.a.len() + pair.bt.len());
             pairs[layer][m] = Some(pair);
         }
         Ok(Self {
