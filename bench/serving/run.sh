@@ -4,12 +4,15 @@
 # table: single-stream decode vs mistral.rs merged, 32 streams over 32 adapters vs the base,
 # the batching gain, RSS with 1/10/100 adapters, NF4 vs f32, adapter load time, and the
 # inter-token p99 of 16 streams while a 2,000-token prompt arrives, and json_schema-constrained
-# decode vs free (`constrained` runs only that).
+# decode vs free (`constrained` runs only that; `nf4` only NF4 vs f32 decode; `batching` only
+# 32 adapters vs the base and the batching gain).
 #
-#   bench/serving/run.sh [all|tiny|100m|constrained]
+#   bench/serving/run.sh [all|tiny|100m|constrained|nf4|batching]
 # Models and adapters are generated once under $BENCH_SERVING_DIR (default /tmp).
 set -euo pipefail
 cd "$(dirname "$0")/../.."
 export CARGO_TARGET_DIR="${CARGO_TARGET_DIR:-/var/tmp/loraops-target}"
-cargo build -q -p loraops-gateway --example bench_serving >&2
+# The workspace's features, as the tests build them: `-p` would unify features differently
+# and rebuild the model crates.
+cargo build -q --workspace --examples >&2
 RUST_LOG="${RUST_LOG:-error}" exec "$CARGO_TARGET_DIR/debug/examples/bench_serving" "${1:-all}"

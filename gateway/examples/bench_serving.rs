@@ -424,26 +424,7 @@ fn run(s: &Setup, rows: &mut Vec<Row>, rt: &tokio::runtime::Runtime) {
         ratio: format!("{:.2}x", n1 / m1),
         goal: ">= 1.0x",
     });
-    // (2) 32 streams over 32 adapters vs 32 on the base; (3) batching gain.
-    let mixed: Vec<_> = adapters.iter().map(|a| Some(a.clone())).collect();
-    let on_base = vec![None; 32];
-    let one = native_aggregate(&e, &on_base[..1]);
-    let agg_base = native_aggregate(&e, &on_base);
-    let agg_mixed = native_aggregate(&e, &mixed);
-    rows.push(Row {
-        figure: format!("{tag}: 32 streams, 32 adapters vs base, tok/s"),
-        native: format!("{agg_mixed:.1}"),
-        other: format!("{agg_base:.1} (base)"),
-        ratio: format!("{:.2}x", agg_mixed / agg_base),
-        goal: ">= 0.8x",
-    });
-    rows.push(Row {
-        figure: format!("{tag}: batching gain, 32 vs 1 stream tok/s"),
-        native: format!("{agg_base:.1}"),
-        other: format!("{one:.1} (1 stream)"),
-        ratio: format!("{:.2}x", agg_base / one),
-        goal: ">= 6x",
-    });
+    batching(&e, &adapters, tag, rows);
     // (6) Adapter load, files cached.
     let mut loads: Vec<f64> = (0..20)
         .map(|i| {
@@ -476,21 +457,9 @@ fn run(s: &Setup, rows: &mut Vec<Row>, rt: &tokio::runtime::Runtime) {
     });
     drop(e);
     // (5) NF4 vs f32: decode rate in-process, memory in children.
-    let e4 = native(&s.model, Quantize::Nf4);
-    let n4 = native_single(&e4, None);
-    drop(e4);
-    let ef = native(&s.model, Quantize::None);
-    let nf = native_single(&ef, None);
-    drop(ef);
+    nf4_decode(s, tag, rows);
     let rss_f32 = child_rss("native", s, 0);
     let rss_nf4 = child_rss("native-nf4", s, 0);
-    rows.push(Row {
-        figure: format!("{tag}: NF4 vs f32 base, 1-stream decode tok/s"),
-        native: format!("{n4:.1}"),
-        other: format!("{nf:.1} (f32)"),
-        ratio: format!("{:.2}x", n4 / nf),
-        goal: ">= 1.5x",
-    });
     rows.push(Row {
         figure: format!("{tag}: NF4 vs f32 base, RSS MiB"),
         native: format!("{:.0}", mib(rss_nf4)),
@@ -519,6 +488,46 @@ fn run(s: &Setup, rows: &mut Vec<Row>, rt: &tokio::runtime::Runtime) {
         });
     }
     let _ = &s.config;
+}
+
+/// (2) 32 streams over 32 adapters vs 32 on the base; (3) the batching gain, 32 vs 1 stream.
+fn batching(e: &Engine, adapters: &[Arc<AdapterWeights>], tag: &str, rows: &mut Vec<Row>) {
+    let mixed: Vec<_> = adapters.iter().map(|a| Some(a.clone())).collect();
+    let on_base = vec![None; 32];
+    let one = native_aggregate(e, &on_base[..1]);
+    let agg_base = native_aggregate(e, &on_base);
+    let agg_mixed = native_aggregate(e, &mixed);
+    rows.push(Row {
+        figure: format!("{tag}: 32 streams, 32 adapters vs base, tok/s"),
+        native: format!("{agg_mixed:.1}"),
+        other: format!("{agg_base:.1} (base)"),
+        ratio: format!("{:.2}x", agg_mixed / agg_base),
+        goal: ">= 0.8x",
+    });
+    rows.push(Row {
+        figure: format!("{tag}: batching gain, 32 vs 1 stream tok/s"),
+        native: format!("{agg_base:.1}"),
+        other: format!("{one:.1} (1 stream)"),
+        ratio: format!("{:.2}x", agg_base / one),
+        goal: ">= 6x",
+    });
+}
+
+/// (5) NF4 vs f32 base, one stream's decode rate in-process (best of 3 each).
+fn nf4_decode(s: &Setup, tag: &str, rows: &mut Vec<Row>) {
+    let e4 = native(&s.model, Quantize::Nf4);
+    let n4 = native_single(&e4, None);
+    drop(e4);
+    let ef = native(&s.model, Quantize::None);
+    let nf = native_single(&ef, None);
+    drop(ef);
+    rows.push(Row {
+        figure: format!("{tag}: NF4 vs f32 base, 1-stream decode tok/s"),
+        native: format!("{n4:.1}"),
+        other: format!("{nf:.1} (f32)"),
+        ratio: format!("{:.2}x", n4 / nf),
+        goal: ">= 1.5x",
+    });
 }
 
 /// The ~100M-parameter model.
@@ -566,6 +575,24 @@ fn main() {
         for (name, spec) in [("tiny", TinySpec::default()), ("100m", spec_100m())] {
             let s = setup(&root, name, &spec, 1);
             constrained(&native(&s.model, Quantize::None), name, &mut rows);
+        }
+    }
+    if which == "batching" {
+        for (name, spec) in [("tiny", TinySpec::default()), ("100m", spec_100m())] {
+            let s = setup(&root, name, &spec, 32);
+            let e = native(&s.model, Quantize::None);
+            let adapters: Vec<_> = s
+                .adapters
+                .iter()
+                .enumerate()
+                .map(|(i, d)| e.load_adapter(&format!("a{i}"), d).unwrap())
+                .collect();
+            batching(&e, &adapters, name, &mut rows);
+        }
+    }
+    if which == "nf4" {
+        for (name, spec) in [("tiny", TinySpec::default()), ("100m", spec_100m())] {
+            nf4_decode(&setup(&root, name, &spec, 1), name, &mut rows);
         }
     }
     if which == "all" || which == "tiny" {
