@@ -1050,6 +1050,17 @@ pub struct GateReport {
     pub rules: Vec<RuleOutcome>,
 }
 
+impl GateReport {
+    /// The rules this version fails, by name.
+    pub fn failed_rules(&self) -> Vec<&str> {
+        self.rules
+            .iter()
+            .filter(|r| !r.passed)
+            .map(|r| r.rule.as_str())
+            .collect()
+    }
+}
+
 /// Per-arm live metrics over an analysis window, summed over every gateway.
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize, ToSchema)]
 pub struct ArmMetrics {

@@ -523,12 +523,7 @@ fn tell(args: &DemoArgs, global: &Global, story: &Story) -> anyhow::Result<()> {
             for line in report_table(&report).lines() {
                 story.say(format!("  {line}"));
             }
-            let failed: Vec<&str> = report
-                .rules
-                .iter()
-                .filter(|r| !r.passed)
-                .map(|r| r.rule.as_str())
-                .collect();
+            let failed = report.failed_rules();
             story.end(
                 json!({"v1_refused": true, "status": status.as_u16(), "failed_rules": failed}),
             );

@@ -356,12 +356,7 @@ pub async fn start(
     }
     let report = gate::report(&txn, &a, &v).await?;
     if !report.passed {
-        let failed: Vec<&str> = report
-            .rules
-            .iter()
-            .filter(|r| !r.passed)
-            .map(|r| r.rule.as_str())
-            .collect();
+        let failed = report.failed_rules();
         return Err(ApiError::unprocessable(
             "gate_failed",
             format!(
