@@ -37,16 +37,18 @@ pub struct UpArgs {
 pub fn run(args: UpArgs, global: &Global) -> anyhow::Result<()> {
     // A flag overrides the configuration (file or LORAOPS_* variables), which overrides the
     // defaults.
-    let overrides: Vec<(&str, String)> = args
-        .listen
-        .iter()
-        .map(|l| ("registry.listen", l.clone()))
-        .collect();
+    let overrides: Vec<(&str, String)> = [
+        ("registry.listen", &args.listen),
+        ("gateway.listen", &args.gateway_listen),
+    ]
+    .into_iter()
+    .filter_map(|(key, flag)| Some((key, flag.clone()?)))
+    .collect();
     let cfg = global.load_config(&overrides)?;
-    let gateway_listen = args
-        .gateway_listen
+    let gateway_listen = cfg
+        .gateway
+        .listen
         .clone()
-        .or_else(|| cfg.gateway.listen.clone())
         .unwrap_or_else(|| "127.0.0.1:8500".into());
     cfg.gateway
         .validate()
