@@ -48,8 +48,8 @@ impl std::str::FromStr for Quantize {
 /// 512 KiB, which stays in cache for the product that reads it.
 const NF4_TILE: usize = 32;
 
-/// Up to this many input rows (decode steps), products read the weight one output row at a
-/// time and take its dot product with every input row; beyond, gemm (which packs the weight,
+/// Up to this many input rows (decode steps), products read the weight one or two output rows
+/// at a time and take their dot products with every input row; beyond, gemm (which packs the weight,
 /// a cost only many rows repay). At 8 rows of a 100M-parameter model, gemm spent as long
 /// packing as multiplying.
 const SMALL_BATCH: usize = 8;

@@ -51,6 +51,9 @@ pub fn dense_pair(w0: &[f32], w1: &[f32], x: &[f32], out: &mut [f32]) {
     dense_row(w1, x, o1);
 }
 
+// The kernels read a block as one 32-byte load and order its input by NF4_ORDER.
+const _: () = assert!(NF4_BLOCK == 64);
+
 /// Where each value of an NF4 block's input sits in [`nf4_layout`]: the block's 32 bytes are
 /// expanded in the order the AVX2 kernel's in-lane unpacks produce (positions 0-3 and 16-19,
 /// then 4-7 and 20-23, ...), so the input is put in that order once per product instead of

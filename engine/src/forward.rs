@@ -36,7 +36,8 @@ const LORA_ROWS: usize = 64;
 /// then r scaled rows of Bᵀ added into y), which read each weight once; beyond, by gemm,
 /// whose packing only many rows repay. Decoding many adapters gives groups of one row each.
 const LORA_ROW_KERNEL: usize = 4;
-/// Multiply-adds per row below which one thread takes several adapters' tasks in a row.
+/// Multiply-adds (counted at one row per task) a thread should get per hand-off: below, it
+/// takes several adapters' tasks in a row.
 const LORA_MIN_WORK: usize = 1 << 16;
 
 /// Run the step: feed every segment's tokens, advance the caches, and return the logits (vocab
