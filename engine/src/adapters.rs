@@ -13,11 +13,10 @@ use loraops_registry::peft::LINEAR_MODULES;
 
 use crate::EngineError;
 
-/// One adapted module: A (r × in) and B transposed (r × out), row-major, and the scale. Bᵀ
-/// is kept so that a row's term is r scaled rows of Bᵀ added up, each read once in order.
+/// One adapted module: A (r × in) and B (out × r), row-major, and the scale.
 pub struct Pair {
     pub a: Vec<f32>,
-    pub bt: Vec<f32>,
+    pub b: Vec<f32>,
     pub r: usize,
     pub scale: f32,
 }
@@ -50,10 +49,10 @@ impl AdapterWeights {
             let pair = Pair {
                 r: p.a.dim(0)?,
                 a: flat(&p.a)?,
-                bt: flat(&p.b.t()?)?,
+                b: flat(&p.b)?,
                 scale: p.scale as f32,
             };
-            bytes += 4 * (pair.a.len() + pair.bt.len());
+            bytes += 4 * (pair.a.len() + pair.b.len());
             pairs[layer][m] = Some(pair);
         }
         Ok(Self {

@@ -15,9 +15,8 @@ use loraops_model::kernels::matmul::{Operand, SendPtr, gemm_block, sgemm_serial}
 use loraops_model::kernels::simd;
 use rayon::prelude::*;
 
-use crate::adapters::{AdapterWeights, Pair};
+use crate::adapters::AdapterWeights;
 use crate::base::{Base, DOWN, GATE, K, Layer, O, Q, UP, V};
-use crate::dots;
 use crate::kv::KvCache;
 
 /// One sequence's part of a step.
@@ -32,13 +31,6 @@ pub struct Segment<'a> {
 
 /// Rows per task of the adapters' products.
 const LORA_ROWS: usize = 64;
-/// Up to this many rows, an adapter's term is computed by row kernels (r dot products over x,
-/// then r scaled rows of Bᵀ added into y), which read each weight once; beyond, by gemm,
-/// whose packing only many rows repay. Decoding many adapters gives groups of one row each.
-const LORA_ROW_KERNEL: usize = 4;
-/// Multiply-adds (counted at one row per task) a thread should get per hand-off: below, it
-/// takes several adapters' tasks in a row.
-const LORA_MIN_WORK: usize = 1 << 16;
 
 /// Run the step: feed every segment's tokens, advance the caches, and return the logits (vocab
 /// values) of each segment that asked for them, in order. Segments using the same adapter
@@ -172,64 +164,30 @@ fn add_adapters(
         return;
     }
     let in_f = tasks[0].0.a.len() / tasks[0].0.r;
-    let out_f = tasks[0].0.bt.len() / tasks[0].0.r;
+    let out_f = tasks[0].0.b.len() / tasks[0].0.r;
     let yp = SendPtr(y.as_mut_ptr());
-    // Single-row tasks of a small model are a few thousand multiply-adds each: hand them to
-    // the threads in batches worth the hand-off.
-    let work = tasks[0].0.r * (in_f + out_f);
-    let min_len = LORA_MIN_WORK.div_ceil(work).max(1);
-    tasks
-        .par_iter()
-        .with_min_len(min_len)
-        .for_each(|(p, rows)| {
-            let n = rows.len();
-            let x = &x[rows.start * in_f..rows.end * in_f];
-            // SAFETY: tasks cover disjoint row ranges of y, which outlives the parallel loop.
-            let out = unsafe { yp.slice(rows.start * out_f, n * out_f) };
-            if n <= LORA_ROW_KERNEL {
-                lora_rows(p, x, n, out);
-                return;
-            }
-            let mut xa = vec![0f32; n * p.r];
-            sgemm_serial(
-                &mut xa,
-                0.0,
-                1.0,
-                (n, in_f, p.r),
-                (x, Operand::rows(in_f)),
-                (&p.a, Operand::transposed(in_f)),
-            );
-            sgemm_serial(
-                out,
-                1.0,
-                p.scale,
-                (n, p.r, out_f),
-                (&xa, Operand::rows(p.r)),
-                (&p.bt, Operand::rows(out_f)),
-            );
-        });
-}
-
-/// `y += scale · x·Aᵀ·Bᵀ` for a few rows (`n` ≤ [`LORA_ROW_KERNEL`]).
-fn lora_rows(p: &Pair, x: &[f32], n: usize, y: &mut [f32]) {
-    let out_f = p.bt.len() / p.r;
-    let in_f = p.a.len() / p.r;
-    let mut xa = [0f32; LORA_ROW_KERNEL];
-    // xa[i][k], scaled: row i's coefficient of Bᵀ's row k.
-    let mut coef = vec![0f32; n * p.r];
-    for (k, a) in p.a.chunks_exact(in_f).enumerate() {
-        dots::dense_row(a, x, &mut xa[..n]);
-        for (i, v) in xa[..n].iter().enumerate() {
-            coef[i * p.r + k] = v * p.scale;
-        }
-    }
-    simd::dispatch(|| {
-        for (yr, c) in y.chunks_exact_mut(out_f).zip(coef.chunks_exact(p.r)) {
-            for (&c, bt) in c.iter().zip(p.bt.chunks_exact(out_f)) {
-                yr.iter_mut().zip(bt).for_each(|(y, b)| *y += c * b);
-            }
-        }
-    })
+    tasks.par_iter().for_each(|(p, rows)| {
+        let n = rows.len();
+        let mut xa = vec![0f32; n * p.r];
+        sgemm_serial(
+            &mut xa,
+            0.0,
+            1.0,
+            (n, in_f, p.r),
+            (&x[rows.start * in_f..rows.end * in_f], Operand::rows(in_f)),
+            (&p.a, Operand::transposed(in_f)),
+        );
+        // SAFETY: tasks cover disjoint row ranges of y, which outlives the parallel loop.
+        let out = unsafe { yp.slice(rows.start * out_f, n * out_f) };
+        sgemm_serial(
+            out,
+            1.0,
+            p.scale,
+            (n, p.r, out_f),
+            (&xa, Operand::rows(p.r)),
+            (&p.b, Operand::transposed(p.r)),
+        );
+    });
 }
 
 /// Causal attention of every segment's new tokens over its cache (positions up to and
