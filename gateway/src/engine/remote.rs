@@ -16,6 +16,7 @@ use eventsource_stream::Eventsource;
 use futures_util::future::BoxFuture;
 use futures_util::{FutureExt, StreamExt};
 use serde_json::{Value, json};
+use thread_local::ThreadLocal;
 
 use super::{
     Backend, Constraint, EngineError, EngineInfo, EngineKey, Event, EventStream, GenerateRequest,
@@ -66,7 +67,14 @@ pub struct RemoteBackend {
 }
 
 struct Inner {
-    http: reqwest::Client,
+    /// One client (and connection pool) per thread. The gateway's HTTP workers are threads
+    /// with a runtime each, and a pooled connection is driven by the runtime that opened it:
+    /// a shared pool would hand a worker connections another worker drives, so every
+    /// response would cross threads twice.
+    http: ThreadLocal<reqwest::Client>,
+    /// `{url}/chat/completions` and `{url}/completions`, parsed once.
+    chat_url: reqwest::Url,
+    completions_url: reqwest::Url,
     settings: RemoteSettings,
     placed: Mutex<HashSet<EngineKey>>,
     flights: Flights<EngineKey, ()>,
@@ -75,14 +83,17 @@ struct Inner {
 
 impl RemoteBackend {
     pub fn new(settings: RemoteSettings) -> Result<Self, EngineError> {
-        let http = reqwest::Client::builder()
-            .connect_timeout(settings.connect_timeout)
-            .read_timeout(settings.read_timeout)
-            .build()
-            .map_err(|e| EngineError::Internal(format!("HTTP client: {e}")))?;
+        let http = ThreadLocal::new();
+        http.get_or_try(|| client(&settings))?;
+        let url = |path: &str| {
+            reqwest::Url::parse(&format!("{}{path}", settings.url))
+                .map_err(|e| EngineError::Internal(format!("upstream URL {}: {e}", settings.url)))
+        };
         Ok(Self {
             inner: Arc::new(Inner {
                 http,
+                chat_url: url("/chat/completions")?,
+                completions_url: url("/completions")?,
                 // The upstream is opaque: name where it is, not what it runs.
                 identity: EngineInfo {
                     name: "openai-compatible-upstream".into(),
@@ -97,15 +108,37 @@ impl RemoteBackend {
     }
 }
 
+fn client(settings: &RemoteSettings) -> Result<reqwest::Client, EngineError> {
+    reqwest::Client::builder()
+        .connect_timeout(settings.connect_timeout)
+        .read_timeout(settings.read_timeout)
+        .build()
+        .map_err(|e| EngineError::Internal(format!("HTTP client: {e}")))
+}
+
 impl Inner {
-    fn post(&self, path: &str, body: &Value) -> reqwest::RequestBuilder {
+    fn post(
+        &self,
+        url: reqwest::Url,
+        body: &Value,
+    ) -> Result<reqwest::RequestBuilder, EngineError> {
         let rb = self
             .http
-            .post(format!("{}{path}", self.settings.url))
+            .get_or_try(|| client(&self.settings))?
+            .post(url)
             .json(body);
-        match &self.settings.api_key {
+        Ok(match &self.settings.api_key {
             Some(k) => rb.bearer_auth(k),
             None => rb,
+        })
+    }
+
+    fn url(&self, path: &str) -> Result<reqwest::Url, EngineError> {
+        match path {
+            "/chat/completions" => Ok(self.chat_url.clone()),
+            "/completions" => Ok(self.completions_url.clone()),
+            _ => reqwest::Url::parse(&format!("{}{path}", self.settings.url))
+                .map_err(|e| EngineError::Internal(format!("upstream URL: {e}"))),
         }
     }
 
@@ -115,7 +148,7 @@ impl Inner {
         let mut wait = Duration::from_millis(100);
         let mut attempt = 1;
         loop {
-            match self.post(path, body).send().await {
+            match self.post(self.url(path)?, body)?.send().await {
                 Ok(r) => return Ok(r),
                 Err(e) if e.is_connect() && attempt < self.settings.connect_attempts => {
                     tracing::warn!(error = %e, attempt, "upstream unreachable; retrying");
