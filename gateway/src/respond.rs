@@ -14,6 +14,12 @@ use crate::openai::{
 use crate::tools::{self, StreamParser, Streamed, ToolCall};
 use crate::validate::ToolUse;
 
+/// A random id (answers, tool calls, sticky keys) from the thread's CSPRNG: `Uuid::new_v4`
+/// asks the kernel for each one, a system call on the path of every request.
+pub fn random_id() -> uuid::Uuid {
+    uuid::Builder::from_random_bytes(rand::random()).into_uuid()
+}
+
 #[derive(Debug, Clone, Copy, PartialEq)]
 pub enum Kind {
     Chat,

@@ -44,7 +44,10 @@ impl ToolCall {
 }
 
 fn call_id() -> String {
-    format!("call_{}", &uuid::Uuid::new_v4().simple().to_string()[..24])
+    format!(
+        "call_{}",
+        &crate::respond::random_id().simple().to_string()[..24]
+    )
 }
 
 /// A call written as the model writes it (what an upstream's parsed calls are turned back

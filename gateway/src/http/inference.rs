@@ -4,6 +4,7 @@
 //! candidate (uncounted); a sample of stable requests in a shadow phase is mirrored afterwards.
 
 use std::convert::Infallible;
+use std::future::Future;
 use std::time::Instant;
 
 use actix_web::http::header::{HeaderName, HeaderValue};
@@ -22,7 +23,7 @@ use crate::engine::{EngineError, Event, TokenUsage};
 use crate::error::ApiError;
 use crate::judge;
 use crate::limiter::Permit;
-use crate::respond::{Choice, Kind, Shape};
+use crate::respond::{Choice, Kind, Shape, random_id};
 use crate::routing::{Arm, RouteError, Target};
 use crate::shadow;
 use crate::validate::{self, Validated};
@@ -84,7 +85,7 @@ fn sticky_key(req: &HttpRequest, user: Option<&str>, p: Option<&Principal>) -> S
         .map(str::to_string)
         .or_else(|| user.map(str::to_string))
         .or_else(|| p.map(|p| p.sub.clone()))
-        .unwrap_or_else(|| uuid::Uuid::new_v4().to_string())
+        .unwrap_or_else(|| random_id().to_string())
 }
 
 fn route_error(e: RouteError, model: &str) -> ApiError {
@@ -325,8 +326,8 @@ async fn serve(
         }
     }
     let id = match kind {
-        Kind::Chat => format!("chatcmpl-{}", uuid::Uuid::new_v4().simple()),
-        Kind::Text => format!("cmpl-{}", uuid::Uuid::new_v4().simple()),
+        Kind::Chat => format!("chatcmpl-{}", random_id().simple()),
+        Kind::Text => format!("cmpl-{}", random_id().simple()),
     };
     let shape = Shape {
         id,
@@ -339,9 +340,17 @@ async fn serve(
     };
     if v.stream {
         let (tx, rx) = mpsc::channel::<Result<Bytes, Infallible>>(32);
-        tokio::spawn(stream_events(
+        let mut forward = Box::pin(stream_events(
             events, v.n, shape, obs, permit, tx, judge_job,
         ));
+        // Forward what is ready now (an upstream's whole answer often is) before the response
+        // is first polled: the headers and those frames then leave in one write, where a task
+        // started later would find the body empty and cost a write and a wake-up more. Polling
+        // once here is safe: the task's first poll registers its own waker.
+        let mut cx = std::task::Context::from_waker(std::task::Waker::noop());
+        if forward.as_mut().poll(&mut cx).is_pending() {
+            tokio::spawn(forward);
+        }
         let body = futures_util::stream::unfold(rx, |mut rx| async move {
             rx.recv().await.map(|item| (item, rx))
         });
