@@ -78,7 +78,6 @@ struct Setup {
     model: PathBuf,
     adapters: Vec<PathBuf>,
     adapter_bytes: u64,
-    config: ModelConfig,
 }
 
 fn setup(root: &Path, name: &'static str, spec: &TinySpec, adapters: usize) -> Setup {
@@ -106,7 +105,6 @@ fn setup(root: &Path, name: &'static str, spec: &TinySpec, adapters: usize) -> S
         model,
         adapters: paths,
         adapter_bytes: bytes,
-        config,
     }
 }
 
@@ -487,7 +485,6 @@ fn run(s: &Setup, rows: &mut Vec<Row>, rt: &tokio::runtime::Runtime) {
             goal: "<= base + 1.2 x adapters",
         });
     }
-    let _ = &s.config;
 }
 
 /// (2) 32 streams over 32 adapters vs 32 on the base; (3) the batching gain, 32 vs 1 stream.
