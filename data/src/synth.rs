@@ -871,7 +871,11 @@ impl<'a> Pool<'a> {
                     .map(|s| format!("user: {}\nassistant: {}", s.instruction, s.answer))
                     .collect();
                 let refs: Vec<&str> = texts.iter().map(String::as_str).collect();
-                j.score_each(&refs).into_iter().map(Some).collect()
+                j.score_each(&refs)
+                    .map_err(JudgeError::into_error)?
+                    .into_iter()
+                    .map(Some)
+                    .collect()
             }
             None => survivors.iter().map(|_| None).collect(),
         };

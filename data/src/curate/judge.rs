@@ -126,16 +126,30 @@ impl RowJudge {
         })
     }
 
-    /// Score many rows' texts concurrently; the result is in input order.
+    /// Score many rows' texts concurrently; the result is in input order. The first error
+    /// ends the batch (see [`RowJudge::score_each`]).
     pub fn score_all(&self, texts: &[&str]) -> Result<Vec<RowScore>, JudgeError> {
-        self.score_each(texts).into_iter().collect()
+        self.score_each(texts)?.into_iter().collect()
     }
 
-    /// Score many rows' texts concurrently, one result per row, in input order.
-    pub fn score_each(&self, texts: &[&str]) -> Vec<Result<RowScore, JudgeError>> {
+    /// Score many rows' texts concurrently, in input order: per row, its score or the judge's
+    /// answer that held none ([`JudgeError::NoScore`]). An endpoint that fails (unreachable,
+    /// or an error status after the retries) fails the batch, and no row is sent after that:
+    /// a judge that is down costs one row's retries, not every row's.
+    pub fn score_each(
+        &self,
+        texts: &[&str],
+    ) -> Result<Vec<Result<RowScore, JudgeError>>, JudgeError> {
         use rayon::prelude::*;
-        self.pool
-            .install(|| texts.par_iter().map(|t| self.score(t)).collect())
+        self.pool.install(|| {
+            texts
+                .par_iter()
+                .map(|t| match self.score(t) {
+                    Err(e @ JudgeError::Chat(_)) => Err(e),
+                    verdict => Ok(verdict),
+                })
+                .collect()
+        })
     }
 
     /// Score one row's text.

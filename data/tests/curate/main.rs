@@ -553,6 +553,11 @@ fn a_shared_configuration_file_is_read_for_its_curation_keys() {
 /// A stand-in OpenAI-compatible server: scores 2 when the example contains "bad answer",
 /// else 9; counts requests.
 fn judge_server() -> (String, std::sync::Arc<std::sync::atomic::AtomicUsize>) {
+    judge_server_failing(false)
+}
+
+/// The same, or (`failing`) one that answers every request 503.
+fn judge_server_failing(failing: bool) -> (String, std::sync::Arc<std::sync::atomic::AtomicUsize>) {
     use std::io::{BufRead, BufReader, Read, Write};
     let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
     let url = format!("http://{}/v1", listener.local_addr().unwrap());
@@ -584,6 +589,13 @@ fn judge_server() -> (String, std::sync::Arc<std::sync::atomic::AtomicUsize>) {
                 assert_eq!(path, "/v1/chat/completions");
                 assert_eq!(req["model"], json!("judge-model"));
                 c.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+                if failing {
+                    let _ = write!(
+                        stream,
+                        "HTTP/1.1 503 Service Unavailable\r\nContent-Length: 7\r\nConnection: close\r\n\r\nloading"
+                    );
+                    return;
+                }
                 let text = req["messages"][1]["content"].as_str().unwrap();
                 let score = if text.contains("bad answer") { 2 } else { 9 };
                 let content = format!("{{\"score\": {score}, \"reason\": \"graded\"}}");
@@ -644,6 +656,32 @@ fn the_llm_judge_rejects_rows_below_its_threshold() {
         .unwrap_err()
         .to_string();
     assert!(e.contains("127.0.0.1:9/v1/chat/completions"), "{e}");
+}
+
+#[test]
+fn a_failing_judge_fails_the_run_after_one_rows_retries_not_every_rows() {
+    let tmp = tempfile::tempdir().unwrap();
+    let (url, count) = judge_server_failing(true);
+    let rows: Vec<String> = (0..40)
+        .map(|i| pc(&sentence(i), &format!("A fine reply {}", sentence(i + 40))))
+        .collect();
+    let input = write_jsonl(tmp.path(), "in.jsonl", &rows);
+    let mut cfg = CurateConfig::default();
+    cfg.judge.enabled = true;
+    cfg.judge.url = url;
+    cfg.judge.model = "judge-model".into();
+    cfg.judge.concurrency = 2;
+    cfg.judge.retries = 1;
+    let out = tmp.path().join("out");
+    let e = run(&[input], &out, &cfg).unwrap_err().to_string();
+    assert!(e.contains("HTTP 503") && e.contains("loading"), "{e}");
+    // Each of the two workers' rows is tried twice; every row's tries would be 80.
+    let sent = count.load(std::sync::atomic::Ordering::SeqCst);
+    assert!(sent <= 8, "{sent} requests to a judge that was failing");
+    assert!(
+        !out.join("train.jsonl").exists(),
+        "a failed run writes no split"
+    );
 }
 
 #[test]
