@@ -51,6 +51,23 @@ pub fn dense_pair(w0: &[f32], w1: &[f32], x: &[f32], out: &mut [f32]) {
     dense_row(w1, x, o1);
 }
 
+/// Start bringing `v` into the caches, a line at a time, for a product that reads it soon:
+/// a second stream from memory while the current one is being multiplied.
+pub fn prefetch(v: &[f32]) {
+    #[cfg(target_arch = "x86_64")]
+    for line in v.chunks(16) {
+        // SAFETY: a prefetch is a hint; it never faults and changes no program state.
+        #[allow(unused_unsafe)]
+        unsafe {
+            std::arch::x86_64::_mm_prefetch::<{ std::arch::x86_64::_MM_HINT_T0 }>(
+                line.as_ptr().cast(),
+            )
+        };
+    }
+    #[cfg(not(target_arch = "x86_64"))]
+    let _ = v;
+}
+
 // The kernels read a block as one 32-byte load and order its input by NF4_ORDER.
 const _: () = assert!(NF4_BLOCK == 64);
 

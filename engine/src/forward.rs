@@ -15,8 +15,9 @@ use loraops_model::kernels::matmul::{Operand, SendPtr, gemm_block, sgemm_serial}
 use loraops_model::kernels::simd;
 use rayon::prelude::*;
 
-use crate::adapters::AdapterWeights;
+use crate::adapters::{AdapterWeights, Pair};
 use crate::base::{Base, DOWN, GATE, K, Layer, O, Q, UP, V};
+use crate::dots;
 use crate::kv::KvCache;
 
 /// One sequence's part of a step.
@@ -31,6 +32,14 @@ pub struct Segment<'a> {
 
 /// Rows per task of the adapters' products.
 const LORA_ROWS: usize = 64;
+/// Up to this many rows, an adapter's term is taken by row kernels (dot products with A's rows,
+/// then with B's), which read each weight once; beyond, by gemm, whose packing only many rows
+/// repay. Decoding over many adapters gives groups of one row each, and gemm's packing was a
+/// third of such a step's adapter time.
+const LORA_ROW_KERNEL: usize = 4;
+/// Multiply-adds below which one thread takes several adapters' tasks in a row: a small
+/// model's one-row task is a few thousand, less than handing it to another thread costs.
+const LORA_MIN_WORK: usize = 1 << 16;
 
 /// Run the step: feed every segment's tokens, advance the caches, and return the logits (vocab
 /// values) of each segment that asked for them, in order. Segments using the same adapter
@@ -165,29 +174,67 @@ fn add_adapters(
     }
     let in_f = tasks[0].0.a.len() / tasks[0].0.r;
     let out_f = tasks[0].0.b.len() / tasks[0].0.r;
+    let work = tasks[0].0.r * (in_f + out_f);
     let yp = SendPtr(y.as_mut_ptr());
-    tasks.par_iter().for_each(|(p, rows)| {
-        let n = rows.len();
-        let mut xa = vec![0f32; n * p.r];
-        sgemm_serial(
-            &mut xa,
-            0.0,
-            1.0,
-            (n, in_f, p.r),
-            (&x[rows.start * in_f..rows.end * in_f], Operand::rows(in_f)),
-            (&p.a, Operand::transposed(in_f)),
-        );
-        // SAFETY: tasks cover disjoint row ranges of y, which outlives the parallel loop.
-        let out = unsafe { yp.slice(rows.start * out_f, n * out_f) };
-        sgemm_serial(
-            out,
-            1.0,
-            p.scale,
-            (n, p.r, out_f),
-            (&xa, Operand::rows(p.r)),
-            (&p.b, Operand::transposed(p.r)),
-        );
-    });
+    tasks
+        .par_iter()
+        .with_min_len(LORA_MIN_WORK.div_ceil(work))
+        .for_each(|(p, rows)| {
+            let n = rows.len();
+            let x = &x[rows.start * in_f..rows.end * in_f];
+            // SAFETY: tasks cover disjoint row ranges of y, which outlives the parallel loop.
+            let out = unsafe { yp.slice(rows.start * out_f, n * out_f) };
+            if n <= LORA_ROW_KERNEL {
+                return lora_rows(p, x, out);
+            }
+            let mut xa = vec![0f32; n * p.r];
+            sgemm_serial(
+                &mut xa,
+                0.0,
+                1.0,
+                (n, in_f, p.r),
+                (x, Operand::rows(in_f)),
+                (&p.a, Operand::transposed(in_f)),
+            );
+            sgemm_serial(
+                out,
+                1.0,
+                p.scale,
+                (n, p.r, out_f),
+                (&xa, Operand::rows(p.r)),
+                (&p.b, Operand::transposed(p.r)),
+            );
+        });
+}
+
+/// `y += scale · x·Aᵀ·Bᵀ` for a few rows of x (at most [`LORA_ROW_KERNEL`]): r dot products
+/// with A's rows, then one per row of B, so that each weight is read once, in order. B is
+/// fetched while A is multiplied, so that two streams come from memory at once.
+fn lora_rows(p: &Pair, x: &[f32], y: &mut [f32]) {
+    let in_f = p.a.len() / p.r;
+    let out_f = p.b.len() / p.r;
+    let n = x.len() / in_f;
+    let mut dots = [0f32; LORA_ROW_KERNEL];
+    // Row i's x·Aᵀ, scaled.
+    let mut xa = vec![0f32; n * p.r];
+    for (k, a) in p.a.chunks_exact(in_f).enumerate() {
+        dots::prefetch(share(&p.b, k, p.r));
+        dots::dense_row(a, x, &mut dots[..n]);
+        for (i, d) in dots[..n].iter().enumerate() {
+            xa[i * p.r + k] = d * p.scale;
+        }
+    }
+    let mut term = vec![0f32; out_f];
+    for (yr, xa) in y.chunks_exact_mut(out_f).zip(xa.chunks_exact(p.r)) {
+        dots::dense_row(xa, &p.b, &mut term);
+        yr.iter_mut().zip(&term).for_each(|(y, t)| *y += t);
+    }
+}
+
+/// Part `k` of `parts` equal parts of `v` (the last ones may be short or empty).
+fn share(v: &[f32], k: usize, parts: usize) -> &[f32] {
+    let len = v.len().div_ceil(parts);
+    &v[(k * len).min(v.len())..((k + 1) * len).min(v.len())]
 }
 
 /// Causal attention of every segment's new tokens over its cache (positions up to and
@@ -361,6 +408,48 @@ impl Rope {
                     let (a, b) = (x1[j], x2[j]);
                     x1[j] = a * cos[j] - b * sin[j];
                     x2[j] = b * cos[j] + a * sin[j];
+                }
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn an_adapters_few_rows_get_the_term_a_plain_sum_gives() {
+        let (r, in_f, out_f) = (3, 13, 21);
+        let p = Pair {
+            a: (0..r * in_f)
+                .map(|i| ((i * 7) % 11) as f32 / 5.0 - 1.0)
+                .collect(),
+            b: (0..out_f * r)
+                .map(|i| ((i * 5) % 13) as f32 / 6.0 - 1.0)
+                .collect(),
+            r,
+            scale: 0.75,
+        };
+        for n in 1..=LORA_ROW_KERNEL {
+            let x: Vec<f32> = (0..n * in_f).map(|i| ((i * 3) % 7) as f32 - 3.0).collect();
+            let y0: Vec<f32> = (0..n * out_f).map(|i| (i % 4) as f32).collect();
+            let mut y = y0.clone();
+            lora_rows(&p, &x, &mut y);
+            for i in 0..n {
+                for o in 0..out_f {
+                    let term: f32 = (0..r)
+                        .map(|k| {
+                            let xa: f32 =
+                                (0..in_f).map(|j| x[i * in_f + j] * p.a[k * in_f + j]).sum();
+                            xa * p.b[o * r + k]
+                        })
+                        .sum();
+                    let want = y0[i * out_f + o] + p.scale * term;
+                    assert!(
+                        (y[i * out_f + o] - want).abs() < 1e-3,
+                        "rows {n}: ({i}, {o})"
+                    );
                 }
             }
         }
