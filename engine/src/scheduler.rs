@@ -264,7 +264,12 @@ impl Scheduler {
                     logits,
                 });
             }
-            std::panic::catch_unwind(AssertUnwindSafe(|| step(&base, &mut segs)))
+            // The step runs on a worker of the pool its products split over: called from this
+            // thread, each of its parallel loops would hand itself over and wait, and with a
+            // small model those hand-offs took most of a decode step.
+            std::panic::catch_unwind(AssertUnwindSafe(|| {
+                rayon::scope(|_| step(&base, &mut segs))
+            }))
         };
         let logits = match outcome {
             Ok(l) => l,
