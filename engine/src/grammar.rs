@@ -6,7 +6,7 @@
 use std::sync::Arc;
 
 use llguidance::api::TopLevelGrammar;
-use llguidance::toktrie::{TokEnv, TokTrie};
+use llguidance::toktrie::{SimpleVob, TokEnv, TokTrie};
 use llguidance::{Matcher, ParserFactory};
 use toktrie_hf_tokenizers::{ByteTokenizer, ByteTokenizerEnv};
 
@@ -76,10 +76,10 @@ pub fn compact(schema: &serde_json::Value) -> serde_json::Value {
     s
 }
 
-/// Set every logit the matcher does not allow next to −∞. Returns an error when the grammar
-/// allows nothing (the matcher failed).
-pub fn mask(m: &mut Matcher, logits: &mut [f32]) -> Result<(), String> {
-    let allowed = m.compute_mask().map_err(|e| format!("constraint: {e:#}"))?;
+/// Set every logit the matcher's mask (`Matcher::compute_mask`, or why it failed) does not
+/// allow to −∞. Returns an error when the grammar allows nothing.
+pub fn mask(allowed: Result<SimpleVob, String>, logits: &mut [f32]) -> Result<(), String> {
+    let allowed = allowed.map_err(|e| format!("constraint: {e}"))?;
     let mut any = false;
     for (t, l) in logits.iter_mut().enumerate() {
         if allowed.is_allowed(t as u32) {

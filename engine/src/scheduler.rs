@@ -235,6 +235,8 @@ impl Scheduler {
         let base = self.base.clone();
         let outcome = {
             let mut segs: Vec<Segment> = Vec::with_capacity(plan.len());
+            // The constrained sequences that sample after this step, in plan order.
+            let mut matchers: Vec<&mut Matcher> = Vec::new();
             let mut planned = plan.iter().peekable();
             for (i, s) in running.iter_mut().enumerate() {
                 let Some(&&(pi, ref range, logits)) = planned.peek() else {
@@ -250,8 +252,12 @@ impl Scheduler {
                     cache,
                     adapter,
                     fed,
+                    matcher,
                     ..
                 } = s;
+                if logits && let Some(m) = matcher {
+                    matchers.push(m);
+                }
                 let tokens: &[u32] = if *fed < prompt.len() {
                     &prompt[range.clone()]
                 } else {
@@ -266,12 +272,24 @@ impl Scheduler {
             }
             // The step runs on a worker of the pool its products split over: called from this
             // thread, each of its parallel loops would hand itself over and wait, and with a
-            // small model those hand-offs took most of a decode step.
+            // small model those hand-offs took most of a decode step. The constraints' masks
+            // for the tokens this step samples depend only on the tokens already taken, so
+            // they are computed meanwhile, on whichever worker is free.
             std::panic::catch_unwind(AssertUnwindSafe(|| {
-                rayon::scope(|_| step(&base, &mut segs))
+                rayon::scope(|_| {
+                    rayon::join(
+                        || step(&base, &mut segs),
+                        || {
+                            matchers
+                                .into_iter()
+                                .map(|m| m.compute_mask().map_err(|e| format!("{e:#}")))
+                                .collect::<Vec<_>>()
+                        },
+                    )
+                })
             }))
         };
-        let logits = match outcome {
+        let (logits, masks) = match outcome {
             Ok(l) => l,
             Err(panic) => {
                 let what = panic
@@ -295,6 +313,7 @@ impl Scheduler {
             st.tokens_fed += plan.iter().map(|(_, r, _)| r.len() as u64).sum::<u64>();
         }
         let mut logits = logits.into_iter();
+        let mut masks = masks.into_iter();
         for (i, range, wants) in plan {
             let s = &mut running[i];
             if s.fed < s.prompt.len() {
@@ -312,7 +331,8 @@ impl Scheduler {
                     .iter()
                     .filter_map(|&e| l.get(e as usize).map(|&v| (e as usize, v)))
                     .collect();
-                if let Err(e) = grammar::mask(m, &mut l) {
+                let allowed = masks.next().expect("one mask per constrained segment");
+                if let Err(e) = grammar::mask(allowed, &mut l) {
                     let _ = s.out.send(Event::Error(e));
                     s.finished = true;
                     continue;
