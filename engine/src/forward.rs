@@ -34,8 +34,8 @@ pub struct Segment<'a> {
 const LORA_ROWS: usize = 64;
 /// Up to this many rows, an adapter's term is taken by row kernels (dot products with A's rows,
 /// then with B's), which read each weight once; beyond, by gemm, whose packing only many rows
-/// repay. Decoding over many adapters gives groups of one row each, and gemm's packing was a
-/// third of such a step's adapter time.
+/// repay. Decoding over many adapters gives groups of one row each, and gemm's packing was
+/// most of such a step's adapter time.
 const LORA_ROW_KERNEL: usize = 4;
 /// Multiply-adds below which one thread takes several adapters' tasks in a row: a small
 /// model's one-row task is a few thousand, less than handing it to another thread costs.

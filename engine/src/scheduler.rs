@@ -270,23 +270,21 @@ impl Scheduler {
                     logits,
                 });
             }
-            // The step runs on a worker of the pool its products split over: called from this
-            // thread, each of its parallel loops would hand itself over and wait, and with a
-            // small model those hand-offs took most of a decode step. The constraints' masks
-            // for the tokens this step samples depend only on the tokens already taken, so
-            // they are computed meanwhile, on whichever worker is free.
+            // `join`, called from this thread, runs the step on a worker of the pool its
+            // products split over: called from here, each of its parallel loops would hand
+            // itself over and wait, and with a small model those hand-offs took most of a
+            // decode step. The constraints' masks for the tokens this step samples depend only
+            // on the tokens already taken, so they are computed meanwhile, on the other side.
             std::panic::catch_unwind(AssertUnwindSafe(|| {
-                rayon::scope(|_| {
-                    rayon::join(
-                        || step(&base, &mut segs),
-                        || {
-                            matchers
-                                .into_iter()
-                                .map(|m| m.compute_mask().map_err(|e| format!("{e:#}")))
-                                .collect::<Vec<_>>()
-                        },
-                    )
-                })
+                rayon::join(
+                    || step(&base, &mut segs),
+                    || {
+                        matchers
+                            .into_iter()
+                            .map(|m| m.compute_mask().map_err(|e| format!("{e:#}")))
+                            .collect::<Vec<_>>()
+                    },
+                )
             }))
         };
         let (logits, masks) = match outcome {
