@@ -550,6 +550,15 @@ fn a_shared_configuration_file_is_read_for_its_curation_keys() {
     assert!(!cfg.pii.email && cfg.pii.phone);
 }
 
+/// The default curation, judged by the stand-in server at `url`.
+fn judged_by(url: String) -> CurateConfig {
+    let mut cfg = CurateConfig::default();
+    cfg.judge.enabled = true;
+    cfg.judge.url = url;
+    cfg.judge.model = "judge-model".into();
+    cfg
+}
+
 /// A stand-in OpenAI-compatible server: scores 2 when the example contains "bad answer",
 /// else 9; counts requests.
 fn judge_server() -> (String, std::sync::Arc<std::sync::atomic::AtomicUsize>) {
@@ -625,10 +634,7 @@ fn the_llm_judge_rejects_rows_below_its_threshold() {
     rows[8] = pc(&sentence(8), &format!("bad answer {}", sentence(201)));
     rows.push(rows[0].clone()); // a duplicate is never sent to the judge
     let input = write_jsonl(tmp.path(), "in.jsonl", &rows);
-    let mut cfg = CurateConfig::default();
-    cfg.judge.enabled = true;
-    cfg.judge.url = url;
-    cfg.judge.model = "judge-model".into();
+    let mut cfg = judged_by(url);
     cfg.judge.threshold = 5.0;
     cfg.judge.concurrency = 3;
     let out = tmp.path().join("out");
@@ -666,10 +672,7 @@ fn a_failing_judge_fails_the_run_after_one_rows_retries_not_every_rows() {
         .map(|i| pc(&sentence(i), &format!("A fine reply {}", sentence(i + 40))))
         .collect();
     let input = write_jsonl(tmp.path(), "in.jsonl", &rows);
-    let mut cfg = CurateConfig::default();
-    cfg.judge.enabled = true;
-    cfg.judge.url = url;
-    cfg.judge.model = "judge-model".into();
+    let mut cfg = judged_by(url);
     cfg.judge.concurrency = 2;
     cfg.judge.retries = 1;
     let out = tmp.path().join("out");
@@ -697,13 +700,10 @@ fn the_llm_judge_down_weights_rows_it_doubts_instead_of_dropping_them() {
         "weight": 2.0})
     .to_string();
     let input = write_jsonl(tmp.path(), "in.jsonl", &rows);
-    let mut cfg = CurateConfig::default();
+    let mut cfg = judged_by(url);
     cfg.splits.train = 1.0;
     cfg.splits.val = 0.0;
     cfg.splits.holdout = 0.0;
-    cfg.judge.enabled = true;
-    cfg.judge.url = url;
-    cfg.judge.model = "judge-model".into();
     cfg.judge.threshold = 1.0;
     cfg.judge.weight_below = Some(5.0);
     cfg.judge.weight = 0.25;
