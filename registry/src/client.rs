@@ -185,10 +185,22 @@ impl RegistryClient {
     }
 
     async fn send(&self, rb: reqwest::RequestBuilder) -> Result<reqwest::Response, ClientError> {
-        let res = rb.send().await.map_err(|source| ClientError::Connect {
+        // A server may close a kept-alive connection that waited too long for its first
+        // request with a 408 that the next request on it then reads (actix does, after 5 s).
+        // The server read nothing of ours, so sending again on a fresh connection is safe,
+        // even for a POST; a streamed body cannot be replayed and is not retried.
+        let again = rb.try_clone();
+        let connect = |source| ClientError::Connect {
             url: self.base.clone(),
             source,
-        })?;
+        };
+        let mut res = rb.send().await.map_err(connect)?;
+        if res.status() == StatusCode::REQUEST_TIMEOUT
+            && let Some(rb) = again
+        {
+            tracing::debug!(url = %res.url(), "the registry timed out an idle connection; resending");
+            res = rb.send().await.map_err(connect)?;
+        }
         if res.status().is_success() {
             return Ok(res);
         }

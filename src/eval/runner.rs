@@ -104,7 +104,8 @@ impl Gateway {
         serde_json::from_str(&text).map_err(|e| GatewayError::Body(e.to_string()))
     }
 
-    /// One greedy completion; retried while the gateway is busy or loading (429, 503).
+    /// One greedy completion; retried while the gateway is busy or loading (429, 503) and when
+    /// it timed out an idle connection (408).
     pub async fn complete(
         &self,
         model: &str,
@@ -142,7 +143,9 @@ impl Gateway {
                 }
             };
             let status = res.status().as_u16();
-            if (status == 429 || status == 503) && attempt < 6 {
+            // 408: the gateway timed out the idle connection this request was sent on,
+            // unread; 429 and 503: busy or still loading.
+            if matches!(status, 408 | 429 | 503) && attempt < 6 {
                 attempt += 1;
                 tokio::time::sleep(Duration::from_millis(200 << attempt)).await;
                 continue;

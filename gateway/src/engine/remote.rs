@@ -142,13 +142,21 @@ impl Inner {
         }
     }
 
-    /// Send, retrying only a connection that could not be made: then the upstream has not
-    /// seen the request, so no generation is ever duplicated.
+    /// Send, retrying only where the upstream has not read the request: a connection that
+    /// could not be made, or a 408 on a kept-alive connection it timed out before this
+    /// request arrived. So no generation is ever duplicated.
     async fn send(&self, path: &str, body: &Value) -> Result<reqwest::Response, EngineError> {
         let mut wait = Duration::from_millis(100);
         let mut attempt = 1;
         loop {
             match self.post(self.url(path)?, body)?.send().await {
+                Ok(r)
+                    if r.status() == reqwest::StatusCode::REQUEST_TIMEOUT
+                        && attempt < self.settings.connect_attempts =>
+                {
+                    tracing::debug!(attempt, "upstream timed out an idle connection; resending");
+                    attempt += 1;
+                }
                 Ok(r) => return Ok(r),
                 Err(e) if e.is_connect() && attempt < self.settings.connect_attempts => {
                     tracing::warn!(error = %e, attempt, "upstream unreachable; retrying");

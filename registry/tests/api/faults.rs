@@ -175,6 +175,49 @@ async fn registry_calls_time_out_against_a_silent_registry() {
     assert!(t.elapsed() < Duration::from_secs(8), "{:?}", t.elapsed());
 }
 
+/// A kept-alive connection that the registry timed out before its first request (actix
+/// answers 408 after 5 s and closes): the client sends the call again on a new connection,
+/// and the registry carries it out once, even a POST.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_call_answered_408_on_a_timed_out_connection_is_sent_again() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let app = crate::helpers::spawn_app(Db::Sqlite, Blobs::Local).await;
+    let registry = app.address.trim_start_matches("http://").to_string();
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let url = format!("http://{}", listener.local_addr().unwrap());
+    let connections = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let seen = connections.clone();
+    tokio::spawn(async move {
+        while let Ok((mut client, _)) = listener.accept().await {
+            if seen.fetch_add(1, std::sync::atomic::Ordering::SeqCst) == 0 {
+                // What actix writes when its request timer fires on an idle connection.
+                let mut buf = [0u8; 4096];
+                let _ = client.read(&mut buf).await;
+                let _ = client
+                    .write_all(b"HTTP/1.1 408 Request Timeout\r\ncontent-length: 0\r\nconnection: close\r\n\r\n")
+                    .await;
+                continue;
+            }
+            let mut server = tokio::net::TcpStream::connect(&registry).await.unwrap();
+            tokio::spawn(async move {
+                let _ = tokio::io::copy_bidirectional(&mut client, &mut server).await;
+            });
+        }
+    });
+    let client = loraops_registry::client::RegistryClient::new(&url, Some(app.admin.clone()));
+    let base: loraops_registry::api::NewBaseModel =
+        serde_json::from_value(serde_json::json!({"name": "retried"})).unwrap();
+    let made = client.create_base_model(&base).await.expect("sent again");
+    assert_eq!(made.name.as_str(), "retried");
+    assert_eq!(connections.load(std::sync::atomic::Ordering::SeqCst), 2);
+    let all = client.base_models().await.unwrap();
+    assert_eq!(
+        all.iter().filter(|b| b.name.as_str() == "retried").count(),
+        1
+    );
+    app.cleanup().await;
+}
+
 /// A registry that answers the headers of a download and then goes silent: the download
 /// fails after the idle timeout and leaves no partial file.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
