@@ -48,8 +48,8 @@ impl std::str::FromStr for Quantize {
 /// 512 KiB, which stays in cache for the product that reads it.
 const NF4_TILE: usize = 32;
 
-/// Up to this many input rows (decode steps), products read the weight one or two output rows
-/// at a time and take their dot products with every input row; beyond, gemm (which packs the weight,
+/// Up to this many input rows (decode steps), products read the weight a few output rows at a
+/// time and take their dot products with every input row (`dots::dense_rows`); beyond, gemm (which packs the weight,
 /// a cost only many rows repay). At 8 rows of a 100M-parameter model, gemm spent as long
 /// packing as multiplying.
 const SMALL_BATCH: usize = 8;
@@ -156,17 +156,9 @@ fn dense_small_batch(w: &[f32], x: &[f32], rows: usize, in_f: usize, out_f: usiz
     yt.par_chunks_mut(ROWS_PER_TASK * rows)
         .enumerate()
         .for_each(|(t, block)| {
-            // One row alone: the single-row kernel, whose partial sums hide FMA latency.
-            let step = if rows > 1 { 2 } else { 1 };
-            for (i, out) in block.chunks_mut(step * rows).enumerate() {
-                let o = t * ROWS_PER_TASK + i * step;
-                let w0 = &w[o * in_f..(o + 1) * in_f];
-                if out.len() == 2 * rows {
-                    dots::dense_pair(w0, &w[(o + 1) * in_f..(o + 2) * in_f], x, out);
-                } else {
-                    dots::dense_row(w0, x, out);
-                }
-            }
+            let o = t * ROWS_PER_TASK;
+            let w = &w[o * in_f..(o + block.len() / rows) * in_f];
+            dots::dense_rows(w, &x[..rows * in_f], rows, block);
         });
     transpose(&yt, out_f, rows)
 }
