@@ -49,9 +49,9 @@ impl std::str::FromStr for Quantize {
 const NF4_TILE: usize = 32;
 
 /// Up to this many input rows (decode steps), products read the weight a few output rows at a
-/// time and take their dot products with every input row (`dots::dense_rows`); beyond, gemm (which packs the weight,
-/// a cost only many rows repay). At 8 rows of a 100M-parameter model, gemm spent as long
-/// packing as multiplying.
+/// time and take their dot products with every input row (`dots::dense_rows`); beyond, gemm
+/// (which packs the weight, a cost only many rows repay). At 8 rows of a 100M-parameter model,
+/// gemm spent as long packing as multiplying.
 const SMALL_BATCH: usize = 8;
 
 /// A dense weight this large (values: 1 MiB of f32, twice a core's L2) comes from memory
