@@ -48,18 +48,16 @@ impl std::str::FromStr for Quantize {
 /// 512 KiB, which stays in cache for the product that reads it.
 const NF4_TILE: usize = 32;
 
-/// Up to this many input rows (decode steps), products read the weight a few output rows at a
-/// time and take their dot products with every input row (`dots::dense_rows`); beyond, gemm
-/// (which packs the weight, a cost only many rows repay). At 8 rows of a 100M-parameter model,
-/// gemm spent as long packing as multiplying.
-const SMALL_BATCH: usize = 8;
+/// Up to this many input rows (decode steps), f32 products read the weight a few output rows
+/// at a time and take their dot products with every input row (`dots::dense_rows`); beyond,
+/// gemm, whose packing only many rows repay. bench_products on the 100M-parameter model's
+/// shapes, at 32 rows: gemm took 3x as long as the row kernels on the 256 × 768 key and value
+/// weights (which stay in cache), and packing was half its time on the larger ones.
+const ROW_KERNEL_ROWS: usize = 32;
 
-/// A dense weight this large (values: 1 MiB of f32, twice a core's L2) comes from memory
-/// whatever the kernel, and gemm's packing adds a second trip through it (half of gemm's time
-/// at 32 rows of the 100M-parameter model), so the row kernels serve it up to `LARGE_BATCH`
-/// rows. Smaller weights stay in cache, where packing is cheap and gemm's blocking wins.
-const LARGE_WEIGHT: usize = 1 << 18;
-const LARGE_BATCH: usize = 32;
+/// NF4 expands a weight row in registers only up to this many input rows; beyond, a tile of
+/// rows is expanded and multiplied by gemm.
+const NF4_ROW_KERNEL_ROWS: usize = 8;
 
 /// Output rows per task of the small-batch products.
 const ROWS_PER_TASK: usize = 16;
@@ -109,13 +107,11 @@ impl Weight {
     /// so a decode step reads its 4 bits per weight from memory, not 32.
     pub fn forward(&self, x: &[f32], rows: usize) -> Vec<f32> {
         match self {
-            Self::F32 { w, out_f, in_f }
-                if rows <= SMALL_BATCH || (rows <= LARGE_BATCH && w.len() >= LARGE_WEIGHT) =>
-            {
+            Self::F32 { w, out_f, in_f } if rows <= ROW_KERNEL_ROWS => {
                 dense_small_batch(w, x, rows, *in_f, *out_f)
             }
             Self::F32 { w, out_f, in_f } => matmul::linear(x, w, rows, *in_f, *out_f),
-            Self::Nf4(q) if rows <= SMALL_BATCH && q.shape[1].is_multiple_of(NF4_BLOCK) => {
+            Self::Nf4(q) if rows <= NF4_ROW_KERNEL_ROWS && q.shape[1].is_multiple_of(NF4_BLOCK) => {
                 nf4_small_batch(q, x, rows)
             }
             Self::Nf4(q) => {
