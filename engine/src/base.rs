@@ -145,18 +145,32 @@ impl Weight {
 }
 
 /// `y = x · Wᵀ` for a few rows of x: output rows are split among the threads, and each weight
-/// row is read from memory once per step and multiplied with every input row from cache.
+/// row is read from memory once per step and multiplied with every input row from cache. A
+/// task's block (out × rows) is built on its stack and written into y's rows in place: a
+/// whole transposed copy was a second buffer of up to 256 KiB per product, which glibc maps
+/// and faults in afresh each step, and a pass over it.
 fn dense_small_batch(w: &[f32], x: &[f32], rows: usize, in_f: usize, out_f: usize) -> Vec<f32> {
-    // Transposed (out × rows), so each task writes one contiguous block.
-    let mut yt = vec![0f32; out_f * rows];
-    yt.par_chunks_mut(ROWS_PER_TASK * rows)
-        .enumerate()
-        .for_each(|(t, block)| {
+    assert!(rows <= ROW_KERNEL_ROWS, "{rows} rows for the row kernels");
+    let x = &x[..rows * in_f];
+    let mut y = vec![0f32; rows * out_f];
+    let yp = SendPtr(y.as_mut_ptr());
+    (0..out_f.div_ceil(ROWS_PER_TASK))
+        .into_par_iter()
+        .for_each(|t| {
             let o = t * ROWS_PER_TASK;
-            let w = &w[o * in_f..(o + block.len() / rows) * in_f];
-            dots::dense_rows(w, &x[..rows * in_f], rows, block);
+            let n = ROWS_PER_TASK.min(out_f - o);
+            let mut block = [0f32; ROWS_PER_TASK * ROW_KERNEL_ROWS];
+            let block = &mut block[..n * rows];
+            dots::dense_rows(&w[o * in_f..(o + n) * in_f], x, rows, block);
+            for (i, column) in block.chunks_exact(rows).enumerate() {
+                for (r, &v) in column.iter().enumerate() {
+                    // SAFETY: task t alone writes columns o .. o + n of y's rows (r < rows,
+                    // o + i < out_f), and y outlives the parallel loop.
+                    unsafe { *yp.get().add(r * out_f + o + i) = v };
+                }
+            }
         });
-    transpose(&yt, out_f, rows)
+    y
 }
 
 /// NF4 for a few rows: the same, each weight row expanded in registers as it is multiplied.
