@@ -4,7 +4,8 @@
 //! (`POST /v1/load_lora_adapter` with `lora_name` = `NAME@V`, and `lora_path` when the upstream
 //! reads adapter files from a path or URL of its own, `--upstream-lora-path`); requests then
 //! name the version as their `model`. Every call carries the API key, has connect and read
-//! timeouts, and is retried only when the connection could not be made (never once a
+//! timeouts, and is retried only where the upstream has not read it: a connection that could
+//! not be made, or a 408 on a kept-alive connection the upstream had timed out (never once a
 //! generation may have started). An upstream that says which adapter digest produced an
 //! answer (`x-loraops-digest`, as loraops gateways do) is checked against the routed one.
 
