@@ -13,9 +13,18 @@ use std::collections::HashSet;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
+use bytes::Bytes;
 use eventsource_stream::Eventsource;
 use futures_util::future::BoxFuture;
 use futures_util::{FutureExt, StreamExt};
+use http_body_util::{BodyExt, Full, Limited};
+use hyper::body::Incoming;
+use hyper::header::{AUTHORIZATION, CONTENT_TYPE, HeaderValue};
+use hyper::{Request, Response, StatusCode, Uri};
+use hyper_util::client::legacy::Client;
+use hyper_util::client::legacy::connect::HttpConnector;
+use hyper_util::rt::TokioExecutor;
+use serde::Deserialize;
 use serde_json::{Value, json};
 use thread_local::ThreadLocal;
 
@@ -67,15 +76,24 @@ pub struct RemoteBackend {
     inner: Arc<Inner>,
 }
 
+/// HTTP/1.1 over TCP, with TLS for `https://` upstreams (rustls, the system's trust store).
+type Http = Client<hyper_rustls::HttpsConnector<HttpConnector>, Full<Bytes>>;
+
+/// The most of an upstream's error body kept for the message.
+const ERROR_BODY_LIMIT: usize = 64 << 10;
+
 struct Inner {
     /// One client (and connection pool) per thread. The gateway's HTTP workers are threads
     /// with a runtime each, and a pooled connection is driven by the runtime that opened it:
     /// a shared pool would hand a worker connections another worker drives, so every
     /// response would cross threads twice.
-    http: ThreadLocal<reqwest::Client>,
+    http: ThreadLocal<Http>,
+    tls: rustls::ClientConfig,
     /// `{url}/chat/completions` and `{url}/completions`, parsed once.
-    chat_url: reqwest::Url,
-    completions_url: reqwest::Url,
+    chat_url: Uri,
+    completions_url: Uri,
+    /// `Bearer KEY`, marked sensitive (kept out of debug output).
+    authorization: Option<HeaderValue>,
     settings: RemoteSettings,
     placed: Mutex<HashSet<EngineKey>>,
     flights: Flights<EngineKey, ()>,
@@ -84,17 +102,30 @@ struct Inner {
 
 impl RemoteBackend {
     pub fn new(settings: RemoteSettings) -> Result<Self, EngineError> {
-        let http = ThreadLocal::new();
-        http.get_or_try(|| client(&settings))?;
         let url = |path: &str| {
-            reqwest::Url::parse(&format!("{}{path}", settings.url))
+            format!("{}{path}", settings.url)
+                .parse::<Uri>()
                 .map_err(|e| EngineError::Internal(format!("upstream URL {}: {e}", settings.url)))
         };
+        let authorization = match &settings.api_key {
+            Some(k) => {
+                let mut v = HeaderValue::try_from(format!("Bearer {k}")).map_err(|_| {
+                    EngineError::Internal("the upstream API key is not a valid header".into())
+                })?;
+                v.set_sensitive(true);
+                Some(v)
+            }
+            None => None,
+        };
+        let tls = tls_config(&settings.url)
+            .map_err(|e| EngineError::Internal(format!("TLS for the upstream: {e}")))?;
         Ok(Self {
             inner: Arc::new(Inner {
-                http,
+                http: ThreadLocal::new(),
+                tls,
                 chat_url: url("/chat/completions")?,
                 completions_url: url("/completions")?,
+                authorization,
                 // The upstream is opaque: name where it is, not what it runs.
                 identity: EngineInfo {
                     name: "openai-compatible-upstream".into(),
@@ -109,69 +140,115 @@ impl RemoteBackend {
     }
 }
 
-fn client(settings: &RemoteSettings) -> Result<reqwest::Client, EngineError> {
-    reqwest::Client::builder()
-        .connect_timeout(settings.connect_timeout)
-        .read_timeout(settings.read_timeout)
-        .build()
-        .map_err(|e| EngineError::Internal(format!("HTTP client: {e}")))
+/// TLS as the system trusts it. Only an `https://` upstream reads the trust store, so a
+/// plain-HTTP upstream needs no CA certificates installed.
+fn tls_config(url: &str) -> Result<rustls::ClientConfig, rustls::Error> {
+    let provider = Arc::new(rustls::crypto::aws_lc_rs::default_provider());
+    let builder = rustls::ClientConfig::builder_with_provider(provider)
+        .with_safe_default_protocol_versions()?;
+    let builder = if url.starts_with("https://") {
+        rustls_platform_verifier::BuilderVerifierExt::with_platform_verifier(builder)?
+    } else {
+        builder.with_root_certificates(rustls::RootCertStore::empty())
+    };
+    Ok(builder.with_no_client_auth())
+}
+
+/// An error and its causes, as one line (hyper's own message is only "client error").
+fn describe(e: &(dyn std::error::Error + 'static)) -> String {
+    let mut out = e.to_string();
+    let mut cause = e.source();
+    while let Some(c) = cause {
+        out.push_str(": ");
+        out.push_str(&c.to_string());
+        cause = c.source();
+    }
+    out
 }
 
 impl Inner {
-    fn post(
-        &self,
-        url: reqwest::Url,
-        body: &Value,
-    ) -> Result<reqwest::RequestBuilder, EngineError> {
-        let rb = self
-            .http
-            .get_or_try(|| client(&self.settings))?
-            .post(url)
-            .json(body);
-        Ok(match &self.settings.api_key {
-            Some(k) => rb.bearer_auth(k),
-            None => rb,
+    fn client(&self) -> &Http {
+        self.http.get_or(|| {
+            let mut tcp = HttpConnector::new();
+            tcp.set_connect_timeout(Some(self.settings.connect_timeout));
+            tcp.set_nodelay(true);
+            tcp.enforce_http(false);
+            let tls = hyper_rustls::HttpsConnectorBuilder::new()
+                .with_tls_config(self.tls.clone())
+                .https_or_http()
+                .enable_http1()
+                .wrap_connector(tcp);
+            Client::builder(TokioExecutor::new()).build(tls)
         })
     }
 
-    fn url(&self, path: &str) -> Result<reqwest::Url, EngineError> {
+    fn url(&self, path: &str) -> Result<Uri, EngineError> {
         match path {
             "/chat/completions" => Ok(self.chat_url.clone()),
             "/completions" => Ok(self.completions_url.clone()),
-            _ => reqwest::Url::parse(&format!("{}{path}", self.settings.url))
+            _ => format!("{}{path}", self.settings.url)
+                .parse()
                 .map_err(|e| EngineError::Internal(format!("upstream URL: {e}"))),
         }
+    }
+
+    fn request(&self, url: Uri, body: Bytes) -> Result<Request<Full<Bytes>>, EngineError> {
+        let mut req = Request::post(url).header(CONTENT_TYPE, "application/json");
+        if let Some(a) = &self.authorization {
+            req = req.header(AUTHORIZATION, a.clone());
+        }
+        req.body(Full::new(body))
+            .map_err(|e| EngineError::Internal(format!("upstream request: {e}")))
     }
 
     /// Send, retrying only where the upstream has not read the request: a connection that
     /// could not be made, or a 408 on a kept-alive connection it timed out before this
     /// request arrived. So no generation is ever duplicated.
-    async fn send(&self, path: &str, body: &Value) -> Result<reqwest::Response, EngineError> {
+    async fn send(&self, path: &str, body: &Value) -> Result<Response<Incoming>, EngineError> {
+        let failed = |message: String| EngineError::Load {
+            what: format!("upstream {}", self.settings.url),
+            message,
+        };
+        let body = Bytes::from(serde_json::to_vec(body).expect("a JSON value serialises"));
+        let url = self.url(path)?;
         let mut wait = Duration::from_millis(100);
         let mut attempt = 1;
         loop {
-            match self.post(self.url(path)?, body)?.send().await {
-                Ok(r)
-                    if r.status() == reqwest::StatusCode::REQUEST_TIMEOUT
+            let call = self
+                .client()
+                .request(self.request(url.clone(), body.clone())?);
+            match tokio::time::timeout(self.settings.read_timeout, call).await {
+                Err(_) => {
+                    return Err(failed(format!(
+                        "no response within {:?}",
+                        self.settings.read_timeout
+                    )));
+                }
+                Ok(Ok(r))
+                    if r.status() == StatusCode::REQUEST_TIMEOUT
                         && attempt < self.settings.connect_attempts =>
                 {
                     tracing::debug!(attempt, "upstream timed out an idle connection; resending");
                     attempt += 1;
                 }
-                Ok(r) => return Ok(r),
-                Err(e) if e.is_connect() && attempt < self.settings.connect_attempts => {
-                    tracing::warn!(error = %e, attempt, "upstream unreachable; retrying");
+                Ok(Ok(r)) => return Ok(r),
+                Ok(Err(e)) if e.is_connect() && attempt < self.settings.connect_attempts => {
+                    tracing::warn!(error = %describe(&e), attempt, "upstream unreachable; retrying");
                     tokio::time::sleep(wait).await;
                     wait *= 2;
                     attempt += 1;
                 }
-                Err(e) => {
-                    return Err(EngineError::Load {
-                        what: format!("upstream {}", self.settings.url),
-                        message: e.to_string(),
-                    });
-                }
+                Ok(Err(e)) => return Err(failed(describe(&e))),
             }
+        }
+    }
+
+    /// The start of a response's body as text (an error's explanation).
+    async fn text(&self, res: Response<Incoming>) -> String {
+        let body = Limited::new(res.into_body(), ERROR_BODY_LIMIT);
+        match tokio::time::timeout(self.settings.read_timeout, body.collect()).await {
+            Ok(Ok(b)) => String::from_utf8_lossy(&b.to_bytes()).into_owned(),
+            _ => String::new(),
         }
     }
 
@@ -206,7 +283,7 @@ impl Inner {
                     .await
                     .map_err(|e| e.to_string())?;
                 let status = res.status();
-                let text = res.text().await.unwrap_or_default();
+                let text = me.text(res).await;
                 // vLLM answers 400 "already been loaded" to a repeated load: it is placed.
                 if status.is_success() || text.contains("already been loaded") {
                     me.placed.lock().expect("placed lock").insert(k);
@@ -244,7 +321,7 @@ impl Backend for RemoteBackend {
             let res = inner.send(&path, &b).await?;
             let status = res.status();
             if !status.is_success() {
-                let text = res.text().await.unwrap_or_default();
+                let text = inner.text(res).await;
                 let message = format!("upstream {status}: {text}");
                 return Err(match status.as_u16() {
                     429 => EngineError::Overloaded(message),
@@ -268,7 +345,7 @@ impl Backend for RemoteBackend {
                     "the upstream served {key} with digest {served}, not the routed {digest}"
                 )));
             }
-            Ok(Box::pin(events(res)) as EventStream)
+            Ok(Box::pin(events(res, inner.settings.read_timeout)) as EventStream)
         }
         .boxed()
     }
@@ -395,8 +472,7 @@ fn body(model: &str, req: &GenerateRequest) -> (String, Value) {
 
 /// Log-probabilities of one upstream chunk, chat (`logprobs.content`) or completions
 /// (`logprobs.tokens` / `token_logprobs` / `top_logprobs`) shaped.
-fn parse_logprobs(choice: &Value) -> Vec<Logprob> {
-    let lp = &choice["logprobs"];
+fn parse_logprobs(lp: &Value) -> Vec<Logprob> {
     let bytes = |v: &Value, token: &str| -> Vec<u8> {
         v["bytes"]
             .as_array()
@@ -469,12 +545,8 @@ struct UpstreamCalls {
 }
 
 impl UpstreamCalls {
-    fn push(&mut self, choice: &Value) {
-        for c in choice["delta"]["tool_calls"]
-            .as_array()
-            .into_iter()
-            .flatten()
-        {
+    fn push(&mut self, tool_calls: &Value) {
+        for c in tool_calls.as_array().into_iter().flatten() {
             let i = c["index"].as_u64().unwrap_or(0) as usize;
             if self.calls.len() <= i {
                 self.calls.resize(i + 1, Default::default());
@@ -505,30 +577,97 @@ impl UpstreamCalls {
     }
 }
 
-/// The text, finish reason and usage of one upstream SSE payload.
-fn parse_chunk(v: &Value) -> (Option<String>, Option<String>, Option<TokenUsage>) {
-    let choice = v["choices"].get(0);
-    let text = choice.and_then(|c| {
-        c["delta"]["content"]
-            .as_str()
-            .or_else(|| c["text"].as_str())
-            .map(str::to_string)
-    });
-    let finish = choice.and_then(|c| c["finish_reason"].as_str().map(str::to_string));
-    let usage = v["usage"].as_object().map(|u| TokenUsage {
-        prompt_tokens: u.get("prompt_tokens").and_then(Value::as_u64).unwrap_or(0),
-        completion_tokens: u
-            .get("completion_tokens")
-            .and_then(Value::as_u64)
-            .unwrap_or(0),
-    });
-    (text, finish, usage)
+/// One upstream SSE payload, read in place: the text borrows from the event unless it has
+/// escapes, and what the gateway does not use (ids, model, timestamps) is skipped unread.
+#[derive(Deserialize)]
+struct Chunk<'a> {
+    #[serde(default, borrow)]
+    choices: Vec<ChunkChoice<'a>>,
+    #[serde(default)]
+    usage: Option<ChunkUsage>,
+    #[serde(default)]
+    error: Option<Value>,
+}
+
+#[derive(Deserialize)]
+struct ChunkChoice<'a> {
+    /// Chat.
+    #[serde(default, borrow)]
+    delta: Option<ChunkDelta<'a>>,
+    /// Completions.
+    #[serde(default, borrow)]
+    text: Option<std::borrow::Cow<'a, str>>,
+    #[serde(default)]
+    finish_reason: Option<String>,
+    #[serde(default)]
+    logprobs: Option<Value>,
+}
+
+#[derive(Deserialize)]
+struct ChunkDelta<'a> {
+    #[serde(default, borrow)]
+    content: Option<std::borrow::Cow<'a, str>>,
+    #[serde(default)]
+    tool_calls: Option<Value>,
+}
+
+#[derive(Deserialize)]
+struct ChunkUsage {
+    #[serde(default)]
+    prompt_tokens: u64,
+    #[serde(default)]
+    completion_tokens: u64,
+}
+
+impl Chunk<'_> {
+    /// The first choice's text.
+    fn text(&self) -> Option<&str> {
+        let c = self.choices.first()?;
+        c.delta
+            .as_ref()
+            .and_then(|d| d.content.as_deref())
+            .or(c.text.as_deref())
+    }
+
+    fn finish_reason(&self) -> Option<&str> {
+        self.choices.first()?.finish_reason.as_deref()
+    }
+
+    fn usage(&self) -> Option<TokenUsage> {
+        self.usage.as_ref().map(|u| TokenUsage {
+            prompt_tokens: u.prompt_tokens,
+            completion_tokens: u.completion_tokens,
+        })
+    }
+}
+
+/// The response body's bytes, each read given `read_timeout` to arrive.
+fn body_stream(
+    res: Response<Incoming>,
+    read_timeout: Duration,
+) -> impl futures_util::Stream<Item = Result<Bytes, String>> + Send {
+    futures_util::stream::unfold(Some(res.into_body()), move |body| async move {
+        let mut body = body?;
+        loop {
+            return match tokio::time::timeout(read_timeout, body.frame()).await {
+                Err(_) => Some((Err(format!("no data for {read_timeout:?}")), None)),
+                Ok(None) => None,
+                Ok(Some(Err(e))) => Some((Err(describe(&e)), None)),
+                // Trailers carry nothing an OpenAI stream uses.
+                Ok(Some(Ok(frame))) => match frame.into_data() {
+                    Ok(data) => Some((Ok(data), Some(body))),
+                    Err(_) => continue,
+                },
+            };
+        }
+    })
 }
 
 /// The upstream's SSE as [`Event`]s: deltas, then one `Done` once the finish reason and the
 /// usage chunk (or `[DONE]`) have arrived.
 fn events(
-    res: reqwest::Response,
+    res: Response<Incoming>,
+    read_timeout: Duration,
 ) -> impl futures_util::Stream<Item = Result<Event, EngineError>> + Send {
     struct State<S> {
         sse: S,
@@ -541,7 +680,7 @@ fn events(
         done: bool,
     }
     let state = State {
-        sse: res.bytes_stream().eventsource(),
+        sse: Box::pin(body_stream(res, read_timeout)).eventsource(),
         finish: None,
         usage: TokenUsage::default(),
         chunks: 0,
@@ -590,33 +729,33 @@ fn events(
                 });
                 continue;
             }
-            let Ok(v) = serde_json::from_str::<Value>(&ev.data) else {
+            let Ok(chunk) = serde_json::from_str::<Chunk>(&ev.data) else {
                 continue;
             };
-            if v.get("error").is_some() {
+            if let Some(e) = &chunk.error {
                 st.done = true;
-                return Some((
-                    Err(EngineError::Internal(format!("upstream: {}", v["error"]))),
-                    st,
-                ));
+                return Some((Err(EngineError::Internal(format!("upstream: {e}"))), st));
             }
-            let (text, f, u) = parse_chunk(&v);
-            if f.is_some() {
-                st.finish = f;
+            if let Some(f) = chunk.finish_reason() {
+                st.finish = Some(f.to_string());
             }
-            if let Some(u) = u {
+            if let Some(u) = chunk.usage() {
                 st.usage = u;
             }
-            if let Some(choice) = v["choices"].get(0) {
-                st.calls.push(choice);
-                let lps = parse_logprobs(choice);
-                if !lps.is_empty() {
-                    st.queued.push_back(Event::Logprobs(lps));
+            if let Some(choice) = chunk.choices.first() {
+                if let Some(calls) = choice.delta.as_ref().and_then(|d| d.tool_calls.as_ref()) {
+                    st.calls.push(calls);
+                }
+                if let Some(lp) = &choice.logprobs {
+                    let lps = parse_logprobs(lp);
+                    if !lps.is_empty() {
+                        st.queued.push_back(Event::Logprobs(lps));
+                    }
                 }
             }
-            if let Some(t) = text.filter(|t| !t.is_empty()) {
+            if let Some(t) = chunk.text().filter(|t| !t.is_empty()) {
                 st.chunks += 1;
-                st.queued.push_back(Event::Delta(t));
+                st.queued.push_back(Event::Delta(t.to_string()));
             }
         }
     })
@@ -625,18 +764,114 @@ fn events(
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::engine::Sampling;
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    use tokio::net::{TcpListener, TcpStream};
+
+    /// Read one request, head and body (`content-length`), off `c`.
+    async fn read_request(c: &mut TcpStream) -> String {
+        let mut buf = Vec::new();
+        let mut chunk = [0u8; 4096];
+        loop {
+            let n = c.read(&mut chunk).await.unwrap();
+            assert!(n > 0, "the client closed mid-request");
+            buf.extend_from_slice(&chunk[..n]);
+            let text = String::from_utf8_lossy(&buf).into_owned();
+            if let Some(end) = text.find("\r\n\r\n") {
+                let length: usize = text
+                    .lines()
+                    .find_map(|l| l.strip_prefix("content-length: "))
+                    .map_or(0, |v| v.trim().parse().unwrap());
+                if buf.len() >= end + 4 + length {
+                    return text;
+                }
+            }
+        }
+    }
+
+    /// A 408 on a connection the upstream had timed out is sent again on a new one, and a
+    /// stream that falls silent for longer than the read timeout ends in an error naming it,
+    /// not in a request that hangs.
+    #[tokio::test]
+    async fn a_408_is_sent_again_and_a_silent_stream_times_out() {
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let (seen, request) = tokio::sync::oneshot::channel();
+        let upstream = tokio::spawn(async move {
+            let (mut c, _) = listener.accept().await.unwrap();
+            read_request(&mut c).await;
+            c.write_all(
+                b"HTTP/1.1 408 Request Timeout\r\ncontent-length: 0\r\nconnection: close\r\n\r\n",
+            )
+            .await
+            .unwrap();
+            drop(c);
+            let (mut c, _) = listener.accept().await.unwrap();
+            seen.send(read_request(&mut c).await).unwrap();
+            let event = b"data: {\"choices\":[{\"index\":0,\"delta\":{\"content\":\"Hi\"}}]}\n\n";
+            c.write_all(
+                b"HTTP/1.1 200 OK\r\ncontent-type: text/event-stream\r\ntransfer-encoding: chunked\r\n\r\n",
+            )
+            .await
+            .unwrap();
+            c.write_all(format!("{:x}\r\n", event.len()).as_bytes())
+                .await
+                .unwrap();
+            c.write_all(event).await.unwrap();
+            c.write_all(b"\r\n").await.unwrap();
+            tokio::time::sleep(Duration::from_secs(10)).await;
+        });
+        let mut settings = RemoteSettings::new(&format!("http://{addr}/v1"), "base");
+        settings.api_key = Some("k".into());
+        settings.read_timeout = Duration::from_millis(300);
+        let backend = RemoteBackend::new(settings).unwrap();
+        let req = GenerateRequest {
+            prompt: Prompt::Text("Hello".into()),
+            sampling: Sampling {
+                max_tokens: 4,
+                ..Sampling::default()
+            },
+        };
+        let mut events = backend.generate(EngineKey::Base, req).await.unwrap();
+        let request = request.await.unwrap();
+        assert!(request.starts_with("POST /v1/completions "), "{request}");
+        assert!(request.contains("authorization: Bearer k"), "{request}");
+        assert!(matches!(events.next().await, Some(Ok(Event::Delta(t))) if t == "Hi"));
+        match events.next().await {
+            Some(Err(EngineError::Internal(m))) => assert!(m.contains("no data for"), "{m}"),
+            other => panic!("expected a read timeout, got {other:?}"),
+        }
+        upstream.abort();
+    }
+
+    #[test]
+    fn tls_is_configured_for_plain_and_secure_upstreams() {
+        tls_config("http://127.0.0.1:8000/v1").unwrap();
+        // The system's trust store (ca-certificates, as the image installs it).
+        tls_config("https://upstream.example/v1").unwrap();
+    }
+
+    fn read(payload: &str) -> (Option<String>, Option<String>, Option<TokenUsage>) {
+        let c: Chunk = serde_json::from_str(payload).unwrap();
+        (
+            c.text().map(str::to_string),
+            c.finish_reason().map(str::to_string),
+            c.usage(),
+        )
+    }
 
     #[test]
     fn reads_chat_and_completion_chunks() {
-        let (t, f, u) =
-            parse_chunk(&json!({"choices": [{"delta": {"content": "hi"}, "finish_reason": null}]}));
-        assert_eq!((t.as_deref(), f, u), (Some("hi"), None, None));
-        let (t, f, _) =
-            parse_chunk(&json!({"choices": [{"text": "yo", "finish_reason": "length"}]}));
-        assert_eq!((t.as_deref(), f.as_deref()), (Some("yo"), Some("length")));
-        let (_, _, u) = parse_chunk(
-            &json!({"choices": [], "usage": {"prompt_tokens": 3, "completion_tokens": 2}}),
+        let (t, f, u) = read(
+            r#"{"id":"x","object":"chat.completion.chunk","choices":[{"index":0,"delta":{"content":"hi"},"finish_reason":null}]}"#,
         );
+        assert_eq!((t.as_deref(), f, u), (Some("hi"), None, None));
+        let (t, f, _) = read(r#"{"choices":[{"text":"yo \"q\"","finish_reason":"length"}]}"#);
+        assert_eq!(
+            (t.as_deref(), f.as_deref()),
+            (Some("yo \"q\""), Some("length"))
+        );
+        let (_, _, u) = read(r#"{"choices":[],"usage":{"prompt_tokens":3,"completion_tokens":2}}"#);
         assert_eq!(
             u,
             Some(TokenUsage {
@@ -644,5 +879,7 @@ mod tests {
                 completion_tokens: 2
             })
         );
+        let (t, f, u) = read(r#"{"choices":[{"delta":{},"logprobs":null}],"usage":null}"#);
+        assert_eq!((t, f, u), (None, None, None));
     }
 }
