@@ -237,11 +237,11 @@ pub struct ChunkChoice {
 /// One `data:` event of a streamed chat completion. `usage` is present (null) on every chunk
 /// only when the client asked for usage, as OpenAI does.
 #[derive(Debug, Clone, Serialize)]
-pub struct ChatChunk {
-    pub id: String,
+pub struct ChatChunk<'a> {
+    pub id: &'a str,
     pub object: &'static str,
     pub created: i64,
-    pub model: String,
+    pub model: &'a str,
     pub choices: Vec<ChunkChoice>,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub usage: Option<Option<Usage>>,
@@ -257,11 +257,11 @@ pub struct TextChoice {
 
 /// A `/v1/completions` response, and each of its streamed chunks (same object name).
 #[derive(Debug, Clone, Serialize)]
-pub struct TextCompletion {
-    pub id: String,
+pub struct TextCompletion<'a> {
+    pub id: &'a str,
     pub object: &'static str,
     pub created: i64,
-    pub model: String,
+    pub model: &'a str,
     pub choices: Vec<TextChoice>,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub usage: Option<Option<Usage>>,

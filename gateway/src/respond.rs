@@ -130,10 +130,10 @@ impl Shape {
         finish: Option<&str>,
     ) -> Bytes {
         sse(&ChatChunk {
-            id: self.id.clone(),
+            id: &self.id,
             object: "chat.completion.chunk",
             created: self.created,
-            model: self.model.clone(),
+            model: &self.model,
             choices: vec![ChunkChoice {
                 index,
                 delta,
@@ -152,10 +152,10 @@ impl Shape {
         finish: Option<&str>,
     ) -> Bytes {
         sse(&TextCompletion {
-            id: self.id.clone(),
+            id: &self.id,
             object: "text_completion",
             created: self.created,
-            model: self.model.clone(),
+            model: &self.model,
             choices: vec![TextChoice {
                 index,
                 text,
@@ -261,18 +261,18 @@ impl Shape {
     pub fn usage_chunk(&self, usage: Usage) -> Bytes {
         match self.kind {
             Kind::Chat => sse(&ChatChunk {
-                id: self.id.clone(),
+                id: &self.id,
                 object: "chat.completion.chunk",
                 created: self.created,
-                model: self.model.clone(),
+                model: &self.model,
                 choices: vec![],
                 usage: Some(Some(usage)),
             }),
             Kind::Text => sse(&TextCompletion {
-                id: self.id.clone(),
+                id: &self.id,
                 object: "text_completion",
                 created: self.created,
-                model: self.model.clone(),
+                model: &self.model,
                 choices: vec![],
                 usage: Some(Some(usage)),
             }),
@@ -318,10 +318,10 @@ impl Shape {
                 usage,
             }),
             Kind::Text => serde_json::to_vec(&TextCompletion {
-                id: self.id.clone(),
+                id: &self.id,
                 object: "text_completion",
                 created: self.created,
-                model: self.model.clone(),
+                model: &self.model,
                 choices: choices
                     .into_iter()
                     .map(|(mut c, reason)| {
