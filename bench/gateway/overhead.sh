@@ -10,6 +10,10 @@
 # gateway's own.
 #
 #   bench/gateway/overhead.sh            # needs wrk (apt-get install wrk); builds if needed
+#
+# The image ships the release profile; for its figure build it and point the script at it:
+#   cargo build --release --bin loraops
+#   BENCH_LORAOPS_BIN=$CARGO_TARGET_DIR/release/loraops bench/gateway/overhead.sh
 #   DURATION=10 CONNS="2 8 32" PACED="16x4 32x8" bench/gateway/overhead.sh
 set -euo pipefail
 cd "$(dirname "$0")/../.."
@@ -88,5 +92,5 @@ print(f"{c:<6} | {d_rps:>7.0f} {d50:>8.3f} {d99:>8.3f} e{derr:<2} | {g_rps:>7.0f
       f"{g50 - d50:>+7.3f} {g99 - d99:>+7.3f} {g_rps / d_rps:>5.2f}x   | {up_us:>5.0f} {gw_us:>5.0f}")
 PY
 done
-echo "(2 cores shared by wrk, the upstream and the gateway; dev profile with optimised dependencies and gateway."
+echo "(2 cores shared by wrk, the upstream and the gateway; gateway: $BIN."
 echo " CPU us/req: the upstream's CPU time per request served directly, the gateway's per request it proxied.)"
