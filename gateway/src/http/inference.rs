@@ -4,7 +4,6 @@
 //! candidate (uncounted); a sample of stable requests in a shadow phase is mirrored afterwards.
 
 use std::convert::Infallible;
-use std::future::Future;
 use std::time::Instant;
 
 use actix_web::http::header::{HeaderName, HeaderValue};
@@ -339,25 +338,14 @@ async fn serve(
         logprobs: v.logprobs,
     };
     if v.stream {
-        let (tx, rx) = mpsc::channel::<Result<Bytes, Infallible>>(32);
-        let mut forward = Box::pin(stream_events(
-            events, v.n, shape, obs, permit, tx, judge_job,
-        ));
-        // Forward what is ready now (an upstream's whole answer often is) before the response
-        // is first polled: the headers and those frames then leave in one write, where a task
-        // started later would find the body empty and cost a write and a wake-up more. Polling
-        // once here is safe: the task's first poll registers its own waker.
-        let mut cx = std::task::Context::from_waker(std::task::Waker::noop());
-        if forward.as_mut().poll(&mut cx).is_pending() {
-            tokio::spawn(forward);
-        }
-        let body = futures_util::stream::unfold(rx, |mut rx| async move {
-            rx.recv().await.map(|item| (item, rx))
-        });
-        Ok(res
-            .content_type("text/event-stream")
-            .insert_header(("cache-control", "no-cache"))
-            .streaming(body))
+        res.content_type("text/event-stream")
+            .insert_header(("cache-control", "no-cache"));
+        Ok(stream(
+            &mut res,
+            events,
+            Forward::new(shape, v.n, obs, judge_job),
+            permit,
+        ))
     } else {
         let out = collect(events, v.n, &shape, &mut obs).await;
         drop(permit);
@@ -472,81 +460,180 @@ async fn send_within(
     )
 }
 
-/// Forward engine events as SSE frames. Holding `permit` until the end keeps the concurrency
-/// limit honest for streams; a client that left (or stopped reading) ends the stream, and
-/// dropping `events` stops generation.
-async fn stream_events(
-    mut events: Tagged,
-    n: usize,
+/// One streamed response: its answers' state, and what to record once it ends.
+struct Forward {
     shape: Shape,
-    mut obs: Observer,
-    permit: Permit,
-    tx: mpsc::Sender<Result<Bytes, Infallible>>,
+    choices: Vec<Choice>,
+    usage: TokenUsage,
+    running: usize,
+    obs: Observer,
     judge_job: Option<judge::Job>,
-) {
-    let _permit = permit;
-    let mut choices = shape.choices(n);
-    for c in &choices {
-        if let Some(f) = shape.role_chunk(c.index)
-            && !send(&tx, f).await
-        {
-            obs.finish(499, None);
-            return;
+}
+
+/// Where a response stands after an event.
+enum Step {
+    More,
+    /// Every answer finished: the last frames are `[DONE]`.
+    Complete,
+    /// The engine failed; the error went into the frames (headers are gone) and is recorded.
+    Failed,
+}
+
+impl Forward {
+    fn new(shape: Shape, n: usize, obs: Observer, judge_job: Option<judge::Job>) -> Self {
+        Self {
+            choices: shape.choices(n),
+            shape,
+            usage: TokenUsage::default(),
+            running: n,
+            obs,
+            judge_job,
         }
     }
-    let mut usage = TokenUsage::default();
-    let mut running = n;
-    let mut frames = Vec::new();
-    while let Some((i, ev)) = events.next().await {
-        let c = &mut choices[i];
+
+    /// The first frames: each answer's role.
+    fn start(&self, frames: &mut Vec<Bytes>) {
+        frames.extend(
+            self.choices
+                .iter()
+                .filter_map(|c| self.shape.role_chunk(c.index)),
+        );
+    }
+
+    /// The frames one engine event adds.
+    fn event(&mut self, i: usize, ev: Result<Event, EngineError>, frames: &mut Vec<Bytes>) -> Step {
+        let c = &mut self.choices[i];
         match ev {
             Ok(Event::Delta(d)) => {
-                obs.token();
-                shape.delta(c, &d, &mut frames);
+                self.obs.token();
+                self.shape.delta(c, &d, frames);
             }
-            Ok(Event::Logprobs(lps)) => shape.logprobs(c, lps),
+            Ok(Event::Logprobs(lps)) => self.shape.logprobs(c, lps),
             Ok(Event::Done {
                 finish_reason,
                 usage: u,
             }) => {
-                usage.prompt_tokens = u.prompt_tokens;
-                usage.completion_tokens += u.completion_tokens;
-                shape.done(c, &finish_reason, &mut frames);
-                running -= 1;
+                self.usage.prompt_tokens = u.prompt_tokens;
+                self.usage.completion_tokens += u.completion_tokens;
+                self.shape.done(c, &finish_reason, frames);
+                self.running -= 1;
+                if self.running == 0 {
+                    if self.shape.include_usage {
+                        frames.push(self.shape.usage_chunk(self.usage.into()));
+                    }
+                    frames.push(Bytes::from_static(b"data: [DONE]\n\n"));
+                    return Step::Complete;
+                }
             }
             Err(e) => {
-                // Headers are gone: report the failure in-band as OpenAI's stream does.
                 let err = engine_error(e);
-                send(&tx, sse_error(&err)).await;
-                obs.finish(err.status.as_u16(), None);
-                return;
+                frames.push(sse_error(&err));
+                self.obs.finish(err.status.as_u16(), None);
+                return Step::Failed;
             }
         }
-        if running == 0 {
-            if shape.include_usage {
-                frames.push(shape.usage_chunk(usage.into()));
-            }
-            frames.push(Bytes::from_static(b"data: [DONE]\n\n"));
+        Step::More
+    }
+
+    /// Every frame was handed to the client: record the answer, and sample it for the judge.
+    fn finished(mut self) {
+        let answer = std::mem::take(&mut self.choices[0].text);
+        if self
+            .obs
+            .shadow
+            .as_ref()
+            .is_some_and(shadow::Job::wants_answer)
+        {
+            self.obs.answer = Some(answer.clone());
         }
-        for f in frames.drain(..) {
-            if !send(&tx, f).await {
-                obs.finish(499, None);
-                return;
-            }
-        }
-        if running == 0 {
-            let answer = std::mem::take(&mut choices[0].text);
-            if obs.shadow.as_ref().is_some_and(shadow::Job::wants_answer) {
-                obs.answer = Some(answer.clone());
-            }
-            obs.finish(200, Some(usage));
-            if let Some(job) = judge_job {
-                judge::spawn(obs.state.clone(), job, answer);
-            }
-            return;
+        self.obs.finish(200, Some(self.usage));
+        if let Some(job) = self.judge_job {
+            judge::spawn(self.obs.state.clone(), job, answer);
         }
     }
-    obs.finish(500, None);
+}
+
+/// The SSE body. What the engine has ready now (an upstream's whole answer often is) is
+/// framed at once, and a response complete by then is sent as it is, without a task or a
+/// channel. Otherwise a task forwards the rest through a channel (see [`forward`]).
+fn stream(
+    res: &mut actix_web::HttpResponseBuilder,
+    mut events: Tagged,
+    mut fwd: Forward,
+    permit: Permit,
+) -> HttpResponse {
+    let mut frames = Vec::new();
+    fwd.start(&mut frames);
+    let mut cx = std::task::Context::from_waker(std::task::Waker::noop());
+    loop {
+        // Polling with a no-op waker is safe: the task that takes over polls again with its
+        // own before it waits.
+        match events.poll_next_unpin(&mut cx) {
+            std::task::Poll::Ready(Some((i, ev))) => match fwd.event(i, ev, &mut frames) {
+                Step::More => continue,
+                Step::Complete => {
+                    drop(permit);
+                    fwd.finished();
+                }
+                Step::Failed => {}
+            },
+            std::task::Poll::Ready(None) => fwd.obs.finish(500, None),
+            std::task::Poll::Pending => break,
+        }
+        return res.streaming(futures_util::stream::iter(
+            frames.into_iter().map(Ok::<_, Infallible>),
+        ));
+    }
+    let (tx, rx) = mpsc::channel::<Result<Bytes, Infallible>>(32);
+    tokio::spawn(forward(events, fwd, frames, permit, tx));
+    let body = futures_util::stream::unfold(rx, |mut rx| async move {
+        rx.recv().await.map(|item| (item, rx))
+    });
+    res.streaming(body)
+}
+
+/// Forward the rest of a stream's events as SSE frames, after `frames`. Holding `permit`
+/// until the end keeps the concurrency limit honest for streams; a client that left (or
+/// stopped reading) ends the stream, and dropping `events` stops generation.
+async fn forward(
+    mut events: Tagged,
+    mut fwd: Forward,
+    mut frames: Vec<Bytes>,
+    permit: Permit,
+    tx: mpsc::Sender<Result<Bytes, Infallible>>,
+) {
+    let _permit = permit;
+    loop {
+        for f in frames.drain(..) {
+            if !send(&tx, f).await {
+                fwd.obs.finish(499, None);
+                return;
+            }
+        }
+        let Some((i, ev)) = events.next().await else {
+            fwd.obs.finish(500, None);
+            return;
+        };
+        match fwd.event(i, ev, &mut frames) {
+            Step::More => {}
+            Step::Complete => {
+                for f in frames.drain(..) {
+                    if !send(&tx, f).await {
+                        fwd.obs.finish(499, None);
+                        return;
+                    }
+                }
+                fwd.finished();
+                return;
+            }
+            Step::Failed => {
+                for f in frames.drain(..) {
+                    send(&tx, f).await;
+                }
+                return;
+            }
+        }
+    }
 }
 
 fn sse_error(err: &ApiError) -> Bytes {
