@@ -102,7 +102,9 @@ pub struct GenerateRequest {
     pub sampling: Sampling,
 }
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+/// Named as OpenAI's `usage` names them, so an upstream's `usage` reads straight into it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, serde::Deserialize)]
+#[serde(default)]
 pub struct TokenUsage {
     pub prompt_tokens: u64,
     pub completion_tokens: u64,

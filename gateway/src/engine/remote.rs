@@ -584,7 +584,7 @@ struct Chunk<'a> {
     #[serde(default, borrow)]
     choices: Vec<ChunkChoice<'a>>,
     #[serde(default)]
-    usage: Option<ChunkUsage>,
+    usage: Option<TokenUsage>,
     #[serde(default)]
     error: Option<Value>,
 }
@@ -611,14 +611,6 @@ struct ChunkDelta<'a> {
     tool_calls: Option<Value>,
 }
 
-#[derive(Deserialize)]
-struct ChunkUsage {
-    #[serde(default)]
-    prompt_tokens: u64,
-    #[serde(default)]
-    completion_tokens: u64,
-}
-
 impl Chunk<'_> {
     /// The first choice's text.
     fn text(&self) -> Option<&str> {
@@ -631,13 +623,6 @@ impl Chunk<'_> {
 
     fn finish_reason(&self) -> Option<&str> {
         self.choices.first()?.finish_reason.as_deref()
-    }
-
-    fn usage(&self) -> Option<TokenUsage> {
-        self.usage.as_ref().map(|u| TokenUsage {
-            prompt_tokens: u.prompt_tokens,
-            completion_tokens: u.completion_tokens,
-        })
     }
 }
 
@@ -739,7 +724,7 @@ fn events(
             if let Some(f) = chunk.finish_reason() {
                 st.finish = Some(f.to_string());
             }
-            if let Some(u) = chunk.usage() {
+            if let Some(u) = chunk.usage {
                 st.usage = u;
             }
             if let Some(choice) = chunk.choices.first() {
@@ -856,7 +841,7 @@ mod tests {
         (
             c.text().map(str::to_string),
             c.finish_reason().map(str::to_string),
-            c.usage(),
+            c.usage,
         )
     }
 
