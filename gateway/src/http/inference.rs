@@ -536,7 +536,7 @@ impl Forward {
     }
 
     /// Every frame was handed to the client: record the answer, and sample it for the judge.
-    fn finished(mut self) {
+    fn finished(&mut self) {
         let answer = std::mem::take(&mut self.choices[0].text);
         if self
             .obs
@@ -547,7 +547,7 @@ impl Forward {
             self.obs.answer = Some(answer.clone());
         }
         self.obs.finish(200, Some(self.usage));
-        if let Some(job) = self.judge_job {
+        if let Some(job) = self.judge_job.take() {
             judge::spawn(self.obs.state.clone(), job, answer);
         }
     }
@@ -564,22 +564,27 @@ fn stream(
 ) -> HttpResponse {
     let mut frames = Vec::new();
     fwd.start(&mut frames);
+    // Polling with a no-op waker is safe: the task that takes over polls again with its own
+    // before it waits.
     let mut cx = std::task::Context::from_waker(std::task::Waker::noop());
-    loop {
-        // Polling with a no-op waker is safe: the task that takes over polls again with its
-        // own before it waits.
+    let ended = loop {
         match events.poll_next_unpin(&mut cx) {
             std::task::Poll::Ready(Some((i, ev))) => match fwd.event(i, ev, &mut frames) {
-                Step::More => continue,
+                Step::More => {}
                 Step::Complete => {
-                    drop(permit);
                     fwd.finished();
+                    break true;
                 }
-                Step::Failed => {}
+                Step::Failed => break true,
             },
-            std::task::Poll::Ready(None) => fwd.obs.finish(500, None),
-            std::task::Poll::Pending => break,
+            std::task::Poll::Ready(None) => {
+                fwd.obs.finish(500, None);
+                break true;
+            }
+            std::task::Poll::Pending => break false,
         }
+    };
+    if ended {
         return res.streaming(futures_util::stream::iter(
             frames.into_iter().map(Ok::<_, Infallible>),
         ));
@@ -603,36 +608,27 @@ async fn forward(
     tx: mpsc::Sender<Result<Bytes, Infallible>>,
 ) {
     let _permit = permit;
+    let mut step = Step::More;
     loop {
         for f in frames.drain(..) {
             if !send(&tx, f).await {
-                fwd.obs.finish(499, None);
+                // A failure is already recorded; otherwise the client left.
+                if !matches!(step, Step::Failed) {
+                    fwd.obs.finish(499, None);
+                }
                 return;
             }
+        }
+        match step {
+            Step::Complete => return fwd.finished(),
+            Step::Failed => return,
+            Step::More => {}
         }
         let Some((i, ev)) = events.next().await else {
             fwd.obs.finish(500, None);
             return;
         };
-        match fwd.event(i, ev, &mut frames) {
-            Step::More => {}
-            Step::Complete => {
-                for f in frames.drain(..) {
-                    if !send(&tx, f).await {
-                        fwd.obs.finish(499, None);
-                        return;
-                    }
-                }
-                fwd.finished();
-                return;
-            }
-            Step::Failed => {
-                for f in frames.drain(..) {
-                    send(&tx, f).await;
-                }
-                return;
-            }
-        }
+        step = fwd.event(i, ev, &mut frames);
     }
 }
 
