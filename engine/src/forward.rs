@@ -247,20 +247,29 @@ fn attention(base: &Base, segs: &[Segment], starts: &[usize], q: &[f32], li: usi
     let scale = 1.0 / (d as f32).sqrt();
     let mut out = vec![0f32; rows * width];
     let op = SendPtr(out.as_mut_ptr());
+    // Query heads per key/value head.
+    let group = hq / hkv;
+    // (segment, first query head): a decoding segment's task takes the query heads that share
+    // a key/value head, so that each cached row is read once for all of them.
     let tasks: Vec<(usize, usize)> = (0..segs.len())
         .filter(|&s| !segs[s].tokens.is_empty())
-        .flat_map(|s| (0..hq).map(move |h| (s, h)))
+        .flat_map(|s| {
+            let per = if segs[s].tokens.len() == 1 { group } else { 1 };
+            (0..hq).step_by(per).map(move |h| (s, h))
+        })
         .collect();
     tasks.par_iter().for_each(|&(si, h)| {
         let s = &segs[si];
         let (r0, n, p0) = (starts[si], s.tokens.len(), s.cache.len);
         let len = p0 + n;
-        let (keys, values) = s.cache.head(li, h / (hq / hkv), len);
+        let (keys, values) = s.cache.head(li, h / group, len);
         if n == 1 {
-            // Decoding: one query, so plain dot products beat a product call per head.
-            // SAFETY: this task owns head h's columns of row r0 of `out`.
-            let o = unsafe { op.slice(r0 * width + h * d, d) };
-            attend_one(&q[r0 * width + h * d..][..d], keys, values, scale, o);
+            // Decoding: one query per head, a few rows that the row kernels take better than
+            // gemm, whose packing only many rows repay.
+            let cols = r0 * width + h * d..r0 * width + (h + group) * d;
+            // SAFETY: this task owns the columns of heads h..h + group of row r0 of `out`.
+            let o = unsafe { op.slice(cols.start, cols.len()) };
+            attend_group(&q[cols], keys, values, d, scale, o);
             return;
         }
         let mut scores = vec![0f32; n * len];
@@ -292,19 +301,34 @@ fn attention(base: &Base, segs: &[Segment], starts: &[usize], q: &[f32], li: usi
     out
 }
 
-/// One query against `len` keys and values (len × d each) into `out` (d).
-fn attend_one(q: &[f32], keys: &[f32], values: &[f32], scale: f32, out: &mut [f32]) {
-    let d = q.len();
+/// One query for each of the heads in `q` (heads × d) that share a key/value head, against
+/// `len` keys and values (len × d each), into `out` (heads × d). The scores are one
+/// small-batch product (each key row read once for every head), and each value row is read
+/// once for every head too: decoding, the cache is the attention's traffic.
+fn attend_group(q: &[f32], keys: &[f32], values: &[f32], d: usize, scale: f32, out: &mut [f32]) {
+    let heads = q.len() / d;
+    let len = keys.len() / d;
+    // Key-major: the scores of key j are at j·heads.
+    let mut scores = vec![0f32; len * heads];
+    dots::dense_rows(keys, q, heads, &mut scores);
     simd::dispatch(|| {
-        let mut p: Vec<f32> = keys
-            .chunks_exact(d)
-            .map(|k| simd::dot(q, k) * scale)
-            .collect();
-        softmax(&mut p);
+        // Head-major, scaled: one row of probabilities per head.
+        let mut p = vec![0f32; heads * len];
+        for (j, s) in scores.chunks_exact(heads).enumerate() {
+            for (i, &s) in s.iter().enumerate() {
+                p[i * len + j] = s * scale;
+            }
+        }
+        for row in p.chunks_exact_mut(len) {
+            softmax(row);
+        }
         out.fill(0.0);
-        for (w, v) in p.iter().zip(values.chunks_exact(d)) {
-            for (o, v) in out.iter_mut().zip(v) {
-                *o += w * v;
+        for (j, v) in values.chunks_exact(d).enumerate() {
+            for (i, out) in out.chunks_exact_mut(d).enumerate() {
+                let w = p[i * len + j];
+                for (o, v) in out.iter_mut().zip(v) {
+                    *o += w * v;
+                }
             }
         }
     })
