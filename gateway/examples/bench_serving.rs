@@ -200,19 +200,50 @@ fn native_single_constrained(
     best
 }
 
-/// Aggregate tokens/s of streams started together, one adapter each (None: the base).
-fn native_aggregate(e: &Engine, adapters: &[Option<Arc<AdapterWeights>>]) -> f64 {
+/// Aggregate tokens/s of streams started together, one adapter each (None: the base): over
+/// the whole burst (prompts read, ramp-up and ramp-down included), and over the window in
+/// which every stream is decoding (from the last stream's first token to the first stream's
+/// last), the rate of that many concurrent streams.
+fn native_aggregate(e: &Engine, adapters: &[Option<Arc<AdapterWeights>>]) -> Aggregate {
     let prompt = e.encode_text(PROMPT).unwrap();
     let start = Instant::now();
     let handles: Vec<_> = adapters
         .iter()
         .map(|a| {
             let rx = submit(e, prompt.clone(), a.clone(), DECODE);
-            std::thread::spawn(move || token_times(rx).len())
+            std::thread::spawn(move || token_times(rx))
         })
         .collect();
-    let tokens: usize = handles.into_iter().map(|h| h.join().unwrap()).sum();
-    tokens as f64 / start.elapsed().as_secs_f64()
+    let times: Vec<Vec<Instant>> = handles.into_iter().map(|h| h.join().unwrap()).collect();
+    let total: usize = times.iter().map(Vec::len).sum();
+    let burst = total as f64 / start.elapsed().as_secs_f64();
+    let from = times.iter().map(|t| t[0]).max().unwrap();
+    let to = times.iter().map(|t| t[t.len() - 1]).min().unwrap();
+    assert!(to > from, "the streams never all decoded at once");
+    let inside = times
+        .iter()
+        .flatten()
+        .filter(|&&t| t > from && t <= to)
+        .count();
+    Aggregate {
+        burst,
+        steady: inside as f64 / (to - from).as_secs_f64(),
+    }
+}
+
+#[derive(Default, Clone, Copy)]
+struct Aggregate {
+    burst: f64,
+    steady: f64,
+}
+
+impl Aggregate {
+    fn best(self, o: Aggregate) -> Aggregate {
+        Aggregate {
+            burst: self.burst.max(o.burst),
+            steady: self.steady.max(o.steady),
+        }
+    }
 }
 
 /// p99 of the gaps between tokens of 16 decoding streams, over a window in which, with
@@ -487,31 +518,40 @@ fn run(s: &Setup, rows: &mut Vec<Row>, rt: &tokio::runtime::Runtime) {
     }
 }
 
-/// (2) 32 streams over 32 adapters vs 32 on the base; (3) the batching gain, 32 vs 1 stream.
-/// Best of 3 each, the three measured in turn each round, so that a slow spell of this shared
+/// (2) 32 streams over 32 adapters vs 32 on the base; (3) the batching gain, 32 vs 1 stream:
+/// both while all the streams decode. Best of 3 each, the three measured in turn each round, so that a slow spell of this shared
 /// machine does not land on one side only.
 fn batching(e: &Engine, adapters: &[Arc<AdapterWeights>], tag: &str, rows: &mut Vec<Row>) {
     let mixed: Vec<_> = adapters.iter().map(|a| Some(a.clone())).collect();
     let on_base = vec![None; 32];
-    let (mut one, mut agg_base, mut agg_mixed) = (0f64, 0f64, 0f64);
+    let [mut one, mut base, mut adapted] = [Aggregate::default(); 3];
     for _ in 0..3 {
-        one = one.max(native_aggregate(e, &on_base[..1]));
-        agg_base = agg_base.max(native_aggregate(e, &on_base));
-        agg_mixed = agg_mixed.max(native_aggregate(e, &mixed));
+        one = one.best(native_aggregate(e, &on_base[..1]));
+        base = base.best(native_aggregate(e, &on_base));
+        adapted = adapted.best(native_aggregate(e, &mixed));
     }
     rows.push(Row {
         figure: format!("{tag}: 32 streams, 32 adapters vs base, tok/s"),
-        native: format!("{agg_mixed:.1}"),
-        other: format!("{agg_base:.1} (base)"),
-        ratio: format!("{:.2}x", agg_mixed / agg_base),
+        native: format!("{:.1}", adapted.steady),
+        other: format!("{:.1} (base)", base.steady),
+        ratio: format!("{:.2}x", adapted.steady / base.steady),
         goal: ">= 0.8x",
     });
     rows.push(Row {
         figure: format!("{tag}: batching gain, 32 vs 1 stream tok/s"),
-        native: format!("{agg_base:.1}"),
-        other: format!("{one:.1} (1 stream)"),
-        ratio: format!("{:.2}x", agg_base / one),
+        native: format!("{:.1}", base.steady),
+        other: format!("{:.1} (1 stream)", one.steady),
+        ratio: format!("{:.2}x", base.steady / one.steady),
         goal: ">= 6x",
+    });
+    // The same over whole bursts: 32 prompts arriving at once are read a chunk per step while
+    // the first streams decode, so the rate includes the ramp up and down.
+    rows.push(Row {
+        figure: format!("{tag}: burst of 32 vs 1 stream, prompts included, tok/s"),
+        native: format!("{:.1}", base.burst),
+        other: format!("{:.1} (1 stream)", one.burst),
+        ratio: format!("{:.2}x", base.burst / one.burst),
+        goal: "(reference)",
     });
 }
 
