@@ -1,8 +1,8 @@
 #!/usr/bin/env bash
 # Serving: the native engine and mistral.rs side by side on the CPU, on the generated tiny
 # model and a generated ~100M-parameter one (gateway/examples/bench_serving.rs); prints one
-# table: single-stream decode vs mistral.rs merged, 32 streams over 32 adapters vs the base,
-# the batching gain, RSS with 1/10/100 adapters, NF4 vs f32, adapter load time, and the
+# table: single-stream decode vs mistral.rs merged, 32 streams over 32 adapters vs the base and
+# the batching gain (both while all 32 decode; a whole burst's gain for reference), RSS with 1/10/100 adapters, NF4 vs f32, adapter load time, and the
 # inter-token p99 of 16 streams while a 2,000-token prompt arrives, and json_schema-constrained
 # decode vs free (`constrained` runs only that; `nf4` only NF4 vs f32 decode; `batching` only
 # 32 adapters vs the base and the batching gain).
