@@ -519,8 +519,8 @@ fn run(s: &Setup, rows: &mut Vec<Row>, rt: &tokio::runtime::Runtime) {
 }
 
 /// (2) 32 streams over 32 adapters vs 32 on the base; (3) the batching gain, 32 vs 1 stream:
-/// both while all the streams decode. Best of 3 each, the three measured in turn each round, so that a slow spell of this shared
-/// machine does not land on one side only.
+/// both while all the streams decode. Best of 3 each, the three measured in turn each round,
+/// so that a slow spell of this shared machine does not land on one side only.
 fn batching(e: &Engine, adapters: &[Arc<AdapterWeights>], tag: &str, rows: &mut Vec<Row>) {
     let mixed: Vec<_> = adapters.iter().map(|a| Some(a.clone())).collect();
     let on_base = vec![None; 32];

@@ -102,11 +102,6 @@ struct Inner {
 
 impl RemoteBackend {
     pub fn new(settings: RemoteSettings) -> Result<Self, EngineError> {
-        let url = |path: &str| {
-            format!("{}{path}", settings.url)
-                .parse::<Uri>()
-                .map_err(|e| EngineError::Internal(format!("upstream URL {}: {e}", settings.url)))
-        };
         let authorization = match &settings.api_key {
             Some(k) => {
                 let mut v = HeaderValue::try_from(format!("Bearer {k}")).map_err(|_| {
@@ -123,8 +118,8 @@ impl RemoteBackend {
             inner: Arc::new(Inner {
                 http: ThreadLocal::new(),
                 tls,
-                chat_url: url("/chat/completions")?,
-                completions_url: url("/completions")?,
+                chat_url: upstream_uri(&settings.url, "/chat/completions")?,
+                completions_url: upstream_uri(&settings.url, "/completions")?,
                 authorization,
                 // The upstream is opaque: name where it is, not what it runs.
                 identity: EngineInfo {
@@ -152,6 +147,13 @@ fn tls_config(url: &str) -> Result<rustls::ClientConfig, rustls::Error> {
         builder.with_root_certificates(rustls::RootCertStore::empty())
     };
     Ok(builder.with_no_client_auth())
+}
+
+/// `path` on the upstream at `base`.
+fn upstream_uri(base: &str, path: &str) -> Result<Uri, EngineError> {
+    format!("{base}{path}")
+        .parse()
+        .map_err(|e| EngineError::Internal(format!("upstream URL {base}{path}: {e}")))
 }
 
 /// An error and its causes, as one line (hyper's own message is only "client error").
@@ -186,9 +188,7 @@ impl Inner {
         match path {
             "/chat/completions" => Ok(self.chat_url.clone()),
             "/completions" => Ok(self.completions_url.clone()),
-            _ => format!("{}{path}", self.settings.url)
-                .parse()
-                .map_err(|e| EngineError::Internal(format!("upstream URL: {e}"))),
+            _ => upstream_uri(&self.settings.url, path),
         }
     }
 
